@@ -1,0 +1,235 @@
+//! Bookings, their items and the lifecycle state machine of SPEC §3.
+
+use jiff::Timestamp;
+use serde::{Deserialize, Serialize};
+
+use crate::ids::{BookingId, EventId, ItemId, ResourceId, UserId, VenueId};
+use crate::inventory::Currency;
+
+/// Declines allowed before a hold ends as `payment_failed`.
+pub const PAYMENT_ATTEMPTS_MAX: u32 = 3;
+/// Items one booking may hold.
+pub const ITEMS_MAX: usize = 20;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BookingStatus {
+    Held,
+    PendingPayment,
+    Confirmed,
+    Cancelled,
+    Expired,
+    PaymentFailed,
+    Completed,
+    NoShow,
+}
+
+impl BookingStatus {
+    pub const ALL: [BookingStatus; 8] = [
+        BookingStatus::Held,
+        BookingStatus::PendingPayment,
+        BookingStatus::Confirmed,
+        BookingStatus::Cancelled,
+        BookingStatus::Expired,
+        BookingStatus::PaymentFailed,
+        BookingStatus::Completed,
+        BookingStatus::NoShow,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BookingStatus::Held => "held",
+            BookingStatus::PendingPayment => "pending_payment",
+            BookingStatus::Confirmed => "confirmed",
+            BookingStatus::Cancelled => "cancelled",
+            BookingStatus::Expired => "expired",
+            BookingStatus::PaymentFailed => "payment_failed",
+            BookingStatus::Completed => "completed",
+            BookingStatus::NoShow => "no_show",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|st| st.as_str() == s)
+    }
+
+    /// Whether the booking's items count against capacity (I1). A hold past its expiry stops
+    /// counting at `expires_at` even before the expiry job has marked it.
+    pub fn claims_capacity(self) -> bool {
+        matches!(self, BookingStatus::Held | BookingStatus::PendingPayment | BookingStatus::Confirmed)
+    }
+
+    pub fn is_final(self) -> bool {
+        !self.claims_capacity() && self != BookingStatus::Completed
+    }
+}
+
+/// Something that happens to a booking.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transition {
+    Confirm,
+    AwaitPayment,
+    PaymentDeclined,
+    Cancel,
+    Expire,
+    Complete,
+    NoShow,
+}
+
+/// Why a transition is not allowed now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum TransitionError {
+    #[error("the hold expired")]
+    HoldExpired,
+    #[error("a booking that is {} cannot be {}", .from.as_str(), transition_verb(*.transition))]
+    NotAllowed { from: BookingStatus, transition: Transition },
+}
+
+fn transition_verb(t: Transition) -> &'static str {
+    match t {
+        Transition::Confirm | Transition::AwaitPayment => "confirmed",
+        Transition::PaymentDeclined => "charged",
+        Transition::Cancel => "cancelled",
+        Transition::Expire => "expired",
+        Transition::Complete => "completed",
+        Transition::NoShow => "marked as no-show",
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BookingItem {
+    pub id: ItemId,
+    pub resource_id: ResourceId,
+    pub event_id: Option<EventId>,
+    pub start: Timestamp,
+    pub end: Timestamp,
+    pub quantity: u32,
+    pub unit_price: i64,
+    pub price: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Payment {
+    pub provider: String,
+    pub reference: String,
+    pub amount: i64,
+    pub status: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Refund {
+    pub amount: i64,
+    pub reference: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Booking {
+    pub id: BookingId,
+    pub status: BookingStatus,
+    pub customer_id: UserId,
+    pub venue_id: VenueId,
+    pub expires_at: Option<Timestamp>,
+    pub created_at: Timestamp,
+    pub updated_at: Timestamp,
+    pub items: Vec<BookingItem>,
+    pub currency: Currency,
+    pub subtotal: i64,
+    pub discount: i64,
+    pub total: i64,
+    pub payment_attempts: u32,
+    pub payment: Option<Payment>,
+    pub refund: Option<Refund>,
+    pub cancel_reason: Option<String>,
+}
+
+impl Booking {
+    /// Earliest start among the items (what cancellation policies measure from).
+    pub fn first_start(&self) -> Option<Timestamp> {
+        self.items.iter().map(|i| i.start).min()
+    }
+
+    /// A held booking whose `expires_at` has passed no longer claims capacity.
+    pub fn is_expired_at(&self, now: Timestamp) -> bool {
+        self.status == BookingStatus::Held && self.expires_at.is_some_and(|e| e <= now)
+    }
+
+    /// The state machine of SPEC §3: the status after `t` at `now`, or why not.
+    pub fn next_status(&self, t: Transition, now: Timestamp) -> Result<BookingStatus, TransitionError> {
+        use BookingStatus as S;
+        use Transition as T;
+        let not_allowed = Err(TransitionError::NotAllowed { from: self.status, transition: t });
+        match (self.status, t) {
+            (S::Held, T::Confirm | T::AwaitPayment | T::PaymentDeclined) if self.is_expired_at(now) => {
+                Err(TransitionError::HoldExpired)
+            }
+            (S::Held, T::Expire) if self.is_expired_at(now) => Ok(S::Expired),
+            (S::Held | S::PendingPayment, T::Confirm) => Ok(S::Confirmed),
+            (S::Held, T::AwaitPayment) => Ok(S::PendingPayment),
+            (S::Held, T::PaymentDeclined) if self.payment_attempts + 1 >= PAYMENT_ATTEMPTS_MAX => Ok(S::PaymentFailed),
+            (S::Held, T::PaymentDeclined) => Ok(S::Held),
+            (S::Held | S::PendingPayment | S::Confirmed, T::Cancel) => Ok(S::Cancelled),
+            (S::Confirmed, T::Complete) => Ok(S::Completed),
+            (S::Confirmed, T::NoShow) => Ok(S::NoShow),
+            (S::Expired, T::Confirm) => Err(TransitionError::HoldExpired),
+            _ => not_allowed,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::inventory::Currency;
+
+    fn booking(status: BookingStatus, expires_at: i64) -> Booking {
+        let t = |s: i64| Timestamp::from_second(s).expect("ts");
+        Booking {
+            id: BookingId::new(),
+            status,
+            customer_id: UserId::new(),
+            venue_id: VenueId::new(),
+            expires_at: Some(t(expires_at)),
+            created_at: t(0),
+            updated_at: t(0),
+            items: vec![],
+            currency: Currency::try_from("EUR".to_owned()).expect("EUR"),
+            subtotal: 0,
+            discount: 0,
+            total: 0,
+            payment_attempts: 0,
+            payment: None,
+            refund: None,
+            cancel_reason: None,
+        }
+    }
+
+    #[test]
+    fn confirm_before_and_after_expiry() {
+        let b = booking(BookingStatus::Held, 100);
+        let at = |s| Timestamp::from_second(s).expect("ts");
+        assert_eq!(b.next_status(Transition::Confirm, at(99)), Ok(BookingStatus::Confirmed));
+        assert_eq!(b.next_status(Transition::Confirm, at(100)), Err(TransitionError::HoldExpired));
+        assert_eq!(b.next_status(Transition::Expire, at(99)).is_err(), true);
+        assert_eq!(b.next_status(Transition::Expire, at(100)), Ok(BookingStatus::Expired));
+    }
+
+    #[test]
+    fn third_decline_fails_the_booking() {
+        let mut b = booking(BookingStatus::Held, 100);
+        let now = Timestamp::from_second(1).expect("ts");
+        assert_eq!(b.next_status(Transition::PaymentDeclined, now), Ok(BookingStatus::Held));
+        b.payment_attempts = 2;
+        assert_eq!(b.next_status(Transition::PaymentDeclined, now), Ok(BookingStatus::PaymentFailed));
+    }
+
+    #[test]
+    fn final_states_accept_nothing_but_what_spec_allows() {
+        let now = Timestamp::from_second(1).expect("ts");
+        for status in [BookingStatus::Cancelled, BookingStatus::PaymentFailed, BookingStatus::NoShow] {
+            let b = booking(status, 100);
+            for t in [Transition::Confirm, Transition::Cancel, Transition::Expire, Transition::PaymentDeclined] {
+                assert!(b.next_status(t, now).is_err(), "{status:?} {t:?}");
+            }
+        }
+    }
+}
