@@ -1,1 +1,70 @@
-//! placeholder
+//! Allot's use cases. [`App`] is the one entry point the HTTP layer and the binary call: it
+//! owns the store (a [`store::Store`]), the injected [`clock::Clock`], the payment provider
+//! and the background jobs (hold expiry, idempotency clean-up).
+
+pub mod auth;
+pub mod bookings;
+pub mod catalog;
+pub mod clock;
+pub mod error;
+pub mod expiry;
+pub mod idempotency;
+pub mod payments;
+pub mod store;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+pub use error::{AppError, AppResult, StoreError};
+
+use crate::auth::TokenKeys;
+use crate::clock::Clock;
+use crate::expiry::ExpiryHandle;
+use crate::payments::PaymentProvider;
+use crate::store::Store;
+
+/// How often expired idempotency keys are deleted.
+pub const IDEMPOTENCY_CLEANUP_INTERVAL_SECONDS: u64 = 3600;
+
+pub struct App {
+    pub store: Arc<dyn Store>,
+    pub clock: Arc<dyn Clock>,
+    pub payments: Arc<dyn PaymentProvider>,
+    keys: TokenKeys,
+    /// Verified against when a login names an unknown account (constant work either way).
+    dummy_hash: String,
+    expiry: ExpiryHandle,
+}
+
+impl App {
+    /// Builds the app and starts its background jobs on the current Tokio runtime.
+    pub async fn start(
+        store: Arc<dyn Store>,
+        clock: Arc<dyn Clock>,
+        payments: Arc<dyn PaymentProvider>,
+    ) -> AppResult<Arc<App>> {
+        // The signing secret lives in the database so tokens survive restarts and are shared by
+        // every node of a cluster.
+        let secret = store.setting_or_insert("token_secret", &auth::random_token()).await?;
+        let keys = TokenKeys::from_secret(secret.as_bytes());
+        let dummy_hash = auth::hash_password(auth::random_token()).await?;
+        let (expiry, expiry_rx) = ExpiryHandle::channel();
+        let app = Arc::new(App { store, clock, payments, keys, dummy_hash, expiry });
+        tokio::spawn(expiry::run(app.clone(), expiry_rx));
+        tokio::spawn(cleanup_loop(Arc::downgrade(&app)));
+        Ok(app)
+    }
+}
+
+async fn cleanup_loop(app: std::sync::Weak<App>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(IDEMPOTENCY_CLEANUP_INTERVAL_SECONDS));
+    loop {
+        tick.tick().await;
+        let Some(app) = app.upgrade() else { return };
+        match app.idempotency_cleanup().await {
+            Ok(n) if n > 0 => tracing::info!(deleted = n, "expired idempotency keys deleted"),
+            Ok(_) => {}
+            Err(e) => tracing::error!(error = %e, "idempotency clean-up failed"),
+        }
+    }
+}

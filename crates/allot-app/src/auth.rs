@@ -1,0 +1,235 @@
+//! Accounts and sessions: Argon2id password hashes, short-lived signed access tokens (HS256
+//! JWT) and rotating refresh tokens stored only as SHA-256 digests.
+
+use allot_core::ValidationError;
+use allot_core::ids::{UserId, VenueId};
+use argon2::{Argon2, PasswordHasher, PasswordVerifier};
+use base64::Engine;
+use jiff::Timestamp;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::error::{AppError, AppResult};
+use crate::store::{RefreshToken, Role, RotateOutcome, User};
+use crate::App;
+
+pub const ACCESS_TOKEN_TTL_SECONDS: i64 = 15 * 60;
+pub const REFRESH_TOKEN_TTL_SECONDS: i64 = 30 * 24 * 3600;
+pub const PASSWORD_LEN_MIN: usize = 8;
+pub const PASSWORD_LEN_MAX: usize = 256;
+pub const EMAIL_LEN_MAX: usize = 254;
+
+/// Who is making a request, as established from a verified access token.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Principal {
+    pub user_id: UserId,
+    pub roles: Vec<Role>,
+    pub venues: Vec<VenueId>,
+}
+
+impl Principal {
+    pub fn is_admin(&self) -> bool {
+        self.roles.contains(&Role::Admin)
+    }
+    /// Admins manage every venue; managers the ones assigned to them.
+    pub fn manages(&self, venue: VenueId) -> bool {
+        self.is_admin() || (self.roles.contains(&Role::Manager) && self.venues.contains(&venue))
+    }
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct AccessClaims {
+    sub: String,
+    exp: i64,
+    iat: i64,
+}
+
+/// Tokens handed out at login and refresh.
+#[derive(Debug, Clone)]
+pub struct Session {
+    pub access_token: String,
+    pub expires_in: i64,
+    pub refresh_token: String,
+}
+
+/// Signing keys for access tokens.
+#[derive(Clone)]
+pub struct TokenKeys {
+    encoding: jsonwebtoken::EncodingKey,
+    decoding: jsonwebtoken::DecodingKey,
+}
+
+impl TokenKeys {
+    pub fn from_secret(secret: &[u8]) -> Self {
+        assert!(secret.len() >= 32, "token secret must be at least 32 bytes");
+        Self {
+            encoding: jsonwebtoken::EncodingKey::from_secret(secret),
+            decoding: jsonwebtoken::DecodingKey::from_secret(secret),
+        }
+    }
+}
+
+impl std::fmt::Debug for TokenKeys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("TokenKeys(..)")
+    }
+}
+
+/// A new random secret, base64url, for tokens.
+pub fn random_token() -> String {
+    let bytes: [u8; 32] = rand::random();
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
+}
+
+pub fn sha256_hex(data: &[u8]) -> String {
+    hex::encode(Sha256::digest(data))
+}
+
+pub async fn hash_password(password: String) -> AppResult<String> {
+    tokio::task::spawn_blocking(move || {
+        Argon2::default().hash_password(password.as_bytes()).map(|h| h.to_string())
+    })
+    .await
+    .map_err(|e| AppError::Internal(e.to_string()))?
+    .map_err(|e| AppError::Internal(format!("password hashing failed: {e}")))
+}
+
+async fn verify_password(password: String, hash: String) -> bool {
+    tokio::task::spawn_blocking(move || Argon2::default().verify_password(password.as_bytes(), hash.as_str()).is_ok())
+        .await
+        .unwrap_or(false)
+}
+
+/// A normalised, plausible e-mail address.
+pub fn parse_email(raw: &str) -> Result<String, ValidationError> {
+    let email = raw.trim().to_lowercase();
+    let plausible = email.len() <= EMAIL_LEN_MAX
+        && email.split_once('@').is_some_and(|(local, domain)| {
+            !local.is_empty() && domain.contains('.') && !domain.starts_with('.') && !domain.ends_with('.')
+        })
+        && !email.chars().any(char::is_whitespace);
+    if plausible { Ok(email) } else { Err(ValidationError::field("email", "must be an e-mail address")) }
+}
+
+pub fn check_password_rules(password: &str) -> Result<(), ValidationError> {
+    let len = password.chars().count();
+    if !(PASSWORD_LEN_MIN..=PASSWORD_LEN_MAX).contains(&len) {
+        return Err(ValidationError::field(
+            "password",
+            format!("must be {PASSWORD_LEN_MIN} to {PASSWORD_LEN_MAX} characters"),
+        ));
+    }
+    Ok(())
+}
+
+impl App {
+    pub async fn register(&self, email: &str, password: &str, name: &str) -> AppResult<User> {
+        let mut errors = allot_core::FieldErrors::new();
+        let email = parse_email(email).map_err(|e| errors.merge(e.fields)).ok();
+        if let Err(e) = check_password_rules(password) {
+            errors.merge(e.fields);
+        }
+        let name = name.trim();
+        if name.is_empty() || name.chars().count() > 200 {
+            errors.add("name", "must be 1 to 200 characters");
+        }
+        errors.into_result()?;
+        let email = email.unwrap_or_default();
+        self.create_user(&email, password, name, vec![Role::Customer]).await
+    }
+
+    /// Creates an account with the given roles (demo data and admin tooling use this directly).
+    pub async fn create_user(&self, email: &str, password: &str, name: &str, roles: Vec<Role>) -> AppResult<User> {
+        if self.store.user_by_email(email).await?.is_some() {
+            return Err(AppError::Conflict("an account with this e-mail already exists".into()));
+        }
+        let user = User {
+            id: UserId::new(),
+            email: email.to_owned(),
+            name: name.to_owned(),
+            password_hash: hash_password(password.to_owned()).await?,
+            roles,
+            venues: Vec::new(),
+            created_at: self.clock.now(),
+        };
+        self.store.insert_user(&user).await?;
+        Ok(user)
+    }
+
+    pub async fn login(&self, email: &str, password: &str) -> AppResult<Session> {
+        let email = parse_email(email).map_err(|_| AppError::Unauthenticated)?;
+        let user = self.store.user_by_email(&email).await?;
+        // Verify against a fixed hash when the user is unknown, so timing does not reveal accounts.
+        let hash = user.as_ref().map_or_else(|| self.dummy_hash.clone(), |u| u.password_hash.clone());
+        let ok = verify_password(password.to_owned(), hash).await;
+        match user {
+            Some(user) if ok => self.new_session(user.id, &random_token()).await,
+            _ => Err(AppError::Unauthenticated),
+        }
+    }
+
+    async fn new_session(&self, user_id: UserId, family_id: &str) -> AppResult<Session> {
+        let (refresh_token, record) = self.refresh_record(user_id, family_id);
+        self.store.insert_refresh_token(&record).await?;
+        Ok(Session { access_token: self.access_token(user_id)?, expires_in: ACCESS_TOKEN_TTL_SECONDS, refresh_token })
+    }
+
+    fn refresh_record(&self, user_id: UserId, family_id: &str) -> (String, RefreshToken) {
+        let token = random_token();
+        let expires_at = self.clock.now().checked_add(jiff::SignedDuration::from_secs(REFRESH_TOKEN_TTL_SECONDS));
+        let record = RefreshToken {
+            token_hash: sha256_hex(token.as_bytes()),
+            user_id,
+            family_id: family_id.to_owned(),
+            expires_at: expires_at.unwrap_or(Timestamp::MAX),
+        };
+        (token, record)
+    }
+
+    fn access_token(&self, user_id: UserId) -> AppResult<String> {
+        let now = self.clock.now().as_second();
+        let claims = AccessClaims { sub: user_id.to_string(), iat: now, exp: now + ACCESS_TOKEN_TTL_SECONDS };
+        jsonwebtoken::encode(&jsonwebtoken::Header::default(), &claims, &self.keys.encoding)
+            .map_err(|e| AppError::Internal(format!("token signing failed: {e}")))
+    }
+
+    /// Rotates a refresh token: the old one stops working; presenting it again revokes the family.
+    pub async fn refresh(&self, refresh_token: &str) -> AppResult<Session> {
+        let old_hash = sha256_hex(refresh_token.as_bytes());
+        let (token, record) = self.refresh_record(UserId::new(), "");
+        let now = self.clock.now();
+        match self.store.rotate_refresh_token(&old_hash, &record.token_hash, record.expires_at, now).await? {
+            RotateOutcome::Rotated { user_id } => Ok(Session {
+                access_token: self.access_token(user_id)?,
+                expires_in: ACCESS_TOKEN_TTL_SECONDS,
+                refresh_token: token,
+            }),
+            RotateOutcome::Reused | RotateOutcome::Invalid => Err(AppError::Unauthenticated),
+        }
+    }
+
+    pub async fn logout(&self, refresh_token: &str) -> AppResult<()> {
+        let hash = sha256_hex(refresh_token.as_bytes());
+        Ok(self.store.revoke_refresh_token(&hash, self.clock.now()).await?)
+    }
+
+    /// Verifies an access token and loads the principal's current roles.
+    pub async fn authenticate(&self, access_token: &str) -> AppResult<Principal> {
+        let mut validation = jsonwebtoken::Validation::new(jsonwebtoken::Algorithm::HS256);
+        // Expiry is checked against the injected clock below, not the system time.
+        validation.validate_exp = false;
+        validation.required_spec_claims.clear();
+        let data = jsonwebtoken::decode::<AccessClaims>(access_token, &self.keys.decoding, &validation)
+            .map_err(|_| AppError::Unauthenticated)?;
+        if data.claims.exp <= self.clock.now().as_second() {
+            return Err(AppError::Unauthenticated);
+        }
+        let user_id: UserId = data.claims.sub.parse().map_err(|_| AppError::Unauthenticated)?;
+        let user = self.store.user_by_id(user_id).await?.ok_or(AppError::Unauthenticated)?;
+        Ok(Principal { user_id: user.id, roles: user.roles, venues: user.venues })
+    }
+
+    pub async fn me(&self, principal: &Principal) -> AppResult<User> {
+        self.store.user_by_id(principal.user_id).await?.ok_or(AppError::Unauthenticated)
+    }
+}

@@ -1,0 +1,337 @@
+//! Booking use cases: hold, confirm (with payment), cancel (with refund), read, expire.
+
+use std::collections::HashMap;
+
+use allot_core::FieldErrors;
+use allot_core::booking::{
+    Booking, BookingItem, BookingStatus, ITEMS_MAX, PAYMENT_ATTEMPTS_MAX, Payment, Refund, Transition, TransitionError,
+};
+use allot_core::ids::{BookingId, ItemId, ResourceId};
+use allot_core::inventory::{Event, ItemRequest, Resource, Venue, price_item};
+use jiff::SignedDuration;
+
+use crate::App;
+use crate::auth::Principal;
+use crate::error::{AppError, AppResult, StoreError};
+use crate::payments::{ChargeOutcome, ChargeRequest, ProviderError};
+use crate::store::{BookingFilter, HoldCommand, HoldRefused, Page, PageRequest, Role, UpdateRefused};
+
+/// Attempts at a provider that is failing before answering 503.
+pub const PROVIDER_ATTEMPTS_MAX: u32 = 3;
+pub const PROVIDER_BACKOFF_MS: u64 = 50;
+pub const CANCEL_REASON_LEN_MAX: usize = 500;
+/// Holds released per expiry transaction.
+pub const EXPIRY_BATCH_MAX: u32 = 500;
+
+pub struct HoldRequest {
+    pub items: Vec<ItemRequest>,
+    pub coupon_code: Option<String>,
+}
+
+impl App {
+    /// Claims every item for the principal, or none (I3). 409 `unavailable` names the item.
+    pub async fn hold(&self, principal: &Principal, request: HoldRequest) -> AppResult<Booking> {
+        if request.items.is_empty() || request.items.len() > ITEMS_MAX {
+            return Err(allot_core::ValidationError::field("items", format!("must hold 1 to {ITEMS_MAX} items")).into());
+        }
+        if let Some(code) = &request.coupon_code {
+            // Coupons are not offered yet: an unknown code must not silently give no discount.
+            return Err(allot_core::ValidationError::field("coupon_code", format!("unknown coupon '{code}'")).into());
+        }
+        let (venue, resources, events) = self.load_for_hold(&request.items).await?;
+        let now = self.clock.now();
+        let mut errors = FieldErrors::new();
+        let mut priced = Vec::with_capacity(request.items.len());
+        for (i, item) in request.items.iter().enumerate() {
+            let resource = &resources[&item.resource_id];
+            let event = item.event_id.map(|id| &events[&id]);
+            match price_item(&venue, resource, event, *item, now) {
+                Ok(p) => priced.push(p),
+                Err(e) => errors.merge(e.fields.prefixed(&format!("items[{i}]"))),
+            }
+        }
+        errors.into_result()?;
+        let items: Vec<BookingItem> = priced
+            .iter()
+            .map(|p| BookingItem {
+                id: ItemId::new(),
+                resource_id: p.resource_id,
+                event_id: p.event_id,
+                start: p.start,
+                end: p.end,
+                quantity: p.quantity,
+                unit_price: p.unit_price,
+                price: p.price,
+            })
+            .collect();
+        let subtotal: i64 = items.iter().map(|i| i.price).sum();
+        let ttl = SignedDuration::from_secs(i64::from(venue.policies.hold_ttl_seconds));
+        let booking = Booking {
+            id: BookingId::new(),
+            status: BookingStatus::Held,
+            customer_id: principal.user_id,
+            venue_id: venue.id,
+            expires_at: Some(now.checked_add(ttl).map_err(|e| AppError::Internal(e.to_string()))?),
+            created_at: now,
+            updated_at: now,
+            items,
+            currency: venue.currency,
+            subtotal,
+            discount: 0,
+            total: subtotal,
+            payment_attempts: 0,
+            payment: None,
+            refund: None,
+            cancel_reason: None,
+        };
+        let claims = priced.iter().map(|p| p.claim).collect();
+        match self.store.hold(HoldCommand { booking, claims, now }).await {
+            Ok(booking) => {
+                if let Some(expires_at) = booking.expires_at {
+                    self.expiry.schedule(booking.id, expires_at);
+                }
+                Ok(booking)
+            }
+            Err(HoldRefused::Unavailable { item_index, remaining }) => {
+                let item = &request.items[item_index];
+                Err(unavailable(item_index, &resources[&item.resource_id], remaining))
+            }
+            Err(HoldRefused::Stale { item_index }) => Err(AppError::Conflict(format!(
+                "items[{item_index}]: the resource changed while holding; try again"
+            ))),
+            Err(HoldRefused::Store(e)) => Err(e.into()),
+        }
+    }
+
+    /// Loads the venue, resources and events a hold refers to; all must be at one venue.
+    async fn load_for_hold(
+        &self,
+        items: &[ItemRequest],
+    ) -> AppResult<(Venue, HashMap<ResourceId, Resource>, HashMap<allot_core::ids::EventId, Event>)> {
+        let mut errors = FieldErrors::new();
+        let mut resources = HashMap::new();
+        let mut events = HashMap::new();
+        for (i, item) in items.iter().enumerate() {
+            if !resources.contains_key(&item.resource_id) {
+                match self.store.resource(item.resource_id).await? {
+                    Some(r) => {
+                        resources.insert(r.id, r);
+                    }
+                    None => errors.add(format!("items[{i}].resource_id"), "no such resource"),
+                }
+            }
+            if let Some(event_id) = item.event_id.filter(|id| !events.contains_key(id)) {
+                match self.store.event(event_id).await? {
+                    Some(e) => {
+                        events.insert(e.id, e);
+                    }
+                    None => errors.add(format!("items[{i}].event_id"), "no such event"),
+                }
+            }
+        }
+        std::mem::take(&mut errors).into_result()?;
+        let first_venue = resources[&items[0].resource_id].venue_id;
+        for (i, item) in items.iter().enumerate() {
+            if resources[&item.resource_id].venue_id != first_venue {
+                errors.add(format!("items[{i}].resource_id"), "all items of a booking must be at one venue");
+            }
+            if let Some(e) = item.event_id.map(|id| &events[&id])
+                && e.venue_id != first_venue
+            {
+                errors.add(format!("items[{i}].event_id"), "all items of a booking must be at one venue");
+            }
+        }
+        errors.into_result()?;
+        let venue = self.store.venue(first_venue).await?.ok_or(AppError::NotFound("venue"))?;
+        Ok((venue, resources, events))
+    }
+
+    /// Charges the card and confirms; a decline leaves the hold (until the third).
+    pub async fn confirm(&self, principal: &Principal, id: BookingId, token: &str) -> AppResult<Booking> {
+        let booking = self.booking_for_owner(principal, id).await?;
+        booking.next_status(Transition::Confirm, self.clock.now()).map_err(transition_error)?;
+        let request = ChargeRequest {
+            booking_id: booking.id,
+            amount: booking.total,
+            currency: booking.currency,
+            token: token.to_owned(),
+            idempotency_key: format!("{}_{}", booking.id, booking.payment_attempts),
+        };
+        match self.charge_with_retries(&request).await? {
+            ChargeOutcome::Succeeded { reference } => self.record_payment(&booking, reference, Transition::Confirm).await,
+            ChargeOutcome::Pending { reference } => {
+                self.record_payment(&booking, reference, Transition::AwaitPayment).await
+            }
+            ChargeOutcome::Declined { .. } => self.record_decline(id).await,
+        }
+    }
+
+    async fn charge_with_retries(&self, request: &ChargeRequest) -> AppResult<ChargeOutcome> {
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            match self.payments.charge(request).await {
+                Ok(outcome) => return Ok(outcome),
+                Err(ProviderError::InvalidToken) => {
+                    return Err(allot_core::ValidationError::field("payment.token", "not a token this provider accepts")
+                        .into());
+                }
+                Err(ProviderError::Unavailable(why)) if attempt >= PROVIDER_ATTEMPTS_MAX => {
+                    tracing::warn!(booking_id = %request.booking_id, %why, "payment provider unavailable");
+                    return Err(AppError::PaymentProviderUnavailable);
+                }
+                Err(ProviderError::Unavailable(_)) => {
+                    tokio::time::sleep(std::time::Duration::from_millis(PROVIDER_BACKOFF_MS << attempt)).await;
+                }
+            }
+        }
+    }
+
+    async fn record_payment(&self, booking: &Booking, reference: String, transition: Transition) -> AppResult<Booking> {
+        let payment = Payment {
+            provider: self.payments.name().to_owned(),
+            reference: reference.clone(),
+            amount: booking.total,
+            status: if transition == Transition::Confirm { "succeeded" } else { "pending" }.to_owned(),
+        };
+        let decide = Box::new(move |b: &Booking, now| {
+            let mut next = b.clone();
+            next.status = b.next_status(transition, now).map_err(transition_error)?;
+            next.payment = Some(payment);
+            next.expires_at = None;
+            Ok(next)
+        });
+        match self.store.update_booking(booking.id, self.clock.now(), decide).await {
+            Ok(b) => Ok(b),
+            Err(refused) => {
+                // The hold ended between the charge and the commit: give the money back.
+                if let Err(e) = self.payments.refund(&reference, booking.total).await {
+                    tracing::error!(booking_id = %booking.id, error = %e, "refund after failed confirm failed");
+                }
+                Err(update_error(refused))
+            }
+        }
+    }
+
+    async fn record_decline(&self, id: BookingId) -> AppResult<Booking> {
+        let decide = Box::new(|b: &Booking, now| {
+            let mut next = b.clone();
+            next.status = b.next_status(Transition::PaymentDeclined, now).map_err(transition_error)?;
+            next.payment_attempts += 1;
+            Ok(next)
+        });
+        let booking = self.store.update_booking(id, self.clock.now(), decide).await.map_err(update_error)?;
+        Err(AppError::PaymentDeclined { attempts_left: PAYMENT_ATTEMPTS_MAX.saturating_sub(booking.payment_attempts) })
+    }
+
+    /// Cancels a held or confirmed booking; confirmed ones are refunded per the venue policy.
+    pub async fn cancel(&self, principal: &Principal, id: BookingId, reason: Option<String>) -> AppResult<Booking> {
+        if reason.as_ref().is_some_and(|r| r.chars().count() > CANCEL_REASON_LEN_MAX) {
+            return Err(allot_core::ValidationError::field("reason", format!("at most {CANCEL_REASON_LEN_MAX} characters"))
+                .into());
+        }
+        let booking = self.visible_booking(principal, id).await?;
+        let venue = self.store.venue(booking.venue_id).await?.ok_or(AppError::NotFound("venue"))?;
+        let policy = venue.policies.cancellation;
+        let now = self.clock.now();
+        let decide = Box::new(move |b: &Booking, now| {
+            let mut next = b.clone();
+            next.status = b.next_status(Transition::Cancel, now).map_err(transition_error)?;
+            next.cancel_reason = reason;
+            next.expires_at = None;
+            if b.status == BookingStatus::Confirmed {
+                let start = b.first_start().unwrap_or(now);
+                next.refund = Some(Refund { amount: policy.refund(b.total, start, now), reference: None });
+            }
+            Ok(next)
+        });
+        let mut cancelled = self.store.update_booking(id, now, decide).await.map_err(update_error)?;
+        if let (Some(refund), Some(payment)) = (cancelled.refund.as_mut(), cancelled.payment.as_ref())
+            && refund.amount > 0
+        {
+            // Recorded refund first, then money moves: a crash here leaves a refund to reconcile,
+            // never a refund without a cancellation.
+            match self.payments.refund(&payment.reference, refund.amount).await {
+                Ok(reference) => refund.reference = Some(reference),
+                Err(e) => tracing::error!(booking_id = %id, error = %e, "refund failed; left for reconciliation"),
+            }
+        }
+        Ok(cancelled)
+    }
+
+    pub async fn booking_for(&self, principal: &Principal, id: BookingId) -> AppResult<Booking> {
+        self.visible_booking(principal, id).await
+    }
+
+    /// The booking if the principal may see it; 404 otherwise, so ids do not leak.
+    async fn visible_booking(&self, principal: &Principal, id: BookingId) -> AppResult<Booking> {
+        let booking = self.store.booking(id).await?.ok_or(AppError::NotFound("booking"))?;
+        if booking.customer_id == principal.user_id || principal.manages(booking.venue_id) {
+            Ok(booking)
+        } else {
+            Err(AppError::NotFound("booking"))
+        }
+    }
+
+    async fn booking_for_owner(&self, principal: &Principal, id: BookingId) -> AppResult<Booking> {
+        let booking = self.visible_booking(principal, id).await?;
+        if booking.customer_id != principal.user_id {
+            return Err(AppError::Forbidden("only the customer who holds a booking can pay for it"));
+        }
+        Ok(booking)
+    }
+
+    /// Admins see all bookings, managers their venues', customers their own.
+    pub async fn list_bookings(
+        &self,
+        principal: &Principal,
+        mut filter: BookingFilter,
+        page: PageRequest,
+    ) -> AppResult<Page<Booking>> {
+        if !principal.is_admin() {
+            if principal.roles.contains(&Role::Manager) && !principal.venues.is_empty() {
+                filter.venue_ids = Some(principal.venues.clone());
+            } else {
+                filter.customer_id = Some(principal.user_id);
+            }
+        }
+        Ok(self.store.bookings(&filter, page).await?)
+    }
+
+    /// Releases every hold whose `expires_at` has passed; returns how many.
+    pub async fn expire_due(&self) -> AppResult<usize> {
+        let mut total = 0;
+        loop {
+            let expired = self.store.expire_due(self.clock.now(), EXPIRY_BATCH_MAX).await?;
+            total += expired.len();
+            if expired.len() < EXPIRY_BATCH_MAX as usize {
+                return Ok(total);
+            }
+        }
+    }
+}
+
+fn unavailable(item_index: usize, resource: &Resource, remaining: u32) -> AppError {
+    let message = if resource.capacity == 1 {
+        format!("{} is already taken", resource.name)
+    } else {
+        format!("{} has only {remaining} left for that time", resource.name)
+    };
+    AppError::Unavailable { item_index, message }
+}
+
+fn transition_error(e: TransitionError) -> AppError {
+    match e {
+        TransitionError::HoldExpired => AppError::HoldExpired,
+        other => AppError::Conflict(other.to_string()),
+    }
+}
+
+fn update_error(e: UpdateRefused) -> AppError {
+    match e {
+        UpdateRefused::NotFound => AppError::NotFound("booking"),
+        UpdateRefused::Rejected(e) => e,
+        UpdateRefused::Store(StoreError::NotFound(w)) => AppError::NotFound(w),
+        UpdateRefused::Store(e) => e.into(),
+    }
+}

@@ -1,0 +1,310 @@
+//! Catalogue use cases: venues, resources and events (read by anyone, written by the venue's
+//! managers and admins), availability and seat maps.
+
+use allot_core::capacity::{self, Claim, Span};
+use allot_core::ids::{EventId, ResourceId, VenueId};
+use allot_core::inventory::{Event, Resource, Venue};
+use allot_core::time_model::TimeModel;
+use allot_core::{FieldErrors, ValidationError};
+use jiff::Timestamp;
+use jiff::civil::Date;
+
+use crate::App;
+use crate::auth::Principal;
+use crate::error::{AppError, AppResult};
+use crate::store::{Page, PageRequest, Role, SeatState};
+
+/// Longest availability range one request may ask for.
+pub const AVAILABILITY_DAYS_MAX: i64 = 62;
+pub const AVAILABILITY_DAYS_DEFAULT: i64 = 7;
+pub const AVAILABILITY_WINDOWS_MAX: usize = 5_000;
+
+pub type Patch<T> = Box<dyn FnOnce(&mut T) + Send>;
+
+/// One end of an availability range as given: a local date or an instant.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Bound {
+    Date(Date),
+    Instant(Timestamp),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AvailabilityWindow {
+    pub start: Timestamp,
+    pub end: Timestamp,
+    /// For `nights`: the night's date.
+    pub date: Option<Date>,
+    pub event_id: Option<EventId>,
+    pub remaining: u32,
+    pub price: i64,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct SeatView {
+    pub resource: Resource,
+    pub price: i64,
+    pub state: Option<SeatState>,
+}
+
+impl App {
+    pub async fn create_venue(&self, principal: &Principal, venue: Venue) -> AppResult<Venue> {
+        if !principal.is_admin() && !principal.roles.contains(&Role::Manager) {
+            return Err(AppError::Forbidden("only managers and admins create venues"));
+        }
+        venue.validate().into_result()?;
+        self.store.insert_venue(&venue).await?;
+        if !principal.is_admin() {
+            self.store.set_manager(venue.id, principal.user_id).await?;
+        }
+        Ok(venue)
+    }
+
+    pub async fn venue(&self, id: VenueId) -> AppResult<Venue> {
+        self.store.venue(id).await?.ok_or(AppError::NotFound("venue"))
+    }
+
+    pub async fn venues(&self, page: PageRequest) -> AppResult<Page<Venue>> {
+        Ok(self.store.venues(page).await?)
+    }
+
+    pub async fn update_venue(&self, principal: &Principal, id: VenueId, patch: Patch<Venue>) -> AppResult<Venue> {
+        let mut venue = self.venue(id).await?;
+        self.require_manager(principal, id)?;
+        patch(&mut venue);
+        assert_eq!(venue.id, id, "a patch cannot change the id");
+        venue.validate().into_result()?;
+        self.store.update_venue(&venue).await?;
+        Ok(venue)
+    }
+
+    pub async fn delete_venue(&self, principal: &Principal, id: VenueId) -> AppResult<()> {
+        self.venue(id).await?;
+        self.require_manager(principal, id)?;
+        Ok(self.store.delete_venue(id, self.clock.now()).await?)
+    }
+
+    fn require_manager(&self, principal: &Principal, venue: VenueId) -> AppResult<()> {
+        if principal.manages(venue) { Ok(()) } else { Err(AppError::Forbidden("you do not manage this venue")) }
+    }
+
+    pub async fn create_resource(&self, principal: &Principal, resource: Resource) -> AppResult<Resource> {
+        self.venue(resource.venue_id).await?;
+        self.require_manager(principal, resource.venue_id)?;
+        resource.validate().into_result()?;
+        self.store.insert_resource(&resource).await?;
+        Ok(resource)
+    }
+
+    pub async fn resource(&self, id: ResourceId) -> AppResult<Resource> {
+        self.store.resource(id).await?.ok_or(AppError::NotFound("resource"))
+    }
+
+    pub async fn resources(&self, venue: VenueId, page: PageRequest) -> AppResult<Page<Resource>> {
+        self.venue(venue).await?;
+        Ok(self.store.resources(venue, page).await?)
+    }
+
+    /// Changes apply to new claims only: existing bookings are never evicted by a lower capacity.
+    pub async fn update_resource(
+        &self,
+        principal: &Principal,
+        id: ResourceId,
+        patch: Patch<Resource>,
+    ) -> AppResult<Resource> {
+        let mut resource = self.resource(id).await?;
+        self.require_manager(principal, resource.venue_id)?;
+        let kind = resource.time_model.kind();
+        patch(&mut resource);
+        assert_eq!(resource.id, id, "a patch cannot change the id");
+        if (kind == "events") != (resource.time_model.kind() == "events") {
+            return Err(ValidationError::field("time_model.kind", "a seat cannot become a non-seat or back").into());
+        }
+        resource.validate().into_result()?;
+        self.store.update_resource(&resource).await?;
+        Ok(resource)
+    }
+
+    pub async fn delete_resource(&self, principal: &Principal, id: ResourceId) -> AppResult<()> {
+        let resource = self.resource(id).await?;
+        self.require_manager(principal, resource.venue_id)?;
+        Ok(self.store.delete_resource(id, self.clock.now()).await?)
+    }
+
+    pub async fn create_event(&self, principal: &Principal, event: Event) -> AppResult<Event> {
+        self.venue(event.venue_id).await?;
+        self.require_manager(principal, event.venue_id)?;
+        let mut errors = event.validate();
+        if errors.is_empty() {
+            let seats = self.store.resources_by_ids(&event.seat_ids).await?;
+            for (i, id) in event.seat_ids.iter().enumerate() {
+                match seats.iter().find(|s| s.id == *id) {
+                    None => errors.add(format!("seat_ids[{i}]"), "no such resource"),
+                    Some(s) if s.venue_id != event.venue_id => errors.add(format!("seat_ids[{i}]"), "belongs to another venue"),
+                    Some(s) if !matches!(s.time_model, TimeModel::Events) => {
+                        errors.add(format!("seat_ids[{i}]"), "is not a seat (time model 'events')")
+                    }
+                    Some(_) => {}
+                }
+            }
+        }
+        errors.into_result()?;
+        self.store.insert_event(&event).await?;
+        Ok(event)
+    }
+
+    pub async fn event(&self, id: EventId) -> AppResult<Event> {
+        self.store.event(id).await?.ok_or(AppError::NotFound("event"))
+    }
+
+    pub async fn events(&self, venue: VenueId, page: PageRequest) -> AppResult<Page<Event>> {
+        self.venue(venue).await?;
+        Ok(self.store.events(venue, page).await?)
+    }
+
+    /// Every seat of the event with its price and whether it is held or booked now.
+    pub async fn seat_map(&self, id: EventId) -> AppResult<(Event, Vec<SeatView>)> {
+        let event = self.event(id).await?;
+        let seats = self.store.resources_by_ids(&event.seat_ids).await?;
+        let states = self.store.seat_states(&event, self.clock.now()).await?;
+        let views = event
+            .seat_ids
+            .iter()
+            .filter_map(|id| seats.iter().find(|s| s.id == *id))
+            .map(|seat| SeatView { price: event.seat_price(seat), state: states.get(&seat.id).copied(), resource: seat.clone() })
+            .collect();
+        Ok((event, views))
+    }
+
+    /// Claimable windows of a resource in `[from, to)` with at least `quantity` units left.
+    pub async fn availability(
+        &self,
+        id: ResourceId,
+        from: Option<Bound>,
+        to: Option<Bound>,
+        quantity: u32,
+    ) -> AppResult<(Resource, Vec<AvailabilityWindow>)> {
+        let resource = self.resource(id).await?;
+        let venue = self.venue(resource.venue_id).await?;
+        let tz = venue.tz();
+        let now = self.clock.now();
+        let (from, to) = resolve_range(from, to, now, &tz)?;
+        if quantity == 0 || quantity > resource.quantity_max() {
+            return Err(ValidationError::field("quantity", format!("must be between 1 and {}", resource.quantity_max())).into());
+        }
+        let wide = resource.blocked_span(from.0, to.0);
+        let claims = self.store.claims(id, wide, now).await?;
+        let rules = resource.capacity_rules(&tz);
+        let remaining = |start: Timestamp, end: Timestamp| {
+            capacity::remaining(&rules, &claims, resource.blocked_span(start, end))
+        };
+        let earliest = now.as_second() + i64::from(resource.rules.min_notice_minutes) * 60;
+        let mut out = Vec::new();
+        match &resource.time_model {
+            TimeModel::Slots { slot_minutes, schedule, .. } => {
+                let step = i64::from(*slot_minutes) * 60;
+                for w in schedule.windows_between(from.0, to.0, &tz) {
+                    let mut s = w.start.as_second();
+                    while s + step <= w.end.as_second() && out.len() < AVAILABILITY_WINDOWS_MAX {
+                        let (start, end) = (ts(s), ts(s + step));
+                        if start >= from.0 && end <= to.0 && s >= earliest {
+                            let left = remaining(start, end);
+                            push_if(&mut out, AvailabilityWindow { start, end, date: None, event_id: None, remaining: left, price: resource.unit_price }, quantity);
+                        }
+                        s += step;
+                    }
+                }
+            }
+            TimeModel::Nights { .. } => {
+                for (date, start, end) in resource.time_model.nights_between(from.1, to.1, &tz) {
+                    if start.as_second() >= earliest {
+                        let left = remaining(start, end);
+                        push_if(&mut out, AvailabilityWindow { start, end, date: Some(date), event_id: None, remaining: left, price: resource.unit_price }, quantity);
+                    }
+                }
+            }
+            TimeModel::Free { schedule, .. } => {
+                let open = match schedule {
+                    Some(s) => s.windows_between(from.0, to.0, &tz),
+                    None => vec![allot_core::schedule::Window { start: from.0, end: to.0 }],
+                };
+                for w in open {
+                    let start = w.start.max(from.0).as_second().max(earliest);
+                    let end = w.end.min(to.0).as_second();
+                    if start < end {
+                        free_pieces(&mut out, &rules, &claims, Span::new(start, end), quantity, resource.unit_price);
+                    }
+                }
+            }
+            TimeModel::Events => {
+                let events = self.store.events_of_seat(id, Span::new(from.0.as_second(), to.0.as_second()), AVAILABILITY_WINDOWS_MAX as u32).await?;
+                for event in events.iter().filter(|e| e.start.as_second() >= earliest) {
+                    let left = remaining(event.start, event.end);
+                    push_if(&mut out, AvailabilityWindow { start: event.start, end: event.end, date: None, event_id: Some(event.id), remaining: left, price: event.seat_price(&resource) }, quantity);
+                }
+            }
+        }
+        Ok((resource, out))
+    }
+}
+
+fn push_if(out: &mut Vec<AvailabilityWindow>, w: AvailabilityWindow, quantity: u32) {
+    if w.remaining >= quantity && out.len() < AVAILABILITY_WINDOWS_MAX {
+        out.push(w);
+    }
+}
+
+/// Maximal pieces of `span` with at least `quantity` left, split where the amount left changes.
+fn free_pieces(
+    out: &mut Vec<AvailabilityWindow>,
+    rules: &capacity::CapacityRules,
+    claims: &[Claim],
+    span: Span,
+    quantity: u32,
+    price_per_hour: i64,
+) {
+    let mut pieces: Vec<(i64, u32)> = Vec::new();
+    capacity::for_each_segment(rules, claims, span, |at, used, cap| pieces.push((at, cap.saturating_sub(used))));
+    for (i, &(at, left)) in pieces.iter().enumerate() {
+        let end = pieces.get(i + 1).map_or(span.end, |p| p.0);
+        if left < quantity || out.len() >= AVAILABILITY_WINDOWS_MAX {
+            continue;
+        }
+        match out.last_mut() {
+            Some(prev) if prev.end.as_second() == at && prev.remaining == left => prev.end = ts(end),
+            _ => out.push(AvailabilityWindow { start: ts(at), end: ts(end), date: None, event_id: None, remaining: left, price: price_per_hour }),
+        }
+    }
+}
+
+fn ts(seconds: i64) -> Timestamp {
+    Timestamp::from_second(seconds).unwrap_or(Timestamp::UNIX_EPOCH)
+}
+
+/// Turns the requested bounds into instants and local dates; defaults to the next 7 days.
+fn resolve_range(
+    from: Option<Bound>,
+    to: Option<Bound>,
+    now: Timestamp,
+    tz: &jiff::tz::TimeZone,
+) -> AppResult<((Timestamp, Date), (Timestamp, Date))> {
+    let resolve = |b: Bound| match b {
+        Bound::Date(d) => (Timestamp::from_second(allot_core::inventory::local_midnight(d, tz)).unwrap_or(now), d),
+        Bound::Instant(t) => (t, t.to_zoned(tz.clone()).date()),
+    };
+    let from = from.map_or_else(|| (now, now.to_zoned(tz.clone()).date()), resolve);
+    let to = to.map_or_else(
+        || {
+            let d = allot_core::schedule::add_days(from.1, AVAILABILITY_DAYS_DEFAULT);
+            (Timestamp::from_second(allot_core::inventory::local_midnight(d, tz)).unwrap_or(now), d)
+        },
+        resolve,
+    );
+    let mut errors = FieldErrors::new();
+    if to.0 <= from.0 {
+        errors.add("to", "must be after from");
+    } else if to.0.as_second() - from.0.as_second() > AVAILABILITY_DAYS_MAX * 86_400 {
+        errors.add("to", format!("the range is at most {AVAILABILITY_DAYS_MAX} days"));
+    }
+    errors.into_result()?;
+    Ok((from, to))
+}

@@ -1,0 +1,60 @@
+//! The use-case layer's error: every outcome a caller must tell apart, nothing about HTTP.
+
+use allot_core::ValidationError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum AppError {
+    #[error(transparent)]
+    Invalid(#[from] ValidationError),
+    #[error("authentication required")]
+    Unauthenticated,
+    #[error("{0}")]
+    Forbidden(&'static str),
+    #[error("{0} not found")]
+    NotFound(&'static str),
+    #[error("{message}")]
+    Unavailable { item_index: usize, message: String },
+    #[error("the hold expired")]
+    HoldExpired,
+    #[error("the payment was declined")]
+    PaymentDeclined { attempts_left: u32 },
+    #[error("the payment provider is unavailable")]
+    PaymentProviderUnavailable,
+    #[error("{0}")]
+    Conflict(String),
+    #[error("this Idempotency-Key was used with a different request")]
+    IdempotencyKeyReused,
+    #[error("a request with this Idempotency-Key is still being processed")]
+    IdempotencyKeyInUse,
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl From<StoreError> for AppError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::Conflict(m) => AppError::Conflict(m),
+            StoreError::NotFound(what) => AppError::NotFound(what),
+            other => AppError::Internal(other.to_string()),
+        }
+    }
+}
+
+/// What a store can report about itself. Business outcomes travel in their own types.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("{0}")]
+    Conflict(String),
+    #[error("{0} not found")]
+    NotFound(&'static str),
+    #[error("storage overloaded: write queue full")]
+    Overloaded,
+    #[error("storage is shutting down")]
+    Closed,
+    #[error("database error: {0}")]
+    Database(String),
+    #[error("corrupt stored data: {0}")]
+    Corrupt(String),
+}
+
+pub type AppResult<T> = Result<T, AppError>;

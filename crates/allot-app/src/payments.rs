@@ -1,0 +1,67 @@
+//! Payment providers behind one interface. The built-in `test` provider understands
+//! Stripe-style test tokens so the whole lifecycle can be exercised offline.
+
+use allot_core::ids::BookingId;
+use allot_core::inventory::Currency;
+use async_trait::async_trait;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChargeRequest {
+    pub booking_id: BookingId,
+    pub amount: i64,
+    pub currency: Currency,
+    pub token: String,
+    /// Stable per booking and attempt, so a retried call never charges twice.
+    pub idempotency_key: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ChargeOutcome {
+    Succeeded { reference: String },
+    Declined { reason: String },
+    /// The provider will report the result later (webhook).
+    Pending { reference: String },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ProviderError {
+    #[error("the provider did not accept the token")]
+    InvalidToken,
+    #[error("the provider is unavailable: {0}")]
+    Unavailable(String),
+}
+
+#[async_trait]
+pub trait PaymentProvider: Send + Sync + 'static {
+    fn name(&self) -> &'static str;
+    async fn charge(&self, request: &ChargeRequest) -> Result<ChargeOutcome, ProviderError>;
+    /// Returns the refund's reference.
+    async fn refund(&self, payment_reference: &str, amount: i64) -> Result<String, ProviderError>;
+}
+
+/// The default provider: `tok_visa` succeeds, `tok_chargeDeclined` is declined,
+/// `tok_processing_error` fails at the provider, `tok_async` completes later.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct TestProvider;
+
+#[async_trait]
+impl PaymentProvider for TestProvider {
+    fn name(&self) -> &'static str {
+        "test"
+    }
+
+    async fn charge(&self, request: &ChargeRequest) -> Result<ChargeOutcome, ProviderError> {
+        let reference = format!("pi_test_{}", request.idempotency_key);
+        match request.token.as_str() {
+            "tok_visa" => Ok(ChargeOutcome::Succeeded { reference }),
+            "tok_chargeDeclined" => Ok(ChargeOutcome::Declined { reason: "card_declined".into() }),
+            "tok_processing_error" => Err(ProviderError::Unavailable("processing_error".into())),
+            "tok_async" => Ok(ChargeOutcome::Pending { reference }),
+            _ => Err(ProviderError::InvalidToken),
+        }
+    }
+
+    async fn refund(&self, payment_reference: &str, _amount: i64) -> Result<String, ProviderError> {
+        Ok(format!("re_{payment_reference}"))
+    }
+}

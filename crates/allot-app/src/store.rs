@@ -1,0 +1,213 @@
+//! The storage port: everything the use cases need from a database.
+//!
+//! Implemented by `allot-store` (SQLite now, PostgreSQL next). The capacity decision (I1) is
+//! taken by the core's `capacity::check_claim`, which a store must call inside the same
+//! transaction that inserts the claims, over the claims it read in that transaction.
+
+use std::collections::HashMap;
+
+use allot_core::booking::{Booking, BookingStatus};
+use allot_core::capacity::{Claim, Span};
+use allot_core::ids::{BookingId, EventId, ResourceId, UserId, VenueId};
+use allot_core::inventory::{Event, Resource, Venue};
+use async_trait::async_trait;
+use jiff::Timestamp;
+
+use crate::error::{AppError, StoreError};
+
+/// Page size limit for every list.
+pub const PAGE_LIMIT_MAX: u32 = 100;
+pub const PAGE_LIMIT_DEFAULT: u32 = 20;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Role {
+    Customer,
+    Manager,
+    Admin,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Customer => "customer",
+            Role::Manager => "manager",
+            Role::Admin => "admin",
+        }
+    }
+    pub fn parse(s: &str) -> Option<Self> {
+        [Role::Customer, Role::Manager, Role::Admin].into_iter().find(|r| r.as_str() == s)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct User {
+    pub id: UserId,
+    pub email: String,
+    pub name: String,
+    pub password_hash: String,
+    pub roles: Vec<Role>,
+    /// Venues this user manages (meaningful with the manager role).
+    pub venues: Vec<VenueId>,
+    pub created_at: Timestamp,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RefreshToken {
+    /// SHA-256 of the token; the token itself is never stored.
+    pub token_hash: String,
+    pub user_id: UserId,
+    pub family_id: String,
+    pub expires_at: Timestamp,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RotateOutcome {
+    Rotated { user_id: UserId },
+    /// An already-used token came back: its whole family is now revoked.
+    Reused,
+    Invalid,
+}
+
+/// A list position: the id of the last row of the previous page.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PageRequest {
+    pub after: Option<uuid::Uuid>,
+    pub limit: u32,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Page<T> {
+    pub items: Vec<T>,
+    pub next_after: Option<uuid::Uuid>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct BookingFilter {
+    pub customer_id: Option<UserId>,
+    /// Restrict to these venues (a manager's); `None` means any.
+    pub venue_ids: Option<Vec<VenueId>>,
+    pub venue_id: Option<VenueId>,
+    pub status: Option<BookingStatus>,
+}
+
+/// A fully priced hold, ready to be claimed atomically (I3).
+#[derive(Debug, Clone)]
+pub struct HoldCommand {
+    pub booking: Booking,
+    /// Per item, in the booking's item order: the span blocked (buffers included) and quantity.
+    pub claims: Vec<Claim>,
+    pub now: Timestamp,
+}
+
+/// Why a hold was refused by the store.
+#[derive(Debug)]
+pub enum HoldRefused {
+    Unavailable { item_index: usize, remaining: u32 },
+    /// A resource vanished or changed between validation and the transaction.
+    Stale { item_index: usize },
+    Store(StoreError),
+}
+
+/// Decides a booking's new state from its current one, inside the store's transaction, at
+/// the transaction's `now` (never earlier than the `now` of any write committed before it).
+pub type Decide = Box<dyn FnOnce(&Booking, Timestamp) -> Result<Booking, AppError> + Send>;
+
+#[derive(Debug)]
+pub enum UpdateRefused {
+    NotFound,
+    Rejected(AppError),
+    Store(StoreError),
+}
+
+/// Seat status of an event, as stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SeatState {
+    Held,
+    Booked,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum IdempotencyBegin {
+    /// The key is new: it is now locked for this request.
+    Started,
+    InProgress,
+    Completed { request_hash: String, status: u16, body: Vec<u8> },
+    /// Same key, different request.
+    Mismatch,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IdempotencyKey {
+    pub principal: String,
+    pub key: String,
+    pub request_hash: String,
+}
+
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    // Users and sessions.
+    async fn insert_user(&self, user: &User) -> Result<(), StoreError>;
+    async fn user_by_email(&self, email: &str) -> Result<Option<User>, StoreError>;
+    async fn user_by_id(&self, id: UserId) -> Result<Option<User>, StoreError>;
+    async fn set_manager(&self, venue_id: VenueId, user_id: UserId) -> Result<(), StoreError>;
+    async fn insert_refresh_token(&self, token: &RefreshToken) -> Result<(), StoreError>;
+    /// Marks `old_hash` used and stores `new_hash` in its family, for the same user.
+    async fn rotate_refresh_token(
+        &self,
+        old_hash: &str,
+        new_hash: &str,
+        new_expires_at: Timestamp,
+        now: Timestamp,
+    ) -> Result<RotateOutcome, StoreError>;
+    async fn revoke_refresh_token(&self, token_hash: &str, now: Timestamp) -> Result<(), StoreError>;
+    /// Returns the stored value of `key`, storing `value` first if there was none.
+    async fn setting_or_insert(&self, key: &str, value: &str) -> Result<String, StoreError>;
+
+    // Catalogue.
+    async fn insert_venue(&self, venue: &Venue) -> Result<(), StoreError>;
+    async fn update_venue(&self, venue: &Venue) -> Result<(), StoreError>;
+    /// Refuses (Conflict) while the venue has bookings that claim capacity.
+    async fn delete_venue(&self, id: VenueId, now: Timestamp) -> Result<(), StoreError>;
+    async fn venue(&self, id: VenueId) -> Result<Option<Venue>, StoreError>;
+    async fn venues(&self, page: PageRequest) -> Result<Page<Venue>, StoreError>;
+    async fn insert_resource(&self, resource: &Resource) -> Result<(), StoreError>;
+    async fn update_resource(&self, resource: &Resource) -> Result<(), StoreError>;
+    async fn delete_resource(&self, id: ResourceId, now: Timestamp) -> Result<(), StoreError>;
+    async fn resource(&self, id: ResourceId) -> Result<Option<Resource>, StoreError>;
+    /// The live resources among `ids` (missing ones are left out), in no particular order.
+    async fn resources_by_ids(&self, ids: &[ResourceId]) -> Result<Vec<Resource>, StoreError>;
+    async fn resources(&self, venue_id: VenueId, page: PageRequest) -> Result<Page<Resource>, StoreError>;
+    async fn insert_event(&self, event: &Event) -> Result<(), StoreError>;
+    async fn event(&self, id: EventId) -> Result<Option<Event>, StoreError>;
+    async fn events(&self, venue_id: VenueId, page: PageRequest) -> Result<Page<Event>, StoreError>;
+    /// Events that include `seat` and overlap `span`, in start order (at most `limit`).
+    async fn events_of_seat(&self, seat: ResourceId, span: Span, limit: u32) -> Result<Vec<Event>, StoreError>;
+
+    // Capacity reads (availability, seat maps).
+    /// Claims on `resource` overlapping `span` that count at `now` (held unexpired, pending, confirmed).
+    async fn claims(&self, resource: ResourceId, span: Span, now: Timestamp) -> Result<Vec<Claim>, StoreError>;
+    /// For each seat of `event` that is taken during the event's window, whether held or booked.
+    async fn seat_states(&self, event: &Event, now: Timestamp) -> Result<HashMap<ResourceId, SeatState>, StoreError>;
+
+    // Bookings.
+    async fn hold(&self, command: HoldCommand) -> Result<Booking, HoldRefused>;
+    async fn update_booking(&self, id: BookingId, now: Timestamp, decide: Decide) -> Result<Booking, UpdateRefused>;
+    async fn booking(&self, id: BookingId) -> Result<Option<Booking>, StoreError>;
+    async fn bookings(&self, filter: &BookingFilter, page: PageRequest) -> Result<Page<Booking>, StoreError>;
+    /// Marks up to `limit` holds with `expires_at <= now` expired, releasing their capacity.
+    async fn expire_due(&self, now: Timestamp, limit: u32) -> Result<Vec<BookingId>, StoreError>;
+    /// The soonest `limit` hold expiries, for the expiry scheduler.
+    async fn upcoming_expiries(&self, limit: u32) -> Result<Vec<(BookingId, Timestamp)>, StoreError>;
+
+    // Idempotency (I4).
+    async fn idempotency_begin(
+        &self,
+        key: &IdempotencyKey,
+        now: Timestamp,
+        lock_seconds: u32,
+    ) -> Result<IdempotencyBegin, StoreError>;
+    async fn idempotency_complete(&self, key: &IdempotencyKey, status: u16, body: &[u8]) -> Result<(), StoreError>;
+    async fn idempotency_abandon(&self, key: &IdempotencyKey) -> Result<(), StoreError>;
+    /// Deletes keys created before `before`; returns how many.
+    async fn idempotency_cleanup(&self, before: Timestamp, limit: u32) -> Result<u64, StoreError>;
+}
