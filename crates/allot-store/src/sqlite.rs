@@ -1,0 +1,879 @@
+//! The SQLite implementation of the Store port: reads on a small pool of read-only
+//! connections, every write through the group-commit [`Writer`].
+
+use std::collections::HashMap;
+use std::str::FromStr;
+use std::time::Duration;
+
+use allot_app::StoreError;
+use allot_app::store::{
+    BookingFilter, Decide, HoldCommand, HoldRefused, IdempotencyBegin, IdempotencyKey, Page, PageRequest,
+    RefreshToken, Role, RotateOutcome, SeatState, Store, UpdateRefused, User,
+};
+use allot_core::booking::{Booking, BookingStatus};
+use allot_core::capacity::{self, Claim, Span};
+use allot_core::ids::{BookingId, EventId, ResourceId, UserId, VenueId};
+use allot_core::inventory::{Event, Resource, Venue};
+use async_trait::async_trait;
+use futures::future::BoxFuture;
+use jiff::Timestamp;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::{Connection, QueryBuilder, Row, Sqlite, SqliteConnection};
+
+use crate::writer::{Outcome, WriteCtx, Writer, db_error};
+
+pub const READ_POOL_CONNECTIONS_MAX: u32 = 8;
+/// No claim is longer than this (a year of nights plus buffers); bounds the index scan.
+pub const CLAIM_SECONDS_MAX: i64 = 400 * 86_400;
+pub const BUSY_TIMEOUT_SECONDS: u64 = 10;
+
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
+
+pub struct SqliteStore {
+    read: SqlitePool,
+    writer: Writer,
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) the database at `url` (`sqlite://path`), applies migrations
+    /// and starts the writer.
+    pub async fn open(url: &str) -> Result<SqliteStore, StoreError> {
+        let path = url.strip_prefix("sqlite://").or_else(|| url.strip_prefix("sqlite:")).unwrap_or(url);
+        if let Some(dir) = std::path::Path::new(path).parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|e| StoreError::Database(format!("creating {}: {e}", dir.display())))?;
+        }
+        let base = SqliteConnectOptions::from_str(&format!("sqlite://{path}"))
+            .map_err(db_error)?
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            // FULL: a commit is on disk before the writer answers, so a 2xx survives kill -9
+            // and power loss alike (I5).
+            .synchronous(SqliteSynchronous::Full)
+            .busy_timeout(Duration::from_secs(BUSY_TIMEOUT_SECONDS))
+            .foreign_keys(true);
+        let mut conn = SqliteConnection::connect_with(&base).await.map_err(db_error)?;
+        MIGRATOR.run(&mut conn).await.map_err(|e| StoreError::Database(format!("migrations: {e}")))?;
+        let read = SqlitePoolOptions::new()
+            .max_connections(READ_POOL_CONNECTIONS_MAX)
+            .connect_with(base.read_only(true))
+            .await
+            .map_err(db_error)?;
+        Ok(SqliteStore { read, writer: Writer::start(conn) })
+    }
+
+    /// Counts rows of a table; for tests and diagnostics.
+    pub async fn count(&self, table: &str, where_clause: &str) -> Result<i64, StoreError> {
+        let sql = format!("SELECT COUNT(*) FROM {table} WHERE {where_clause}");
+        sqlx::query_scalar(sqlx::AssertSqlSafe(sql)).fetch_one(&self.read).await.map_err(db_error)
+    }
+}
+
+fn to_json<T: Serialize>(value: &T) -> Result<String, sqlx::Error> {
+    serde_json::to_string(value).map_err(|e| sqlx::Error::Encode(Box::new(e)))
+}
+
+fn from_json<T: DeserializeOwned>(doc: &str) -> Result<T, StoreError> {
+    serde_json::from_str(doc).map_err(|e| StoreError::Corrupt(e.to_string()))
+}
+
+fn from_json_db<T: DeserializeOwned>(doc: &str) -> Result<T, sqlx::Error> {
+    serde_json::from_str(doc).map_err(|e| sqlx::Error::Decode(Box::new(e)))
+}
+
+fn ts(seconds: i64) -> Timestamp {
+    Timestamp::from_second(seconds).unwrap_or(Timestamp::UNIX_EPOCH)
+}
+
+fn page_of<T>(mut rows: Vec<(String, T)>, limit: u32) -> Page<T> {
+    let more = rows.len() > limit as usize;
+    rows.truncate(limit as usize);
+    let next_after = if more { rows.last().and_then(|(id, _)| uuid::Uuid::parse_str(id).ok()) } else { None };
+    Page { items: rows.into_iter().map(|(_, v)| v).collect(), next_after }
+}
+
+fn after_key(page: &PageRequest) -> String {
+    page.after.map(|u| u.as_simple().to_string()).unwrap_or_default()
+}
+
+async fn outbox(conn: &mut SqliteConnection, topic: &str, aggregate: &str, payload: &str, now: Timestamp) -> Result<(), sqlx::Error> {
+    sqlx::query("INSERT INTO outbox (topic, aggregate_id, payload, created_at) VALUES (?, ?, ?, ?)")
+        .bind(topic)
+        .bind(aggregate)
+        .bind(payload)
+        .bind(now.as_second())
+        .execute(conn)
+        .await
+        .map(|_| ())
+}
+
+/// Claims on a resource that count at `now`, overlapping `span`.
+async fn live_claims<'e, E>(executor: E, resource: ResourceId, span: Span, now: Timestamp) -> Result<Vec<Claim>, sqlx::Error>
+where
+    E: sqlx::Executor<'e, Database = Sqlite>,
+{
+    let rows: Vec<(i64, i64, i64)> = sqlx::query_as(
+        "SELECT block_start, block_end, quantity FROM claims
+         WHERE resource_id = ? AND block_start < ? AND block_start > ? AND block_end > ?
+           AND (hold_expires_at IS NULL OR hold_expires_at > ?)",
+    )
+    .bind(resource.to_string())
+    .bind(span.end)
+    .bind(span.start - CLAIM_SECONDS_MAX)
+    .bind(span.start)
+    .bind(now.as_second())
+    .fetch_all(executor)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .filter(|(s, e, q)| s < e && *q > 0)
+        .map(|(s, e, q)| Claim { span: Span::new(s, e), quantity: u32::try_from(q).unwrap_or(u32::MAX) })
+        .collect())
+}
+
+async fn load_booking(conn: &mut SqliteConnection, id: &str) -> Result<Option<Booking>, sqlx::Error> {
+    let doc: Option<String> = sqlx::query_scalar("SELECT doc FROM bookings WHERE id = ?").bind(id).fetch_optional(conn).await?;
+    doc.map(|d| from_json_db(&d)).transpose()
+}
+
+async fn save_booking(conn: &mut SqliteConnection, b: &Booking) -> Result<(), sqlx::Error> {
+    sqlx::query("UPDATE bookings SET status = ?, expires_at = ?, doc = ? WHERE id = ?")
+        .bind(b.status.as_str())
+        .bind(hold_expiry(b))
+        .bind(to_json(b)?)
+        .bind(b.id.to_string())
+        .execute(conn)
+        .await
+        .map(|_| ())
+}
+
+fn hold_expiry(b: &Booking) -> Option<i64> {
+    (b.status == BookingStatus::Held).then(|| b.expires_at.map(|t| t.as_second())).flatten()
+}
+
+/// Writes a status change and keeps the claims table in step with it.
+async fn apply_change(conn: &mut SqliteConnection, before: &Booking, after: &Booking, now: Timestamp) -> Result<(), sqlx::Error> {
+    save_booking(&mut *conn, after).await?;
+    let id = after.id.to_string();
+    if before.status.claims_capacity() && !after.status.claims_capacity() {
+        sqlx::query("DELETE FROM claims WHERE booking_id = ?").bind(&id).execute(&mut *conn).await?;
+    } else if after.status.claims_capacity() {
+        sqlx::query("UPDATE claims SET hold_expires_at = ? WHERE booking_id = ?")
+            .bind(hold_expiry(after))
+            .bind(&id)
+            .execute(&mut *conn)
+            .await?;
+    }
+    if before.status != after.status {
+        let topic = format!("booking.{}", after.status.as_str());
+        outbox(conn, &topic, &id, &to_json(after)?, now).await?;
+    }
+    Ok(())
+}
+
+async fn user_from_row(read: &SqlitePool, row: sqlx::sqlite::SqliteRow) -> Result<User, StoreError> {
+    let id: String = row.get("id");
+    let roles: String = row.get("roles");
+    let venues: Vec<(String,)> = sqlx::query_as("SELECT venue_id FROM venue_managers WHERE user_id = ? ORDER BY venue_id")
+        .bind(&id)
+        .fetch_all(read)
+        .await
+        .map_err(db_error)?;
+    Ok(User {
+        id: id.parse().map_err(|_| StoreError::Corrupt(format!("user id {id}")))?,
+        email: row.get("email"),
+        name: row.get("name"),
+        password_hash: row.get("password_hash"),
+        roles: roles.split(',').filter_map(Role::parse).collect(),
+        venues: venues.into_iter().filter_map(|(v,)| v.parse().ok()).collect(),
+        created_at: ts(row.get("created_at")),
+    })
+}
+
+fn is_unique_violation(e: &sqlx::Error) -> bool {
+    e.as_database_error().is_some_and(|d| d.is_unique_violation())
+}
+
+impl SqliteStore {
+    async fn user_where(&self, column: &'static str, value: String) -> Result<Option<User>, StoreError> {
+        let sql = match column {
+            "email" => "SELECT * FROM users WHERE email = ?",
+            _ => "SELECT * FROM users WHERE id = ?",
+        };
+        let row = sqlx::query(sql).bind(value).fetch_optional(&self.read).await.map_err(db_error)?;
+        match row {
+            Some(row) => Ok(Some(user_from_row(&self.read, row).await?)),
+            None => Ok(None),
+        }
+    }
+
+    async fn doc_by_id<T: DeserializeOwned>(&self, table: &'static str, id: String) -> Result<Option<T>, StoreError> {
+        let sql = match table {
+            "venues" => "SELECT doc FROM venues WHERE id = ? AND deleted_at IS NULL",
+            "resources" => "SELECT doc FROM resources WHERE id = ? AND deleted_at IS NULL",
+            _ => "SELECT doc FROM events WHERE id = ? AND deleted_at IS NULL",
+        };
+        let doc: Option<String> = sqlx::query_scalar(sql).bind(id).fetch_optional(&self.read).await.map_err(db_error)?;
+        doc.map(|d| from_json(&d)).transpose()
+    }
+
+    async fn docs_page<T: DeserializeOwned>(
+        &self,
+        sql: &'static str,
+        venue: Option<VenueId>,
+        page: PageRequest,
+    ) -> Result<Page<T>, StoreError> {
+        let mut q = sqlx::query_as::<_, (String, String)>(sql);
+        if let Some(v) = venue {
+            q = q.bind(v.to_string());
+        }
+        let rows = q.bind(after_key(&page)).bind(i64::from(page.limit) + 1).fetch_all(&self.read).await.map_err(db_error)?;
+        let rows = rows.into_iter().map(|(id, doc)| Ok((id, from_json(&doc)?))).collect::<Result<Vec<_>, StoreError>>()?;
+        Ok(page_of(rows, page.limit))
+    }
+
+    /// Writes one statement through the writer, mapping a unique violation to `Conflict`.
+    async fn exec_one(&self, sql: &'static str, binds: Vec<Option<String>>, conflict: &'static str) -> Result<u64, StoreError> {
+        let result = self
+            .writer
+            .exec(move |ctx: &mut WriteCtx| -> BoxFuture<'_, Outcome<u64, StoreError>> {
+                Box::pin(async move {
+                    let mut q = sqlx::query(sql);
+                    for b in binds {
+                        q = q.bind(b);
+                    }
+                    match q.execute(&mut ctx.conn).await {
+                        Ok(r) => Ok(Ok(r.rows_affected())),
+                        Err(e) if is_unique_violation(&e) => Ok(Err(StoreError::Conflict(conflict.to_owned()))),
+                        Err(e) => Err(e),
+                    }
+                })
+            })
+            .await?;
+        Ok(result)
+    }
+}
+
+#[async_trait]
+impl Store for SqliteStore {
+    async fn insert_user(&self, user: &User) -> Result<(), StoreError> {
+        let roles: Vec<&str> = user.roles.iter().map(|r| r.as_str()).collect();
+        self.exec_one(
+            "INSERT INTO users (id, email, name, password_hash, roles, created_at) VALUES (?, ?, ?, ?, ?, CAST(? AS INTEGER))",
+            vec![
+                Some(user.id.to_string()),
+                Some(user.email.clone()),
+                Some(user.name.clone()),
+                Some(user.password_hash.clone()),
+                Some(roles.join(",")),
+                Some(user.created_at.as_second().to_string()),
+            ],
+            "an account with this e-mail already exists",
+        )
+        .await
+        .map(|_| ())
+    }
+
+    async fn user_by_email(&self, email: &str) -> Result<Option<User>, StoreError> {
+        self.user_where("email", email.to_owned()).await
+    }
+
+    async fn user_by_id(&self, id: UserId) -> Result<Option<User>, StoreError> {
+        self.user_where("id", id.to_string()).await
+    }
+
+    async fn set_manager(&self, venue_id: VenueId, user_id: UserId) -> Result<(), StoreError> {
+        self.exec_one(
+            "INSERT OR IGNORE INTO venue_managers (venue_id, user_id) VALUES (?, ?)",
+            vec![Some(venue_id.to_string()), Some(user_id.to_string())],
+            "already a manager",
+        )
+        .await
+        .map(|_| ())
+    }
+
+    async fn insert_refresh_token(&self, token: &RefreshToken) -> Result<(), StoreError> {
+        self.exec_one(
+            "INSERT INTO refresh_tokens (token_hash, user_id, family_id, expires_at) VALUES (?, ?, ?, CAST(? AS INTEGER))",
+            vec![
+                Some(token.token_hash.clone()),
+                Some(token.user_id.to_string()),
+                Some(token.family_id.clone()),
+                Some(token.expires_at.as_second().to_string()),
+            ],
+            "duplicate token",
+        )
+        .await
+        .map(|_| ())
+    }
+
+    async fn rotate_refresh_token(
+        &self,
+        old_hash: &str,
+        new_hash: &str,
+        new_expires_at: Timestamp,
+        now: Timestamp,
+    ) -> Result<RotateOutcome, StoreError> {
+        let (old_hash, new_hash) = (old_hash.to_owned(), new_hash.to_owned());
+        self.writer
+            .exec(move |ctx: &mut WriteCtx| -> BoxFuture<'_, Outcome<RotateOutcome, StoreError>> {
+                Box::pin(async move {
+                    let now = ctx.now(now).as_second();
+                    let row: Option<(String, String, i64, Option<i64>, Option<i64>)> = sqlx::query_as(
+                        "SELECT user_id, family_id, expires_at, used_at, revoked_at FROM refresh_tokens WHERE token_hash = ?",
+                    )
+                    .bind(&old_hash)
+                    .fetch_optional(&mut ctx.conn)
+                    .await?;
+                    let Some((user_id, family, expires_at, used_at, revoked_at)) = row else {
+                        return Ok(Ok(RotateOutcome::Invalid));
+                    };
+                    if revoked_at.is_some() || expires_at <= now {
+                        return Ok(Ok(RotateOutcome::Invalid));
+                    }
+                    if used_at.is_some() {
+                        // Reuse of a rotated token: someone else has a copy. End the whole family.
+                        sqlx::query("UPDATE refresh_tokens SET revoked_at = ? WHERE family_id = ? AND revoked_at IS NULL")
+                            .bind(now)
+                            .bind(&family)
+                            .execute(&mut ctx.conn)
+                            .await?;
+                        return Ok(Ok(RotateOutcome::Reused));
+                    }
+                    sqlx::query("UPDATE refresh_tokens SET used_at = ? WHERE token_hash = ?")
+                        .bind(now)
+                        .bind(&old_hash)
+                        .execute(&mut ctx.conn)
+                        .await?;
+                    sqlx::query("INSERT INTO refresh_tokens (token_hash, user_id, family_id, expires_at) VALUES (?, ?, ?, ?)")
+                        .bind(&new_hash)
+                        .bind(&user_id)
+                        .bind(&family)
+                        .bind(new_expires_at.as_second())
+                        .execute(&mut ctx.conn)
+                        .await?;
+                    let user_id = user_id.parse().map_err(|_| sqlx::Error::Protocol("bad user id".into()))?;
+                    Ok(Ok(RotateOutcome::Rotated { user_id }))
+                })
+            })
+            .await
+    }
+
+    async fn revoke_refresh_token(&self, token_hash: &str, now: Timestamp) -> Result<(), StoreError> {
+        // Logout ends the token's whole family: no rotated descendant stays valid.
+        self.exec_one(
+            "UPDATE refresh_tokens SET revoked_at = CAST(? AS INTEGER)
+             WHERE revoked_at IS NULL AND family_id = (SELECT family_id FROM refresh_tokens WHERE token_hash = ?)",
+            vec![Some(now.as_second().to_string()), Some(token_hash.to_owned())],
+            "",
+        )
+        .await
+        .map(|_| ())
+    }
+
+    async fn setting_or_insert(&self, key: &str, value: &str) -> Result<String, StoreError> {
+        self.exec_one(
+            "INSERT OR IGNORE INTO settings (key, value) VALUES (?, ?)",
+            vec![Some(key.to_owned()), Some(value.to_owned())],
+            "",
+        )
+        .await?;
+        sqlx::query_scalar("SELECT value FROM settings WHERE key = ?").bind(key).fetch_one(&self.read).await.map_err(db_error)
+    }
+
+    async fn insert_venue(&self, venue: &Venue) -> Result<(), StoreError> {
+        let doc = serde_json::to_string(venue).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        self.exec_one("INSERT INTO venues (id, doc) VALUES (?, ?)", vec![Some(venue.id.to_string()), Some(doc)], "venue exists")
+            .await
+            .map(|_| ())
+    }
+
+    async fn update_venue(&self, venue: &Venue) -> Result<(), StoreError> {
+        let doc = serde_json::to_string(venue).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        let n = self
+            .exec_one("UPDATE venues SET doc = ? WHERE id = ? AND deleted_at IS NULL", vec![Some(doc), Some(venue.id.to_string())], "")
+            .await?;
+        if n == 0 { Err(StoreError::NotFound("venue")) } else { Ok(()) }
+    }
+
+    async fn delete_venue(&self, id: VenueId, now: Timestamp) -> Result<(), StoreError> {
+        let id = id.to_string();
+        self.writer
+            .exec(move |ctx: &mut WriteCtx| -> BoxFuture<'_, Outcome<(), StoreError>> {
+                Box::pin(async move {
+                    let active: Option<i64> = sqlx::query_scalar(
+                        "SELECT 1 FROM bookings WHERE venue_id = ? AND status IN ('held', 'pending_payment', 'confirmed') LIMIT 1",
+                    )
+                    .bind(&id)
+                    .fetch_optional(&mut ctx.conn)
+                    .await?;
+                    if active.is_some() {
+                        return Ok(Err(StoreError::Conflict("the venue has active bookings; cancel them first".into())));
+                    }
+                    let at = ctx.now(now).as_second();
+                    for sql in [
+                        "UPDATE venues SET deleted_at = ? WHERE id = ? AND deleted_at IS NULL",
+                        "UPDATE resources SET deleted_at = ? WHERE venue_id = ? AND deleted_at IS NULL",
+                        "UPDATE events SET deleted_at = ? WHERE venue_id = ? AND deleted_at IS NULL",
+                    ] {
+                        sqlx::query(sql).bind(at).bind(&id).execute(&mut ctx.conn).await?;
+                    }
+                    Ok(Ok(()))
+                })
+            })
+            .await
+    }
+
+    async fn venue(&self, id: VenueId) -> Result<Option<Venue>, StoreError> {
+        self.doc_by_id("venues", id.to_string()).await
+    }
+
+    async fn venues(&self, page: PageRequest) -> Result<Page<Venue>, StoreError> {
+        self.docs_page("SELECT id, doc FROM venues WHERE deleted_at IS NULL AND id > ? ORDER BY id LIMIT ?", None, page).await
+    }
+
+    async fn insert_resource(&self, r: &Resource) -> Result<(), StoreError> {
+        let doc = serde_json::to_string(r).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        self.exec_one(
+            "INSERT INTO resources (id, venue_id, doc) VALUES (?, ?, ?)",
+            vec![Some(r.id.to_string()), Some(r.venue_id.to_string()), Some(doc)],
+            "resource exists",
+        )
+        .await
+        .map(|_| ())
+    }
+
+    async fn update_resource(&self, r: &Resource) -> Result<(), StoreError> {
+        let doc = serde_json::to_string(r).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        let n = self
+            .exec_one("UPDATE resources SET doc = ? WHERE id = ? AND deleted_at IS NULL", vec![Some(doc), Some(r.id.to_string())], "")
+            .await?;
+        if n == 0 { Err(StoreError::NotFound("resource")) } else { Ok(()) }
+    }
+
+    async fn delete_resource(&self, id: ResourceId, now: Timestamp) -> Result<(), StoreError> {
+        let id = id.to_string();
+        self.writer
+            .exec(move |ctx: &mut WriteCtx| -> BoxFuture<'_, Outcome<(), StoreError>> {
+                Box::pin(async move {
+                    let at = ctx.now(now).as_second();
+                    let active: Option<i64> =
+                        sqlx::query_scalar("SELECT 1 FROM claims WHERE resource_id = ? AND block_end > ? LIMIT 1")
+                            .bind(&id)
+                            .bind(at)
+                            .fetch_optional(&mut ctx.conn)
+                            .await?;
+                    if active.is_some() {
+                        return Ok(Err(StoreError::Conflict("the resource has current or future bookings".into())));
+                    }
+                    let r = sqlx::query("UPDATE resources SET deleted_at = ? WHERE id = ? AND deleted_at IS NULL")
+                        .bind(at)
+                        .bind(&id)
+                        .execute(&mut ctx.conn)
+                        .await?;
+                    if r.rows_affected() == 0 { Ok(Err(StoreError::NotFound("resource"))) } else { Ok(Ok(())) }
+                })
+            })
+            .await
+    }
+
+    async fn resource(&self, id: ResourceId) -> Result<Option<Resource>, StoreError> {
+        self.doc_by_id("resources", id.to_string()).await
+    }
+
+    async fn resources_by_ids(&self, ids: &[ResourceId]) -> Result<Vec<Resource>, StoreError> {
+        let mut out = Vec::with_capacity(ids.len());
+        for chunk in ids.chunks(500) {
+            let mut qb: QueryBuilder<Sqlite> = QueryBuilder::new("SELECT doc FROM resources WHERE deleted_at IS NULL AND id IN (");
+            let mut sep = qb.separated(", ");
+            for id in chunk {
+                sep.push_bind(id.to_string());
+            }
+            qb.push(")");
+            let docs: Vec<(String,)> = qb.build_query_as().fetch_all(&self.read).await.map_err(db_error)?;
+            for (doc,) in docs {
+                out.push(from_json(&doc)?);
+            }
+        }
+        Ok(out)
+    }
+
+    async fn resources(&self, venue_id: VenueId, page: PageRequest) -> Result<Page<Resource>, StoreError> {
+        self.docs_page(
+            "SELECT id, doc FROM resources WHERE venue_id = ? AND deleted_at IS NULL AND id > ? ORDER BY id LIMIT ?",
+            Some(venue_id),
+            page,
+        )
+        .await
+    }
+
+    async fn insert_event(&self, event: &Event) -> Result<(), StoreError> {
+        let event = event.clone();
+        self.writer
+            .exec(move |ctx: &mut WriteCtx| -> BoxFuture<'_, Outcome<(), StoreError>> {
+                Box::pin(async move {
+                    let id = event.id.to_string();
+                    let (start, end) = (event.start.as_second(), event.end.as_second());
+                    sqlx::query("INSERT INTO events (id, venue_id, start_at, end_at, doc) VALUES (?, ?, ?, ?, ?)")
+                        .bind(&id)
+                        .bind(event.venue_id.to_string())
+                        .bind(start)
+                        .bind(end)
+                        .bind(to_json(&event)?)
+                        .execute(&mut ctx.conn)
+                        .await?;
+                    for seat in &event.seat_ids {
+                        sqlx::query("INSERT INTO event_seats (resource_id, start_at, event_id, end_at) VALUES (?, ?, ?, ?)")
+                            .bind(seat.to_string())
+                            .bind(start)
+                            .bind(&id)
+                            .bind(end)
+                            .execute(&mut ctx.conn)
+                            .await?;
+                    }
+                    Ok(Ok(()))
+                })
+            })
+            .await
+    }
+
+    async fn event(&self, id: EventId) -> Result<Option<Event>, StoreError> {
+        self.doc_by_id("events", id.to_string()).await
+    }
+
+    async fn events(&self, venue_id: VenueId, page: PageRequest) -> Result<Page<Event>, StoreError> {
+        self.docs_page(
+            "SELECT id, doc FROM events WHERE venue_id = ? AND deleted_at IS NULL AND id > ? ORDER BY id LIMIT ?",
+            Some(venue_id),
+            page,
+        )
+        .await
+    }
+
+    async fn events_of_seat(&self, seat: ResourceId, span: Span, limit: u32) -> Result<Vec<Event>, StoreError> {
+        let docs: Vec<(String,)> = sqlx::query_as(
+            "SELECT e.doc FROM event_seats s JOIN events e ON e.id = s.event_id
+             WHERE s.resource_id = ? AND s.start_at < ? AND s.end_at > ? AND e.deleted_at IS NULL
+             ORDER BY s.start_at LIMIT ?",
+        )
+        .bind(seat.to_string())
+        .bind(span.end)
+        .bind(span.start)
+        .bind(i64::from(limit))
+        .fetch_all(&self.read)
+        .await
+        .map_err(db_error)?;
+        docs.into_iter().map(|(d,)| from_json(&d)).collect()
+    }
+
+    async fn claims(&self, resource: ResourceId, span: Span, now: Timestamp) -> Result<Vec<Claim>, StoreError> {
+        live_claims(&self.read, resource, span, now).await.map_err(db_error)
+    }
+
+    async fn seat_states(&self, event: &Event, now: Timestamp) -> Result<HashMap<ResourceId, SeatState>, StoreError> {
+        let mut states = HashMap::new();
+        for chunk in event.seat_ids.chunks(500) {
+            let mut qb: QueryBuilder<Sqlite> = QueryBuilder::new(
+                "SELECT c.resource_id, b.status FROM claims c JOIN bookings b ON b.id = c.booking_id WHERE c.block_start < ",
+            );
+            qb.push_bind(event.end.as_second());
+            qb.push(" AND c.block_end > ").push_bind(event.start.as_second());
+            qb.push(" AND (c.hold_expires_at IS NULL OR c.hold_expires_at > ").push_bind(now.as_second());
+            qb.push(") AND c.resource_id IN (");
+            let mut sep = qb.separated(", ");
+            for id in chunk {
+                sep.push_bind(id.to_string());
+            }
+            qb.push(")");
+            let rows: Vec<(String, String)> = qb.build_query_as().fetch_all(&self.read).await.map_err(db_error)?;
+            for (resource, status) in rows {
+                let state = if status == BookingStatus::Confirmed.as_str() { SeatState::Booked } else { SeatState::Held };
+                if let Ok(id) = resource.parse() {
+                    let entry = states.entry(id).or_insert(state);
+                    if state == SeatState::Booked {
+                        *entry = SeatState::Booked;
+                    }
+                }
+            }
+        }
+        Ok(states)
+    }
+
+    async fn hold(&self, command: HoldCommand) -> Result<Booking, HoldRefused> {
+        assert_eq!(command.booking.items.len(), command.claims.len(), "one claim per item");
+        let result = self
+            .writer
+            .write(move |ctx: &mut WriteCtx| -> BoxFuture<'_, Outcome<Booking, HoldRefused>> {
+                Box::pin(hold_in_tx(ctx, command))
+            })
+            .await;
+        match result {
+            Ok(Ok(b)) => Ok(b),
+            Ok(Err(refused)) => Err(refused),
+            Err(e) => Err(HoldRefused::Store(e)),
+        }
+    }
+
+    async fn update_booking(&self, id: BookingId, now: Timestamp, decide: Decide) -> Result<Booking, UpdateRefused> {
+        let result = self
+            .writer
+            .write(move |ctx: &mut WriteCtx| -> BoxFuture<'_, Outcome<Booking, UpdateRefused>> {
+                Box::pin(async move {
+                    let now = ctx.now(now);
+                    let Some(before) = load_booking(&mut ctx.conn, &id.to_string()).await? else {
+                        return Ok(Err(UpdateRefused::NotFound));
+                    };
+                    let mut after = match decide(&before, now) {
+                        Ok(b) => b,
+                        Err(e) => return Ok(Err(UpdateRefused::Rejected(e))),
+                    };
+                    assert_eq!(after.id, before.id, "a decision cannot change the booking's id");
+                    after.updated_at = now;
+                    apply_change(&mut ctx.conn, &before, &after, now).await?;
+                    Ok(Ok(after))
+                })
+            })
+            .await;
+        match result {
+            Ok(Ok(b)) => Ok(b),
+            Ok(Err(refused)) => Err(refused),
+            Err(e) => Err(UpdateRefused::Store(e)),
+        }
+    }
+
+    async fn booking(&self, id: BookingId) -> Result<Option<Booking>, StoreError> {
+        let doc: Option<String> = sqlx::query_scalar("SELECT doc FROM bookings WHERE id = ?")
+            .bind(id.to_string())
+            .fetch_optional(&self.read)
+            .await
+            .map_err(db_error)?;
+        doc.map(|d| from_json(&d)).transpose()
+    }
+
+    async fn bookings(&self, filter: &BookingFilter, page: PageRequest) -> Result<Page<Booking>, StoreError> {
+        let mut qb: QueryBuilder<Sqlite> = QueryBuilder::new("SELECT id, doc FROM bookings WHERE id > ");
+        qb.push_bind(after_key(&page));
+        if let Some(c) = filter.customer_id {
+            qb.push(" AND customer_id = ").push_bind(c.to_string());
+        }
+        if let Some(v) = filter.venue_id {
+            qb.push(" AND venue_id = ").push_bind(v.to_string());
+        }
+        if let Some(s) = filter.status {
+            qb.push(" AND status = ").push_bind(s.as_str());
+        }
+        if let Some(venues) = &filter.venue_ids {
+            qb.push(" AND venue_id IN (");
+            let mut sep = qb.separated(", ");
+            sep.push_bind(String::new());
+            for v in venues {
+                sep.push_bind(v.to_string());
+            }
+            qb.push(")");
+        }
+        qb.push(" ORDER BY id LIMIT ").push_bind(i64::from(page.limit) + 1);
+        let rows: Vec<(String, String)> = qb.build_query_as().fetch_all(&self.read).await.map_err(db_error)?;
+        let rows = rows.into_iter().map(|(id, doc)| Ok((id, from_json(&doc)?))).collect::<Result<Vec<_>, StoreError>>()?;
+        Ok(page_of(rows, page.limit))
+    }
+
+    async fn expire_due(&self, now: Timestamp, limit: u32) -> Result<Vec<BookingId>, StoreError> {
+        self.writer
+            .exec(move |ctx: &mut WriteCtx| -> BoxFuture<'_, Outcome<Vec<BookingId>, StoreError>> {
+                Box::pin(async move {
+                    let now = ctx.now(now);
+                    let docs: Vec<(String,)> = sqlx::query_as(
+                        "SELECT doc FROM bookings WHERE status = 'held' AND expires_at <= ? ORDER BY expires_at LIMIT ?",
+                    )
+                    .bind(now.as_second())
+                    .bind(i64::from(limit))
+                    .fetch_all(&mut ctx.conn)
+                    .await?;
+                    let mut expired = Vec::with_capacity(docs.len());
+                    for (doc,) in docs {
+                        let before: Booking = from_json_db(&doc)?;
+                        let Ok(status) = before.next_status(allot_core::booking::Transition::Expire, now) else { continue };
+                        let mut after = before.clone();
+                        after.status = status;
+                        after.updated_at = now;
+                        apply_change(&mut ctx.conn, &before, &after, now).await?;
+                        expired.push(after.id);
+                    }
+                    Ok(Ok(expired))
+                })
+            })
+            .await
+    }
+
+    async fn upcoming_expiries(&self, limit: u32) -> Result<Vec<(BookingId, Timestamp)>, StoreError> {
+        let rows: Vec<(String, i64)> = sqlx::query_as(
+            "SELECT id, expires_at FROM bookings WHERE status = 'held' AND expires_at IS NOT NULL ORDER BY expires_at LIMIT ?",
+        )
+        .bind(i64::from(limit))
+        .fetch_all(&self.read)
+        .await
+        .map_err(db_error)?;
+        Ok(rows.into_iter().filter_map(|(id, at)| Some((id.parse().ok()?, ts(at)))).collect())
+    }
+
+    async fn idempotency_begin(&self, key: &IdempotencyKey, now: Timestamp, lock_seconds: u32) -> Result<IdempotencyBegin, StoreError> {
+        let key = key.clone();
+        self.writer
+            .exec(move |ctx: &mut WriteCtx| -> BoxFuture<'_, Outcome<IdempotencyBegin, StoreError>> {
+                Box::pin(async move {
+                    let now = ctx.now(now).as_second();
+                    let row: Option<(String, Option<i64>, Option<Vec<u8>>, Option<i64>)> = sqlx::query_as(
+                        "SELECT request_hash, status, body, locked_until FROM idempotency_keys WHERE principal = ? AND key = ?",
+                    )
+                    .bind(&key.principal)
+                    .bind(&key.key)
+                    .fetch_optional(&mut ctx.conn)
+                    .await?;
+                    let lock_until = now + i64::from(lock_seconds);
+                    match row {
+                        Some((hash, Some(status), body, _)) => Ok(Ok(IdempotencyBegin::Completed {
+                            request_hash: hash,
+                            status: u16::try_from(status).unwrap_or(500),
+                            body: body.unwrap_or_default(),
+                        })),
+                        Some((_, None, _, Some(until))) if until > now => Ok(Ok(IdempotencyBegin::InProgress)),
+                        Some(_) => {
+                            // The request that locked it died without finishing: take it over.
+                            sqlx::query(
+                                "UPDATE idempotency_keys SET request_hash = ?, locked_until = ?, created_at = ? WHERE principal = ? AND key = ?",
+                            )
+                            .bind(&key.request_hash)
+                            .bind(lock_until)
+                            .bind(now)
+                            .bind(&key.principal)
+                            .bind(&key.key)
+                            .execute(&mut ctx.conn)
+                            .await?;
+                            Ok(Ok(IdempotencyBegin::Started))
+                        }
+                        None => {
+                            sqlx::query(
+                                "INSERT INTO idempotency_keys (principal, key, request_hash, created_at, locked_until) VALUES (?, ?, ?, ?, ?)",
+                            )
+                            .bind(&key.principal)
+                            .bind(&key.key)
+                            .bind(&key.request_hash)
+                            .bind(now)
+                            .bind(lock_until)
+                            .execute(&mut ctx.conn)
+                            .await?;
+                            Ok(Ok(IdempotencyBegin::Started))
+                        }
+                    }
+                })
+            })
+            .await
+    }
+
+    async fn idempotency_complete(&self, key: &IdempotencyKey, status: u16, body: &[u8]) -> Result<(), StoreError> {
+        let (key, body) = (key.clone(), body.to_vec());
+        self.writer
+            .exec(move |ctx: &mut WriteCtx| -> BoxFuture<'_, Outcome<(), StoreError>> {
+                Box::pin(async move {
+                    sqlx::query(
+                        "UPDATE idempotency_keys SET status = ?, body = ?, locked_until = NULL
+                         WHERE principal = ? AND key = ? AND request_hash = ?",
+                    )
+                    .bind(i64::from(status))
+                    .bind(body)
+                    .bind(&key.principal)
+                    .bind(&key.key)
+                    .bind(&key.request_hash)
+                    .execute(&mut ctx.conn)
+                    .await?;
+                    Ok(Ok(()))
+                })
+            })
+            .await
+    }
+
+    async fn idempotency_abandon(&self, key: &IdempotencyKey) -> Result<(), StoreError> {
+        self.exec_one(
+            "DELETE FROM idempotency_keys WHERE principal = ? AND key = ? AND status IS NULL",
+            vec![Some(key.principal.clone()), Some(key.key.clone())],
+            "",
+        )
+        .await
+        .map(|_| ())
+    }
+
+    async fn idempotency_cleanup(&self, before: Timestamp, limit: u32) -> Result<u64, StoreError> {
+        self.exec_one(
+            "DELETE FROM idempotency_keys WHERE rowid IN
+               (SELECT rowid FROM idempotency_keys WHERE created_at < CAST(? AS INTEGER) LIMIT CAST(? AS INTEGER))",
+            vec![Some(before.as_second().to_string()), Some(limit.to_string())],
+            "",
+        )
+        .await
+    }
+}
+
+/// The hold transaction: for each item, read the live claims of its resource, let the core
+/// decide (I1), insert the claim; the first refusal rolls all of them back (I3).
+async fn hold_in_tx(ctx: &mut WriteCtx, command: HoldCommand) -> Outcome<Booking, HoldRefused> {
+    let now = ctx.now(command.now);
+    let mut booking = command.booking;
+    let mut venue_tz: Option<jiff::tz::TimeZone> = None;
+    let booking_id = booking.id.to_string();
+    let hold_expires_at = booking.expires_at.map(|t| t.as_second());
+    for (i, (item, claim)) in booking.items.iter().zip(&command.claims).enumerate() {
+        let doc: Option<String> = sqlx::query_scalar("SELECT doc FROM resources WHERE id = ? AND deleted_at IS NULL")
+            .bind(item.resource_id.to_string())
+            .fetch_optional(&mut ctx.conn)
+            .await?;
+        let Some(resource) = doc.map(|d| from_json_db::<Resource>(&d)).transpose()? else {
+            return Ok(Err(HoldRefused::Stale { item_index: i }));
+        };
+        if resource.venue_id != booking.venue_id {
+            return Ok(Err(HoldRefused::Stale { item_index: i }));
+        }
+        if venue_tz.is_none() {
+            let doc: Option<String> = sqlx::query_scalar("SELECT doc FROM venues WHERE id = ? AND deleted_at IS NULL")
+                .bind(booking.venue_id.to_string())
+                .fetch_optional(&mut ctx.conn)
+                .await?;
+            let Some(venue) = doc.map(|d| from_json_db::<Venue>(&d)).transpose()? else {
+                return Ok(Err(HoldRefused::Stale { item_index: i }));
+            };
+            venue_tz = Some(venue.tz());
+        }
+        let tz = venue_tz.clone().unwrap_or(jiff::tz::TimeZone::UTC);
+        let existing = live_claims(&mut ctx.conn, item.resource_id, claim.span, now).await?;
+        if let Err(shortfall) = capacity::check_claim(&resource.capacity_rules(&tz), &existing, *claim) {
+            return Ok(Err(HoldRefused::Unavailable { item_index: i, remaining: shortfall.remaining }));
+        }
+        sqlx::query(
+            "INSERT INTO claims (item_id, booking_id, resource_id, block_start, block_end, quantity, hold_expires_at)
+             VALUES (?, ?, ?, ?, ?, ?, ?)",
+        )
+        .bind(item.id.to_string())
+        .bind(&booking_id)
+        .bind(item.resource_id.to_string())
+        .bind(claim.span.start)
+        .bind(claim.span.end)
+        .bind(i64::from(claim.quantity))
+        .bind(hold_expires_at)
+        .execute(&mut ctx.conn)
+        .await?;
+    }
+    booking.created_at = now;
+    booking.updated_at = now;
+    let doc = to_json(&booking)?;
+    sqlx::query("INSERT INTO bookings (id, customer_id, venue_id, status, expires_at, doc) VALUES (?, ?, ?, ?, ?, ?)")
+        .bind(&booking_id)
+        .bind(booking.customer_id.to_string())
+        .bind(booking.venue_id.to_string())
+        .bind(booking.status.as_str())
+        .bind(hold_expires_at)
+        .bind(&doc)
+        .execute(&mut ctx.conn)
+        .await?;
+    outbox(&mut ctx.conn, "booking.held", &booking_id, &doc, now).await?;
+    Ok(Ok(booking))
+}
