@@ -26,6 +26,8 @@ pub enum AppError {
     IdempotencyKeyReused,
     #[error("a request with this Idempotency-Key is still being processed")]
     IdempotencyKeyInUse,
+    #[error("the server is overloaded; retry shortly")]
+    Overloaded,
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -35,6 +37,7 @@ impl From<StoreError> for AppError {
         match e {
             StoreError::Conflict(m) => AppError::Conflict(m),
             StoreError::NotFound(what) => AppError::NotFound(what),
+            StoreError::Overloaded => AppError::Overloaded,
             other => AppError::Internal(other.to_string()),
         }
     }

@@ -1,1 +1,92 @@
-//! placeholder
+//! Allot's HTTP API v1 (SPEC §4) on axum. Handlers parse input into domain types, call one use
+//! case of [`allot_app::App`], and map the result; [`error::ApiError`] maps every failure to a
+//! status and stable code. This is the only crate that speaks JSON on the wire.
+
+pub mod dto;
+pub mod error;
+pub mod extract;
+mod idempotency;
+pub mod routes;
+
+use std::future::Future;
+use std::sync::Arc;
+
+use allot_app::App;
+use axum::Router;
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
+use axum::routing::{get, post};
+use serde_json::json;
+
+use crate::error::ApiError;
+use crate::routes::{auth, bookings, catalog};
+
+/// Largest request body accepted, in bytes.
+pub const BODY_BYTES_MAX: usize = 64 * 1024;
+
+pub fn router(app: Arc<App>) -> Router {
+    let api = Router::new()
+        .route("/auth/register", post(auth::register))
+        .route("/auth/login", post(auth::login))
+        .route("/auth/refresh", post(auth::refresh))
+        .route("/auth/logout", post(auth::logout))
+        .route("/me", get(auth::me))
+        .route("/venues", get(catalog::list_venues).post(catalog::create_venue))
+        .route("/venues/{id}", get(catalog::get_venue).patch(catalog::update_venue).delete(catalog::delete_venue))
+        .route("/venues/{id}/resources", get(catalog::list_resources).post(catalog::create_resource))
+        .route("/venues/{id}/events", get(catalog::list_events).post(catalog::create_event))
+        .route(
+            "/resources/{id}",
+            get(catalog::get_resource).patch(catalog::update_resource).delete(catalog::delete_resource),
+        )
+        .route("/resources/{id}/availability", get(catalog::availability))
+        .route("/events/{id}", get(catalog::get_event))
+        .route("/events/{id}/seats", get(catalog::seat_map))
+        .route("/bookings", get(bookings::list).post(bookings::hold))
+        .route("/bookings/{id}", get(bookings::get))
+        .route("/bookings/{id}/confirm", post(bookings::confirm))
+        .route("/bookings/{id}/cancel", post(bookings::cancel));
+    Router::new()
+        .nest("/api/v1", api)
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(axum::middleware::from_fn_with_state(app.clone(), idempotency::layer))
+        .layer(DefaultBodyLimit::max(BODY_BYTES_MAX))
+        .layer(tower_http::trace::TraceLayer::new_for_http())
+        .with_state(app)
+}
+
+/// Serves until `shutdown` completes, then lets in-flight requests finish.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    app: Arc<App>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    axum::serve(listener, router(app)).with_graceful_shutdown(shutdown).await
+}
+
+async fn healthz() -> impl IntoResponse {
+    axum::Json(json!({ "status": "ok" }))
+}
+
+async fn readyz(State(app): State<Arc<App>>) -> impl IntoResponse {
+    let page = allot_app::store::PageRequest { after: None, limit: 1 };
+    match app.store.venues(page).await {
+        Ok(_) => (StatusCode::OK, axum::Json(json!({ "status": "ready" }))).into_response(),
+        Err(e) => {
+            tracing::error!(error = %e, "readiness check failed");
+            (StatusCode::SERVICE_UNAVAILABLE, axum::Json(json!({ "status": "unavailable" }))).into_response()
+        }
+    }
+}
+
+async fn not_found() -> ApiError {
+    ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route")
+}
+
+async fn method_not_allowed() -> ApiError {
+    ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "method not allowed on this route")
+}

@@ -1,0 +1,85 @@
+//! The `Idempotency-Key` layer (I4) for every POST: the first response to a key is stored and
+//! replayed to the same principal for the same body; a different body gets 422, a concurrent
+//! duplicate 409. Server errors are not stored, so they can be retried.
+
+use std::sync::Arc;
+
+use allot_app::App;
+use allot_app::idempotency::Admission;
+use allot_app::store::IdempotencyKey;
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::http::{HeaderValue, Method, StatusCode, header};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use sha2::{Digest, Sha256};
+
+use crate::BODY_BYTES_MAX;
+use crate::error::ApiError;
+use crate::extract::bearer;
+
+pub const HEADER: &str = "idempotency-key";
+/// Largest response body stored for replay.
+const RESPONSE_BYTES_MAX: usize = 4 * 1024 * 1024;
+
+pub async fn layer(State(app): State<Arc<App>>, request: Request, next: Next) -> Response {
+    if request.method() != Method::POST {
+        return next.run(request).await;
+    }
+    let Some(key) = request.headers().get(HEADER).map(|v| v.to_str().map(str::to_owned)) else {
+        return next.run(request).await;
+    };
+    let Ok(key) = key else {
+        return ApiError::field(StatusCode::BAD_REQUEST, "Idempotency-Key", "must be ASCII").into_response();
+    };
+    let (parts, body) = request.into_parts();
+    let Ok(bytes) = axum::body::to_bytes(body, BODY_BYTES_MAX).await else {
+        return ApiError::field(StatusCode::PAYLOAD_TOO_LARGE, "body", "request body too large").into_response();
+    };
+    // Keys are scoped to the verified principal; a bad token goes through unkeyed and gets its 401.
+    let principal = match bearer(&parts) {
+        None => "anonymous".to_owned(),
+        Some(token) => match app.authenticate(token).await {
+            Ok(p) => p.user_id.to_string(),
+            Err(_) => return next.run(Request::from_parts(parts, Body::from(bytes))).await,
+        },
+    };
+    let mut hasher = Sha256::new();
+    hasher.update(parts.method.as_str());
+    hasher.update(b" ");
+    hasher.update(parts.uri.path());
+    hasher.update(b"\n");
+    hasher.update(&bytes);
+    let id = IdempotencyKey { principal, key, request_hash: hex::encode(hasher.finalize()) };
+    match app.idempotency_admit(&id).await {
+        Err(e) => ApiError::from(e).into_response(),
+        Ok(Admission::Replay { status, body }) => replay(status, body),
+        Ok(Admission::Run) => run_and_store(&app, &id, next.run(Request::from_parts(parts, Body::from(bytes))).await).await,
+    }
+}
+
+fn replay(status: u16, body: Vec<u8>) -> Response {
+    let status = StatusCode::from_u16(status).unwrap_or(StatusCode::OK);
+    let mut response = (status, body).into_response();
+    let headers = response.headers_mut();
+    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    headers.insert("idempotent-replayed", HeaderValue::from_static("true"));
+    response
+}
+
+async fn run_and_store(app: &App, id: &IdempotencyKey, response: Response) -> Response {
+    let (parts, body) = response.into_parts();
+    let Ok(bytes) = axum::body::to_bytes(body, RESPONSE_BYTES_MAX).await else {
+        let _ = app.idempotency_abandon(id).await;
+        return ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "internal server error").into_response();
+    };
+    let outcome = if parts.status.is_server_error() {
+        app.idempotency_abandon(id).await
+    } else {
+        app.idempotency_finish(id, parts.status.as_u16(), &bytes).await
+    };
+    if let Err(e) = outcome {
+        tracing::error!(error = %e, "storing the idempotent response failed");
+    }
+    Response::from_parts(parts, Body::from(bytes))
+}

@@ -1,0 +1,131 @@
+//! `/bookings`: hold, list, get, confirm, cancel.
+
+use std::sync::Arc;
+
+use allot_app::App;
+use allot_app::bookings::HoldRequest;
+use allot_app::store::BookingFilter;
+use allot_core::FieldErrors;
+use allot_core::booking::BookingStatus;
+use allot_core::inventory::ItemRequest;
+use allot_core::time_model::ClaimRequest;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
+use serde::Deserialize;
+
+use crate::dto::{CancelBody, ConfirmBody, HoldBody, HoldItemBody, booking_json, page_json};
+use crate::error::{ApiError, ApiResult};
+use crate::extract::{Auth, Json, PageQuery, Query, path_id};
+
+/// Tells the three item shapes apart; a mix of shapes is an error naming the fields.
+fn item_request(i: usize, item: &HoldItemBody, errors: &mut FieldErrors) -> Option<ItemRequest> {
+    let at = |f: &str| format!("items[{i}].{f}");
+    let interval = item.start.is_some() || item.end.is_some();
+    let stay = item.check_in.is_some() || item.check_out.is_some();
+    let seat = item.event_id.is_some();
+    let claim = match (interval, stay, seat) {
+        (true, false, false) => match (item.start, item.end) {
+            (Some(start), Some(end)) => Some(ClaimRequest::Interval { start, end }),
+            (None, _) => {
+                errors.add(at("start"), "required with end");
+                None
+            }
+            (_, None) => {
+                errors.add(at("end"), "required with start");
+                None
+            }
+        },
+        (false, true, false) => match (item.check_in, item.check_out) {
+            (Some(check_in), Some(check_out)) => Some(ClaimRequest::Stay { check_in, check_out }),
+            (None, _) => {
+                errors.add(at("check_in"), "required with check_out");
+                None
+            }
+            (_, None) => {
+                errors.add(at("check_out"), "required with check_in");
+                None
+            }
+        },
+        // The event decides the window; the placeholder is replaced by the core.
+        (false, false, true) => Some(ClaimRequest::EventWindow { start: jiff::Timestamp::UNIX_EPOCH, end: jiff::Timestamp::UNIX_EPOCH }),
+        (false, false, false) => {
+            errors.add(at("start"), "give start and end, check_in and check_out, or event_id");
+            None
+        }
+        _ => {
+            errors.add(at("event_id"), "give only one of: start/end, check_in/check_out, event_id");
+            None
+        }
+    };
+    Some(ItemRequest { resource_id: item.resource_id, event_id: item.event_id, claim: claim?, quantity: item.quantity.unwrap_or(1) })
+}
+
+pub async fn hold(State(app): State<Arc<App>>, Auth(principal): Auth, Json(body): Json<HoldBody>) -> ApiResult<impl IntoResponse> {
+    let mut errors = FieldErrors::new();
+    let items: Vec<ItemRequest> = body.items.iter().enumerate().filter_map(|(i, item)| item_request(i, item, &mut errors)).collect();
+    if !errors.is_empty() {
+        return Err(ApiError::invalid(errors));
+    }
+    let booking = app.hold(&principal, HoldRequest { items, coupon_code: body.coupon_code }).await?;
+    Ok((StatusCode::CREATED, axum::Json(booking_json(&booking))))
+}
+
+#[derive(Debug, Deserialize)]
+pub struct ListQuery {
+    status: Option<String>,
+    venue_id: Option<String>,
+    limit: Option<String>,
+    cursor: Option<String>,
+}
+
+pub async fn list(State(app): State<Arc<App>>, Auth(principal): Auth, Query(q): Query<ListQuery>) -> ApiResult<impl IntoResponse> {
+    let page = PageQuery { limit: q.limit, cursor: q.cursor }.parse()?;
+    let mut errors = FieldErrors::new();
+    let status = q.status.as_deref().filter(|s| !s.is_empty()).and_then(|s| {
+        BookingStatus::parse(s).or_else(|| {
+            errors.add("status", "not a booking status");
+            None
+        })
+    });
+    let venue_id = q.venue_id.as_deref().filter(|s| !s.is_empty()).and_then(|s| {
+        s.parse().ok().or_else(|| {
+            errors.add("venue_id", "not a venue id");
+            None
+        })
+    });
+    if !errors.is_empty() {
+        return Err(ApiError::bad_request(errors));
+    }
+    let filter = BookingFilter { status, venue_id, ..BookingFilter::default() };
+    let bookings = app.list_bookings(&principal, filter, page).await?;
+    Ok(axum::Json(page_json(&bookings, booking_json)))
+}
+
+pub async fn get(State(app): State<Arc<App>>, Auth(principal): Auth, Path(id): Path<String>) -> ApiResult<impl IntoResponse> {
+    let booking = app.booking_for(&principal, path_id(&id, "booking")?).await?;
+    Ok(axum::Json(booking_json(&booking)))
+}
+
+pub async fn confirm(
+    State(app): State<Arc<App>>,
+    Auth(principal): Auth,
+    Path(id): Path<String>,
+    Json(body): Json<ConfirmBody>,
+) -> ApiResult<impl IntoResponse> {
+    if body.payment.method != "card" {
+        return Err(ApiError::field(StatusCode::UNPROCESSABLE_ENTITY, "payment.method", "only 'card' is supported"));
+    }
+    let booking = app.confirm(&principal, path_id(&id, "booking")?, &body.payment.token).await?;
+    Ok(axum::Json(booking_json(&booking)))
+}
+
+pub async fn cancel(
+    State(app): State<Arc<App>>,
+    Auth(principal): Auth,
+    Path(id): Path<String>,
+    Json(body): Json<CancelBody>,
+) -> ApiResult<impl IntoResponse> {
+    let booking = app.cancel(&principal, path_id(&id, "booking")?, body.reason).await?;
+    Ok(axum::Json(booking_json(&booking)))
+}

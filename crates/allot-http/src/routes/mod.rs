@@ -1,0 +1,5 @@
+//! Handlers, one module per area of the API.
+
+pub mod auth;
+pub mod bookings;
+pub mod catalog;
