@@ -351,7 +351,7 @@ fn op() -> impl Strategy<Value = Op> {
 }
 
 fn ops() -> impl Strategy<Value = Vec<Op>> {
-    prop::collection::vec(op(), 1..=80)
+    prop::collection::vec(op(), 1..=40)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -925,8 +925,8 @@ fn run(ops: &[Op]) -> Stats {
 }
 
 proptest! {
-    // No failure persistence: proptest cannot locate a source root for integration tests.
-    #![proptest_config(ProptestConfig { cases: 20000, failure_persistence: None, ..ProptestConfig::default() })]
+    // No regression file: proptest prints the shrunk failing sequence; pin it as a plain test.
+    #![proptest_config(ProptestConfig { cases: 64, failure_persistence: None, ..ProptestConfig::default() })]
 
     #[test]
     fn capacity_engine_matches_naive_minute_model(ops in ops()) {
