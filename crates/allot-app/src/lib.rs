@@ -6,6 +6,7 @@ pub mod auth;
 pub mod bookings;
 pub mod catalog;
 pub mod clock;
+pub mod demo;
 pub mod error;
 pub mod expiry;
 pub mod idempotency;

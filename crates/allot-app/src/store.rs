@@ -162,6 +162,7 @@ pub trait Store: Send + Sync + 'static {
     async fn revoke_refresh_token(&self, token_hash: &str, now: Timestamp) -> Result<(), StoreError>;
     /// Returns the stored value of `key`, storing `value` first if there was none.
     async fn setting_or_insert(&self, key: &str, value: &str) -> Result<String, StoreError>;
+    async fn set_setting(&self, key: &str, value: &str) -> Result<(), StoreError>;
 
     // Catalogue.
     async fn insert_venue(&self, venue: &Venue) -> Result<(), StoreError>;

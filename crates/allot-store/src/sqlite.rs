@@ -382,6 +382,16 @@ impl Store for SqliteStore {
         sqlx::query_scalar("SELECT value FROM settings WHERE key = ?").bind(key).fetch_one(&self.read).await.map_err(db_error)
     }
 
+    async fn set_setting(&self, key: &str, value: &str) -> Result<(), StoreError> {
+        self.exec_one(
+            "INSERT INTO settings (key, value) VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            vec![Some(key.to_owned()), Some(value.to_owned())],
+            "",
+        )
+        .await
+        .map(|_| ())
+    }
+
     async fn insert_venue(&self, venue: &Venue) -> Result<(), StoreError> {
         let doc = serde_json::to_string(venue).map_err(|e| StoreError::Corrupt(e.to_string()))?;
         self.exec_one("INSERT INTO venues (id, doc) VALUES (?, ?)", vec![Some(venue.id.to_string()), Some(doc)], "venue exists")

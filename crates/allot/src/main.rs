@@ -1,1 +1,71 @@
-fn main() {}
+//! The `allot` binary: `allot serve [--demo]` runs the booking engine over SQLite.
+
+mod config;
+
+use std::sync::Arc;
+
+use allot_app::App;
+use allot_app::clock::SystemClock;
+use allot_app::payments::TestProvider;
+use allot_store::SqliteStore;
+use clap::Parser;
+
+use crate::config::{Cli, Command};
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .json()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("ALLOT_LOG").unwrap_or_else(|_| "info,sqlx=warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Serve(args) => serve(args.resolve()?).await,
+    }
+}
+
+async fn serve(settings: config::Settings) -> anyhow::Result<()> {
+    if settings.database_url.starts_with("postgres") {
+        anyhow::bail!("the PostgreSQL backend is not available yet; use sqlite://PATH");
+    }
+    for (flag, value) in [("--redis-url", &settings.redis_url), ("--nats-url", &settings.nats_url)] {
+        if value.is_some() {
+            tracing::warn!(flag, "accepted but not used yet by this version");
+        }
+    }
+    let store = SqliteStore::open(&settings.database_url).await?;
+    let app = App::start(Arc::new(store), Arc::new(SystemClock), Arc::new(TestProvider)).await?;
+    if settings.demo {
+        let summary = allot_app::demo::load(&app).await?;
+        println!("{summary}");
+    }
+    let listener = tokio::net::TcpListener::bind(&settings.listen).await?;
+    let addr = listener.local_addr()?;
+    // Tests and scripts read this line to find the port when listening on port 0.
+    println!("allot listening on http://{addr}");
+    tracing::info!(%addr, database_url = %settings.database_url, "serving");
+    allot_http::serve(listener, app, shutdown_signal()).await?;
+    tracing::info!("shut down cleanly");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        () = ctrl_c => {},
+        () = term => {},
+    }
+}

@@ -1,0 +1,118 @@
+//! `allot serve` configuration: flags, then `ALLOT_*` environment variables, then a TOML config
+//! file, then defaults (SPEC §7).
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+use serde::Deserialize;
+
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
+pub const DEFAULT_DATABASE_URL: &str = "sqlite://data/allot.db";
+
+#[derive(Debug, Parser)]
+#[command(name = "allot", version, about = "Allot: a booking engine that never sells the same capacity twice")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the HTTP server.
+    Serve(ServeArgs),
+}
+
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct ServeArgs {
+    /// Address to listen on (port 0 picks a free port).
+    #[arg(long, env = "ALLOT_LISTEN")]
+    pub listen: Option<String>,
+    /// `sqlite://PATH` (default) or `postgres://…`.
+    #[arg(long, env = "ALLOT_DATABASE_URL")]
+    pub database_url: Option<String>,
+    /// Load the demo venues and accounts (once; a second start changes nothing).
+    #[arg(long, env = "ALLOT_DEMO")]
+    pub demo: bool,
+    /// Redis for shared rate limits (multi-node).
+    #[arg(long, env = "ALLOT_REDIS_URL")]
+    pub redis_url: Option<String>,
+    /// NATS JetStream for domain events.
+    #[arg(long, env = "ALLOT_NATS_URL")]
+    pub nats_url: Option<String>,
+    /// TOML file with any of: listen, database_url, demo, redis_url, nats_url.
+    #[arg(long, env = "ALLOT_CONFIG")]
+    pub config: Option<PathBuf>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    listen: Option<String>,
+    database_url: Option<String>,
+    demo: Option<bool>,
+    redis_url: Option<String>,
+    nats_url: Option<String>,
+}
+
+/// The settings in force after every source has been applied.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Settings {
+    pub listen: String,
+    pub database_url: String,
+    pub demo: bool,
+    pub redis_url: Option<String>,
+    pub nats_url: Option<String>,
+}
+
+impl ServeArgs {
+    pub fn resolve(self) -> anyhow::Result<Settings> {
+        let file = match &self.config {
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .map_err(|e| anyhow::anyhow!("reading config file {}: {e}", path.display()))?;
+                toml::from_str::<FileConfig>(&text)
+                    .map_err(|e| anyhow::anyhow!("config file {}: {e}", path.display()))?
+            }
+            None => FileConfig::default(),
+        };
+        Ok(Settings {
+            listen: self.listen.or(file.listen).unwrap_or_else(|| DEFAULT_LISTEN.to_owned()),
+            database_url: self.database_url.or(file.database_url).unwrap_or_else(|| DEFAULT_DATABASE_URL.to_owned()),
+            demo: self.demo || file.demo.unwrap_or(false),
+            redis_url: self.redis_url.or(file.redis_url),
+            nats_url: self.nats_url.or(file.nats_url),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_then_file_then_flags() {
+        let dir = std::env::temp_dir().join(format!("allot-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let path = dir.join("allot.toml");
+        std::fs::write(&path, "listen = \"127.0.0.1:9000\"\ndatabase_url = \"sqlite://x.db\"\n").expect("write");
+        let none = ServeArgs::default().resolve().expect("defaults");
+        assert_eq!(none.listen, DEFAULT_LISTEN);
+        assert_eq!(none.database_url, DEFAULT_DATABASE_URL);
+        let from_file = ServeArgs { config: Some(path.clone()), ..ServeArgs::default() }.resolve().expect("file");
+        assert_eq!(from_file.listen, "127.0.0.1:9000");
+        let flag_wins = ServeArgs { config: Some(path), listen: Some("0.0.0.0:1".into()), ..ServeArgs::default() }
+            .resolve()
+            .expect("flags");
+        assert_eq!(flag_wins.listen, "0.0.0.0:1");
+        assert_eq!(flag_wins.database_url, "sqlite://x.db");
+    }
+
+    #[test]
+    fn unknown_config_keys_are_refused() {
+        let dir = std::env::temp_dir().join(format!("allot-config-bad-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let path = dir.join("allot.toml");
+        std::fs::write(&path, "listn = \"x\"\n").expect("write");
+        assert!(ServeArgs { config: Some(path), ..ServeArgs::default() }.resolve().is_err());
+    }
+}
