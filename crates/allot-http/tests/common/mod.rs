@@ -1,0 +1,180 @@
+//! Test helper: spawns the real HTTP app on a loopback port over a fresh SQLite file, with a
+//! manual clock, and offers small fixtures (users, venues, seats, rooms) through the API.
+#![allow(dead_code, clippy::unwrap_used)]
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use allot_app::App;
+use allot_app::clock::ManualClock;
+use allot_app::payments::TestProvider;
+use allot_app::store::Role;
+use allot_store::SqliteStore;
+use jiff::Timestamp;
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+
+pub struct TestApp {
+    pub addr: SocketAddr,
+    pub app: Arc<App>,
+    pub clock: Arc<ManualClock>,
+    pub store: Arc<SqliteStore>,
+    pub client: reqwest::Client,
+    pub dir: PathBuf,
+}
+
+/// A fixed "now" for tests: Monday 2026-11-23 08:00 UTC (09:00 in Berlin).
+pub fn test_now() -> Timestamp {
+    "2026-11-23T08:00:00Z".parse().unwrap()
+}
+
+impl TestApp {
+    pub async fn spawn() -> TestApp {
+        let dir = std::env::temp_dir().join(format!("allot-test-{}", uuid::Uuid::now_v7().as_simple()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let url = format!("sqlite://{}/allot.db", dir.display());
+        let store = Arc::new(SqliteStore::open(&url).await.expect("open store"));
+        let clock = Arc::new(ManualClock::new(test_now()));
+        let app = App::start(store.clone(), clock.clone(), Arc::new(TestProvider)).await.expect("start app");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let served = app.clone();
+        tokio::spawn(async move { allot_http::serve(listener, served, std::future::pending()).await });
+        let client = reqwest::Client::builder().pool_max_idle_per_host(256).build().unwrap();
+        TestApp { addr, app, clock, store, client, dir }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}/api/v1{path}", self.addr)
+    }
+
+    pub async fn get(&self, token: Option<&str>, path: &str) -> (StatusCode, Value) {
+        let mut req = self.client.get(self.url(path));
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        read(req.send().await.unwrap()).await
+    }
+
+    pub async fn post(&self, token: Option<&str>, path: &str, body: Value) -> (StatusCode, Value) {
+        let mut req = self.client.post(self.url(path)).json(&body);
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        read(req.send().await.unwrap()).await
+    }
+
+    pub async fn patch(&self, token: Option<&str>, path: &str, body: Value) -> (StatusCode, Value) {
+        let mut req = self.client.patch(self.url(path)).json(&body);
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        read(req.send().await.unwrap()).await
+    }
+
+    pub async fn delete(&self, token: Option<&str>, path: &str) -> (StatusCode, Value) {
+        let mut req = self.client.delete(self.url(path));
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        read(req.send().await.unwrap()).await
+    }
+
+    /// Registers a customer through the API and returns its access token.
+    pub async fn customer(&self, email: &str) -> String {
+        let (status, body) =
+            self.post(None, "/auth/register", json!({"email": email, "password": "password-123", "name": "Test"})).await;
+        assert_eq!(status, StatusCode::CREATED, "{body}");
+        self.login(email).await
+    }
+
+    pub async fn login(&self, email: &str) -> String {
+        let (status, body) = self.post(None, "/auth/login", json!({"email": email, "password": "password-123"})).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        body["access_token"].as_str().unwrap().to_owned()
+    }
+
+    /// Creates a user with the given role directly through the use case and logs in.
+    pub async fn user_with_role(&self, email: &str, role: Role) -> String {
+        self.app.create_user(email, "password-123", "Staff", vec![role]).await.unwrap();
+        self.login(email).await
+    }
+
+    pub async fn admin(&self) -> String {
+        self.user_with_role("admin@test.allot", Role::Admin).await
+    }
+
+    /// A venue created by `token` (a manager becomes its manager).
+    pub async fn venue(&self, token: &str, category: &str) -> String {
+        let (status, body) = self
+            .post(
+                Some(token),
+                "/venues",
+                json!({"name": format!("Test {category}"), "category": category, "location": {"lat": 52.52, "lon": 13.40},
+                       "timezone": "Europe/Berlin", "currency": "EUR", "policies": {"hold_ttl_seconds": 600}}),
+            )
+            .await;
+        assert_eq!(status, StatusCode::CREATED, "{body}");
+        body["id"].as_str().unwrap().to_owned()
+    }
+
+    pub async fn resource(&self, token: &str, venue: &str, body: Value) -> String {
+        let (status, created) = self.post(Some(token), &format!("/venues/{venue}/resources"), body).await;
+        assert_eq!(status, StatusCode::CREATED, "{created}");
+        created["id"].as_str().unwrap().to_owned()
+    }
+
+    /// `n` seats and one event over them starting `hours_ahead` hours after the test clock.
+    pub async fn seats_and_event(&self, token: &str, venue: &str, n: usize, hours_ahead: i64) -> (Vec<String>, String) {
+        let mut seats = Vec::new();
+        for i in 0..n {
+            let category = if i % 2 == 0 { "standard" } else { "premium" };
+            seats.push(
+                self.resource(
+                    token,
+                    venue,
+                    json!({"name": format!("A{}", i + 1), "capacity": 1, "unit_price": 1000,
+                           "attributes": {"row": "A", "number": i + 1, "category": category},
+                           "time_model": {"kind": "events"}}),
+                )
+                .await,
+            );
+        }
+        let start = self.clock_now().checked_add(jiff::SignedDuration::from_hours(hours_ahead)).unwrap();
+        let end = start.checked_add(jiff::SignedDuration::from_hours(2)).unwrap();
+        let (status, event) = self
+            .post(
+                Some(token),
+                &format!("/venues/{venue}/events"),
+                json!({"name": "Show", "start": start.to_string(), "end": end.to_string(), "seat_ids": seats,
+                       "price_categories": {"standard": 1200, "premium": 1800}}),
+            )
+            .await;
+        assert_eq!(status, StatusCode::CREATED, "{event}");
+        (seats, event["id"].as_str().unwrap().to_owned())
+    }
+
+    /// A room type (nights) with `capacity` rooms and `overbooking_percent`.
+    pub async fn room_type(&self, token: &str, venue: &str, capacity: u32, overbooking_percent: u32) -> String {
+        self.resource(
+            token,
+            venue,
+            json!({"name": "Double", "capacity": capacity, "unit_price": 10000,
+                   "time_model": {"kind": "nights"}, "rules": {"overbooking_percent": overbooking_percent}}),
+        )
+        .await
+    }
+
+    pub fn clock_now(&self) -> Timestamp {
+        use allot_app::clock::Clock;
+        self.clock.now()
+    }
+}
+
+pub async fn read(response: reqwest::Response) -> (StatusCode, Value) {
+    let status = response.status();
+    let bytes = response.bytes().await.unwrap();
+    let body = if bytes.is_empty() { Value::Null } else { serde_json::from_slice(&bytes).unwrap_or(Value::Null) };
+    (status, body)
+}

@@ -1,0 +1,77 @@
+//! The booking lifecycle end to end over real HTTP: hold, confirm, cancel with refund,
+//! declines ending in `payment_failed`, and the response shape of SPEC §4.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use common::TestApp;
+use reqwest::StatusCode;
+use serde_json::json;
+
+#[tokio::test]
+async fn hold_confirm_cancel_a_seat() {
+    let t = TestApp::spawn().await;
+    let admin = t.admin().await;
+    let venue = t.venue(&admin, "cinema").await;
+    let (seats, event) = t.seats_and_event(&admin, &venue, 2, 48).await;
+    let customer = t.customer("c1@test.allot").await;
+
+    let (status, booking) =
+        t.post(Some(&customer), "/bookings", json!({"items": [{"resource_id": seats[1], "event_id": event}]})).await;
+    assert_eq!(status, StatusCode::CREATED, "{booking}");
+    assert_eq!(booking["status"], "held");
+    assert_eq!(booking["items"][0]["unit_price"], 1800, "premium seat priced from the event");
+    assert_eq!(booking["total"], 1800);
+    assert_eq!(booking["currency"], "EUR");
+    assert!(booking["expires_at"].is_string());
+    for field in ["id", "customer_id", "venue_id", "created_at", "items", "subtotal", "discount", "payment", "refund"] {
+        assert!(booking.get(field).is_some(), "missing {field}");
+    }
+    let id = booking["id"].as_str().unwrap();
+
+    let (_, map) = t.get(None, &format!("/events/{event}/seats")).await;
+    let seat = map["seats"].as_array().unwrap().iter().find(|s| s["resource_id"] == seats[1].as_str()).unwrap();
+    assert_eq!(seat["status"], "held");
+
+    let (status, confirmed) = t
+        .post(Some(&customer), &format!("/bookings/{id}/confirm"), json!({"payment": {"method": "card", "token": "tok_visa"}}))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{confirmed}");
+    assert_eq!(confirmed["status"], "confirmed");
+    assert_eq!(confirmed["payment"]["amount"], 1800);
+
+    let (_, map) = t.get(None, &format!("/events/{event}/seats")).await;
+    let seat = map["seats"].as_array().unwrap().iter().find(|s| s["resource_id"] == seats[1].as_str()).unwrap();
+    assert_eq!(seat["status"], "booked");
+
+    let (status, cancelled) = t.post(Some(&customer), &format!("/bookings/{id}/cancel"), json!({"reason": "ill"})).await;
+    assert_eq!(status, StatusCode::OK, "{cancelled}");
+    assert_eq!(cancelled["status"], "cancelled");
+    assert_eq!(cancelled["refund"]["amount"], 1800, "48 h ahead: full refund");
+
+    let (status, again) =
+        t.post(Some(&customer), "/bookings", json!({"items": [{"resource_id": seats[1], "event_id": event}]})).await;
+    assert_eq!(status, StatusCode::CREATED, "cancelled seat is free again: {again}");
+}
+
+#[tokio::test]
+async fn three_declines_end_as_payment_failed_and_free_the_seat() {
+    let t = TestApp::spawn().await;
+    let admin = t.admin().await;
+    let venue = t.venue(&admin, "cinema").await;
+    let (seats, event) = t.seats_and_event(&admin, &venue, 1, 24).await;
+    let customer = t.customer("c2@test.allot").await;
+    let (_, booking) = t.post(Some(&customer), "/bookings", json!({"items": [{"resource_id": seats[0], "event_id": event}]})).await;
+    let id = booking["id"].as_str().unwrap();
+    let declined = json!({"payment": {"method": "card", "token": "tok_chargeDeclined"}});
+    for attempt in 1..=3 {
+        let (status, body) = t.post(Some(&customer), &format!("/bookings/{id}/confirm"), declined.clone()).await;
+        assert_eq!(status, StatusCode::PAYMENT_REQUIRED, "attempt {attempt}: {body}");
+        assert_eq!(body["error"]["code"], "payment_declined");
+        let (_, b) = t.get(Some(&customer), &format!("/bookings/{id}")).await;
+        let expected = if attempt < 3 { "held" } else { "payment_failed" };
+        assert_eq!(b["status"], expected, "after attempt {attempt}");
+    }
+    let (status, _) = t.post(Some(&customer), "/bookings", json!({"items": [{"resource_id": seats[0], "event_id": event}]})).await;
+    assert_eq!(status, StatusCode::CREATED, "capacity is back after payment_failed");
+}
