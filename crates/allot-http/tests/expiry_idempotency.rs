@@ -1,0 +1,471 @@
+//! Hold expiry (I2) driven by the injected clock, including the catch-up pass at start-up, and
+//! idempotent POSTs (I4): replay, reuse with another body, per-principal scope, in-flight keys.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use allot_app::App;
+use allot_app::clock::ManualClock;
+use allot_app::payments::TestProvider;
+use allot_app::store::{IdempotencyBegin, IdempotencyKey, Store};
+use allot_store::SqliteStore;
+use common::{TestApp, test_now};
+use jiff::SignedDuration;
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+
+const VISA: &str = "tok_visa";
+
+fn seat(resource: &str, event: &str) -> Value {
+    json!({"items": [{"resource_id": resource, "event_id": event}]})
+}
+
+async fn hold(t: &TestApp, token: &str, resource: &str, event: &str) -> String {
+    let (status, booking) = t.post(Some(token), "/bookings", seat(resource, event)).await;
+    assert_eq!(status, StatusCode::CREATED, "{booking}");
+    assert_eq!(booking["status"], "held");
+    booking["id"].as_str().unwrap().to_owned()
+}
+
+async fn confirm(t: &TestApp, token: &str, id: &str) -> (StatusCode, Value) {
+    t.post(Some(token), &format!("/bookings/{id}/confirm"), json!({"payment": {"method": "card", "token": VISA}})).await
+}
+
+async fn status_of(t: &TestApp, token: &str, id: &str) -> String {
+    let (status, booking) = t.get(Some(token), &format!("/bookings/{id}")).await;
+    assert_eq!(status, StatusCode::OK, "{booking}");
+    booking["status"].as_str().unwrap().to_owned()
+}
+
+/// Polls (real time, at most ~2 s) until the booking reaches `want`; returns the last status seen.
+async fn wait_for_status(t: &TestApp, token: &str, id: &str, want: &str) -> String {
+    let deadline = Instant::now() + Duration::from_secs(2);
+    loop {
+        let status = status_of(t, token, id).await;
+        if status == want || Instant::now() >= deadline {
+            return status;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn seat_status(t: &TestApp, event: &str, resource: &str) -> String {
+    let (status, map) = t.get(None, &format!("/events/{event}/seats")).await;
+    assert_eq!(status, StatusCode::OK, "{map}");
+    let seat = map["seats"].as_array().unwrap().iter().find(|s| s["resource_id"] == resource).unwrap();
+    seat["status"].as_str().unwrap().to_owned()
+}
+
+async fn bookings_of(t: &TestApp, token: &str) -> Vec<Value> {
+    let (status, list) = t.get(Some(token), "/bookings?limit=100").await;
+    assert_eq!(status, StatusCode::OK, "{list}");
+    list["data"].as_array().unwrap().clone()
+}
+
+async fn user_id(t: &TestApp, token: &str) -> String {
+    let (status, me) = t.get(Some(token), "/me").await;
+    assert_eq!(status, StatusCode::OK, "{me}");
+    me["id"].as_str().unwrap().to_owned()
+}
+
+/// A raw POST with an `Idempotency-Key`: status, whether it was replayed, and the body bytes.
+async fn post_keyed(
+    t: &TestApp,
+    token: Option<&str>,
+    path: &str,
+    body: &Value,
+    key: &str,
+) -> (StatusCode, bool, Vec<u8>) {
+    let mut req = t.client.post(t.url(path)).header("Idempotency-Key", key).json(body);
+    if let Some(token) = token {
+        req = req.bearer_auth(token);
+    }
+    let response = req.send().await.unwrap();
+    let status = response.status();
+    let replayed = response.headers().get("idempotent-replayed").is_some_and(|v| v == "true");
+    (status, replayed, response.bytes().await.unwrap().to_vec())
+}
+
+fn json_of(bytes: &[u8]) -> Value {
+    serde_json::from_slice(bytes).unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(bytes)))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Expiry (I2)
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn an_expired_hold_cannot_be_confirmed_frees_the_seat_and_becomes_expired() {
+    let t = TestApp::spawn().await;
+    let admin = t.admin().await;
+    let venue = t.venue(&admin, "cinema").await;
+    let (seats, event) = t.seats_and_event(&admin, &venue, 1, 48).await;
+    let first = t.customer("first@test.allot").await;
+    let second = t.customer("second@test.allot").await;
+
+    let id = hold(&t, &first, &seats[0], &event).await;
+    let (status, taken) = t.post(Some(&second), "/bookings", seat(&seats[0], &event)).await;
+    assert_eq!(status, StatusCode::CONFLICT, "held seat is not holdable: {taken}");
+    assert_eq!(taken["error"]["code"], "unavailable");
+
+    t.clock.advance(SignedDuration::from_secs(601));
+
+    let (status, body) = confirm(&t, &first, &id).await;
+    assert_eq!(status, StatusCode::GONE, "{body}");
+    assert_eq!(body["error"]["code"], "hold_expired");
+
+    // Capacity is back at once (claims past their expiry do not count, I2).
+    assert_eq!(seat_status(&t, &event, &seats[0]).await, "available");
+    let (status, again) = t.post(Some(&second), "/bookings", seat(&seats[0], &event)).await;
+    assert_eq!(status, StatusCode::CREATED, "expired seat is holdable again: {again}");
+    assert_eq!(again["status"], "held");
+
+    // The scheduler, woken by the manual clock, records the expiry.
+    assert_eq!(wait_for_status(&t, &first, &id, "expired").await, "expired");
+    let (status, body) = confirm(&t, &first, &id).await;
+    assert_eq!(status, StatusCode::GONE, "confirm after the scheduler expired it: {body}");
+    assert_eq!(body["error"]["code"], "hold_expired");
+
+    // The second customer's hold is untouched and can be paid.
+    let (status, confirmed) = confirm(&t, &second, again["id"].as_str().unwrap()).await;
+    assert_eq!(status, StatusCode::OK, "{confirmed}");
+    assert_eq!(confirmed["status"], "confirmed");
+}
+
+#[tokio::test]
+async fn a_hold_inside_its_ttl_can_be_confirmed_and_is_never_expired() {
+    let t = TestApp::spawn().await;
+    let admin = t.admin().await;
+    let venue = t.venue(&admin, "cinema").await;
+    let (seats, event) = t.seats_and_event(&admin, &venue, 1, 48).await;
+    let mut customer = t.customer("inside@test.allot").await;
+
+    let id = hold(&t, &customer, &seats[0], &event).await;
+    t.clock.advance(SignedDuration::from_secs(599));
+    // Give the scheduler a chance to (wrongly) act before confirming.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(status_of(&t, &customer, &id).await, "held");
+
+    let (status, confirmed) = confirm(&t, &customer, &id).await;
+    assert_eq!(status, StatusCode::OK, "{confirmed}");
+    assert_eq!(confirmed["status"], "confirmed");
+    assert!(confirmed["expires_at"].is_null(), "a confirmed booking has no expiry: {confirmed}");
+
+    // Long past the old expiry, the confirmed booking stays confirmed and the seat booked.
+    t.clock.advance(SignedDuration::from_secs(3600));
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    customer = t.login("inside@test.allot").await; // access tokens last 15 min of clock time
+    assert_eq!(status_of(&t, &customer, &id).await, "confirmed");
+    assert_eq!(seat_status(&t, &event, &seats[0]).await, "booked");
+}
+
+#[tokio::test]
+async fn expiry_is_exact_only_due_holds_expire() {
+    let t = TestApp::spawn().await;
+    let admin = t.admin().await;
+    let venue = t.venue(&admin, "cinema").await;
+    let (seats, event) = t.seats_and_event(&admin, &venue, 3, 48).await;
+    let mut customer = t.customer("exact@test.allot").await;
+
+    // a expires at t0+600, b at t0+800, c at t0+1000.
+    let a = hold(&t, &customer, &seats[0], &event).await;
+    t.clock.advance(SignedDuration::from_secs(200));
+    let b = hold(&t, &customer, &seats[1], &event).await;
+    t.clock.advance(SignedDuration::from_secs(200));
+    let c = hold(&t, &customer, &seats[2], &event).await;
+
+    // t0+600 exactly: a's expires_at has been reached (expiry is `expires_at <= now`).
+    t.clock.advance(SignedDuration::from_secs(200));
+    assert_eq!(wait_for_status(&t, &customer, &a, "expired").await, "expired");
+    assert_eq!(status_of(&t, &customer, &b).await, "held", "b is due only at t0+800");
+    assert_eq!(status_of(&t, &customer, &c).await, "held", "c is due only at t0+1000");
+    assert_eq!(seat_status(&t, &event, &seats[0]).await, "available");
+    assert_eq!(seat_status(&t, &event, &seats[1]).await, "held");
+
+    // t0+801: b goes, c stays.
+    t.clock.advance(SignedDuration::from_secs(201));
+    assert_eq!(wait_for_status(&t, &customer, &b, "expired").await, "expired");
+    assert_eq!(status_of(&t, &customer, &c).await, "held");
+    assert_eq!(seat_status(&t, &event, &seats[2]).await, "held");
+
+    // c is still payable one second before its expiry.
+    t.clock.advance(SignedDuration::from_secs(198));
+    customer = t.login("exact@test.allot").await; // access tokens last 15 min of clock time
+    let (status, confirmed) = confirm(&t, &customer, &c).await;
+    assert_eq!(status, StatusCode::OK, "{confirmed}");
+    assert_eq!(confirmed["status"], "confirmed");
+    assert_eq!(status_of(&t, &customer, &a).await, "expired");
+    assert_eq!(status_of(&t, &customer, &b).await, "expired");
+}
+
+/// A "restarted" server over the same SQLite file whose clock reads `at`: a second store and
+/// `App::start` (which runs the expiry catch-up pass), served on its own loopback port.
+async fn restart_at(t: &TestApp, at: jiff::Timestamp) -> TestApp {
+    let url = format!("sqlite://{}", t.dir.join("allot.db").display());
+    let store = Arc::new(SqliteStore::open(&url).await.expect("reopen store"));
+    let clock = Arc::new(ManualClock::new(at));
+    let app = App::start(store.clone(), clock.clone(), Arc::new(TestProvider)).await.expect("restart app");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let served = app.clone();
+    tokio::spawn(async move { allot_http::serve(listener, served, std::future::pending()).await });
+    TestApp { addr, app, clock, store, client: t.client.clone(), dir: t.dir.clone() }
+}
+
+#[tokio::test]
+async fn holds_that_expired_while_down_are_released_at_start_up() {
+    let t = TestApp::spawn().await;
+    let admin = t.admin().await;
+    let venue = t.venue(&admin, "cinema").await;
+    let (seats, event) = t.seats_and_event(&admin, &venue, 2, 48).await;
+    let customer = t.customer("down@test.allot").await;
+    let other = t.customer("other@test.allot").await;
+
+    let due = hold(&t, &customer, &seats[0], &event).await; // expires t0+600
+    t.clock.advance(SignedDuration::from_secs(300));
+    let live = hold(&t, &customer, &seats[1], &event).await; // expires t0+900
+
+    // The first server's clock never moves again: only the restarted one can release anything.
+    let restarted = restart_at(&t, test_now().checked_add(SignedDuration::from_secs(700)).unwrap()).await;
+    // Tokens survive the restart (the signing secret lives in the database).
+    assert_eq!(wait_for_status(&restarted, &customer, &due, "expired").await, "expired");
+    assert_eq!(status_of(&restarted, &customer, &live).await, "held", "not yet due at t0+700");
+    assert_eq!(status_of(&t, &customer, &due).await, "expired", "the same database");
+
+    let (status, again) = restarted.post(Some(&other), "/bookings", seat(&seats[0], &event)).await;
+    assert_eq!(status, StatusCode::CREATED, "released seat is holdable: {again}");
+    let (status, taken) = restarted.post(Some(&other), "/bookings", seat(&seats[1], &event)).await;
+    assert_eq!(status, StatusCode::CONFLICT, "the live hold still blocks its seat: {taken}");
+
+    let (status, confirmed) = confirm(&restarted, &customer, &live).await;
+    assert_eq!(status, StatusCode::OK, "{confirmed}");
+    let (status, body) = confirm(&restarted, &customer, &due).await;
+    assert_eq!(status, StatusCode::GONE, "{body}");
+    assert_eq!(body["error"]["code"], "hold_expired");
+}
+
+#[tokio::test]
+async fn the_restarted_scheduler_also_expires_holds_made_before_the_restart_later() {
+    let t = TestApp::spawn().await;
+    let admin = t.admin().await;
+    let venue = t.venue(&admin, "cinema").await;
+    let (seats, event) = t.seats_and_event(&admin, &venue, 1, 48).await;
+    let customer = t.customer("later@test.allot").await;
+
+    let id = hold(&t, &customer, &seats[0], &event).await; // expires t0+600
+    // Restarted before the hold is due: the start-up reload must put it on the timer.
+    let restarted = restart_at(&t, test_now().checked_add(SignedDuration::from_secs(100)).unwrap()).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(status_of(&restarted, &customer, &id).await, "held");
+    restarted.clock.advance(SignedDuration::from_secs(500));
+    assert_eq!(wait_for_status(&restarted, &customer, &id, "expired").await, "expired");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Idempotency (I4)
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn replaying_a_hold_returns_the_first_response_and_holds_once() {
+    let t = TestApp::spawn().await;
+    let admin = t.admin().await;
+    let venue = t.venue(&admin, "cinema").await;
+    let (seats, event) = t.seats_and_event(&admin, &venue, 2, 48).await;
+    let customer = t.customer("replay@test.allot").await;
+    let body = seat(&seats[0], &event);
+
+    let (s1, replayed1, b1) = post_keyed(&t, Some(&customer), "/bookings", &body, "key-1").await;
+    assert_eq!(s1, StatusCode::CREATED, "{}", String::from_utf8_lossy(&b1));
+    assert!(!replayed1);
+    let (s2, replayed2, b2) = post_keyed(&t, Some(&customer), "/bookings", &body, "key-1").await;
+    assert_eq!(s2, StatusCode::CREATED);
+    assert!(replayed2, "the second answer is marked as a replay");
+    assert_eq!(b1, b2, "byte-identical body");
+    // Even after time moves on (within 24 h), the replay is the first response.
+    t.clock.advance(SignedDuration::from_secs(30));
+    let (s3, _, b3) = post_keyed(&t, Some(&customer), "/bookings", &body, "key-1").await;
+    assert_eq!(s3, StatusCode::CREATED);
+    assert_eq!(b1, b3);
+
+    let list = bookings_of(&t, &customer).await;
+    assert_eq!(list.len(), 1, "one booking, not three: {list:?}");
+    assert_eq!(list[0]["id"], json_of(&b1)["id"]);
+
+    // Same key, other body: 422 and nothing held.
+    let (s, _, b) = post_keyed(&t, Some(&customer), "/bookings", &seat(&seats[1], &event), "key-1").await;
+    assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{}", String::from_utf8_lossy(&b));
+    assert_eq!(json_of(&b)["error"]["code"], "idempotency_key_reused");
+    assert_eq!(bookings_of(&t, &customer).await.len(), 1);
+    assert_eq!(seat_status(&t, &event, &seats[1]).await, "available");
+
+    // Same key and body on another path is another request too.
+    let (s, _, b) = post_keyed(&t, Some(&customer), "/venues", &body, "key-1").await;
+    assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{}", String::from_utf8_lossy(&b));
+    assert_eq!(json_of(&b)["error"]["code"], "idempotency_key_reused");
+
+    // A new key is a new request.
+    let (s, replayed, b) = post_keyed(&t, Some(&customer), "/bookings", &seat(&seats[1], &event), "key-2").await;
+    assert_eq!(s, StatusCode::CREATED, "{}", String::from_utf8_lossy(&b));
+    assert!(!replayed);
+    assert_eq!(bookings_of(&t, &customer).await.len(), 2);
+}
+
+#[tokio::test]
+async fn keys_are_scoped_per_principal() {
+    let t = TestApp::spawn().await;
+    let admin = t.admin().await;
+    let venue = t.venue(&admin, "cinema").await;
+    let (seats, event) = t.seats_and_event(&admin, &venue, 2, 48).await;
+    let alice = t.customer("alice@test.allot").await;
+    let bob = t.customer("bob@test.allot").await;
+    let carol = t.customer("carol@test.allot").await;
+
+    let (s, _, first) = post_keyed(&t, Some(&alice), "/bookings", &seat(&seats[0], &event), "shared").await;
+    assert_eq!(s, StatusCode::CREATED);
+    let first = json_of(&first);
+
+    // Bob's "shared" with another body is his own first use, not a reuse of Alice's.
+    let (s, replayed, b) = post_keyed(&t, Some(&bob), "/bookings", &seat(&seats[1], &event), "shared").await;
+    assert_eq!(s, StatusCode::CREATED, "{}", String::from_utf8_lossy(&b));
+    assert!(!replayed);
+    let bobs = json_of(&b);
+    assert_eq!(bobs["customer_id"], user_id(&t, &bob).await.as_str());
+    assert_ne!(bobs["id"], first["id"]);
+
+    // Carol's "shared" with Alice's exact body runs for Carol: the seat is taken. Alice's
+    // booking is never replayed to someone else.
+    let (s, replayed, b) = post_keyed(&t, Some(&carol), "/bookings", &seat(&seats[0], &event), "shared").await;
+    assert_eq!(s, StatusCode::CONFLICT, "{}", String::from_utf8_lossy(&b));
+    assert!(!replayed);
+    assert_eq!(json_of(&b)["error"]["code"], "unavailable");
+    assert!(bookings_of(&t, &carol).await.is_empty());
+
+    assert_eq!(bookings_of(&t, &alice).await.len(), 1);
+    assert_eq!(bookings_of(&t, &bob).await.len(), 1);
+}
+
+#[tokio::test]
+async fn a_key_still_in_flight_gets_409_until_its_lock_lapses() {
+    let t = TestApp::spawn().await;
+    let admin = t.admin().await;
+    let venue = t.venue(&admin, "cinema").await;
+    let (seats, event) = t.seats_and_event(&admin, &venue, 1, 48).await;
+    let customer = t.customer("inflight@test.allot").await;
+    let principal = user_id(&t, &customer).await;
+
+    // Simulate a first request with this key that is still running.
+    let running = IdempotencyKey { principal: principal.clone(), key: "busy".into(), request_hash: "whatever".into() };
+    let begun = t.store.idempotency_begin(&running, t.clock_now(), 60).await.unwrap();
+    assert_eq!(begun, IdempotencyBegin::Started);
+
+    let body = seat(&seats[0], &event);
+    let (s, _, b) = post_keyed(&t, Some(&customer), "/bookings", &body, "busy").await;
+    assert_eq!(s, StatusCode::CONFLICT, "{}", String::from_utf8_lossy(&b));
+    assert_eq!(json_of(&b)["error"]["code"], "idempotency_key_in_use");
+    assert!(bookings_of(&t, &customer).await.is_empty(), "the duplicate did not run");
+    assert_eq!(seat_status(&t, &event, &seats[0]).await, "available");
+
+    // Another principal is not blocked by that lock.
+    let other = t.customer("other-inflight@test.allot").await;
+    let (s, _, b) = post_keyed(&t, Some(&other), "/venues", &json!({}), "busy").await;
+    assert_ne!(s, StatusCode::CONFLICT, "{}", String::from_utf8_lossy(&b));
+
+    // The first request "died": after the lock lapses a retry takes the key over and runs.
+    t.clock.advance(SignedDuration::from_secs(61));
+    let (s, _, b) = post_keyed(&t, Some(&customer), "/bookings", &body, "busy").await;
+    assert_eq!(s, StatusCode::CREATED, "{}", String::from_utf8_lossy(&b));
+    let (s2, replayed, b2) = post_keyed(&t, Some(&customer), "/bookings", &body, "busy").await;
+    assert_eq!(s2, StatusCode::CREATED);
+    assert!(replayed);
+    assert_eq!(b, b2);
+    assert_eq!(bookings_of(&t, &customer).await.len(), 1);
+}
+
+#[tokio::test]
+async fn an_error_response_is_replayed_too() {
+    let t = TestApp::spawn().await;
+    let admin = t.admin().await;
+    let venue = t.venue(&admin, "cinema").await;
+    let (seats, event) = t.seats_and_event(&admin, &venue, 1, 48).await;
+    let holder = t.customer("holder@test.allot").await;
+    let late = t.customer("late@test.allot").await;
+
+    let held = hold(&t, &holder, &seats[0], &event).await;
+    let body = seat(&seats[0], &event);
+    let (s1, _, b1) = post_keyed(&t, Some(&late), "/bookings", &body, "late-1").await;
+    assert_eq!(s1, StatusCode::CONFLICT, "{}", String::from_utf8_lossy(&b1));
+    assert_eq!(json_of(&b1)["error"]["code"], "unavailable");
+
+    // The seat frees up; the same key still answers with the stored 409 (it is not re-run).
+    let (s, cancelled) = t.post(Some(&holder), &format!("/bookings/{held}/cancel"), json!({})).await;
+    assert_eq!(s, StatusCode::OK, "{cancelled}");
+    let (s2, replayed, b2) = post_keyed(&t, Some(&late), "/bookings", &body, "late-1").await;
+    assert_eq!(s2, StatusCode::CONFLICT);
+    assert!(replayed);
+    assert_eq!(b1, b2, "byte-identical error body");
+    assert!(bookings_of(&t, &late).await.is_empty());
+
+    // A fresh key runs the request again and now succeeds.
+    let (s3, _, b3) = post_keyed(&t, Some(&late), "/bookings", &body, "late-2").await;
+    assert_eq!(s3, StatusCode::CREATED, "{}", String::from_utf8_lossy(&b3));
+}
+
+#[tokio::test]
+async fn a_replayed_confirm_does_not_charge_twice() {
+    let t = TestApp::spawn().await;
+    let admin = t.admin().await;
+    let venue = t.venue(&admin, "cinema").await;
+    let (seats, event) = t.seats_and_event(&admin, &venue, 1, 48).await;
+    let customer = t.customer("confirm-replay@test.allot").await;
+    let id = hold(&t, &customer, &seats[0], &event).await;
+
+    let body = json!({"payment": {"method": "card", "token": VISA}});
+    let path = format!("/bookings/{id}/confirm");
+    let (s1, _, b1) = post_keyed(&t, Some(&customer), &path, &body, "pay-1").await;
+    assert_eq!(s1, StatusCode::OK, "{}", String::from_utf8_lossy(&b1));
+    let (s2, replayed, b2) = post_keyed(&t, Some(&customer), &path, &body, "pay-1").await;
+    assert_eq!(s2, StatusCode::OK, "a retried confirm gets the success, not a 409: {}", String::from_utf8_lossy(&b2));
+    assert!(replayed);
+    assert_eq!(b1, b2);
+    assert_eq!(json_of(&b1)["payment"]["reference"], json_of(&b2)["payment"]["reference"]);
+}
+
+#[tokio::test]
+async fn replaying_an_anonymous_register_returns_the_same_201_and_creates_one_user() {
+    let t = TestApp::spawn().await;
+    let body = json!({"email": "new@test.allot", "password": "password-123", "name": "New"});
+    let (s1, replayed1, b1) = post_keyed(&t, None, "/auth/register", &body, "signup-1").await;
+    assert_eq!(s1, StatusCode::CREATED, "{}", String::from_utf8_lossy(&b1));
+    assert!(!replayed1);
+    let (s2, replayed2, b2) = post_keyed(&t, None, "/auth/register", &body, "signup-1").await;
+    assert_eq!(s2, StatusCode::CREATED, "{}", String::from_utf8_lossy(&b2));
+    assert!(replayed2);
+    assert_eq!(b1, b2);
+    assert_eq!(json_of(&b1)["email"], "new@test.allot");
+    assert_eq!(t.store.count("users", "email = 'new@test.allot'").await.unwrap(), 1);
+
+    // Without a key, a second register is a real second attempt: 409 conflict.
+    let (s, again) = t.post(None, "/auth/register", body.clone()).await;
+    assert_eq!(s, StatusCode::CONFLICT, "{again}");
+    assert_eq!(again["error"]["code"], "conflict");
+    // The account works.
+    t.login("new@test.allot").await;
+}
+
+#[tokio::test]
+async fn malformed_keys_are_rejected_without_running_the_request() {
+    let t = TestApp::spawn().await;
+    let admin = t.admin().await;
+    let venue = t.venue(&admin, "cinema").await;
+    let (seats, event) = t.seats_and_event(&admin, &venue, 1, 48).await;
+    let customer = t.customer("badkey@test.allot").await;
+    let long = "k".repeat(256);
+    let (s, _, b) = post_keyed(&t, Some(&customer), "/bookings", &seat(&seats[0], &event), &long).await;
+    assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{}", String::from_utf8_lossy(&b));
+    assert_eq!(json_of(&b)["error"]["code"], "invalid_request");
+    assert!(bookings_of(&t, &customer).await.is_empty());
+    assert_eq!(seat_status(&t, &event, &seats[0]).await, "available");
+}
