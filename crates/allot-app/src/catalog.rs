@@ -231,7 +231,8 @@ impl App {
                     let start = w.start.max(from.0).as_second().max(earliest);
                     let end = w.end.min(to.0).as_second();
                     if start < end {
-                        free_pieces(&mut out, &rules, &claims, Span::new(start, end), quantity, resource.unit_price);
+                        let window = Span::new(start, end);
+                        free_pieces(&mut out, &rules, &claims, &resource, window, quantity);
                     }
                 }
             }
@@ -253,25 +254,42 @@ fn push_if(out: &mut Vec<AvailabilityWindow>, w: AvailabilityWindow, quantity: u
     }
 }
 
-/// Maximal pieces of `span` with at least `quantity` left, split where the amount left changes.
+/// Maximal bookable intervals of `window` with at least `quantity` left anywhere inside
+/// (`remaining` is the least left in the interval). Capacity is tracked on the blocked
+/// timeline (buffers included), so a run `[a, b)` of it is bookable as
+/// `[a + buffer_before, b - buffer_after)`.
 fn free_pieces(
     out: &mut Vec<AvailabilityWindow>,
     rules: &capacity::CapacityRules,
     claims: &[Claim],
-    span: Span,
+    resource: &Resource,
+    window: Span,
     quantity: u32,
-    price_per_hour: i64,
 ) {
-    let mut pieces: Vec<(i64, u32)> = Vec::new();
-    capacity::for_each_segment(rules, claims, span, |at, used, cap| pieces.push((at, cap.saturating_sub(used))));
-    for (i, &(at, left)) in pieces.iter().enumerate() {
-        let end = pieces.get(i + 1).map_or(span.end, |p| p.0);
-        if left < quantity || out.len() >= AVAILABILITY_WINDOWS_MAX {
-            continue;
+    let before = i64::from(resource.rules.buffer_before_minutes) * 60;
+    let after = i64::from(resource.rules.buffer_after_minutes) * 60;
+    let blocked = Span::new(window.start - before, window.end + after);
+    let mut pieces: Vec<(i64, i64, u32)> = Vec::new();
+    capacity::for_each_segment(rules, claims, blocked, |at, used, cap| {
+        if let Some(last) = pieces.last_mut() {
+            last.1 = at;
         }
-        match out.last_mut() {
-            Some(prev) if prev.end.as_second() == at && prev.remaining == left => prev.end = ts(end),
-            _ => out.push(AvailabilityWindow { start: ts(at), end: ts(end), date: None, event_id: None, remaining: left, price: price_per_hour }),
+        pieces.push((at, blocked.end, cap.saturating_sub(used)));
+    });
+    let mut joined: Vec<(i64, i64, u32)> = Vec::new();
+    for (a, b, left) in pieces.into_iter().filter(|p| p.2 >= quantity) {
+        match joined.last_mut() {
+            Some(prev) if prev.1 == a => {
+                prev.1 = b;
+                prev.2 = prev.2.min(left);
+            }
+            _ => joined.push((a, b, left)),
+        }
+    }
+    for (a, b, left) in joined {
+        let (start, end) = ((a + before).max(window.start), (b - after).min(window.end));
+        if start < end && out.len() < AVAILABILITY_WINDOWS_MAX {
+            out.push(AvailabilityWindow { start: ts(start), end: ts(end), date: None, event_id: None, remaining: left, price: resource.unit_price });
         }
     }
 }

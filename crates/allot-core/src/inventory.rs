@@ -165,7 +165,9 @@ fn check_name(e: &mut FieldErrors, field: &str, value: &str) {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CapacityOverride {
+    #[serde(with = "crate::schedule::strict_date")]
     pub from: Date,
+    #[serde(with = "crate::schedule::strict_date")]
     pub to: Date,
     pub capacity: u32,
 }
@@ -248,16 +250,25 @@ impl Resource {
     }
 
     /// The inputs of the I1 rule for this resource, overrides turned into instants in `tz`.
+    ///
+    /// An override of dates `[from, to)` covers those whole local days, except for `nights`,
+    /// where it covers the nights of those dates: check-in time on `from` to check-out on `to`.
     pub fn capacity_rules(&self, tz: &TimeZone) -> CapacityRules {
+        let span_of = |o: &CapacityOverride| {
+            let (start, end) = match &self.time_model {
+                TimeModel::Nights { check_in_time, check_out_time, .. } => {
+                    (check_in_time.on(o.from, tz).as_second(), check_out_time.on(o.to, tz).as_second())
+                }
+                _ => (local_midnight(o.from, tz), local_midnight(o.to, tz)),
+            };
+            Span::new(start, end.max(start + 1))
+        };
         let overrides = self
             .rules
             .capacity_overrides
             .iter()
             .filter(|o| o.from < o.to)
-            .map(|o| OverrideSpan {
-                span: Span::new(local_midnight(o.from, tz), local_midnight(o.to, tz).max(local_midnight(o.from, tz) + 1)),
-                capacity: o.capacity,
-            })
+            .map(|o| OverrideSpan { span: span_of(o), capacity: o.capacity })
             .collect();
         CapacityRules { capacity: self.capacity, overbooking_percent: self.rules.overbooking_percent, overrides }
     }

@@ -121,6 +121,7 @@ pub struct WeeklyHours {
 /// A date whose hours replace the weekly ones; no hours means closed that day.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ScheduleException {
+    #[serde(with = "strict_date")]
     pub date: Date,
     #[serde(default)]
     pub hours: Vec<Hours>,
@@ -240,6 +241,41 @@ impl WeeklySchedule {
     /// The joined opening window that contains all of `[start, end)`, if any.
     pub fn window_containing(&self, start: Timestamp, end: Timestamp, tz: &TimeZone) -> Option<Window> {
         self.windows_between(start, end, tz).into_iter().find(|w| w.start <= start && end <= w.end)
+    }
+}
+
+/// Parses exactly `YYYY-MM-DD`; unlike `jiff`'s lenient parser, a date-time is refused rather
+/// than silently cut to its date.
+pub fn parse_date(s: &str) -> Result<Date, String> {
+    let shaped = s.len() == 10 && s.bytes().enumerate().all(|(i, b)| if i == 4 || i == 7 { b == b'-' } else { b.is_ascii_digit() });
+    if !shaped {
+        return Err(format!("'{s}' is not a date YYYY-MM-DD"));
+    }
+    s.parse().map_err(|_| format!("'{s}' is not a valid date"))
+}
+
+/// Serde helpers for strict `YYYY-MM-DD` fields (`#[serde(with = "strict_date")]`).
+pub mod strict_date {
+    use jiff::civil::Date;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(date: &Date, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(date)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Date, D::Error> {
+        let s = String::deserialize(d)?;
+        super::parse_date(&s).map_err(serde::de::Error::custom)
+    }
+
+    /// For `Option<Date>` fields.
+    pub mod option {
+        use jiff::civil::Date;
+        use serde::{Deserialize, Deserializer};
+
+        pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Date>, D::Error> {
+            Option::<String>::deserialize(d)?.map(|s| super::super::parse_date(&s).map_err(serde::de::Error::custom)).transpose()
+        }
     }
 }
 

@@ -195,7 +195,9 @@ pub struct HoldItemBody {
     pub resource_id: ResourceId,
     pub start: Option<Timestamp>,
     pub end: Option<Timestamp>,
+    #[serde(default, deserialize_with = "allot_core::schedule::strict_date::option::deserialize")]
     pub check_in: Option<Date>,
+    #[serde(default, deserialize_with = "allot_core::schedule::strict_date::option::deserialize")]
     pub check_out: Option<Date>,
     pub event_id: Option<EventId>,
     pub quantity: Option<u32>,

@@ -35,15 +35,21 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for Json<T> {
 /// Parses JSON; an empty body is read as `{}` so all-optional bodies may be left out.
 pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
     let bytes = if bytes.iter().all(u8::is_ascii_whitespace) { b"{}".as_slice() } else { bytes };
-    let de = &mut serde_json::Deserializer::from_slice(bytes);
-    serde_path_to_error::deserialize(de).map_err(|e| {
+    // serde would also read a struct from a positional array; the API only takes objects.
+    if bytes.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+        return Err(ApiError::bad_request(FieldErrors::single("body", "must be a JSON object")));
+    }
+    let mut de = serde_json::Deserializer::from_slice(bytes);
+    let value = serde_path_to_error::deserialize(&mut de).map_err(|e| {
         let path = e.path().to_string();
         let field = if path == "." || path.is_empty() { "body".to_owned() } else { path };
         let message = e.inner().to_string();
         // serde appends " at line 1 column 9"; the field path already says where.
         let message = message.split(" at line ").next().unwrap_or(&message).to_owned();
         ApiError::bad_request(FieldErrors::single(field, message))
-    })
+    })?;
+    de.end().map_err(|_| ApiError::bad_request(FieldErrors::single("body", "unexpected data after the JSON object")))?;
+    Ok(value)
 }
 
 /// The authenticated user; 401 without a valid bearer token.

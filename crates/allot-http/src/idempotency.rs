@@ -22,8 +22,12 @@ pub const HEADER: &str = "idempotency-key";
 /// Largest response body stored for replay.
 const RESPONSE_BYTES_MAX: usize = 4 * 1024 * 1024;
 
+/// Responses that carry live credentials are never stored: a replayed login would hand out a
+/// token kept in plain text, and each login is a new session anyway.
+const UNSTORED_PATHS: [&str; 2] = ["/api/v1/auth/login", "/api/v1/auth/refresh"];
+
 pub async fn layer(State(app): State<Arc<App>>, request: Request, next: Next) -> Response {
-    if request.method() != Method::POST {
+    if request.method() != Method::POST || UNSTORED_PATHS.contains(&request.uri().path()) {
         return next.run(request).await;
     }
     let Some(key) = request.headers().get(HEADER).map(|v| v.to_str().map(str::to_owned)) else {

@@ -172,8 +172,14 @@ pub struct AvailabilityQuery {
 
 fn parse_bound(raw: Option<&str>, field: &str, errors: &mut FieldErrors) -> Option<Bound> {
     let raw = raw.filter(|s| !s.is_empty())?;
-    if let Ok(d) = raw.parse::<jiff::civil::Date>() {
-        return Some(Bound::Date(d));
+    if raw.len() == 10 {
+        return match allot_core::schedule::parse_date(raw) {
+            Ok(d) => Some(Bound::Date(d)),
+            Err(e) => {
+                errors.add(field, e);
+                None
+            }
+        };
     }
     match raw.parse::<jiff::Timestamp>() {
         Ok(t) => Some(Bound::Instant(t)),
