@@ -9,9 +9,9 @@ use jiff::Timestamp;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use crate::App;
 use crate::error::{AppError, AppResult};
 use crate::store::{RefreshToken, Role, RotateOutcome, User};
-use crate::App;
 
 pub const ACCESS_TOKEN_TTL_SECONDS: i64 = 15 * 60;
 pub const REFRESH_TOKEN_TTL_SECONDS: i64 = 30 * 24 * 3600;
@@ -86,12 +86,10 @@ pub fn sha256_hex(data: &[u8]) -> String {
 }
 
 pub async fn hash_password(password: String) -> AppResult<String> {
-    tokio::task::spawn_blocking(move || {
-        Argon2::default().hash_password(password.as_bytes()).map(|h| h.to_string())
-    })
-    .await
-    .map_err(|e| AppError::Internal(e.to_string()))?
-    .map_err(|e| AppError::Internal(format!("password hashing failed: {e}")))
+    tokio::task::spawn_blocking(move || Argon2::default().hash_password(password.as_bytes()).map(|h| h.to_string()))
+        .await
+        .map_err(|e| AppError::Internal(e.to_string()))?
+        .map_err(|e| AppError::Internal(format!("password hashing failed: {e}")))
 }
 
 async fn verify_password(password: String, hash: String) -> bool {

@@ -96,9 +96,9 @@ impl App {
                 let item = &request.items[item_index];
                 Err(unavailable(item_index, &resources[&item.resource_id], remaining))
             }
-            Err(HoldRefused::Stale { item_index }) => Err(AppError::Conflict(format!(
-                "items[{item_index}]: the resource changed while holding; try again"
-            ))),
+            Err(HoldRefused::Stale { item_index }) => {
+                Err(AppError::Conflict(format!("items[{item_index}]: the resource changed while holding; try again")))
+            }
             Err(HoldRefused::Store(e)) => Err(e.into()),
         }
     }
@@ -158,7 +158,9 @@ impl App {
             idempotency_key: format!("{}_{}", booking.id, booking.payment_attempts),
         };
         match self.charge_with_retries(&request).await? {
-            ChargeOutcome::Succeeded { reference } => self.record_payment(&booking, reference, Transition::Confirm).await,
+            ChargeOutcome::Succeeded { reference } => {
+                self.record_payment(&booking, reference, Transition::Confirm).await
+            }
             ChargeOutcome::Pending { reference } => {
                 self.record_payment(&booking, reference, Transition::AwaitPayment).await
             }
@@ -173,8 +175,11 @@ impl App {
             match self.payments.charge(request).await {
                 Ok(outcome) => return Ok(outcome),
                 Err(ProviderError::InvalidToken) => {
-                    return Err(allot_core::ValidationError::field("payment.token", "not a token this provider accepts")
-                        .into());
+                    return Err(allot_core::ValidationError::field(
+                        "payment.token",
+                        "not a token this provider accepts",
+                    )
+                    .into());
                 }
                 Err(ProviderError::Unavailable(why)) if attempt >= PROVIDER_ATTEMPTS_MAX => {
                     tracing::warn!(booking_id = %request.booking_id, %why, "payment provider unavailable");
@@ -227,8 +232,11 @@ impl App {
     /// Cancels a held or confirmed booking; confirmed ones are refunded per the venue policy.
     pub async fn cancel(&self, principal: &Principal, id: BookingId, reason: Option<String>) -> AppResult<Booking> {
         if reason.as_ref().is_some_and(|r| r.chars().count() > CANCEL_REASON_LEN_MAX) {
-            return Err(allot_core::ValidationError::field("reason", format!("at most {CANCEL_REASON_LEN_MAX} characters"))
-                .into());
+            return Err(allot_core::ValidationError::field(
+                "reason",
+                format!("at most {CANCEL_REASON_LEN_MAX} characters"),
+            )
+            .into());
         }
         let booking = self.visible_booking(principal, id).await?;
         let venue = self.store.venue(booking.venue_id).await?.ok_or(AppError::NotFound("venue"))?;

@@ -4,7 +4,7 @@
 use allot_core::capacity::{self, Claim, Span};
 use allot_core::ids::{EventId, ResourceId, VenueId};
 use allot_core::inventory::{Event, Resource, Venue};
-use allot_core::time_model::TimeModel;
+use allot_core::time_model::{FreeModel, NightsModel, SlotsModel, TimeModel};
 use allot_core::{FieldErrors, ValidationError};
 use jiff::Timestamp;
 use jiff::civil::Date;
@@ -139,7 +139,9 @@ impl App {
             for (i, id) in event.seat_ids.iter().enumerate() {
                 match seats.iter().find(|s| s.id == *id) {
                     None => errors.add(format!("seat_ids[{i}]"), "no such resource"),
-                    Some(s) if s.venue_id != event.venue_id => errors.add(format!("seat_ids[{i}]"), "belongs to another venue"),
+                    Some(s) if s.venue_id != event.venue_id => {
+                        errors.add(format!("seat_ids[{i}]"), "belongs to another venue")
+                    }
                     Some(s) if !matches!(s.time_model, TimeModel::Events) => {
                         errors.add(format!("seat_ids[{i}]"), "is not a seat (time model 'events')")
                     }
@@ -170,7 +172,11 @@ impl App {
             .seat_ids
             .iter()
             .filter_map(|id| seats.iter().find(|s| s.id == *id))
-            .map(|seat| SeatView { price: event.seat_price(seat), state: states.get(&seat.id).copied(), resource: seat.clone() })
+            .map(|seat| SeatView {
+                price: event.seat_price(seat),
+                state: states.get(&seat.id).copied(),
+                resource: seat.clone(),
+            })
             .collect();
         Ok((event, views))
     }
@@ -189,18 +195,21 @@ impl App {
         let now = self.clock.now();
         let (from, to) = resolve_range(from, to, now, &tz)?;
         if quantity == 0 || quantity > resource.quantity_max() {
-            return Err(ValidationError::field("quantity", format!("must be between 1 and {}", resource.quantity_max())).into());
+            return Err(ValidationError::field(
+                "quantity",
+                format!("must be between 1 and {}", resource.quantity_max()),
+            )
+            .into());
         }
         let wide = resource.blocked_span(from.0, to.0);
         let claims = self.store.claims(id, wide, now).await?;
         let rules = resource.capacity_rules(&tz);
-        let remaining = |start: Timestamp, end: Timestamp| {
-            capacity::remaining(&rules, &claims, resource.blocked_span(start, end))
-        };
+        let remaining =
+            |start: Timestamp, end: Timestamp| capacity::remaining(&rules, &claims, resource.blocked_span(start, end));
         let earliest = now.as_second() + i64::from(resource.rules.min_notice_minutes) * 60;
         let mut out = Vec::new();
         match &resource.time_model {
-            TimeModel::Slots { slot_minutes, schedule, .. } => {
+            TimeModel::Slots(SlotsModel { slot_minutes, schedule, .. }) => {
                 let step = i64::from(*slot_minutes) * 60;
                 for w in schedule.windows_between(from.0, to.0, &tz) {
                     let mut s = w.start.as_second();
@@ -208,21 +217,43 @@ impl App {
                         let (start, end) = (ts(s), ts(s + step));
                         if start >= from.0 && end <= to.0 && s >= earliest {
                             let left = remaining(start, end);
-                            push_if(&mut out, AvailabilityWindow { start, end, date: None, event_id: None, remaining: left, price: resource.unit_price }, quantity);
+                            push_if(
+                                &mut out,
+                                AvailabilityWindow {
+                                    start,
+                                    end,
+                                    date: None,
+                                    event_id: None,
+                                    remaining: left,
+                                    price: resource.unit_price,
+                                },
+                                quantity,
+                            );
                         }
                         s += step;
                     }
                 }
             }
-            TimeModel::Nights { .. } => {
+            TimeModel::Nights(NightsModel { .. }) => {
                 for (date, start, end) in resource.time_model.nights_between(from.1, to.1, &tz) {
                     if start.as_second() >= earliest {
                         let left = remaining(start, end);
-                        push_if(&mut out, AvailabilityWindow { start, end, date: Some(date), event_id: None, remaining: left, price: resource.unit_price }, quantity);
+                        push_if(
+                            &mut out,
+                            AvailabilityWindow {
+                                start,
+                                end,
+                                date: Some(date),
+                                event_id: None,
+                                remaining: left,
+                                price: resource.unit_price,
+                            },
+                            quantity,
+                        );
                     }
                 }
             }
-            TimeModel::Free { schedule, .. } => {
+            TimeModel::Free(FreeModel { schedule, .. }) => {
                 let open = match schedule {
                     Some(s) => s.windows_between(from.0, to.0, &tz),
                     None => vec![allot_core::schedule::Window { start: from.0, end: to.0 }],
@@ -237,10 +268,28 @@ impl App {
                 }
             }
             TimeModel::Events => {
-                let events = self.store.events_of_seat(id, Span::new(from.0.as_second(), to.0.as_second()), AVAILABILITY_WINDOWS_MAX as u32).await?;
+                let events = self
+                    .store
+                    .events_of_seat(
+                        id,
+                        Span::new(from.0.as_second(), to.0.as_second()),
+                        AVAILABILITY_WINDOWS_MAX as u32,
+                    )
+                    .await?;
                 for event in events.iter().filter(|e| e.start.as_second() >= earliest) {
                     let left = remaining(event.start, event.end);
-                    push_if(&mut out, AvailabilityWindow { start: event.start, end: event.end, date: None, event_id: Some(event.id), remaining: left, price: event.seat_price(&resource) }, quantity);
+                    push_if(
+                        &mut out,
+                        AvailabilityWindow {
+                            start: event.start,
+                            end: event.end,
+                            date: None,
+                            event_id: Some(event.id),
+                            remaining: left,
+                            price: event.seat_price(&resource),
+                        },
+                        quantity,
+                    );
                 }
             }
         }
@@ -289,7 +338,14 @@ fn free_pieces(
     for (a, b, left) in joined {
         let (start, end) = ((a + before).max(window.start), (b - after).min(window.end));
         if start < end && out.len() < AVAILABILITY_WINDOWS_MAX {
-            out.push(AvailabilityWindow { start: ts(start), end: ts(end), date: None, event_id: None, remaining: left, price: resource.unit_price });
+            out.push(AvailabilityWindow {
+                start: ts(start),
+                end: ts(end),
+                date: None,
+                event_id: None,
+                remaining: left,
+                price: resource.unit_price,
+            });
         }
     }
 }

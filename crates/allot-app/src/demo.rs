@@ -4,9 +4,11 @@
 use std::collections::BTreeMap;
 
 use allot_core::ids::{EventId, ResourceId, VenueId};
-use allot_core::inventory::{CancellationPolicy, Currency, Event, Location, Resource, ResourceRules, Venue, VenuePolicies};
+use allot_core::inventory::{
+    CancellationPolicy, Currency, Event, Location, Resource, ResourceRules, Venue, VenuePolicies,
+};
 use allot_core::schedule::{Day, TimeOfDay, WeeklyHours, WeeklySchedule, add_days};
-use allot_core::time_model::TimeModel;
+use allot_core::time_model::{FreeModel, NightsModel, SlotsModel, TimeModel};
 use jiff::tz::TimeZone;
 
 use crate::App;
@@ -96,7 +98,14 @@ fn venue(name: &str, category: &str, lat: f64, lon: f64, address: &str, amenitie
     }
 }
 
-fn resource(venue: VenueId, name: &str, capacity: u32, unit_price: i64, attributes: String, time_model: TimeModel) -> Resource {
+fn resource(
+    venue: VenueId,
+    name: &str,
+    capacity: u32,
+    unit_price: i64,
+    attributes: String,
+    time_model: TimeModel,
+) -> Resource {
     Resource {
         id: ResourceId::new(),
         venue_id: venue,
@@ -129,7 +138,18 @@ fn seat_attributes(extra: &str, row: &str, number: u32, x: u32, y: u32, category
 
 async fn cinema(app: &App, admin: &Principal) -> AppResult<VenueId> {
     let v = app
-        .create_venue(admin, venue("Allot Kino Mitte", "cinema", 52.5251, 13.4023, "Rosenthaler Str. 1, 10119 Berlin", &["parking", "bar", "accessible"], 4.5))
+        .create_venue(
+            admin,
+            venue(
+                "Allot Kino Mitte",
+                "cinema",
+                52.5251,
+                13.4023,
+                "Rosenthaler Str. 1, 10119 Berlin",
+                &["parking", "bar", "accessible"],
+                4.5,
+            ),
+        )
         .await?;
     let today = app.clock.now().to_zoned(tz()).date();
     let rows = ["A", "B", "C", "D", "E", "F", "G", "H", "I", "J"];
@@ -179,10 +199,29 @@ async fn create_events(app: &App, admin: &Principal, events: Vec<Event>) -> AppR
 
 async fn hotel(app: &App, admin: &Principal) -> AppResult<VenueId> {
     let v = app
-        .create_venue(admin, venue("Allot Hotel Spree", "hotel", 52.5163, 13.3777, "Unter den Linden 77, 10117 Berlin", &["wifi", "breakfast", "spa"], 4.2))
+        .create_venue(
+            admin,
+            venue(
+                "Allot Hotel Spree",
+                "hotel",
+                52.5163,
+                13.3777,
+                "Unter den Linden 77, 10117 Berlin",
+                &["wifi", "breakfast", "spa"],
+                4.2,
+            ),
+        )
         .await?;
-    let nights = || TimeModel::Nights { check_in_time: hm(15, 0), check_out_time: hm(11, 0), min_nights: 1, max_nights: 30 };
-    let mut standard = resource(v.id, "Standard Double", 20, 9900, r#"{"room_type":"standard","beds":"double"}"#.into(), nights());
+    let nights = || {
+        TimeModel::Nights(NightsModel {
+            check_in_time: hm(15, 0),
+            check_out_time: hm(11, 0),
+            min_nights: 1,
+            max_nights: 30,
+        })
+    };
+    let mut standard =
+        resource(v.id, "Standard Double", 20, 9900, r#"{"room_type":"standard","beds":"double"}"#.into(), nights());
     standard.rules.overbooking_percent = 5;
     let deluxe = resource(v.id, "Deluxe King", 10, 15900, r#"{"room_type":"deluxe","beds":"king"}"#.into(), nights());
     let suite = resource(v.id, "Spree Suite", 2, 34900, r#"{"room_type":"suite","beds":"king"}"#.into(), nights());
@@ -191,18 +230,47 @@ async fn hotel(app: &App, admin: &Principal) -> AppResult<VenueId> {
 }
 
 fn weekly(days: &[Day], open: u16, close: u16) -> WeeklySchedule {
-    WeeklySchedule { weekly: vec![WeeklyHours { days: days.to_vec(), open: hm(open, 0), close: hm(close, 0) }], exceptions: vec![] }
+    WeeklySchedule {
+        weekly: vec![WeeklyHours { days: days.to_vec(), open: hm(open, 0), close: hm(close, 0) }],
+        exceptions: vec![],
+    }
 }
 
 async fn clinic(app: &App, admin: &Principal) -> AppResult<VenueId> {
     let v = app
-        .create_venue(admin, venue("Allot Praxis am Park", "clinic", 52.5096, 13.3759, "Potsdamer Platz 5, 10785 Berlin", &["accessible"], 4.7))
+        .create_venue(
+            admin,
+            venue(
+                "Allot Praxis am Park",
+                "clinic",
+                52.5096,
+                13.3759,
+                "Potsdamer Platz 5, 10785 Berlin",
+                &["accessible"],
+                4.7,
+            ),
+        )
         .await?;
-    let slots = || TimeModel::Slots { slot_minutes: 30, schedule: weekly(&Day::WEEKDAYS, 9, 17), max_slots: 4 };
+    let slots =
+        || TimeModel::Slots(SlotsModel { slot_minutes: 30, schedule: weekly(&Day::WEEKDAYS, 9, 17), max_slots: 4 });
     let mut doctors = vec![
-        resource(v.id, "Dr. Anna Weber (general practice)", 1, 6000, r#"{"specialty":"general practice"}"#.into(), slots()),
+        resource(
+            v.id,
+            "Dr. Anna Weber (general practice)",
+            1,
+            6000,
+            r#"{"specialty":"general practice"}"#.into(),
+            slots(),
+        ),
         resource(v.id, "Dr. Jonas Becker (dermatology)", 1, 8000, r#"{"specialty":"dermatology"}"#.into(), slots()),
-        resource(v.id, "Dr. Lea Schulz (physiotherapy, two patients per slot)", 2, 4500, r#"{"specialty":"physiotherapy"}"#.into(), slots()),
+        resource(
+            v.id,
+            "Dr. Lea Schulz (physiotherapy, two patients per slot)",
+            2,
+            4500,
+            r#"{"specialty":"physiotherapy"}"#.into(),
+            slots(),
+        ),
     ];
     for d in &mut doctors {
         d.rules.min_notice_minutes = 60;
@@ -213,13 +281,37 @@ async fn clinic(app: &App, admin: &Principal) -> AppResult<VenueId> {
 
 async fn charging(app: &App, admin: &Principal) -> AppResult<VenueId> {
     let v = app
-        .create_venue(admin, venue("Allot Charging Hub Alexanderplatz", "charging", 52.5219, 13.4132, "Alexanderplatz 3, 10178 Berlin", &["24/7", "cafe"], 4.1))
+        .create_venue(
+            admin,
+            venue(
+                "Allot Charging Hub Alexanderplatz",
+                "charging",
+                52.5219,
+                13.4132,
+                "Alexanderplatz 3, 10178 Berlin",
+                &["24/7", "cafe"],
+                4.1,
+            ),
+        )
         .await?;
-    let free = || TimeModel::Free { step_minutes: 15, min_minutes: 15, max_minutes: 240, schedule: None };
+    let free = || TimeModel::Free(FreeModel { step_minutes: 15, min_minutes: 15, max_minutes: 240, schedule: None });
     let connectors = (1..=6)
         .map(|n| {
-            let kind = if n <= 2 { "CCS 150 kW" } else if n <= 4 { "CCS 50 kW" } else { "Type 2 22 kW" };
-            let mut r = resource(v.id, &format!("Connector {n} ({kind})"), 1, 1200, format!(r#"{{"connector":"{kind}"}}"#), free());
+            let kind = if n <= 2 {
+                "CCS 150 kW"
+            } else if n <= 4 {
+                "CCS 50 kW"
+            } else {
+                "Type 2 22 kW"
+            };
+            let mut r = resource(
+                v.id,
+                &format!("Connector {n} ({kind})"),
+                1,
+                1200,
+                format!(r#"{{"connector":"{kind}"}}"#),
+                free(),
+            );
             r.rules.buffer_after_minutes = 5;
             r
         })
@@ -230,16 +322,26 @@ async fn charging(app: &App, admin: &Principal) -> AppResult<VenueId> {
 
 async fn studio(app: &App, admin: &Principal) -> AppResult<VenueId> {
     let v = app
-        .create_venue(admin, venue("Allot Studio Kreuzberg", "studio", 52.4986, 13.4030, "Oranienstr. 20, 10999 Berlin", &["wifi"], 4.8))
+        .create_venue(
+            admin,
+            venue("Allot Studio Kreuzberg", "studio", 52.4986, 13.4030, "Oranienstr. 20, 10999 Berlin", &["wifi"], 4.8),
+        )
         .await?;
     let days = [Day::Mon, Day::Tue, Day::Wed, Day::Thu, Day::Fri, Day::Sat];
-    let hourly = || TimeModel::Slots { slot_minutes: 60, schedule: weekly(&days, 10, 18), max_slots: 3 };
+    let hourly = || TimeModel::Slots(SlotsModel { slot_minutes: 60, schedule: weekly(&days, 10, 18), max_slots: 3 });
     create_all(
         app,
         admin,
         vec![
             resource(v.id, "Mia Fischer (photographer)", 1, 8000, r#"{"profession":"photographer"}"#.into(), hourly()),
-            resource(v.id, "Noah Wagner (sound engineer)", 1, 7000, r#"{"profession":"sound engineer"}"#.into(), hourly()),
+            resource(
+                v.id,
+                "Noah Wagner (sound engineer)",
+                1,
+                7000,
+                r#"{"profession":"sound engineer"}"#.into(),
+                hourly(),
+            ),
         ],
     )
     .await?;
@@ -248,7 +350,10 @@ async fn studio(app: &App, admin: &Principal) -> AppResult<VenueId> {
 
 async fn airline(app: &App, admin: &Principal) -> AppResult<VenueId> {
     let v = app
-        .create_venue(admin, venue("Allot Air (BER)", "airline", 52.3667, 13.5033, "Flughafen BER, 12529 Schönefeld", &["lounge"], 3.9))
+        .create_venue(
+            admin,
+            venue("Allot Air (BER)", "airline", 52.3667, 13.5033, "Flughafen BER, 12529 Schönefeld", &["lounge"], 3.9),
+        )
         .await?;
     let letters = ["A", "B", "C", "D", "E", "F"];
     let mut seats = Vec::new();
@@ -274,7 +379,9 @@ async fn airline(app: &App, admin: &Principal) -> AppResult<VenueId> {
                 venue_id: v.id,
                 name: format!("AL{} {route}", 100 + k),
                 start,
-                end: start.checked_add(jiff::SignedDuration::from_mins(*minutes)).map_err(|e| AppError::Internal(e.to_string()))?,
+                end: start
+                    .checked_add(jiff::SignedDuration::from_mins(*minutes))
+                    .map_err(|e| AppError::Internal(e.to_string()))?,
                 seat_ids: seat_ids.clone(),
                 price_categories: prices.clone(),
             });

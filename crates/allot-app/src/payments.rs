@@ -17,10 +17,16 @@ pub struct ChargeRequest {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ChargeOutcome {
-    Succeeded { reference: String },
-    Declined { reason: String },
+    Succeeded {
+        reference: String,
+    },
+    Declined {
+        reason: String,
+    },
     /// The provider will report the result later (webhook).
-    Pending { reference: String },
+    Pending {
+        reference: String,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

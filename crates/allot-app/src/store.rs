@@ -62,7 +62,9 @@ pub struct RefreshToken {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RotateOutcome {
-    Rotated { user_id: UserId },
+    Rotated {
+        user_id: UserId,
+    },
     /// An already-used token came back: its whole family is now revoked.
     Reused,
     Invalid,
@@ -102,9 +104,14 @@ pub struct HoldCommand {
 /// Why a hold was refused by the store.
 #[derive(Debug)]
 pub enum HoldRefused {
-    Unavailable { item_index: usize, remaining: u32 },
+    Unavailable {
+        item_index: usize,
+        remaining: u32,
+    },
     /// A resource vanished or changed between validation and the transaction.
-    Stale { item_index: usize },
+    Stale {
+        item_index: usize,
+    },
     Store(StoreError),
 }
 
@@ -131,7 +138,11 @@ pub enum IdempotencyBegin {
     /// The key is new: it is now locked for this request.
     Started,
     InProgress,
-    Completed { request_hash: String, status: u16, body: Vec<u8> },
+    Completed {
+        request_hash: String,
+        status: u16,
+        body: Vec<u8>,
+    },
     /// Same key, different request.
     Mismatch,
 }

@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 use crate::capacity::{CapacityRules, Claim, OverrideSpan, Span};
 use crate::error::{FieldErrors, ValidationError};
 use crate::ids::{EventId, ResourceId, UserId, VenueId};
-use crate::time_model::{ClaimRequest, TimeModel};
+use crate::time_model::{ClaimRequest, FreeModel, NightsModel, TimeModel};
 
 pub const HOLD_TTL_SECONDS_MIN: u32 = 30;
 pub const HOLD_TTL_SECONDS_DEFAULT: u32 = 600;
@@ -256,7 +256,7 @@ impl Resource {
     pub fn capacity_rules(&self, tz: &TimeZone) -> CapacityRules {
         let span_of = |o: &CapacityOverride| {
             let (start, end) = match &self.time_model {
-                TimeModel::Nights { check_in_time, check_out_time, .. } => {
+                TimeModel::Nights(NightsModel { check_in_time, check_out_time, .. }) => {
                     (check_in_time.on(o.from, tz).as_second(), check_out_time.on(o.to, tz).as_second())
                 }
                 _ => (local_midnight(o.from, tz), local_midnight(o.to, tz)),
@@ -396,7 +396,7 @@ pub fn price_item(
     check_notice(resource, resolved.start, now).map_err(|e| ValidationError::field(start_field, e))?;
     let unit_price = match (&resource.time_model, event) {
         (_, Some(event)) => event.seat_price(resource),
-        (TimeModel::Free { .. }, None) => (resource.unit_price * i64::from(resolved.units) + 30) / 60,
+        (TimeModel::Free(FreeModel { .. }), None) => (resource.unit_price * i64::from(resolved.units) + 30) / 60,
         _ => resource.unit_price * i64::from(resolved.units),
     };
     Ok(PricedItem {

@@ -150,7 +150,11 @@ impl WeeklySchedule {
     /// Open all day, every day.
     pub fn always() -> Self {
         Self {
-            weekly: vec![WeeklyHours { days: Day::ALL.to_vec(), open: TimeOfDay::MIDNIGHT, close: TimeOfDay::END_OF_DAY }],
+            weekly: vec![WeeklyHours {
+                days: Day::ALL.to_vec(),
+                open: TimeOfDay::MIDNIGHT,
+                close: TimeOfDay::END_OF_DAY,
+            }],
             exceptions: Vec::new(),
         }
     }
@@ -247,7 +251,8 @@ impl WeeklySchedule {
 /// Parses exactly `YYYY-MM-DD`; unlike `jiff`'s lenient parser, a date-time is refused rather
 /// than silently cut to its date.
 pub fn parse_date(s: &str) -> Result<Date, String> {
-    let shaped = s.len() == 10 && s.bytes().enumerate().all(|(i, b)| if i == 4 || i == 7 { b == b'-' } else { b.is_ascii_digit() });
+    let shaped = s.len() == 10
+        && s.bytes().enumerate().all(|(i, b)| if i == 4 || i == 7 { b == b'-' } else { b.is_ascii_digit() });
     if !shaped {
         return Err(format!("'{s}' is not a date YYYY-MM-DD"));
     }
@@ -274,7 +279,9 @@ pub mod strict_date {
         use serde::{Deserialize, Deserializer};
 
         pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Date>, D::Error> {
-            Option::<String>::deserialize(d)?.map(|s| super::super::parse_date(&s).map_err(serde::de::Error::custom)).transpose()
+            Option::<String>::deserialize(d)?
+                .map(|s| super::super::parse_date(&s).map_err(serde::de::Error::custom))
+                .transpose()
         }
     }
 }

@@ -1,8 +1,8 @@
 //! The four time models and how a claim request becomes a concrete interval under each.
 
+use jiff::Timestamp;
 use jiff::civil::Date;
 use jiff::tz::TimeZone;
-use jiff::Timestamp;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{FieldErrors, ValidationError};
@@ -12,37 +12,49 @@ pub const SLOT_MINUTES_MAX: u32 = 24 * 60;
 pub const NIGHTS_MAX: u32 = 365;
 pub const FREE_MINUTES_MAX: u32 = 7 * 24 * 60;
 
-/// How a resource's time is cut into claimable pieces.
+/// A fixed grid inside a weekly schedule; a claim is one or more consecutive whole slots.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+#[serde(deny_unknown_fields)]
+pub struct SlotsModel {
+    pub slot_minutes: u32,
+    pub schedule: WeeklySchedule,
+    #[serde(default = "default_max_slots")]
+    pub max_slots: u32,
+}
+
+/// Whole nights in the venue's time zone, `check_in`..`check_out`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NightsModel {
+    #[serde(default = "default_check_in")]
+    pub check_in_time: TimeOfDay,
+    #[serde(default = "default_check_out")]
+    pub check_out_time: TimeOfDay,
+    #[serde(default = "one")]
+    pub min_nights: u32,
+    #[serde(default = "default_max_nights")]
+    pub max_nights: u32,
+}
+
+/// Any step-aligned interval inside opening hours (always open without a schedule).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FreeModel {
+    pub step_minutes: u32,
+    pub min_minutes: u32,
+    pub max_minutes: u32,
+    #[serde(default)]
+    pub schedule: Option<WeeklySchedule>,
+}
+
+/// How a resource's time is cut into claimable pieces. `Events`: claimable only through an
+/// event (a show, a flight), for exactly its window.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
 pub enum TimeModel {
-    /// Fixed grid inside a weekly schedule; a claim is one or more consecutive whole slots.
-    Slots {
-        slot_minutes: u32,
-        schedule: WeeklySchedule,
-        #[serde(default = "default_max_slots")]
-        max_slots: u32,
-    },
-    /// Whole nights in the venue's time zone, `check_in`..`check_out`.
-    Nights {
-        #[serde(default = "default_check_in")]
-        check_in_time: TimeOfDay,
-        #[serde(default = "default_check_out")]
-        check_out_time: TimeOfDay,
-        #[serde(default = "one")]
-        min_nights: u32,
-        #[serde(default = "default_max_nights")]
-        max_nights: u32,
-    },
-    /// Any step-aligned interval inside opening hours (always open without a schedule).
-    Free {
-        step_minutes: u32,
-        min_minutes: u32,
-        max_minutes: u32,
-        #[serde(default)]
-        schedule: Option<WeeklySchedule>,
-    },
-    /// Claimable only through an event (a show, a flight), for exactly its window.
+    Slots(SlotsModel),
+    Nights(NightsModel),
+    Free(FreeModel),
     Events,
 }
 
@@ -65,10 +77,19 @@ fn default_max_nights() -> u32 {
 /// What the customer asked for, already parsed at the edge.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ClaimRequest {
-    Interval { start: Timestamp, end: Timestamp },
-    Stay { check_in: Date, check_out: Date },
+    Interval {
+        start: Timestamp,
+        end: Timestamp,
+    },
+    Stay {
+        check_in: Date,
+        check_out: Date,
+    },
     /// A seat of an event: the event's own window.
-    EventWindow { start: Timestamp, end: Timestamp },
+    EventWindow {
+        start: Timestamp,
+        end: Timestamp,
+    },
 }
 
 /// The interval a valid request covers, and how many priced units (slots, nights, minutes, 1 seat).
@@ -82,9 +103,9 @@ pub struct Resolved {
 impl TimeModel {
     pub fn kind(&self) -> &'static str {
         match self {
-            TimeModel::Slots { .. } => "slots",
-            TimeModel::Nights { .. } => "nights",
-            TimeModel::Free { .. } => "free",
+            TimeModel::Slots(SlotsModel { .. }) => "slots",
+            TimeModel::Nights(NightsModel { .. }) => "nights",
+            TimeModel::Free(FreeModel { .. }) => "free",
             TimeModel::Events => "events",
         }
     }
@@ -92,7 +113,7 @@ impl TimeModel {
     pub fn validate(&self) -> FieldErrors {
         let mut e = FieldErrors::new();
         match self {
-            TimeModel::Slots { slot_minutes, schedule, max_slots } => {
+            TimeModel::Slots(SlotsModel { slot_minutes, schedule, max_slots }) => {
                 if *slot_minutes == 0 || *slot_minutes > SLOT_MINUTES_MAX {
                     e.add("slot_minutes", format!("must be between 1 and {SLOT_MINUTES_MAX}"));
                 }
@@ -101,7 +122,7 @@ impl TimeModel {
                 }
                 e.merge(schedule.validate().prefixed("schedule"));
             }
-            TimeModel::Nights { check_in_time, check_out_time, min_nights, max_nights } => {
+            TimeModel::Nights(NightsModel { check_in_time, check_out_time, min_nights, max_nights }) => {
                 if check_out_time > check_in_time {
                     e.add("check_out_time", "must not be after check_in_time, or consecutive stays would overlap");
                 }
@@ -109,7 +130,7 @@ impl TimeModel {
                     e.add("max_nights", format!("need 1 <= min_nights <= max_nights <= {NIGHTS_MAX}"));
                 }
             }
-            TimeModel::Free { step_minutes, min_minutes, max_minutes, schedule } => {
+            TimeModel::Free(FreeModel { step_minutes, min_minutes, max_minutes, schedule }) => {
                 if *step_minutes == 0 || *step_minutes > SLOT_MINUTES_MAX {
                     e.add("step_minutes", format!("must be between 1 and {SLOT_MINUTES_MAX}"));
                 } else if min_minutes % step_minutes != 0 || max_minutes % step_minutes != 0 {
@@ -130,16 +151,20 @@ impl TimeModel {
     /// Turns a request into the interval it claims, or says which field breaks which rule.
     pub fn resolve(&self, request: ClaimRequest, tz: &TimeZone) -> Result<Resolved, ValidationError> {
         match (self, request) {
-            (TimeModel::Slots { slot_minutes, schedule, max_slots }, ClaimRequest::Interval { start, end }) => {
-                resolve_grid(start, end, *slot_minutes, Some(schedule), tz).and_then(|r| {
-                    let slots = r.units / slot_minutes;
-                    if slots > *max_slots {
-                        return Err(ValidationError::field("end", format!("at most {max_slots} consecutive slots")));
-                    }
-                    Ok(Resolved { units: slots, ..r })
-                })
-            }
-            (TimeModel::Free { step_minutes, min_minutes, max_minutes, schedule }, ClaimRequest::Interval { start, end }) => {
+            (
+                TimeModel::Slots(SlotsModel { slot_minutes, schedule, max_slots }),
+                ClaimRequest::Interval { start, end },
+            ) => resolve_grid(start, end, *slot_minutes, Some(schedule), tz).and_then(|r| {
+                let slots = r.units / slot_minutes;
+                if slots > *max_slots {
+                    return Err(ValidationError::field("end", format!("at most {max_slots} consecutive slots")));
+                }
+                Ok(Resolved { units: slots, ..r })
+            }),
+            (
+                TimeModel::Free(FreeModel { step_minutes, min_minutes, max_minutes, schedule }),
+                ClaimRequest::Interval { start, end },
+            ) => {
                 let r = resolve_grid(start, end, *step_minutes, schedule.as_ref(), tz)?;
                 if r.units < *min_minutes || r.units > *max_minutes {
                     return Err(ValidationError::field(
@@ -149,7 +174,10 @@ impl TimeModel {
                 }
                 Ok(r)
             }
-            (TimeModel::Nights { check_in_time, check_out_time, min_nights, max_nights }, ClaimRequest::Stay { check_in, check_out }) => {
+            (
+                TimeModel::Nights(NightsModel { check_in_time, check_out_time, min_nights, max_nights }),
+                ClaimRequest::Stay { check_in, check_out },
+            ) => {
                 let nights = check_in.until(check_out).map(|s| s.get_days()).unwrap_or(0);
                 if nights <= 0 {
                     return Err(ValidationError::field("check_out", "must be after check_in"));
@@ -172,7 +200,7 @@ impl TimeModel {
 
     /// Nights of a stay as `(date, start, end)` for availability, in order.
     pub fn nights_between(&self, from: Date, to: Date, tz: &TimeZone) -> Vec<(Date, Timestamp, Timestamp)> {
-        let TimeModel::Nights { check_in_time, check_out_time, .. } = self else { return Vec::new() };
+        let TimeModel::Nights(NightsModel { check_in_time, check_out_time, .. }) = self else { return Vec::new() };
         let mut out = Vec::new();
         let mut d = from;
         while d < to {
@@ -186,8 +214,10 @@ impl TimeModel {
 
 fn wrong_shape(model: &TimeModel) -> &'static str {
     match model {
-        TimeModel::Slots { .. } | TimeModel::Free { .. } => "this resource is booked with start and end",
-        TimeModel::Nights { .. } => "this resource is booked with check_in and check_out",
+        TimeModel::Slots(SlotsModel { .. }) | TimeModel::Free(FreeModel { .. }) => {
+            "this resource is booked with start and end"
+        }
+        TimeModel::Nights(NightsModel { .. }) => "this resource is booked with check_in and check_out",
         TimeModel::Events => "this resource is a seat: book it with event_id",
     }
 }
@@ -207,7 +237,10 @@ fn resolve_grid(
     let step = i64::from(step_minutes) * 60;
     let duration = end.as_second() - start.as_second();
     if duration % step != 0 {
-        return Err(ValidationError::field("end", format!("duration must be a whole number of {step_minutes}-minute steps")));
+        return Err(ValidationError::field(
+            "end",
+            format!("duration must be a whole number of {step_minutes}-minute steps"),
+        ));
     }
     let anchor = match schedule {
         Some(s) => match s.window_containing(start, end, tz) {

@@ -25,8 +25,9 @@
 //!
 //! The reference is deliberately naive: time is cut into whole minutes over a ten-day horizon,
 //! and for each minute of an item's span it sums the quantities of the active items and compares
-//! with the effective capacity of that minute (base, or the last override whose local-date range
-//! contains the minute's local date, times `(100 + overbooking) / 100`, floored). It also keeps
+//! with the effective capacity of that minute (base, or the last override covering the minute —
+//! its local dates, or for `nights` the nights of its dates — times `(100 + overbooking) / 100`,
+//! floored). It also keeps
 //! its own booking states and expiry rule.
 //!
 //! After every step the test asserts:
@@ -57,7 +58,7 @@ use allot_core::inventory::{
     VenuePolicies, price_item,
 };
 use allot_core::schedule::{Day, ScheduleException, TimeOfDay, WeeklyHours, WeeklySchedule};
-use allot_core::time_model::{ClaimRequest, TimeModel};
+use allot_core::time_model::{ClaimRequest, FreeModel, NightsModel, SlotsModel, TimeModel};
 use jiff::civil::{Date, date};
 use jiff::tz::TimeZone;
 use jiff::{Timestamp, ToSpan};
@@ -148,14 +149,14 @@ fn fixture() -> Fixture {
     let slots = resource(
         "Court",
         2,
-        TimeModel::Slots {
+        TimeModel::Slots(SlotsModel {
             slot_minutes: 30,
             schedule: WeeklySchedule {
                 weekly: vec![WeeklyHours { days: Day::WEEKDAYS.to_vec(), open: tod(9 * 60), close: tod(17 * 60) }],
                 exceptions: vec![ScheduleException { date: day(2), hours: vec![] }],
             },
             max_slots: 16,
-        },
+        }),
         ResourceRules {
             min_notice_minutes: 20 * 60,
             // Overlapping overrides: the later one wins on Tue 31st (1), Mon 30th gets 3.
@@ -169,7 +170,12 @@ fn fixture() -> Fixture {
     let nights = resource(
         "Double room",
         4,
-        TimeModel::Nights { check_in_time: tod(15 * 60), check_out_time: tod(11 * 60), min_nights: 1, max_nights: 3 },
+        TimeModel::Nights(NightsModel {
+            check_in_time: tod(15 * 60),
+            check_out_time: tod(11 * 60),
+            min_nights: 1,
+            max_nights: 3,
+        }),
         ResourceRules {
             overbooking_percent: 20,
             // Sat 28th: 2; Sun 29th .. Mon 30th: 3 (the later override wins where they overlap).
@@ -183,7 +189,7 @@ fn fixture() -> Fixture {
     let free = resource(
         "Studio",
         1,
-        TimeModel::Free { step_minutes: 15, min_minutes: 15, max_minutes: 240, schedule: None },
+        TimeModel::Free(FreeModel { step_minutes: 15, min_minutes: 15, max_minutes: 240, schedule: None }),
         ResourceRules { buffer_after_minutes: u32::try_from(FREE_BUFFER_AFTER).expect("buffer"), ..Default::default() },
     );
     let mut resources = vec![slots, nights, free];
@@ -227,6 +233,8 @@ fn fixture() -> Fixture {
 struct Horizon {
     first_minute: i64,
     minute_day: Vec<usize>,
+    /// Local minutes since midnight of every minute.
+    minute_of_day: Vec<u16>,
 }
 
 static HORIZON: LazyLock<Horizon> = LazyLock::new(|| {
@@ -236,15 +244,19 @@ static HORIZON: LazyLock<Horizon> = LazyLock::new(|| {
         day(u8::try_from(HORIZON_DAYS).expect("days")).to_zoned(tz.clone()).expect("midnight").timestamp().as_second();
     assert_eq!(start % 60, 0);
     let mut minute_day = Vec::new();
+    let mut minute_of_day = Vec::new();
     let mut t = start;
     while t < end {
-        let local_date = ts(t).to_zoned(tz.clone()).date();
+        let local = ts(t).to_zoned(tz.clone());
+        minute_of_day
+            .push(u16::try_from(local.hour()).expect("hour") * 60 + u16::try_from(local.minute()).expect("minute"));
+        let local_date = local.date();
         let index =
             (0..HORIZON_DAYS).find(|&i| day(u8::try_from(i).expect("day")) == local_date).expect("date in horizon");
         minute_day.push(index);
         t += 60;
     }
-    Horizon { first_minute: start / 60, minute_day }
+    Horizon { first_minute: start / 60, minute_day, minute_of_day }
 });
 
 // ---------------------------------------------------------------------------------------------
@@ -384,8 +396,8 @@ struct RefItem {
     first: usize,
     last: usize,
     quantity: u32,
-    /// Effective capacity per horizon day when the item was admitted.
-    admitted_under: Vec<u32>,
+    /// The resource's settings when the item was admitted.
+    admitted_under: Resource,
 }
 
 #[derive(Debug, Clone)]
@@ -413,21 +425,28 @@ struct ItemVerdict {
     remaining: u32,
 }
 
-/// Effective capacity of each horizon day, straight from the resource's settings.
-fn effective_by_day(resource: &Resource) -> Vec<u32> {
-    (0..HORIZON_DAYS)
-        .map(|i| {
-            let d = day(u8::try_from(i).expect("day"));
-            let mut base = resource.capacity;
-            for o in &resource.rules.capacity_overrides {
-                if o.from <= d && d < o.to {
-                    base = o.capacity;
-                }
-            }
-            let scaled = u64::from(base) * (100 + u64::from(resource.rules.overbooking_percent)) / 100;
-            u32::try_from(scaled).expect("small capacity")
-        })
-        .collect()
+/// Effective capacity at horizon minute `m`, straight from the resource's settings. An override
+/// of dates `[from, to)` covers those local days; for `nights` it covers the nights of those
+/// dates instead: from check-in time on `from` to check-out time on `to`.
+fn effective_at(resource: &Resource, m: usize) -> u32 {
+    let h = &*HORIZON;
+    let d = day(u8::try_from(h.minute_day[m]).expect("day"));
+    let tod = h.minute_of_day[m];
+    let covered = |o: &CapacityOverride| match &resource.time_model {
+        TimeModel::Nights(NightsModel { check_in_time, check_out_time, .. }) => {
+            (o.from < d || (o.from == d && tod >= check_in_time.minutes()))
+                && (d < o.to || (d == o.to && tod < check_out_time.minutes()))
+        }
+        _ => o.from <= d && d < o.to,
+    };
+    let mut base = resource.capacity;
+    for o in resource.rules.capacity_overrides.iter().filter(|o| o.from < o.to) {
+        if covered(o) {
+            base = o.capacity;
+        }
+    }
+    let scaled = u64::from(base) * (100 + u64::from(resource.rules.overbooking_percent)) / 100;
+    u32::try_from(scaled).expect("small capacity")
 }
 
 fn minute_range(span: Span) -> (usize, usize) {
@@ -465,12 +484,11 @@ impl Reference {
         let mut used = self.usage(now);
         let mut verdicts = Vec::new();
         for &(r, span, quantity) in items {
-            let effective = effective_by_day(&resources[r]);
             let (first, last) = minute_range(span);
             let mut remaining = u32::MAX;
             let mut fits = Ok(());
             for m in first..last {
-                let cap = effective[h.minute_day[m]];
+                let cap = effective_at(&resources[r], m);
                 let left = cap.saturating_sub(used[r][m]);
                 remaining = remaining.min(left);
                 if fits.is_ok() && used[r][m] + quantity > cap {
@@ -494,7 +512,7 @@ impl Reference {
             .iter()
             .map(|&(resource, span, quantity)| {
                 let (first, last) = minute_range(span);
-                RefItem { resource, first, last, quantity, admitted_under: effective_by_day(&resources[resource]) }
+                RefItem { resource, first, last, quantity, admitted_under: resources[resource].clone() }
             })
             .collect();
         self.bookings.push(RefBooking { state: RefState::Held, expires_at: now + HOLD_TTL, items });
@@ -545,7 +563,7 @@ impl Reference {
             for it in &items {
                 for m in it.first..it.last {
                     used[m - lo] += it.quantity;
-                    bound[m - lo] = it.admitted_under[h.minute_day[m]];
+                    bound[m - lo] = effective_at(&it.admitted_under, m);
                 }
             }
             for (i, (u, b)) in used.iter().zip(&bound).enumerate() {

@@ -13,6 +13,9 @@ use jiff::civil::Date;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
+use crate::error::ApiError;
+use allot_core::FieldErrors;
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RegisterBody {
@@ -122,7 +125,8 @@ pub struct ResourceBody {
     #[serde(default)]
     pub attributes: Option<serde_json::Map<String, Value>>,
     pub price_category: Option<String>,
-    pub time_model: TimeModel,
+    /// Parsed by [`parse_time_model`], so errors name the inner field.
+    pub time_model: Value,
     #[serde(default)]
     pub rules: ResourceRules,
 }
@@ -135,12 +139,45 @@ pub struct ResourcePatch {
     pub unit_price: Option<i64>,
     pub attributes: Option<serde_json::Map<String, Value>>,
     pub price_category: Option<String>,
-    pub time_model: Option<TimeModel>,
+    pub time_model: Option<Value>,
     pub rules: Option<ResourceRules>,
 }
 
+/// Reads a time model from its wire form. serde's tagged enums lose the path of a failing
+/// field, so the tag is read here and the rest goes to the model's own struct.
+pub fn parse_time_model(value: Value) -> Result<TimeModel, ApiError> {
+    let fail = |field: String, message: String| ApiError::bad_request(FieldErrors::single(field, message));
+    let Value::Object(mut fields) = value else {
+        return Err(fail("time_model".into(), "must be an object with a `kind`".into()));
+    };
+    let kind = match fields.remove("kind") {
+        Some(Value::String(kind)) => kind,
+        _ => return Err(fail("time_model.kind".into(), "must be one of slots, nights, free, events".into())),
+    };
+    fn inner<T: serde::de::DeserializeOwned>(fields: serde_json::Map<String, Value>) -> Result<T, ApiError> {
+        serde_path_to_error::deserialize(Value::Object(fields)).map_err(|e| {
+            let path = e.path().to_string();
+            let field = if path == "." { "time_model".to_owned() } else { format!("time_model.{path}") };
+            ApiError::bad_request(FieldErrors::single(field, e.inner().to_string()))
+        })
+    }
+    match kind.as_str() {
+        "slots" => inner(fields).map(TimeModel::Slots),
+        "nights" => inner(fields).map(TimeModel::Nights),
+        "free" => inner(fields).map(TimeModel::Free),
+        "events" if fields.is_empty() => Ok(TimeModel::Events),
+        "events" => Err(fail("time_model".into(), "kind 'events' takes no other fields".into())),
+        _ => Err(fail("time_model.kind".into(), "must be one of slots, nights, free, events".into())),
+    }
+}
+
 impl ResourcePatch {
-    pub fn apply(self, r: &mut Resource) {
+    /// Parses what needs parsing before the patch is applied.
+    pub fn parsed_time_model(&mut self) -> Result<Option<TimeModel>, ApiError> {
+        self.time_model.take().map(parse_time_model).transpose()
+    }
+
+    pub fn apply(self, r: &mut Resource, time_model: Option<TimeModel>) {
         if let Some(x) = self.name {
             r.name = x;
         }
@@ -156,7 +193,7 @@ impl ResourcePatch {
         if let Some(x) = self.price_category {
             r.price_category = Some(x);
         }
-        if let Some(x) = self.time_model {
+        if let Some(x) = time_model {
             r.time_model = x;
         }
         if let Some(x) = self.rules {

@@ -31,11 +31,9 @@ impl ApiError {
     }
 
     fn fields(status: StatusCode, fields: FieldErrors) -> Self {
-        let message = fields
-            .iter()
-            .next()
-            .map_or_else(|| "invalid request".to_owned(), |(f, m)| format!("{f}: {m}"));
-        let map: serde_json::Map<String, Value> = fields.iter().map(|(k, v)| (k.clone(), Value::String(v.clone()))).collect();
+        let message = fields.iter().next().map_or_else(|| "invalid request".to_owned(), |(f, m)| format!("{f}: {m}"));
+        let map: serde_json::Map<String, Value> =
+            fields.iter().map(|(k, v)| (k.clone(), Value::String(v.clone()))).collect();
         Self { status, code: "invalid_request", message, details: json!({ "fields": map }) }
     }
 
@@ -57,7 +55,9 @@ impl From<AppError> for ApiError {
         use StatusCode as S;
         match e {
             AppError::Invalid(v) => ApiError::invalid(v.fields),
-            AppError::Unauthenticated => ApiError::new(S::UNAUTHORIZED, "unauthenticated", "invalid credentials or token"),
+            AppError::Unauthenticated => {
+                ApiError::new(S::UNAUTHORIZED, "unauthenticated", "invalid credentials or token")
+            }
             AppError::Forbidden(m) => ApiError::new(S::FORBIDDEN, "forbidden", m),
             AppError::NotFound(what) => ApiError::not_found(what),
             AppError::Unavailable { item_index, message } => ApiError {
@@ -69,9 +69,11 @@ impl From<AppError> for ApiError {
                 details: json!({ "attempts_left": attempts_left }),
                 ..ApiError::new(S::PAYMENT_REQUIRED, "payment_declined", "the card was declined")
             },
-            AppError::PaymentProviderUnavailable => {
-                ApiError::new(S::SERVICE_UNAVAILABLE, "payment_provider_unavailable", "the payment provider is unavailable; try again")
-            }
+            AppError::PaymentProviderUnavailable => ApiError::new(
+                S::SERVICE_UNAVAILABLE,
+                "payment_provider_unavailable",
+                "the payment provider is unavailable; try again",
+            ),
             AppError::Conflict(m) => ApiError::new(S::CONFLICT, "conflict", m),
             AppError::IdempotencyKeyReused => ApiError::new(
                 S::UNPROCESSABLE_ENTITY,
@@ -83,7 +85,9 @@ impl From<AppError> for ApiError {
                 "idempotency_key_in_use",
                 "a request with this Idempotency-Key is still in progress",
             ),
-            AppError::Overloaded => ApiError::new(S::SERVICE_UNAVAILABLE, "overloaded", "the server is overloaded; retry shortly"),
+            AppError::Overloaded => {
+                ApiError::new(S::SERVICE_UNAVAILABLE, "overloaded", "the server is overloaded; retry shortly")
+            }
             AppError::Internal(cause) => {
                 tracing::error!(%cause, "internal error");
                 ApiError::new(S::INTERNAL_SERVER_ERROR, "internal", "internal server error")

@@ -48,7 +48,8 @@ pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
         let message = message.split(" at line ").next().unwrap_or(&message).to_owned();
         ApiError::bad_request(FieldErrors::single(field, message))
     })?;
-    de.end().map_err(|_| ApiError::bad_request(FieldErrors::single("body", "unexpected data after the JSON object")))?;
+    de.end()
+        .map_err(|_| ApiError::bad_request(FieldErrors::single("body", "unexpected data after the JSON object")))?;
     Ok(value)
 }
 
@@ -126,9 +127,11 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequestParts<S> for Query<T> {
 }
 
 fn serde_urlencoded_from_str<T: DeserializeOwned>(query: &str) -> Result<T, ApiError> {
-    axum::extract::Query::<T>::try_from_uri(&format!("/?{query}").parse().map_err(|_| {
-        ApiError::field(StatusCode::BAD_REQUEST, "query", "malformed query string")
-    })?)
+    axum::extract::Query::<T>::try_from_uri(
+        &format!("/?{query}")
+            .parse()
+            .map_err(|_| ApiError::field(StatusCode::BAD_REQUEST, "query", "malformed query string"))?,
+    )
     .map(|q| q.0)
     .map_err(|e| ApiError::field(StatusCode::BAD_REQUEST, "query", &e.body_text()))
 }

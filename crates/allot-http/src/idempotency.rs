@@ -58,7 +58,9 @@ pub async fn layer(State(app): State<Arc<App>>, request: Request, next: Next) ->
     match app.idempotency_admit(&id).await {
         Err(e) => ApiError::from(e).into_response(),
         Ok(Admission::Replay { status, body }) => replay(status, body),
-        Ok(Admission::Run) => run_and_store(&app, &id, next.run(Request::from_parts(parts, Body::from(bytes))).await).await,
+        Ok(Admission::Run) => {
+            run_and_store(&app, &id, next.run(Request::from_parts(parts, Body::from(bytes))).await).await
+        }
     }
 }
 

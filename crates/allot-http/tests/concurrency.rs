@@ -210,9 +210,11 @@ async fn fifty_customers_race_for_one_night_capacity_and_overbooking_hold() {
     assert_eq!(held.len() + refused.len(), RACERS);
 
     // The database agrees: one claim row per successful hold, quantities summing as answered.
-    for (room, expected_rows, expected_rooms) in
-        [(&plain, 5_i64, 5_i64), (&overbooked, 6, 6), (&mixed, i64::try_from(held.len()).unwrap(), i64::try_from(rooms).unwrap())]
-    {
+    for (room, expected_rows, expected_rooms) in [
+        (&plain, 5_i64, 5_i64),
+        (&overbooked, 6, 6),
+        (&mixed, i64::try_from(held.len()).unwrap(), i64::try_from(rooms).unwrap()),
+    ] {
         assert_eq!(claims_on(&t, room).await, expected_rows, "claim rows of {room}");
         let mut units = 0;
         for q in 1..=2_i64 {
@@ -250,7 +252,8 @@ async fn a_two_seat_hold_with_one_seat_taken_claims_neither() {
     let tokens = customers(&t, "aon", 3).await;
     let (a, b, c) = (&tokens[0], &tokens[1], &tokens[2]);
 
-    let (status, held) = t.post(Some(a), "/bookings", json!({"items": [{"resource_id": seats[1], "event_id": event}]})).await;
+    let (status, held) =
+        t.post(Some(a), "/bookings", json!({"items": [{"resource_id": seats[1], "event_id": event}]})).await;
     assert_eq!(status, StatusCode::CREATED, "{held}");
 
     let (status, refused) = t
@@ -292,7 +295,9 @@ async fn a_two_seat_hold_with_one_seat_taken_claims_neither() {
         )
         .await;
     assert!(
-        status == StatusCode::CONFLICT || status == StatusCode::UNPROCESSABLE_ENTITY || status == StatusCode::BAD_REQUEST,
+        status == StatusCode::CONFLICT
+            || status == StatusCode::UNPROCESSABLE_ENTITY
+            || status == StatusCode::BAD_REQUEST,
         "{status} {twice}"
     );
     if status == StatusCode::CONFLICT {
@@ -301,7 +306,8 @@ async fn a_two_seat_hold_with_one_seat_taken_claims_neither() {
     assert_eq!(claims_on(&t, &seats[2]).await, 0, "a refused hold of a seat twice claims nothing");
     assert_eq!(seat_statuses(&t, &event).await[&seats[2]], "available");
 
-    let (status, third) = t.post(Some(c), "/bookings", json!({"items": [{"resource_id": seats[0], "event_id": event}]})).await;
+    let (status, third) =
+        t.post(Some(c), "/bookings", json!({"items": [{"resource_id": seats[0], "event_id": event}]})).await;
     assert_eq!(status, StatusCode::CREATED, "seat 1 is still holdable: {third}");
     assert_eq!(claims_on(&t, &seats[0]).await, 1);
     assert_eq!(seat_statuses(&t, &event).await[&seats[0]], "held");
@@ -355,7 +361,8 @@ async fn random_mix_of_holds_confirms_and_cancels_never_double_claims_a_seat() {
         .iter()
         .enumerate()
         .map(|(n, token)| {
-            let (t, barrier, seats, event, token) = (t.clone(), barrier.clone(), seats.clone(), event.clone(), token.clone());
+            let (t, barrier, seats, event, token) =
+                (t.clone(), barrier.clone(), seats.clone(), event.clone(), token.clone());
             let mut rng = Rng(seed ^ (n as u64).wrapping_mul(0xA24B_AED4_963E_E407));
             tokio::spawn(async move {
                 let mut tally = Tally::default();
@@ -382,14 +389,16 @@ async fn random_mix_of_holds_confirms_and_cancels_never_double_claims_a_seat() {
                     let fate = match rng.below(16) {
                         0 => Fate::Held,
                         2..=8 => {
-                            let (status, b) = t.post(Some(&token), &format!("/bookings/{booking_id}/cancel"), json!({})).await;
+                            let (status, b) =
+                                t.post(Some(&token), &format!("/bookings/{booking_id}/cancel"), json!({})).await;
                             assert_eq!(status, StatusCode::OK, "cancel of a hold: {b}");
                             assert_eq!(b["status"], "cancelled", "{b}");
                             Fate::Cancelled
                         }
                         roll => {
                             let pay = json!({"payment": {"method": "card", "token": "tok_visa"}});
-                            let (status, b) = t.post(Some(&token), &format!("/bookings/{booking_id}/confirm"), pay).await;
+                            let (status, b) =
+                                t.post(Some(&token), &format!("/bookings/{booking_id}/confirm"), pay).await;
                             assert_eq!(status, StatusCode::OK, "confirm: {b}");
                             assert_eq!(b["status"], "confirmed", "{b}");
                             if roll == 1 {

@@ -34,7 +34,11 @@ async fn hold_confirm_cancel_a_seat() {
     assert_eq!(seat["status"], "held");
 
     let (status, confirmed) = t
-        .post(Some(&customer), &format!("/bookings/{id}/confirm"), json!({"payment": {"method": "card", "token": "tok_visa"}}))
+        .post(
+            Some(&customer),
+            &format!("/bookings/{id}/confirm"),
+            json!({"payment": {"method": "card", "token": "tok_visa"}}),
+        )
         .await;
     assert_eq!(status, StatusCode::OK, "{confirmed}");
     assert_eq!(confirmed["status"], "confirmed");
@@ -44,7 +48,8 @@ async fn hold_confirm_cancel_a_seat() {
     let seat = map["seats"].as_array().unwrap().iter().find(|s| s["resource_id"] == seats[1].as_str()).unwrap();
     assert_eq!(seat["status"], "booked");
 
-    let (status, cancelled) = t.post(Some(&customer), &format!("/bookings/{id}/cancel"), json!({"reason": "ill"})).await;
+    let (status, cancelled) =
+        t.post(Some(&customer), &format!("/bookings/{id}/cancel"), json!({"reason": "ill"})).await;
     assert_eq!(status, StatusCode::OK, "{cancelled}");
     assert_eq!(cancelled["status"], "cancelled");
     assert_eq!(cancelled["refund"]["amount"], 1800, "48 h ahead: full refund");
@@ -61,7 +66,8 @@ async fn three_declines_end_as_payment_failed_and_free_the_seat() {
     let venue = t.venue(&admin, "cinema").await;
     let (seats, event) = t.seats_and_event(&admin, &venue, 1, 24).await;
     let customer = t.customer("c2@test.allot").await;
-    let (_, booking) = t.post(Some(&customer), "/bookings", json!({"items": [{"resource_id": seats[0], "event_id": event}]})).await;
+    let (_, booking) =
+        t.post(Some(&customer), "/bookings", json!({"items": [{"resource_id": seats[0], "event_id": event}]})).await;
     let id = booking["id"].as_str().unwrap();
     let declined = json!({"payment": {"method": "card", "token": "tok_chargeDeclined"}});
     for attempt in 1..=3 {
@@ -72,6 +78,7 @@ async fn three_declines_end_as_payment_failed_and_free_the_seat() {
         let expected = if attempt < 3 { "held" } else { "payment_failed" };
         assert_eq!(b["status"], expected, "after attempt {attempt}");
     }
-    let (status, _) = t.post(Some(&customer), "/bookings", json!({"items": [{"resource_id": seats[0], "event_id": event}]})).await;
+    let (status, _) =
+        t.post(Some(&customer), "/bookings", json!({"items": [{"resource_id": seats[0], "event_id": event}]})).await;
     assert_eq!(status, StatusCode::CREATED, "capacity is back after payment_failed");
 }

@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use allot_app::StoreError;
 use allot_app::store::{
-    BookingFilter, Decide, HoldCommand, HoldRefused, IdempotencyBegin, IdempotencyKey, Page, PageRequest,
-    RefreshToken, Role, RotateOutcome, SeatState, Store, UpdateRefused, User,
+    BookingFilter, Decide, HoldCommand, HoldRefused, IdempotencyBegin, IdempotencyKey, Page, PageRequest, RefreshToken,
+    Role, RotateOutcome, SeatState, Store, UpdateRefused, User,
 };
 use allot_core::booking::{Booking, BookingStatus};
 use allot_core::capacity::{self, Claim, Span};
@@ -42,7 +42,8 @@ impl SqliteStore {
     pub async fn open(url: &str) -> Result<SqliteStore, StoreError> {
         let path = url.strip_prefix("sqlite://").or_else(|| url.strip_prefix("sqlite:")).unwrap_or(url);
         if let Some(dir) = std::path::Path::new(path).parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).map_err(|e| StoreError::Database(format!("creating {}: {e}", dir.display())))?;
+            std::fs::create_dir_all(dir)
+                .map_err(|e| StoreError::Database(format!("creating {}: {e}", dir.display())))?;
         }
         let base = SqliteConnectOptions::from_str(&format!("sqlite://{path}"))
             .map_err(db_error)?
@@ -97,7 +98,13 @@ fn after_key(page: &PageRequest) -> String {
     page.after.map(|u| u.as_simple().to_string()).unwrap_or_default()
 }
 
-async fn outbox(conn: &mut SqliteConnection, topic: &str, aggregate: &str, payload: &str, now: Timestamp) -> Result<(), sqlx::Error> {
+async fn outbox(
+    conn: &mut SqliteConnection,
+    topic: &str,
+    aggregate: &str,
+    payload: &str,
+    now: Timestamp,
+) -> Result<(), sqlx::Error> {
     sqlx::query("INSERT INTO outbox (topic, aggregate_id, payload, created_at) VALUES (?, ?, ?, ?)")
         .bind(topic)
         .bind(aggregate)
@@ -109,7 +116,12 @@ async fn outbox(conn: &mut SqliteConnection, topic: &str, aggregate: &str, paylo
 }
 
 /// Claims on a resource that count at `now`, overlapping `span`.
-async fn live_claims<'e, E>(executor: E, resource: ResourceId, span: Span, now: Timestamp) -> Result<Vec<Claim>, sqlx::Error>
+async fn live_claims<'e, E>(
+    executor: E,
+    resource: ResourceId,
+    span: Span,
+    now: Timestamp,
+) -> Result<Vec<Claim>, sqlx::Error>
 where
     E: sqlx::Executor<'e, Database = Sqlite>,
 {
@@ -133,7 +145,8 @@ where
 }
 
 async fn load_booking(conn: &mut SqliteConnection, id: &str) -> Result<Option<Booking>, sqlx::Error> {
-    let doc: Option<String> = sqlx::query_scalar("SELECT doc FROM bookings WHERE id = ?").bind(id).fetch_optional(conn).await?;
+    let doc: Option<String> =
+        sqlx::query_scalar("SELECT doc FROM bookings WHERE id = ?").bind(id).fetch_optional(conn).await?;
     doc.map(|d| from_json_db(&d)).transpose()
 }
 
@@ -153,7 +166,12 @@ fn hold_expiry(b: &Booking) -> Option<i64> {
 }
 
 /// Writes a status change and keeps the claims table in step with it.
-async fn apply_change(conn: &mut SqliteConnection, before: &Booking, after: &Booking, now: Timestamp) -> Result<(), sqlx::Error> {
+async fn apply_change(
+    conn: &mut SqliteConnection,
+    before: &Booking,
+    after: &Booking,
+    now: Timestamp,
+) -> Result<(), sqlx::Error> {
     save_booking(&mut *conn, after).await?;
     let id = after.id.to_string();
     if before.status.claims_capacity() && !after.status.claims_capacity() {
@@ -175,11 +193,12 @@ async fn apply_change(conn: &mut SqliteConnection, before: &Booking, after: &Boo
 async fn user_from_row(read: &SqlitePool, row: sqlx::sqlite::SqliteRow) -> Result<User, StoreError> {
     let id: String = row.get("id");
     let roles: String = row.get("roles");
-    let venues: Vec<(String,)> = sqlx::query_as("SELECT venue_id FROM venue_managers WHERE user_id = ? ORDER BY venue_id")
-        .bind(&id)
-        .fetch_all(read)
-        .await
-        .map_err(db_error)?;
+    let venues: Vec<(String,)> =
+        sqlx::query_as("SELECT venue_id FROM venue_managers WHERE user_id = ? ORDER BY venue_id")
+            .bind(&id)
+            .fetch_all(read)
+            .await
+            .map_err(db_error)?;
     Ok(User {
         id: id.parse().map_err(|_| StoreError::Corrupt(format!("user id {id}")))?,
         email: row.get("email"),
@@ -214,7 +233,8 @@ impl SqliteStore {
             "resources" => "SELECT doc FROM resources WHERE id = ? AND deleted_at IS NULL",
             _ => "SELECT doc FROM events WHERE id = ? AND deleted_at IS NULL",
         };
-        let doc: Option<String> = sqlx::query_scalar(sql).bind(id).fetch_optional(&self.read).await.map_err(db_error)?;
+        let doc: Option<String> =
+            sqlx::query_scalar(sql).bind(id).fetch_optional(&self.read).await.map_err(db_error)?;
         doc.map(|d| from_json(&d)).transpose()
     }
 
@@ -228,13 +248,20 @@ impl SqliteStore {
         if let Some(v) = venue {
             q = q.bind(v.to_string());
         }
-        let rows = q.bind(after_key(&page)).bind(i64::from(page.limit) + 1).fetch_all(&self.read).await.map_err(db_error)?;
-        let rows = rows.into_iter().map(|(id, doc)| Ok((id, from_json(&doc)?))).collect::<Result<Vec<_>, StoreError>>()?;
+        let rows =
+            q.bind(after_key(&page)).bind(i64::from(page.limit) + 1).fetch_all(&self.read).await.map_err(db_error)?;
+        let rows =
+            rows.into_iter().map(|(id, doc)| Ok((id, from_json(&doc)?))).collect::<Result<Vec<_>, StoreError>>()?;
         Ok(page_of(rows, page.limit))
     }
 
     /// Writes one statement through the writer, mapping a unique violation to `Conflict`.
-    async fn exec_one(&self, sql: &'static str, binds: Vec<Option<String>>, conflict: &'static str) -> Result<u64, StoreError> {
+    async fn exec_one(
+        &self,
+        sql: &'static str,
+        binds: Vec<Option<String>>,
+        conflict: &'static str,
+    ) -> Result<u64, StoreError> {
         let result = self
             .writer
             .exec(move |ctx: &mut WriteCtx| -> BoxFuture<'_, Outcome<u64, StoreError>> {
@@ -379,7 +406,11 @@ impl Store for SqliteStore {
             "",
         )
         .await?;
-        sqlx::query_scalar("SELECT value FROM settings WHERE key = ?").bind(key).fetch_one(&self.read).await.map_err(db_error)
+        sqlx::query_scalar("SELECT value FROM settings WHERE key = ?")
+            .bind(key)
+            .fetch_one(&self.read)
+            .await
+            .map_err(db_error)
     }
 
     async fn set_setting(&self, key: &str, value: &str) -> Result<(), StoreError> {
@@ -394,15 +425,23 @@ impl Store for SqliteStore {
 
     async fn insert_venue(&self, venue: &Venue) -> Result<(), StoreError> {
         let doc = serde_json::to_string(venue).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-        self.exec_one("INSERT INTO venues (id, doc) VALUES (?, ?)", vec![Some(venue.id.to_string()), Some(doc)], "venue exists")
-            .await
-            .map(|_| ())
+        self.exec_one(
+            "INSERT INTO venues (id, doc) VALUES (?, ?)",
+            vec![Some(venue.id.to_string()), Some(doc)],
+            "venue exists",
+        )
+        .await
+        .map(|_| ())
     }
 
     async fn update_venue(&self, venue: &Venue) -> Result<(), StoreError> {
         let doc = serde_json::to_string(venue).map_err(|e| StoreError::Corrupt(e.to_string()))?;
         let n = self
-            .exec_one("UPDATE venues SET doc = ? WHERE id = ? AND deleted_at IS NULL", vec![Some(doc), Some(venue.id.to_string())], "")
+            .exec_one(
+                "UPDATE venues SET doc = ? WHERE id = ? AND deleted_at IS NULL",
+                vec![Some(doc), Some(venue.id.to_string())],
+                "",
+            )
             .await?;
         if n == 0 { Err(StoreError::NotFound("venue")) } else { Ok(()) }
     }
@@ -440,7 +479,8 @@ impl Store for SqliteStore {
     }
 
     async fn venues(&self, page: PageRequest) -> Result<Page<Venue>, StoreError> {
-        self.docs_page("SELECT id, doc FROM venues WHERE deleted_at IS NULL AND id > ? ORDER BY id LIMIT ?", None, page).await
+        self.docs_page("SELECT id, doc FROM venues WHERE deleted_at IS NULL AND id > ? ORDER BY id LIMIT ?", None, page)
+            .await
     }
 
     async fn insert_resource(&self, r: &Resource) -> Result<(), StoreError> {
@@ -457,7 +497,11 @@ impl Store for SqliteStore {
     async fn update_resource(&self, r: &Resource) -> Result<(), StoreError> {
         let doc = serde_json::to_string(r).map_err(|e| StoreError::Corrupt(e.to_string()))?;
         let n = self
-            .exec_one("UPDATE resources SET doc = ? WHERE id = ? AND deleted_at IS NULL", vec![Some(doc), Some(r.id.to_string())], "")
+            .exec_one(
+                "UPDATE resources SET doc = ? WHERE id = ? AND deleted_at IS NULL",
+                vec![Some(doc), Some(r.id.to_string())],
+                "",
+            )
             .await?;
         if n == 0 { Err(StoreError::NotFound("resource")) } else { Ok(()) }
     }
@@ -495,7 +539,8 @@ impl Store for SqliteStore {
     async fn resources_by_ids(&self, ids: &[ResourceId]) -> Result<Vec<Resource>, StoreError> {
         let mut out = Vec::with_capacity(ids.len());
         for chunk in ids.chunks(500) {
-            let mut qb: QueryBuilder<Sqlite> = QueryBuilder::new("SELECT doc FROM resources WHERE deleted_at IS NULL AND id IN (");
+            let mut qb: QueryBuilder<Sqlite> =
+                QueryBuilder::new("SELECT doc FROM resources WHERE deleted_at IS NULL AND id IN (");
             let mut sep = qb.separated(", ");
             for id in chunk {
                 sep.push_bind(id.to_string());
@@ -534,13 +579,15 @@ impl Store for SqliteStore {
                         .execute(&mut ctx.conn)
                         .await?;
                     for seat in &event.seat_ids {
-                        sqlx::query("INSERT INTO event_seats (resource_id, start_at, event_id, end_at) VALUES (?, ?, ?, ?)")
-                            .bind(seat.to_string())
-                            .bind(start)
-                            .bind(&id)
-                            .bind(end)
-                            .execute(&mut ctx.conn)
-                            .await?;
+                        sqlx::query(
+                            "INSERT INTO event_seats (resource_id, start_at, event_id, end_at) VALUES (?, ?, ?, ?)",
+                        )
+                        .bind(seat.to_string())
+                        .bind(start)
+                        .bind(&id)
+                        .bind(end)
+                        .execute(&mut ctx.conn)
+                        .await?;
                     }
                     Ok(Ok(()))
                 })
@@ -598,7 +645,8 @@ impl Store for SqliteStore {
             qb.push(")");
             let rows: Vec<(String, String)> = qb.build_query_as().fetch_all(&self.read).await.map_err(db_error)?;
             for (resource, status) in rows {
-                let state = if status == BookingStatus::Confirmed.as_str() { SeatState::Booked } else { SeatState::Held };
+                let state =
+                    if status == BookingStatus::Confirmed.as_str() { SeatState::Booked } else { SeatState::Held };
                 if let Ok(id) = resource.parse() {
                     let entry = states.entry(id).or_insert(state);
                     if state == SeatState::Booked {
@@ -684,7 +732,8 @@ impl Store for SqliteStore {
         }
         qb.push(" ORDER BY id LIMIT ").push_bind(i64::from(page.limit) + 1);
         let rows: Vec<(String, String)> = qb.build_query_as().fetch_all(&self.read).await.map_err(db_error)?;
-        let rows = rows.into_iter().map(|(id, doc)| Ok((id, from_json(&doc)?))).collect::<Result<Vec<_>, StoreError>>()?;
+        let rows =
+            rows.into_iter().map(|(id, doc)| Ok((id, from_json(&doc)?))).collect::<Result<Vec<_>, StoreError>>()?;
         Ok(page_of(rows, page.limit))
     }
 
@@ -727,7 +776,12 @@ impl Store for SqliteStore {
         Ok(rows.into_iter().filter_map(|(id, at)| Some((id.parse().ok()?, ts(at)))).collect())
     }
 
-    async fn idempotency_begin(&self, key: &IdempotencyKey, now: Timestamp, lock_seconds: u32) -> Result<IdempotencyBegin, StoreError> {
+    async fn idempotency_begin(
+        &self,
+        key: &IdempotencyKey,
+        now: Timestamp,
+        lock_seconds: u32,
+    ) -> Result<IdempotencyBegin, StoreError> {
         let key = key.clone();
         self.writer
             .exec(move |ctx: &mut WriteCtx| -> BoxFuture<'_, Outcome<IdempotencyBegin, StoreError>> {

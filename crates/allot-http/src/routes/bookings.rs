@@ -48,7 +48,9 @@ fn item_request(i: usize, item: &HoldItemBody, errors: &mut FieldErrors) -> Opti
             }
         },
         // The event decides the window; the placeholder is replaced by the core.
-        (false, false, true) => Some(ClaimRequest::EventWindow { start: jiff::Timestamp::UNIX_EPOCH, end: jiff::Timestamp::UNIX_EPOCH }),
+        (false, false, true) => {
+            Some(ClaimRequest::EventWindow { start: jiff::Timestamp::UNIX_EPOCH, end: jiff::Timestamp::UNIX_EPOCH })
+        }
         (false, false, false) => {
             errors.add(at("start"), "give start and end, check_in and check_out, or event_id");
             None
@@ -58,12 +60,22 @@ fn item_request(i: usize, item: &HoldItemBody, errors: &mut FieldErrors) -> Opti
             None
         }
     };
-    Some(ItemRequest { resource_id: item.resource_id, event_id: item.event_id, claim: claim?, quantity: item.quantity.unwrap_or(1) })
+    Some(ItemRequest {
+        resource_id: item.resource_id,
+        event_id: item.event_id,
+        claim: claim?,
+        quantity: item.quantity.unwrap_or(1),
+    })
 }
 
-pub async fn hold(State(app): State<Arc<App>>, Auth(principal): Auth, Json(body): Json<HoldBody>) -> ApiResult<impl IntoResponse> {
+pub async fn hold(
+    State(app): State<Arc<App>>,
+    Auth(principal): Auth,
+    Json(body): Json<HoldBody>,
+) -> ApiResult<impl IntoResponse> {
     let mut errors = FieldErrors::new();
-    let items: Vec<ItemRequest> = body.items.iter().enumerate().filter_map(|(i, item)| item_request(i, item, &mut errors)).collect();
+    let items: Vec<ItemRequest> =
+        body.items.iter().enumerate().filter_map(|(i, item)| item_request(i, item, &mut errors)).collect();
     if !errors.is_empty() {
         return Err(ApiError::invalid(errors));
     }
@@ -79,7 +91,11 @@ pub struct ListQuery {
     cursor: Option<String>,
 }
 
-pub async fn list(State(app): State<Arc<App>>, Auth(principal): Auth, Query(q): Query<ListQuery>) -> ApiResult<impl IntoResponse> {
+pub async fn list(
+    State(app): State<Arc<App>>,
+    Auth(principal): Auth,
+    Query(q): Query<ListQuery>,
+) -> ApiResult<impl IntoResponse> {
     let page = PageQuery { limit: q.limit, cursor: q.cursor }.parse()?;
     let mut errors = FieldErrors::new();
     let status = q.status.as_deref().filter(|s| !s.is_empty()).and_then(|s| {
@@ -102,7 +118,11 @@ pub async fn list(State(app): State<Arc<App>>, Auth(principal): Auth, Query(q): 
     Ok(axum::Json(page_json(&bookings, booking_json)))
 }
 
-pub async fn get(State(app): State<Arc<App>>, Auth(principal): Auth, Path(id): Path<String>) -> ApiResult<impl IntoResponse> {
+pub async fn get(
+    State(app): State<Arc<App>>,
+    Auth(principal): Auth,
+    Path(id): Path<String>,
+) -> ApiResult<impl IntoResponse> {
     let booking = app.booking_for(&principal, path_id(&id, "booking")?).await?;
     Ok(axum::Json(booking_json(&booking)))
 }

@@ -13,8 +13,8 @@ use axum::response::IntoResponse;
 use serde::Deserialize;
 
 use crate::dto::{
-    EventBody, ResourceBody, ResourcePatch, VenueBody, VenuePatch, apply_policies, availability_json, event_json, page_json,
-    price_category, resource_json, seat_map_json, venue_json,
+    EventBody, ResourceBody, ResourcePatch, VenueBody, VenuePatch, apply_policies, availability_json, event_json,
+    page_json, parse_time_model, price_category, resource_json, seat_map_json, venue_json,
 };
 use crate::error::{ApiError, ApiResult};
 use crate::extract::{Auth, Json, PageQuery, Query, path_id};
@@ -65,7 +65,11 @@ pub async fn update_venue(
     Ok(axum::Json(venue_json(&venue)))
 }
 
-pub async fn delete_venue(State(app): State<Arc<App>>, Auth(principal): Auth, Path(id): Path<String>) -> ApiResult<impl IntoResponse> {
+pub async fn delete_venue(
+    State(app): State<Arc<App>>,
+    Auth(principal): Auth,
+    Path(id): Path<String>,
+) -> ApiResult<impl IntoResponse> {
     app.delete_venue(&principal, path_id(&id, "venue")?).await?;
     Ok(StatusCode::NO_CONTENT)
 }
@@ -86,6 +90,7 @@ pub async fn create_resource(
     Json(body): Json<ResourceBody>,
 ) -> ApiResult<impl IntoResponse> {
     let attributes = body.attributes.unwrap_or_default();
+    let time_model = parse_time_model(body.time_model)?;
     let resource = Resource {
         id: ResourceId::new(),
         venue_id: path_id(&id, "venue")?,
@@ -94,7 +99,7 @@ pub async fn create_resource(
         unit_price: body.unit_price,
         price_category: price_category(body.price_category, &attributes),
         attributes: serde_json::Value::Object(attributes).to_string(),
-        time_model: body.time_model,
+        time_model,
         rules: body.rules,
     };
     let resource = app.create_resource(&principal, resource).await?;
@@ -110,9 +115,11 @@ pub async fn update_resource(
     State(app): State<Arc<App>>,
     Auth(principal): Auth,
     Path(id): Path<String>,
-    Json(patch): Json<ResourcePatch>,
+    Json(mut patch): Json<ResourcePatch>,
 ) -> ApiResult<impl IntoResponse> {
-    let resource = app.update_resource(&principal, path_id(&id, "resource")?, Box::new(|r| patch.apply(r))).await?;
+    let time_model = patch.parsed_time_model()?;
+    let resource =
+        app.update_resource(&principal, path_id(&id, "resource")?, Box::new(|r| patch.apply(r, time_model))).await?;
     Ok(axum::Json(resource_json(&resource)))
 }
 

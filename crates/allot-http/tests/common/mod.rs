@@ -83,8 +83,9 @@ impl TestApp {
 
     /// Registers a customer through the API and returns its access token.
     pub async fn customer(&self, email: &str) -> String {
-        let (status, body) =
-            self.post(None, "/auth/register", json!({"email": email, "password": "password-123", "name": "Test"})).await;
+        let (status, body) = self
+            .post(None, "/auth/register", json!({"email": email, "password": "password-123", "name": "Test"}))
+            .await;
         assert_eq!(status, StatusCode::CREATED, "{body}");
         self.login(email).await
     }
