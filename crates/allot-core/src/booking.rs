@@ -209,7 +209,7 @@ mod tests {
         let at = |s| Timestamp::from_second(s).expect("ts");
         assert_eq!(b.next_status(Transition::Confirm, at(99)), Ok(BookingStatus::Confirmed));
         assert_eq!(b.next_status(Transition::Confirm, at(100)), Err(TransitionError::HoldExpired));
-        assert_eq!(b.next_status(Transition::Expire, at(99)).is_err(), true);
+        assert!(b.next_status(Transition::Expire, at(99)).is_err());
         assert_eq!(b.next_status(Transition::Expire, at(100)), Ok(BookingStatus::Expired));
     }
 

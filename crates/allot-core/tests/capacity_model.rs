@@ -487,11 +487,11 @@ impl Reference {
             let (first, last) = minute_range(span);
             let mut remaining = u32::MAX;
             let mut fits = Ok(());
-            for m in first..last {
+            for (m, &used_now) in used[r].iter().enumerate().take(last).skip(first) {
                 let cap = effective_at(&resources[r], m);
-                let left = cap.saturating_sub(used[r][m]);
+                let left = cap.saturating_sub(used_now);
                 remaining = remaining.min(left);
-                if fits.is_ok() && used[r][m] + quantity > cap {
+                if fits.is_ok() && used_now + quantity > cap {
                     let at = (h.first_minute + i64::try_from(m).expect("minute")) * 60;
                     fits = Err(Shortfall { at, remaining: left });
                 }
