@@ -6,7 +6,7 @@ use allot_core::FieldErrors;
 use allot_core::booking::{
     Booking, BookingItem, BookingStatus, ITEMS_MAX, PAYMENT_ATTEMPTS_MAX, Payment, Refund, Transition, TransitionError,
 };
-use allot_core::ids::{BookingId, ItemId, ResourceId};
+use allot_core::ids::{BookingId, ResourceId};
 use allot_core::inventory::{Event, ItemRequest, Resource, Venue, price_item};
 use jiff::SignedDuration;
 
@@ -51,19 +51,7 @@ impl App {
             }
         }
         errors.into_result()?;
-        let items: Vec<BookingItem> = priced
-            .iter()
-            .map(|p| BookingItem {
-                id: ItemId::new(),
-                resource_id: p.resource_id,
-                event_id: p.event_id,
-                start: p.start,
-                end: p.end,
-                quantity: p.quantity,
-                unit_price: p.unit_price,
-                price: p.price,
-            })
-            .collect();
+        let items: Vec<BookingItem> = priced.iter().map(|p| p.to_booking_item()).collect();
         let subtotal: i64 = items.iter().map(|i| i.price).sum();
         let ttl = SignedDuration::from_secs(i64::from(venue.policies.hold_ttl_seconds));
         let booking = Booking {

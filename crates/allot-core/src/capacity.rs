@@ -4,6 +4,10 @@
 //! just read for the resource; nothing else decides whether capacity is free. Times are
 //! seconds since the Unix epoch; intervals are half-open `[start, end)`.
 
+/// The longest span one claim may block (buffers included). Stores rely on it to bound the
+/// index range they scan for overlapping claims; `inventory::price_item` refuses longer ones.
+pub const CLAIM_SECONDS_MAX: i64 = 400 * 86_400;
+
 /// A half-open interval of seconds since the epoch; `start < end`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Span {

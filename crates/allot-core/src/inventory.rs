@@ -7,9 +7,10 @@ use jiff::civil::Date;
 use jiff::tz::TimeZone;
 use serde::{Deserialize, Serialize};
 
+use crate::booking::BookingItem;
 use crate::capacity::{CapacityRules, Claim, OverrideSpan, Span};
 use crate::error::{FieldErrors, ValidationError};
-use crate::ids::{EventId, ResourceId, UserId, VenueId};
+use crate::ids::{EventId, ItemId, ResourceId, UserId, VenueId};
 use crate::time_model::{ClaimRequest, FreeModel, NightsModel, TimeModel};
 
 pub const HOLD_TTL_SECONDS_MIN: u32 = 30;
@@ -20,6 +21,7 @@ pub const PRICE_MAX: i64 = 100_000_000_000;
 pub const OVERRIDES_MAX: usize = 100;
 pub const EVENT_SEATS_MAX: usize = 2_000;
 pub const NAME_LEN_MAX: usize = 200;
+pub const EVENT_SECONDS_MAX: i64 = 31 * 86_400;
 
 /// ISO 4217 currency code: three upper-case ASCII letters.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -312,6 +314,8 @@ impl Event {
         check_name(&mut e, "name", &self.name);
         if self.start >= self.end {
             e.add("end", "must be after start");
+        } else if self.end.as_second() - self.start.as_second() > EVENT_SECONDS_MAX {
+            e.add("end", "an event lasts at most 31 days");
         }
         if self.seat_ids.is_empty() || self.seat_ids.len() > EVENT_SEATS_MAX {
             e.add("seat_ids", format!("must list 1 to {EVENT_SEATS_MAX} seats"));
@@ -361,6 +365,22 @@ pub struct PricedItem {
     pub claim: Claim,
 }
 
+impl PricedItem {
+    /// The booking item this priced request becomes, with a new id.
+    pub fn to_booking_item(&self) -> BookingItem {
+        BookingItem {
+            id: ItemId::new(),
+            resource_id: self.resource_id,
+            event_id: self.event_id,
+            start: self.start,
+            end: self.end,
+            quantity: self.quantity,
+            unit_price: self.unit_price,
+            price: self.price,
+        }
+    }
+}
+
 /// Checks one item against its resource (and event) at `now` and fixes its price.
 ///
 /// Everything except capacity is checked here; capacity is the store's job, inside its
@@ -399,6 +419,10 @@ pub fn price_item(
         (TimeModel::Free(FreeModel { .. }), None) => (resource.unit_price * i64::from(resolved.units) + 30) / 60,
         _ => resource.unit_price * i64::from(resolved.units),
     };
+    let blocked = resource.blocked_span(resolved.start, resolved.end);
+    if blocked.end - blocked.start > crate::capacity::CLAIM_SECONDS_MAX {
+        return Err(ValidationError::field("end", "the claim is too long"));
+    }
     Ok(PricedItem {
         resource_id: resource.id,
         event_id: event.map(|e| e.id),
@@ -407,7 +431,7 @@ pub fn price_item(
         quantity: request.quantity,
         unit_price,
         price: unit_price * i64::from(request.quantity),
-        claim: Claim { span: resource.blocked_span(resolved.start, resolved.end), quantity: request.quantity },
+        claim: Claim { span: blocked, quantity: request.quantity },
     })
 }
 

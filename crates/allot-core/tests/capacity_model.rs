@@ -50,9 +50,9 @@
 
 use std::sync::LazyLock;
 
-use allot_core::booking::{Booking, BookingItem, BookingStatus, Transition, TransitionError};
+use allot_core::booking::{Booking, BookingStatus, Transition, TransitionError};
 use allot_core::capacity::{self, Claim, Shortfall, Span};
-use allot_core::ids::{BookingId, EventId, ItemId, ResourceId, UserId, VenueId};
+use allot_core::ids::{BookingId, EventId, ResourceId, UserId, VenueId};
 use allot_core::inventory::{
     CapacityOverride, Currency, Event, ItemRequest, Location, PricedItem, Resource, ResourceRules, Venue,
     VenuePolicies, price_item,
@@ -798,19 +798,7 @@ impl World {
                 expires_at: Some(ts(self.now + HOLD_TTL)),
                 created_at: now,
                 updated_at: now,
-                items: priced
-                    .iter()
-                    .map(|(_, p)| BookingItem {
-                        id: ItemId::new(),
-                        resource_id: p.resource_id,
-                        event_id: p.event_id,
-                        start: p.start,
-                        end: p.end,
-                        quantity: p.quantity,
-                        unit_price: p.unit_price,
-                        price: p.price,
-                    })
-                    .collect(),
+                items: priced.iter().map(|(_, p)| p.to_booking_item()).collect(),
                 currency: self.fx.venue.currency,
                 subtotal,
                 discount: 0,

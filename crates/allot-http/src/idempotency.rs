@@ -2,13 +2,14 @@
 //! replayed to the same principal for the same body; a different body gets 422, a concurrent
 //! duplicate 409. Server errors are not stored, so they can be retried.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 use allot_app::App;
 use allot_app::idempotency::Admission;
 use allot_app::store::IdempotencyKey;
 use axum::body::Body;
-use axum::extract::{Request, State};
+use axum::extract::{ConnectInfo, Request, State};
 use axum::http::{HeaderValue, Method, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
@@ -40,9 +41,13 @@ pub async fn layer(State(app): State<Arc<App>>, request: Request, next: Next) ->
     let Ok(bytes) = axum::body::to_bytes(body, BODY_BYTES_MAX).await else {
         return ApiError::field(StatusCode::PAYLOAD_TOO_LARGE, "body", "request body too large").into_response();
     };
-    // Keys are scoped to the verified principal; a bad token goes through unkeyed and gets its 401.
+    // Keys are scoped to the verified principal (anonymous callers to their address); a bad
+    // token goes through unkeyed and gets its 401.
     let principal = match bearer(&parts) {
-        None => "anonymous".to_owned(),
+        None => {
+            let peer = parts.extensions.get::<ConnectInfo<SocketAddr>>().map(|c| c.0.ip().to_string());
+            format!("anonymous:{}", peer.unwrap_or_default())
+        }
         Some(token) => match app.authenticate(token).await {
             Ok(p) => p.user_id.to_string(),
             Err(_) => return next.run(Request::from_parts(parts, Body::from(bytes))).await,

@@ -11,7 +11,7 @@ use allot_app::store::{
     Role, RotateOutcome, SeatState, Store, UpdateRefused, User,
 };
 use allot_core::booking::{Booking, BookingStatus};
-use allot_core::capacity::{self, Claim, Span};
+use allot_core::capacity::{self, CLAIM_SECONDS_MAX, Claim, Span};
 use allot_core::ids::{BookingId, EventId, ResourceId, UserId, VenueId};
 use allot_core::inventory::{Event, Resource, Venue};
 use async_trait::async_trait;
@@ -25,8 +25,6 @@ use sqlx::{Connection, QueryBuilder, Row, Sqlite, SqliteConnection};
 use crate::writer::{Outcome, WriteCtx, Writer, db_error};
 
 pub const READ_POOL_CONNECTIONS_MAX: u32 = 8;
-/// No claim is longer than this (a year of nights plus buffers); bounds the index scan.
-pub const CLAIM_SECONDS_MAX: i64 = 400 * 86_400;
 pub const BUSY_TIMEOUT_SECONDS: u64 = 10;
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
@@ -62,6 +60,12 @@ impl SqliteStore {
             .await
             .map_err(db_error)?;
         Ok(SqliteStore { read, writer: Writer::start(conn) })
+    }
+
+    /// `(transactions, requests)` the writer has committed or attempted since start.
+    pub fn write_stats(&self) -> (u64, u64) {
+        use std::sync::atomic::Ordering;
+        (self.writer.stats.transactions.load(Ordering::Relaxed), self.writer.stats.requests.load(Ordering::Relaxed))
     }
 
     /// Counts rows of a table; for tests and diagnostics.

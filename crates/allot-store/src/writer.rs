@@ -6,6 +6,8 @@
 //! request. One fsync serves the whole batch; no answer precedes durability.
 
 use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use allot_app::StoreError;
 use futures::FutureExt;
@@ -89,17 +91,26 @@ pub fn db_error(e: sqlx::Error) -> StoreError {
     StoreError::Database(e.to_string())
 }
 
+/// Counters of the writer since start: how well group commit is batching.
+#[derive(Debug, Default)]
+pub struct WriteStats {
+    pub transactions: AtomicU64,
+    pub requests: AtomicU64,
+}
+
 /// Handle to the writer task. Cloning shares the queue.
 #[derive(Clone)]
 pub struct Writer {
     queue: mpsc::Sender<Box<dyn Job>>,
+    pub stats: Arc<WriteStats>,
 }
 
 impl Writer {
     pub fn start(conn: SqliteConnection) -> Writer {
         let (queue, rx) = mpsc::channel(QUEUE_DEPTH_MAX);
-        tokio::spawn(run(WriteCtx { conn, last_now: Timestamp::UNIX_EPOCH }, rx));
-        Writer { queue }
+        let stats = Arc::new(WriteStats::default());
+        tokio::spawn(run(WriteCtx { conn, last_now: Timestamp::UNIX_EPOCH }, rx, stats.clone()));
+        Writer { queue, stats }
     }
 
     /// Runs `f` in the next batch and returns once that batch is durably committed.
@@ -127,9 +138,12 @@ impl Writer {
     }
 }
 
-async fn run(mut ctx: WriteCtx, mut rx: mpsc::Receiver<Box<dyn Job>>) {
+async fn run(mut ctx: WriteCtx, mut rx: mpsc::Receiver<Box<dyn Job>>, stats: Arc<WriteStats>) {
     let mut batch: Vec<Box<dyn Job>> = Vec::with_capacity(BATCH_SIZE_MAX);
     while rx.recv_many(&mut batch, BATCH_SIZE_MAX).await > 0 {
+        assert!(batch.len() <= BATCH_SIZE_MAX, "recv_many respects the batch limit");
+        stats.transactions.fetch_add(1, Ordering::Relaxed);
+        stats.requests.fetch_add(batch.len() as u64, Ordering::Relaxed);
         apply_batch(&mut ctx, &mut batch).await;
         batch.clear();
     }
