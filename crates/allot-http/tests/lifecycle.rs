@@ -82,3 +82,82 @@ async fn three_declines_end_as_payment_failed_and_free_the_seat() {
         t.post(Some(&customer), "/bookings", json!({"items": [{"resource_id": seats[0], "event_id": event}]})).await;
     assert_eq!(status, StatusCode::CREATED, "capacity is back after payment_failed");
 }
+
+#[tokio::test]
+async fn late_cancellation_refunds_per_policy_and_provider_failure_is_503() {
+    let t = TestApp::spawn().await;
+    let admin = t.admin().await;
+    let venue = t.venue(&admin, "cinema").await;
+    // The show starts in 12 h: inside the 24 h window, so the default policy refunds 50 %.
+    let (seats, event) = t.seats_and_event(&admin, &venue, 2, 12).await;
+    let customer = t.customer("c3@test.allot").await;
+    let (_, booking) =
+        t.post(Some(&customer), "/bookings", json!({"items": [{"resource_id": seats[0], "event_id": event}]})).await;
+    let id = booking["id"].as_str().unwrap();
+
+    let failing = json!({"payment": {"method": "card", "token": "tok_processing_error"}});
+    let response = t
+        .client
+        .post(t.url(&format!("/bookings/{id}/confirm")))
+        .bearer_auth(&customer)
+        .json(&failing)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert!(response.headers().get("retry-after").is_some());
+    let (_, body) = common::read(response).await;
+    assert_eq!(body["error"]["code"], "payment_provider_unavailable");
+    let (_, still) = t.get(Some(&customer), &format!("/bookings/{id}")).await;
+    assert_eq!(still["status"], "held", "a provider failure leaves the hold");
+    assert_eq!(still["payment_attempts"], 0, "a provider failure is not a decline");
+
+    let (status, confirmed) = t
+        .post(Some(&customer), &format!("/bookings/{id}/confirm"), json!({"payment": {"method": "card", "token": "tok_visa"}}))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{confirmed}");
+    let (status, cancelled) = t.post(Some(&customer), &format!("/bookings/{id}/cancel"), json!({})).await;
+    assert_eq!(status, StatusCode::OK, "{cancelled}");
+    assert_eq!(cancelled["refund"]["amount"], 600, "50 % of 1200");
+    assert!(cancelled["refund"]["reference"].is_string());
+
+    let (status, again) = t.post(Some(&customer), &format!("/bookings/{id}/cancel"), json!({})).await;
+    assert_eq!(status, StatusCode::CONFLICT, "cancelling twice: {again}");
+    assert_eq!(again["error"]["code"], "conflict");
+}
+
+#[tokio::test]
+async fn async_payment_leaves_the_booking_pending_and_holding_capacity() {
+    let t = TestApp::spawn().await;
+    let admin = t.admin().await;
+    let venue = t.venue(&admin, "cinema").await;
+    let (seats, event) = t.seats_and_event(&admin, &venue, 1, 24).await;
+    let customer = t.customer("c4@test.allot").await;
+    let (_, booking) =
+        t.post(Some(&customer), "/bookings", json!({"items": [{"resource_id": seats[0], "event_id": event}]})).await;
+    let id = booking["id"].as_str().unwrap();
+    let (status, pending) = t
+        .post(Some(&customer), &format!("/bookings/{id}/confirm"), json!({"payment": {"method": "card", "token": "tok_async"}}))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{pending}");
+    assert_eq!(pending["status"], "pending_payment");
+    let other = t.customer("c5@test.allot").await;
+    let (status, body) =
+        t.post(Some(&other), "/bookings", json!({"items": [{"resource_id": seats[0], "event_id": event}]})).await;
+    assert_eq!(status, StatusCode::CONFLICT, "{body}");
+}
+
+#[tokio::test]
+async fn health_and_readiness() {
+    let t = TestApp::spawn().await;
+    let ok = t.client.get(format!("http://{}/healthz", t.addr)).send().await.unwrap();
+    assert_eq!(ok.status(), StatusCode::OK);
+    let ready = t.client.get(format!("http://{}/readyz", t.addr)).send().await.unwrap();
+    assert_eq!(ready.status(), StatusCode::OK);
+    let (status, body) = common::read(t.client.get(format!("http://{}/nope", t.addr)).send().await.unwrap()).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert_eq!(body["error"]["code"], "not_found");
+    let (status, body) = common::read(t.client.put(t.url("/venues")).send().await.unwrap()).await;
+    assert_eq!(status, StatusCode::METHOD_NOT_ALLOWED);
+    assert_eq!(body["error"]["code"], "method_not_allowed");
+}
