@@ -469,3 +469,31 @@ async fn malformed_keys_are_rejected_without_running_the_request() {
     assert!(bookings_of(&t, &customer).await.is_empty());
     assert_eq!(seat_status(&t, &event, &seats[0]).await, "available");
 }
+
+#[tokio::test]
+async fn keys_older_than_24_hours_are_cleaned_up_and_can_be_used_again() {
+    let t = TestApp::spawn().await;
+    let admin = t.admin().await;
+    let venue = t.venue(&admin, "cinema").await;
+    let (seats, event) = t.seats_and_event(&admin, &venue, 2, 72).await;
+    let customer = t.customer("cleanup@test.allot").await;
+    let (s, _, first) = post_keyed(&t, Some(&customer), "/bookings", &seat(&seats[0], &event), "old-key").await;
+    assert_eq!(s, StatusCode::CREATED);
+    assert_eq!(t.store.count("idempotency_keys", "key = 'old-key'").await.unwrap(), 1);
+
+    // At 23 h the key is kept: the job deletes nothing of it and it still replays.
+    t.clock.advance(SignedDuration::from_hours(23));
+    t.app.idempotency_cleanup().await.unwrap();
+    assert_eq!(t.store.count("idempotency_keys", "key = 'old-key'").await.unwrap(), 1);
+
+    // Past 24 h the job removes it; the same key is then a new request.
+    t.clock.advance(SignedDuration::from_hours(2));
+    let deleted = t.app.idempotency_cleanup().await.unwrap();
+    assert!(deleted >= 1, "deleted {deleted}");
+    assert_eq!(t.store.count("idempotency_keys", "key = 'old-key'").await.unwrap(), 0);
+    let customer = t.login("cleanup@test.allot").await;
+    let (s, replayed, second) = post_keyed(&t, Some(&customer), "/bookings", &seat(&seats[1], &event), "old-key").await;
+    assert_eq!(s, StatusCode::CREATED, "{}", String::from_utf8_lossy(&second));
+    assert!(!replayed);
+    assert_ne!(json_of(&first)["id"], json_of(&second)["id"]);
+}

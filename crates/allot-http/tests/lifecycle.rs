@@ -113,7 +113,11 @@ async fn late_cancellation_refunds_per_policy_and_provider_failure_is_503() {
     assert_eq!(still["payment_attempts"], 0, "a provider failure is not a decline");
 
     let (status, confirmed) = t
-        .post(Some(&customer), &format!("/bookings/{id}/confirm"), json!({"payment": {"method": "card", "token": "tok_visa"}}))
+        .post(
+            Some(&customer),
+            &format!("/bookings/{id}/confirm"),
+            json!({"payment": {"method": "card", "token": "tok_visa"}}),
+        )
         .await;
     assert_eq!(status, StatusCode::OK, "{confirmed}");
     let (status, cancelled) = t.post(Some(&customer), &format!("/bookings/{id}/cancel"), json!({})).await;
@@ -137,7 +141,11 @@ async fn async_payment_leaves_the_booking_pending_and_holding_capacity() {
         t.post(Some(&customer), "/bookings", json!({"items": [{"resource_id": seats[0], "event_id": event}]})).await;
     let id = booking["id"].as_str().unwrap();
     let (status, pending) = t
-        .post(Some(&customer), &format!("/bookings/{id}/confirm"), json!({"payment": {"method": "card", "token": "tok_async"}}))
+        .post(
+            Some(&customer),
+            &format!("/bookings/{id}/confirm"),
+            json!({"payment": {"method": "card", "token": "tok_async"}}),
+        )
         .await;
     assert_eq!(status, StatusCode::OK, "{pending}");
     assert_eq!(pending["status"], "pending_payment");
