@@ -191,7 +191,9 @@ impl App {
             let mut next = b.clone();
             next.status = b.next_status(transition, now).map_err(transition_error)?;
             next.payment = Some(payment);
-            next.expires_at = None;
+            if next.status == BookingStatus::Confirmed {
+                next.expires_at = None;
+            }
             Ok(next)
         });
         match self.store.update_booking(booking.id, self.clock.now(), decide).await {

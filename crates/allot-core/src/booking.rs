@@ -59,6 +59,11 @@ impl BookingStatus {
         matches!(self, BookingStatus::Held | BookingStatus::PendingPayment | BookingStatus::Confirmed)
     }
 
+    /// Statuses that end at `expires_at` unless something completes them first.
+    pub fn expires(self) -> bool {
+        matches!(self, BookingStatus::Held | BookingStatus::PendingPayment)
+    }
+
     pub fn is_final(self) -> bool {
         !self.claims_capacity() && self != BookingStatus::Completed
     }
@@ -148,9 +153,11 @@ impl Booking {
         self.items.iter().map(|i| i.start).min()
     }
 
-    /// A held booking whose `expires_at` has passed no longer claims capacity.
+    /// A held booking (or one still waiting for an asynchronous payment) whose `expires_at`
+    /// has passed no longer claims capacity: a payment that never completes cannot keep
+    /// capacity forever.
     pub fn is_expired_at(&self, now: Timestamp) -> bool {
-        self.status == BookingStatus::Held && self.expires_at.is_some_and(|e| e <= now)
+        self.status.expires() && self.expires_at.is_some_and(|e| e <= now)
     }
 
     /// The state machine of SPEC §3: the status after `t` at `now`, or why not.
@@ -159,10 +166,12 @@ impl Booking {
         use Transition as T;
         let not_allowed = Err(TransitionError::NotAllowed { from: self.status, transition: t });
         match (self.status, t) {
-            (S::Held, T::Confirm | T::AwaitPayment | T::PaymentDeclined) if self.is_expired_at(now) => {
+            (S::Held | S::PendingPayment, T::Confirm | T::AwaitPayment | T::PaymentDeclined)
+                if self.is_expired_at(now) =>
+            {
                 Err(TransitionError::HoldExpired)
             }
-            (S::Held, T::Expire) if self.is_expired_at(now) => Ok(S::Expired),
+            (S::Held | S::PendingPayment, T::Expire) if self.is_expired_at(now) => Ok(S::Expired),
             (S::Held | S::PendingPayment, T::Confirm) => Ok(S::Confirmed),
             (S::Held, T::AwaitPayment) => Ok(S::PendingPayment),
             (S::Held, T::PaymentDeclined) if self.payment_attempts + 1 >= PAYMENT_ATTEMPTS_MAX => Ok(S::PaymentFailed),
@@ -210,6 +219,15 @@ mod tests {
         assert_eq!(b.next_status(Transition::Confirm, at(99)), Ok(BookingStatus::Confirmed));
         assert_eq!(b.next_status(Transition::Confirm, at(100)), Err(TransitionError::HoldExpired));
         assert!(b.next_status(Transition::Expire, at(99)).is_err());
+        assert_eq!(b.next_status(Transition::Expire, at(100)), Ok(BookingStatus::Expired));
+    }
+
+    #[test]
+    fn a_pending_payment_expires_like_a_hold() {
+        let b = booking(BookingStatus::PendingPayment, 100);
+        let at = |s| Timestamp::from_second(s).expect("ts");
+        assert_eq!(b.next_status(Transition::Confirm, at(99)), Ok(BookingStatus::Confirmed));
+        assert_eq!(b.next_status(Transition::Confirm, at(100)), Err(TransitionError::HoldExpired));
         assert_eq!(b.next_status(Transition::Expire, at(100)), Ok(BookingStatus::Expired));
     }
 

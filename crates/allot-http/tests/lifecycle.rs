@@ -131,7 +131,7 @@ async fn late_cancellation_refunds_per_policy_and_provider_failure_is_503() {
 }
 
 #[tokio::test]
-async fn async_payment_leaves_the_booking_pending_and_holding_capacity() {
+async fn async_payment_holds_capacity_until_the_hold_would_expire() {
     let t = TestApp::spawn().await;
     let admin = t.admin().await;
     let venue = t.venue(&admin, "cinema").await;
@@ -149,10 +149,25 @@ async fn async_payment_leaves_the_booking_pending_and_holding_capacity() {
         .await;
     assert_eq!(status, StatusCode::OK, "{pending}");
     assert_eq!(pending["status"], "pending_payment");
+    assert_eq!(pending["expires_at"], booking["expires_at"], "still bounded by the hold's expiry");
     let other = t.customer("c5@test.allot").await;
-    let (status, body) =
-        t.post(Some(&other), "/bookings", json!({"items": [{"resource_id": seats[0], "event_id": event}]})).await;
+    let seat = json!({"items": [{"resource_id": seats[0], "event_id": event}]});
+    let (status, body) = t.post(Some(&other), "/bookings", seat.clone()).await;
     assert_eq!(status, StatusCode::CONFLICT, "{body}");
+
+    // The provider never reported back: at expires_at the capacity is released.
+    t.clock.advance(jiff::SignedDuration::from_secs(601));
+    let (status, body) = t.post(Some(&other), "/bookings", seat).await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3);
+    loop {
+        let (_, b) = t.get(Some(&t.login("c4@test.allot").await), &format!("/bookings/{id}")).await;
+        if b["status"] == "expired" {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "pending booking not expired: {b}");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
 }
 
 #[tokio::test]

@@ -166,7 +166,7 @@ async fn save_booking(conn: &mut SqliteConnection, b: &Booking) -> Result<(), sq
 }
 
 fn hold_expiry(b: &Booking) -> Option<i64> {
-    (b.status == BookingStatus::Held).then(|| b.expires_at.map(|t| t.as_second())).flatten()
+    b.status.expires().then(|| b.expires_at.map(|t| t.as_second())).flatten()
 }
 
 /// Writes a status change and keeps the claims table in step with it.
@@ -747,7 +747,8 @@ impl Store for SqliteStore {
                 Box::pin(async move {
                     let now = ctx.now(now);
                     let docs: Vec<(String,)> = sqlx::query_as(
-                        "SELECT doc FROM bookings WHERE status = 'held' AND expires_at <= ? ORDER BY expires_at LIMIT ?",
+                        "SELECT doc FROM bookings WHERE status IN ('held', 'pending_payment') AND expires_at <= ?
+                         ORDER BY expires_at LIMIT ?",
                     )
                     .bind(now.as_second())
                     .bind(i64::from(limit))
@@ -756,7 +757,9 @@ impl Store for SqliteStore {
                     let mut expired = Vec::with_capacity(docs.len());
                     for (doc,) in docs {
                         let before: Booking = from_json_db(&doc)?;
-                        let Ok(status) = before.next_status(allot_core::booking::Transition::Expire, now) else { continue };
+                        let Ok(status) = before.next_status(allot_core::booking::Transition::Expire, now) else {
+                            continue;
+                        };
                         let mut after = before.clone();
                         after.status = status;
                         after.updated_at = now;
@@ -771,7 +774,8 @@ impl Store for SqliteStore {
 
     async fn upcoming_expiries(&self, limit: u32) -> Result<Vec<(BookingId, Timestamp)>, StoreError> {
         let rows: Vec<(String, i64)> = sqlx::query_as(
-            "SELECT id, expires_at FROM bookings WHERE status = 'held' AND expires_at IS NOT NULL ORDER BY expires_at LIMIT ?",
+            "SELECT id, expires_at FROM bookings WHERE status IN ('held', 'pending_payment') AND expires_at IS NOT NULL
+             ORDER BY expires_at LIMIT ?",
         )
         .bind(i64::from(limit))
         .fetch_all(&self.read)
