@@ -18,6 +18,8 @@ pub const HOLD_TTL_SECONDS_DEFAULT: u32 = 600;
 pub const HOLD_TTL_SECONDS_MAX: u32 = 24 * 3600;
 pub const CAPACITY_MAX: u32 = 10_000_000;
 pub const PRICE_MAX: i64 = 100_000_000_000;
+/// The most one item may cost (minor units); keeps totals and refunds far from overflow.
+pub const ITEM_PRICE_MAX: i64 = 1_000_000_000_000_000;
 pub const OVERRIDES_MAX: usize = 100;
 pub const EVENT_SEATS_MAX: usize = 2_000;
 pub const NAME_LEN_MAX: usize = 200;
@@ -414,11 +416,19 @@ pub fn price_item(
     let resolved = resource.time_model.resolve(claim, &tz)?;
     let start_field = if matches!(claim, ClaimRequest::Stay { .. }) { "check_in" } else { "start" };
     check_notice(resource, resolved.start, now).map_err(|e| ValidationError::field(start_field, e))?;
+    let units = i64::from(resolved.units);
     let unit_price = match (&resource.time_model, event) {
-        (_, Some(event)) => event.seat_price(resource),
-        (TimeModel::Free(FreeModel { .. }), None) => (resource.unit_price * i64::from(resolved.units) + 30) / 60,
-        _ => resource.unit_price * i64::from(resolved.units),
+        (_, Some(event)) => Some(event.seat_price(resource)),
+        (TimeModel::Free(FreeModel { .. }), None) => resource.unit_price.checked_mul(units).map(|p| (p + 30) / 60),
+        _ => resource.unit_price.checked_mul(units),
     };
+    let price = unit_price.and_then(|p| p.checked_mul(i64::from(request.quantity)));
+    let (Some(unit_price), Some(price)) = (unit_price, price.filter(|p| *p <= ITEM_PRICE_MAX)) else {
+        return Err(ValidationError::field("quantity", "the price of this item is too large"));
+    };
+    if resolved.start >= resolved.end {
+        return Err(ValidationError::field("end", "must be after start"));
+    }
     let blocked = resource.blocked_span(resolved.start, resolved.end);
     if blocked.end - blocked.start > crate::capacity::CLAIM_SECONDS_MAX {
         return Err(ValidationError::field("end", "the claim is too long"));
@@ -430,7 +440,7 @@ pub fn price_item(
         end: resolved.end,
         quantity: request.quantity,
         unit_price,
-        price: unit_price * i64::from(request.quantity),
+        price,
         claim: Claim { span: blocked, quantity: request.quantity },
     })
 }

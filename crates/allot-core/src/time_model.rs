@@ -154,25 +154,28 @@ impl TimeModel {
             (
                 TimeModel::Slots(SlotsModel { slot_minutes, schedule, max_slots }),
                 ClaimRequest::Interval { start, end },
-            ) => resolve_grid(start, end, *slot_minutes, Some(schedule), tz).and_then(|r| {
-                let slots = r.units / slot_minutes;
-                if slots > *max_slots {
+            ) => {
+                // Checked before the schedule is consulted, so a huge interval costs nothing.
+                if end.as_second().saturating_sub(start.as_second())
+                    > i64::from(*max_slots) * i64::from(*slot_minutes) * 60
+                {
                     return Err(ValidationError::field("end", format!("at most {max_slots} consecutive slots")));
                 }
-                Ok(Resolved { units: slots, ..r })
-            }),
+                let r = resolve_grid(start, end, *slot_minutes, Some(schedule), tz)?;
+                Ok(Resolved { units: r.units / slot_minutes, ..r })
+            }
             (
                 TimeModel::Free(FreeModel { step_minutes, min_minutes, max_minutes, schedule }),
                 ClaimRequest::Interval { start, end },
             ) => {
-                let r = resolve_grid(start, end, *step_minutes, schedule.as_ref(), tz)?;
-                if r.units < *min_minutes || r.units > *max_minutes {
+                let minutes = end.as_second().saturating_sub(start.as_second()) / 60;
+                if start < end && (minutes < i64::from(*min_minutes) || minutes > i64::from(*max_minutes)) {
                     return Err(ValidationError::field(
                         "end",
                         format!("duration must be between {min_minutes} and {max_minutes} minutes"),
                     ));
                 }
-                Ok(r)
+                resolve_grid(start, end, *step_minutes, schedule.as_ref(), tz)
             }
             (
                 TimeModel::Nights(NightsModel { check_in_time, check_out_time, min_nights, max_nights }),
@@ -191,6 +194,10 @@ impl TimeModel {
                 }
                 let start = check_in_time.on(check_in, tz);
                 let end = check_out_time.on(check_out, tz);
+                if start >= end {
+                    // Only at the very ends of the calendar, where local times cannot be formed.
+                    return Err(ValidationError::field("check_in", "outside the supported range of dates"));
+                }
                 Ok(Resolved { start, end, units: nights })
             }
             (TimeModel::Events, ClaimRequest::EventWindow { start, end }) => Ok(Resolved { start, end, units: 1 }),

@@ -1271,3 +1271,61 @@ async fn time_model_errors_name_the_inner_field() {
     }
     assert_no_failures("time model field paths", &failures);
 }
+
+#[tokio::test]
+async fn extreme_numbers_and_ranges_are_refused_not_crashed() {
+    let t = TestApp::spawn().await;
+    let admin = t.admin().await;
+    let venue = t.venue(&admin, "hall").await;
+    let customer = t.customer("extreme@test.allot").await;
+    // A price times a quantity beyond i64 must be refused, not overflow.
+    let hall = t
+        .resource(
+            &admin,
+            &venue,
+            json!({"name": "Hall", "capacity": 10_000_000, "unit_price": 100_000_000_000i64,
+                   "time_model": {"kind": "nights", "max_nights": 365}}),
+        )
+        .await;
+    let (status, body) = t
+        .post(
+            Some(&customer),
+            "/bookings",
+            json!({"items": [{"resource_id": hall, "check_in": "2026-12-01", "check_out": "2027-11-30", "quantity": 10_000_000}]}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+    assert_eq!(body["error"]["code"], "invalid_request");
+    // A slot request spanning centuries is refused by its length, before any schedule work.
+    let doctor = t
+        .resource(
+            &admin,
+            &venue,
+            json!({"name": "Doc", "capacity": 1, "unit_price": 100,
+                   "time_model": {"kind": "slots", "slot_minutes": 30,
+                                  "schedule": {"weekly": [{"days": ["mon"], "open": "09:00", "close": "17:00"}]}}}),
+        )
+        .await;
+    let started = std::time::Instant::now();
+    let (status, body) = t
+        .post(
+            Some(&customer),
+            "/bookings",
+            json!({"items": [{"resource_id": doctor, "start": "2026-11-30T08:00:00Z", "end": "9999-01-01T00:00:00Z"}]}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+    assert!(started.elapsed() < std::time::Duration::from_secs(5), "took {:?}", started.elapsed());
+    // Stays at the end of the calendar.
+    let room = t.room_type(&admin, &venue, 1, 0).await;
+    let (status, body) = t
+        .post(
+            Some(&customer),
+            "/bookings",
+            json!({"items": [{"resource_id": room, "check_in": "9999-12-30", "check_out": "9999-12-31"}]}),
+        )
+        .await;
+    assert!(status.is_client_error() || status == StatusCode::CREATED, "{status} {body}");
+    let (status, body) = t.get(None, &format!("/resources/{room}/availability?from=9999-12-01&to=9999-12-31")).await;
+    assert!(status.is_client_error() || status == StatusCode::OK, "{status} {body}");
+}
