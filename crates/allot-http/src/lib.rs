@@ -55,6 +55,7 @@ pub fn router(app: Arc<App>) -> Router {
         .method_not_allowed_fallback(method_not_allowed)
         .layer(axum::middleware::from_fn_with_state(app.clone(), idempotency::layer))
         .layer(DefaultBodyLimit::max(BODY_BYTES_MAX))
+        .layer(tower_http::catch_panic::CatchPanicLayer::custom(panicked))
         .layer(tower_http::trace::TraceLayer::new_for_http())
         .with_state(app)
 }
@@ -82,6 +83,12 @@ async fn readyz(State(app): State<Arc<App>>) -> impl IntoResponse {
             (StatusCode::SERVICE_UNAVAILABLE, axum::Json(json!({ "status": "unavailable" }))).into_response()
         }
     }
+}
+
+/// A bug must still answer in the API's error format, and say nothing about itself.
+fn panicked(_: Box<dyn std::any::Any + Send + 'static>) -> axum::response::Response {
+    tracing::error!("a request handler panicked");
+    ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "internal server error").into_response()
 }
 
 async fn not_found() -> ApiError {
