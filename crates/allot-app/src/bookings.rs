@@ -8,7 +8,7 @@ use allot_core::booking::{
 };
 use allot_core::ids::{BookingId, ResourceId};
 use allot_core::inventory::{Event, ItemRequest, Resource, Venue, price_item};
-use jiff::SignedDuration;
+use jiff::{SignedDuration, Timestamp};
 
 use crate::App;
 use crate::auth::Principal;
@@ -54,6 +54,9 @@ impl App {
         let items: Vec<BookingItem> = priced.iter().map(|p| p.to_booking_item()).collect();
         let subtotal: i64 = items.iter().map(|i| i.price).sum();
         let ttl = SignedDuration::from_secs(i64::from(venue.policies.hold_ttl_seconds));
+        // Expiry is kept in whole seconds, in the booking and in its claims alike: a fraction
+        // here would let the claim stop counting while the booking could still be confirmed.
+        let now = Timestamp::from_second(now.as_second()).unwrap_or(now);
         let booking = Booking {
             id: BookingId::new(),
             status: BookingStatus::Held,
@@ -137,6 +140,9 @@ impl App {
     /// Charges the card and confirms; a decline leaves the hold (until the third).
     pub async fn confirm(&self, principal: &Principal, id: BookingId, token: &str) -> AppResult<Booking> {
         let booking = self.booking_for_owner(principal, id).await?;
+        if booking.status == BookingStatus::PendingPayment {
+            return Err(AppError::Conflict("a payment for this booking is already in progress".into()));
+        }
         booking.next_status(Transition::Confirm, self.clock.now()).map_err(transition_error)?;
         let request = ChargeRequest {
             booking_id: booking.id,
@@ -199,8 +205,11 @@ impl App {
         match self.store.update_booking(booking.id, self.clock.now(), decide).await {
             Ok(b) => Ok(b),
             Err(refused) => {
-                // The hold ended between the charge and the commit: give the money back.
-                if let Err(e) = self.payments.refund(&reference, booking.total).await {
+                // The hold ended between the charge and the commit: give the money back, unless
+                // a concurrent confirm of the same attempt recorded this very payment.
+                let current = self.store.booking(booking.id).await.ok().flatten();
+                let recorded = current.and_then(|b| b.payment).is_some_and(|p| p.reference == reference);
+                if !recorded && let Err(e) = self.payments.refund(&reference, booking.total).await {
                     tracing::error!(booking_id = %booking.id, error = %e, "refund after failed confirm failed");
                 }
                 Err(update_error(refused))

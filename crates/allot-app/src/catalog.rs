@@ -361,10 +361,12 @@ fn resolve_range(
     now: Timestamp,
     tz: &jiff::tz::TimeZone,
 ) -> AppResult<((Timestamp, Date), (Timestamp, Date))> {
+    // Whole seconds, like every claim: a fraction of a second has nothing to show.
     let resolve = |b: Bound| match b {
         Bound::Date(d) => (Timestamp::from_second(allot_core::inventory::local_midnight(d, tz)).unwrap_or(now), d),
-        Bound::Instant(t) => (t, t.to_zoned(tz.clone()).date()),
+        Bound::Instant(t) => (Timestamp::from_second(t.as_second()).unwrap_or(t), t.to_zoned(tz.clone()).date()),
     };
+    let now = Timestamp::from_second(now.as_second()).unwrap_or(now);
     let from = from.map_or_else(|| (now, now.to_zoned(tz.clone()).date()), resolve);
     let to = to.map_or_else(
         || {

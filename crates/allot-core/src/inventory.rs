@@ -314,6 +314,12 @@ impl Event {
     pub fn validate(&self) -> FieldErrors {
         let mut e = FieldErrors::new();
         check_name(&mut e, "name", &self.name);
+        if self.start.subsec_nanosecond() != 0 {
+            e.add("start", "must be a whole second");
+        }
+        if self.end.subsec_nanosecond() != 0 {
+            e.add("end", "must be a whole second");
+        }
         if self.start >= self.end {
             e.add("end", "must be after start");
         } else if self.end.as_second() - self.start.as_second() > EVENT_SECONDS_MAX {

@@ -212,7 +212,14 @@ impl TimeModel {
         let mut d = from;
         while d < to {
             let next = add_days(d, 1);
-            out.push((d, check_in_time.on(d, tz), check_out_time.on(next, tz)));
+            let (start, end) = (check_in_time.on(d, tz), check_out_time.on(next, tz));
+            // At the ends of the calendar local times cannot be formed: no such night.
+            if start < end {
+                out.push((d, start, end));
+            }
+            if next == d {
+                break;
+            }
             d = next;
         }
         out
@@ -240,6 +247,13 @@ fn resolve_grid(
 ) -> Result<Resolved, ValidationError> {
     if start >= end {
         return Err(ValidationError::field("end", "must be after start"));
+    }
+    // Capacity is kept in whole seconds; a fraction would be silently cut.
+    if start.subsec_nanosecond() != 0 {
+        return Err(ValidationError::field("start", "must be a whole second"));
+    }
+    if end.subsec_nanosecond() != 0 {
+        return Err(ValidationError::field("end", "must be a whole second"));
     }
     let step = i64::from(step_minutes) * 60;
     let duration = end.as_second() - start.as_second();

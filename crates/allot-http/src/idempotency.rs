@@ -64,7 +64,24 @@ pub async fn layer(State(app): State<Arc<App>>, request: Request, next: Next) ->
         Err(e) => ApiError::from(e).into_response(),
         Ok(Admission::Replay { status, body }) => replay(status, body),
         Ok(Admission::Run) => {
-            run_and_store(&app, &id, next.run(Request::from_parts(parts, Body::from(bytes))).await).await
+            // Run detached: a client that hangs up must not cancel the request half-way, or the
+            // key would stay locked with its outcome unrecorded and a retry could run it twice.
+            let request = Request::from_parts(parts, Body::from(bytes));
+            let (task_app, task_id) = (app.clone(), id.clone());
+            let task = tokio::spawn(async move {
+                let response = next.run(request).await;
+                run_and_store(&task_app, &task_id, response).await
+            });
+            match task.await {
+                Ok(response) => response,
+                Err(e) => {
+                    // The handler panicked: a 5xx is never stored, so the key is free to retry.
+                    tracing::error!(error = %e, "an idempotent request failed to complete");
+                    let _ = app.idempotency_abandon(&id).await;
+                    ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "internal server error")
+                        .into_response()
+                }
+            }
         }
     }
 }

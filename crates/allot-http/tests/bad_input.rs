@@ -1316,6 +1316,19 @@ async fn extreme_numbers_and_ranges_are_refused_not_crashed() {
         .await;
     assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
     assert!(started.elapsed() < std::time::Duration::from_secs(5), "took {:?}", started.elapsed());
+    // Fractions of a second would be cut from capacity spans: refused, never a panic.
+    let (status, body) = t
+        .post(
+            Some(&customer),
+            "/bookings",
+            json!({"items": [{"resource_id": doctor, "start": "2026-11-30T08:00:00Z", "end": "2026-11-30T08:00:00.5Z"}]}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+    let (status, body) = t
+        .get(None, &format!("/resources/{doctor}/availability?from=2026-11-30T08:00:00.2Z&to=2026-11-30T08:00:00.7Z"))
+        .await;
+    assert!(status.is_client_error(), "{status} {body}");
     // Stays at the end of the calendar.
     let room = t.room_type(&admin, &venue, 1, 0).await;
     let (status, body) = t

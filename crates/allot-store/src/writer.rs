@@ -23,6 +23,9 @@ pub const QUEUE_DEPTH_MAX: usize = 16_384;
 pub struct WriteCtx {
     pub conn: SqliteConnection,
     last_now: Timestamp,
+    /// Set when a savepoint could not be taken, undone or released: the transaction's state is
+    /// unknown (SQLite may even have rolled it back itself), so the whole batch must fail.
+    poisoned: bool,
 }
 
 impl WriteCtx {
@@ -61,6 +64,7 @@ where
         Box::pin(async move {
             let Op { f, tx } = *self;
             if let Err(e) = sqlx::query("SAVEPOINT op").execute(&mut ctx.conn).await {
+                ctx.poisoned = true;
                 let _ = tx.send(Err(db_error(e)));
                 return Box::new(|_| {}) as Reply;
             }
@@ -69,6 +73,9 @@ where
             let undo = if keep { None } else { sqlx::query("ROLLBACK TO op").execute(&mut ctx.conn).await.err() };
             let release = sqlx::query("RELEASE op").execute(&mut ctx.conn).await.err();
             let failure = undo.or(release);
+            if failure.is_some() {
+                ctx.poisoned = true;
+            }
             Box::new(move |commit: Result<(), StoreError>| {
                 let result = match (outcome, commit, failure) {
                     (_, _, Some(e)) => Err(db_error(e)),
@@ -109,7 +116,7 @@ impl Writer {
     pub fn start(conn: SqliteConnection) -> Writer {
         let (queue, rx) = mpsc::channel(QUEUE_DEPTH_MAX);
         let stats = Arc::new(WriteStats::default());
-        tokio::spawn(run(WriteCtx { conn, last_now: Timestamp::UNIX_EPOCH }, rx, stats.clone()));
+        tokio::spawn(run(WriteCtx { conn, last_now: Timestamp::UNIX_EPOCH, poisoned: false }, rx, stats.clone()));
         Writer { queue, stats }
     }
 
@@ -160,18 +167,25 @@ async fn apply_batch(ctx: &mut WriteCtx, batch: &mut Vec<Box<dyn Job>>) {
     }
     let mut replies: Vec<Reply> = Vec::with_capacity(batch.len());
     let mut jobs = batch.drain(..);
-    let mut panicked = false;
+    let mut aborted = false;
+    ctx.poisoned = false;
     for job in jobs.by_ref() {
         match AssertUnwindSafe(job.run(ctx)).catch_unwind().await {
             Ok(reply) => replies.push(reply),
             Err(_) => {
-                panicked = true;
-                break;
+                tracing::error!("a write request panicked; rolling back its batch");
+                aborted = true;
             }
         }
+        if ctx.poisoned {
+            tracing::error!("a savepoint failed; rolling back its batch");
+            aborted = true;
+        }
+        if aborted {
+            break;
+        }
     }
-    let commit = if panicked {
-        tracing::error!("a write request panicked; rolling back its batch");
+    let commit = if aborted {
         let _ = sqlx::query("ROLLBACK").execute(&mut ctx.conn).await;
         Err(StoreError::Database("write aborted".into()))
     } else {
