@@ -52,29 +52,12 @@ impl App {
         }
         errors.into_result()?;
         let items: Vec<BookingItem> = priced.iter().map(|p| p.to_booking_item()).collect();
-        let subtotal: i64 = items.iter().map(|i| i.price).sum();
         let ttl = SignedDuration::from_secs(i64::from(venue.policies.hold_ttl_seconds));
         // Expiry is kept in whole seconds, in the booking and in its claims alike: a fraction
         // here would let the claim stop counting while the booking could still be confirmed.
         let now = Timestamp::from_second(now.as_second()).unwrap_or(now);
-        let booking = Booking {
-            id: BookingId::new(),
-            status: BookingStatus::Held,
-            customer_id: principal.user_id,
-            venue_id: venue.id,
-            expires_at: Some(now.checked_add(ttl).map_err(|e| AppError::Internal(e.to_string()))?),
-            created_at: now,
-            updated_at: now,
-            items,
-            currency: venue.currency,
-            subtotal,
-            discount: 0,
-            total: subtotal,
-            payment_attempts: 0,
-            payment: None,
-            refund: None,
-            cancel_reason: None,
-        };
+        let expires_at = now.checked_add(ttl).map_err(|e| AppError::Internal(e.to_string()))?;
+        let booking = Booking::new_hold(principal.user_id, venue.id, venue.currency, items, now, expires_at);
         let claims = priced.iter().map(|p| p.claim).collect();
         match self.store.hold(HoldCommand { booking, claims, now }).await {
             Ok(booking) => {

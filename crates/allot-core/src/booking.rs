@@ -148,6 +148,37 @@ pub struct Booking {
 }
 
 impl Booking {
+    /// A new hold of `items` (priced), expiring at `expires_at`.
+    pub fn new_hold(
+        customer_id: UserId,
+        venue_id: VenueId,
+        currency: Currency,
+        items: Vec<BookingItem>,
+        now: Timestamp,
+        expires_at: Timestamp,
+    ) -> Booking {
+        assert!(expires_at > now, "a hold expires after it is made");
+        let subtotal = items.iter().map(|i| i.price).sum();
+        Booking {
+            id: BookingId::new(),
+            status: BookingStatus::Held,
+            customer_id,
+            venue_id,
+            expires_at: Some(expires_at),
+            created_at: now,
+            updated_at: now,
+            items,
+            currency,
+            subtotal,
+            discount: 0,
+            total: subtotal,
+            payment_attempts: 0,
+            payment: None,
+            refund: None,
+            cancel_reason: None,
+        }
+    }
+
     /// Earliest start among the items (what cancellation policies measure from).
     pub fn first_start(&self) -> Option<Timestamp> {
         self.items.iter().map(|i| i.start).min()

@@ -52,7 +52,7 @@ use std::sync::LazyLock;
 
 use allot_core::booking::{Booking, BookingStatus, Transition, TransitionError};
 use allot_core::capacity::{self, Claim, Shortfall, Span};
-use allot_core::ids::{BookingId, EventId, ResourceId, UserId, VenueId};
+use allot_core::ids::{EventId, ResourceId, UserId, VenueId};
 use allot_core::inventory::{
     CapacityOverride, Currency, Event, ItemRequest, Location, PricedItem, Resource, ResourceRules, Venue,
     VenuePolicies, price_item,
@@ -789,25 +789,14 @@ impl World {
         let accepted = engine.iter().all(|v| v.fits.is_ok());
         if accepted {
             self.stats.accepted += 1;
-            let subtotal = priced.iter().map(|(_, p)| p.price).sum();
-            self.bookings.push(Booking {
-                id: BookingId::new(),
-                status: BookingStatus::Held,
-                customer_id: UserId::new(),
-                venue_id: self.fx.venue.id,
-                expires_at: Some(ts(self.now + HOLD_TTL)),
-                created_at: now,
-                updated_at: now,
-                items: priced.iter().map(|(_, p)| p.to_booking_item()).collect(),
-                currency: self.fx.venue.currency,
-                subtotal,
-                discount: 0,
-                total: subtotal,
-                payment_attempts: 0,
-                payment: None,
-                refund: None,
-                cancel_reason: None,
-            });
+            self.bookings.push(Booking::new_hold(
+                UserId::new(),
+                self.fx.venue.id,
+                self.fx.venue.currency,
+                priced.iter().map(|(_, p)| p.to_booking_item()).collect(),
+                now,
+                ts(self.now + HOLD_TTL),
+            ));
             self.claims.push(priced.iter().map(|(r, p)| (*r, p.claim)).collect());
             self.reference.admit(&self.fx.resources, self.now, &items);
         } else {
