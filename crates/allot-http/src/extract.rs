@@ -60,6 +60,9 @@ impl FromRequestParts<Arc<App>> for Auth {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, app: &Arc<App>) -> Result<Self, Self::Rejection> {
+        if let Some(principal) = parts.extensions.remove::<Principal>() {
+            return Ok(Auth(principal));
+        }
         let token = bearer(parts).ok_or_else(ApiError::unauthenticated)?;
         app.authenticate(token).await.map(Auth).map_err(|_| ApiError::unauthenticated())
     }

@@ -37,7 +37,7 @@ pub async fn layer(State(app): State<Arc<App>>, request: Request, next: Next) ->
     let Ok(key) = key else {
         return ApiError::field(StatusCode::BAD_REQUEST, "Idempotency-Key", "must be ASCII").into_response();
     };
-    let (parts, body) = request.into_parts();
+    let (mut parts, body) = request.into_parts();
     let Ok(bytes) = axum::body::to_bytes(body, BODY_BYTES_MAX).await else {
         return ApiError::field(StatusCode::PAYLOAD_TOO_LARGE, "body", "request body too large").into_response();
     };
@@ -49,7 +49,12 @@ pub async fn layer(State(app): State<Arc<App>>, request: Request, next: Next) ->
             format!("anonymous:{}", peer.unwrap_or_default())
         }
         Some(token) => match app.authenticate(token).await {
-            Ok(p) => p.user_id.to_string(),
+            Ok(p) => {
+                let user = p.user_id.to_string();
+                // The handler's `Auth` extractor takes it from here instead of verifying again.
+                parts.extensions.insert(p);
+                user
+            }
             Err(_) => return next.run(Request::from_parts(parts, Body::from(bytes))).await,
         },
     };
