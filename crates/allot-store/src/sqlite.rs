@@ -219,11 +219,8 @@ fn is_unique_violation(e: &sqlx::Error) -> bool {
 }
 
 impl SqliteStore {
-    async fn user_where(&self, column: &'static str, value: String) -> Result<Option<User>, StoreError> {
-        let sql = match column {
-            "email" => "SELECT * FROM users WHERE email = ?",
-            _ => "SELECT * FROM users WHERE id = ?",
-        };
+    /// The one user `sql` (taking one bind) selects.
+    async fn user_where(&self, sql: &'static str, value: String) -> Result<Option<User>, StoreError> {
         let row = sqlx::query(sql).bind(value).fetch_optional(&self.read).await.map_err(db_error)?;
         match row {
             Some(row) => Ok(Some(user_from_row(&self.read, row).await?)),
@@ -231,12 +228,8 @@ impl SqliteStore {
         }
     }
 
-    async fn doc_by_id<T: DeserializeOwned>(&self, table: &'static str, id: String) -> Result<Option<T>, StoreError> {
-        let sql = match table {
-            "venues" => "SELECT doc FROM venues WHERE id = ? AND deleted_at IS NULL",
-            "resources" => "SELECT doc FROM resources WHERE id = ? AND deleted_at IS NULL",
-            _ => "SELECT doc FROM events WHERE id = ? AND deleted_at IS NULL",
-        };
+    /// The document `sql` (taking the id) selects.
+    async fn doc_by_id<T: DeserializeOwned>(&self, sql: &'static str, id: String) -> Result<Option<T>, StoreError> {
         let doc: Option<String> =
             sqlx::query_scalar(sql).bind(id).fetch_optional(&self.read).await.map_err(db_error)?;
         doc.map(|d| from_json(&d)).transpose()
@@ -307,11 +300,11 @@ impl Store for SqliteStore {
     }
 
     async fn user_by_email(&self, email: &str) -> Result<Option<User>, StoreError> {
-        self.user_where("email", email.to_owned()).await
+        self.user_where("SELECT * FROM users WHERE email = ?", email.to_owned()).await
     }
 
     async fn user_by_id(&self, id: UserId) -> Result<Option<User>, StoreError> {
-        self.user_where("id", id.to_string()).await
+        self.user_where("SELECT * FROM users WHERE id = ?", id.to_string()).await
     }
 
     async fn set_manager(&self, venue_id: VenueId, user_id: UserId) -> Result<(), StoreError> {
@@ -479,7 +472,7 @@ impl Store for SqliteStore {
     }
 
     async fn venue(&self, id: VenueId) -> Result<Option<Venue>, StoreError> {
-        self.doc_by_id("venues", id.to_string()).await
+        self.doc_by_id("SELECT doc FROM venues WHERE id = ? AND deleted_at IS NULL", id.to_string()).await
     }
 
     async fn venues(&self, page: PageRequest) -> Result<Page<Venue>, StoreError> {
@@ -537,7 +530,7 @@ impl Store for SqliteStore {
     }
 
     async fn resource(&self, id: ResourceId) -> Result<Option<Resource>, StoreError> {
-        self.doc_by_id("resources", id.to_string()).await
+        self.doc_by_id("SELECT doc FROM resources WHERE id = ? AND deleted_at IS NULL", id.to_string()).await
     }
 
     async fn resources_by_ids(&self, ids: &[ResourceId]) -> Result<Vec<Resource>, StoreError> {
@@ -600,7 +593,7 @@ impl Store for SqliteStore {
     }
 
     async fn event(&self, id: EventId) -> Result<Option<Event>, StoreError> {
-        self.doc_by_id("events", id.to_string()).await
+        self.doc_by_id("SELECT doc FROM events WHERE id = ? AND deleted_at IS NULL", id.to_string()).await
     }
 
     async fn events(&self, venue_id: VenueId, page: PageRequest) -> Result<Page<Event>, StoreError> {
