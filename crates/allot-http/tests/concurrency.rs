@@ -428,7 +428,10 @@ async fn random_mix_of_holds_confirms_and_cancels_never_double_claims_a_seat() {
             while !done.load(Ordering::Relaxed) {
                 let doubled = t
                     .store
-                    .count("(SELECT resource_id FROM claims GROUP BY resource_id HAVING COUNT(*) > 1)", "1 = 1")
+                    .count(
+                        "(SELECT resource_id FROM claims GROUP BY resource_id HAVING COUNT(*) > 1) AS doubled",
+                        "1 = 1",
+                    )
                     .await
                     .unwrap();
                 assert_eq!(doubled, 0, "a seat had two claims during the mix (after {looks} looks)");

@@ -10,9 +10,9 @@ use std::time::{Duration, Instant};
 use allot_app::App;
 use allot_app::clock::ManualClock;
 use allot_app::payments::TestProvider;
-use allot_app::store::{IdempotencyBegin, IdempotencyKey, Store};
-use allot_store::SqliteStore;
-use common::{TestApp, test_now};
+use allot_app::store::{IdempotencyBegin, IdempotencyKey};
+
+use common::{TestApp, TestStore, test_now};
 use jiff::SignedDuration;
 use reqwest::StatusCode;
 use serde_json::{Value, json};
@@ -201,18 +201,17 @@ async fn expiry_is_exact_only_due_holds_expire() {
     assert_eq!(status_of(&t, &customer, &b).await, "expired");
 }
 
-/// A "restarted" server over the same SQLite file whose clock reads `at`: a second store and
+/// A "restarted" server over the same database whose clock reads `at`: a second store and
 /// `App::start` (which runs the expiry catch-up pass), served on its own loopback port.
 async fn restart_at(t: &TestApp, at: jiff::Timestamp) -> TestApp {
-    let url = format!("sqlite://{}", t.dir.join("allot.db").display());
-    let store = Arc::new(SqliteStore::open(&url).await.expect("reopen store"));
+    let store = TestStore::open(&t.db_url).await;
     let clock = Arc::new(ManualClock::new(at));
-    let app = App::start(store.clone(), clock.clone(), Arc::new(TestProvider)).await.expect("restart app");
+    let app = App::start(store.port(), clock.clone(), Arc::new(TestProvider)).await.expect("restart app");
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let served = app.clone();
     tokio::spawn(async move { allot_http::serve(listener, served, std::future::pending()).await });
-    TestApp { addr, app, clock, store, client: t.client.clone(), dir: t.dir.clone() }
+    TestApp { addr, app, clock, store, client: t.client.clone(), dir: t.dir.clone(), db_url: t.db_url.clone() }
 }
 
 #[tokio::test]

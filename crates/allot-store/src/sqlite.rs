@@ -17,12 +17,34 @@ use allot_core::inventory::{Event, Resource, Venue};
 use async_trait::async_trait;
 use futures::future::BoxFuture;
 use jiff::Timestamp;
-use serde::Serialize;
 use serde::de::DeserializeOwned;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{Connection, QueryBuilder, Row, Sqlite, SqliteConnection};
 
-use crate::writer::{Outcome, WriteCtx, Writer, db_error};
+use crate::common::{after_key, from_json, from_json_db, hold_expiry, is_unique_violation, page_of, to_json, ts};
+use crate::writer::{Backend, Outcome, WriteCtx, Writer, db_error};
+
+type Ctx = WriteCtx<SqliteConnection>;
+
+/// SQLite under the writer: one connection, `BEGIN IMMEDIATE` takes the database's write lock,
+/// so there is nothing to lock per resource.
+pub(crate) struct SqliteBackend;
+
+impl Backend for SqliteBackend {
+    type Conn = SqliteConnection;
+
+    fn begin<'c>(&'c self, conn: &'c mut SqliteConnection) -> BoxFuture<'c, Result<(), sqlx::Error>> {
+        self.execute(conn, "BEGIN IMMEDIATE")
+    }
+
+    fn execute<'c>(
+        &'c self,
+        conn: &'c mut SqliteConnection,
+        sql: &'static str,
+    ) -> BoxFuture<'c, Result<(), sqlx::Error>> {
+        Box::pin(async move { sqlx::query(sql).execute(conn).await.map(|_| ()) })
+    }
+}
 
 pub const READ_POOL_CONNECTIONS_MAX: u32 = 8;
 pub const BUSY_TIMEOUT_SECONDS: u64 = 10;
@@ -31,7 +53,7 @@ static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite")
 
 pub struct SqliteStore {
     read: SqlitePool,
-    writer: Writer,
+    writer: Writer<SqliteBackend>,
 }
 
 impl SqliteStore {
@@ -59,7 +81,7 @@ impl SqliteStore {
             .connect_with(base.read_only(true))
             .await
             .map_err(db_error)?;
-        Ok(SqliteStore { read, writer: Writer::start(conn) })
+        Ok(SqliteStore { read, writer: Writer::start(conn, SqliteBackend) })
     }
 
     /// `(transactions, requests)` the writer has committed or attempted since start.
@@ -73,33 +95,6 @@ impl SqliteStore {
         let sql = format!("SELECT COUNT(*) FROM {table} WHERE {where_clause}");
         sqlx::query_scalar(sqlx::AssertSqlSafe(sql)).fetch_one(&self.read).await.map_err(db_error)
     }
-}
-
-fn to_json<T: Serialize>(value: &T) -> Result<String, sqlx::Error> {
-    serde_json::to_string(value).map_err(|e| sqlx::Error::Encode(Box::new(e)))
-}
-
-fn from_json<T: DeserializeOwned>(doc: &str) -> Result<T, StoreError> {
-    serde_json::from_str(doc).map_err(|e| StoreError::Corrupt(e.to_string()))
-}
-
-fn from_json_db<T: DeserializeOwned>(doc: &str) -> Result<T, sqlx::Error> {
-    serde_json::from_str(doc).map_err(|e| sqlx::Error::Decode(Box::new(e)))
-}
-
-fn ts(seconds: i64) -> Timestamp {
-    Timestamp::from_second(seconds).unwrap_or(Timestamp::UNIX_EPOCH)
-}
-
-fn page_of<T>(mut rows: Vec<(String, T)>, limit: u32) -> Page<T> {
-    let more = rows.len() > limit as usize;
-    rows.truncate(limit as usize);
-    let next_after = if more { rows.last().and_then(|(id, _)| uuid::Uuid::parse_str(id).ok()) } else { None };
-    Page { items: rows.into_iter().map(|(_, v)| v).collect(), next_after }
-}
-
-fn after_key(page: &PageRequest) -> String {
-    page.after.map(|u| u.as_simple().to_string()).unwrap_or_default()
 }
 
 async fn outbox(
@@ -165,10 +160,6 @@ async fn save_booking(conn: &mut SqliteConnection, b: &Booking) -> Result<(), sq
         .map(|_| ())
 }
 
-fn hold_expiry(b: &Booking) -> Option<i64> {
-    b.status.expires().then(|| b.expires_at.map(|t| t.as_second())).flatten()
-}
-
 /// Writes a status change and keeps the claims table in step with it.
 async fn apply_change(
     conn: &mut SqliteConnection,
@@ -214,10 +205,6 @@ async fn user_from_row(read: &SqlitePool, row: sqlx::sqlite::SqliteRow) -> Resul
     })
 }
 
-fn is_unique_violation(e: &sqlx::Error) -> bool {
-    e.as_database_error().is_some_and(|d| d.is_unique_violation())
-}
-
 impl SqliteStore {
     /// The one user `sql` (taking one bind) selects.
     async fn user_where(&self, sql: &'static str, value: String) -> Result<Option<User>, StoreError> {
@@ -261,7 +248,7 @@ impl SqliteStore {
     ) -> Result<u64, StoreError> {
         let result = self
             .writer
-            .exec(move |ctx: &mut WriteCtx| -> BoxFuture<'_, Outcome<u64, StoreError>> {
+            .exec(move |ctx: &mut Ctx| -> BoxFuture<'_, Outcome<u64, StoreError>> {
                 Box::pin(async move {
                     let mut q = sqlx::query(sql);
                     for b in binds {
@@ -341,7 +328,7 @@ impl Store for SqliteStore {
     ) -> Result<RotateOutcome, StoreError> {
         let (old_hash, new_hash) = (old_hash.to_owned(), new_hash.to_owned());
         self.writer
-            .exec(move |ctx: &mut WriteCtx| -> BoxFuture<'_, Outcome<RotateOutcome, StoreError>> {
+            .exec(move |ctx: &mut Ctx| -> BoxFuture<'_, Outcome<RotateOutcome, StoreError>> {
                 Box::pin(async move {
                     let now = ctx.now(now).as_second();
                     let row: Option<(String, String, i64, Option<i64>, Option<i64>)> = sqlx::query_as(
@@ -446,7 +433,7 @@ impl Store for SqliteStore {
     async fn delete_venue(&self, id: VenueId, now: Timestamp) -> Result<(), StoreError> {
         let id = id.to_string();
         self.writer
-            .exec(move |ctx: &mut WriteCtx| -> BoxFuture<'_, Outcome<(), StoreError>> {
+            .exec(move |ctx: &mut Ctx| -> BoxFuture<'_, Outcome<(), StoreError>> {
                 Box::pin(async move {
                     let active: Option<i64> = sqlx::query_scalar(
                         "SELECT 1 FROM bookings WHERE venue_id = ? AND status IN ('held', 'pending_payment', 'confirmed') LIMIT 1",
@@ -506,7 +493,7 @@ impl Store for SqliteStore {
     async fn delete_resource(&self, id: ResourceId, now: Timestamp) -> Result<(), StoreError> {
         let id = id.to_string();
         self.writer
-            .exec(move |ctx: &mut WriteCtx| -> BoxFuture<'_, Outcome<(), StoreError>> {
+            .exec(move |ctx: &mut Ctx| -> BoxFuture<'_, Outcome<(), StoreError>> {
                 Box::pin(async move {
                     let at = ctx.now(now).as_second();
                     let active: Option<i64> =
@@ -563,7 +550,7 @@ impl Store for SqliteStore {
     async fn insert_event(&self, event: &Event) -> Result<(), StoreError> {
         let event = event.clone();
         self.writer
-            .exec(move |ctx: &mut WriteCtx| -> BoxFuture<'_, Outcome<(), StoreError>> {
+            .exec(move |ctx: &mut Ctx| -> BoxFuture<'_, Outcome<(), StoreError>> {
                 Box::pin(async move {
                     let id = event.id.to_string();
                     let (start, end) = (event.start.as_second(), event.end.as_second());
@@ -659,7 +646,7 @@ impl Store for SqliteStore {
         assert_eq!(command.booking.items.len(), command.claims.len(), "one claim per item");
         let result = self
             .writer
-            .write(move |ctx: &mut WriteCtx| -> BoxFuture<'_, Outcome<Booking, HoldRefused>> {
+            .write(move |ctx: &mut Ctx| -> BoxFuture<'_, Outcome<Booking, HoldRefused>> {
                 Box::pin(hold_in_tx(ctx, command))
             })
             .await;
@@ -673,7 +660,7 @@ impl Store for SqliteStore {
     async fn update_booking(&self, id: BookingId, now: Timestamp, decide: Decide) -> Result<Booking, UpdateRefused> {
         let result = self
             .writer
-            .write(move |ctx: &mut WriteCtx| -> BoxFuture<'_, Outcome<Booking, UpdateRefused>> {
+            .write(move |ctx: &mut Ctx| -> BoxFuture<'_, Outcome<Booking, UpdateRefused>> {
                 Box::pin(async move {
                     let now = ctx.now(now);
                     let Some(before) = load_booking(&mut ctx.conn, &id.to_string()).await? else {
@@ -736,7 +723,7 @@ impl Store for SqliteStore {
 
     async fn expire_due(&self, now: Timestamp, limit: u32) -> Result<Vec<BookingId>, StoreError> {
         self.writer
-            .exec(move |ctx: &mut WriteCtx| -> BoxFuture<'_, Outcome<Vec<BookingId>, StoreError>> {
+            .exec(move |ctx: &mut Ctx| -> BoxFuture<'_, Outcome<Vec<BookingId>, StoreError>> {
                 Box::pin(async move {
                     let now = ctx.now(now);
                     let docs: Vec<(String,)> = sqlx::query_as(
@@ -785,7 +772,7 @@ impl Store for SqliteStore {
     ) -> Result<IdempotencyBegin, StoreError> {
         let key = key.clone();
         self.writer
-            .exec(move |ctx: &mut WriteCtx| -> BoxFuture<'_, Outcome<IdempotencyBegin, StoreError>> {
+            .exec(move |ctx: &mut Ctx| -> BoxFuture<'_, Outcome<IdempotencyBegin, StoreError>> {
                 Box::pin(async move {
                     let now = ctx.now(now).as_second();
                     let row: Option<(String, Option<i64>, Option<Vec<u8>>, Option<i64>)> = sqlx::query_as(
@@ -839,7 +826,7 @@ impl Store for SqliteStore {
     async fn idempotency_complete(&self, key: &IdempotencyKey, status: u16, body: &[u8]) -> Result<(), StoreError> {
         let (key, body) = (key.clone(), body.to_vec());
         self.writer
-            .exec(move |ctx: &mut WriteCtx| -> BoxFuture<'_, Outcome<(), StoreError>> {
+            .exec(move |ctx: &mut Ctx| -> BoxFuture<'_, Outcome<(), StoreError>> {
                 Box::pin(async move {
                     sqlx::query(
                         "UPDATE idempotency_keys SET status = ?, body = ?, locked_until = NULL
@@ -881,7 +868,7 @@ impl Store for SqliteStore {
 
 /// The hold transaction: for each item, read the live claims of its resource, let the core
 /// decide (I1), insert the claim; the first refusal rolls all of them back (I3).
-async fn hold_in_tx(ctx: &mut WriteCtx, command: HoldCommand) -> Outcome<Booking, HoldRefused> {
+async fn hold_in_tx(ctx: &mut Ctx, command: HoldCommand) -> Outcome<Booking, HoldRefused> {
     let now = ctx.now(command.now);
     let mut booking = command.booking;
     let mut venue_tz: Option<jiff::tz::TimeZone> = None;

@@ -1,9 +1,14 @@
-//! The single writer with group commit.
+//! The single writer with group commit, shared by both backends.
 //!
 //! Requests queue on a bounded channel. The writer takes everything queued (up to
 //! [`BATCH_SIZE_MAX`]), runs each request inside its own SAVEPOINT of one transaction (so a
 //! refused request undoes only its own changes), commits once, and only then answers each
 //! request. One fsync serves the whole batch; no answer precedes durability.
+//!
+//! With several writers on one database (PostgreSQL, many nodes) each request names the
+//! resources it decides on; a batch locks all of them first, in one global order, through its
+//! [`Backend`]. Batches of different nodes therefore serialize per resource and never deadlock,
+//! and the batch clock starts no earlier than the last `now` any node used on those resources.
 
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
@@ -13,22 +18,57 @@ use allot_app::StoreError;
 use futures::FutureExt;
 use futures::future::BoxFuture;
 use jiff::Timestamp;
-use sqlx::SqliteConnection;
 use tokio::sync::{mpsc, oneshot};
 
 pub const BATCH_SIZE_MAX: usize = 512;
 pub const QUEUE_DEPTH_MAX: usize = 16_384;
 
+/// What the writer needs from a database beyond running a request's own statements.
+pub trait Backend: Send + Sync + 'static {
+    type Conn: Send + 'static;
+
+    /// Starts the batch transaction.
+    fn begin<'c>(&'c self, conn: &'c mut Self::Conn) -> BoxFuture<'c, Result<(), sqlx::Error>>;
+
+    /// Runs one statement without results (savepoints, commit, rollback).
+    fn execute<'c>(&'c self, conn: &'c mut Self::Conn, sql: &'static str) -> BoxFuture<'c, Result<(), sqlx::Error>>;
+
+    /// Locks `keys` (sorted, distinct resource ids) until the batch ends and returns the latest
+    /// `now` an earlier transaction decided on them with. A single-writer database needs neither.
+    fn lock<'c>(
+        &'c self,
+        _conn: &'c mut Self::Conn,
+        _keys: &'c [String],
+    ) -> BoxFuture<'c, Result<Option<Timestamp>, sqlx::Error>> {
+        Box::pin(async { Ok(None) })
+    }
+
+    /// Records `now` as the latest time the batch decided on `keys` with.
+    fn stamp<'c>(
+        &'c self,
+        _conn: &'c mut Self::Conn,
+        _keys: &'c [String],
+        _now: Timestamp,
+    ) -> BoxFuture<'c, Result<(), sqlx::Error>> {
+        Box::pin(async { Ok(()) })
+    }
+
+    /// A new connection to replace one that failed; `None` keeps the old one.
+    fn reconnect(&self) -> BoxFuture<'_, Option<Self::Conn>> {
+        Box::pin(async { None })
+    }
+}
+
 /// What a write request sees: the connection (inside the batch transaction) and the batch clock.
-pub struct WriteCtx {
-    pub conn: SqliteConnection,
+pub struct WriteCtx<C> {
+    pub conn: C,
     last_now: Timestamp,
     /// Set when a savepoint could not be taken, undone or released: the transaction's state is
     /// unknown (SQLite may even have rolled it back itself), so the whole batch must fail.
     poisoned: bool,
 }
 
-impl WriteCtx {
+impl<C> WriteCtx<C> {
     /// The request's `now`, never earlier than that of any request applied before it. Without
     /// this, a confirm stamped just before a hold's expiry could be applied after another
     /// customer already re-took the seat.
@@ -40,8 +80,10 @@ impl WriteCtx {
 
 type Reply = Box<dyn FnOnce(Result<(), StoreError>) + Send>;
 
-trait Job: Send {
-    fn run<'c>(self: Box<Self>, ctx: &'c mut WriteCtx) -> BoxFuture<'c, Reply>;
+trait Job<B: Backend>: Send {
+    /// The resources this request decides on, locked before the batch runs.
+    fn keys(&self) -> &[String];
+    fn run<'c>(self: Box<Self>, backend: &'c B, ctx: &'c mut WriteCtx<B::Conn>) -> BoxFuture<'c, Reply>;
     fn fail(self: Box<Self>, error: StoreError);
 }
 
@@ -51,27 +93,33 @@ pub type Outcome<T, E> = Result<Result<T, E>, sqlx::Error>;
 
 struct Op<F, T, E> {
     f: F,
+    keys: Vec<String>,
     tx: oneshot::Sender<Result<Result<T, E>, StoreError>>,
 }
 
-impl<F, T, E> Job for Op<F, T, E>
+impl<B, F, T, E> Job<B> for Op<F, T, E>
 where
-    F: for<'c> FnOnce(&'c mut WriteCtx) -> BoxFuture<'c, Outcome<T, E>> + Send + 'static,
+    B: Backend,
+    F: for<'c> FnOnce(&'c mut WriteCtx<B::Conn>) -> BoxFuture<'c, Outcome<T, E>> + Send + 'static,
     T: Send + 'static,
     E: Send + 'static,
 {
-    fn run<'c>(self: Box<Self>, ctx: &'c mut WriteCtx) -> BoxFuture<'c, Reply> {
+    fn keys(&self) -> &[String] {
+        &self.keys
+    }
+
+    fn run<'c>(self: Box<Self>, backend: &'c B, ctx: &'c mut WriteCtx<B::Conn>) -> BoxFuture<'c, Reply> {
         Box::pin(async move {
-            let Op { f, tx } = *self;
-            if let Err(e) = sqlx::query("SAVEPOINT op").execute(&mut ctx.conn).await {
+            let Op { f, tx, .. } = *self;
+            if let Err(e) = backend.execute(&mut ctx.conn, "SAVEPOINT op").await {
                 ctx.poisoned = true;
                 let _ = tx.send(Err(db_error(e)));
                 return Box::new(|_| {}) as Reply;
             }
             let outcome = f(ctx).await;
             let keep = matches!(outcome, Ok(Ok(_)));
-            let undo = if keep { None } else { sqlx::query("ROLLBACK TO op").execute(&mut ctx.conn).await.err() };
-            let release = sqlx::query("RELEASE op").execute(&mut ctx.conn).await.err();
+            let undo = if keep { None } else { backend.execute(&mut ctx.conn, "ROLLBACK TO op").await.err() };
+            let release = backend.execute(&mut ctx.conn, "RELEASE op").await.err();
             let failure = undo.or(release);
             if failure.is_some() {
                 ctx.poisoned = true;
@@ -106,29 +154,45 @@ pub struct WriteStats {
 }
 
 /// Handle to the writer task. Cloning shares the queue.
-#[derive(Clone)]
-pub struct Writer {
-    queue: mpsc::Sender<Box<dyn Job>>,
+pub struct Writer<B: Backend> {
+    queue: mpsc::Sender<Box<dyn Job<B>>>,
     pub stats: Arc<WriteStats>,
 }
 
-impl Writer {
-    pub fn start(conn: SqliteConnection) -> Writer {
+impl<B: Backend> Clone for Writer<B> {
+    fn clone(&self) -> Self {
+        Self { queue: self.queue.clone(), stats: self.stats.clone() }
+    }
+}
+
+impl<B: Backend> Writer<B> {
+    pub fn start(conn: B::Conn, backend: B) -> Writer<B> {
         let (queue, rx) = mpsc::channel(QUEUE_DEPTH_MAX);
         let stats = Arc::new(WriteStats::default());
-        tokio::spawn(run(WriteCtx { conn, last_now: Timestamp::UNIX_EPOCH, poisoned: false }, rx, stats.clone()));
+        let ctx = WriteCtx { conn, last_now: Timestamp::UNIX_EPOCH, poisoned: false };
+        tokio::spawn(run(backend, ctx, rx, stats.clone()));
         Writer { queue, stats }
     }
 
     /// Runs `f` in the next batch and returns once that batch is durably committed.
     pub async fn write<T, E, F>(&self, f: F) -> Result<Result<T, E>, StoreError>
     where
-        F: for<'c> FnOnce(&'c mut WriteCtx) -> BoxFuture<'c, Outcome<T, E>> + Send + 'static,
+        F: for<'c> FnOnce(&'c mut WriteCtx<B::Conn>) -> BoxFuture<'c, Outcome<T, E>> + Send + 'static,
+        T: Send + 'static,
+        E: Send + 'static,
+    {
+        self.write_locked(Vec::new(), f).await
+    }
+
+    /// Like [`Writer::write`], with `keys` (resource ids) locked for the whole batch first.
+    pub async fn write_locked<T, E, F>(&self, keys: Vec<String>, f: F) -> Result<Result<T, E>, StoreError>
+    where
+        F: for<'c> FnOnce(&'c mut WriteCtx<B::Conn>) -> BoxFuture<'c, Outcome<T, E>> + Send + 'static,
         T: Send + 'static,
         E: Send + 'static,
     {
         let (tx, rx) = oneshot::channel();
-        self.queue.try_send(Box::new(Op { f, tx })).map_err(|e| match e {
+        self.queue.try_send(Box::new(Op { f, keys, tx })).map_err(|e| match e {
             mpsc::error::TrySendError::Full(_) => StoreError::Overloaded,
             mpsc::error::TrySendError::Closed(_) => StoreError::Closed,
         })?;
@@ -138,39 +202,72 @@ impl Writer {
     /// Like [`Writer::write`] for requests that cannot be refused, only fail.
     pub async fn exec<T, F>(&self, f: F) -> Result<T, StoreError>
     where
-        F: for<'c> FnOnce(&'c mut WriteCtx) -> BoxFuture<'c, Outcome<T, StoreError>> + Send + 'static,
+        F: for<'c> FnOnce(&'c mut WriteCtx<B::Conn>) -> BoxFuture<'c, Outcome<T, StoreError>> + Send + 'static,
         T: Send + 'static,
     {
         self.write(f).await?
     }
 }
 
-async fn run(mut ctx: WriteCtx, mut rx: mpsc::Receiver<Box<dyn Job>>, stats: Arc<WriteStats>) {
-    let mut batch: Vec<Box<dyn Job>> = Vec::with_capacity(BATCH_SIZE_MAX);
+async fn run<B: Backend>(
+    backend: B,
+    mut ctx: WriteCtx<B::Conn>,
+    mut rx: mpsc::Receiver<Box<dyn Job<B>>>,
+    stats: Arc<WriteStats>,
+) {
+    let mut batch: Vec<Box<dyn Job<B>>> = Vec::with_capacity(BATCH_SIZE_MAX);
     while rx.recv_many(&mut batch, BATCH_SIZE_MAX).await > 0 {
         assert!(batch.len() <= BATCH_SIZE_MAX, "recv_many respects the batch limit");
         stats.transactions.fetch_add(1, Ordering::Relaxed);
         stats.requests.fetch_add(batch.len() as u64, Ordering::Relaxed);
-        apply_batch(&mut ctx, &mut batch).await;
+        apply_batch(&backend, &mut ctx, &mut batch).await;
         batch.clear();
     }
 }
 
-async fn apply_batch(ctx: &mut WriteCtx, batch: &mut Vec<Box<dyn Job>>) {
-    if let Err(e) = sqlx::query("BEGIN IMMEDIATE").execute(&mut ctx.conn).await {
+/// Begins the batch transaction, replacing the connection once if it has failed.
+async fn begin<B: Backend>(backend: &B, ctx: &mut WriteCtx<B::Conn>) -> Result<(), sqlx::Error> {
+    let Err(first) = backend.begin(&mut ctx.conn).await else { return Ok(()) };
+    let Some(conn) = backend.reconnect().await else { return Err(first) };
+    tracing::warn!(error = %first, "write connection replaced");
+    ctx.conn = conn;
+    backend.begin(&mut ctx.conn).await
+}
+
+fn fail_all<B: Backend>(batch: &mut Vec<Box<dyn Job<B>>>, error: &StoreError) {
+    for job in batch.drain(..) {
+        job.fail(StoreError::Database(error.to_string()));
+    }
+}
+
+async fn apply_batch<B: Backend>(backend: &B, ctx: &mut WriteCtx<B::Conn>, batch: &mut Vec<Box<dyn Job<B>>>) {
+    if let Err(e) = begin(backend, ctx).await {
         let error = db_error(e);
         tracing::error!(%error, "could not begin a write transaction");
-        for job in batch.drain(..) {
-            job.fail(StoreError::Database(error.to_string()));
-        }
+        fail_all(batch, &error);
         return;
+    }
+    let mut keys: Vec<String> = batch.iter().flat_map(|job| job.keys().iter().cloned()).collect();
+    keys.sort_unstable();
+    keys.dedup();
+    if !keys.is_empty() {
+        match backend.lock(&mut ctx.conn, &keys).await {
+            Ok(floor) => ctx.last_now = ctx.last_now.max(floor.unwrap_or(Timestamp::UNIX_EPOCH)),
+            Err(e) => {
+                let _ = backend.execute(&mut ctx.conn, "ROLLBACK").await;
+                let error = db_error(e);
+                tracing::error!(%error, "could not lock the batch's resources");
+                fail_all(batch, &error);
+                return;
+            }
+        }
     }
     let mut replies: Vec<Reply> = Vec::with_capacity(batch.len());
     let mut jobs = batch.drain(..);
     let mut aborted = false;
     ctx.poisoned = false;
     for job in jobs.by_ref() {
-        match AssertUnwindSafe(job.run(ctx)).catch_unwind().await {
+        match AssertUnwindSafe(job.run(backend, ctx)).catch_unwind().await {
             Ok(reply) => replies.push(reply),
             Err(_) => {
                 tracing::error!("a write request panicked; rolling back its batch");
@@ -185,18 +282,11 @@ async fn apply_batch(ctx: &mut WriteCtx, batch: &mut Vec<Box<dyn Job>>) {
             break;
         }
     }
-    let commit = if aborted {
-        let _ = sqlx::query("ROLLBACK").execute(&mut ctx.conn).await;
-        Err(StoreError::Database("write aborted".into()))
-    } else {
-        match sqlx::query("COMMIT").execute(&mut ctx.conn).await {
-            Ok(_) => Ok(()),
-            Err(e) => {
-                let _ = sqlx::query("ROLLBACK").execute(&mut ctx.conn).await;
-                Err(db_error(e))
-            }
-        }
-    };
+    let commit =
+        if aborted { Err(StoreError::Database("write aborted".into())) } else { finish(backend, ctx, &keys).await };
+    if commit.is_err() {
+        let _ = backend.execute(&mut ctx.conn, "ROLLBACK").await;
+    }
     for job in jobs {
         job.fail(StoreError::Database("write aborted".into()));
     }
@@ -207,4 +297,12 @@ async fn apply_batch(ctx: &mut WriteCtx, batch: &mut Vec<Box<dyn Job>>) {
         };
         reply(commit);
     }
+}
+
+/// Stamps the batch clock on its resources and commits.
+async fn finish<B: Backend>(backend: &B, ctx: &mut WriteCtx<B::Conn>, keys: &[String]) -> Result<(), StoreError> {
+    if !keys.is_empty() {
+        backend.stamp(&mut ctx.conn, keys, ctx.last_now).await.map_err(db_error)?;
+    }
+    backend.execute(&mut ctx.conn, "COMMIT").await.map_err(db_error)
 }

@@ -1,4 +1,5 @@
-//! The `allot` binary: `allot serve [--demo]` runs the booking engine over SQLite.
+//! The `allot` binary: `allot serve [--demo]` runs the booking engine over SQLite (one
+//! process) or PostgreSQL (any number of stateless nodes sharing one database).
 
 mod config;
 
@@ -7,7 +8,8 @@ use std::sync::Arc;
 use allot_app::App;
 use allot_app::clock::SystemClock;
 use allot_app::payments::TestProvider;
-use allot_store::SqliteStore;
+use allot_app::store::Store;
+use allot_store::{PgStore, SqliteStore};
 use clap::Parser;
 
 use crate::config::{Cli, Command};
@@ -28,16 +30,17 @@ async fn main() -> anyhow::Result<()> {
 }
 
 async fn serve(settings: config::Settings) -> anyhow::Result<()> {
-    if settings.database_url.starts_with("postgres") {
-        anyhow::bail!("the PostgreSQL backend is not available yet; use sqlite://PATH");
-    }
     for (flag, value) in [("--redis-url", &settings.redis_url), ("--nats-url", &settings.nats_url)] {
         if value.is_some() {
             tracing::warn!(flag, "accepted but not used yet by this version");
         }
     }
-    let store = SqliteStore::open(&settings.database_url).await?;
-    let app = App::start(Arc::new(store), Arc::new(SystemClock), Arc::new(TestProvider)).await?;
+    let store: Arc<dyn Store> = if is_postgres(&settings.database_url) {
+        Arc::new(PgStore::open(&settings.database_url).await?)
+    } else {
+        Arc::new(SqliteStore::open(&settings.database_url).await?)
+    };
+    let app = App::start(store, Arc::new(SystemClock), Arc::new(TestProvider)).await?;
     if settings.demo {
         let summary = allot_app::demo::load(&app).await?;
         println!("{summary}");
@@ -50,6 +53,10 @@ async fn serve(settings: config::Settings) -> anyhow::Result<()> {
     allot_http::serve(listener, app, shutdown_signal()).await?;
     tracing::info!("shut down cleanly");
     Ok(())
+}
+
+fn is_postgres(url: &str) -> bool {
+    url.starts_with("postgres://") || url.starts_with("postgresql://")
 }
 
 async fn shutdown_signal() {

@@ -1,5 +1,8 @@
-//! Test helper: spawns the real HTTP app on a loopback port over a fresh SQLite file, with a
+//! Test helper: spawns the real HTTP app on a loopback port over a fresh database, with a
 //! manual clock, and offers small fixtures (users, venues, seats, rooms) through the API.
+//!
+//! The database is a fresh SQLite file, or a fresh PostgreSQL database when
+//! `ALLOT_TEST_BACKEND=postgres` (CI runs every suite both ways).
 #![allow(dead_code, clippy::unwrap_used)]
 
 use std::net::SocketAddr;
@@ -10,7 +13,8 @@ use allot_app::App;
 use allot_app::clock::ManualClock;
 use allot_app::payments::TestProvider;
 use allot_app::store::Role;
-use allot_store::SqliteStore;
+use allot_app::store::Store;
+use allot_store::{PgStore, SqliteStore};
 use jiff::Timestamp;
 use reqwest::StatusCode;
 use serde_json::{Value, json};
@@ -19,9 +23,62 @@ pub struct TestApp {
     pub addr: SocketAddr,
     pub app: Arc<App>,
     pub clock: Arc<ManualClock>,
-    pub store: Arc<SqliteStore>,
+    pub store: TestStore,
     pub client: reqwest::Client,
     pub dir: PathBuf,
+    pub db_url: String,
+}
+
+/// The store under test, whichever backend it is.
+#[derive(Clone)]
+pub enum TestStore {
+    Sqlite(Arc<SqliteStore>),
+    Postgres(Arc<PgStore>),
+}
+
+impl TestStore {
+    /// Opens `url` with the backend it names.
+    pub async fn open(url: &str) -> TestStore {
+        if url.starts_with("postgres") {
+            TestStore::Postgres(Arc::new(PgStore::open(url).await.expect("open PostgreSQL store")))
+        } else {
+            TestStore::Sqlite(Arc::new(SqliteStore::open(url).await.expect("open SQLite store")))
+        }
+    }
+
+    pub fn port(&self) -> Arc<dyn Store> {
+        match self {
+            TestStore::Sqlite(s) => s.clone(),
+            TestStore::Postgres(s) => s.clone(),
+        }
+    }
+
+    pub async fn count(&self, table: &str, where_clause: &str) -> Result<i64, allot_app::StoreError> {
+        match self {
+            TestStore::Sqlite(s) => s.count(table, where_clause).await,
+            TestStore::Postgres(s) => s.count(table, where_clause).await,
+        }
+    }
+}
+
+impl std::ops::Deref for TestStore {
+    type Target = dyn Store;
+    fn deref(&self) -> &Self::Target {
+        match self {
+            TestStore::Sqlite(s) => s.as_ref(),
+            TestStore::Postgres(s) => s.as_ref(),
+        }
+    }
+}
+
+/// A fresh database URL for the backend `ALLOT_TEST_BACKEND` names (SQLite by default).
+pub async fn fresh_database_url(dir: &std::path::Path) -> String {
+    match std::env::var("ALLOT_TEST_BACKEND").as_deref() {
+        Ok("postgres") => allot_store::testing::fresh_postgres_database()
+            .await
+            .expect("ALLOT_TEST_BACKEND=postgres but PostgreSQL is not reachable"),
+        _ => format!("sqlite://{}/allot.db", dir.display()),
+    }
 }
 
 /// A fixed "now" for tests: Monday 2026-11-23 08:00 UTC (09:00 in Berlin).
@@ -33,16 +90,16 @@ impl TestApp {
     pub async fn spawn() -> TestApp {
         let dir = std::env::temp_dir().join(format!("allot-test-{}", uuid::Uuid::now_v7().as_simple()));
         std::fs::create_dir_all(&dir).unwrap();
-        let url = format!("sqlite://{}/allot.db", dir.display());
-        let store = Arc::new(SqliteStore::open(&url).await.expect("open store"));
+        let db_url = fresh_database_url(&dir).await;
+        let store = TestStore::open(&db_url).await;
         let clock = Arc::new(ManualClock::new(test_now()));
-        let app = App::start(store.clone(), clock.clone(), Arc::new(TestProvider)).await.expect("start app");
+        let app = App::start(store.port(), clock.clone(), Arc::new(TestProvider)).await.expect("start app");
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let served = app.clone();
         tokio::spawn(async move { allot_http::serve(listener, served, std::future::pending()).await });
         let client = reqwest::Client::builder().pool_max_idle_per_host(256).build().unwrap();
-        TestApp { addr, app, clock, store, client, dir }
+        TestApp { addr, app, clock, store, client, dir, db_url }
     }
 
     pub fn url(&self, path: &str) -> String {

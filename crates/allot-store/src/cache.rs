@@ -1,0 +1,116 @@
+//! A node's cache of catalogue documents (venues, resources, events), for the PostgreSQL
+//! backend where other nodes change them too.
+//!
+//! Every catalogue change sends `NOTIFY` with the changed entry's key in its transaction; each
+//! node's listener drops that entry. A read that raced with an invalidation must not put the old
+//! document back: entries are only stored if no invalidation happened since the read began
+//! (the generation check). While the listener is not connected nothing is cached at all.
+
+use std::any::Any;
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+
+/// Past this many entries the cache is emptied rather than grown.
+pub const CACHE_ENTRIES_MAX: usize = 100_000;
+/// The key of a notification that drops every entry.
+pub const INVALIDATE_ALL: &str = "*";
+
+type Entry = Arc<dyn Any + Send + Sync>;
+
+#[derive(Default)]
+struct Inner {
+    generation: u64,
+    enabled: bool,
+    entries: HashMap<String, Entry>,
+}
+
+#[derive(Default)]
+pub struct Cache {
+    inner: RwLock<Inner>,
+}
+
+/// The key of a cached document: `kind:id`, also the payload of its notification.
+pub fn key(kind: &str, id: impl std::fmt::Display) -> String {
+    format!("{kind}:{id}")
+}
+
+impl Cache {
+    /// Read before loading from the database; pass to [`Cache::put`].
+    pub fn generation(&self) -> u64 {
+        self.read().generation
+    }
+
+    pub fn get<T: Clone + Send + Sync + 'static>(&self, key: &str) -> Option<T> {
+        self.read().entries.get(key).and_then(|e| e.downcast_ref::<T>()).cloned()
+    }
+
+    /// Stores `value` unless the cache was invalidated since `generation` was read.
+    pub fn put<T: Send + Sync + 'static>(&self, generation: u64, key: String, value: T) {
+        let mut inner = self.write();
+        if !inner.enabled || inner.generation != generation {
+            return;
+        }
+        if inner.entries.len() >= CACHE_ENTRIES_MAX {
+            inner.entries.clear();
+        }
+        inner.entries.insert(key, Arc::new(value));
+    }
+
+    /// Drops the entry named by a notification payload (or everything for [`INVALIDATE_ALL`]).
+    pub fn invalidate(&self, key: &str) {
+        let mut inner = self.write();
+        inner.generation += 1;
+        if key == INVALIDATE_ALL {
+            inner.entries.clear();
+        } else {
+            inner.entries.remove(key);
+        }
+    }
+
+    /// Turns caching on (listener connected) or off (listener lost: changes could be missed).
+    /// Either way everything cached so far is dropped.
+    pub fn set_enabled(&self, enabled: bool) {
+        let mut inner = self.write();
+        inner.generation += 1;
+        inner.enabled = enabled;
+        inner.entries.clear();
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, Inner> {
+        self.inner.read().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, Inner> {
+        self.inner.write().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_read_that_raced_an_invalidation_is_not_stored() {
+        let cache = Cache::default();
+        cache.set_enabled(true);
+        let generation = cache.generation();
+        cache.invalidate("resource:a");
+        cache.put(generation, "resource:a".into(), 1_u32);
+        assert_eq!(cache.get::<u32>("resource:a"), None);
+        cache.put(cache.generation(), "resource:a".into(), 2_u32);
+        assert_eq!(cache.get::<u32>("resource:a"), Some(2));
+        cache.invalidate("resource:a");
+        assert_eq!(cache.get::<u32>("resource:a"), None);
+    }
+
+    #[test]
+    fn nothing_is_cached_while_disabled() {
+        let cache = Cache::default();
+        cache.put(cache.generation(), "venue:v".into(), 1_u32);
+        assert_eq!(cache.get::<u32>("venue:v"), None);
+        cache.set_enabled(true);
+        cache.put(cache.generation(), "venue:v".into(), 1_u32);
+        cache.invalidate(INVALIDATE_ALL);
+        assert_eq!(cache.get::<u32>("venue:v"), None);
+    }
+}

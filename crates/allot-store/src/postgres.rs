@@ -1,0 +1,1277 @@
+//! The PostgreSQL implementation of the Store port, for many stateless nodes over one database.
+//!
+//! Reads go to a small pool; every write goes through this node's group-commit [`Writer`].
+//! Across nodes, I1 is decided by the database: a batch locks the `resource_clocks` rows of
+//! every resource its requests decide on, in resource-id order, before running them (so
+//! batches of different nodes serialize per resource and cannot deadlock), and decides at a
+//! `now` no earlier than any node's earlier decision on those resources. Claims on capacity-one
+//! resources are also guarded by an exclusion constraint. Catalogue documents are cached per
+//! node and invalidated through `LISTEN`/`NOTIFY` ([`crate::cache`]).
+
+use std::collections::{BTreeSet, HashMap};
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use allot_app::StoreError;
+use allot_app::store::{
+    BookingFilter, Decide, HoldCommand, HoldRefused, IdempotencyBegin, IdempotencyKey, Page, PageRequest, RefreshToken,
+    Role, RotateOutcome, SeatState, Store, UpdateRefused, User,
+};
+use allot_core::booking::{Booking, BookingStatus, Transition};
+use allot_core::capacity::{self, CLAIM_SECONDS_MAX, CapacityRules, Claim, Span};
+use allot_core::ids::{BookingId, EventId, ResourceId, UserId, VenueId};
+use allot_core::inventory::{Event, Resource, Venue};
+use async_trait::async_trait;
+use futures::future::BoxFuture;
+use jiff::Timestamp;
+use serde::de::DeserializeOwned;
+use sqlx::postgres::{PgConnectOptions, PgListener, PgPool, PgPoolOptions, PgRow};
+use sqlx::{Connection, PgConnection, Postgres, QueryBuilder, Row};
+
+use crate::cache::{self, Cache, INVALIDATE_ALL};
+use crate::common::{after_key, from_json, from_json_db, hold_expiry, is_unique_violation, page_of, to_json, ts};
+use crate::writer::{Backend, Outcome, WriteCtx, Writer, db_error};
+
+pub const READ_POOL_CONNECTIONS_MAX: u32 = 8;
+pub const CONNECT_TIMEOUT_SECONDS: u64 = 10;
+/// The channel catalogue changes are announced on; the payload is a [`cache::key`].
+pub const CATALOG_CHANNEL: &str = "allot_catalog";
+pub const LISTENER_RETRY_SECONDS: u64 = 1;
+/// Ids per `= ANY($1)` array in one read.
+const IDS_PER_QUERY_MAX: usize = 1000;
+
+/// PostgreSQL's code for a violated exclusion constraint.
+const EXCLUSION_VIOLATION: &str = "23P01";
+
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
+
+type Ctx = WriteCtx<PgConnection>;
+/// user_id, family_id, expires_at, used_at, revoked_at.
+type TokenRow = (String, String, i64, Option<i64>, Option<i64>);
+/// request_hash, status, body, locked_until.
+type KeyRow = (String, Option<i64>, Option<Vec<u8>>, Option<i64>);
+
+/// PostgreSQL under the writer: per-resource row locks and clocks, and a reconnect when the
+/// write connection dies.
+pub(crate) struct PgBackend {
+    options: PgConnectOptions,
+}
+
+impl Backend for PgBackend {
+    type Conn = PgConnection;
+
+    fn begin<'c>(&'c self, conn: &'c mut PgConnection) -> BoxFuture<'c, Result<(), sqlx::Error>> {
+        self.execute(conn, "BEGIN")
+    }
+
+    fn execute<'c>(&'c self, conn: &'c mut PgConnection, sql: &'static str) -> BoxFuture<'c, Result<(), sqlx::Error>> {
+        Box::pin(async move { sqlx::query(sql).execute(conn).await.map(|_| ()) })
+    }
+
+    fn lock<'c>(
+        &'c self,
+        conn: &'c mut PgConnection,
+        keys: &'c [String],
+    ) -> BoxFuture<'c, Result<Option<Timestamp>, sqlx::Error>> {
+        Box::pin(async move {
+            // Rows are locked in the order the sort returns them: one global order for every node.
+            let last: Option<i64> = sqlx::query_scalar(
+                "SELECT max(last_now) FROM (
+                   SELECT last_now FROM resource_clocks WHERE resource_id = ANY($1) ORDER BY resource_id FOR UPDATE
+                 ) locked",
+            )
+            .bind(keys)
+            .fetch_one(conn)
+            .await?;
+            Ok(last.map(ts))
+        })
+    }
+
+    fn stamp<'c>(
+        &'c self,
+        conn: &'c mut PgConnection,
+        keys: &'c [String],
+        now: Timestamp,
+    ) -> BoxFuture<'c, Result<(), sqlx::Error>> {
+        Box::pin(async move {
+            sqlx::query("UPDATE resource_clocks SET last_now = $2 WHERE resource_id = ANY($1) AND last_now < $2")
+                .bind(keys)
+                .bind(now.as_second())
+                .execute(conn)
+                .await
+                .map(|_| ())
+        })
+    }
+
+    fn reconnect(&self) -> BoxFuture<'_, Option<PgConnection>> {
+        Box::pin(async move {
+            match PgConnection::connect_with(&self.options).await {
+                Ok(conn) => Some(conn),
+                Err(e) => {
+                    tracing::error!(error = %e, "reconnecting the write connection failed");
+                    None
+                }
+            }
+        })
+    }
+}
+
+pub struct PgStore {
+    read: PgPool,
+    writer: Writer<PgBackend>,
+    cache: Arc<Cache>,
+    listener: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for PgStore {
+    fn drop(&mut self) {
+        self.listener.abort();
+    }
+}
+
+/// A bind parameter of [`PgStore::exec_one`].
+enum Arg {
+    Text(String),
+    Int(i64),
+}
+
+impl PgStore {
+    /// Connects to `url` (`postgres://…`), applies migrations (under sqlx's advisory lock, so
+    /// nodes starting together are safe), starts the writer and the cache listener.
+    pub async fn open(url: &str) -> Result<PgStore, StoreError> {
+        let options = PgConnectOptions::from_str(url).map_err(db_error)?.application_name("allot");
+        let mut conn = PgConnection::connect_with(&options).await.map_err(db_error)?;
+        MIGRATOR.run(&mut conn).await.map_err(|e| StoreError::Database(format!("migrations: {e}")))?;
+        let read = PgPoolOptions::new()
+            .max_connections(READ_POOL_CONNECTIONS_MAX)
+            .acquire_timeout(Duration::from_secs(CONNECT_TIMEOUT_SECONDS))
+            .connect_with(options.clone())
+            .await
+            .map_err(db_error)?;
+        let cache = Arc::new(Cache::default());
+        let listen_pool = PgPoolOptions::new().max_connections(1).connect_lazy_with(options.clone());
+        let listener = connect_listener(&listen_pool).await.map_err(db_error)?;
+        cache.set_enabled(true);
+        let listener = tokio::spawn(listen(listen_pool, listener, cache.clone()));
+        Ok(PgStore { read, writer: Writer::start(conn, PgBackend { options }), cache, listener })
+    }
+
+    /// `(transactions, requests)` the writer has committed or attempted since start.
+    pub fn write_stats(&self) -> (u64, u64) {
+        use std::sync::atomic::Ordering;
+        (self.writer.stats.transactions.load(Ordering::Relaxed), self.writer.stats.requests.load(Ordering::Relaxed))
+    }
+
+    /// Counts rows of a table; for tests and diagnostics.
+    pub async fn count(&self, table: &str, where_clause: &str) -> Result<i64, StoreError> {
+        let sql = format!("SELECT COUNT(*) FROM {table} WHERE {where_clause}");
+        sqlx::query_scalar(sqlx::AssertSqlSafe(sql)).fetch_one(&self.read).await.map_err(db_error)
+    }
+
+    /// The document `sql` (taking the id) selects, through the cache.
+    async fn cached_doc<T>(&self, kind: &str, sql: &'static str, id: String) -> Result<Option<T>, StoreError>
+    where
+        T: DeserializeOwned + Clone + Send + Sync + 'static,
+    {
+        let key = cache::key(kind, &id);
+        if let Some(hit) = self.cache.get::<T>(&key) {
+            return Ok(Some(hit));
+        }
+        let generation = self.cache.generation();
+        let doc: Option<String> =
+            sqlx::query_scalar(sql).bind(id).fetch_optional(&self.read).await.map_err(db_error)?;
+        let Some(value) = doc.map(|d| from_json::<T>(&d)).transpose()? else { return Ok(None) };
+        self.cache.put(generation, key, value.clone());
+        Ok(Some(value))
+    }
+
+    async fn docs_page<T: DeserializeOwned>(
+        &self,
+        sql: &'static str,
+        venue: Option<VenueId>,
+        page: PageRequest,
+    ) -> Result<Page<T>, StoreError> {
+        let mut q = sqlx::query_as::<_, (String, String)>(sql);
+        if let Some(v) = venue {
+            q = q.bind(v.to_string());
+        }
+        let rows =
+            q.bind(after_key(&page)).bind(i64::from(page.limit) + 1).fetch_all(&self.read).await.map_err(db_error)?;
+        let rows =
+            rows.into_iter().map(|(id, doc)| Ok((id, from_json(&doc)?))).collect::<Result<Vec<_>, StoreError>>()?;
+        Ok(page_of(rows, page.limit))
+    }
+
+    async fn user_where(&self, sql: &'static str, value: String) -> Result<Option<User>, StoreError> {
+        let row = sqlx::query(sql).bind(value).fetch_optional(&self.read).await.map_err(db_error)?;
+        match row {
+            Some(row) => Ok(Some(self.user_from_row(row).await?)),
+            None => Ok(None),
+        }
+    }
+
+    async fn user_from_row(&self, row: PgRow) -> Result<User, StoreError> {
+        let id: String = row.get("id");
+        let roles: String = row.get("roles");
+        let venues: Vec<String> =
+            sqlx::query_scalar("SELECT venue_id FROM venue_managers WHERE user_id = $1 ORDER BY venue_id")
+                .bind(&id)
+                .fetch_all(&self.read)
+                .await
+                .map_err(db_error)?;
+        Ok(User {
+            id: id.parse().map_err(|_| StoreError::Corrupt(format!("user id {id}")))?,
+            email: row.get("email"),
+            name: row.get("name"),
+            password_hash: row.get("password_hash"),
+            roles: roles.split(',').filter_map(Role::parse).collect(),
+            venues: venues.into_iter().filter_map(|v| v.parse().ok()).collect(),
+            created_at: ts(row.get("created_at")),
+        })
+    }
+
+    /// Writes one statement through the writer, mapping a unique violation to `Conflict`, and
+    /// announces `notify` (a cache key) to every node when it commits.
+    async fn exec_one(
+        &self,
+        sql: &'static str,
+        args: Vec<Arg>,
+        conflict: &'static str,
+        notify: Option<String>,
+    ) -> Result<u64, StoreError> {
+        let announced = notify.clone();
+        let result = self
+            .writer
+            .exec(move |ctx: &mut Ctx| -> BoxFuture<'_, Outcome<u64, StoreError>> {
+                Box::pin(async move {
+                    let mut q = sqlx::query(sql);
+                    for arg in args {
+                        q = match arg {
+                            Arg::Text(s) => q.bind(s),
+                            Arg::Int(i) => q.bind(i),
+                        };
+                    }
+                    let n = match q.execute(&mut ctx.conn).await {
+                        Ok(r) => r.rows_affected(),
+                        Err(e) if is_unique_violation(&e) => return Ok(Err(StoreError::Conflict(conflict.to_owned()))),
+                        Err(e) => return Err(e),
+                    };
+                    if let Some(key) = notify {
+                        announce(&mut ctx.conn, &key).await?;
+                    }
+                    Ok(Ok(n))
+                })
+            })
+            .await?;
+        if let Some(key) = announced {
+            self.cache.invalidate(&key);
+        }
+        Ok(result)
+    }
+
+    /// Resource ids a booking's items use (items never change), to lock before deciding on it.
+    async fn booking_keys(&self, id: BookingId) -> Result<Vec<String>, StoreError> {
+        let booking = self.booking(id).await?;
+        Ok(resource_keys(booking.iter().flat_map(|b| b.items.iter().map(|i| i.resource_id))))
+    }
+}
+
+fn resource_keys(ids: impl IntoIterator<Item = ResourceId>) -> Vec<String> {
+    ids.into_iter().map(|id| id.to_string()).collect::<BTreeSet<_>>().into_iter().collect()
+}
+
+async fn connect_listener(pool: &PgPool) -> Result<PgListener, sqlx::Error> {
+    let mut listener = PgListener::connect_with(pool).await?;
+    listener.listen(CATALOG_CHANNEL).await?;
+    Ok(listener)
+}
+
+/// Applies other nodes' (and this node's) catalogue notifications to the cache. Whenever the
+/// listening connection is lost, changes may have been missed: the cache is emptied and stays
+/// off until listening again.
+async fn listen(pool: PgPool, mut listener: PgListener, cache: Arc<Cache>) {
+    loop {
+        match listener.try_recv().await {
+            Ok(Some(notification)) => cache.invalidate(notification.payload()),
+            // Lost and already reconnected (eager reconnect): anything cached may be stale.
+            Ok(None) => cache.set_enabled(true),
+            Err(e) => {
+                cache.set_enabled(false);
+                tracing::warn!(error = %e, "catalogue listener lost; cache off until it reconnects");
+                listener = loop {
+                    tokio::time::sleep(Duration::from_secs(LISTENER_RETRY_SECONDS)).await;
+                    if let Ok(l) = connect_listener(&pool).await {
+                        break l;
+                    }
+                };
+                cache.set_enabled(true);
+            }
+        }
+    }
+}
+
+async fn announce(conn: &mut PgConnection, key: &str) -> Result<(), sqlx::Error> {
+    sqlx::query("SELECT pg_notify($1, $2)").bind(CATALOG_CHANNEL).bind(key).execute(conn).await.map(|_| ())
+}
+
+async fn outbox(
+    conn: &mut PgConnection,
+    topic: &str,
+    aggregate: &str,
+    payload: &str,
+    now: Timestamp,
+) -> Result<(), sqlx::Error> {
+    sqlx::query("INSERT INTO outbox (topic, aggregate_id, payload, created_at) VALUES ($1, $2, $3::jsonb, $4)")
+        .bind(topic)
+        .bind(aggregate)
+        .bind(payload)
+        .bind(now.as_second())
+        .execute(conn)
+        .await
+        .map(|_| ())
+}
+
+/// Claims on a resource that count at `now`, overlapping `span`.
+async fn live_claims<'e, E>(
+    executor: E,
+    resource: ResourceId,
+    span: Span,
+    now: Timestamp,
+) -> Result<Vec<Claim>, sqlx::Error>
+where
+    E: sqlx::Executor<'e, Database = Postgres>,
+{
+    let rows: Vec<(i64, i64, i64)> = sqlx::query_as(
+        "SELECT block_start, block_end, quantity FROM claims
+         WHERE resource_id = $1 AND block_start < $2 AND block_start > $3 AND block_end > $4
+           AND (hold_expires_at IS NULL OR hold_expires_at > $5)",
+    )
+    .bind(resource.to_string())
+    .bind(span.end)
+    .bind(span.start - CLAIM_SECONDS_MAX)
+    .bind(span.start)
+    .bind(now.as_second())
+    .fetch_all(executor)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .filter(|(s, e, q)| s < e && *q > 0)
+        .map(|(s, e, q)| Claim { span: Span::new(s, e), quantity: u32::try_from(q).unwrap_or(u32::MAX) })
+        .collect())
+}
+
+async fn doc_in_tx<T: DeserializeOwned>(
+    conn: &mut PgConnection,
+    sql: &'static str,
+    id: String,
+) -> Result<Option<T>, sqlx::Error> {
+    let doc: Option<String> = sqlx::query_scalar(sql).bind(id).fetch_optional(conn).await?;
+    doc.map(|d| from_json_db(&d)).transpose()
+}
+
+/// Writes a status change and keeps the claims table in step with it.
+async fn apply_change(
+    conn: &mut PgConnection,
+    before: &Booking,
+    after: &Booking,
+    now: Timestamp,
+) -> Result<(), sqlx::Error> {
+    let id = after.id.to_string();
+    sqlx::query("UPDATE bookings SET status = $1, expires_at = $2, doc = $3::jsonb WHERE id = $4")
+        .bind(after.status.as_str())
+        .bind(hold_expiry(after))
+        .bind(to_json(after)?)
+        .bind(&id)
+        .execute(&mut *conn)
+        .await?;
+    if before.status.claims_capacity() && !after.status.claims_capacity() {
+        sqlx::query("DELETE FROM claims WHERE booking_id = $1").bind(&id).execute(&mut *conn).await?;
+    } else if after.status.claims_capacity() {
+        sqlx::query("UPDATE claims SET hold_expires_at = $1 WHERE booking_id = $2")
+            .bind(hold_expiry(after))
+            .bind(&id)
+            .execute(&mut *conn)
+            .await?;
+    }
+    if before.status != after.status {
+        let topic = format!("booking.{}", after.status.as_str());
+        outbox(conn, &topic, &id, &to_json(after)?, now).await?;
+    }
+    Ok(())
+}
+
+/// Expires one booking if it is still due at `now`. A booking another transaction has locked
+/// is skipped (that one is changing it; a later sweep sees the outcome), so this never waits
+/// and never expires a booking twice.
+async fn expire_one(conn: &mut PgConnection, id: &str, now: Timestamp) -> Result<bool, sqlx::Error> {
+    let doc: Option<String> = sqlx::query_scalar(
+        "SELECT doc::text FROM bookings WHERE id = $1 AND status IN ('held', 'pending_payment')
+         FOR UPDATE SKIP LOCKED",
+    )
+    .bind(id)
+    .fetch_optional(&mut *conn)
+    .await?;
+    let Some(doc) = doc else { return Ok(false) };
+    let before: Booking = from_json_db(&doc)?;
+    let Ok(status) = before.next_status(Transition::Expire, now) else { return Ok(false) };
+    let mut after = before.clone();
+    after.status = status;
+    after.updated_at = now;
+    apply_change(conn, &before, &after, now).await?;
+    Ok(true)
+}
+
+/// True when at most one unit can ever be claimed at once: the exclusion constraint then
+/// states exactly I1 and can guard it.
+fn is_exclusive(rules: &CapacityRules) -> bool {
+    let scaled = |c: u32| u64::from(c) * (100 + u64::from(rules.overbooking_percent)) / 100;
+    scaled(rules.capacity) <= 1 && rules.overrides.iter().all(|o| scaled(o.capacity) <= 1)
+}
+
+/// Expires the lapsed holds still claiming `resource` during `span`: the exclusion constraint
+/// does not know about time, so their rows must go before a new claim can take the place.
+async fn expire_lapsed(
+    conn: &mut PgConnection,
+    resource: ResourceId,
+    span: Span,
+    now: Timestamp,
+) -> Result<(), sqlx::Error> {
+    let lapsed: Vec<String> = sqlx::query_scalar(
+        "SELECT DISTINCT booking_id FROM claims
+         WHERE resource_id = $1 AND block_start < $2 AND block_start > $3 AND block_end > $4 AND hold_expires_at <= $5",
+    )
+    .bind(resource.to_string())
+    .bind(span.end)
+    .bind(span.start - CLAIM_SECONDS_MAX)
+    .bind(span.start)
+    .bind(now.as_second())
+    .fetch_all(&mut *conn)
+    .await?;
+    for id in lapsed {
+        expire_one(conn, &id, now).await?;
+    }
+    Ok(())
+}
+
+/// The hold transaction: for each item, read the live claims of its (locked) resource, let the
+/// core decide (I1), insert the claim; the first refusal rolls all of them back (I3).
+async fn hold_in_tx(ctx: &mut Ctx, command: HoldCommand) -> Outcome<Booking, HoldRefused> {
+    let now = ctx.now(command.now);
+    let mut booking = command.booking;
+    let booking_id = booking.id.to_string();
+    let venue_id = booking.venue_id.to_string();
+    let hold_expires_at = booking.expires_at.map(|t| t.as_second());
+    let venue: Option<Venue> =
+        doc_in_tx(&mut ctx.conn, "SELECT doc::text FROM venues WHERE id = $1 AND deleted_at IS NULL", venue_id.clone())
+            .await?;
+    let Some(venue) = venue else { return Ok(Err(HoldRefused::Stale { item_index: 0 })) };
+    let tz = venue.tz();
+    for (i, (item, claim)) in booking.items.iter().zip(&command.claims).enumerate() {
+        let resource: Option<Resource> = doc_in_tx(
+            &mut ctx.conn,
+            "SELECT doc::text FROM resources WHERE id = $1 AND deleted_at IS NULL",
+            item.resource_id.to_string(),
+        )
+        .await?;
+        let Some(resource) = resource.filter(|r| r.venue_id == booking.venue_id) else {
+            return Ok(Err(HoldRefused::Stale { item_index: i }));
+        };
+        let rules = resource.capacity_rules(&tz);
+        let exclusive = is_exclusive(&rules);
+        if exclusive {
+            expire_lapsed(&mut ctx.conn, item.resource_id, claim.span, now).await?;
+        }
+        let existing = live_claims(&mut ctx.conn, item.resource_id, claim.span, now).await?;
+        if let Err(shortfall) = capacity::check_claim(&rules, &existing, *claim) {
+            return Ok(Err(HoldRefused::Unavailable { item_index: i, remaining: shortfall.remaining }));
+        }
+        let inserted = sqlx::query(
+            "INSERT INTO claims
+               (item_id, booking_id, resource_id, venue_id, block_start, block_end, quantity, hold_expires_at, exclusive)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+        )
+        .bind(item.id.to_string())
+        .bind(&booking_id)
+        .bind(item.resource_id.to_string())
+        .bind(&venue_id)
+        .bind(claim.span.start)
+        .bind(claim.span.end)
+        .bind(i64::from(claim.quantity))
+        .bind(hold_expires_at)
+        .bind(exclusive)
+        .execute(&mut ctx.conn)
+        .await;
+        match inserted {
+            Ok(_) => {}
+            Err(e) if e.as_database_error().and_then(|d| d.code()).is_some_and(|c| c == EXCLUSION_VIOLATION) => {
+                // The second guard caught what the first let through: refuse, and say so loudly.
+                tracing::error!(resource = %item.resource_id, "exclusion constraint refused a claim the engine accepted");
+                return Ok(Err(HoldRefused::Unavailable { item_index: i, remaining: 0 }));
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    booking.created_at = now;
+    booking.updated_at = now;
+    let doc = to_json(&booking)?;
+    sqlx::query(
+        "INSERT INTO bookings (id, customer_id, venue_id, status, expires_at, doc) VALUES ($1, $2, $3, $4, $5, $6::jsonb)",
+    )
+    .bind(&booking_id)
+    .bind(booking.customer_id.to_string())
+    .bind(&venue_id)
+    .bind(booking.status.as_str())
+    .bind(hold_expires_at)
+    .bind(&doc)
+    .execute(&mut ctx.conn)
+    .await?;
+    outbox(&mut ctx.conn, "booking.held", &booking_id, &doc, now).await?;
+    Ok(Ok(booking))
+}
+
+async fn rotate_in_tx(
+    ctx: &mut Ctx,
+    old_hash: String,
+    new_hash: String,
+    new_expires_at: Timestamp,
+    now: Timestamp,
+) -> Outcome<RotateOutcome, StoreError> {
+    let now = ctx.now(now).as_second();
+    let row: Option<TokenRow> = sqlx::query_as(
+        "SELECT user_id, family_id, expires_at, used_at, revoked_at FROM refresh_tokens WHERE token_hash = $1 FOR UPDATE",
+    )
+    .bind(&old_hash)
+    .fetch_optional(&mut ctx.conn)
+    .await?;
+    let Some((user_id, family, expires_at, used_at, revoked_at)) = row else {
+        return Ok(Ok(RotateOutcome::Invalid));
+    };
+    if revoked_at.is_some() || expires_at <= now {
+        return Ok(Ok(RotateOutcome::Invalid));
+    }
+    if used_at.is_some() {
+        // Reuse of a rotated token: someone else has a copy. End the whole family.
+        sqlx::query("UPDATE refresh_tokens SET revoked_at = $1 WHERE family_id = $2 AND revoked_at IS NULL")
+            .bind(now)
+            .bind(&family)
+            .execute(&mut ctx.conn)
+            .await?;
+        return Ok(Ok(RotateOutcome::Reused));
+    }
+    sqlx::query("UPDATE refresh_tokens SET used_at = $1 WHERE token_hash = $2")
+        .bind(now)
+        .bind(&old_hash)
+        .execute(&mut ctx.conn)
+        .await?;
+    sqlx::query("INSERT INTO refresh_tokens (token_hash, user_id, family_id, expires_at) VALUES ($1, $2, $3, $4)")
+        .bind(&new_hash)
+        .bind(&user_id)
+        .bind(&family)
+        .bind(new_expires_at.as_second())
+        .execute(&mut ctx.conn)
+        .await?;
+    let user_id = user_id.parse().map_err(|_| sqlx::Error::Protocol("bad user id".into()))?;
+    Ok(Ok(RotateOutcome::Rotated { user_id }))
+}
+
+async fn idempotency_begin_in_tx(
+    ctx: &mut Ctx,
+    key: IdempotencyKey,
+    now: Timestamp,
+    lock_seconds: u32,
+) -> Outcome<IdempotencyBegin, StoreError> {
+    let now = ctx.now(now).as_second();
+    let lock_until = now + i64::from(lock_seconds);
+    // Another node inserting the same key makes this wait for its commit, then do nothing.
+    let inserted = sqlx::query(
+        "INSERT INTO idempotency_keys (principal, key, request_hash, created_at, locked_until)
+         VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING",
+    )
+    .bind(&key.principal)
+    .bind(&key.key)
+    .bind(&key.request_hash)
+    .bind(now)
+    .bind(lock_until)
+    .execute(&mut ctx.conn)
+    .await?;
+    if inserted.rows_affected() == 1 {
+        return Ok(Ok(IdempotencyBegin::Started));
+    }
+    let row: Option<KeyRow> = sqlx::query_as(
+        "SELECT request_hash, status, body, locked_until FROM idempotency_keys
+         WHERE principal = $1 AND key = $2 FOR UPDATE",
+    )
+    .bind(&key.principal)
+    .bind(&key.key)
+    .fetch_optional(&mut ctx.conn)
+    .await?;
+    match row {
+        Some((hash, Some(status), body, _)) => Ok(Ok(IdempotencyBegin::Completed {
+            request_hash: hash,
+            status: u16::try_from(status).unwrap_or(500),
+            body: body.unwrap_or_default(),
+        })),
+        Some((_, None, _, Some(until))) if until > now => Ok(Ok(IdempotencyBegin::InProgress)),
+        // The request that locked it died without finishing (or it was just deleted): take over.
+        _ => {
+            sqlx::query(
+                "INSERT INTO idempotency_keys (principal, key, request_hash, created_at, locked_until)
+                 VALUES ($1, $2, $3, $4, $5)
+                 ON CONFLICT (principal, key) DO UPDATE
+                 SET request_hash = excluded.request_hash, locked_until = excluded.locked_until,
+                     created_at = excluded.created_at",
+            )
+            .bind(&key.principal)
+            .bind(&key.key)
+            .bind(&key.request_hash)
+            .bind(now)
+            .bind(lock_until)
+            .execute(&mut ctx.conn)
+            .await?;
+            Ok(Ok(IdempotencyBegin::Started))
+        }
+    }
+}
+
+fn venue_doc(venue: &Venue) -> Result<String, StoreError> {
+    serde_json::to_string(venue).map_err(|e| StoreError::Corrupt(e.to_string()))
+}
+
+fn resource_doc(resource: &Resource) -> Result<String, StoreError> {
+    serde_json::to_string(resource).map_err(|e| StoreError::Corrupt(e.to_string()))
+}
+
+#[async_trait]
+impl Store for PgStore {
+    async fn insert_user(&self, user: &User) -> Result<(), StoreError> {
+        let roles: Vec<&str> = user.roles.iter().map(|r| r.as_str()).collect();
+        self.exec_one(
+            "INSERT INTO users (id, email, name, password_hash, roles, created_at) VALUES ($1, $2, $3, $4, $5, $6)",
+            vec![
+                Arg::Text(user.id.to_string()),
+                Arg::Text(user.email.clone()),
+                Arg::Text(user.name.clone()),
+                Arg::Text(user.password_hash.clone()),
+                Arg::Text(roles.join(",")),
+                Arg::Int(user.created_at.as_second()),
+            ],
+            "an account with this e-mail already exists",
+            None,
+        )
+        .await
+        .map(|_| ())
+    }
+
+    async fn user_by_email(&self, email: &str) -> Result<Option<User>, StoreError> {
+        self.user_where("SELECT * FROM users WHERE email = $1", email.to_owned()).await
+    }
+
+    async fn user_by_id(&self, id: UserId) -> Result<Option<User>, StoreError> {
+        self.user_where("SELECT * FROM users WHERE id = $1", id.to_string()).await
+    }
+
+    async fn set_manager(&self, venue_id: VenueId, user_id: UserId) -> Result<(), StoreError> {
+        self.exec_one(
+            "INSERT INTO venue_managers (venue_id, user_id) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+            vec![Arg::Text(venue_id.to_string()), Arg::Text(user_id.to_string())],
+            "already a manager",
+            None,
+        )
+        .await
+        .map(|_| ())
+    }
+
+    async fn insert_refresh_token(&self, token: &RefreshToken) -> Result<(), StoreError> {
+        self.exec_one(
+            "INSERT INTO refresh_tokens (token_hash, user_id, family_id, expires_at) VALUES ($1, $2, $3, $4)",
+            vec![
+                Arg::Text(token.token_hash.clone()),
+                Arg::Text(token.user_id.to_string()),
+                Arg::Text(token.family_id.clone()),
+                Arg::Int(token.expires_at.as_second()),
+            ],
+            "duplicate token",
+            None,
+        )
+        .await
+        .map(|_| ())
+    }
+
+    async fn rotate_refresh_token(
+        &self,
+        old_hash: &str,
+        new_hash: &str,
+        new_expires_at: Timestamp,
+        now: Timestamp,
+    ) -> Result<RotateOutcome, StoreError> {
+        let (old_hash, new_hash) = (old_hash.to_owned(), new_hash.to_owned());
+        self.writer
+            .exec(move |ctx: &mut Ctx| -> BoxFuture<'_, Outcome<RotateOutcome, StoreError>> {
+                Box::pin(rotate_in_tx(ctx, old_hash, new_hash, new_expires_at, now))
+            })
+            .await
+    }
+
+    async fn revoke_refresh_token(&self, token_hash: &str, now: Timestamp) -> Result<(), StoreError> {
+        // Logout ends the token's whole family: no rotated descendant stays valid.
+        self.exec_one(
+            "UPDATE refresh_tokens SET revoked_at = $1
+             WHERE revoked_at IS NULL AND family_id = (SELECT family_id FROM refresh_tokens WHERE token_hash = $2)",
+            vec![Arg::Int(now.as_second()), Arg::Text(token_hash.to_owned())],
+            "",
+            None,
+        )
+        .await
+        .map(|_| ())
+    }
+
+    async fn setting_or_insert(&self, key: &str, value: &str) -> Result<String, StoreError> {
+        self.exec_one(
+            "INSERT INTO settings (key, value) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+            vec![Arg::Text(key.to_owned()), Arg::Text(value.to_owned())],
+            "",
+            None,
+        )
+        .await?;
+        sqlx::query_scalar("SELECT value FROM settings WHERE key = $1")
+            .bind(key)
+            .fetch_one(&self.read)
+            .await
+            .map_err(db_error)
+    }
+
+    async fn set_setting(&self, key: &str, value: &str) -> Result<(), StoreError> {
+        self.exec_one(
+            "INSERT INTO settings (key, value) VALUES ($1, $2) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            vec![Arg::Text(key.to_owned()), Arg::Text(value.to_owned())],
+            "",
+            None,
+        )
+        .await
+        .map(|_| ())
+    }
+
+    async fn insert_venue(&self, venue: &Venue) -> Result<(), StoreError> {
+        self.exec_one(
+            "INSERT INTO venues (id, doc) VALUES ($1, $2::jsonb)",
+            vec![Arg::Text(venue.id.to_string()), Arg::Text(venue_doc(venue)?)],
+            "venue exists",
+            Some(cache::key("venue", venue.id)),
+        )
+        .await
+        .map(|_| ())
+    }
+
+    async fn update_venue(&self, venue: &Venue) -> Result<(), StoreError> {
+        let n = self
+            .exec_one(
+                "UPDATE venues SET doc = $1::jsonb WHERE id = $2 AND deleted_at IS NULL",
+                vec![Arg::Text(venue_doc(venue)?), Arg::Text(venue.id.to_string())],
+                "",
+                Some(cache::key("venue", venue.id)),
+            )
+            .await?;
+        if n == 0 { Err(StoreError::NotFound("venue")) } else { Ok(()) }
+    }
+
+    async fn delete_venue(&self, id: VenueId, now: Timestamp) -> Result<(), StoreError> {
+        let keys: Vec<String> = sqlx::query_scalar("SELECT resource_id FROM resource_clocks WHERE venue_id = $1")
+            .bind(id.to_string())
+            .fetch_all(&self.read)
+            .await
+            .map_err(db_error)?;
+        let id = id.to_string();
+        self.writer
+            .write_locked(keys, move |ctx: &mut Ctx| -> BoxFuture<'_, Outcome<(), StoreError>> {
+                Box::pin(async move {
+                    let active: Option<i32> = sqlx::query_scalar(
+                        "SELECT 1 FROM bookings WHERE venue_id = $1 AND status IN ('held', 'pending_payment', 'confirmed') LIMIT 1",
+                    )
+                    .bind(&id)
+                    .fetch_optional(&mut ctx.conn)
+                    .await?;
+                    if active.is_some() {
+                        return Ok(Err(StoreError::Conflict("the venue has active bookings; cancel them first".into())));
+                    }
+                    let at = ctx.now(now).as_second();
+                    for sql in [
+                        "UPDATE venues SET deleted_at = $1 WHERE id = $2 AND deleted_at IS NULL",
+                        "UPDATE resources SET deleted_at = $1 WHERE venue_id = $2 AND deleted_at IS NULL",
+                        "UPDATE events SET deleted_at = $1 WHERE venue_id = $2 AND deleted_at IS NULL",
+                    ] {
+                        sqlx::query(sql).bind(at).bind(&id).execute(&mut ctx.conn).await?;
+                    }
+                    announce(&mut ctx.conn, INVALIDATE_ALL).await?;
+                    Ok(Ok(()))
+                })
+            })
+            .await??;
+        self.cache.invalidate(INVALIDATE_ALL);
+        Ok(())
+    }
+
+    async fn venue(&self, id: VenueId) -> Result<Option<Venue>, StoreError> {
+        self.cached_doc("venue", "SELECT doc::text FROM venues WHERE id = $1 AND deleted_at IS NULL", id.to_string())
+            .await
+    }
+
+    async fn venues(&self, page: PageRequest) -> Result<Page<Venue>, StoreError> {
+        self.docs_page(
+            "SELECT id, doc::text FROM venues WHERE deleted_at IS NULL AND id > $1 ORDER BY id LIMIT $2",
+            None,
+            page,
+        )
+        .await
+    }
+
+    async fn insert_resource(&self, r: &Resource) -> Result<(), StoreError> {
+        let (id, venue_id, doc) = (r.id.to_string(), r.venue_id.to_string(), resource_doc(r)?);
+        let key = cache::key("resource", r.id);
+        let announced = key.clone();
+        self.writer
+            .write(move |ctx: &mut Ctx| -> BoxFuture<'_, Outcome<(), StoreError>> {
+                Box::pin(async move {
+                    let inserted = sqlx::query("INSERT INTO resources (id, venue_id, doc) VALUES ($1, $2, $3::jsonb)")
+                        .bind(&id)
+                        .bind(&venue_id)
+                        .bind(&doc)
+                        .execute(&mut ctx.conn)
+                        .await;
+                    match inserted {
+                        Ok(_) => {}
+                        Err(e) if is_unique_violation(&e) => {
+                            return Ok(Err(StoreError::Conflict("resource exists".into())));
+                        }
+                        Err(e) => return Err(e),
+                    }
+                    sqlx::query("INSERT INTO resource_clocks (resource_id, venue_id) VALUES ($1, $2)")
+                        .bind(&id)
+                        .bind(&venue_id)
+                        .execute(&mut ctx.conn)
+                        .await?;
+                    announce(&mut ctx.conn, &announced).await?;
+                    Ok(Ok(()))
+                })
+            })
+            .await??;
+        self.cache.invalidate(&key);
+        Ok(())
+    }
+
+    async fn update_resource(&self, r: &Resource) -> Result<(), StoreError> {
+        let (id, doc) = (r.id.to_string(), resource_doc(r)?);
+        let key = cache::key("resource", r.id);
+        let announced = key.clone();
+        let n = self
+            .writer
+            .write_locked(vec![id.clone()], move |ctx: &mut Ctx| -> BoxFuture<'_, Outcome<u64, StoreError>> {
+                Box::pin(async move {
+                    let n = sqlx::query("UPDATE resources SET doc = $1::jsonb WHERE id = $2 AND deleted_at IS NULL")
+                        .bind(&doc)
+                        .bind(&id)
+                        .execute(&mut ctx.conn)
+                        .await?
+                        .rows_affected();
+                    announce(&mut ctx.conn, &announced).await?;
+                    Ok(Ok(n))
+                })
+            })
+            .await??;
+        self.cache.invalidate(&key);
+        if n == 0 { Err(StoreError::NotFound("resource")) } else { Ok(()) }
+    }
+
+    async fn delete_resource(&self, id: ResourceId, now: Timestamp) -> Result<(), StoreError> {
+        let key = cache::key("resource", id);
+        let announced = key.clone();
+        let id = id.to_string();
+        self.writer
+            .write_locked(vec![id.clone()], move |ctx: &mut Ctx| -> BoxFuture<'_, Outcome<(), StoreError>> {
+                Box::pin(async move {
+                    let at = ctx.now(now).as_second();
+                    let active: Option<i32> =
+                        sqlx::query_scalar("SELECT 1 FROM claims WHERE resource_id = $1 AND block_end > $2 LIMIT 1")
+                            .bind(&id)
+                            .bind(at)
+                            .fetch_optional(&mut ctx.conn)
+                            .await?;
+                    if active.is_some() {
+                        return Ok(Err(StoreError::Conflict("the resource has current or future bookings".into())));
+                    }
+                    let r = sqlx::query("UPDATE resources SET deleted_at = $1 WHERE id = $2 AND deleted_at IS NULL")
+                        .bind(at)
+                        .bind(&id)
+                        .execute(&mut ctx.conn)
+                        .await?;
+                    if r.rows_affected() == 0 {
+                        return Ok(Err(StoreError::NotFound("resource")));
+                    }
+                    announce(&mut ctx.conn, &announced).await?;
+                    Ok(Ok(()))
+                })
+            })
+            .await??;
+        self.cache.invalidate(&key);
+        Ok(())
+    }
+
+    async fn resource(&self, id: ResourceId) -> Result<Option<Resource>, StoreError> {
+        self.cached_doc(
+            "resource",
+            "SELECT doc::text FROM resources WHERE id = $1 AND deleted_at IS NULL",
+            id.to_string(),
+        )
+        .await
+    }
+
+    async fn resources_by_ids(&self, ids: &[ResourceId]) -> Result<Vec<Resource>, StoreError> {
+        let mut out = Vec::with_capacity(ids.len());
+        let mut missing = Vec::new();
+        for id in ids {
+            match self.cache.get::<Resource>(&cache::key("resource", id)) {
+                Some(r) => out.push(r),
+                None => missing.push(id.to_string()),
+            }
+        }
+        for chunk in missing.chunks(IDS_PER_QUERY_MAX) {
+            let generation = self.cache.generation();
+            let docs: Vec<String> =
+                sqlx::query_scalar("SELECT doc::text FROM resources WHERE deleted_at IS NULL AND id = ANY($1)")
+                    .bind(chunk)
+                    .fetch_all(&self.read)
+                    .await
+                    .map_err(db_error)?;
+            for doc in docs {
+                let r: Resource = from_json(&doc)?;
+                self.cache.put(generation, cache::key("resource", r.id), r.clone());
+                out.push(r);
+            }
+        }
+        Ok(out)
+    }
+
+    async fn resources(&self, venue_id: VenueId, page: PageRequest) -> Result<Page<Resource>, StoreError> {
+        self.docs_page(
+            "SELECT id, doc::text FROM resources WHERE venue_id = $1 AND deleted_at IS NULL AND id > $2 ORDER BY id LIMIT $3",
+            Some(venue_id),
+            page,
+        )
+        .await
+    }
+
+    async fn insert_event(&self, event: &Event) -> Result<(), StoreError> {
+        let event = event.clone();
+        let key = cache::key("event", event.id);
+        let announced = key.clone();
+        self.writer
+            .exec(move |ctx: &mut Ctx| -> BoxFuture<'_, Outcome<(), StoreError>> {
+                Box::pin(async move {
+                    let id = event.id.to_string();
+                    let (start, end) = (event.start.as_second(), event.end.as_second());
+                    sqlx::query(
+                        "INSERT INTO events (id, venue_id, start_at, end_at, doc) VALUES ($1, $2, $3, $4, $5::jsonb)",
+                    )
+                    .bind(&id)
+                    .bind(event.venue_id.to_string())
+                    .bind(start)
+                    .bind(end)
+                    .bind(to_json(&event)?)
+                    .execute(&mut ctx.conn)
+                    .await?;
+                    let seats: Vec<String> = event.seat_ids.iter().map(|s| s.to_string()).collect();
+                    sqlx::query(
+                        "INSERT INTO event_seats (resource_id, start_at, event_id, end_at)
+                         SELECT seat, $2, $3, $4 FROM unnest($1::text[]) AS seat",
+                    )
+                    .bind(&seats)
+                    .bind(start)
+                    .bind(&id)
+                    .bind(end)
+                    .execute(&mut ctx.conn)
+                    .await?;
+                    announce(&mut ctx.conn, &announced).await?;
+                    Ok(Ok(()))
+                })
+            })
+            .await?;
+        self.cache.invalidate(&key);
+        Ok(())
+    }
+
+    async fn event(&self, id: EventId) -> Result<Option<Event>, StoreError> {
+        self.cached_doc("event", "SELECT doc::text FROM events WHERE id = $1 AND deleted_at IS NULL", id.to_string())
+            .await
+    }
+
+    async fn events(&self, venue_id: VenueId, page: PageRequest) -> Result<Page<Event>, StoreError> {
+        self.docs_page(
+            "SELECT id, doc::text FROM events WHERE venue_id = $1 AND deleted_at IS NULL AND id > $2 ORDER BY id LIMIT $3",
+            Some(venue_id),
+            page,
+        )
+        .await
+    }
+
+    async fn events_of_seat(&self, seat: ResourceId, span: Span, limit: u32) -> Result<Vec<Event>, StoreError> {
+        let docs: Vec<String> = sqlx::query_scalar(
+            "SELECT e.doc::text FROM event_seats s JOIN events e ON e.id = s.event_id
+             WHERE s.resource_id = $1 AND s.start_at < $2 AND s.end_at > $3 AND e.deleted_at IS NULL
+             ORDER BY s.start_at LIMIT $4",
+        )
+        .bind(seat.to_string())
+        .bind(span.end)
+        .bind(span.start)
+        .bind(i64::from(limit))
+        .fetch_all(&self.read)
+        .await
+        .map_err(db_error)?;
+        docs.iter().map(|d| from_json(d)).collect()
+    }
+
+    async fn claims(&self, resource: ResourceId, span: Span, now: Timestamp) -> Result<Vec<Claim>, StoreError> {
+        live_claims(&self.read, resource, span, now).await.map_err(db_error)
+    }
+
+    async fn seat_states(&self, event: &Event, now: Timestamp) -> Result<HashMap<ResourceId, SeatState>, StoreError> {
+        let mut states = HashMap::new();
+        let seats: Vec<String> = event.seat_ids.iter().map(|s| s.to_string()).collect();
+        for chunk in seats.chunks(IDS_PER_QUERY_MAX) {
+            let rows: Vec<(String, String)> = sqlx::query_as(
+                "SELECT c.resource_id, b.status FROM claims c JOIN bookings b ON b.id = c.booking_id
+                 WHERE c.resource_id = ANY($1) AND c.block_start < $2 AND c.block_end > $3
+                   AND (c.hold_expires_at IS NULL OR c.hold_expires_at > $4)",
+            )
+            .bind(chunk)
+            .bind(event.end.as_second())
+            .bind(event.start.as_second())
+            .bind(now.as_second())
+            .fetch_all(&self.read)
+            .await
+            .map_err(db_error)?;
+            for (resource, status) in rows {
+                let state =
+                    if status == BookingStatus::Confirmed.as_str() { SeatState::Booked } else { SeatState::Held };
+                if let Ok(id) = resource.parse() {
+                    let entry = states.entry(id).or_insert(state);
+                    if state == SeatState::Booked {
+                        *entry = SeatState::Booked;
+                    }
+                }
+            }
+        }
+        Ok(states)
+    }
+
+    async fn hold(&self, command: HoldCommand) -> Result<Booking, HoldRefused> {
+        assert_eq!(command.booking.items.len(), command.claims.len(), "one claim per item");
+        let keys = resource_keys(command.booking.items.iter().map(|i| i.resource_id));
+        let result = self
+            .writer
+            .write_locked(keys, move |ctx: &mut Ctx| -> BoxFuture<'_, Outcome<Booking, HoldRefused>> {
+                Box::pin(hold_in_tx(ctx, command))
+            })
+            .await;
+        match result {
+            Ok(Ok(b)) => Ok(b),
+            Ok(Err(refused)) => Err(refused),
+            Err(e) => Err(HoldRefused::Store(e)),
+        }
+    }
+
+    async fn update_booking(&self, id: BookingId, now: Timestamp, decide: Decide) -> Result<Booking, UpdateRefused> {
+        let keys = self.booking_keys(id).await.map_err(UpdateRefused::Store)?;
+        let result = self
+            .writer
+            .write_locked(keys, move |ctx: &mut Ctx| -> BoxFuture<'_, Outcome<Booking, UpdateRefused>> {
+                Box::pin(async move {
+                    let now = ctx.now(now);
+                    let doc: Option<String> =
+                        sqlx::query_scalar("SELECT doc::text FROM bookings WHERE id = $1 FOR UPDATE")
+                            .bind(id.to_string())
+                            .fetch_optional(&mut ctx.conn)
+                            .await?;
+                    let Some(before) = doc.map(|d| from_json_db::<Booking>(&d)).transpose()? else {
+                        return Ok(Err(UpdateRefused::NotFound));
+                    };
+                    let mut after = match decide(&before, now) {
+                        Ok(b) => b,
+                        Err(e) => return Ok(Err(UpdateRefused::Rejected(e))),
+                    };
+                    assert_eq!(after.id, before.id, "a decision cannot change the booking's id");
+                    after.updated_at = now;
+                    apply_change(&mut ctx.conn, &before, &after, now).await?;
+                    Ok(Ok(after))
+                })
+            })
+            .await;
+        match result {
+            Ok(Ok(b)) => Ok(b),
+            Ok(Err(refused)) => Err(refused),
+            Err(e) => Err(UpdateRefused::Store(e)),
+        }
+    }
+
+    async fn booking(&self, id: BookingId) -> Result<Option<Booking>, StoreError> {
+        let doc: Option<String> = sqlx::query_scalar("SELECT doc::text FROM bookings WHERE id = $1")
+            .bind(id.to_string())
+            .fetch_optional(&self.read)
+            .await
+            .map_err(db_error)?;
+        doc.map(|d| from_json(&d)).transpose()
+    }
+
+    async fn bookings(&self, filter: &BookingFilter, page: PageRequest) -> Result<Page<Booking>, StoreError> {
+        let mut qb: QueryBuilder<Postgres> = QueryBuilder::new("SELECT id, doc::text FROM bookings WHERE id > ");
+        qb.push_bind(after_key(&page));
+        if let Some(c) = filter.customer_id {
+            qb.push(" AND customer_id = ").push_bind(c.to_string());
+        }
+        if let Some(v) = filter.venue_id {
+            qb.push(" AND venue_id = ").push_bind(v.to_string());
+        }
+        if let Some(s) = filter.status {
+            qb.push(" AND status = ").push_bind(s.as_str());
+        }
+        if let Some(venues) = &filter.venue_ids {
+            let venues: Vec<String> = venues.iter().map(|v| v.to_string()).collect();
+            qb.push(" AND venue_id = ANY(").push_bind(venues).push(")");
+        }
+        qb.push(" ORDER BY id LIMIT ").push_bind(i64::from(page.limit) + 1);
+        let rows: Vec<(String, String)> = qb.build_query_as().fetch_all(&self.read).await.map_err(db_error)?;
+        let rows =
+            rows.into_iter().map(|(id, doc)| Ok((id, from_json(&doc)?))).collect::<Result<Vec<_>, StoreError>>()?;
+        Ok(page_of(rows, page.limit))
+    }
+
+    async fn expire_due(&self, now: Timestamp, limit: u32) -> Result<Vec<BookingId>, StoreError> {
+        // Every node sweeps: candidates are read without locks, then the batch locks their
+        // resources and re-checks each booking, so each is expired exactly once.
+        let due: Vec<String> = sqlx::query_scalar(
+            "SELECT id FROM bookings WHERE status IN ('held', 'pending_payment') AND expires_at <= $1
+             ORDER BY expires_at LIMIT $2",
+        )
+        .bind(now.as_second())
+        .bind(i64::from(limit))
+        .fetch_all(&self.read)
+        .await
+        .map_err(db_error)?;
+        if due.is_empty() {
+            return Ok(Vec::new());
+        }
+        let keys: Vec<String> =
+            sqlx::query_scalar("SELECT DISTINCT resource_id FROM claims WHERE booking_id = ANY($1) ORDER BY 1")
+                .bind(&due)
+                .fetch_all(&self.read)
+                .await
+                .map_err(db_error)?;
+        self.writer
+            .write_locked(keys, move |ctx: &mut Ctx| -> BoxFuture<'_, Outcome<Vec<BookingId>, StoreError>> {
+                Box::pin(async move {
+                    let now = ctx.now(now);
+                    let mut expired = Vec::with_capacity(due.len());
+                    for id in due {
+                        if expire_one(&mut ctx.conn, &id, now).await? {
+                            expired.extend(id.parse::<BookingId>().ok());
+                        }
+                    }
+                    Ok(Ok(expired))
+                })
+            })
+            .await?
+    }
+
+    async fn upcoming_expiries(&self, limit: u32) -> Result<Vec<(BookingId, Timestamp)>, StoreError> {
+        let rows: Vec<(String, i64)> = sqlx::query_as(
+            "SELECT id, expires_at FROM bookings WHERE status IN ('held', 'pending_payment') AND expires_at IS NOT NULL
+             ORDER BY expires_at LIMIT $1",
+        )
+        .bind(i64::from(limit))
+        .fetch_all(&self.read)
+        .await
+        .map_err(db_error)?;
+        Ok(rows.into_iter().filter_map(|(id, at)| Some((id.parse().ok()?, ts(at)))).collect())
+    }
+
+    async fn idempotency_begin(
+        &self,
+        key: &IdempotencyKey,
+        now: Timestamp,
+        lock_seconds: u32,
+    ) -> Result<IdempotencyBegin, StoreError> {
+        let key = key.clone();
+        self.writer
+            .exec(move |ctx: &mut Ctx| -> BoxFuture<'_, Outcome<IdempotencyBegin, StoreError>> {
+                Box::pin(idempotency_begin_in_tx(ctx, key, now, lock_seconds))
+            })
+            .await
+    }
+
+    async fn idempotency_complete(&self, key: &IdempotencyKey, status: u16, body: &[u8]) -> Result<(), StoreError> {
+        let (key, body) = (key.clone(), body.to_vec());
+        self.writer
+            .exec(move |ctx: &mut Ctx| -> BoxFuture<'_, Outcome<(), StoreError>> {
+                Box::pin(async move {
+                    sqlx::query(
+                        "UPDATE idempotency_keys SET status = $1, body = $2, locked_until = NULL
+                         WHERE principal = $3 AND key = $4 AND request_hash = $5",
+                    )
+                    .bind(i64::from(status))
+                    .bind(body)
+                    .bind(&key.principal)
+                    .bind(&key.key)
+                    .bind(&key.request_hash)
+                    .execute(&mut ctx.conn)
+                    .await?;
+                    Ok(Ok(()))
+                })
+            })
+            .await
+    }
+
+    async fn idempotency_abandon(&self, key: &IdempotencyKey) -> Result<(), StoreError> {
+        self.exec_one(
+            "DELETE FROM idempotency_keys WHERE principal = $1 AND key = $2 AND status IS NULL",
+            vec![Arg::Text(key.principal.clone()), Arg::Text(key.key.clone())],
+            "",
+            None,
+        )
+        .await
+        .map(|_| ())
+    }
+
+    async fn idempotency_cleanup(&self, before: Timestamp, limit: u32) -> Result<u64, StoreError> {
+        // SKIP LOCKED: nodes cleaning up at the same time take disjoint rows and never wait.
+        self.exec_one(
+            "DELETE FROM idempotency_keys WHERE ctid IN
+               (SELECT ctid FROM idempotency_keys WHERE created_at < $1 LIMIT $2 FOR UPDATE SKIP LOCKED)",
+            vec![Arg::Int(before.as_second()), Arg::Int(i64::from(limit))],
+            "",
+            None,
+        )
+        .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use allot_core::capacity::OverrideSpan;
+
+    use super::*;
+
+    #[test]
+    fn exclusive_only_when_no_instant_allows_two() {
+        assert!(is_exclusive(&CapacityRules::simple(1)));
+        assert!(!is_exclusive(&CapacityRules::simple(2)));
+        let overbooked = CapacityRules { capacity: 1, overbooking_percent: 100, overrides: Vec::new() };
+        assert!(!is_exclusive(&overbooked));
+        let small_overbooking = CapacityRules { capacity: 1, overbooking_percent: 50, overrides: Vec::new() };
+        assert!(is_exclusive(&small_overbooking), "1 × 1.5 floors to 1");
+        let raised = CapacityRules {
+            capacity: 1,
+            overbooking_percent: 0,
+            overrides: vec![OverrideSpan { span: Span::new(0, 10), capacity: 2 }],
+        };
+        assert!(!is_exclusive(&raised));
+    }
+}
