@@ -1,0 +1,278 @@
+//! Several PostgreSQL stores over one database, as several nodes would be: contention between
+//! their writers is decided by the database (no oversell, no deadlock, only the request
+//! concerned refused), nodes with different clocks cannot both re-sell and confirm an expiring
+//! hold, expiry on every node releases each hold once, the exclusion constraint guards
+//! capacity-one resources on its own, and catalogue caches follow other nodes' changes.
+#![allow(clippy::unwrap_used)]
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use allot_app::AppError;
+use allot_app::store::{Decide, HoldCommand, HoldRefused, Store, UpdateRefused};
+use allot_core::booking::{Booking, BookingItem, Transition};
+use allot_core::capacity::{Claim, Span};
+use allot_core::ids::{ItemId, ResourceId, UserId, VenueId};
+use allot_core::inventory::{Currency, Location, Resource, ResourceRules, Venue, VenuePolicies};
+use allot_core::time_model::{FreeModel, TimeModel};
+use allot_store::PgStore;
+use allot_store::testing::{drop_postgres_database, fresh_postgres_database};
+use jiff::Timestamp;
+
+/// 2026-11-23T08:00:00Z.
+const T0: i64 = 1_795_420_800;
+const HOUR: i64 = 3600;
+
+fn at(offset: i64) -> Timestamp {
+    Timestamp::from_second(T0 + offset).unwrap()
+}
+
+struct Cluster {
+    url: String,
+    nodes: Vec<Arc<PgStore>>,
+    venue: Venue,
+}
+
+impl Cluster {
+    /// `n` stores over one fresh database, or `None` when PostgreSQL is absent (outside CI).
+    async fn start(n: usize) -> Option<Cluster> {
+        let url = fresh_postgres_database().await?;
+        let mut nodes = Vec::new();
+        for _ in 0..n {
+            nodes.push(Arc::new(PgStore::open(&url).await.unwrap()));
+        }
+        let venue = Venue {
+            id: VenueId::new(),
+            name: "Nodes".into(),
+            category: "studio".into(),
+            location: Location { lat: 0.0, lon: 0.0 },
+            address: "Loopback 1".into(),
+            timezone: "UTC".into(),
+            currency: Currency::try_from("EUR".to_owned()).unwrap(),
+            rating: 4.0,
+            amenities: vec![],
+            policies: VenuePolicies::default(),
+            managers: vec![],
+        };
+        nodes[0].insert_venue(&venue).await.unwrap();
+        Some(Cluster { url, nodes, venue })
+    }
+
+    async fn resource(&self, capacity: u32) -> Resource {
+        let r = Resource {
+            id: ResourceId::new(),
+            venue_id: self.venue.id,
+            name: "Room".into(),
+            capacity,
+            unit_price: 100,
+            attributes: "{}".into(),
+            price_category: None,
+            time_model: TimeModel::Free(FreeModel {
+                step_minutes: 1,
+                min_minutes: 1,
+                max_minutes: 1440,
+                schedule: None,
+            }),
+            rules: ResourceRules::default(),
+        };
+        self.nodes[0].insert_resource(&r).await.unwrap();
+        r
+    }
+
+    fn hold_command(&self, wants: &[(ResourceId, Span)], now: Timestamp, ttl: i64) -> HoldCommand {
+        let items = wants
+            .iter()
+            .map(|&(resource_id, span)| BookingItem {
+                id: ItemId::new(),
+                resource_id,
+                event_id: None,
+                start: Timestamp::from_second(span.start).unwrap(),
+                end: Timestamp::from_second(span.end).unwrap(),
+                quantity: 1,
+                unit_price: 100,
+                price: 100,
+            })
+            .collect();
+        let expires = Timestamp::from_second(now.as_second() + ttl).unwrap();
+        let booking = Booking::new_hold(UserId::new(), self.venue.id, self.venue.currency.clone(), items, now, expires);
+        let claims = wants.iter().map(|&(_, span)| Claim { span, quantity: 1 }).collect();
+        HoldCommand { booking, claims, now }
+    }
+
+    async fn finish(self) {
+        let url = self.url.clone();
+        drop(self);
+        drop_postgres_database(&url).await;
+    }
+}
+
+fn confirm() -> Decide {
+    Box::new(|b: &Booking, now| {
+        let mut next = b.clone();
+        next.status = b.next_status(Transition::Confirm, now).map_err(|_| AppError::HoldExpired)?;
+        next.expires_at = None;
+        Ok(next)
+    })
+}
+
+fn morning() -> Span {
+    Span::new(T0 + 2 * HOUR, T0 + 3 * HOUR)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_contending_for_the_same_resources_never_oversell_nor_deadlock() {
+    let Some(cluster) = Cluster::start(3).await else { return };
+    let seat = cluster.resource(1).await;
+    let room = cluster.resource(5).await;
+    let (a, b) = (cluster.resource(1).await, cluster.resource(1).await);
+    let cluster = Arc::new(cluster);
+    let mut tasks = Vec::new();
+    for i in 0..120_usize {
+        let cluster = cluster.clone();
+        let node = cluster.nodes[i % 3].clone();
+        // Four kinds of request, interleaved: one seat, one of five rooms, and two resources
+        // taken together in opposite orders (what would deadlock with per-request locking).
+        let wants = match i % 4 {
+            0 => vec![(seat.id, morning())],
+            1 => vec![(room.id, morning())],
+            2 => vec![(a.id, morning()), (b.id, morning())],
+            _ => vec![(b.id, morning()), (a.id, morning())],
+        };
+        tasks.push(tokio::spawn(async move { (i % 4, node.hold(cluster.hold_command(&wants, at(0), 600)).await) }));
+    }
+    let mut won = [0_usize; 4];
+    for task in tasks {
+        let (kind, outcome) = task.await.unwrap();
+        match outcome {
+            Ok(_) => won[kind] += 1,
+            Err(HoldRefused::Unavailable { .. }) => {}
+            Err(other) => panic!("a hold failed with something other than 409 unavailable: {other:?}"),
+        }
+    }
+    assert_eq!(won[0], 1, "one seat, one winner");
+    assert_eq!(won[1], 5, "five rooms, five winners");
+    assert_eq!(won[2] + won[3], 1, "the pair is won once, whichever order it was asked in");
+    let cluster = Arc::into_inner(cluster).unwrap();
+    for (resource, capacity) in [(seat.id, 1), (room.id, 5), (a.id, 1), (b.id, 1)] {
+        let claims = cluster.nodes[1].claims(resource, morning(), at(0)).await.unwrap();
+        assert_eq!(claims.len(), capacity, "claims on {resource}");
+    }
+    cluster.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_with_a_slow_clock_cannot_confirm_a_hold_a_faster_node_already_resold() {
+    let Some(cluster) = Cluster::start(2).await else { return };
+    let (fast, slow) = (cluster.nodes[0].clone(), cluster.nodes[1].clone());
+    // Two rooms, one taken for good: the hold below is on the last one.
+    let rooms = cluster.resource(2).await;
+    let ttl = 600;
+    let taken = fast.hold(cluster.hold_command(&[(rooms.id, morning())], at(0), 3 * ttl)).await.unwrap();
+    fast.update_booking(taken.id, at(1), confirm()).await.unwrap();
+    let first = slow.hold(cluster.hold_command(&[(rooms.id, morning())], at(2), ttl)).await.unwrap();
+    // The fast node's clock says the hold has lapsed: it sells the last room again.
+    let resold = fast.hold(cluster.hold_command(&[(rooms.id, morning())], at(ttl + 3), ttl)).await.unwrap();
+    // The slow node still believes the first hold has a few seconds left. Deciding on the
+    // rooms after the fast node did, it must see at least the fast node's time.
+    let late = slow.update_booking(first.id, at(ttl - 5), confirm()).await;
+    assert!(
+        matches!(late, Err(UpdateRefused::Rejected(AppError::HoldExpired))),
+        "the slow node confirmed a hold whose room was resold: {late:?}"
+    );
+    let live = fast.claims(rooms.id, morning(), at(ttl + 3)).await.unwrap();
+    assert_eq!(live.len(), 2, "two live claims on two rooms");
+    assert_eq!(fast.booking(resold.id).await.unwrap().unwrap().status.as_str(), "held");
+    cluster.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_node_sweeping_expiry_releases_each_hold_once() {
+    let Some(cluster) = Cluster::start(3).await else { return };
+    let mut held = Vec::new();
+    for i in 0..30 {
+        let r = cluster.resource(1).await;
+        let node = &cluster.nodes[i % 3];
+        held.push(node.hold(cluster.hold_command(&[(r.id, morning())], at(0), 60)).await.unwrap().id);
+    }
+    let sweeps: Vec<_> = (0..3)
+        .flat_map(|round| cluster.nodes.iter().map(move |n| (round, n.clone())))
+        .map(|(round, node)| tokio::spawn(async move { node.expire_due(at(61 + round), 7).await.unwrap().len() }))
+        .collect();
+    let mut released = 0;
+    for sweep in sweeps {
+        released += sweep.await.unwrap();
+    }
+    // Nine sweeps of at most seven: whatever is left, one more pass per node finishes it.
+    for node in &cluster.nodes {
+        released += node.expire_due(at(70), 100).await.unwrap().len();
+    }
+    assert_eq!(released, 30, "each hold released exactly once across nodes");
+    let node = &cluster.nodes[0];
+    assert_eq!(node.count("bookings", "status = 'expired'").await.unwrap(), 30);
+    assert_eq!(node.count("outbox", "topic = 'booking.expired'").await.unwrap(), 30, "one event per expiry");
+    assert_eq!(node.count("claims", "true").await.unwrap(), 0, "all capacity released");
+    cluster.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_exclusion_constraint_refuses_overlapping_capacity_one_claims_by_itself() {
+    let Some(cluster) = Cluster::start(1).await else { return };
+    let seat = cluster.resource(1).await;
+    let held = cluster.nodes[0].hold(cluster.hold_command(&[(seat.id, morning())], at(0), 600)).await.unwrap();
+    // Bypass the engine: a second overlapping claim written straight into the table.
+    let mut conn = <sqlx::PgConnection as sqlx::Connection>::connect(&cluster.url).await.unwrap();
+    let sneaked = sqlx::query(
+        "INSERT INTO claims (item_id, booking_id, resource_id, venue_id, block_start, block_end, quantity, exclusive)
+         VALUES ('sneaked', $1, $2, $3, $4, $5, 1, true)",
+    )
+    .bind(held.id.to_string())
+    .bind(seat.id.to_string())
+    .bind(cluster.venue.id.to_string())
+    .bind(morning().start + 60)
+    .bind(morning().end + 60)
+    .execute(&mut conn)
+    .await;
+    let code = sneaked.unwrap_err().as_database_error().and_then(|d| d.code()).map(|c| c.into_owned());
+    assert_eq!(code.as_deref(), Some("23P01"), "exclusion_violation");
+    drop(conn);
+    // An expired hold does not block the seat: the next hold expires it first.
+    let after = cluster.nodes[0].hold(cluster.hold_command(&[(seat.id, morning())], at(601), 600)).await;
+    assert!(after.is_ok(), "the lapsed hold was not cleared: {after:?}");
+    assert_eq!(cluster.nodes[0].booking(held.id).await.unwrap().unwrap().status.as_str(), "expired");
+    assert_eq!(cluster.nodes[0].count("outbox", "topic = 'booking.expired'").await.unwrap(), 1);
+    cluster.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn catalogue_changes_reach_other_nodes_within_a_second() {
+    let Some(cluster) = Cluster::start(2).await else { return };
+    let (writer, reader) = (cluster.nodes[0].clone(), cluster.nodes[1].clone());
+    let mut room = cluster.resource(3).await;
+    // The reader caches the room and the venue.
+    assert_eq!(reader.resource(room.id).await.unwrap().unwrap().capacity, 3);
+    assert_eq!(reader.venue(cluster.venue.id).await.unwrap().unwrap().name, "Nodes");
+    room.capacity = 7;
+    writer.update_resource(&room).await.unwrap();
+    let mut venue = cluster.venue.clone();
+    venue.name = "Renamed".into();
+    writer.update_venue(&venue).await.unwrap();
+    let started = Instant::now();
+    loop {
+        let seen = reader.resource(room.id).await.unwrap().unwrap().capacity;
+        let name = reader.venue(venue.id).await.unwrap().unwrap().name;
+        if seen == 7 && name == "Renamed" {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(1), "still {seen} / {name} after a second");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(reader.resources_by_ids(&[room.id]).await.unwrap()[0].capacity, 7);
+    writer.delete_resource(room.id, at(0)).await.unwrap();
+    let started = Instant::now();
+    while reader.resource(room.id).await.unwrap().is_some() {
+        assert!(started.elapsed() < Duration::from_secs(1), "deleted resource still served after a second");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(reader.resources_by_ids(&[room.id]).await.unwrap().is_empty());
+    cluster.finish().await;
+}
