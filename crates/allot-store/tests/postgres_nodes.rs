@@ -94,7 +94,7 @@ impl Cluster {
             })
             .collect();
         let expires = Timestamp::from_second(now.as_second() + ttl).unwrap();
-        let booking = Booking::new_hold(UserId::new(), self.venue.id, self.venue.currency.clone(), items, now, expires);
+        let booking = Booking::new_hold(UserId::new(), self.venue.id, self.venue.currency, items, now, expires);
         let claims = wants.iter().map(|&(_, span)| Claim { span, quantity: 1 }).collect();
         HoldCommand { booking, claims, now }
     }
