@@ -276,3 +276,55 @@ async fn catalogue_changes_reach_other_nodes_within_a_second() {
     assert!(reader.resources_by_ids(&[room.id]).await.unwrap().is_empty());
     cluster.finish().await;
 }
+
+/// Kills every server connection of the test database, as a PostgreSQL restart or a network
+/// cut would.
+async fn kill_connections(url: &str) {
+    let name = url.rsplit('/').next().unwrap().to_owned();
+    let mut admin =
+        <sqlx::PgConnection as sqlx::Connection>::connect(&allot_store::testing::test_server_url()).await.unwrap();
+    let killed: Vec<bool> = sqlx::query_scalar(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1 AND pid <> pg_backend_pid()",
+    )
+    .bind(&name)
+    .fetch_all(&mut admin)
+    .await
+    .unwrap();
+    assert!(killed.len() >= 2, "the writer and the listener at least: {killed:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_recovers_when_its_database_connections_are_killed() {
+    let Some(cluster) = Cluster::start(2).await else { return };
+    let (writer, reader) = (cluster.nodes[0].clone(), cluster.nodes[1].clone());
+    let mut room = cluster.resource(2).await;
+    assert_eq!(reader.resource(room.id).await.unwrap().unwrap().capacity, 2);
+    kill_connections(&cluster.url).await;
+    // Writes work again after at most a failed attempt or two (the write connection is
+    // replaced when a batch cannot begin), and nothing half-done is left behind.
+    let started = Instant::now();
+    let held = loop {
+        match writer.hold(cluster.hold_command(&[(room.id, morning())], at(0), 600)).await {
+            Ok(b) => break b,
+            Err(HoldRefused::Store(e)) => {
+                assert!(started.elapsed() < Duration::from_secs(10), "writes still failing: {e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(other) => panic!("unexpected refusal: {other:?}"),
+        }
+    };
+    assert_eq!(reader.claims(room.id, morning(), at(0)).await.unwrap().len(), 1);
+    assert_eq!(reader.booking(held.id).await.unwrap().unwrap().id, held.id);
+    // The reader's listener reconnects too: a document cached after the cut is still dropped
+    // when another node changes it.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(reader.resource(room.id).await.unwrap().unwrap().capacity, 2);
+    room.capacity = 9;
+    writer.update_resource(&room).await.unwrap();
+    let started = Instant::now();
+    while reader.resource(room.id).await.unwrap().unwrap().capacity != 9 {
+        assert!(started.elapsed() < Duration::from_secs(3), "the reader's cache missed a change after reconnecting");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    cluster.finish().await;
+}
