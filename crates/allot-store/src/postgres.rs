@@ -141,14 +141,16 @@ impl PgStore {
     /// nodes starting together are safe), starts the writer and the cache listener.
     pub async fn open(url: &str) -> Result<PgStore, StoreError> {
         let options = PgConnectOptions::from_str(url).map_err(db_error)?.application_name("allot");
-        let mut conn = PgConnection::connect_with(&options).await.map_err(db_error)?;
-        MIGRATOR.run(&mut conn).await.map_err(|e| StoreError::Database(format!("migrations: {e}")))?;
         let read = PgPoolOptions::new()
             .max_connections(READ_POOL_CONNECTIONS_MAX)
             .acquire_timeout(Duration::from_secs(CONNECT_TIMEOUT_SECONDS))
             .connect_with(options.clone())
             .await
             .map_err(db_error)?;
+        // Through the pool (one connection of it holds the lock): `&mut PgConnection` would
+        // make this future unusable with `tokio::spawn` (rust-lang/rust#100013).
+        MIGRATOR.run(&read).await.map_err(|e| StoreError::Database(format!("migrations: {e}")))?;
+        let conn = PgConnection::connect_with(&options).await.map_err(db_error)?;
         let cache = Arc::new(Cache::default());
         let listen_pool = PgPoolOptions::new().max_connections(1).connect_lazy_with(options.clone());
         let listener = connect_listener(&listen_pool).await.map_err(db_error)?;

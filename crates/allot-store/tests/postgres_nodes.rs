@@ -328,3 +328,23 @@ async fn a_node_recovers_when_its_database_connections_are_killed() {
     }
     cluster.finish().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_starting_together_apply_the_migrations_once() {
+    let Some(url) = fresh_postgres_database().await else { return };
+    let opening: Vec<_> = (0..4)
+        .map(|_| {
+            let url = url.clone();
+            tokio::spawn(async move { PgStore::open(&url).await.map(|_| ()) })
+        })
+        .collect();
+    for open in opening {
+        open.await.unwrap().unwrap();
+    }
+    let mut conn = <sqlx::PgConnection as sqlx::Connection>::connect(&url).await.unwrap();
+    let applied: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM _sqlx_migrations").fetch_one(&mut conn).await.unwrap();
+    let files = std::fs::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/migrations/postgres")).unwrap().count();
+    assert_eq!(usize::try_from(applied).unwrap(), files, "each migration applied once");
+    drop(conn);
+    drop_postgres_database(&url).await;
+}
