@@ -1,0 +1,238 @@
+//! `update_booking` (decisions inside the transaction, claims kept in step, one outbox row per
+//! status change) and the booking list.
+
+use std::collections::BTreeSet;
+
+use allot_app::AppError;
+use allot_app::store::{BookingFilter, Decide, HoldRefused, UpdateRefused};
+use allot_core::booking::{Booking, BookingStatus, Transition};
+use allot_core::ids::{BookingId, UserId, VenueId};
+
+use crate::{Backend, HOUR, World, all_pages, at, span, user};
+
+async fn outbox_of(b: &Backend, id: BookingId, topic: &str) -> i64 {
+    b.count("outbox", &format!("aggregate_id = '{id}' AND topic = '{topic}'")).await
+}
+
+pub async fn confirm_keeps_claims_and_clears_hold_expiry(b: &Backend) {
+    let w = World::new(b).await;
+    let r = w.resource(1).await;
+    let held = w.held(&[(r.id, span(HOUR, 2 * HOUR), 1)], at(0), 600).await;
+    let confirmed = w.confirm(held.id, at(10)).await;
+    assert_eq!(confirmed.status, BookingStatus::Confirmed);
+    assert_eq!(confirmed.expires_at, None);
+    assert_eq!(confirmed.updated_at, at(10), "updated_at is the transaction's now");
+    assert_eq!(confirmed.created_at, at(0));
+    assert_eq!(w.store.booking(held.id).await.unwrap().as_ref(), Some(&confirmed));
+
+    let id = held.id;
+    assert_eq!(b.count("bookings", &format!("id = '{id}' AND status = 'confirmed' AND expires_at IS NULL")).await, 1);
+    assert_eq!(b.count("claims", &format!("booking_id = '{id}' AND hold_expires_at IS NULL")).await, 1);
+    assert_eq!(outbox_of(b, id, "booking.held").await, 1);
+    assert_eq!(outbox_of(b, id, "booking.confirmed").await, 1);
+
+    // Long past the old hold expiry the claim still counts.
+    assert_eq!(w.claimed(r.id, at(5000)).await, 1);
+    match w.hold(&[(r.id, span(HOUR, 2 * HOUR), 1)], at(5000), 600).await {
+        Err(HoldRefused::Unavailable { item_index: 0, remaining: 0 }) => {}
+        other => panic!("a confirmed claim does not expire: got {other:?}"),
+    }
+    assert!(w.store.expire_due(at(6000), 100).await.unwrap().is_empty());
+    assert!(w.store.upcoming_expiries(100).await.unwrap().is_empty());
+    assert_eq!(w.store.booking(id).await.unwrap().unwrap().status, BookingStatus::Confirmed);
+}
+
+pub async fn cancel_releases_capacity(b: &Backend) {
+    let w = World::new(b).await;
+    let r = w.resource(1).await;
+    let s = span(HOUR, 2 * HOUR);
+
+    let held = w.held(&[(r.id, s, 1)], at(0), 600).await;
+    let cancelled = w.cancel(held.id, at(5)).await;
+    assert_eq!(cancelled.status, BookingStatus::Cancelled);
+    assert_eq!(b.count("claims", "1=1").await, 0, "cancelling deletes the claims");
+    assert_eq!(b.count("bookings", &format!("id = '{}' AND status = 'cancelled'", held.id)).await, 1);
+    assert_eq!(outbox_of(b, held.id, "booking.cancelled").await, 1);
+    assert!(w.store.upcoming_expiries(10).await.unwrap().is_empty(), "a cancelled hold does not expire");
+
+    // A confirmed booking, cancelled, gives its capacity back too.
+    let second = w.held(&[(r.id, s, 1)], at(6), 600).await;
+    w.confirm(second.id, at(7)).await;
+    assert_eq!(w.claimed(r.id, at(8)).await, 1);
+    w.cancel(second.id, at(8)).await;
+    assert_eq!(w.claimed(r.id, at(8)).await, 0);
+    assert_eq!(outbox_of(b, second.id, "booking.confirmed").await, 1);
+    assert_eq!(outbox_of(b, second.id, "booking.cancelled").await, 1);
+    w.held(&[(r.id, s, 1)], at(9), 600).await;
+
+    // Cancelled is final.
+    assert!(matches!(w.apply(held.id, Transition::Cancel, at(10)).await, Err(UpdateRefused::Rejected(_))));
+    assert!(matches!(w.apply(held.id, Transition::Confirm, at(10)).await, Err(UpdateRefused::Rejected(_))));
+    assert_eq!(b.count("outbox", "1=1").await, 3 + 3, "3 holds, 1 confirm, 2 cancels");
+}
+
+pub async fn rejected_decision_changes_nothing(b: &Backend) {
+    let w = World::new(b).await;
+    let r = w.resource(1).await;
+    let held = w.held(&[(r.id, span(HOUR, 2 * HOUR), 1)], at(0), 600).await;
+    let refuse: Decide = Box::new(|b: &Booking, _now| {
+        assert_eq!(b.status, BookingStatus::Held, "the decision sees the stored booking");
+        Err(AppError::Conflict("not now".into()))
+    });
+    match w.store.update_booking(held.id, at(5), refuse).await {
+        Err(UpdateRefused::Rejected(AppError::Conflict(m))) => assert_eq!(m, "not now"),
+        other => panic!("expected Rejected(Conflict), got {other:?}"),
+    }
+    assert_eq!(w.store.booking(held.id).await.unwrap().as_ref(), Some(&held), "booking unchanged");
+    assert_eq!(b.count("claims", &format!("booking_id = '{}' AND hold_expires_at IS NOT NULL", held.id)).await, 1);
+    assert_eq!(b.count("outbox", "1=1").await, 1);
+    assert_eq!(w.claimed(r.id, at(5)).await, 1);
+}
+
+pub async fn update_of_unknown_booking_is_not_found(b: &Backend) {
+    let w = World::new(b).await;
+    let never: Decide = Box::new(|_: &Booking, _| panic!("no booking to decide on"));
+    assert!(matches!(w.store.update_booking(BookingId::new(), at(0), never).await, Err(UpdateRefused::NotFound)));
+    assert_eq!(w.store.booking(BookingId::new()).await.unwrap(), None);
+    assert_eq!(b.count("outbox", "1=1").await, 0);
+}
+
+pub async fn update_without_status_change_writes_no_event(b: &Backend) {
+    let w = World::new(b).await;
+    let r = w.resource(1).await;
+    let held = w.held(&[(r.id, span(HOUR, 2 * HOUR), 1)], at(0), 600).await;
+    let decline = || -> Decide {
+        Box::new(|b: &Booking, now| {
+            let mut next = b.clone();
+            next.status =
+                b.next_status(Transition::PaymentDeclined, now).map_err(|e| AppError::Conflict(e.to_string()))?;
+            next.payment_attempts += 1;
+            Ok(next)
+        })
+    };
+    let once = w.store.update_booking(held.id, at(5), decline()).await.unwrap();
+    assert_eq!((once.status, once.payment_attempts, once.updated_at), (BookingStatus::Held, 1, at(5)));
+    assert_eq!(w.store.booking(held.id).await.unwrap().as_ref(), Some(&once), "the new document is stored");
+    assert_eq!(b.count("outbox", "1=1").await, 1, "no status change, no event");
+    assert_eq!(b.count("claims", &format!("booking_id = '{}' AND hold_expires_at IS NOT NULL", held.id)).await, 1);
+
+    w.store.update_booking(held.id, at(6), decline()).await.unwrap();
+    let failed = w.store.update_booking(held.id, at(7), decline()).await.unwrap();
+    assert_eq!((failed.status, failed.payment_attempts), (BookingStatus::PaymentFailed, 3));
+    assert_eq!(outbox_of(b, held.id, "booking.payment_failed").await, 1);
+    assert_eq!(b.count("outbox", "1=1").await, 2);
+    assert_eq!(b.count("claims", "1=1").await, 0, "a failed payment releases the claims");
+    assert!(w.store.upcoming_expiries(10).await.unwrap().is_empty());
+}
+
+pub async fn confirm_at_or_after_expiry_is_rejected(b: &Backend) {
+    let w = World::new(b).await;
+    let r = w.resource(2).await;
+    let s = span(HOUR, 2 * HOUR);
+    let a = w.held(&[(r.id, s, 1)], at(0), 600).await;
+    let c = w.held(&[(r.id, s, 1)], at(0), 600).await;
+    w.confirm(c.id, at(599)).await;
+    assert!(matches!(
+        w.apply(a.id, Transition::Confirm, at(600)).await,
+        Err(UpdateRefused::Rejected(AppError::HoldExpired))
+    ));
+    let stored = w.store.booking(a.id).await.unwrap().unwrap();
+    assert_eq!(stored.status, BookingStatus::Held, "a refused confirm changes nothing; the sweep expires it");
+
+    // The store's clock never goes back: once a later write let someone else take the unit,
+    // a confirm carrying an earlier `now` is decided at the later time and refused.
+    let d = w.held(&[(r.id, s, 1)], at(700), 600).await;
+    let e = w.held(&[(r.id, s, 1)], at(1400), 600).await;
+    assert_eq!(w.claimed(r.id, at(1400)).await, 2, "c (confirmed) and e; d stopped counting at 1300");
+    match w.apply(d.id, Transition::Confirm, at(1000)).await {
+        Err(UpdateRefused::Rejected(AppError::HoldExpired)) => {}
+        other => panic!("a confirm with a stale now after the unit was re-taken: expected HoldExpired, got {other:?}"),
+    }
+    w.confirm(e.id, at(1500)).await;
+    assert_eq!(w.claimed(r.id, at(1500)).await, 2);
+}
+
+/// (booking, venue, customer, status) of a booking made by the test.
+type Made = (BookingId, VenueId, UserId, BookingStatus);
+
+pub async fn bookings_filter_and_paging(b: &Backend) {
+    let w1 = World::new(b).await;
+    let w2 = World::new(b).await;
+    let c2 = user("second@customers.test", vec![allot_app::store::Role::Customer]);
+    w1.store.insert_user(&c2).await.unwrap();
+    let w1c2 = World { store: w1.store.clone(), venue: w1.venue.clone(), customer: c2.id };
+    let (r1, r2) = (w1.resource(100).await, w2.resource(100).await);
+
+    // (venue, customer, status) of every booking made.
+    let mut made: Vec<Made> = Vec::new();
+    let mut t = 0;
+    for (world, r, n) in [(&w1, &r1, 5), (&w1c2, &r1, 3), (&w2, &r2, 4)] {
+        for i in 0..n {
+            t += 1;
+            let booking = world.held(&[(r.id, span(HOUR, 2 * HOUR), 1)], at(t), 600).await;
+            let status = match i % 3 {
+                0 => BookingStatus::Held,
+                1 => world.confirm(booking.id, at(t)).await.status,
+                _ => world.cancel(booking.id, at(t)).await.status,
+            };
+            made.push((booking.id, world.venue.id, world.customer, status));
+        }
+    }
+    let store = w1.store.clone();
+    let list = |filter: BookingFilter, limit: u32| {
+        let store = store.clone();
+        async move {
+            let got = all_pages(
+                limit,
+                |b: &Booking| b.id.as_uuid(),
+                |page| {
+                    let (store, filter) = (store.clone(), filter.clone());
+                    async move { store.bookings(&filter, page).await.unwrap() }
+                },
+            )
+            .await;
+            let ids: Vec<BookingId> = got.iter().map(|b| b.id).collect();
+            let mut sorted = ids.clone();
+            sorted.sort();
+            sorted.dedup();
+            assert_eq!(ids, sorted, "{filter:?}: in id order, no duplicates");
+            ids.into_iter().collect::<BTreeSet<_>>()
+        }
+    };
+    let want = |keep: &dyn Fn(&Made) -> bool| made.iter().filter(|m| keep(m)).map(|m| m.0).collect::<BTreeSet<_>>();
+
+    assert_eq!(list(BookingFilter::default(), 5).await, want(&|_| true));
+    assert_eq!(list(BookingFilter::default(), 12).await.len(), 12);
+    let by_customer = BookingFilter { customer_id: Some(w1.customer), ..Default::default() };
+    assert_eq!(list(by_customer.clone(), 2).await, want(&|m| m.2 == w1.customer));
+    assert_eq!(list(by_customer, 1).await.len(), 5);
+    let by_venue = BookingFilter { venue_id: Some(w1.venue.id), ..Default::default() };
+    assert_eq!(list(by_venue, 3).await, want(&|m| m.1 == w1.venue.id));
+    let by_venues = BookingFilter { venue_ids: Some(vec![w2.venue.id]), ..Default::default() };
+    assert_eq!(list(by_venues, 3).await, want(&|m| m.1 == w2.venue.id));
+    let both = BookingFilter { venue_ids: Some(vec![w1.venue.id, w2.venue.id]), ..Default::default() };
+    assert_eq!(list(both, 7).await.len(), 12);
+    let none = BookingFilter { venue_ids: Some(vec![]), ..Default::default() };
+    assert!(list(none, 7).await.is_empty(), "an empty venue list matches nothing");
+    for status in [BookingStatus::Held, BookingStatus::Confirmed, BookingStatus::Cancelled, BookingStatus::Expired] {
+        let f = BookingFilter { status: Some(status), ..Default::default() };
+        assert_eq!(list(f, 2).await, want(&|m| m.3 == status), "status {status:?}");
+    }
+    let combined = BookingFilter {
+        customer_id: Some(c2.id),
+        venue_id: Some(w1.venue.id),
+        status: Some(BookingStatus::Confirmed),
+        venue_ids: Some(vec![w1.venue.id]),
+    };
+    assert_eq!(
+        list(combined, 1).await,
+        want(&|m| m.2 == c2.id && m.1 == w1.venue.id && m.3 == BookingStatus::Confirmed)
+    );
+    let nobody = BookingFilter { customer_id: Some(UserId::new()), ..Default::default() };
+    assert!(list(nobody, 5).await.is_empty());
+    // The records are whole.
+    let everything = allot_app::store::PageRequest { after: None, limit: 100 };
+    for booking in w1.store.bookings(&BookingFilter::default(), everything).await.unwrap().items {
+        assert_eq!(w1.store.booking(booking.id).await.unwrap(), Some(booking));
+    }
+}
