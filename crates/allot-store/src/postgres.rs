@@ -16,9 +16,9 @@ use std::time::Duration;
 use allot_app::StoreError;
 use allot_app::store::{
     BookingFilter, Decide, HoldCommand, HoldRefused, IdempotencyBegin, IdempotencyKey, Page, PageRequest, RefreshToken,
-    Role, RotateOutcome, SeatState, Store, UpdateRefused, User,
+    RotateOutcome, SeatState, Store, UpdateRefused, User,
 };
-use allot_core::booking::{Booking, BookingStatus, Transition};
+use allot_core::booking::Booking;
 use allot_core::capacity::{self, CLAIM_SECONDS_MAX, CapacityRules, Claim, Span};
 use allot_core::ids::{BookingId, EventId, ResourceId, UserId, VenueId};
 use allot_core::inventory::{Event, Resource, Venue};
@@ -26,11 +26,15 @@ use async_trait::async_trait;
 use futures::future::BoxFuture;
 use jiff::Timestamp;
 use serde::de::DeserializeOwned;
-use sqlx::postgres::{PgConnectOptions, PgListener, PgPool, PgPoolOptions, PgRow};
-use sqlx::{Connection, PgConnection, Postgres, QueryBuilder, Row};
+use sqlx::postgres::{PgConnectOptions, PgListener, PgPool, PgPoolOptions};
+use sqlx::{Connection, PgConnection, Postgres, QueryBuilder};
 
 use crate::cache::{self, Cache, INVALIDATE_ALL};
-use crate::common::{after_key, from_json, from_json_db, hold_expiry, is_unique_violation, page_of, to_json, ts};
+use crate::common::{
+    KeyRow, Rotation, TokenRow, USER_COLUMNS, UserRow, add_seat_states, after_key, claims_from_rows, decided,
+    docs_to_page, existing_key, expired, from_json, from_json_db, hold_expiry, is_unique_violation, rotation, to_json,
+    ts, user_of,
+};
 use crate::writer::{Backend, Outcome, WriteCtx, Writer, db_error};
 
 pub const READ_POOL_CONNECTIONS_MAX: u32 = 8;
@@ -47,10 +51,6 @@ const EXCLUSION_VIOLATION: &str = "23P01";
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
 
 type Ctx = WriteCtx<PgConnection>;
-/// user_id, family_id, expires_at, used_at, revoked_at.
-type TokenRow = (String, String, i64, Option<i64>, Option<i64>);
-/// request_hash, status, body, locked_until.
-type KeyRow = (String, Option<i64>, Option<Vec<u8>>, Option<i64>);
 
 /// PostgreSQL under the writer: per-resource row locks and clocks, and a reconnect when the
 /// write connection dies.
@@ -200,76 +200,55 @@ impl PgStore {
         }
         let rows =
             q.bind(after_key(&page)).bind(i64::from(page.limit) + 1).fetch_all(&self.read).await.map_err(db_error)?;
-        let rows =
-            rows.into_iter().map(|(id, doc)| Ok((id, from_json(&doc)?))).collect::<Result<Vec<_>, StoreError>>()?;
-        Ok(page_of(rows, page.limit))
+        docs_to_page(rows, page.limit)
     }
 
-    async fn user_where(&self, sql: &'static str, value: String) -> Result<Option<User>, StoreError> {
-        let row = sqlx::query(sql).bind(value).fetch_optional(&self.read).await.map_err(db_error)?;
-        match row {
-            Some(row) => Ok(Some(self.user_from_row(row).await?)),
-            None => Ok(None),
-        }
-    }
-
-    async fn user_from_row(&self, row: PgRow) -> Result<User, StoreError> {
-        let id: String = row.get("id");
-        let roles: String = row.get("roles");
+    /// The one user whose `column` equals `value`.
+    async fn user_where(&self, column: &'static str, value: String) -> Result<Option<User>, StoreError> {
+        let sql = format!("SELECT {USER_COLUMNS} FROM users WHERE {column} = $1");
+        let row: Option<UserRow> =
+            sqlx::query_as(sqlx::AssertSqlSafe(sql)).bind(value).fetch_optional(&self.read).await.map_err(db_error)?;
+        let Some(row) = row else { return Ok(None) };
         let venues: Vec<String> =
             sqlx::query_scalar("SELECT venue_id FROM venue_managers WHERE user_id = $1 ORDER BY venue_id")
-                .bind(&id)
+                .bind(&row.0)
                 .fetch_all(&self.read)
                 .await
                 .map_err(db_error)?;
-        Ok(User {
-            id: id.parse().map_err(|_| StoreError::Corrupt(format!("user id {id}")))?,
-            email: row.get("email"),
-            name: row.get("name"),
-            password_hash: row.get("password_hash"),
-            roles: roles.split(',').filter_map(Role::parse).collect(),
-            venues: venues.into_iter().filter_map(|v| v.parse().ok()).collect(),
-            created_at: ts(row.get("created_at")),
-        })
+        user_of(row, venues).map(Some)
     }
 
-    /// Writes one statement through the writer, mapping a unique violation to `Conflict`, and
-    /// announces `notify` (a cache key) to every node when it commits.
-    async fn exec_one(
-        &self,
-        sql: &'static str,
-        args: Vec<Arg>,
-        conflict: &'static str,
-        notify: Option<String>,
-    ) -> Result<u64, StoreError> {
-        let announced = notify.clone();
+    /// Writes one statement through the writer, mapping a unique violation to `Conflict`.
+    async fn exec_one(&self, sql: &'static str, args: Vec<Arg>, conflict: &'static str) -> Result<u64, StoreError> {
+        self.writer
+            .exec(move |ctx: &mut Ctx| -> BoxFuture<'_, Outcome<u64, StoreError>> {
+                Box::pin(statement(&mut ctx.conn, sql, args, conflict))
+            })
+            .await
+    }
+
+    /// Runs a catalogue change with `locks` held; when it succeeds, `key` is announced to every
+    /// node in the same transaction and dropped from this node's cache at once.
+    async fn change_catalog<T, F>(&self, locks: Vec<String>, key: String, change: F) -> Result<T, StoreError>
+    where
+        F: for<'c> FnOnce(&'c mut Ctx) -> BoxFuture<'c, Outcome<T, StoreError>> + Send + 'static,
+        T: Send + 'static,
+    {
+        let announced = key.clone();
         let result = self
             .writer
-            .exec(move |ctx: &mut Ctx| -> BoxFuture<'_, Outcome<u64, StoreError>> {
+            .write_locked(locks, move |ctx: &mut Ctx| -> BoxFuture<'_, Outcome<T, StoreError>> {
                 Box::pin(async move {
-                    let mut q = sqlx::query(sql);
-                    for arg in args {
-                        q = match arg {
-                            Arg::Text(s) => q.bind(s),
-                            Arg::Int(i) => q.bind(i),
-                        };
+                    let outcome = change(&mut *ctx).await?;
+                    if outcome.is_ok() {
+                        announce(&mut ctx.conn, &announced).await?;
                     }
-                    let n = match q.execute(&mut ctx.conn).await {
-                        Ok(r) => r.rows_affected(),
-                        Err(e) if is_unique_violation(&e) => return Ok(Err(StoreError::Conflict(conflict.to_owned()))),
-                        Err(e) => return Err(e),
-                    };
-                    if let Some(key) = notify {
-                        announce(&mut ctx.conn, &key).await?;
-                    }
-                    Ok(Ok(n))
+                    Ok(outcome)
                 })
             })
             .await?;
-        if let Some(key) = announced {
-            self.cache.invalidate(&key);
-        }
-        Ok(result)
+        self.cache.invalidate(&key);
+        result
     }
 
     /// Resource ids a booking's items use (items never change), to lock before deciding on it.
@@ -310,6 +289,26 @@ async fn listen(pool: PgPool, mut listener: PgListener, cache: Arc<Cache>) {
                 cache.set_enabled(true);
             }
         }
+    }
+}
+
+async fn statement(
+    conn: &mut PgConnection,
+    sql: &'static str,
+    args: Vec<Arg>,
+    conflict: &'static str,
+) -> Outcome<u64, StoreError> {
+    let mut q = sqlx::query(sql);
+    for arg in args {
+        q = match arg {
+            Arg::Text(s) => q.bind(s),
+            Arg::Int(i) => q.bind(i),
+        };
+    }
+    match q.execute(conn).await {
+        Ok(r) => Ok(Ok(r.rows_affected())),
+        Err(e) if is_unique_violation(&e) => Ok(Err(StoreError::Conflict(conflict.to_owned()))),
+        Err(e) => Err(e),
     }
 }
 
@@ -356,11 +355,7 @@ where
     .bind(now.as_second())
     .fetch_all(executor)
     .await?;
-    Ok(rows
-        .into_iter()
-        .filter(|(s, e, q)| s < e && *q > 0)
-        .map(|(s, e, q)| Claim { span: Span::new(s, e), quantity: u32::try_from(q).unwrap_or(u32::MAX) })
-        .collect())
+    Ok(claims_from_rows(rows))
 }
 
 async fn doc_in_tx<T: DeserializeOwned>(
@@ -416,10 +411,7 @@ async fn expire_one(conn: &mut PgConnection, id: &str, now: Timestamp) -> Result
     .await?;
     let Some(doc) = doc else { return Ok(false) };
     let before: Booking = from_json_db(&doc)?;
-    let Ok(status) = before.next_status(Transition::Expire, now) else { return Ok(false) };
-    let mut after = before.clone();
-    after.status = status;
-    after.updated_at = now;
+    let Some(after) = expired(&before, now) else { return Ok(false) };
     apply_change(conn, &before, &after, now).await?;
     Ok(true)
 }
@@ -546,21 +538,18 @@ async fn rotate_in_tx(
     .bind(&old_hash)
     .fetch_optional(&mut ctx.conn)
     .await?;
-    let Some((user_id, family, expires_at, used_at, revoked_at)) = row else {
-        return Ok(Ok(RotateOutcome::Invalid));
+    let (user_id, family) = match rotation(row, now) {
+        Rotation::Invalid => return Ok(Ok(RotateOutcome::Invalid)),
+        Rotation::RevokeFamily(family) => {
+            sqlx::query("UPDATE refresh_tokens SET revoked_at = $1 WHERE family_id = $2 AND revoked_at IS NULL")
+                .bind(now)
+                .bind(&family)
+                .execute(&mut ctx.conn)
+                .await?;
+            return Ok(Ok(RotateOutcome::Reused));
+        }
+        Rotation::Rotate { user_id, family } => (user_id, family),
     };
-    if revoked_at.is_some() || expires_at <= now {
-        return Ok(Ok(RotateOutcome::Invalid));
-    }
-    if used_at.is_some() {
-        // Reuse of a rotated token: someone else has a copy. End the whole family.
-        sqlx::query("UPDATE refresh_tokens SET revoked_at = $1 WHERE family_id = $2 AND revoked_at IS NULL")
-            .bind(now)
-            .bind(&family)
-            .execute(&mut ctx.conn)
-            .await?;
-        return Ok(Ok(RotateOutcome::Reused));
-    }
     sqlx::query("UPDATE refresh_tokens SET used_at = $1 WHERE token_hash = $2")
         .bind(now)
         .bind(&old_hash)
@@ -608,32 +597,24 @@ async fn idempotency_begin_in_tx(
     .bind(&key.key)
     .fetch_optional(&mut ctx.conn)
     .await?;
-    match row {
-        Some((hash, Some(status), body, _)) => Ok(Ok(IdempotencyBegin::Completed {
-            request_hash: hash,
-            status: u16::try_from(status).unwrap_or(500),
-            body: body.unwrap_or_default(),
-        })),
-        Some((_, None, _, Some(until))) if until > now => Ok(Ok(IdempotencyBegin::InProgress)),
-        // The request that locked it died without finishing (or it was just deleted): take over.
-        _ => {
-            sqlx::query(
-                "INSERT INTO idempotency_keys (principal, key, request_hash, created_at, locked_until)
-                 VALUES ($1, $2, $3, $4, $5)
-                 ON CONFLICT (principal, key) DO UPDATE
-                 SET request_hash = excluded.request_hash, locked_until = excluded.locked_until,
-                     created_at = excluded.created_at",
-            )
-            .bind(&key.principal)
-            .bind(&key.key)
-            .bind(&key.request_hash)
-            .bind(now)
-            .bind(lock_until)
-            .execute(&mut ctx.conn)
-            .await?;
-            Ok(Ok(IdempotencyBegin::Started))
-        }
+    if let Some(found) = existing_key(row, now) {
+        return Ok(Ok(found));
     }
+    // The request that locked it died without finishing (or the key was just deleted): take over.
+    sqlx::query(
+        "INSERT INTO idempotency_keys (principal, key, request_hash, created_at, locked_until)
+         VALUES ($1, $2, $3, $4, $5)
+         ON CONFLICT (principal, key) DO UPDATE
+         SET request_hash = excluded.request_hash, locked_until = excluded.locked_until, created_at = excluded.created_at",
+    )
+    .bind(&key.principal)
+    .bind(&key.key)
+    .bind(&key.request_hash)
+    .bind(now)
+    .bind(lock_until)
+    .execute(&mut ctx.conn)
+    .await?;
+    Ok(Ok(IdempotencyBegin::Started))
 }
 
 fn venue_doc(venue: &Venue) -> Result<String, StoreError> {
@@ -659,18 +640,17 @@ impl Store for PgStore {
                 Arg::Int(user.created_at.as_second()),
             ],
             "an account with this e-mail already exists",
-            None,
         )
         .await
         .map(|_| ())
     }
 
     async fn user_by_email(&self, email: &str) -> Result<Option<User>, StoreError> {
-        self.user_where("SELECT * FROM users WHERE email = $1", email.to_owned()).await
+        self.user_where("email", email.to_owned()).await
     }
 
     async fn user_by_id(&self, id: UserId) -> Result<Option<User>, StoreError> {
-        self.user_where("SELECT * FROM users WHERE id = $1", id.to_string()).await
+        self.user_where("id", id.to_string()).await
     }
 
     async fn set_manager(&self, venue_id: VenueId, user_id: UserId) -> Result<(), StoreError> {
@@ -678,7 +658,6 @@ impl Store for PgStore {
             "INSERT INTO venue_managers (venue_id, user_id) VALUES ($1, $2) ON CONFLICT DO NOTHING",
             vec![Arg::Text(venue_id.to_string()), Arg::Text(user_id.to_string())],
             "already a manager",
-            None,
         )
         .await
         .map(|_| ())
@@ -694,7 +673,6 @@ impl Store for PgStore {
                 Arg::Int(token.expires_at.as_second()),
             ],
             "duplicate token",
-            None,
         )
         .await
         .map(|_| ())
@@ -722,7 +700,6 @@ impl Store for PgStore {
              WHERE revoked_at IS NULL AND family_id = (SELECT family_id FROM refresh_tokens WHERE token_hash = $2)",
             vec![Arg::Int(now.as_second()), Arg::Text(token_hash.to_owned())],
             "",
-            None,
         )
         .await
         .map(|_| ())
@@ -733,7 +710,6 @@ impl Store for PgStore {
             "INSERT INTO settings (key, value) VALUES ($1, $2) ON CONFLICT DO NOTHING",
             vec![Arg::Text(key.to_owned()), Arg::Text(value.to_owned())],
             "",
-            None,
         )
         .await?;
         sqlx::query_scalar("SELECT value FROM settings WHERE key = $1")
@@ -748,31 +724,36 @@ impl Store for PgStore {
             "INSERT INTO settings (key, value) VALUES ($1, $2) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
             vec![Arg::Text(key.to_owned()), Arg::Text(value.to_owned())],
             "",
-            None,
         )
         .await
         .map(|_| ())
     }
 
     async fn insert_venue(&self, venue: &Venue) -> Result<(), StoreError> {
-        self.exec_one(
-            "INSERT INTO venues (id, doc) VALUES ($1, $2::jsonb)",
-            vec![Arg::Text(venue.id.to_string()), Arg::Text(venue_doc(venue)?)],
-            "venue exists",
-            Some(cache::key("venue", venue.id)),
-        )
+        let args = vec![Arg::Text(venue.id.to_string()), Arg::Text(venue_doc(venue)?)];
+        self.change_catalog(Vec::new(), cache::key("venue", venue.id), move |ctx: &mut Ctx| -> BoxFuture<'_, _> {
+            Box::pin(statement(
+                &mut ctx.conn,
+                "INSERT INTO venues (id, doc) VALUES ($1, $2::jsonb)",
+                args,
+                "venue exists",
+            ))
+        })
         .await
         .map(|_| ())
     }
 
     async fn update_venue(&self, venue: &Venue) -> Result<(), StoreError> {
+        let args = vec![Arg::Text(venue_doc(venue)?), Arg::Text(venue.id.to_string())];
         let n = self
-            .exec_one(
-                "UPDATE venues SET doc = $1::jsonb WHERE id = $2 AND deleted_at IS NULL",
-                vec![Arg::Text(venue_doc(venue)?), Arg::Text(venue.id.to_string())],
-                "",
-                Some(cache::key("venue", venue.id)),
-            )
+            .change_catalog(Vec::new(), cache::key("venue", venue.id), move |ctx: &mut Ctx| -> BoxFuture<'_, _> {
+                Box::pin(statement(
+                    &mut ctx.conn,
+                    "UPDATE venues SET doc = $1::jsonb WHERE id = $2 AND deleted_at IS NULL",
+                    args,
+                    "",
+                ))
+            })
             .await?;
         if n == 0 { Err(StoreError::NotFound("venue")) } else { Ok(()) }
     }
@@ -784,8 +765,8 @@ impl Store for PgStore {
             .await
             .map_err(db_error)?;
         let id = id.to_string();
-        self.writer
-            .write_locked(keys, move |ctx: &mut Ctx| -> BoxFuture<'_, Outcome<(), StoreError>> {
+        let everything = INVALIDATE_ALL.to_owned();
+        self.change_catalog(keys, everything, move |ctx: &mut Ctx| -> BoxFuture<'_, Outcome<(), StoreError>> {
                 Box::pin(async move {
                     let active: Option<i32> = sqlx::query_scalar(
                         "SELECT 1 FROM bookings WHERE venue_id = $1 AND status IN ('held', 'pending_payment', 'confirmed') LIMIT 1",
@@ -804,12 +785,10 @@ impl Store for PgStore {
                     ] {
                         sqlx::query(sql).bind(at).bind(&id).execute(&mut ctx.conn).await?;
                     }
-                    announce(&mut ctx.conn, INVALIDATE_ALL).await?;
                     Ok(Ok(()))
                 })
             })
-            .await??;
-        self.cache.invalidate(INVALIDATE_ALL);
+            .await?;
         Ok(())
     }
 
@@ -830,44 +809,38 @@ impl Store for PgStore {
     async fn insert_resource(&self, r: &Resource) -> Result<(), StoreError> {
         let (id, venue_id, doc) = (r.id.to_string(), r.venue_id.to_string(), resource_doc(r)?);
         let key = cache::key("resource", r.id);
-        let announced = key.clone();
-        self.writer
-            .write(move |ctx: &mut Ctx| -> BoxFuture<'_, Outcome<(), StoreError>> {
-                Box::pin(async move {
-                    let inserted = sqlx::query("INSERT INTO resources (id, venue_id, doc) VALUES ($1, $2, $3::jsonb)")
-                        .bind(&id)
-                        .bind(&venue_id)
-                        .bind(&doc)
-                        .execute(&mut ctx.conn)
-                        .await;
-                    match inserted {
-                        Ok(_) => {}
-                        Err(e) if is_unique_violation(&e) => {
-                            return Ok(Err(StoreError::Conflict("resource exists".into())));
-                        }
-                        Err(e) => return Err(e),
+        self.change_catalog(Vec::new(), key, move |ctx: &mut Ctx| -> BoxFuture<'_, Outcome<(), StoreError>> {
+            Box::pin(async move {
+                let inserted = sqlx::query("INSERT INTO resources (id, venue_id, doc) VALUES ($1, $2, $3::jsonb)")
+                    .bind(&id)
+                    .bind(&venue_id)
+                    .bind(&doc)
+                    .execute(&mut ctx.conn)
+                    .await;
+                match inserted {
+                    Ok(_) => {}
+                    Err(e) if is_unique_violation(&e) => {
+                        return Ok(Err(StoreError::Conflict("resource exists".into())));
                     }
-                    sqlx::query("INSERT INTO resource_clocks (resource_id, venue_id) VALUES ($1, $2)")
-                        .bind(&id)
-                        .bind(&venue_id)
-                        .execute(&mut ctx.conn)
-                        .await?;
-                    announce(&mut ctx.conn, &announced).await?;
-                    Ok(Ok(()))
-                })
+                    Err(e) => return Err(e),
+                }
+                sqlx::query("INSERT INTO resource_clocks (resource_id, venue_id) VALUES ($1, $2)")
+                    .bind(&id)
+                    .bind(&venue_id)
+                    .execute(&mut ctx.conn)
+                    .await?;
+                Ok(Ok(()))
             })
-            .await??;
-        self.cache.invalidate(&key);
+        })
+        .await?;
         Ok(())
     }
 
     async fn update_resource(&self, r: &Resource) -> Result<(), StoreError> {
         let (id, doc) = (r.id.to_string(), resource_doc(r)?);
         let key = cache::key("resource", r.id);
-        let announced = key.clone();
         let n = self
-            .writer
-            .write_locked(vec![id.clone()], move |ctx: &mut Ctx| -> BoxFuture<'_, Outcome<u64, StoreError>> {
+            .change_catalog(vec![id.clone()], key, move |ctx: &mut Ctx| -> BoxFuture<'_, Outcome<u64, StoreError>> {
                 Box::pin(async move {
                     let n = sqlx::query("UPDATE resources SET doc = $1::jsonb WHERE id = $2 AND deleted_at IS NULL")
                         .bind(&doc)
@@ -875,46 +848,40 @@ impl Store for PgStore {
                         .execute(&mut ctx.conn)
                         .await?
                         .rows_affected();
-                    announce(&mut ctx.conn, &announced).await?;
                     Ok(Ok(n))
                 })
             })
-            .await??;
-        self.cache.invalidate(&key);
+            .await?;
         if n == 0 { Err(StoreError::NotFound("resource")) } else { Ok(()) }
     }
 
     async fn delete_resource(&self, id: ResourceId, now: Timestamp) -> Result<(), StoreError> {
         let key = cache::key("resource", id);
-        let announced = key.clone();
         let id = id.to_string();
-        self.writer
-            .write_locked(vec![id.clone()], move |ctx: &mut Ctx| -> BoxFuture<'_, Outcome<(), StoreError>> {
-                Box::pin(async move {
-                    let at = ctx.now(now).as_second();
-                    let active: Option<i32> =
-                        sqlx::query_scalar("SELECT 1 FROM claims WHERE resource_id = $1 AND block_end > $2 LIMIT 1")
-                            .bind(&id)
-                            .bind(at)
-                            .fetch_optional(&mut ctx.conn)
-                            .await?;
-                    if active.is_some() {
-                        return Ok(Err(StoreError::Conflict("the resource has current or future bookings".into())));
-                    }
-                    let r = sqlx::query("UPDATE resources SET deleted_at = $1 WHERE id = $2 AND deleted_at IS NULL")
-                        .bind(at)
+        self.change_catalog(vec![id.clone()], key, move |ctx: &mut Ctx| -> BoxFuture<'_, Outcome<(), StoreError>> {
+            Box::pin(async move {
+                let at = ctx.now(now).as_second();
+                let active: Option<i32> =
+                    sqlx::query_scalar("SELECT 1 FROM claims WHERE resource_id = $1 AND block_end > $2 LIMIT 1")
                         .bind(&id)
-                        .execute(&mut ctx.conn)
+                        .bind(at)
+                        .fetch_optional(&mut ctx.conn)
                         .await?;
-                    if r.rows_affected() == 0 {
-                        return Ok(Err(StoreError::NotFound("resource")));
-                    }
-                    announce(&mut ctx.conn, &announced).await?;
-                    Ok(Ok(()))
-                })
+                if active.is_some() {
+                    return Ok(Err(StoreError::Conflict("the resource has current or future bookings".into())));
+                }
+                let r = sqlx::query("UPDATE resources SET deleted_at = $1 WHERE id = $2 AND deleted_at IS NULL")
+                    .bind(at)
+                    .bind(&id)
+                    .execute(&mut ctx.conn)
+                    .await?;
+                if r.rows_affected() == 0 {
+                    return Ok(Err(StoreError::NotFound("resource")));
+                }
+                Ok(Ok(()))
             })
-            .await??;
-        self.cache.invalidate(&key);
+        })
+        .await?;
         Ok(())
     }
 
@@ -965,39 +932,35 @@ impl Store for PgStore {
     async fn insert_event(&self, event: &Event) -> Result<(), StoreError> {
         let event = event.clone();
         let key = cache::key("event", event.id);
-        let announced = key.clone();
-        self.writer
-            .exec(move |ctx: &mut Ctx| -> BoxFuture<'_, Outcome<(), StoreError>> {
-                Box::pin(async move {
-                    let id = event.id.to_string();
-                    let (start, end) = (event.start.as_second(), event.end.as_second());
-                    sqlx::query(
-                        "INSERT INTO events (id, venue_id, start_at, end_at, doc) VALUES ($1, $2, $3, $4, $5::jsonb)",
-                    )
-                    .bind(&id)
-                    .bind(event.venue_id.to_string())
-                    .bind(start)
-                    .bind(end)
-                    .bind(to_json(&event)?)
-                    .execute(&mut ctx.conn)
-                    .await?;
-                    let seats: Vec<String> = event.seat_ids.iter().map(|s| s.to_string()).collect();
-                    sqlx::query(
-                        "INSERT INTO event_seats (resource_id, start_at, event_id, end_at)
+        self.change_catalog(Vec::new(), key, move |ctx: &mut Ctx| -> BoxFuture<'_, Outcome<(), StoreError>> {
+            Box::pin(async move {
+                let id = event.id.to_string();
+                let (start, end) = (event.start.as_second(), event.end.as_second());
+                sqlx::query(
+                    "INSERT INTO events (id, venue_id, start_at, end_at, doc) VALUES ($1, $2, $3, $4, $5::jsonb)",
+                )
+                .bind(&id)
+                .bind(event.venue_id.to_string())
+                .bind(start)
+                .bind(end)
+                .bind(to_json(&event)?)
+                .execute(&mut ctx.conn)
+                .await?;
+                let seats: Vec<String> = event.seat_ids.iter().map(|s| s.to_string()).collect();
+                sqlx::query(
+                    "INSERT INTO event_seats (resource_id, start_at, event_id, end_at)
                          SELECT seat, $2, $3, $4 FROM unnest($1::text[]) AS seat",
-                    )
-                    .bind(&seats)
-                    .bind(start)
-                    .bind(&id)
-                    .bind(end)
-                    .execute(&mut ctx.conn)
-                    .await?;
-                    announce(&mut ctx.conn, &announced).await?;
-                    Ok(Ok(()))
-                })
+                )
+                .bind(&seats)
+                .bind(start)
+                .bind(&id)
+                .bind(end)
+                .execute(&mut ctx.conn)
+                .await?;
+                Ok(Ok(()))
             })
-            .await?;
-        self.cache.invalidate(&key);
+        })
+        .await?;
         Ok(())
     }
 
@@ -1051,16 +1014,7 @@ impl Store for PgStore {
             .fetch_all(&self.read)
             .await
             .map_err(db_error)?;
-            for (resource, status) in rows {
-                let state =
-                    if status == BookingStatus::Confirmed.as_str() { SeatState::Booked } else { SeatState::Held };
-                if let Ok(id) = resource.parse() {
-                    let entry = states.entry(id).or_insert(state);
-                    if state == SeatState::Booked {
-                        *entry = SeatState::Booked;
-                    }
-                }
-            }
+            add_seat_states(&mut states, rows);
         }
         Ok(states)
     }
@@ -1096,12 +1050,10 @@ impl Store for PgStore {
                     let Some(before) = doc.map(|d| from_json_db::<Booking>(&d)).transpose()? else {
                         return Ok(Err(UpdateRefused::NotFound));
                     };
-                    let mut after = match decide(&before, now) {
-                        Ok(b) => b,
-                        Err(e) => return Ok(Err(UpdateRefused::Rejected(e))),
+                    let after = match decided(&before, decide, now) {
+                        Ok(after) => after,
+                        Err(refused) => return Ok(Err(refused)),
                     };
-                    assert_eq!(after.id, before.id, "a decision cannot change the booking's id");
-                    after.updated_at = now;
                     apply_change(&mut ctx.conn, &before, &after, now).await?;
                     Ok(Ok(after))
                 })
@@ -1141,9 +1093,7 @@ impl Store for PgStore {
         }
         qb.push(" ORDER BY id LIMIT ").push_bind(i64::from(page.limit) + 1);
         let rows: Vec<(String, String)> = qb.build_query_as().fetch_all(&self.read).await.map_err(db_error)?;
-        let rows =
-            rows.into_iter().map(|(id, doc)| Ok((id, from_json(&doc)?))).collect::<Result<Vec<_>, StoreError>>()?;
-        Ok(page_of(rows, page.limit))
+        docs_to_page(rows, page.limit)
     }
 
     async fn expire_due(&self, now: Timestamp, limit: u32) -> Result<Vec<BookingId>, StoreError> {
@@ -1236,7 +1186,6 @@ impl Store for PgStore {
             "DELETE FROM idempotency_keys WHERE principal = $1 AND key = $2 AND status IS NULL",
             vec![Arg::Text(key.principal.clone()), Arg::Text(key.key.clone())],
             "",
-            None,
         )
         .await
         .map(|_| ())
@@ -1249,7 +1198,6 @@ impl Store for PgStore {
                (SELECT ctid FROM idempotency_keys WHERE created_at < $1 LIMIT $2 FOR UPDATE SKIP LOCKED)",
             vec![Arg::Int(before.as_second()), Arg::Int(i64::from(limit))],
             "",
-            None,
         )
         .await
     }

@@ -8,9 +8,9 @@ use std::time::Duration;
 use allot_app::StoreError;
 use allot_app::store::{
     BookingFilter, Decide, HoldCommand, HoldRefused, IdempotencyBegin, IdempotencyKey, Page, PageRequest, RefreshToken,
-    Role, RotateOutcome, SeatState, Store, UpdateRefused, User,
+    RotateOutcome, SeatState, Store, UpdateRefused, User,
 };
-use allot_core::booking::{Booking, BookingStatus};
+use allot_core::booking::Booking;
 use allot_core::capacity::{self, CLAIM_SECONDS_MAX, Claim, Span};
 use allot_core::ids::{BookingId, EventId, ResourceId, UserId, VenueId};
 use allot_core::inventory::{Event, Resource, Venue};
@@ -19,9 +19,13 @@ use futures::future::BoxFuture;
 use jiff::Timestamp;
 use serde::de::DeserializeOwned;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous};
-use sqlx::{Connection, QueryBuilder, Row, Sqlite, SqliteConnection};
+use sqlx::{Connection, QueryBuilder, Sqlite, SqliteConnection};
 
-use crate::common::{after_key, from_json, from_json_db, hold_expiry, is_unique_violation, page_of, to_json, ts};
+use crate::common::{
+    KeyRow, Rotation, TokenRow, USER_COLUMNS, UserRow, add_seat_states, after_key, claims_from_rows, decided,
+    docs_to_page, existing_key, expired, from_json, from_json_db, hold_expiry, is_unique_violation, rotation, to_json,
+    ts, user_of,
+};
 use crate::writer::{Backend, Outcome, WriteCtx, Writer, db_error};
 
 type Ctx = WriteCtx<SqliteConnection>;
@@ -136,11 +140,7 @@ where
     .bind(now.as_second())
     .fetch_all(executor)
     .await?;
-    Ok(rows
-        .into_iter()
-        .filter(|(s, e, q)| s < e && *q > 0)
-        .map(|(s, e, q)| Claim { span: Span::new(s, e), quantity: u32::try_from(q).unwrap_or(u32::MAX) })
-        .collect())
+    Ok(claims_from_rows(rows))
 }
 
 async fn load_booking(conn: &mut SqliteConnection, id: &str) -> Result<Option<Booking>, sqlx::Error> {
@@ -185,34 +185,20 @@ async fn apply_change(
     Ok(())
 }
 
-async fn user_from_row(read: &SqlitePool, row: sqlx::sqlite::SqliteRow) -> Result<User, StoreError> {
-    let id: String = row.get("id");
-    let roles: String = row.get("roles");
-    let venues: Vec<(String,)> =
-        sqlx::query_as("SELECT venue_id FROM venue_managers WHERE user_id = ? ORDER BY venue_id")
-            .bind(&id)
-            .fetch_all(read)
-            .await
-            .map_err(db_error)?;
-    Ok(User {
-        id: id.parse().map_err(|_| StoreError::Corrupt(format!("user id {id}")))?,
-        email: row.get("email"),
-        name: row.get("name"),
-        password_hash: row.get("password_hash"),
-        roles: roles.split(',').filter_map(Role::parse).collect(),
-        venues: venues.into_iter().filter_map(|(v,)| v.parse().ok()).collect(),
-        created_at: ts(row.get("created_at")),
-    })
-}
-
 impl SqliteStore {
-    /// The one user `sql` (taking one bind) selects.
-    async fn user_where(&self, sql: &'static str, value: String) -> Result<Option<User>, StoreError> {
-        let row = sqlx::query(sql).bind(value).fetch_optional(&self.read).await.map_err(db_error)?;
-        match row {
-            Some(row) => Ok(Some(user_from_row(&self.read, row).await?)),
-            None => Ok(None),
-        }
+    /// The one user whose `column` equals `value`.
+    async fn user_where(&self, column: &'static str, value: String) -> Result<Option<User>, StoreError> {
+        let sql = format!("SELECT {USER_COLUMNS} FROM users WHERE {column} = ?");
+        let row: Option<UserRow> =
+            sqlx::query_as(sqlx::AssertSqlSafe(sql)).bind(value).fetch_optional(&self.read).await.map_err(db_error)?;
+        let Some(row) = row else { return Ok(None) };
+        let venues: Vec<String> =
+            sqlx::query_scalar("SELECT venue_id FROM venue_managers WHERE user_id = ? ORDER BY venue_id")
+                .bind(&row.0)
+                .fetch_all(&self.read)
+                .await
+                .map_err(db_error)?;
+        user_of(row, venues).map(Some)
     }
 
     /// The document `sql` (taking the id) selects.
@@ -234,9 +220,7 @@ impl SqliteStore {
         }
         let rows =
             q.bind(after_key(&page)).bind(i64::from(page.limit) + 1).fetch_all(&self.read).await.map_err(db_error)?;
-        let rows =
-            rows.into_iter().map(|(id, doc)| Ok((id, from_json(&doc)?))).collect::<Result<Vec<_>, StoreError>>()?;
-        Ok(page_of(rows, page.limit))
+        docs_to_page(rows, page.limit)
     }
 
     /// Writes one statement through the writer, mapping a unique violation to `Conflict`.
@@ -287,11 +271,11 @@ impl Store for SqliteStore {
     }
 
     async fn user_by_email(&self, email: &str) -> Result<Option<User>, StoreError> {
-        self.user_where("SELECT * FROM users WHERE email = ?", email.to_owned()).await
+        self.user_where("email", email.to_owned()).await
     }
 
     async fn user_by_id(&self, id: UserId) -> Result<Option<User>, StoreError> {
-        self.user_where("SELECT * FROM users WHERE id = ?", id.to_string()).await
+        self.user_where("id", id.to_string()).await
     }
 
     async fn set_manager(&self, venue_id: VenueId, user_id: UserId) -> Result<(), StoreError> {
@@ -331,27 +315,24 @@ impl Store for SqliteStore {
             .exec(move |ctx: &mut Ctx| -> BoxFuture<'_, Outcome<RotateOutcome, StoreError>> {
                 Box::pin(async move {
                     let now = ctx.now(now).as_second();
-                    let row: Option<(String, String, i64, Option<i64>, Option<i64>)> = sqlx::query_as(
+                    let row: Option<TokenRow> = sqlx::query_as(
                         "SELECT user_id, family_id, expires_at, used_at, revoked_at FROM refresh_tokens WHERE token_hash = ?",
                     )
                     .bind(&old_hash)
                     .fetch_optional(&mut ctx.conn)
                     .await?;
-                    let Some((user_id, family, expires_at, used_at, revoked_at)) = row else {
-                        return Ok(Ok(RotateOutcome::Invalid));
+                    let (user_id, family) = match rotation(row, now) {
+                        Rotation::Invalid => return Ok(Ok(RotateOutcome::Invalid)),
+                        Rotation::RevokeFamily(family) => {
+                            sqlx::query("UPDATE refresh_tokens SET revoked_at = ? WHERE family_id = ? AND revoked_at IS NULL")
+                                .bind(now)
+                                .bind(&family)
+                                .execute(&mut ctx.conn)
+                                .await?;
+                            return Ok(Ok(RotateOutcome::Reused));
+                        }
+                        Rotation::Rotate { user_id, family } => (user_id, family),
                     };
-                    if revoked_at.is_some() || expires_at <= now {
-                        return Ok(Ok(RotateOutcome::Invalid));
-                    }
-                    if used_at.is_some() {
-                        // Reuse of a rotated token: someone else has a copy. End the whole family.
-                        sqlx::query("UPDATE refresh_tokens SET revoked_at = ? WHERE family_id = ? AND revoked_at IS NULL")
-                            .bind(now)
-                            .bind(&family)
-                            .execute(&mut ctx.conn)
-                            .await?;
-                        return Ok(Ok(RotateOutcome::Reused));
-                    }
                     sqlx::query("UPDATE refresh_tokens SET used_at = ? WHERE token_hash = ?")
                         .bind(now)
                         .bind(&old_hash)
@@ -628,16 +609,7 @@ impl Store for SqliteStore {
             }
             qb.push(")");
             let rows: Vec<(String, String)> = qb.build_query_as().fetch_all(&self.read).await.map_err(db_error)?;
-            for (resource, status) in rows {
-                let state =
-                    if status == BookingStatus::Confirmed.as_str() { SeatState::Booked } else { SeatState::Held };
-                if let Ok(id) = resource.parse() {
-                    let entry = states.entry(id).or_insert(state);
-                    if state == SeatState::Booked {
-                        *entry = SeatState::Booked;
-                    }
-                }
-            }
+            add_seat_states(&mut states, rows);
         }
         Ok(states)
     }
@@ -666,12 +638,10 @@ impl Store for SqliteStore {
                     let Some(before) = load_booking(&mut ctx.conn, &id.to_string()).await? else {
                         return Ok(Err(UpdateRefused::NotFound));
                     };
-                    let mut after = match decide(&before, now) {
-                        Ok(b) => b,
-                        Err(e) => return Ok(Err(UpdateRefused::Rejected(e))),
+                    let after = match decided(&before, decide, now) {
+                        Ok(after) => after,
+                        Err(refused) => return Ok(Err(refused)),
                     };
-                    assert_eq!(after.id, before.id, "a decision cannot change the booking's id");
-                    after.updated_at = now;
                     apply_change(&mut ctx.conn, &before, &after, now).await?;
                     Ok(Ok(after))
                 })
@@ -716,9 +686,7 @@ impl Store for SqliteStore {
         }
         qb.push(" ORDER BY id LIMIT ").push_bind(i64::from(page.limit) + 1);
         let rows: Vec<(String, String)> = qb.build_query_as().fetch_all(&self.read).await.map_err(db_error)?;
-        let rows =
-            rows.into_iter().map(|(id, doc)| Ok((id, from_json(&doc)?))).collect::<Result<Vec<_>, StoreError>>()?;
-        Ok(page_of(rows, page.limit))
+        docs_to_page(rows, page.limit)
     }
 
     async fn expire_due(&self, now: Timestamp, limit: u32) -> Result<Vec<BookingId>, StoreError> {
@@ -734,19 +702,14 @@ impl Store for SqliteStore {
                     .bind(i64::from(limit))
                     .fetch_all(&mut ctx.conn)
                     .await?;
-                    let mut expired = Vec::with_capacity(docs.len());
+                    let mut released = Vec::with_capacity(docs.len());
                     for (doc,) in docs {
                         let before: Booking = from_json_db(&doc)?;
-                        let Ok(status) = before.next_status(allot_core::booking::Transition::Expire, now) else {
-                            continue;
-                        };
-                        let mut after = before.clone();
-                        after.status = status;
-                        after.updated_at = now;
+                        let Some(after) = expired(&before, now) else { continue };
                         apply_change(&mut ctx.conn, &before, &after, now).await?;
-                        expired.push(after.id);
+                        released.push(after.id);
                     }
-                    Ok(Ok(expired))
+                    Ok(Ok(released))
                 })
             })
             .await
@@ -775,49 +738,30 @@ impl Store for SqliteStore {
             .exec(move |ctx: &mut Ctx| -> BoxFuture<'_, Outcome<IdempotencyBegin, StoreError>> {
                 Box::pin(async move {
                     let now = ctx.now(now).as_second();
-                    let row: Option<(String, Option<i64>, Option<Vec<u8>>, Option<i64>)> = sqlx::query_as(
+                    let row: Option<KeyRow> = sqlx::query_as(
                         "SELECT request_hash, status, body, locked_until FROM idempotency_keys WHERE principal = ? AND key = ?",
                     )
                     .bind(&key.principal)
                     .bind(&key.key)
                     .fetch_optional(&mut ctx.conn)
                     .await?;
-                    let lock_until = now + i64::from(lock_seconds);
-                    match row {
-                        Some((hash, Some(status), body, _)) => Ok(Ok(IdempotencyBegin::Completed {
-                            request_hash: hash,
-                            status: u16::try_from(status).unwrap_or(500),
-                            body: body.unwrap_or_default(),
-                        })),
-                        Some((_, None, _, Some(until))) if until > now => Ok(Ok(IdempotencyBegin::InProgress)),
-                        Some(_) => {
-                            // The request that locked it died without finishing: take it over.
-                            sqlx::query(
-                                "UPDATE idempotency_keys SET request_hash = ?, locked_until = ?, created_at = ? WHERE principal = ? AND key = ?",
-                            )
-                            .bind(&key.request_hash)
-                            .bind(lock_until)
-                            .bind(now)
-                            .bind(&key.principal)
-                            .bind(&key.key)
-                            .execute(&mut ctx.conn)
-                            .await?;
-                            Ok(Ok(IdempotencyBegin::Started))
-                        }
-                        None => {
-                            sqlx::query(
-                                "INSERT INTO idempotency_keys (principal, key, request_hash, created_at, locked_until) VALUES (?, ?, ?, ?, ?)",
-                            )
-                            .bind(&key.principal)
-                            .bind(&key.key)
-                            .bind(&key.request_hash)
-                            .bind(now)
-                            .bind(lock_until)
-                            .execute(&mut ctx.conn)
-                            .await?;
-                            Ok(Ok(IdempotencyBegin::Started))
-                        }
+                    if let Some(found) = existing_key(row, now) {
+                        return Ok(Ok(found));
                     }
+                    sqlx::query(
+                        "INSERT INTO idempotency_keys (principal, key, request_hash, created_at, locked_until)
+                         VALUES (?, ?, ?, ?, ?)
+                         ON CONFLICT (principal, key) DO UPDATE SET request_hash = excluded.request_hash,
+                           locked_until = excluded.locked_until, created_at = excluded.created_at",
+                    )
+                    .bind(&key.principal)
+                    .bind(&key.key)
+                    .bind(&key.request_hash)
+                    .bind(now)
+                    .bind(now + i64::from(lock_seconds))
+                    .execute(&mut ctx.conn)
+                    .await?;
+                    Ok(Ok(IdempotencyBegin::Started))
                 })
             })
             .await
