@@ -51,6 +51,9 @@ pub fn is_unique_violation(e: &sqlx::Error) -> bool {
     e.as_database_error().is_some_and(|d| d.is_unique_violation())
 }
 
+/// Why a venue cannot be deleted yet.
+pub const VENUE_IN_USE: &str = "the venue has current or future bookings; cancel them first";
+
 /// Decodes `(id, doc)` rows (`limit + 1` of them) into a page.
 pub fn docs_to_page<T: DeserializeOwned>(rows: Vec<(String, String)>, limit: u32) -> Result<Page<T>, StoreError> {
     let rows = rows.into_iter().map(|(id, doc)| Ok((id, from_json(&doc)?))).collect::<Result<Vec<_>, StoreError>>()?;

@@ -31,9 +31,9 @@ use sqlx::{Connection, PgConnection, Postgres, QueryBuilder};
 
 use crate::cache::{self, Cache, INVALIDATE_ALL};
 use crate::common::{
-    KeyRow, Rotation, TokenRow, USER_COLUMNS, UserRow, add_seat_states, after_key, claims_from_rows, decided,
-    docs_to_page, existing_key, expired, from_json, from_json_db, hold_expiry, is_unique_violation, rotation, to_json,
-    ts, user_of,
+    KeyRow, Rotation, TokenRow, USER_COLUMNS, UserRow, VENUE_IN_USE, add_seat_states, after_key, claims_from_rows,
+    decided, docs_to_page, existing_key, expired, from_json, from_json_db, hold_expiry, is_unique_violation, rotation,
+    to_json, ts, user_of,
 };
 use crate::writer::{Backend, Outcome, WriteCtx, Writer, db_error};
 
@@ -767,28 +767,29 @@ impl Store for PgStore {
         let id = id.to_string();
         let everything = INVALIDATE_ALL.to_owned();
         self.change_catalog(keys, everything, move |ctx: &mut Ctx| -> BoxFuture<'_, Outcome<(), StoreError>> {
-                Box::pin(async move {
-                    let active: Option<i32> = sqlx::query_scalar(
-                        "SELECT 1 FROM bookings WHERE venue_id = $1 AND status IN ('held', 'pending_payment', 'confirmed') LIMIT 1",
-                    )
-                    .bind(&id)
-                    .fetch_optional(&mut ctx.conn)
-                    .await?;
-                    if active.is_some() {
-                        return Ok(Err(StoreError::Conflict("the venue has active bookings; cancel them first".into())));
-                    }
-                    let at = ctx.now(now).as_second();
-                    for sql in [
-                        "UPDATE venues SET deleted_at = $1 WHERE id = $2 AND deleted_at IS NULL",
-                        "UPDATE resources SET deleted_at = $1 WHERE venue_id = $2 AND deleted_at IS NULL",
-                        "UPDATE events SET deleted_at = $1 WHERE venue_id = $2 AND deleted_at IS NULL",
-                    ] {
-                        sqlx::query(sql).bind(at).bind(&id).execute(&mut ctx.conn).await?;
-                    }
-                    Ok(Ok(()))
-                })
+            Box::pin(async move {
+                let at = ctx.now(now).as_second();
+                // Bookings in the past do not keep a venue alive; current and future ones do.
+                let active: Option<i32> =
+                    sqlx::query_scalar("SELECT 1 FROM claims WHERE venue_id = $1 AND block_end > $2 LIMIT 1")
+                        .bind(&id)
+                        .bind(at)
+                        .fetch_optional(&mut ctx.conn)
+                        .await?;
+                if active.is_some() {
+                    return Ok(Err(StoreError::Conflict(VENUE_IN_USE.into())));
+                }
+                for sql in [
+                    "UPDATE venues SET deleted_at = $1 WHERE id = $2 AND deleted_at IS NULL",
+                    "UPDATE resources SET deleted_at = $1 WHERE venue_id = $2 AND deleted_at IS NULL",
+                    "UPDATE events SET deleted_at = $1 WHERE venue_id = $2 AND deleted_at IS NULL",
+                ] {
+                    sqlx::query(sql).bind(at).bind(&id).execute(&mut ctx.conn).await?;
+                }
+                Ok(Ok(()))
             })
-            .await?;
+        })
+        .await?;
         Ok(())
     }
 

@@ -22,9 +22,9 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePo
 use sqlx::{Connection, QueryBuilder, Sqlite, SqliteConnection};
 
 use crate::common::{
-    KeyRow, Rotation, TokenRow, USER_COLUMNS, UserRow, add_seat_states, after_key, claims_from_rows, decided,
-    docs_to_page, existing_key, expired, from_json, from_json_db, hold_expiry, is_unique_violation, rotation, to_json,
-    ts, user_of,
+    KeyRow, Rotation, TokenRow, USER_COLUMNS, UserRow, VENUE_IN_USE, add_seat_states, after_key, claims_from_rows,
+    decided, docs_to_page, existing_key, expired, from_json, from_json_db, hold_expiry, is_unique_violation, rotation,
+    to_json, ts, user_of,
 };
 use crate::writer::{Backend, Outcome, WriteCtx, Writer, db_error};
 
@@ -416,16 +416,19 @@ impl Store for SqliteStore {
         self.writer
             .exec(move |ctx: &mut Ctx| -> BoxFuture<'_, Outcome<(), StoreError>> {
                 Box::pin(async move {
+                    let at = ctx.now(now).as_second();
+                    // Bookings in the past do not keep a venue alive; current and future ones do.
                     let active: Option<i64> = sqlx::query_scalar(
-                        "SELECT 1 FROM bookings WHERE venue_id = ? AND status IN ('held', 'pending_payment', 'confirmed') LIMIT 1",
+                        "SELECT 1 FROM claims c JOIN resources r ON r.id = c.resource_id
+                         WHERE r.venue_id = ? AND c.block_end > ? LIMIT 1",
                     )
                     .bind(&id)
+                    .bind(at)
                     .fetch_optional(&mut ctx.conn)
                     .await?;
                     if active.is_some() {
-                        return Ok(Err(StoreError::Conflict("the venue has active bookings; cancel them first".into())));
+                        return Ok(Err(StoreError::Conflict(VENUE_IN_USE.into())));
                     }
-                    let at = ctx.now(now).as_second();
                     for sql in [
                         "UPDATE venues SET deleted_at = ? WHERE id = ? AND deleted_at IS NULL",
                         "UPDATE resources SET deleted_at = ? WHERE venue_id = ? AND deleted_at IS NULL",

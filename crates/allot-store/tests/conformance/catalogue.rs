@@ -303,3 +303,19 @@ pub async fn delete_venue_refuses_while_claimed_and_hides_everything(b: &Backend
         Err(allot_app::store::HoldRefused::Stale { item_index: 0 })
     ));
 }
+
+/// Only current and future bookings keep a venue (or a resource) from being deleted: a
+/// confirmed booking that is over does not.
+pub async fn bookings_in_the_past_do_not_block_deletion(b: &Backend) {
+    let w = World::new(b).await;
+    let r = w.resource(1).await;
+    let booking = w.held(&[(r.id, span(HOUR, 2 * HOUR), 1)], at(0), 600).await;
+    w.confirm(booking.id, at(1)).await;
+    match w.store.delete_venue(w.venue.id, at(2 * HOUR - 1)).await {
+        Err(StoreError::Conflict(_)) => {}
+        other => panic!("deleting a venue during a booking: expected Conflict, got {other:?}"),
+    }
+    w.store.delete_venue(w.venue.id, at(2 * HOUR)).await.unwrap();
+    assert_eq!(w.store.venue(w.venue.id).await.unwrap(), None);
+    assert_eq!(w.store.booking(booking.id).await.unwrap().unwrap().status.as_str(), "confirmed", "history is kept");
+}
