@@ -5,23 +5,28 @@
 //! sold twice, and starting again with `--demo` must not duplicate the demo.
 #![allow(clippy::unwrap_used)]
 
+mod common;
+
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::io::{BufRead, BufReader};
 use std::os::unix::process::ExitStatusExt;
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use allot_store::SqliteStore;
+use common::{
+    Acks, Item, Mix, Node, Rng, demo_catalogue, get, held_id, http_client, list_all, login, now_nanos, payment,
+    register, scratch_dir, send_counted, send_random_hold, str_of, worker_seed,
+};
 use futures::StreamExt;
 use jiff::ToSpan;
 use jiff::civil::Date;
 use reqwest::StatusCode;
-use serde_json::{Value, json};
+use serde_json::Value;
 
-const STARTUP_TIMEOUT: Duration = Duration::from_secs(60);
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+/// How many bytes of the server's stderr a failure shows.
+const STDERR_TAIL: usize = 4000;
 const CUSTOMERS: usize = 20;
 const WORKERS_PER_CUSTOMER: usize = 4;
 /// Kill once this many hold/confirm responses have been received (and at least `KILL_AFTER_MIN`
@@ -30,198 +35,15 @@ const KILL_AT_ACKS: usize = 400;
 const KILL_AFTER_MIN: Duration = Duration::from_millis(1500);
 const KILL_AFTER_MAX: Duration = Duration::from_secs(15);
 const EVENTS_USED: usize = 6;
-/// Seats every event's "hot" set is drawn from: most holds fight over these.
-const HOT_SEATS: usize = 12;
+/// Out of ten seats drawn, how many come from a show's hot seats (most holds fight over them);
+/// out of ten stays, how many are of the Standard type.
+const HOT_IN_10: usize = 6;
+const STANDARD_IN_10: usize = 7;
 const PASSWORD: &str = "password-123";
 const DEMO_PASSWORD: &str = "demo-password";
 
 // ---------------------------------------------------------------------------------------------
-// The server process, killed on drop whatever happens.
-
-struct Server {
-    child: Option<Child>,
-    base: String,
-    stderr_path: PathBuf,
-}
-
-impl Server {
-    fn start(db_url: &str, stderr_path: PathBuf) -> Server {
-        let stderr = std::fs::File::create(&stderr_path).unwrap();
-        let mut command = Command::new(env!("CARGO_BIN_EXE_allot"));
-        command
-            .args(["serve", "--demo", "--listen", "127.0.0.1:0", "--database-url", db_url])
-            .env("ALLOT_LOG", "warn")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::from(stderr));
-        for var in
-            ["ALLOT_LISTEN", "ALLOT_DATABASE_URL", "ALLOT_DEMO", "ALLOT_REDIS_URL", "ALLOT_NATS_URL", "ALLOT_CONFIG"]
-        {
-            command.env_remove(var);
-        }
-        let mut child = command.spawn().expect("spawn allot");
-        let stdout = child.stdout.take().unwrap();
-        // The guard exists before we wait, so a timeout or panic below still kills the child.
-        let mut server = Server { child: Some(child), base: String::new(), stderr_path };
-        let (tx, rx) = std::sync::mpsc::channel::<String>();
-        std::thread::spawn(move || {
-            // Keeps draining stdout until the process dies so it never blocks on a full pipe.
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                if tx.send(line).is_err() {
-                    // Receiver gone: keep draining silently.
-                }
-            }
-        });
-        let deadline = Instant::now() + STARTUP_TIMEOUT;
-        let mut seen = Vec::new();
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match rx.recv_timeout(left) {
-                Ok(line) => {
-                    if let Some(rest) = line.strip_prefix("allot listening on ") {
-                        server.base = rest.trim().to_owned();
-                        break;
-                    }
-                    seen.push(line);
-                }
-                Err(e) => panic!(
-                    "allot did not print its listening line ({e:?}); stdout so far: {seen:?}; stderr: {}",
-                    server.stderr_tail()
-                ),
-            }
-        }
-        server
-    }
-
-    fn url(&self, path: &str) -> String {
-        format!("{}/api/v1{path}", self.base)
-    }
-
-    fn stderr_tail(&self) -> String {
-        let text = std::fs::read_to_string(&self.stderr_path).unwrap_or_default();
-        let start = text.len().saturating_sub(4000);
-        text.get(start..).unwrap_or(&text).to_owned()
-    }
-
-    /// True while the process has not exited by itself.
-    fn running(&mut self) -> bool {
-        self.child.as_mut().is_some_and(|c| matches!(c.try_wait(), Ok(None)))
-    }
-
-    /// SIGKILL (std's `Child::kill`) and reap; returns the exit status.
-    fn kill(&mut self) -> Option<std::process::ExitStatus> {
-        let mut child = self.child.take()?;
-        let _ = child.kill();
-        child.wait().ok()
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
-
-// ---------------------------------------------------------------------------------------------
-// HTTP helpers.
-
-async fn send(req: reqwest::RequestBuilder) -> Result<(StatusCode, Value), reqwest::Error> {
-    let response = req.send().await?;
-    let status = response.status();
-    let bytes = response.bytes().await?;
-    let body = if bytes.is_empty() { Value::Null } else { serde_json::from_slice(&bytes).unwrap_or(Value::Null) };
-    Ok((status, body))
-}
-
-async fn get(client: &reqwest::Client, s: &Server, token: Option<&str>, path: &str) -> (StatusCode, Value) {
-    let mut req = client.get(s.url(path));
-    if let Some(t) = token {
-        req = req.bearer_auth(t);
-    }
-    send(req).await.unwrap_or_else(|e| panic!("GET {path}: {e}"))
-}
-
-async fn post(
-    client: &reqwest::Client,
-    s: &Server,
-    token: Option<&str>,
-    path: &str,
-    body: Value,
-) -> (StatusCode, Value) {
-    let mut req = client.post(s.url(path)).json(&body);
-    if let Some(t) = token {
-        req = req.bearer_auth(t);
-    }
-    send(req).await.unwrap_or_else(|e| panic!("POST {path}: {e}"))
-}
-
-/// Every item of a paginated list.
-async fn list_all(client: &reqwest::Client, s: &Server, path: &str) -> Vec<Value> {
-    let mut out = Vec::new();
-    let mut cursor: Option<String> = None;
-    loop {
-        let sep = if path.contains('?') { '&' } else { '?' };
-        let page_path = match &cursor {
-            Some(c) => format!("{path}{sep}limit=100&cursor={c}"),
-            None => format!("{path}{sep}limit=100"),
-        };
-        let (status, body) = get(client, s, None, &page_path).await;
-        assert_eq!(status, StatusCode::OK, "GET {page_path}: {body}");
-        out.extend(body["data"].as_array().unwrap().iter().cloned());
-        match body["next_cursor"].as_str() {
-            Some(c) => cursor = Some(c.to_owned()),
-            None => return out,
-        }
-    }
-}
-
-async fn login(client: &reqwest::Client, s: &Server, email: &str, password: &str) -> String {
-    let (status, body) = post(client, s, None, "/auth/login", json!({"email": email, "password": password})).await;
-    assert_eq!(status, StatusCode::OK, "login {email}: {body}");
-    body["access_token"].as_str().unwrap().to_owned()
-}
-
-fn str_of(v: &Value, field: &str) -> String {
-    v[field].as_str().unwrap_or_else(|| panic!("{field} missing in {v}")).to_owned()
-}
-
-// ---------------------------------------------------------------------------------------------
 // The load.
-
-/// A small deterministic PRNG (xorshift64*), one per worker.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
-}
-
-#[derive(Debug, Clone)]
-struct Show {
-    id: String,
-    seats: Vec<String>,
-}
-
-#[derive(Debug, Clone)]
-struct RoomType {
-    id: String,
-    name: String,
-    effective: u64,
-}
-
-#[derive(Debug, Clone)]
-enum Item {
-    Seat { event: String, seat: String },
-    Stay { resource: String, check_in: Date, nights: i64, quantity: u64 },
-}
 
 /// A hold answered 201 before the kill (and whether its confirm was answered 200).
 #[derive(Debug, Clone)]
@@ -233,9 +55,7 @@ struct Acked {
 }
 
 struct Load {
-    shows: Vec<Show>,
-    rooms: Vec<RoomType>,
-    first_night: Date,
+    mix: Mix,
     stop: AtomicBool,
     /// Responses received (any status) to holds and confirms.
     acked: AtomicUsize,
@@ -247,49 +67,6 @@ struct Load {
 impl Load {
     fn count_status(&self, what: &str, status: StatusCode) {
         *self.statuses.lock().unwrap().entry(format!("{what} {}", status.as_u16())).or_default() += 1;
-    }
-}
-
-fn random_items(load: &Load, rng: &mut Rng) -> Vec<Item> {
-    if rng.below(10) < 7 {
-        let show = &load.shows[rng.below(load.shows.len())];
-        let n = 1 + rng.below(3);
-        let mut seats: Vec<String> = Vec::new();
-        while seats.len() < n {
-            let pool = if rng.below(10) < 6 { HOT_SEATS.min(show.seats.len()) } else { show.seats.len() };
-            let seat = show.seats[rng.below(pool)].clone();
-            if !seats.contains(&seat) {
-                seats.push(seat);
-            }
-        }
-        seats.into_iter().map(|seat| Item::Seat { event: show.id.clone(), seat }).collect()
-    } else {
-        // Mostly the Standard type (the overbooked one), some Deluxe and Suite.
-        let pick = rng.below(10);
-        let room = if pick < 7 {
-            load.rooms.iter().find(|r| r.name.starts_with("Standard")).unwrap_or(&load.rooms[0])
-        } else {
-            &load.rooms[pick % load.rooms.len()]
-        };
-        let offset = rng.below(4) as i64;
-        let nights = 1 + rng.below(3) as i64;
-        let quantity = 1 + rng.below(2) as u64;
-        vec![Item::Stay {
-            resource: room.id.clone(),
-            check_in: load.first_night.checked_add(offset.days()).unwrap(),
-            nights,
-            quantity,
-        }]
-    }
-}
-
-fn item_json(item: &Item) -> Value {
-    match item {
-        Item::Seat { event, seat } => json!({"resource_id": seat, "event_id": event}),
-        Item::Stay { resource, check_in, nights, quantity } => json!({
-            "resource_id": resource, "check_in": check_in.to_string(),
-            "check_out": check_in.checked_add(nights.days()).unwrap().to_string(), "quantity": quantity,
-        }),
     }
 }
 
@@ -305,12 +82,8 @@ async fn worker(
     let mut rng = Rng(seed | 1);
     let mut acked = Vec::new();
     while !load.stop.load(Ordering::SeqCst) {
-        let items = random_items(&load, &mut rng);
-        let body = json!({"items": items.iter().map(item_json).collect::<Vec<_>>()});
-        load.in_flight.fetch_add(1, Ordering::SeqCst);
-        let result = send(client.post(&hold_url).bearer_auth(&token).json(&body)).await;
-        load.in_flight.fetch_sub(1, Ordering::SeqCst);
-        let (status, booking) = match result {
+        let (items, answer) = send_random_hold(&load.mix, &mut rng, &client, &hold_url, &token, &load.in_flight).await;
+        let (status, booking) = match answer {
             Ok(r) => r,
             Err(_) => {
                 load.transport_errors.fetch_add(1, Ordering::SeqCst);
@@ -322,19 +95,12 @@ async fn worker(
         if status != StatusCode::CREATED {
             continue;
         }
-        let Some(id) = booking["id"].as_str().map(str::to_owned) else {
-            panic!("201 without an id: {booking}");
-        };
-        assert_eq!(booking["status"], "held", "{booking}");
+        let id = held_id(&booking);
         acked.push(Acked { id: id.clone(), customer, items, confirmed: false });
         if rng.below(2) == 0 {
-            let confirm = json!({"payment": {"method": "card", "token": "tok_visa"}});
-            load.in_flight.fetch_add(1, Ordering::SeqCst);
-            let result =
-                send(client.post(format!("{base}/api/v1/bookings/{id}/confirm")).bearer_auth(&token).json(&confirm))
-                    .await;
-            load.in_flight.fetch_sub(1, Ordering::SeqCst);
-            match result {
+            let confirm =
+                client.post(format!("{base}/api/v1/bookings/{id}/confirm")).bearer_auth(&token).json(&payment());
+            match send_counted(&load.in_flight, confirm).await {
                 Ok((status, body)) => {
                     load.acked.fetch_add(1, Ordering::SeqCst);
                     load.count_status("confirm", status);
@@ -352,71 +118,30 @@ async fn worker(
     acked
 }
 
-fn nights_of(item: &Item) -> Vec<(String, Date, u64)> {
-    match item {
-        Item::Seat { .. } => vec![],
-        Item::Stay { resource, check_in, nights, quantity } => {
-            (0..*nights).map(|k| (resource.clone(), check_in.checked_add(k.days()).unwrap(), *quantity)).collect()
-        }
-    }
-}
-
 // ---------------------------------------------------------------------------------------------
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn acknowledged_writes_survive_kill_9_without_oversell() {
     let started = Instant::now();
-    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos();
-    let dir = std::env::temp_dir().join(format!("allot-durability-{}-{nanos}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let nanos = now_nanos();
+    let dir = scratch_dir("durability", nanos);
     let db_url = format!("sqlite://{}/allot.db", dir.display());
-    let client =
-        reqwest::Client::builder().pool_max_idle_per_host(256).timeout(Duration::from_secs(30)).build().unwrap();
+    let client = http_client(REQUEST_TIMEOUT, None);
 
     // 1. First start.
-    let mut first = Server::start(&db_url, dir.join("stderr-1.log"));
+    let mut first = Node::start("allot", &db_url, true, dir.join("stderr-1.log"), STDERR_TAIL);
     println!("first start: {} after {:?}", first.base, started.elapsed());
 
     // 2. Catalogue and customers.
-    let venues = list_all(&client, &first, "/venues").await;
-    assert_eq!(venues.len(), 6, "demo venues: {venues:?}");
-    let venue_ids: HashSet<String> = venues.iter().map(|v| str_of(v, "id")).collect();
-    let cinema = venues.iter().find(|v| v["category"] == "cinema").expect("demo cinema");
-    let hotel = venues.iter().find(|v| v["category"] == "hotel").expect("demo hotel");
-    let cinema_id = str_of(cinema, "id");
-    let hotel_id = str_of(hotel, "id");
-
-    let events = list_all(&client, &first, &format!("/venues/{cinema_id}/events")).await;
+    let demo = demo_catalogue(&client, &first, EVENTS_USED).await;
+    let venue_ids: HashSet<String> = demo.venues.iter().map(|v| str_of(v, "id")).collect();
+    let (cinema_id, hotel_id, events) = (demo.cinema_id, demo.hotel_id, demo.events);
+    let (shows, rooms) = (demo.shows, demo.rooms);
     let cinema_resources = list_all(&client, &first, &format!("/venues/{cinema_id}/resources")).await.len();
-    let soon = jiff::Timestamp::now().checked_add(jiff::SignedDuration::from_hours(2)).unwrap();
-    let mut upcoming: Vec<(jiff::Timestamp, Show)> = events
-        .iter()
-        .filter_map(|e| {
-            let start: jiff::Timestamp = e["start"].as_str()?.parse().ok()?;
-            let seats = e["seat_ids"].as_array()?.iter().filter_map(|s| s.as_str().map(str::to_owned)).collect();
-            (start > soon).then(|| (start, Show { id: str_of(e, "id"), seats }))
-        })
-        .collect();
-    upcoming.sort_by_key(|(t, _)| *t);
-    let shows: Vec<Show> = upcoming.into_iter().take(EVENTS_USED).map(|(_, s)| s).collect();
-    assert_eq!(shows.len(), EVENTS_USED, "upcoming demo shows");
     // The seat map agrees with the event's seat list.
     let (status, map) = get(&client, &first, None, &format!("/events/{}/seats", shows[0].id)).await;
     assert_eq!(status, StatusCode::OK, "{map}");
     assert_eq!(map["seats"].as_array().unwrap().len(), shows[0].seats.len());
-
-    let rooms: Vec<RoomType> = list_all(&client, &first, &format!("/venues/{hotel_id}/resources"))
-        .await
-        .iter()
-        .filter(|r| r["time_model"]["kind"] == "nights")
-        .map(|r| {
-            let capacity = r["capacity"].as_u64().unwrap();
-            let over = r["rules"]["overbooking_percent"].as_u64().unwrap_or(0);
-            RoomType { id: str_of(r, "id"), name: str_of(r, "name"), effective: capacity * (100 + over) / 100 }
-        })
-        .collect();
-    let standard = rooms.iter().find(|r| r.name.starts_with("Standard")).expect("Standard room type");
-    assert_eq!(standard.effective, 21, "Standard: 20 rooms + 5 % overbooking");
     println!(
         "catalogue: {} shows used, room types {:?}",
         shows.len(),
@@ -427,15 +152,7 @@ async fn acknowledged_writes_survive_kill_9_without_oversell() {
     let registered = futures::future::join_all(emails.iter().map(|email| {
         let (client, first) = (&client, &first);
         async move {
-            let (status, body) = post(
-                client,
-                first,
-                None,
-                "/auth/register",
-                json!({"email": email, "password": PASSWORD, "name": "Durable"}),
-            )
-            .await;
-            assert_eq!(status, StatusCode::CREATED, "register {email}: {body}");
+            register(client, first, email, PASSWORD, "Durable").await;
             login(client, first, email, PASSWORD).await
         }
     }))
@@ -447,11 +164,8 @@ async fn acknowledged_writes_survive_kill_9_without_oversell() {
     println!("{} customers ready after {:?}", tokens.len(), started.elapsed());
 
     // 3. Load, then 4. kill -9 in the middle of it.
-    let today = jiff::Zoned::now().date();
     let load = Arc::new(Load {
-        shows: shows.clone(),
-        rooms: rooms.clone(),
-        first_night: today.checked_add(30.days()).unwrap(),
+        mix: Mix::new(shows.clone(), rooms.clone(), HOT_IN_10, STANDARD_IN_10),
         stop: AtomicBool::new(false),
         acked: AtomicUsize::new(0),
         in_flight: AtomicUsize::new(0),
@@ -468,7 +182,7 @@ async fn acknowledged_writes_survive_kill_9_without_oversell() {
             first.base.clone(),
             tokens[customer].clone(),
             customer,
-            0x9E37_79B9_7F4A_7C15_u64.wrapping_mul(w as u64 + 1) ^ nanos as u64,
+            worker_seed(w, nanos as u64),
         )));
     }
     let load_started = Instant::now();
@@ -506,37 +220,12 @@ async fn acknowledged_writes_survive_kill_9_without_oversell() {
     assert!(in_flight_at_kill > 0, "nothing was in flight when the server was killed");
 
     // Client-side view: no seat and no night acknowledged beyond capacity.
-    let mut failures: Vec<String> = Vec::new();
-    let mut seat_acks: HashMap<(String, String), Vec<String>> = HashMap::new();
-    let mut night_acks: BTreeMap<(String, Date), u64> = BTreeMap::new();
-    for a in &acked {
-        for item in &a.items {
-            if let Item::Seat { event, seat } = item {
-                seat_acks.entry((event.clone(), seat.clone())).or_default().push(a.id.clone());
-            }
-            for (resource, night, q) in nights_of(item) {
-                *night_acks.entry((resource, night)).or_default() += q;
-            }
-        }
-    }
-    for ((event, seat), ids) in &seat_acks {
-        if ids.len() > 1 {
-            failures.push(format!("seat {seat} of event {event} acknowledged to {} holds: {ids:?}", ids.len()));
-        }
-    }
-    for ((resource, night), used) in &night_acks {
-        let room = rooms.iter().find(|r| &r.id == resource).unwrap();
-        if *used > room.effective {
-            failures.push(format!(
-                "{} night {night}: {used} rooms acknowledged, effective capacity {}",
-                room.name, room.effective
-            ));
-        }
-    }
+    let acks = Acks::of(acked.iter().map(|a| (a.id.as_str(), a.items.as_slice())));
+    let mut failures = acks.oversold(&rooms);
 
     // 5. Restart on the same file, again with --demo.
     let restart_at = Instant::now();
-    let second = Server::start(&db_url, dir.join("stderr-2.log"));
+    let second = Node::start("restarted allot", &db_url, true, dir.join("stderr-2.log"), STDERR_TAIL);
     println!("restarted in {:?}: {}", restart_at.elapsed(), second.base);
 
     let venues_after = list_all(&client, &second, "/venues").await;
@@ -611,7 +300,7 @@ async fn acknowledged_writes_survive_kill_9_without_oversell() {
         assert_eq!(status, StatusCode::OK, "{map}");
         let seat_status: HashMap<String, String> =
             map["seats"].as_array().unwrap().iter().map(|s| (str_of(s, "resource_id"), str_of(s, "status"))).collect();
-        for ((event, seat), ids) in &seat_acks {
+        for ((event, seat), ids) in &acks.seats {
             if event != &show.id {
                 continue;
             }
@@ -630,20 +319,20 @@ async fn acknowledged_writes_survive_kill_9_without_oversell() {
     }
 
     // Hotel availability: never more left than capacity minus what was acknowledged.
-    let last_night = load.first_night.checked_add(8.days()).unwrap();
+    let last_night = load.mix.first_night.checked_add(8.days()).unwrap();
     for room in &rooms {
         let (status, avail) = get(
             &client,
             &second,
             None,
-            &format!("/resources/{}/availability?from={}&to={last_night}", room.id, load.first_night),
+            &format!("/resources/{}/availability?from={}&to={last_night}", room.id, load.mix.first_night),
         )
         .await;
         assert_eq!(status, StatusCode::OK, "{avail}");
         for w in avail["windows"].as_array().unwrap() {
             let Some(night) = w["date"].as_str().and_then(|d| d.parse::<Date>().ok()) else { continue };
             let remaining = w["remaining"].as_u64().unwrap();
-            let used = night_acks.get(&(room.id.clone(), night)).copied().unwrap_or(0);
+            let used = acks.nights.get(&(room.id.clone(), night)).copied().unwrap_or(0);
             if remaining + used > room.effective {
                 failures.push(format!(
                     "{} night {night}: {remaining} left although {used} of {} were acknowledged",

@@ -9,17 +9,21 @@
 //! keeps the databases and the nodes' logs.
 #![allow(clippy::unwrap_used)]
 
+mod common;
+
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::io::{BufRead, BufReader};
 use std::os::unix::process::ExitStatusExt;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use common::{
+    Acks, Answer, Demo, Item, Mix, Node, Rng, RoomType, Show, demo_catalogue, get, held_id, http_client, login,
+    now_nanos, payment, post, register, scratch_dir, send, send_counted, send_random_hold, start_node, str_of,
+    worker_seed,
+};
 use futures::StreamExt;
-use jiff::civil::Date;
 use jiff::{Timestamp, ToSpan};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
@@ -27,8 +31,10 @@ use sqlx::PgPool;
 use sqlx::postgres::PgPoolOptions;
 
 const NODES: usize = 3;
-const STARTUP_TIMEOUT: Duration = Duration::from_secs(60);
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(20);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How many bytes of a node's stderr a failure shows.
+const STDERR_TAIL: usize = 3000;
 const DB_TIMEOUT: Duration = Duration::from_secs(30);
 const CUSTOMERS: usize = 30;
 const WORKERS_PER_CUSTOMER: usize = 3;
@@ -44,8 +50,10 @@ const LOAD_AFTER_KILL: Duration = Duration::from_millis(1500);
 /// The node killed (index): a node started without `--demo`.
 const VICTIM: usize = 1;
 const SHOWS_USED: usize = 3;
-/// Seats of each show that most seat holds fight over.
-const HOT_SEATS: usize = 12;
+/// Out of ten seats drawn, how many come from a show's hot seats (most holds fight over them);
+/// out of ten stays, how many are of the Standard type.
+const HOT_IN_10: usize = 7;
+const STANDARD_IN_10: usize = 6;
 const PASSWORD: &str = "password-123";
 const DEMO_PASSWORD: &str = "demo-password";
 /// Expiry test: the venue's hold TTL (the minimum allowed), its seats and rooms.
@@ -59,98 +67,7 @@ const SWEEP_SECONDS: u64 = 5;
 static LOAD_LOCK: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 // ---------------------------------------------------------------------------------------------
-// One `allot serve` process, killed on drop whatever happens.
-
-struct Node {
-    name: String,
-    child: Option<Child>,
-    base: String,
-    stderr_path: PathBuf,
-}
-
-impl Node {
-    fn start(name: &str, db_url: &str, demo: bool, stderr_path: PathBuf) -> Node {
-        let stderr = std::fs::File::create(&stderr_path).unwrap();
-        let mut command = Command::new(env!("CARGO_BIN_EXE_allot"));
-        command.args(["serve", "--listen", "127.0.0.1:0", "--database-url", db_url]);
-        if demo {
-            command.arg("--demo");
-        }
-        command.env("ALLOT_LOG", "warn").stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::from(stderr));
-        for var in
-            ["ALLOT_LISTEN", "ALLOT_DATABASE_URL", "ALLOT_DEMO", "ALLOT_REDIS_URL", "ALLOT_NATS_URL", "ALLOT_CONFIG"]
-        {
-            command.env_remove(var);
-        }
-        let mut child = command.spawn().expect("spawn allot");
-        let stdout = child.stdout.take().unwrap();
-        // The guard exists before we wait, so a timeout or panic below still kills the child.
-        let mut node = Node { name: name.to_owned(), child: Some(child), base: String::new(), stderr_path };
-        let (tx, rx) = std::sync::mpsc::channel::<String>();
-        std::thread::spawn(move || {
-            // Drains stdout until the process dies so it never blocks on a full pipe.
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                let _ = tx.send(line);
-            }
-        });
-        let deadline = Instant::now() + STARTUP_TIMEOUT;
-        let mut seen = Vec::new();
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match rx.recv_timeout(left) {
-                Ok(line) => {
-                    if let Some(rest) = line.strip_prefix("allot listening on ") {
-                        node.base = rest.trim().to_owned();
-                        return node;
-                    }
-                    seen.push(line);
-                }
-                Err(e) => panic!(
-                    "{name} did not print its listening line ({e:?}); stdout so far: {seen:?}; stderr: {}",
-                    node.stderr_tail()
-                ),
-            }
-        }
-    }
-
-    fn url(&self, path: &str) -> String {
-        format!("{}/api/v1{path}", self.base)
-    }
-
-    fn stderr_tail(&self) -> String {
-        let text = std::fs::read_to_string(&self.stderr_path).unwrap_or_default();
-        let mut start = text.len().saturating_sub(3000);
-        while !text.is_char_boundary(start) {
-            start += 1;
-        }
-        text[start..].to_owned()
-    }
-
-    /// True while the process has not exited.
-    fn running(&mut self) -> bool {
-        self.child.as_mut().is_some_and(|c| matches!(c.try_wait(), Ok(None)))
-    }
-
-    /// SIGKILL (std's `Child::kill`) and reap; returns the exit status.
-    fn kill(&mut self) -> Option<std::process::ExitStatus> {
-        let mut child = self.child.take()?;
-        let _ = child.kill();
-        child.wait().ok()
-    }
-}
-
-impl Drop for Node {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
-
-/// Starts a node off the async workers (start-up blocks on the child's stdout).
-async fn start_node(name: &str, db_url: &str, demo: bool, stderr_path: PathBuf) -> Node {
-    let (name, db_url) = (name.to_owned(), db_url.to_owned());
-    tokio::task::spawn_blocking(move || Node::start(&name, &db_url, demo, stderr_path)).await.expect("node start-up")
-}
+// The cluster.
 
 /// Three nodes over one fresh database: node 1 loads the demo and listens before nodes 2 and
 /// 3 start. On drop every node is killed, their stderr tails are printed if the test panicked,
@@ -166,14 +83,12 @@ impl Cluster {
     async fn start(test: &str) -> Option<Cluster> {
         let started = Instant::now();
         let db_url = allot_store::testing::fresh_postgres_database().await?;
-        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos();
-        let dir = std::env::temp_dir().join(format!("allot-multinode-{test}-{}-{nanos}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
+        let dir = scratch_dir(&format!("multinode-{test}"), now_nanos());
         let mut cluster = Cluster { nodes: Vec::new(), db_url: db_url.clone(), dir: dir.clone(), pool: None };
-        cluster.nodes.push(start_node("node-1", &db_url, true, dir.join("node-1.stderr.log")).await);
+        cluster.nodes.push(start_node("node-1", &db_url, true, dir.join("node-1.stderr.log"), STDERR_TAIL).await);
         let (second, third) = tokio::join!(
-            start_node("node-2", &db_url, false, dir.join("node-2.stderr.log")),
-            start_node("node-3", &db_url, false, dir.join("node-3.stderr.log")),
+            start_node("node-2", &db_url, false, dir.join("node-2.stderr.log"), STDERR_TAIL),
+            start_node("node-3", &db_url, false, dir.join("node-3.stderr.log"), STDERR_TAIL),
         );
         cluster.nodes.push(second);
         cluster.nodes.push(third);
@@ -255,73 +170,7 @@ fn unix_now() -> i64 {
 }
 
 // ---------------------------------------------------------------------------------------------
-// HTTP helpers.
-
-/// A status and JSON body, or no answer at all.
-type Answer = Result<(StatusCode, Value), reqwest::Error>;
-
-fn http_client() -> reqwest::Client {
-    reqwest::Client::builder()
-        .pool_max_idle_per_host(256)
-        .timeout(REQUEST_TIMEOUT)
-        .connect_timeout(Duration::from_secs(5))
-        .build()
-        .unwrap()
-}
-
-async fn send(req: reqwest::RequestBuilder) -> Answer {
-    let response = req.send().await?;
-    let status = response.status();
-    let bytes = response.bytes().await?;
-    let body = if bytes.is_empty() { Value::Null } else { serde_json::from_slice(&bytes).unwrap_or(Value::Null) };
-    Ok((status, body))
-}
-
-async fn get(client: &reqwest::Client, n: &Node, token: Option<&str>, path: &str) -> (StatusCode, Value) {
-    let mut req = client.get(n.url(path));
-    if let Some(t) = token {
-        req = req.bearer_auth(t);
-    }
-    send(req).await.unwrap_or_else(|e| panic!("GET {path} on {}: {e}", n.name))
-}
-
-async fn post(client: &reqwest::Client, n: &Node, token: Option<&str>, path: &str, body: Value) -> (StatusCode, Value) {
-    let mut req = client.post(n.url(path)).json(&body);
-    if let Some(t) = token {
-        req = req.bearer_auth(t);
-    }
-    send(req).await.unwrap_or_else(|e| panic!("POST {path} on {}: {e}", n.name))
-}
-
-/// Every item of a paginated list.
-async fn list_all(client: &reqwest::Client, n: &Node, path: &str) -> Vec<Value> {
-    let mut out = Vec::new();
-    let mut cursor: Option<String> = None;
-    loop {
-        let sep = if path.contains('?') { '&' } else { '?' };
-        let page_path = match &cursor {
-            Some(c) => format!("{path}{sep}limit=100&cursor={c}"),
-            None => format!("{path}{sep}limit=100"),
-        };
-        let (status, body) = get(client, n, None, &page_path).await;
-        assert_eq!(status, StatusCode::OK, "GET {page_path}: {body}");
-        out.extend(body["data"].as_array().unwrap().iter().cloned());
-        match body["next_cursor"].as_str() {
-            Some(c) => cursor = Some(c.to_owned()),
-            None => return out,
-        }
-    }
-}
-
-async fn login(client: &reqwest::Client, n: &Node, email: &str, password: &str) -> String {
-    let (status, body) = post(client, n, None, "/auth/login", json!({"email": email, "password": password})).await;
-    assert_eq!(status, StatusCode::OK, "login {email} on {}: {body}", n.name);
-    body["access_token"].as_str().unwrap().to_owned()
-}
-
-fn str_of(v: &Value, field: &str) -> String {
-    v[field].as_str().unwrap_or_else(|| panic!("{field} missing in {v}")).to_owned()
-}
+// Customers.
 
 /// `count` customers, each registered on one node and logged in on the next (the users table
 /// and the token keys are shared).
@@ -329,12 +178,9 @@ async fn customers(client: &reqwest::Client, cluster: &Cluster, prefix: &str, co
     let made = futures::future::join_all((0..count).map(|i| async move {
         let email = format!("{prefix}-{i}@test.allot");
         let on = &cluster.nodes[i % NODES];
-        let (status, body) =
-            post(client, on, None, "/auth/register", json!({"email": email, "password": PASSWORD, "name": "Multi"}))
-                .await;
-        assert_eq!(status, StatusCode::CREATED, "register {email} on {}: {body}", on.name);
+        let id = register(client, on, &email, PASSWORD, "Multi").await;
         let token = login(client, &cluster.nodes[(i + 1) % NODES], &email, PASSWORD).await;
-        (token, str_of(&body, "id"))
+        (token, id)
     }))
     .await;
     let (tokens, ids) = made.into_iter().unzip();
@@ -349,40 +195,6 @@ struct Customers {
 
 // ---------------------------------------------------------------------------------------------
 // The contended load of the first two tests.
-
-/// A small deterministic PRNG (xorshift64*), one per worker.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
-}
-
-#[derive(Debug, Clone)]
-struct Show {
-    id: String,
-    seats: Vec<String>,
-}
-
-#[derive(Debug, Clone)]
-struct RoomType {
-    id: String,
-    name: String,
-    effective: u64,
-}
-
-#[derive(Debug, Clone)]
-enum Item {
-    Seat { event: String, seat: String },
-    Stay { resource: String, check_in: Date, nights: i64, quantity: u64 },
-}
 
 #[derive(Debug, Clone, PartialEq)]
 enum Confirm {
@@ -410,9 +222,7 @@ impl Acked {
 }
 
 struct Load {
-    shows: Vec<Show>,
-    rooms: Vec<RoomType>,
-    first_night: Date,
+    mix: Mix,
     /// Half of the confirms go to the next node rather than the one that made the hold.
     cross_node_confirm: bool,
     stop: AtomicBool,
@@ -433,9 +243,7 @@ struct Load {
 impl Load {
     fn new(shows: Vec<Show>, rooms: Vec<RoomType>, cross_node_confirm: bool) -> Load {
         Load {
-            shows,
-            rooms,
-            first_night: jiff::Zoned::now().date().checked_add(30.days()).unwrap(),
+            mix: Mix::new(shows, rooms, HOT_IN_10, STANDARD_IN_10),
             cross_node_confirm,
             stop: AtomicBool::new(false),
             killed: AtomicBool::new(false),
@@ -483,58 +291,6 @@ impl Load {
     }
 }
 
-fn random_items(load: &Load, rng: &mut Rng) -> Vec<Item> {
-    if rng.below(10) < 7 {
-        let show = &load.shows[rng.below(load.shows.len())];
-        let n = 1 + rng.below(3);
-        let mut seats: Vec<String> = Vec::new();
-        while seats.len() < n {
-            let pool = if rng.below(10) < 7 { HOT_SEATS.min(show.seats.len()) } else { show.seats.len() };
-            let seat = show.seats[rng.below(pool)].clone();
-            if !seats.contains(&seat) {
-                seats.push(seat);
-            }
-        }
-        seats.into_iter().map(|seat| Item::Seat { event: show.id.clone(), seat }).collect()
-    } else {
-        // Mostly the Standard type (the overbooked one), some Deluxe and Suite.
-        let pick = rng.below(10);
-        let room = if pick < 6 {
-            load.rooms.iter().find(|r| r.name.starts_with("Standard")).unwrap_or(&load.rooms[0])
-        } else {
-            &load.rooms[pick % load.rooms.len()]
-        };
-        let offset = rng.below(4) as i64;
-        let nights = 1 + rng.below(3) as i64;
-        let quantity = 1 + rng.below(2) as u64;
-        vec![Item::Stay {
-            resource: room.id.clone(),
-            check_in: load.first_night.checked_add(offset.days()).unwrap(),
-            nights,
-            quantity,
-        }]
-    }
-}
-
-fn item_json(item: &Item) -> Value {
-    match item {
-        Item::Seat { event, seat } => json!({"resource_id": seat, "event_id": event}),
-        Item::Stay { resource, check_in, nights, quantity } => json!({
-            "resource_id": resource, "check_in": check_in.to_string(),
-            "check_out": check_in.checked_add(nights.days()).unwrap().to_string(), "quantity": quantity,
-        }),
-    }
-}
-
-fn nights_of(item: &Item) -> Vec<(String, Date, u64)> {
-    match item {
-        Item::Seat { .. } => vec![],
-        Item::Stay { resource, check_in, nights, quantity } => {
-            (0..*nights).map(|k| (resource.clone(), check_in.checked_add(k.days()).unwrap(), *quantity)).collect()
-        }
-    }
-}
-
 struct WorkerSpec {
     customer: usize,
     node: usize,
@@ -548,12 +304,8 @@ async fn worker(load: Arc<Load>, client: reqwest::Client, bases: Arc<Vec<String>
     let mut acked = Vec::new();
     let hold_url = format!("{}/api/v1/bookings", bases[node]);
     while !load.stop.load(Ordering::SeqCst) {
-        let items = random_items(&load, &mut rng);
-        let body = json!({"items": items.iter().map(item_json).collect::<Vec<_>>()});
-        load.in_flight.fetch_add(1, Ordering::SeqCst);
-        let result = send(client.post(&hold_url).bearer_auth(&token).json(&body)).await;
-        load.in_flight.fetch_sub(1, Ordering::SeqCst);
-        let (status, booking) = match result {
+        let (items, answer) = send_random_hold(&load.mix, &mut rng, &client, &hold_url, &token, &load.in_flight).await;
+        let (status, booking) = match answer {
             Ok(r) => r,
             Err(e) => {
                 load.transport_error(node);
@@ -570,19 +322,13 @@ async fn worker(load: Arc<Load>, client: reqwest::Client, bases: Arc<Vec<String>
         if status != StatusCode::CREATED {
             continue;
         }
-        let Some(id) = booking["id"].as_str().map(str::to_owned) else {
-            panic!("201 without an id: {booking}");
-        };
-        assert_eq!(booking["status"], "held", "{booking}");
+        let id = held_id(&booking);
         acked.push(Acked { id: id.clone(), customer, node, items, confirm: Confirm::NotTried });
         if rng.below(2) == 0 {
             let confirm_node = if load.cross_node_confirm && rng.below(2) == 0 { (node + 1) % NODES } else { node };
-            let confirm = json!({"payment": {"method": "card", "token": "tok_visa"}});
             let url = format!("{}/api/v1/bookings/{id}/confirm", bases[confirm_node]);
-            load.in_flight.fetch_add(1, Ordering::SeqCst);
-            let result = send(client.post(url).bearer_auth(&token).json(&confirm)).await;
-            load.in_flight.fetch_sub(1, Ordering::SeqCst);
-            let outcome = match result {
+            let confirm = client.post(url).bearer_auth(&token).json(&payment());
+            let outcome = match send_counted(&load.in_flight, confirm).await {
                 Ok((status, body)) => {
                     load.record("confirm", confirm_node, status, StatusCode::OK, &body);
                     if status.is_success() {
@@ -599,41 +345,6 @@ async fn worker(load: Arc<Load>, client: reqwest::Client, bases: Arc<Vec<String>
         }
     }
     acked
-}
-
-/// The demo cinema's next shows and the demo hotel's room types, read from node 1.
-async fn demo_catalogue(client: &reqwest::Client, node: &Node) -> (Vec<Show>, Vec<RoomType>) {
-    let venues = list_all(client, node, "/venues").await;
-    assert_eq!(venues.len(), 6, "demo venues: {venues:?}");
-    let cinema = venues.iter().find(|v| v["category"] == "cinema").expect("demo cinema");
-    let hotel = venues.iter().find(|v| v["category"] == "hotel").expect("demo hotel");
-    let events = list_all(client, node, &format!("/venues/{}/events", str_of(cinema, "id"))).await;
-    let soon = Timestamp::now().checked_add(jiff::SignedDuration::from_hours(2)).unwrap();
-    let mut upcoming: Vec<(Timestamp, Show)> = events
-        .iter()
-        .filter_map(|e| {
-            let start: Timestamp = e["start"].as_str()?.parse().ok()?;
-            let seats = e["seat_ids"].as_array()?.iter().filter_map(|s| s.as_str().map(str::to_owned)).collect();
-            (start > soon).then(|| (start, Show { id: str_of(e, "id"), seats }))
-        })
-        .collect();
-    upcoming.sort_by_key(|(t, _)| *t);
-    let shows: Vec<Show> = upcoming.into_iter().take(SHOWS_USED).map(|(_, s)| s).collect();
-    assert_eq!(shows.len(), SHOWS_USED, "upcoming demo shows");
-    assert!(shows.iter().all(|s| s.seats.len() >= HOT_SEATS), "shows have seats");
-    let rooms: Vec<RoomType> = list_all(client, node, &format!("/venues/{}/resources", str_of(hotel, "id")))
-        .await
-        .iter()
-        .filter(|r| r["time_model"]["kind"] == "nights")
-        .map(|r| {
-            let capacity = r["capacity"].as_u64().unwrap();
-            let over = r["rules"]["overbooking_percent"].as_u64().unwrap_or(0);
-            RoomType { id: str_of(r, "id"), name: str_of(r, "name"), effective: capacity * (100 + over) / 100 }
-        })
-        .collect();
-    let standard = rooms.iter().find(|r| r.name.starts_with("Standard")).expect("Standard room type");
-    assert_eq!(standard.effective, 21, "Standard: 20 rooms + 5 % overbooking");
-    (shows, rooms)
 }
 
 struct LoadRun {
@@ -653,17 +364,13 @@ async fn run_load(
     tokens: &[String],
     kill: Option<usize>,
 ) -> LoadRun {
-    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64;
+    let nanos = now_nanos() as u64;
     let bases: Arc<Vec<String>> = Arc::new(cluster.nodes.iter().map(|n| n.base.clone()).collect());
     let mut workers = Vec::new();
     for w in 0..tokens.len() * WORKERS_PER_CUSTOMER {
         let customer = w / WORKERS_PER_CUSTOMER;
-        let spec = WorkerSpec {
-            customer,
-            node: w % NODES,
-            token: tokens[customer].clone(),
-            seed: 0x9E37_79B9_7F4A_7C15_u64.wrapping_mul(w as u64 + 1) ^ nanos,
-        };
+        let spec =
+            WorkerSpec { customer, node: w % NODES, token: tokens[customer].clone(), seed: worker_seed(w, nanos) };
         workers.push(tokio::spawn(worker(load.clone(), client.clone(), bases.clone(), spec)));
     }
     let started = Instant::now();
@@ -725,40 +432,17 @@ async fn verify(
 
     // Clients' view: no seat of a show acknowledged to two holds (none were cancelled), no night
     // acknowledged beyond the room type's effective capacity.
-    let mut seat_acks: HashMap<(String, String), Vec<String>> = HashMap::new();
-    let mut night_acks: BTreeMap<(String, Date), u64> = BTreeMap::new();
-    for a in acked {
-        for item in &a.items {
-            if let Item::Seat { event, seat } = item {
-                seat_acks.entry((event.clone(), seat.clone())).or_default().push(a.id.clone());
-            }
-            for (resource, night, q) in nights_of(item) {
-                *night_acks.entry((resource, night)).or_default() += q;
-            }
-        }
-    }
-    for ((event, seat), ids) in &seat_acks {
-        if ids.len() > 1 {
-            failures.push(format!("seat {seat} of event {event} acknowledged (201) to {} holds: {ids:?}", ids.len()));
-        }
-    }
-    for ((resource, night), used) in &night_acks {
-        let room = load.rooms.iter().find(|r| &r.id == resource).unwrap();
-        if *used > room.effective {
-            failures.push(format!(
-                "{} night {night}: {used} rooms acknowledged, effective capacity {}",
-                room.name, room.effective
-            ));
-        }
-    }
-    let full_nights = night_acks
+    let acks = Acks::of(acked.iter().map(|a| (a.id.as_str(), a.items.as_slice())));
+    failures.extend(acks.oversold(&load.mix.rooms));
+    let full_nights = acks
+        .nights
         .iter()
-        .filter(|((r, _), used)| load.rooms.iter().any(|room| &room.id == r && room.effective == **used))
+        .filter(|((r, _), used)| load.mix.rooms.iter().any(|room| &room.id == r && room.effective == **used))
         .count();
     println!(
         "clients: {} seats held once each, {} room-nights used, {full_nights} of them full",
-        seat_acks.len(),
-        night_acks.len()
+        acks.seats.len(),
+        acks.nights.len()
     );
 
     // Database: every acknowledged hold there with its items' claims; confirms confirmed.
@@ -889,7 +573,7 @@ async fn verify(
     )
     .await;
     for (resource, start, used, cap) in &over {
-        let name = load.rooms.iter().find(|r| &r.id == resource).map_or(resource.as_str(), |r| r.name.as_str());
+        let name = load.mix.rooms.iter().find(|r| &r.id == resource).map_or(resource.as_str(), |r| r.name.as_str());
         failures.push(format!("{name}: {used:?} units claimed at {start}, effective capacity {cap:?}"));
     }
     let overridden: i64 = bounded(
@@ -977,8 +661,8 @@ async fn three_nodes_never_oversell() {
     let _serial = LOAD_LOCK.lock().await;
     let started = Instant::now();
     let Some(mut cluster) = Cluster::start("oversell").await else { return };
-    let client = http_client();
-    let (shows, rooms) = demo_catalogue(&client, &cluster.nodes[0]).await;
+    let client = http_client(REQUEST_TIMEOUT, Some(CONNECT_TIMEOUT));
+    let Demo { shows, rooms, .. } = demo_catalogue(&client, &cluster.nodes[0], SHOWS_USED).await;
     let people = customers(&client, &cluster, "oversell", CUSTOMERS).await;
     println!("catalogue and {} customers ready after {:?}", people.tokens.len(), started.elapsed());
 
@@ -1008,8 +692,8 @@ async fn node_killed_mid_load_loses_nothing() {
     let _serial = LOAD_LOCK.lock().await;
     let started = Instant::now();
     let Some(mut cluster) = Cluster::start("kill").await else { return };
-    let client = http_client();
-    let (shows, rooms) = demo_catalogue(&client, &cluster.nodes[0]).await;
+    let client = http_client(REQUEST_TIMEOUT, Some(CONNECT_TIMEOUT));
+    let Demo { shows, rooms, .. } = demo_catalogue(&client, &cluster.nodes[0], SHOWS_USED).await;
     let people = customers(&client, &cluster, "kill", CUSTOMERS).await;
     println!("catalogue and {} customers ready after {:?}", people.tokens.len(), started.elapsed());
 
@@ -1049,7 +733,7 @@ async fn node_killed_mid_load_loses_nothing() {
 async fn expiry_with_three_nodes_releases_each_hold_once() {
     let started = Instant::now();
     let Some(cluster) = Cluster::start("expiry").await else { return };
-    let client = http_client();
+    let client = http_client(REQUEST_TIMEOUT, Some(CONNECT_TIMEOUT));
     let nodes = &cluster.nodes;
     let admin = login(&client, &nodes[0], "admin@demo.allot", DEMO_PASSWORD).await;
 
