@@ -37,14 +37,14 @@ impl From<StoreError> for AppError {
         match e {
             StoreError::Conflict(m) => AppError::Conflict(m),
             StoreError::NotFound(what) => AppError::NotFound(what),
-            StoreError::Overloaded => AppError::Overloaded,
+            StoreError::Overloaded | StoreError::Busy(_) => AppError::Overloaded,
             other => AppError::Internal(other.to_string()),
         }
     }
 }
 
 /// What a store can report about itself. Business outcomes travel in their own types.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum StoreError {
     #[error("{0}")]
     Conflict(String),
@@ -54,6 +54,9 @@ pub enum StoreError {
     Overloaded,
     #[error("storage is shutting down")]
     Closed,
+    /// A transient clash with another writer (a lock wait timed out, a deadlock); retry.
+    #[error("storage busy: {0}")]
+    Busy(String),
     #[error("database error: {0}")]
     Database(String),
     #[error("corrupt stored data: {0}")]

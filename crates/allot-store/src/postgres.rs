@@ -42,6 +42,15 @@ pub const CONNECT_TIMEOUT_SECONDS: u64 = 10;
 /// The channel catalogue changes are announced on; the payload is a [`cache::key`].
 pub const CATALOG_CHANNEL: &str = "allot_catalog";
 pub const LISTENER_RETRY_SECONDS: u64 = 1;
+/// Longest a batch waits for a row another node has locked. Batches hold their locks for
+/// milliseconds; a longer wait means the holder is stuck, and this node's whole write queue
+/// is waiting behind it. The batch then fails as busy (503, retry) instead of waiting forever.
+pub const WRITE_LOCK_WAIT_MILLISECONDS_MAX: u64 = 3000;
+/// A write session idle inside a transaction this long (its node partitioned or frozen
+/// mid-batch) is ended by the server, which releases the locks it held for the other nodes.
+pub const WRITE_IDLE_IN_TRANSACTION_SECONDS_MAX: u64 = 10;
+/// Longest one statement of a write may run.
+pub const WRITE_STATEMENT_SECONDS_MAX: u64 = 30;
 /// Ids per `= ANY($1)` array in one read.
 const IDS_PER_QUERY_MAX: usize = 1000;
 
@@ -150,6 +159,7 @@ impl PgStore {
         // Through the pool (one connection of it holds the lock): `&mut PgConnection` would
         // make this future unusable with `tokio::spawn` (rust-lang/rust#100013).
         MIGRATOR.run(&read).await.map_err(|e| StoreError::Database(format!("migrations: {e}")))?;
+        let options = write_session(options);
         let conn = PgConnection::connect_with(&options).await.map_err(db_error)?;
         let cache = Arc::new(Cache::default());
         let listen_pool = PgPoolOptions::new().max_connections(1).connect_lazy_with(options.clone());
@@ -258,6 +268,16 @@ impl PgStore {
     }
 }
 
+/// The write connection's limits: no wait on another session and no stall of its own lasts
+/// long enough to stop the other nodes' writers.
+fn write_session(options: PgConnectOptions) -> PgConnectOptions {
+    options.options([
+        ("lock_timeout", format!("{WRITE_LOCK_WAIT_MILLISECONDS_MAX}ms")),
+        ("idle_in_transaction_session_timeout", format!("{WRITE_IDLE_IN_TRANSACTION_SECONDS_MAX}s")),
+        ("statement_timeout", format!("{WRITE_STATEMENT_SECONDS_MAX}s")),
+    ])
+}
+
 fn resource_keys(ids: impl IntoIterator<Item = ResourceId>) -> Vec<String> {
     ids.into_iter().map(|id| id.to_string()).collect::<BTreeSet<_>>().into_iter().collect()
 }
@@ -270,23 +290,29 @@ async fn connect_listener(pool: &PgPool) -> Result<PgListener, sqlx::Error> {
 
 /// Applies other nodes' (and this node's) catalogue notifications to the cache. Whenever the
 /// listening connection is lost, changes may have been missed: the cache is emptied and stays
-/// off until listening again.
-async fn listen(pool: PgPool, mut listener: PgListener, cache: Arc<Cache>) {
+/// off until listening again. The lost listener is dropped before reconnecting, returning its
+/// connection to the one-connection pool the new one needs.
+async fn listen(pool: PgPool, listener: PgListener, cache: Arc<Cache>) {
+    let mut listener = Some(listener);
     loop {
-        match listener.try_recv().await {
-            Ok(Some(notification)) => cache.invalidate(notification.payload()),
-            // Lost and already reconnected (eager reconnect): anything cached may be stale.
-            Ok(None) => cache.set_enabled(true),
-            Err(e) => {
-                cache.set_enabled(false);
-                tracing::warn!(error = %e, "catalogue listener lost; cache off until it reconnects");
-                listener = loop {
-                    tokio::time::sleep(Duration::from_secs(LISTENER_RETRY_SECONDS)).await;
-                    if let Ok(l) = connect_listener(&pool).await {
-                        break l;
-                    }
-                };
+        let Some(mut connected) = listener.take() else {
+            tokio::time::sleep(Duration::from_secs(LISTENER_RETRY_SECONDS)).await;
+            listener = connect_listener(&pool).await.ok();
+            if listener.is_some() {
                 cache.set_enabled(true);
+            }
+            continue;
+        };
+        match connected.try_recv().await {
+            Ok(Some(notification)) => {
+                cache.invalidate(notification.payload());
+                listener = Some(connected);
+            }
+            // `Ok(None)`: the connection was lost (the next call would reconnect, but without
+            // telling when); `Err`: it could not be used. Either way, listen afresh.
+            lost => {
+                cache.set_enabled(false);
+                tracing::warn!(error = ?lost.err(), "catalogue listener lost; cache off until it reconnects");
             }
         }
     }
@@ -423,29 +449,31 @@ fn is_exclusive(rules: &CapacityRules) -> bool {
     scaled(rules.capacity) <= 1 && rules.overrides.iter().all(|o| scaled(o.capacity) <= 1)
 }
 
-/// Expires the lapsed holds still claiming `resource` during `span`: the exclusion constraint
-/// does not know about time, so their rows must go before a new claim can take the place.
-async fn expire_lapsed(
+/// Takes the lapsed holds on `resource` during `span` out of the exclusion constraint: it does
+/// not know about time, so their rows would refuse a new claim on the place they no longer
+/// hold. Only rows of `resource` (locked by this batch) are touched: expiring the whole booking
+/// would change claims on resources another node may hold locked, a cross-node deadlock. The
+/// bookings themselves are released by the expiry sweep. A lapsed hold never comes back: every
+/// later decision on `resource` runs at a `now` no earlier than this one.
+async fn release_lapsed(
     conn: &mut PgConnection,
     resource: ResourceId,
     span: Span,
     now: Timestamp,
 ) -> Result<(), sqlx::Error> {
-    let lapsed: Vec<String> = sqlx::query_scalar(
-        "SELECT DISTINCT booking_id FROM claims
-         WHERE resource_id = $1 AND block_start < $2 AND block_start > $3 AND block_end > $4 AND hold_expires_at <= $5",
+    sqlx::query(
+        "UPDATE claims SET exclusive = false
+         WHERE resource_id = $1 AND block_start < $2 AND block_start > $3 AND block_end > $4
+           AND hold_expires_at <= $5 AND exclusive",
     )
     .bind(resource.to_string())
     .bind(span.end)
     .bind(span.start - CLAIM_SECONDS_MAX)
     .bind(span.start)
     .bind(now.as_second())
-    .fetch_all(&mut *conn)
-    .await?;
-    for id in lapsed {
-        expire_one(conn, &id, now).await?;
-    }
-    Ok(())
+    .execute(conn)
+    .await
+    .map(|_| ())
 }
 
 /// The hold transaction: for each item, read the live claims of its (locked) resource, let the
@@ -474,7 +502,7 @@ async fn hold_in_tx(ctx: &mut Ctx, command: HoldCommand) -> Outcome<Booking, Hol
         let rules = resource.capacity_rules(&tz);
         let exclusive = is_exclusive(&rules);
         if exclusive {
-            expire_lapsed(&mut ctx.conn, item.resource_id, claim.span, now).await?;
+            release_lapsed(&mut ctx.conn, item.resource_id, claim.span, now).await?;
         }
         let existing = live_claims(&mut ctx.conn, item.resource_id, claim.span, now).await?;
         if let Err(shortfall) = capacity::check_claim(&rules, &existing, *claim) {
@@ -541,11 +569,7 @@ async fn rotate_in_tx(
     let (user_id, family) = match rotation(row, now) {
         Rotation::Invalid => return Ok(Ok(RotateOutcome::Invalid)),
         Rotation::RevokeFamily(family) => {
-            sqlx::query("UPDATE refresh_tokens SET revoked_at = $1 WHERE family_id = $2 AND revoked_at IS NULL")
-                .bind(now)
-                .bind(&family)
-                .execute(&mut ctx.conn)
-                .await?;
+            revoke_family(&mut ctx.conn, &family, now).await?;
             return Ok(Ok(RotateOutcome::Reused));
         }
         Rotation::Rotate { user_id, family } => (user_id, family),
@@ -564,6 +588,30 @@ async fn rotate_in_tx(
         .await?;
     let user_id = user_id.parse().map_err(|_| sqlx::Error::Protocol("bad user id".into()))?;
     Ok(Ok(RotateOutcome::Rotated { user_id }))
+}
+
+/// Logout ends the token's whole family: no rotated descendant stays valid. The token's row is
+/// locked first, so a rotation of it on another node commits before the family is read, and
+/// the family update (a later statement, a later snapshot) sees the successor it inserted.
+async fn revoke_in_tx(ctx: &mut Ctx, token_hash: String, now: Timestamp) -> Outcome<(), StoreError> {
+    let now = ctx.now(now).as_second();
+    let family: Option<String> =
+        sqlx::query_scalar("SELECT family_id FROM refresh_tokens WHERE token_hash = $1 FOR UPDATE")
+            .bind(&token_hash)
+            .fetch_optional(&mut ctx.conn)
+            .await?;
+    let Some(family) = family else { return Ok(Ok(())) };
+    revoke_family(&mut ctx.conn, &family, now).await?;
+    Ok(Ok(()))
+}
+
+async fn revoke_family(conn: &mut PgConnection, family: &str, now: i64) -> Result<(), sqlx::Error> {
+    sqlx::query("UPDATE refresh_tokens SET revoked_at = $1 WHERE family_id = $2 AND revoked_at IS NULL")
+        .bind(now)
+        .bind(family)
+        .execute(conn)
+        .await
+        .map(|_| ())
 }
 
 async fn idempotency_begin_in_tx(
@@ -694,15 +742,12 @@ impl Store for PgStore {
     }
 
     async fn revoke_refresh_token(&self, token_hash: &str, now: Timestamp) -> Result<(), StoreError> {
-        // Logout ends the token's whole family: no rotated descendant stays valid.
-        self.exec_one(
-            "UPDATE refresh_tokens SET revoked_at = $1
-             WHERE revoked_at IS NULL AND family_id = (SELECT family_id FROM refresh_tokens WHERE token_hash = $2)",
-            vec![Arg::Int(now.as_second()), Arg::Text(token_hash.to_owned())],
-            "",
-        )
-        .await
-        .map(|_| ())
+        let token_hash = token_hash.to_owned();
+        self.writer
+            .exec(move |ctx: &mut Ctx| -> BoxFuture<'_, Outcome<(), StoreError>> {
+                Box::pin(revoke_in_tx(ctx, token_hash, now))
+            })
+            .await
     }
 
     async fn setting_or_insert(&self, key: &str, value: &str) -> Result<String, StoreError> {

@@ -142,7 +142,16 @@ where
     }
 }
 
+/// SQLSTATEs of a transient clash with another session: a lock wait that timed out, a
+/// deadlock victim, a serialization failure, a cancelled statement. The request may be retried.
+const TRANSIENT_SQLSTATES: [&str; 4] = ["55P03", "40P01", "40001", "57014"];
+
 pub fn db_error(e: sqlx::Error) -> StoreError {
+    let code = e.as_database_error().and_then(|d| d.code());
+    if code.is_some_and(|c| TRANSIENT_SQLSTATES.contains(&c.as_ref())) {
+        tracing::warn!(error = %e, "transient database conflict; the request may be retried");
+        return StoreError::Busy(e.to_string());
+    }
     StoreError::Database(e.to_string())
 }
 
@@ -236,7 +245,7 @@ async fn begin<B: Backend>(backend: &B, ctx: &mut WriteCtx<B::Conn>) -> Result<(
 
 fn fail_all<B: Backend>(batch: &mut Vec<Box<dyn Job<B>>>, error: &StoreError) {
     for job in batch.drain(..) {
-        job.fail(StoreError::Database(error.to_string()));
+        job.fail(error.clone());
     }
 }
 
@@ -291,11 +300,7 @@ async fn apply_batch<B: Backend>(backend: &B, ctx: &mut WriteCtx<B::Conn>, batch
         job.fail(StoreError::Database("write aborted".into()));
     }
     for reply in replies {
-        let commit = match &commit {
-            Ok(()) => Ok(()),
-            Err(e) => Err(StoreError::Database(e.to_string())),
-        };
-        reply(commit);
+        reply(commit.clone());
     }
 }
 

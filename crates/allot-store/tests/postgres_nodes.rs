@@ -3,21 +3,27 @@
 //! concerned refused), nodes with different clocks cannot both re-sell and confirm an expiring
 //! hold, expiry on every node releases each hold once, the exclusion constraint guards
 //! capacity-one resources on its own, and catalogue caches follow other nodes' changes.
+//! The last tests pause a batch mid-way (a raw session holds an idempotency key it waits on)
+//! to force the interleavings a review found between nodes.
 #![allow(clippy::unwrap_used)]
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use allot_app::AppError;
-use allot_app::store::{Decide, HoldCommand, HoldRefused, Store, UpdateRefused};
+use allot_app::store::{
+    Decide, HoldCommand, HoldRefused, IdempotencyKey, RefreshToken, RotateOutcome, Store, UpdateRefused,
+};
+use allot_app::{AppError, StoreError};
 use allot_core::booking::{Booking, BookingItem, Transition};
 use allot_core::capacity::{Claim, Span};
 use allot_core::ids::{ItemId, ResourceId, UserId, VenueId};
 use allot_core::inventory::{Currency, Location, Resource, ResourceRules, Venue, VenuePolicies};
 use allot_core::time_model::{FreeModel, TimeModel};
 use allot_store::PgStore;
+use allot_store::postgres::WRITE_LOCK_WAIT_MILLISECONDS_MAX;
 use allot_store::testing::{drop_postgres_database, fresh_postgres_database};
 use jiff::Timestamp;
+use sqlx::{Connection, PgConnection};
 
 /// 2026-11-23T08:00:00Z.
 const T0: i64 = 1_795_420_800;
@@ -235,9 +241,10 @@ async fn the_exclusion_constraint_refuses_overlapping_capacity_one_claims_by_its
     let code = sneaked.unwrap_err().as_database_error().and_then(|d| d.code()).map(|c| c.into_owned());
     assert_eq!(code.as_deref(), Some("23P01"), "exclusion_violation");
     drop(conn);
-    // An expired hold does not block the seat: the next hold expires it first.
+    // A lapsed hold does not block the seat, even before the sweep has released it.
     let after = cluster.nodes[0].hold(cluster.hold_command(&[(seat.id, morning())], at(601), 600)).await;
-    assert!(after.is_ok(), "the lapsed hold was not cleared: {after:?}");
+    assert!(after.is_ok(), "the lapsed hold still blocks the seat: {after:?}");
+    assert_eq!(cluster.nodes[0].expire_due(at(601), 10).await.unwrap(), vec![held.id]);
     assert_eq!(cluster.nodes[0].booking(held.id).await.unwrap().unwrap().status.as_str(), "expired");
     assert_eq!(cluster.nodes[0].count("outbox", "topic = 'booking.expired'").await.unwrap(), 1);
     cluster.finish().await;
@@ -347,4 +354,192 @@ async fn nodes_starting_together_apply_the_migrations_once() {
     assert_eq!(usize::try_from(applied).unwrap(), files, "each migration applied once");
     drop(conn);
     drop_postgres_database(&url).await;
+}
+
+fn key(k: &str) -> IdempotencyKey {
+    IdempotencyKey { principal: "review".into(), key: k.into(), request_hash: "h".into() }
+}
+
+/// A raw session holding an uncommitted idempotency key: a node's writer that begins the same
+/// key waits on it, mid-batch, until [`release`] (rollback). Lets a test pause a batch between
+/// two of its jobs.
+async fn blocker(url: &str, k: &str) -> PgConnection {
+    let mut conn = PgConnection::connect(url).await.unwrap();
+    sqlx::query("BEGIN").execute(&mut conn).await.unwrap();
+    sqlx::query(
+        "INSERT INTO idempotency_keys (principal, key, request_hash, created_at, locked_until) VALUES ('review', $1, 'x', 0, 0)",
+    )
+    .bind(k)
+    .execute(&mut conn)
+    .await
+    .unwrap();
+    conn
+}
+
+async fn release(mut conn: PgConnection) {
+    sqlx::query("ROLLBACK").execute(&mut conn).await.unwrap();
+}
+
+/// Two cinema customers each held two seats and walked away. On two nodes, other customers
+/// take those seats crosswise, two holds per batch. A hold steps over lapsed claims only on
+/// the seat it has locked: were it to expire the abandoned booking (and delete its claim on the
+/// other seat, locked by the other node), each node's second insert would wait on the other's
+/// transaction, a deadlock that fails an ordinary hold.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn holds_over_lapsed_claims_on_two_nodes_do_not_deadlock() {
+    let Some(cluster) = Cluster::start(2).await else { return };
+    let (a, c) = (cluster.nodes[0].clone(), cluster.nodes[1].clone());
+    let s: Vec<Resource> = {
+        let mut v = Vec::new();
+        for _ in 0..4 {
+            v.push(cluster.resource(1).await);
+        }
+        v
+    };
+    // B holds S1+S2, D holds S3+S4; both lapse at +60.
+    a.hold(cluster.hold_command(&[(s[0].id, morning()), (s[1].id, morning())], at(0), 60)).await.unwrap();
+    a.hold(cluster.hold_command(&[(s[2].id, morning()), (s[3].id, morning())], at(0), 60)).await.unwrap();
+
+    // Pause both writers so that the next three requests of each land in one batch.
+    let x0a = blocker(&cluster.url, "a0").await;
+    let x0c = blocker(&cluster.url, "c0").await;
+    let x1a = blocker(&cluster.url, "a1").await;
+    let x1c = blocker(&cluster.url, "c1").await;
+    let p0a = tokio::spawn({
+        let a = a.clone();
+        async move { a.idempotency_begin(&key("a0"), at(61), 30).await }
+    });
+    let p0c = tokio::spawn({
+        let c = c.clone();
+        async move { c.idempotency_begin(&key("c0"), at(61), 30).await }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let now = at(61);
+    let (h1a, h2a) = (
+        cluster.hold_command(&[(s[0].id, morning())], now, 600),
+        cluster.hold_command(&[(s[2].id, morning())], now, 600),
+    );
+    let (h1c, h2c) = (
+        cluster.hold_command(&[(s[3].id, morning())], now, 600),
+        cluster.hold_command(&[(s[1].id, morning())], now, 600),
+    );
+    // join! polls in order: each future queues its request on its first poll.
+    let batch_a = tokio::spawn({
+        let a = a.clone();
+        async move {
+            let k = key("a1");
+            tokio::join!(a.hold(h1a), a.idempotency_begin(&k, now, 30), a.hold(h2a))
+        }
+    });
+    let batch_c = tokio::spawn({
+        let c = c.clone();
+        async move {
+            let k = key("c1");
+            tokio::join!(c.hold(h1c), c.idempotency_begin(&k, now, 30), c.hold(h2c))
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Batch 0 of each node ends; batch 1 (three requests) runs up to the middle request.
+    release(x0a).await;
+    release(x0c).await;
+    p0a.await.unwrap().unwrap();
+    p0c.await.unwrap().unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Both first holds have expired an abandoned booking; now let both second holds run.
+    release(x1a).await;
+    release(x1c).await;
+    let (r1a, _, r2a) = batch_a.await.unwrap();
+    let (r1c, _, r2c) = batch_c.await.unwrap();
+    for r in [&r1a, &r1c, &r2a, &r2c] {
+        assert!(r.is_ok(), "a hold on a seat whose only claim had lapsed failed: {r:?}");
+    }
+    // The abandoned bookings are still released by the sweep, once.
+    assert_eq!(a.expire_due(at(62), 100).await.unwrap().len() + c.expire_due(at(62), 100).await.unwrap().len(), 2);
+    cluster.finish().await;
+}
+
+/// Logout on one node while another node rotates the same refresh token: the logout's UPDATE
+/// waits for the rotation's row lock, then re-checks only the rows its snapshot saw, so the
+/// freshly issued successor (inserted by the rotation) is not revoked. Both requests succeed,
+/// the logout commits after the rotation, and the successor still rotates.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn logout_after_a_concurrent_rotation_leaves_the_successor_valid() {
+    let Some(cluster) = Cluster::start(2).await else { return };
+    let (a, b) = (cluster.nodes[0].clone(), cluster.nodes[1].clone());
+    let user = UserId::new();
+    let t = RefreshToken { token_hash: "t0".into(), user_id: user, family_id: "fam".into(), expires_at: at(86_400) };
+    a.insert_refresh_token(&t).await.unwrap();
+
+    // Node A: a batch [rotate t0 -> t1, (paused request)] keeps its transaction open after
+    // the rotation ran.
+    let x0 = blocker(&cluster.url, "r0").await;
+    let x1 = blocker(&cluster.url, "r1").await;
+    let p0 = tokio::spawn({
+        let a = a.clone();
+        async move { a.idempotency_begin(&key("r0"), at(1), 30).await }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let rotating = tokio::spawn({
+        let a = a.clone();
+        async move {
+            let k = key("r1");
+            tokio::join!(a.rotate_refresh_token("t0", "t1", at(86_400), at(1)), a.idempotency_begin(&k, at(1), 30))
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    release(x0).await;
+    p0.await.unwrap().unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Node B: logout with t0 while A's rotation is uncommitted; it waits on t0's row lock.
+    let logout = tokio::spawn({
+        let b = b.clone();
+        async move { b.revoke_refresh_token("t0", at(2)).await }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    release(x1).await;
+    let (rotated, _) = rotating.await.unwrap();
+    assert!(matches!(rotated, Ok(RotateOutcome::Rotated { .. })), "{rotated:?}");
+    logout.await.unwrap().unwrap();
+    // The logout committed after the rotation: the whole family, t1 included, must be revoked.
+    let again = b.rotate_refresh_token("t1", "t2", at(86_400), at(3)).await.unwrap();
+    assert!(
+        !matches!(again, RotateOutcome::Rotated { .. }),
+        "the successor of a logged-out token still rotates after logout: {again:?}"
+    );
+    cluster.finish().await;
+}
+
+/// A session that holds one resource's lock and stops (a node frozen mid-batch): another node's
+/// batch waits on it only [`WRITE_LOCK_WAIT_MILLISECONDS_MAX`] and then fails as busy (503,
+/// retry), so that node's later writes, on any resource or none, go ahead.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_stuck_lock_holder_delays_another_node_only_for_a_bounded_time() {
+    let Some(cluster) = Cluster::start(1).await else { return };
+    let node = cluster.nodes[0].clone();
+    let (hot, other) = (cluster.resource(1).await, cluster.resource(1).await);
+    let mut stuck = PgConnection::connect(&cluster.url).await.unwrap();
+    sqlx::query("BEGIN").execute(&mut stuck).await.unwrap();
+    sqlx::query("SELECT 1 FROM resource_clocks WHERE resource_id = $1 FOR UPDATE")
+        .bind(hot.id.to_string())
+        .execute(&mut stuck)
+        .await
+        .unwrap();
+    let first = tokio::spawn({
+        let (node, cmd) = (node.clone(), cluster.hold_command(&[(hot.id, morning())], at(0), 600));
+        async move { node.hold(cmd).await }
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let bound = Duration::from_millis(WRITE_LOCK_WAIT_MILLISECONDS_MAX) + Duration::from_secs(3);
+    let unrelated =
+        tokio::time::timeout(bound, node.hold(cluster.hold_command(&[(other.id, morning())], at(0), 600))).await;
+    let no_keys = tokio::time::timeout(Duration::from_secs(1), node.idempotency_begin(&key("z"), at(0), 30)).await;
+    let first = first.await.unwrap();
+    sqlx::query("ROLLBACK").execute(&mut stuck).await.unwrap();
+    assert!(matches!(unrelated, Ok(Ok(_))), "a hold on another resource: {unrelated:?}");
+    assert!(matches!(no_keys, Ok(Ok(_))), "a write with no resource: {no_keys:?}");
+    assert!(matches!(first, Err(HoldRefused::Store(StoreError::Busy(_)))), "the blocked hold: {first:?}");
+    // Once the holder is gone the resource is writable again.
+    node.hold(cluster.hold_command(&[(hot.id, morning())], at(1), 600)).await.unwrap();
+    cluster.finish().await;
 }
