@@ -25,7 +25,13 @@ use crate::routes::{auth, bookings, catalog};
 /// Largest request body accepted, in bytes.
 pub const BODY_BYTES_MAX: usize = 64 * 1024;
 
-pub fn router(app: Arc<App>) -> Router {
+/// How the HTTP layer runs, beyond the app itself: set by the binary from its configuration,
+/// and by tests. `Default` is what `allot serve` does with no configuration.
+#[derive(Debug, Clone, Default)]
+pub struct HttpOptions {}
+
+pub fn router(app: Arc<App>, options: &HttpOptions) -> Router {
+    let _ = options;
     let api = Router::new()
         .route("/auth/register", post(auth::register))
         .route("/auth/login", post(auth::login))
@@ -64,9 +70,10 @@ pub fn router(app: Arc<App>) -> Router {
 pub async fn serve(
     listener: tokio::net::TcpListener,
     app: Arc<App>,
+    options: &HttpOptions,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    let service = router(app).into_make_service_with_connect_info::<std::net::SocketAddr>();
+    let service = router(app, options).into_make_service_with_connect_info::<std::net::SocketAddr>();
     axum::serve(listener, service).with_graceful_shutdown(shutdown).await
 }
 

@@ -210,7 +210,9 @@ async fn restart_at(t: &TestApp, at: jiff::Timestamp) -> TestApp {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let served = app.clone();
-    tokio::spawn(async move { allot_http::serve(listener, served, std::future::pending()).await });
+    tokio::spawn(async move {
+        allot_http::serve(listener, served, &allot_http::HttpOptions::default(), std::future::pending()).await
+    });
     TestApp { addr, app, clock, store, client: t.client.clone(), dir: t.dir.clone(), db_url: t.db_url.clone() }
 }
 

@@ -50,7 +50,7 @@ async fn serve(settings: config::Settings) -> anyhow::Result<()> {
     // Tests and scripts read this line to find the port when listening on port 0.
     println!("allot listening on http://{addr}");
     tracing::info!(%addr, database_url = %settings.database_url, "serving");
-    allot_http::serve(listener, app, shutdown_signal()).await?;
+    allot_http::serve(listener, app, &allot_http::HttpOptions::default(), shutdown_signal()).await?;
     tracing::info!("shut down cleanly");
     Ok(())
 }

@@ -97,7 +97,9 @@ impl TestApp {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let served = app.clone();
-        tokio::spawn(async move { allot_http::serve(listener, served, std::future::pending()).await });
+        tokio::spawn(async move {
+            allot_http::serve(listener, served, &allot_http::HttpOptions::default(), std::future::pending()).await
+        });
         let client = reqwest::Client::builder().pool_max_idle_per_host(256).build().unwrap();
         TestApp { addr, app, clock, store, client, dir, db_url }
     }
