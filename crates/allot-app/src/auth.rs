@@ -9,9 +9,9 @@ use jiff::Timestamp;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::App;
 use crate::error::{AppError, AppResult};
 use crate::store::{RefreshToken, Role, RotateOutcome, User};
+use crate::{App, audit};
 
 pub const ACCESS_TOKEN_TTL_SECONDS: i64 = 15 * 60;
 pub const REFRESH_TOKEN_TTL_SECONDS: i64 = 30 * 24 * 3600;
@@ -150,18 +150,23 @@ impl App {
             venues: Vec::new(),
             created_at: self.clock.now(),
         };
+        audit::set_target(user.id);
         self.store.insert_user(&user).await?;
         Ok(user)
     }
 
     pub async fn login(&self, email: &str, password: &str) -> AppResult<Session> {
+        audit::detail("email", email);
         let email = parse_email(email).map_err(|_| AppError::Unauthenticated)?;
         let user = self.store.user_by_email(&email).await?;
         // Verify against a fixed hash when the user is unknown, so timing does not reveal accounts.
         let hash = user.as_ref().map_or_else(|| self.dummy_hash.clone(), |u| u.password_hash.clone());
         let ok = verify_password(password.to_owned(), hash).await;
         match user {
-            Some(user) if ok => self.new_session(user.id, &random_token()).await,
+            Some(user) if ok => {
+                audit::set_actor(user.id, audit::role_name(&user.roles));
+                self.new_session(user.id, &random_token()).await
+            }
             _ => Err(AppError::Unauthenticated),
         }
     }

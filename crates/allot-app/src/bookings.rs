@@ -10,11 +10,11 @@ use allot_core::ids::{BookingId, ResourceId};
 use allot_core::inventory::{Event, ItemRequest, Resource, Venue, price_item};
 use jiff::{SignedDuration, Timestamp};
 
-use crate::App;
 use crate::auth::Principal;
 use crate::error::{AppError, AppResult, StoreError};
 use crate::payments::{ChargeOutcome, ChargeRequest, ProviderError};
 use crate::store::{BookingFilter, HoldCommand, HoldRefused, Page, PageRequest, Role, UpdateRefused};
+use crate::{App, audit};
 
 /// Attempts at a provider that is failing before answering 503.
 pub const PROVIDER_ATTEMPTS_MAX: u32 = 3;
@@ -39,6 +39,7 @@ impl App {
             return Err(allot_core::ValidationError::field("coupon_code", format!("unknown coupon '{code}'")).into());
         }
         let (venue, resources, events) = self.load_for_hold(&request.items).await?;
+        audit::set_venue(venue.id);
         let now = self.clock.now();
         let mut errors = FieldErrors::new();
         let mut priced = Vec::with_capacity(request.items.len());
@@ -58,6 +59,7 @@ impl App {
         let now = Timestamp::from_second(now.as_second()).unwrap_or(now);
         let expires_at = now.checked_add(ttl).map_err(|e| AppError::Internal(e.to_string()))?;
         let booking = Booking::new_hold(principal.user_id, venue.id, venue.currency, items, now, expires_at);
+        audit::set_target(booking.id);
         let claims = priced.iter().map(|p| p.claim).collect();
         match self.store.hold(HoldCommand { booking, claims, now }).await {
             Ok(booking) => {
@@ -141,7 +143,11 @@ impl App {
             ChargeOutcome::Pending { reference } => {
                 self.record_payment(&booking, reference, Transition::AwaitPayment).await
             }
-            ChargeOutcome::Declined { .. } => self.record_decline(id).await,
+            ChargeOutcome::Declined { .. } => {
+                // The decline is written (it counts towards the last attempt) but the attempt failed.
+                audit::fail("payment_declined");
+                self.record_decline(id).await
+            }
         }
     }
 
@@ -256,6 +262,9 @@ impl App {
     /// The booking if the principal may see it; 404 otherwise, so ids do not leak.
     async fn visible_booking(&self, principal: &Principal, id: BookingId) -> AppResult<Booking> {
         let booking = self.store.booking(id).await?.ok_or(AppError::NotFound("booking"))?;
+        if booking.customer_id == principal.user_id || principal.manages(booking.venue_id) {
+            audit::set_venue(booking.venue_id);
+        }
         if booking.customer_id == principal.user_id || principal.manages(booking.venue_id) {
             Ok(booking)
         } else {

@@ -9,10 +9,10 @@ use allot_core::{FieldErrors, ValidationError};
 use jiff::Timestamp;
 use jiff::civil::Date;
 
-use crate::App;
 use crate::auth::Principal;
 use crate::error::{AppError, AppResult};
 use crate::store::{Page, PageRequest, Role, SeatState};
+use crate::{App, audit};
 
 /// Longest availability range one request may ask for.
 pub const AVAILABILITY_DAYS_MAX: i64 = 62;
@@ -52,6 +52,8 @@ impl App {
             return Err(AppError::Forbidden("only managers and admins create venues"));
         }
         venue.validate().into_result()?;
+        audit::set_target(venue.id);
+        audit::set_venue(venue.id);
         self.store.insert_venue(&venue).await?;
         if !principal.is_admin() {
             self.store.set_manager(venue.id, principal.user_id).await?;
@@ -68,6 +70,7 @@ impl App {
     }
 
     pub async fn update_venue(&self, principal: &Principal, id: VenueId, patch: Patch<Venue>) -> AppResult<Venue> {
+        audit::set_venue(id);
         let mut venue = self.venue(id).await?;
         self.require_manager(principal, id)?;
         patch(&mut venue);
@@ -78,6 +81,7 @@ impl App {
     }
 
     pub async fn delete_venue(&self, principal: &Principal, id: VenueId) -> AppResult<()> {
+        audit::set_venue(id);
         self.venue(id).await?;
         self.require_manager(principal, id)?;
         Ok(self.store.delete_venue(id, self.clock.now()).await?)
@@ -88,6 +92,8 @@ impl App {
     }
 
     pub async fn create_resource(&self, principal: &Principal, resource: Resource) -> AppResult<Resource> {
+        audit::set_target(resource.id);
+        audit::set_venue(resource.venue_id);
         self.venue(resource.venue_id).await?;
         self.require_manager(principal, resource.venue_id)?;
         resource.validate().into_result()?;
@@ -112,6 +118,7 @@ impl App {
         patch: Patch<Resource>,
     ) -> AppResult<Resource> {
         let mut resource = self.resource(id).await?;
+        audit::set_venue(resource.venue_id);
         self.require_manager(principal, resource.venue_id)?;
         let kind = resource.time_model.kind();
         patch(&mut resource);
@@ -126,11 +133,14 @@ impl App {
 
     pub async fn delete_resource(&self, principal: &Principal, id: ResourceId) -> AppResult<()> {
         let resource = self.resource(id).await?;
+        audit::set_venue(resource.venue_id);
         self.require_manager(principal, resource.venue_id)?;
         Ok(self.store.delete_resource(id, self.clock.now()).await?)
     }
 
     pub async fn create_event(&self, principal: &Principal, event: Event) -> AppResult<Event> {
+        audit::set_target(event.id);
+        audit::set_venue(event.venue_id);
         self.venue(event.venue_id).await?;
         self.require_manager(principal, event.venue_id)?;
         let mut errors = event.validate();

@@ -13,6 +13,7 @@ use allot_core::inventory::{Event, Resource, Venue};
 use async_trait::async_trait;
 use jiff::Timestamp;
 
+use crate::audit::{AuditEvent, AuditFilter, AuditPage};
 use crate::error::{AppError, StoreError};
 
 /// Page size limit for every list.
@@ -222,4 +223,14 @@ pub trait Store: Send + Sync + 'static {
     async fn idempotency_abandon(&self, key: &IdempotencyKey) -> Result<(), StoreError>;
     /// Deletes keys created before `before`; returns how many.
     async fn idempotency_cleanup(&self, before: Timestamp, limit: u32) -> Result<u64, StoreError>;
+
+    // Audit trail (append-only hash chain; see `crate::audit`).
+    /// Appends an event on its own (an attempt that changed nothing), after the chain's head.
+    async fn append_audit(&self, event: AuditEvent) -> Result<(), StoreError>;
+    /// Events with `seq > after`, oldest first, at most `limit`.
+    async fn audit_range(&self, after: u64, limit: u32) -> Result<Vec<AuditEvent>, StoreError>;
+    /// `(seq, hash)` of the chain's last event; `(0, GENESIS_HASH)` while it is empty.
+    async fn audit_head(&self) -> Result<(u64, String), StoreError>;
+    /// Events matching `filter`, newest first, at most `page.limit`.
+    async fn audit_events(&self, filter: &AuditFilter, page: AuditPage) -> Result<Vec<AuditEvent>, StoreError>;
 }

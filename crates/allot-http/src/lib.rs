@@ -2,6 +2,7 @@
 //! case of [`allot_app::App`], and map the result; [`error::ApiError`] maps every failure to a
 //! status and stable code. This is the only crate that speaks JSON on the wire.
 
+pub mod audit;
 pub mod dto;
 pub mod error;
 pub mod extract;
@@ -52,7 +53,10 @@ pub fn router(app: Arc<App>, options: &HttpOptions) -> Router {
         .route("/bookings", get(bookings::list).post(bookings::hold))
         .route("/bookings/{id}", get(bookings::get))
         .route("/bookings/{id}/confirm", post(bookings::confirm))
-        .route("/bookings/{id}/cancel", post(bookings::cancel));
+        .route("/bookings/{id}/cancel", post(bookings::cancel))
+        .route("/audit", get(routes::audit::list))
+        // Inside routing, so that the route template is known; after every route.
+        .route_layer(axum::middleware::from_fn_with_state(app.clone(), audit::layer));
     Router::new()
         .nest("/api/v1", api)
         .route("/healthz", get(healthz))

@@ -4,6 +4,7 @@
 use std::collections::HashMap;
 
 use allot_app::StoreError;
+use allot_app::audit::{AuditEvent, AuditFilter, AuditPage, Outcome};
 use allot_app::store::{Decide, IdempotencyBegin, Page, PageRequest, Role, SeatState, UpdateRefused, User};
 use allot_core::booking::{Booking, BookingStatus, Transition};
 use allot_core::capacity::{Claim, Span};
@@ -11,6 +12,7 @@ use allot_core::ids::ResourceId;
 use jiff::Timestamp;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
+use sqlx::QueryBuilder;
 
 pub fn to_json<T: Serialize>(value: &T) -> Result<String, sqlx::Error> {
     serde_json::to_string(value).map_err(|e| sqlx::Error::Encode(Box::new(e)))
@@ -156,4 +158,142 @@ pub fn user_of(row: UserRow, venues: Vec<String>) -> Result<User, StoreError> {
         venues: venues.into_iter().filter_map(|v| v.parse().ok()).collect(),
         created_at: ts(created_at),
     })
+}
+
+/// The columns of `audit_events`, in the order of [`AuditRow`].
+pub const AUDIT_COLUMNS: &str = "seq, id, at, actor_id, actor_role, ip, request_id, action, target_id, venue_id, \
+     outcome, reason, details, prev_hash, hash";
+
+/// An `audit_events` row as stored.
+#[derive(sqlx::FromRow)]
+pub struct AuditRow {
+    seq: i64,
+    id: String,
+    at: i64,
+    actor_id: Option<String>,
+    actor_role: String,
+    ip: Option<String>,
+    request_id: Option<String>,
+    action: String,
+    target_id: Option<String>,
+    venue_id: Option<String>,
+    outcome: String,
+    reason: Option<String>,
+    details: String,
+    prev_hash: String,
+    hash: String,
+}
+
+/// A stored row back to an event. Nothing is repaired: a row that does not decode is corrupt,
+/// and one that decodes but was edited fails the chain check.
+pub fn audit_event_of(row: AuditRow) -> Result<AuditEvent, StoreError> {
+    let corrupt = |what: &str| StoreError::Corrupt(format!("audit event {}: bad {what}", row.seq));
+    Ok(AuditEvent {
+        seq: u64::try_from(row.seq).map_err(|_| corrupt("seq"))?,
+        at: Timestamp::from_second(row.at).map_err(|_| corrupt("time"))?,
+        venue_id: row.venue_id.as_deref().map(str::parse).transpose().map_err(|_| corrupt("venue id"))?,
+        outcome: Outcome::parse(&row.outcome).ok_or_else(|| corrupt("outcome"))?,
+        details: serde_json::from_str(&row.details).map_err(|_| corrupt("details"))?,
+        id: row.id,
+        actor_id: row.actor_id,
+        actor_role: row.actor_role,
+        ip: row.ip,
+        request_id: row.request_id,
+        action: row.action,
+        target_id: row.target_id,
+        reason: row.reason,
+        prev_hash: row.prev_hash,
+        hash: row.hash,
+    })
+}
+
+pub fn audit_events_of(rows: Vec<AuditRow>) -> Result<Vec<AuditEvent>, StoreError> {
+    rows.into_iter().map(audit_event_of).collect()
+}
+
+/// Chains `events` after `(seq, hash)` and returns the new head.
+pub fn chain(events: &mut [AuditEvent], mut seq: u64, mut hash: String) -> (u64, String) {
+    for event in events.iter_mut() {
+        (seq, hash) = event.chain_after(seq, &hash);
+    }
+    (seq, hash)
+}
+
+/// The values of one event for `INSERT INTO audit_events (AUDIT_COLUMNS)`, in column order.
+pub fn audit_values(e: &AuditEvent) -> Result<(i64, i64, String), sqlx::Error> {
+    let seq = i64::try_from(e.seq).map_err(|err| sqlx::Error::Encode(Box::new(err)))?;
+    Ok((seq, e.at.as_second(), to_json(&e.details)?))
+}
+
+/// One multi-row `INSERT` of chained events.
+pub fn audit_insert<DB: sqlx::Database>(events: &[AuditEvent]) -> Result<QueryBuilder<DB>, sqlx::Error>
+where
+    String: for<'q> sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+    Option<String>: for<'q> sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+    i64: for<'q> sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+{
+    let rows = events.iter().map(|e| audit_values(e).map(|v| (e.clone(), v))).collect::<Result<Vec<_>, _>>()?;
+    let mut qb = QueryBuilder::new(format!("INSERT INTO audit_events ({AUDIT_COLUMNS}) "));
+    qb.push_values(rows, |mut b, (e, (seq, at, details))| {
+        b.push_bind(seq)
+            .push_bind(e.id)
+            .push_bind(at)
+            .push_bind(e.actor_id)
+            .push_bind(e.actor_role)
+            .push_bind(e.ip)
+            .push_bind(e.request_id)
+            .push_bind(e.action)
+            .push_bind(e.target_id)
+            .push_bind(e.venue_id.map(|v| v.to_string()))
+            .push_bind(e.outcome.as_str().to_owned())
+            .push_bind(e.reason)
+            .push_bind(details)
+            .push_bind(e.prev_hash)
+            .push_bind(e.hash);
+    });
+    Ok(qb)
+}
+
+/// The audit list: `filter` and `page` as one `SELECT`, newest first.
+pub fn audit_select<DB: sqlx::Database>(filter: &AuditFilter, page: AuditPage) -> QueryBuilder<DB>
+where
+    String: for<'q> sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+    Option<String>: for<'q> sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+    i64: for<'q> sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+{
+    let mut qb = QueryBuilder::new(format!("SELECT {AUDIT_COLUMNS} FROM audit_events WHERE 1 = 1"));
+    let text = [
+        (" AND actor_id = ", &filter.actor_id),
+        (" AND action = ", &filter.action),
+        (" AND target_id = ", &filter.target_id),
+    ];
+    for (clause, value) in text {
+        if let Some(v) = value {
+            qb.push(clause).push_bind(v.clone());
+        }
+    }
+    if let Some(o) = filter.outcome {
+        qb.push(" AND outcome = ").push_bind(o.as_str().to_owned());
+    }
+    if let Some(from) = filter.from {
+        qb.push(" AND at >= ").push_bind(from.as_second());
+    }
+    if let Some(to) = filter.to {
+        qb.push(" AND at < ").push_bind(to.as_second());
+    }
+    if let Some(before) = page.before {
+        qb.push(" AND seq < ").push_bind(i64::try_from(before).unwrap_or(i64::MAX));
+    }
+    if let Some(venues) = &filter.venue_ids {
+        // No venues: an empty `IN ()` is not SQL, and the answer is nothing.
+        qb.push(" AND venue_id IN (");
+        let mut list = qb.separated(", ");
+        list.push_bind(String::new());
+        for v in venues {
+            list.push_bind(v.to_string());
+        }
+        qb.push(")");
+    }
+    qb.push(" ORDER BY seq DESC LIMIT ").push_bind(i64::from(page.limit));
+    qb
 }

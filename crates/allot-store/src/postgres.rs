@@ -14,6 +14,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use allot_app::StoreError;
+use allot_app::audit::{AuditEvent, AuditFilter, AuditPage};
 use allot_app::store::{
     BookingFilter, Decide, HoldCommand, HoldRefused, IdempotencyBegin, IdempotencyKey, Page, PageRequest, RefreshToken,
     RotateOutcome, SeatState, Store, UpdateRefused, User,
@@ -31,9 +32,9 @@ use sqlx::{Connection, PgConnection, Postgres, QueryBuilder};
 
 use crate::cache::{self, Cache, INVALIDATE_ALL};
 use crate::common::{
-    KeyRow, Rotation, TokenRow, USER_COLUMNS, UserRow, VENUE_IN_USE, add_seat_states, after_key, claims_from_rows,
-    decided, docs_to_page, existing_key, expired, from_json, from_json_db, hold_expiry, is_unique_violation, rotation,
-    to_json, ts, user_of,
+    AUDIT_COLUMNS, AuditRow, KeyRow, Rotation, TokenRow, USER_COLUMNS, UserRow, VENUE_IN_USE, add_seat_states,
+    after_key, audit_events_of, audit_insert, audit_select, chain, claims_from_rows, decided, docs_to_page,
+    existing_key, expired, from_json, from_json_db, hold_expiry, is_unique_violation, rotation, to_json, ts, user_of,
 };
 use crate::writer::{Backend, Outcome, WriteCtx, Writer, db_error};
 
@@ -107,6 +108,28 @@ impl Backend for PgBackend {
             sqlx::query("UPDATE resource_clocks SET last_now = $2 WHERE resource_id = ANY($1) AND last_now < $2")
                 .bind(keys)
                 .bind(now.as_second())
+                .execute(conn)
+                .await
+                .map(|_| ())
+        })
+    }
+
+    fn append_audit<'c>(
+        &'c self,
+        conn: &'c mut PgConnection,
+        events: &'c mut [AuditEvent],
+    ) -> BoxFuture<'c, Result<(), sqlx::Error>> {
+        Box::pin(async move {
+            // Locked last, after the batch's resources, and held only until COMMIT: every
+            // node's batches append one after another, so the chain never forks.
+            let (seq, hash): (i64, String) = sqlx::query_as("SELECT seq, hash FROM audit_head WHERE id = 1 FOR UPDATE")
+                .fetch_one(&mut *conn)
+                .await?;
+            let (seq, hash) = chain(events, u64::try_from(seq).unwrap_or(0), hash);
+            audit_insert::<Postgres>(events)?.build().execute(&mut *conn).await?;
+            sqlx::query("UPDATE audit_head SET seq = $1, hash = $2 WHERE id = 1")
+                .bind(i64::try_from(seq).unwrap_or(i64::MAX))
+                .bind(hash)
                 .execute(conn)
                 .await
                 .map(|_| ())
@@ -1246,6 +1269,36 @@ impl Store for PgStore {
             "",
         )
         .await
+    }
+
+    async fn append_audit(&self, event: AuditEvent) -> Result<(), StoreError> {
+        self.writer.append_audit(event).await
+    }
+
+    async fn audit_range(&self, after: u64, limit: u32) -> Result<Vec<AuditEvent>, StoreError> {
+        let rows: Vec<AuditRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "SELECT {AUDIT_COLUMNS} FROM audit_events WHERE seq > $1 ORDER BY seq LIMIT $2"
+        )))
+        .bind(i64::try_from(after).unwrap_or(i64::MAX))
+        .bind(i64::from(limit))
+        .fetch_all(&self.read)
+        .await
+        .map_err(db_error)?;
+        audit_events_of(rows)
+    }
+
+    async fn audit_head(&self) -> Result<(u64, String), StoreError> {
+        let (seq, hash): (i64, String) = sqlx::query_as("SELECT seq, hash FROM audit_head WHERE id = 1")
+            .fetch_one(&self.read)
+            .await
+            .map_err(db_error)?;
+        Ok((u64::try_from(seq).map_err(|_| StoreError::Corrupt("audit head".into()))?, hash))
+    }
+
+    async fn audit_events(&self, filter: &AuditFilter, page: AuditPage) -> Result<Vec<AuditEvent>, StoreError> {
+        let rows: Vec<AuditRow> =
+            audit_select::<Postgres>(filter, page).build_query_as().fetch_all(&self.read).await.map_err(db_error)?;
+        audit_events_of(rows)
     }
 }
 

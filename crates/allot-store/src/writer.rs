@@ -9,12 +9,17 @@
 //! resources it decides on; a batch locks all of them first, in one global order, through its
 //! [`Backend`]. Batches of different nodes therefore serialize per resource and never deadlock,
 //! and the batch clock starts no earlier than the last `now` any node used on those resources.
+//!
+//! The audit trail rides along: a request that runs inside an [`AuditScope`] and whose write
+//! is kept contributes its audit event, and the batch appends all of them to the hash chain
+//! just before COMMIT — in the transaction of the changes they record (I6).
 
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use allot_app::StoreError;
+use allot_app::audit::{AuditEvent, AuditScope};
 use futures::FutureExt;
 use futures::future::BoxFuture;
 use jiff::Timestamp;
@@ -53,6 +58,14 @@ pub trait Backend: Send + Sync + 'static {
         Box::pin(async { Ok(()) })
     }
 
+    /// Appends `events` to the audit hash chain, after its current head, in this transaction.
+    /// With several writers the head must be locked first, so chains never fork.
+    fn append_audit<'c>(
+        &'c self,
+        conn: &'c mut Self::Conn,
+        events: &'c mut [AuditEvent],
+    ) -> BoxFuture<'c, Result<(), sqlx::Error>>;
+
     /// A new connection to replace one that failed; `None` keeps the old one.
     fn reconnect(&self) -> BoxFuture<'_, Option<Self::Conn>> {
         Box::pin(async { None })
@@ -66,6 +79,8 @@ pub struct WriteCtx<C> {
     /// Set when a savepoint could not be taken, undone or released: the transaction's state is
     /// unknown (SQLite may even have rolled it back itself), so the whole batch must fail.
     poisoned: bool,
+    /// Audit events of the batch's kept requests, appended before COMMIT.
+    audit: Vec<AuditEvent>,
 }
 
 impl<C> WriteCtx<C> {
@@ -94,6 +109,8 @@ pub type Outcome<T, E> = Result<Result<T, E>, sqlx::Error>;
 struct Op<F, T, E> {
     f: F,
     keys: Vec<String>,
+    /// The audit scope of the request that queued this write, if any.
+    audit: Option<AuditScope>,
     tx: oneshot::Sender<Result<Result<T, E>, StoreError>>,
 }
 
@@ -110,7 +127,7 @@ where
 
     fn run<'c>(self: Box<Self>, backend: &'c B, ctx: &'c mut WriteCtx<B::Conn>) -> BoxFuture<'c, Reply> {
         Box::pin(async move {
-            let Op { f, tx, .. } = *self;
+            let Op { f, tx, audit, .. } = *self;
             if let Err(e) = backend.execute(&mut ctx.conn, "SAVEPOINT op").await {
                 ctx.poisoned = true;
                 let _ = tx.send(Err(db_error(e)));
@@ -124,7 +141,14 @@ where
             if failure.is_some() {
                 ctx.poisoned = true;
             }
+            let claimed = audit.filter(|_| keep && failure.is_none());
+            if let Some(event) = claimed.as_ref().and_then(|scope| scope.claim(ctx.last_now)) {
+                ctx.audit.push(event);
+            }
             Box::new(move |commit: Result<(), StoreError>| {
+                if let Some(scope) = claimed {
+                    scope.settle(commit.is_ok());
+                }
                 let result = match (outcome, commit, failure) {
                     (_, _, Some(e)) => Err(db_error(e)),
                     (Err(e), _, None) => Err(db_error(e)),
@@ -178,7 +202,7 @@ impl<B: Backend> Writer<B> {
     pub fn start(conn: B::Conn, backend: B) -> Writer<B> {
         let (queue, rx) = mpsc::channel(QUEUE_DEPTH_MAX);
         let stats = Arc::new(WriteStats::default());
-        let ctx = WriteCtx { conn, last_now: Timestamp::UNIX_EPOCH, poisoned: false };
+        let ctx = WriteCtx { conn, last_now: Timestamp::UNIX_EPOCH, poisoned: false, audit: Vec::new() };
         tokio::spawn(run(backend, ctx, rx, stats.clone()));
         Writer { queue, stats }
     }
@@ -200,12 +224,39 @@ impl<B: Backend> Writer<B> {
         T: Send + 'static,
         E: Send + 'static,
     {
+        self.submit(keys, allot_app::audit::current(), f).await
+    }
+
+    /// Appends an audit event on its own: an attempt that changed nothing.
+    pub async fn append_audit(&self, event: AuditEvent) -> Result<(), StoreError> {
+        self.submit(Vec::new(), None, move |ctx: &mut WriteCtx<B::Conn>| -> BoxFuture<'_, Outcome<(), StoreError>> {
+            ctx.audit.push(event);
+            Box::pin(async { Ok(Ok(())) })
+        })
+        .await?
+    }
+
+    async fn submit<T, E, F>(
+        &self,
+        keys: Vec<String>,
+        audit: Option<AuditScope>,
+        f: F,
+    ) -> Result<Result<T, E>, StoreError>
+    where
+        F: for<'c> FnOnce(&'c mut WriteCtx<B::Conn>) -> BoxFuture<'c, Outcome<T, E>> + Send + 'static,
+        T: Send + 'static,
+        E: Send + 'static,
+    {
         let (tx, rx) = oneshot::channel();
-        self.queue.try_send(Box::new(Op { f, keys, tx })).map_err(|e| match e {
+        self.enqueue(Box::new(Op { f, keys, audit, tx }))?;
+        rx.await.map_err(|_| StoreError::Closed)?
+    }
+
+    fn enqueue(&self, job: Box<dyn Job<B>>) -> Result<(), StoreError> {
+        self.queue.try_send(job).map_err(|e| match e {
             mpsc::error::TrySendError::Full(_) => StoreError::Overloaded,
             mpsc::error::TrySendError::Closed(_) => StoreError::Closed,
-        })?;
-        rx.await.map_err(|_| StoreError::Closed)?
+        })
     }
 
     /// Like [`Writer::write`] for requests that cannot be refused, only fail.
@@ -275,6 +326,7 @@ async fn apply_batch<B: Backend>(backend: &B, ctx: &mut WriteCtx<B::Conn>, batch
     let mut jobs = batch.drain(..);
     let mut aborted = false;
     ctx.poisoned = false;
+    ctx.audit.clear();
     for job in jobs.by_ref() {
         match AssertUnwindSafe(job.run(backend, ctx)).catch_unwind().await {
             Ok(reply) => replies.push(reply),
@@ -308,6 +360,9 @@ async fn apply_batch<B: Backend>(backend: &B, ctx: &mut WriteCtx<B::Conn>, batch
 async fn finish<B: Backend>(backend: &B, ctx: &mut WriteCtx<B::Conn>, keys: &[String]) -> Result<(), StoreError> {
     if !keys.is_empty() {
         backend.stamp(&mut ctx.conn, keys, ctx.last_now).await.map_err(db_error)?;
+    }
+    if !ctx.audit.is_empty() {
+        backend.append_audit(&mut ctx.conn, &mut ctx.audit).await.map_err(db_error)?;
     }
     backend.execute(&mut ctx.conn, "COMMIT").await.map_err(db_error)
 }

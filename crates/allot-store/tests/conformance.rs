@@ -29,6 +29,8 @@ use futures::FutureExt;
 use futures::future::BoxFuture;
 use jiff::Timestamp;
 
+#[path = "conformance/audit.rs"]
+mod audit;
 #[path = "conformance/bookings.rs"]
 mod bookings;
 #[path = "conformance/catalogue.rs"]
@@ -102,6 +104,24 @@ impl Backend {
         n.unwrap_or_else(|e| panic!("count {table} where {where_clause}: {e}"))
     }
 
+    /// Runs `sql` on a connection of its own, outside the store: what an operator (or an
+    /// attacker) with database access could do.
+    pub async fn raw(&self, sql: &str) -> Result<(), sqlx::Error> {
+        use sqlx::{Connection, Executor};
+        let sql = sqlx::AssertSqlSafe(sql.to_owned());
+        match self {
+            Backend::Sqlite { dir, .. } => {
+                let url = format!("sqlite://{}/allot.db", dir.display());
+                let mut conn = sqlx::SqliteConnection::connect(&url).await?;
+                conn.execute(sql).await.map(|_| ())
+            }
+            Backend::Postgres { url, .. } => {
+                let mut conn = sqlx::PgConnection::connect(url).await?;
+                conn.execute(sql).await.map(|_| ())
+            }
+        }
+    }
+
     async fn finish(self) {
         match self {
             Backend::Sqlite { store, dir } => {
@@ -151,6 +171,13 @@ macro_rules! conformance {
 }
 
 conformance! {
+    audit::chain_appends_in_order_and_verifies,
+    audit::list_filters_and_pages_newest_first,
+    audit::an_attempt_is_recorded_in_the_transaction_of_its_change_or_on_its_own,
+    audit::concurrent_appends_form_one_chain,
+    audit::events_are_append_only,
+    audit::an_edited_event_breaks_the_chain_there,
+    audit::removed_events_break_the_chain,
     users::users_insert_lookup_and_duplicate_email,
     users::set_manager_lists_venues,
     users::refresh_token_rotation_and_reuse_revokes_the_family,

@@ -20,6 +20,20 @@ pub struct Cli {
 pub enum Command {
     /// Run the HTTP server.
     Serve(ServeArgs),
+    /// Work with the audit trail.
+    #[command(subcommand)]
+    Audit(AuditCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AuditCommand {
+    /// Check the audit hash chain from the first event to the head; exits 1 at the first
+    /// broken link, naming the event.
+    Verify {
+        /// `sqlite://PATH` (default) or `postgres://…`.
+        #[arg(long, env = "ALLOT_DATABASE_URL", default_value = DEFAULT_DATABASE_URL)]
+        database_url: String,
+    },
 }
 
 #[derive(Debug, Clone, Default, clap::Args)]

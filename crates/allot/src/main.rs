@@ -12,7 +12,8 @@ use allot_app::store::Store;
 use allot_store::{PgStore, SqliteStore};
 use clap::Parser;
 
-use crate::config::{Cli, Command};
+use crate::config::{AuditCommand, Cli, Command};
+use allot_app::audit::Verdict;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
@@ -26,6 +27,31 @@ async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Serve(args) => serve(args.resolve()?).await,
+        Command::Audit(AuditCommand::Verify { database_url }) => audit_verify(&database_url).await,
+    }
+}
+
+async fn open_store(database_url: &str) -> anyhow::Result<Arc<dyn Store>> {
+    Ok(if is_postgres(database_url) {
+        Arc::new(PgStore::open(database_url).await?)
+    } else {
+        Arc::new(SqliteStore::open(database_url).await?)
+    })
+}
+
+/// `allot audit verify`: prints what it found; a broken chain is exit status 1.
+async fn audit_verify(database_url: &str) -> anyhow::Result<()> {
+    let store = open_store(database_url).await?;
+    match allot_app::audit::verify(store.as_ref()).await? {
+        Verdict::Intact { events } => {
+            println!("audit chain intact: {events} events");
+            Ok(())
+        }
+        Verdict::Broken { seq, id, problem } => {
+            let id = id.map(|id| format!(" (id {id})")).unwrap_or_default();
+            println!("audit chain broken at event {seq}{id}: {problem}");
+            std::process::exit(1);
+        }
     }
 }
 
@@ -35,11 +61,7 @@ async fn serve(settings: config::Settings) -> anyhow::Result<()> {
             tracing::warn!(flag, "accepted but not used yet by this version");
         }
     }
-    let store: Arc<dyn Store> = if is_postgres(&settings.database_url) {
-        Arc::new(PgStore::open(&settings.database_url).await?)
-    } else {
-        Arc::new(SqliteStore::open(&settings.database_url).await?)
-    };
+    let store = open_store(&settings.database_url).await?;
     let app = App::start(store, Arc::new(SystemClock), Arc::new(TestProvider)).await?;
     if settings.demo {
         let summary = allot_app::demo::load(&app).await?;

@@ -1,0 +1,477 @@
+//! The audit trail (I6): one event per state-changing attempt — success, business refusal,
+//! validation failure, authorization denial, rate-limit rejection, failed login — with who,
+//! from where, which request, what, on what, and how it ended.
+//!
+//! Events form one hash chain: each event's `hash` is SHA-256 over the previous event's hash
+//! and the event's canonical bytes, so editing, deleting or reordering any stored event breaks
+//! the chain from that event on ([`verify`]).
+//!
+//! An attempt that changes something is recorded **in the transaction of the change**: the
+//! HTTP layer opens an [`AuditScope`] around the request (a task-local), the store's writer
+//! takes the scope's event when a write of that request is kept, and appends it before the
+//! commit. An attempt that changed nothing (refused, invalid, denied) is appended on its own
+//! after the response is known ([`AuditScope::finish`]). Either way exactly one event.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+
+use allot_core::ids::VenueId;
+use jiff::Timestamp;
+use sha2::{Digest, Sha256};
+
+use crate::App;
+use crate::auth::Principal;
+use crate::error::{AppError, AppResult, StoreError};
+use crate::store::{PAGE_LIMIT_MAX, Role, Store};
+
+/// The `prev_hash` of the first event.
+pub const GENESIS_HASH: &str = "0000000000000000000000000000000000000000000000000000000000000000";
+/// Events read per query while verifying the chain.
+pub const VERIFY_PAGE_SIZE: u32 = 1000;
+/// Longest detail value kept; longer ones are cut (details are for people, not payloads).
+pub const DETAIL_BYTES_MAX: usize = 512;
+/// Most details one event keeps.
+pub const DETAILS_MAX: usize = 16;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Success,
+    Failure,
+}
+
+impl Outcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Success => "success",
+            Outcome::Failure => "failure",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        [Outcome::Success, Outcome::Failure].into_iter().find(|o| o.as_str() == s)
+    }
+}
+
+/// One audit event. `seq`, `prev_hash` and `hash` are set when it is appended to the chain.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuditEvent {
+    pub seq: u64,
+    pub id: String,
+    pub at: Timestamp,
+    pub actor_id: Option<String>,
+    /// `anonymous`, `customer`, `manager`, `admin`, `partner` or `system`.
+    pub actor_role: String,
+    pub ip: Option<String>,
+    pub request_id: Option<String>,
+    /// What was attempted, e.g. `booking.hold`, `auth.login`, `venue.update`.
+    pub action: String,
+    pub target_id: Option<String>,
+    /// The venue the target belongs to, when there is one: managers see their venues' events.
+    pub venue_id: Option<VenueId>,
+    pub outcome: Outcome,
+    /// The stable error code of a failure (`unavailable`, `forbidden`, `rate_limited`, …).
+    pub reason: Option<String>,
+    pub details: BTreeMap<String, String>,
+    pub prev_hash: String,
+    pub hash: String,
+}
+
+impl AuditEvent {
+    /// A new, not yet chained event.
+    pub fn new(action: impl Into<String>, actor_role: impl Into<String>, at: Timestamp) -> Self {
+        AuditEvent {
+            seq: 0,
+            id: uuid::Uuid::now_v7().to_string(),
+            at,
+            actor_id: None,
+            actor_role: actor_role.into(),
+            ip: None,
+            request_id: None,
+            action: action.into(),
+            target_id: None,
+            venue_id: None,
+            outcome: Outcome::Success,
+            reason: None,
+            details: BTreeMap::new(),
+            prev_hash: String::new(),
+            hash: String::new(),
+        }
+    }
+
+    /// Links the event after `(prev_seq, prev_hash)` and returns its own `(seq, hash)`.
+    pub fn chain_after(&mut self, prev_seq: u64, prev_hash: &str) -> (u64, String) {
+        self.seq = prev_seq + 1;
+        self.prev_hash = prev_hash.to_owned();
+        self.hash = self.computed_hash();
+        (self.seq, self.hash.clone())
+    }
+
+    /// The hash this event must carry, given its `prev_hash` and contents.
+    pub fn computed_hash(&self) -> String {
+        let mut hasher = Sha256::new();
+        hasher.update(self.prev_hash.as_bytes());
+        hasher.update(self.canonical_bytes());
+        hex::encode(hasher.finalize())
+    }
+
+    /// Every field but `hash`, length-prefixed so no two events share a byte string.
+    fn canonical_bytes(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(256);
+        let mut field = |value: Option<&str>| match value {
+            None => out.extend_from_slice(b"-;"),
+            Some(v) => {
+                out.extend_from_slice(format!("{}:", v.len()).as_bytes());
+                out.extend_from_slice(v.as_bytes());
+                out.push(b';');
+            }
+        };
+        field(Some(&self.seq.to_string()));
+        field(Some(&self.id));
+        field(Some(&self.at.as_second().to_string()));
+        field(self.actor_id.as_deref());
+        field(Some(&self.actor_role));
+        field(self.ip.as_deref());
+        field(self.request_id.as_deref());
+        field(Some(&self.action));
+        field(self.target_id.as_deref());
+        field(self.venue_id.map(|v| v.to_string()).as_deref());
+        field(Some(self.outcome.as_str()));
+        field(self.reason.as_deref());
+        field(Some(&self.details.len().to_string()));
+        for (k, v) in &self.details {
+            field(Some(k));
+            field(Some(v));
+        }
+        out
+    }
+
+    fn add_detail(&mut self, key: &str, value: &str) {
+        if self.details.len() >= DETAILS_MAX && !self.details.contains_key(key) {
+            return;
+        }
+        let mut end = value.len().min(DETAIL_BYTES_MAX);
+        while !value.is_char_boundary(end) {
+            end -= 1;
+        }
+        self.details.insert(key.to_owned(), value[..end].to_owned());
+    }
+}
+
+/// Filters of the audit list; all optional, combined with AND.
+#[derive(Debug, Clone, Default)]
+pub struct AuditFilter {
+    pub actor_id: Option<String>,
+    pub action: Option<String>,
+    pub outcome: Option<Outcome>,
+    pub target_id: Option<String>,
+    pub from: Option<Timestamp>,
+    pub to: Option<Timestamp>,
+    /// Only events of these venues (a manager's view).
+    pub venue_ids: Option<Vec<VenueId>>,
+}
+
+/// A page of the audit list, newest first: events with `seq < before`.
+#[derive(Debug, Clone, Copy)]
+pub struct AuditPage {
+    pub before: Option<u64>,
+    pub limit: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stage {
+    /// Nothing recorded yet.
+    Open,
+    /// Handed to a write transaction that has not committed yet.
+    Pending,
+    /// Committed.
+    Written,
+}
+
+struct ScopeState {
+    event: AuditEvent,
+    stage: Stage,
+}
+
+/// The audit event of one request in the making. Cloning shares it.
+#[derive(Clone)]
+pub struct AuditScope(Arc<Mutex<ScopeState>>);
+
+impl std::fmt::Debug for AuditScope {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AuditScope").field("action", &self.lock().event.action).finish()
+    }
+}
+
+tokio::task_local! {
+    static SCOPE: AuditScope;
+}
+
+impl AuditScope {
+    pub fn new(event: AuditEvent) -> Self {
+        AuditScope(Arc::new(Mutex::new(ScopeState { event, stage: Stage::Open })))
+    }
+
+    fn lock(&self) -> MutexGuard<'_, ScopeState> {
+        self.0.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Runs `f` with this scope as the current one.
+    pub async fn run<F: Future>(self, f: F) -> F::Output {
+        SCOPE.scope(self, f).await
+    }
+
+    /// For the writer, when a write of this request is kept: the event to append in the same
+    /// transaction, the first time only.
+    pub fn claim(&self, at: Timestamp) -> Option<AuditEvent> {
+        let mut state = self.lock();
+        if state.stage != Stage::Open {
+            return None;
+        }
+        state.stage = Stage::Pending;
+        let mut event = state.event.clone();
+        event.at = at;
+        Some(event)
+    }
+
+    /// For the writer, once the transaction of a claimed event has ended.
+    pub fn settle(&self, committed: bool) {
+        let mut state = self.lock();
+        if state.stage == Stage::Pending {
+            state.stage = if committed { Stage::Written } else { Stage::Open };
+        }
+    }
+
+    /// For the HTTP layer once the response is known: the event still to append on its own (an
+    /// attempt that changed nothing), or `None` when a transaction already recorded it.
+    pub fn finish(&self, succeeded: bool, reason: Option<&str>, at: Timestamp) -> Option<AuditEvent> {
+        let mut state = self.lock();
+        if state.stage != Stage::Open {
+            return None;
+        }
+        state.stage = Stage::Written;
+        let mut event = state.event.clone();
+        event.at = at;
+        if !succeeded {
+            event.outcome = Outcome::Failure;
+            if event.reason.is_none() {
+                event.reason = reason.map(str::to_owned);
+            }
+        }
+        Some(event)
+    }
+
+    fn edit(&self, f: impl FnOnce(&mut AuditEvent)) {
+        f(&mut self.lock().event);
+    }
+}
+
+/// The scope of the request this task is serving, if any.
+pub fn current() -> Option<AuditScope> {
+    SCOPE.try_with(Clone::clone).ok()
+}
+
+fn edit_current(f: impl FnOnce(&mut AuditEvent)) {
+    if let Some(scope) = current() {
+        scope.edit(f);
+    }
+}
+
+/// The role an event names for an account: its strongest.
+pub fn role_name(roles: &[Role]) -> &'static str {
+    [Role::Admin, Role::Manager, Role::Customer].into_iter().find(|r| roles.contains(r)).map_or("none", Role::as_str)
+}
+
+/// Names what the current request acts on.
+pub fn set_target(id: impl std::fmt::Display) {
+    edit_current(|e| e.target_id = Some(id.to_string()));
+}
+
+pub fn set_venue(venue: VenueId) {
+    edit_current(|e| e.venue_id = Some(venue));
+}
+
+/// Names who acts, once a request establishes it (a login).
+pub fn set_actor(id: impl std::fmt::Display, role: &str) {
+    edit_current(|e| {
+        e.actor_id = Some(id.to_string());
+        e.actor_role = role.to_owned();
+    });
+}
+
+pub fn detail(key: &str, value: &str) {
+    edit_current(|e| e.add_detail(key, value));
+}
+
+/// Marks the current attempt as failed with `reason` even if it records a change (a declined
+/// payment attempt is written, but the attempt failed).
+pub fn fail(reason: &str) {
+    if let Some(scope) = current() {
+        fail_scope(&scope, reason);
+    }
+}
+
+/// [`fail`] on a scope captured earlier (inside a store transaction, off the request's task).
+pub fn fail_scope(scope: &AuditScope, reason: &str) {
+    scope.edit(|e| {
+        e.outcome = Outcome::Failure;
+        e.reason = Some(reason.to_owned());
+    });
+}
+
+impl App {
+    /// The audit list: admins read everything; managers the events of the venues they manage
+    /// (all of them, or the one `filter` names); nobody else.
+    pub async fn audit_list(
+        &self,
+        principal: &Principal,
+        mut filter: AuditFilter,
+        page: AuditPage,
+    ) -> AppResult<Vec<AuditEvent>> {
+        assert!(page.limit <= PAGE_LIMIT_MAX, "pages are bounded at the edge");
+        if !principal.is_admin() {
+            if !principal.roles.contains(&Role::Manager) {
+                return Err(AppError::Forbidden("only admins and venue managers may read the audit trail"));
+            }
+            match filter.venue_ids.as_deref() {
+                Some([venue]) if principal.manages(*venue) => {}
+                Some(_) => return Err(AppError::Forbidden("not a manager of this venue")),
+                None => filter.venue_ids = Some(principal.venues.clone()),
+            }
+        }
+        Ok(self.store.audit_events(&filter, page).await?)
+    }
+
+    /// Checks the whole audit chain.
+    pub async fn audit_verify(&self) -> AppResult<Verdict> {
+        Ok(verify(self.store.as_ref()).await?)
+    }
+}
+
+/// What [`verify`] found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    Intact { events: u64 },
+    Broken { seq: u64, id: Option<String>, problem: String },
+}
+
+/// Walks the whole chain from the first event: every `seq` follows the one before, every
+/// `prev_hash` is the previous event's hash, every `hash` matches the contents, and the last
+/// event is the head the store recorded (so removing events from the end shows too).
+pub async fn verify(store: &dyn Store) -> Result<Verdict, StoreError> {
+    let (mut seq, mut hash) = (0_u64, GENESIS_HASH.to_owned());
+    loop {
+        let events = store.audit_range(seq, VERIFY_PAGE_SIZE).await?;
+        if events.is_empty() {
+            break;
+        }
+        for event in &events {
+            if let Some(problem) = check_link(event, seq, &hash) {
+                return Ok(Verdict::Broken { seq: event.seq, id: Some(event.id.clone()), problem });
+            }
+            (seq, hash) = (event.seq, event.hash.clone());
+        }
+    }
+    let (head_seq, head_hash) = store.audit_head().await?;
+    if (head_seq, head_hash.as_str()) != (seq, hash.as_str()) {
+        let problem = format!("the chain ends at event {seq} but the recorded head is event {head_seq}");
+        return Ok(Verdict::Broken { seq: seq + 1, id: None, problem });
+    }
+    Ok(Verdict::Intact { events: seq })
+}
+
+fn check_link(event: &AuditEvent, prev_seq: u64, prev_hash: &str) -> Option<String> {
+    if event.seq != prev_seq + 1 {
+        return Some(format!("event {} follows event {prev_seq}: events are missing", event.seq));
+    }
+    if event.prev_hash != prev_hash {
+        return Some("its prev_hash is not the previous event's hash".into());
+    }
+    if event.computed_hash() != event.hash {
+        return Some("its contents do not match its hash (edited)".into());
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(action: &str) -> AuditEvent {
+        AuditEvent::new(action, "customer", Timestamp::from_second(1_800_000_000).unwrap_or(Timestamp::UNIX_EPOCH))
+    }
+
+    #[test]
+    fn every_field_is_covered_by_the_hash() {
+        let mut base = event("booking.hold");
+        base.chain_after(0, GENESIS_HASH);
+        type Edit = Box<dyn Fn(&mut AuditEvent)>;
+        let edits: Vec<Edit> = vec![
+            Box::new(|e| e.actor_id = Some("x".into())),
+            Box::new(|e| e.actor_role = "admin".into()),
+            Box::new(|e| e.ip = Some("10.0.0.1".into())),
+            Box::new(|e| e.request_id = Some("r".into())),
+            Box::new(|e| e.action = "booking.cancel".into()),
+            Box::new(|e| e.target_id = Some("t".into())),
+            Box::new(|e| e.venue_id = Some(VenueId::new())),
+            Box::new(|e| e.outcome = Outcome::Failure),
+            Box::new(|e| e.reason = Some("unavailable".into())),
+            Box::new(|e| e.add_detail("k", "v")),
+            Box::new(|e| e.at = Timestamp::UNIX_EPOCH),
+            Box::new(|e| e.seq = 2),
+            Box::new(|e| e.prev_hash = "1".repeat(64)),
+        ];
+        for edit in edits {
+            let mut changed = base.clone();
+            edit(&mut changed);
+            assert_ne!(changed.computed_hash(), base.hash, "{changed:?}");
+        }
+    }
+
+    #[test]
+    fn length_prefixes_keep_neighbouring_fields_apart() {
+        let (mut a, mut b) = (event("x"), event("x"));
+        a.add_detail("ab", "c");
+        b.add_detail("a", "bc");
+        assert_ne!(a.computed_hash(), b.computed_hash());
+        let (mut c, mut d) = (event("x"), event("x"));
+        c.actor_id = Some(String::new());
+        d.actor_id = None;
+        assert_ne!(c.computed_hash(), d.computed_hash());
+    }
+
+    #[test]
+    fn a_scope_records_once_and_reopens_when_its_transaction_fails() {
+        let at = Timestamp::UNIX_EPOCH;
+        let scope = AuditScope::new(event("booking.hold"));
+        assert!(scope.claim(at).is_some());
+        assert!(scope.claim(at).is_none(), "a second write of the same request adds nothing");
+        scope.settle(false);
+        let standalone = scope.finish(false, Some("internal"), at).expect("the rolled-back attempt is recorded");
+        assert_eq!((standalone.outcome, standalone.reason.as_deref()), (Outcome::Failure, Some("internal")));
+        assert!(scope.finish(false, None, at).is_none());
+
+        let committed = AuditScope::new(event("booking.hold"));
+        assert!(committed.claim(at).is_some());
+        committed.settle(true);
+        assert!(committed.finish(true, None, at).is_none(), "already in the change's transaction");
+    }
+
+    #[test]
+    fn a_failure_marked_before_the_write_is_what_the_transaction_records() {
+        let scope = AuditScope::new(event("booking.confirm"));
+        fail_scope(&scope, "payment_declined");
+        let recorded = scope.claim(Timestamp::UNIX_EPOCH).expect("claimed");
+        assert_eq!((recorded.outcome, recorded.reason.as_deref()), (Outcome::Failure, Some("payment_declined")));
+    }
+
+    #[test]
+    fn details_are_bounded() {
+        let mut e = event("x");
+        for i in 0..(DETAILS_MAX + 5) {
+            e.add_detail(&format!("k{i}"), &"é".repeat(DETAIL_BYTES_MAX));
+        }
+        assert_eq!(e.details.len(), DETAILS_MAX);
+        assert!(e.details.values().all(|v| v.len() <= DETAIL_BYTES_MAX));
+    }
+}

@@ -1,0 +1,126 @@
+//! The audit layer: every state-changing request (POST, PUT, PATCH, DELETE on a route) runs
+//! inside an [`AuditScope`] naming who (principal and role), from where (peer address), which
+//! request (`X-Request-Id`), what (the action of the route) and on what (the path's id). A
+//! write the request makes records the event in its own transaction; a request that changed
+//! nothing (refused, invalid, denied, rate-limited, a failed login) is recorded here once its
+//! response is known, with the response's error code as the reason.
+//!
+//! A replayed idempotent response never reaches this layer: it is the same attempt, already
+//! recorded when it first ran.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use allot_app::App;
+use allot_app::audit::{AuditEvent, AuditScope};
+use allot_app::auth::Principal;
+use axum::extract::{ConnectInfo, FromRequestParts, MatchedPath, RawPathParams, Request, State};
+use axum::http::Method;
+use axum::middleware::Next;
+use axum::response::Response;
+
+use crate::extract::bearer;
+
+/// The stable error code of a response, left by [`crate::error::ApiError`] for this layer.
+#[derive(Debug, Clone, Copy)]
+pub struct ErrorCode(pub &'static str);
+
+/// Request ids longer than this are cut before they are recorded.
+pub const REQUEST_ID_BYTES_MAX: usize = 128;
+
+/// Audit names of the state-changing routes, by method and route template.
+const ACTIONS: &[(&str, &str, &str)] = &[
+    ("POST", "/api/v1/auth/register", "auth.register"),
+    ("POST", "/api/v1/auth/login", "auth.login"),
+    ("POST", "/api/v1/auth/refresh", "auth.refresh"),
+    ("POST", "/api/v1/auth/logout", "auth.logout"),
+    ("POST", "/api/v1/venues", "venue.create"),
+    ("PATCH", "/api/v1/venues/{id}", "venue.update"),
+    ("DELETE", "/api/v1/venues/{id}", "venue.delete"),
+    ("POST", "/api/v1/venues/{id}/resources", "resource.create"),
+    ("POST", "/api/v1/venues/{id}/events", "event.create"),
+    ("PATCH", "/api/v1/resources/{id}", "resource.update"),
+    ("DELETE", "/api/v1/resources/{id}", "resource.delete"),
+    ("POST", "/api/v1/bookings", "booking.hold"),
+    ("POST", "/api/v1/bookings/{id}/confirm", "booking.confirm"),
+    ("POST", "/api/v1/bookings/{id}/cancel", "booking.cancel"),
+    ("POST", "/api/v1/users/{id}/roles", "user.role_grant"),
+    ("DELETE", "/api/v1/users/{id}/roles/{role}", "user.role_revoke"),
+    ("POST", "/api/v1/api-keys", "api_key.create"),
+    ("DELETE", "/api/v1/api-keys/{id}", "api_key.revoke"),
+];
+
+/// The audit name of a route: from [`ACTIONS`], else `METHOD template` (never a raw path).
+pub fn action_of(method: &Method, template: &str) -> String {
+    ACTIONS
+        .iter()
+        .find(|(m, t, _)| *m == method.as_str() && *t == template)
+        .map_or_else(|| format!("{method} {template}"), |(_, _, action)| (*action).to_owned())
+}
+
+fn changes_state(method: &Method) -> bool {
+    matches!(*method, Method::POST | Method::PUT | Method::PATCH | Method::DELETE)
+}
+
+fn role_of(principal: Option<&Principal>) -> &'static str {
+    principal.map_or("anonymous", |p| allot_app::audit::role_name(&p.roles))
+}
+
+pub async fn layer(State(app): State<Arc<App>>, request: Request, next: Next) -> Response {
+    if !changes_state(request.method()) {
+        return next.run(request).await;
+    }
+    let (mut parts, body) = request.into_parts();
+    let template = parts.extensions.get::<MatchedPath>().map(|m| m.as_str().to_owned());
+    let action = action_of(&parts.method, template.as_deref().unwrap_or("unmatched"));
+    let principal = match parts.extensions.get::<Principal>() {
+        Some(p) => Some(p.clone()),
+        None => match bearer(&parts) {
+            Some(token) => app.authenticate(token).await.ok(),
+            None => None,
+        },
+    };
+    let mut event = AuditEvent::new(action, role_of(principal.as_ref()), app.clock.now());
+    event.actor_id = principal.as_ref().map(|p| p.user_id.to_string());
+    event.ip = parts.extensions.get::<ConnectInfo<SocketAddr>>().map(|c| c.0.ip().to_string());
+    event.request_id = request_id(&parts);
+    if let Ok(params) = <RawPathParams as FromRequestParts<()>>::from_request_parts(&mut parts, &()).await {
+        event.target_id = params.iter().next().map(|(_, v)| v.to_owned());
+    }
+    if let Some(p) = principal {
+        // The handler's `Auth` extractor takes it from here instead of verifying again.
+        parts.extensions.insert(p);
+    }
+    let scope = AuditScope::new(event);
+    let response = scope.clone().run(next.run(Request::from_parts(parts, body))).await;
+    let status = response.status();
+    let code = response.extensions().get::<ErrorCode>().map(|c| c.0);
+    let succeeded = status.is_success() || status.is_redirection();
+    if let Some(event) = scope.finish(succeeded, code.or(Some("error")), app.clock.now())
+        && let Err(e) = app.store.append_audit(event).await
+    {
+        tracing::error!(error = %e, "recording an audit event failed");
+    }
+    response
+}
+
+fn request_id(parts: &axum::http::request::Parts) -> Option<String> {
+    let raw = parts.headers.get("x-request-id")?.to_str().ok()?;
+    let mut end = raw.len().min(REQUEST_ID_BYTES_MAX);
+    while !raw.is_char_boundary(end) {
+        end -= 1;
+    }
+    Some(raw[..end].to_owned()).filter(|s| !s.is_empty())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn routes_have_stable_action_names() {
+        assert_eq!(action_of(&Method::POST, "/api/v1/bookings"), "booking.hold");
+        assert_eq!(action_of(&Method::DELETE, "/api/v1/venues/{id}"), "venue.delete");
+        assert_eq!(action_of(&Method::PUT, "/api/v1/other/{id}"), "PUT /api/v1/other/{id}");
+    }
+}
