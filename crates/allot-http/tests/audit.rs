@@ -1,0 +1,206 @@
+//! The audit trail over real HTTP (I6): a scripted session of successes, conflicts, declines,
+//! denials, bad input and failed logins leaves exactly one event per state-changing attempt;
+//! the chain verifies, and editing one row in the database breaks it at that row. Reading the
+//! trail: admins everything, managers their venues, nobody else.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use allot_app::audit::Verdict;
+use allot_app::store::Role;
+use common::TestApp;
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+
+/// `(action, outcome, reason)` of the events after `after_seq`, oldest first.
+async fn events_after(t: &TestApp, admin: &str, after_seq: u64) -> Vec<Value> {
+    let (status, page) = t.get(Some(admin), "/audit?limit=100").await;
+    assert_eq!(status, StatusCode::OK, "{page}");
+    let mut events: Vec<Value> =
+        page["data"].as_array().unwrap().iter().filter(|e| e["seq"].as_u64().unwrap() > after_seq).cloned().collect();
+    events.reverse();
+    events
+}
+
+fn summary(events: &[Value]) -> Vec<(String, String, Option<String>)> {
+    events
+        .iter()
+        .map(|e| {
+            (
+                e["action"].as_str().unwrap().to_owned(),
+                e["outcome"].as_str().unwrap().to_owned(),
+                e["reason"].as_str().map(str::to_owned),
+            )
+        })
+        .collect()
+}
+
+async fn head(t: &TestApp) -> u64 {
+    t.store.audit_head().await.unwrap().0
+}
+
+/// Runs `sql` on a connection of its own, as someone with database access could.
+async fn raw(t: &TestApp, sql: &str) {
+    use sqlx::{Connection, Executor};
+    let sql = sqlx::AssertSqlSafe(sql.to_owned());
+    if t.db_url.starts_with("postgres") {
+        let mut conn = sqlx::PgConnection::connect(&t.db_url).await.unwrap();
+        conn.execute(sql).await.unwrap();
+    } else {
+        let mut conn = sqlx::SqliteConnection::connect(&t.db_url).await.unwrap();
+        conn.execute(sql).await.unwrap();
+    }
+}
+
+fn s(action: &str, outcome: &str, reason: Option<&str>) -> (String, String, Option<String>) {
+    (action.to_owned(), outcome.to_owned(), reason.map(str::to_owned))
+}
+
+#[tokio::test]
+async fn a_scripted_session_leaves_one_event_per_attempt_and_a_chain_that_verifies() {
+    let t = TestApp::spawn().await;
+    let admin = t.admin().await;
+    let venue = t.venue(&admin, "cinema").await;
+    let (seats, event) = t.seats_and_event(&admin, &venue, 2, 48).await;
+    let start = head(&t).await;
+
+    // 1. register, 2. a failed login, 3. a login
+    let (status, user) = t
+        .post(None, "/auth/register", json!({"email": "ann@test.allot", "password": "password-123", "name": "Ann"}))
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{user}");
+    let (status, _) =
+        t.post(None, "/auth/login", json!({"email": "ann@test.allot", "password": "wrong-password"})).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    let ann = t.login("ann@test.allot").await;
+    let bob = t.customer("bob@test.allot").await; // 4. register, 5. login
+    // 6. a hold, 7. the same seat again: unavailable
+    let seat = json!({"items": [{"resource_id": seats[0], "event_id": event}]});
+    let (status, held) = t.post(Some(&ann), "/bookings", seat.clone()).await;
+    assert_eq!(status, StatusCode::CREATED, "{held}");
+    let (status, _) = t.post(Some(&bob), "/bookings", seat).await;
+    assert_eq!(status, StatusCode::CONFLICT);
+    // 8. a declined payment (recorded: it counts), 9. a confirm
+    let booking = held["id"].as_str().unwrap();
+    let pay = |token: &str| json!({"payment": {"method": "card", "token": token}});
+    let (status, _) = t.post(Some(&ann), &format!("/bookings/{booking}/confirm"), pay("tok_chargeDeclined")).await;
+    assert_eq!(status, StatusCode::PAYMENT_REQUIRED);
+    let (status, _) = t.post(Some(&ann), &format!("/bookings/{booking}/confirm"), pay("tok_visa")).await;
+    assert_eq!(status, StatusCode::OK);
+    // 10. a customer creating a venue: denied, 11. bad input, 12. no token at all
+    let venue_body = json!({"name": "Mine", "category": "studio", "location": {"lat": 52.5, "lon": 13.4},
+                            "timezone": "Europe/Berlin", "currency": "EUR"});
+    let (status, _) = t.post(Some(&bob), "/venues", venue_body).await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    let (status, _) = t.post(Some(&bob), "/bookings", json!({"items": "three"})).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    let (status, _) = t.post(None, &format!("/bookings/{booking}/cancel"), json!({})).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    // Reads are not audited.
+    let (status, _) = t.get(Some(&ann), &format!("/bookings/{booking}")).await;
+    assert_eq!(status, StatusCode::OK);
+
+    let events = events_after(&t, &admin, start).await;
+    assert_eq!(
+        summary(&events),
+        vec![
+            s("auth.register", "success", None),
+            s("auth.login", "failure", Some("unauthenticated")),
+            s("auth.login", "success", None),
+            s("auth.register", "success", None),
+            s("auth.login", "success", None),
+            s("booking.hold", "success", None),
+            s("booking.hold", "failure", Some("unavailable")),
+            s("booking.confirm", "failure", Some("payment_declined")),
+            s("booking.confirm", "success", None),
+            s("venue.create", "failure", Some("forbidden")),
+            s("booking.hold", "failure", Some("invalid_request")),
+            s("booking.cancel", "failure", Some("unauthenticated")),
+        ]
+    );
+    let ann_id = user["id"].as_str().unwrap();
+    assert_eq!(events[0]["target_id"], ann_id, "register names the new account");
+    assert_eq!(events[1]["details"]["email"], "ann@test.allot", "a failed login names the e-mail tried");
+    assert_eq!(events[1]["actor_role"], "anonymous");
+    assert_eq!((&events[2]["actor_id"], &events[2]["actor_role"]), (&json!(ann_id), &json!("customer")));
+    assert_eq!((&events[5]["target_id"], &events[5]["venue_id"]), (&json!(booking), &json!(venue)));
+    assert_eq!(events[7]["target_id"], booking);
+    assert_eq!(events[11]["actor_id"], Value::Null);
+    for e in &events {
+        assert_eq!(e["ip"], "127.0.0.1", "{e}");
+        assert_eq!(e["hash"].as_str().unwrap().len(), 64);
+    }
+    assert!(matches!(t.app.audit_verify().await.unwrap(), Verdict::Intact { .. }));
+
+    // Someone with database access rewrites history: the declined attempt "succeeded".
+    let tampered = events[7]["seq"].as_u64().unwrap();
+    let unguard = if t.db_url.starts_with("postgres") {
+        "ALTER TABLE audit_events DISABLE TRIGGER audit_events_append_only"
+    } else {
+        "DROP TRIGGER audit_events_no_update"
+    };
+    raw(&t, unguard).await;
+    raw(&t, &format!("UPDATE audit_events SET outcome = 'success', reason = NULL WHERE seq = {tampered}")).await;
+    match t.app.audit_verify().await.unwrap() {
+        Verdict::Broken { seq, id, .. } => {
+            assert_eq!(seq, tampered);
+            assert_eq!(id.as_deref(), events[7]["id"].as_str());
+        }
+        other => panic!("tampering went unnoticed: {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn the_request_id_is_recorded() {
+    let t = TestApp::spawn().await;
+    let admin = t.admin().await;
+    let response = t
+        .client
+        .post(t.url("/auth/login"))
+        .header("x-request-id", "trace-123")
+        .json(&json!({"email": "nobody@test.allot", "password": "password-123"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
+    let (_, page) = t.get(Some(&admin), "/audit?action=auth.login&outcome=failure").await;
+    assert_eq!(page["data"][0]["request_id"], "trace-123", "{page}");
+}
+
+#[tokio::test]
+async fn admins_read_everything_managers_their_venues_others_nothing() {
+    let t = TestApp::spawn().await;
+    let admin = t.admin().await;
+    let manager = t.user_with_role("m@test.allot", Role::Manager).await;
+    let other_manager = t.user_with_role("m2@test.allot", Role::Manager).await;
+    let mine = t.venue(&manager, "studio").await;
+    let theirs = t.venue(&other_manager, "studio").await;
+    let customer = t.customer("c@test.allot").await;
+
+    let (status, page) = t.get(Some(&manager), "/audit").await;
+    assert_eq!(status, StatusCode::OK, "{page}");
+    let venues: Vec<&Value> = page["data"].as_array().unwrap().iter().map(|e| &e["venue_id"]).collect();
+    assert!(!venues.is_empty() && venues.iter().all(|v| **v == json!(mine)), "{page}");
+    let (status, _) = t.get(Some(&manager), &format!("/audit?venue_id={theirs}")).await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    let (status, page) = t.get(Some(&manager), &format!("/audit?venue_id={mine}")).await;
+    assert_eq!(status, StatusCode::OK, "{page}");
+    for who in [Some(customer.as_str()), None] {
+        let (status, _) = t.get(who, "/audit").await;
+        assert!(status == StatusCode::FORBIDDEN || status == StatusCode::UNAUTHORIZED, "{status}");
+    }
+
+    let (status, page) = t.get(Some(&admin), "/audit?limit=2").await;
+    assert_eq!(status, StatusCode::OK);
+    let first: Vec<u64> = page["data"].as_array().unwrap().iter().map(|e| e["seq"].as_u64().unwrap()).collect();
+    let cursor = page["next_cursor"].as_str().unwrap();
+    let (_, next) = t.get(Some(&admin), &format!("/audit?limit=2&cursor={cursor}")).await;
+    let second: Vec<u64> = next["data"].as_array().unwrap().iter().map(|e| e["seq"].as_u64().unwrap()).collect();
+    assert!(first[0] > first[1] && first[1] > second[0], "newest first, no overlap: {first:?} {second:?}");
+
+    for bad in ["outcome=maybe", "from=yesterday", "limit=0", "cursor=abc", "venue_id=nope"] {
+        let (status, body) = t.get(Some(&admin), &format!("/audit?{bad}")).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{bad}: {body}");
+        assert!(body["error"]["details"]["fields"].is_object(), "{body}");
+    }
+}
