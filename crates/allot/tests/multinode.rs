@@ -606,6 +606,8 @@ async fn verify(
         over.len()
     );
 
+    failures.extend(verify_audit(cluster, acked).await);
+
     // Every acknowledged booking, read back by its owner through another live node.
     let fetched: Vec<(usize, usize, Answer)> = futures::stream::iter(acked.iter().enumerate())
         .map(|(i, a)| {
@@ -819,7 +821,9 @@ async fn expiry_with_three_nodes_releases_each_hold_once() {
         let expires: Timestamp = booking["expires_at"].as_str().unwrap().parse().unwrap();
         let created: Timestamp = booking["created_at"].as_str().unwrap().parse().unwrap();
         let ttl = expires.as_second() - created.as_second();
-        assert!((EXPIRY_TTL_SECONDS..=EXPIRY_TTL_SECONDS + 1).contains(&ttl), "hold TTL {ttl} s: {booking}");
+        // `created_at` is the batch clock, which may have moved on while the request queued
+        // behind other nodes' batches on a loaded machine: a few seconds less, never more.
+        assert!((EXPIRY_TTL_SECONDS - 3..=EXPIRY_TTL_SECONDS + 1).contains(&ttl), "hold TTL {ttl} s: {booking}");
         held.push((str_of(booking, "id"), *i, expires.as_second()));
     }
     let ids: Vec<String> = held.iter().map(|(id, _, _)| id.clone()).collect();
@@ -955,4 +959,46 @@ async fn expiry_with_three_nodes_releases_each_hold_once() {
     }
     println!("expiry_with_three_nodes_releases_each_hold_once finished in {:?}", started.elapsed());
     assert!(failures.is_empty(), "{} failures:\n{}", failures.len(), failures.join("\n"));
+}
+
+/// The audit trail the three nodes wrote together: one chain that verifies, and exactly one
+/// successful `booking.hold` event per stored booking (written in its transaction).
+async fn verify_audit(cluster: &Cluster, acked: &[Acked]) -> Vec<String> {
+    let mut failures = Vec::new();
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_allot"))
+        .args(["audit", "verify", "--database-url", &cluster.db_url])
+        .env("ALLOT_LOG", "warn")
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&output.stdout).trim().to_owned();
+    if !output.status.success() {
+        failures.push(format!("allot audit verify: {said}"));
+    }
+    let (bookings, hold_events, distinct): (i64, i64, i64) = bounded(
+        "audit events of holds",
+        sqlx::query_as(
+            "SELECT (SELECT COUNT(*) FROM bookings)::BIGINT,
+                    (SELECT COUNT(*) FROM audit_events WHERE action = 'booking.hold' AND outcome = 'success')::BIGINT,
+                    (SELECT COUNT(DISTINCT target_id) FROM audit_events
+                      WHERE action = 'booking.hold' AND outcome = 'success')::BIGINT",
+        )
+        .fetch_one(cluster.pool()),
+    )
+    .await;
+    if (hold_events, distinct) != (bookings, bookings) {
+        failures.push(format!("{bookings} bookings but {hold_events} successful hold events ({distinct} distinct)"));
+    }
+    let recorded: Vec<String> = bounded(
+        "targets of hold events",
+        sqlx::query_scalar("SELECT target_id FROM audit_events WHERE action = 'booking.hold' AND outcome = 'success'")
+            .fetch_all(cluster.pool()),
+    )
+    .await;
+    let recorded: std::collections::HashSet<String> = recorded.into_iter().collect();
+    let missing = acked.iter().filter(|a| !recorded.contains(&a.id)).count();
+    if missing > 0 {
+        failures.push(format!("{missing} acknowledged holds have no audit event"));
+    }
+    println!("audit: {said}; {hold_events} successful hold events for {bookings} bookings");
+    failures
 }
