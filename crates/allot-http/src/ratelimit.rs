@@ -88,6 +88,9 @@ pub struct RateLimits {
     pub login: Tier,
     /// Holds (`POST /bookings`), by user.
     pub hold: Tier,
+    /// Peers whose `X-Forwarded-For` names the client (load balancers), as addresses or
+    /// CIDR blocks. Empty: the connection's peer is the client, whatever headers say.
+    pub trusted_proxies: Vec<String>,
     /// Shared buckets for all nodes; memory when `None`.
     #[serde(skip)]
     pub redis_url: Option<String>,
@@ -106,6 +109,7 @@ impl Default for RateLimits {
             partner: Tier::new(10_000, 60),
             login: Tier::new(10, 15 * 60),
             hold: Tier::new(10, 60),
+            trusted_proxies: Vec::new(),
             redis_url: None,
             redis_key_prefix: REDIS_KEY_PREFIX_DEFAULT.to_owned(),
         }
@@ -131,6 +135,9 @@ impl RateLimits {
                     name.as_str()
                 ));
             }
+        }
+        for proxy in &self.trusted_proxies {
+            Cidr::parse(proxy)?;
         }
         if let Some(url) = &self.redis_url {
             redis::Client::open(url.as_str()).map_err(|e| format!("redis url: {e}"))?;
@@ -160,6 +167,41 @@ impl crate::HttpOptions {
     pub fn with_rate_limits(mut self, rate_limits: RateLimits) -> Self {
         self.rate_limits = rate_limits;
         self
+    }
+}
+
+/// An address block, `10.0.0.0/8` or one address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Cidr {
+    net: IpAddr,
+    bits: u32,
+}
+
+impl Cidr {
+    fn parse(text: &str) -> Result<Cidr, String> {
+        let bad = || format!("trusted proxy {text:?}: not an address or CIDR block");
+        let (addr, bits) = text.trim().split_once('/').map_or((text.trim(), None), |(a, b)| (a, Some(b)));
+        let net = addr.parse::<IpAddr>().map_err(|_| bad())?.to_canonical();
+        let width = if net.is_ipv4() { 32 } else { 128 };
+        let bits = bits.map_or(Ok(width), |b| b.parse::<u32>().map_err(|_| bad()))?;
+        if bits > width {
+            return Err(bad());
+        }
+        Ok(Cidr { net, bits })
+    }
+
+    fn contains(self, ip: IpAddr) -> bool {
+        match (self.net, ip.to_canonical()) {
+            (IpAddr::V4(net), IpAddr::V4(ip)) => {
+                let mask = u32::MAX.checked_shl(32 - self.bits).unwrap_or(0);
+                u32::from(net) & mask == u32::from(ip) & mask
+            }
+            (IpAddr::V6(net), IpAddr::V6(ip)) => {
+                let mask = u128::MAX.checked_shl(128 - self.bits).unwrap_or(0);
+                u128::from(net) & mask == u128::from(ip) & mask
+            }
+            _ => false,
+        }
     }
 }
 
@@ -442,6 +484,7 @@ pub struct Limiter {
     config: RateLimits,
     memory: Mutex<MemoryBuckets>,
     redis: Option<RedisBuckets>,
+    trusted_proxies: Vec<Cidr>,
 }
 
 impl Limiter {
@@ -450,7 +493,9 @@ impl Limiter {
             (Some(url), true) => RedisBuckets::new(url, &config.redis_key_prefix),
             _ => None,
         };
-        Self { app, config, memory: Mutex::new(MemoryBuckets::default()), redis }
+        // Checked at start-up (`validate`); a bad entry here trusts nothing more.
+        let trusted_proxies = config.trusted_proxies.iter().filter_map(|p| Cidr::parse(p).ok()).collect();
+        Self { app, config, memory: Mutex::new(MemoryBuckets::default()), redis, trusted_proxies }
     }
 
     fn now_us(&self) -> i64 {
@@ -489,7 +534,7 @@ impl Limiter {
     /// e-mail and put back unchanged.
     async fn probes(&self, request: Request) -> Result<(Request, Vec<Probe>), Response> {
         let (parts, body) = request.into_parts();
-        let ip = client_ip(&parts);
+        let ip = client_key(client_ip(&parts, &self.trusted_proxies));
         let mut probes = vec![self.probe(TierName::Ip, &ip)];
         let path = parts.uri.path();
         let is_post = parts.method == Method::POST;
@@ -530,13 +575,29 @@ fn login_email(body: &[u8]) -> String {
     value.get("email").and_then(|e| e.as_str()).map(|e| e.trim().to_lowercase()).unwrap_or_default()
 }
 
-/// The peer address of the connection (forwarding headers are not trusted). IPv6 clients are
-/// keyed by their /64, which one subscriber usually has whole.
-fn client_ip(parts: &Parts) -> String {
-    let Some(ConnectInfo(addr)) = parts.extensions.get::<ConnectInfo<SocketAddr>>() else {
+/// The client's address: the connection's peer, or, when the peer is a trusted proxy, the
+/// nearest address in `X-Forwarded-For` that is not a trusted proxy (entries further left
+/// could be made up by the client).
+fn client_ip(parts: &Parts, trusted: &[Cidr]) -> Option<IpAddr> {
+    let ConnectInfo(peer) = parts.extensions.get::<ConnectInfo<SocketAddr>>()?;
+    let mut client = peer.ip().to_canonical();
+    let is_trusted = |ip: IpAddr| trusted.iter().any(|c| c.contains(ip));
+    let forwarded = parts.headers.get_all("x-forwarded-for").iter().filter_map(|v| v.to_str().ok());
+    let mut hops: Vec<&str> = forwarded.flat_map(|v| v.split(',')).collect();
+    while is_trusted(client) {
+        let Some(hop) = hops.pop().and_then(|h| h.trim().parse::<IpAddr>().ok()) else { break };
+        client = hop.to_canonical();
+    }
+    Some(client)
+}
+
+/// The IP tier's key. IPv6 clients are keyed by their /64, which one subscriber usually has
+/// whole.
+fn client_key(ip: Option<IpAddr>) -> String {
+    let Some(ip) = ip else {
         return "unknown".to_owned();
     };
-    match addr.ip().to_canonical() {
+    match ip.to_canonical() {
         IpAddr::V4(v4) => v4.to_string(),
         IpAddr::V6(v6) => {
             let prefix = u128::from(v6) & !((1u128 << 64) - 1);
@@ -701,6 +762,26 @@ mod tests {
         }
         memory.check(&[Probe { tier: TierName::Ip, key: "late".into(), rate }], 2 * S);
         assert_eq!(memory.tats.len(), 1);
+    }
+
+    #[test]
+    fn trusted_proxies_name_the_client_and_others_do_not() {
+        let request = |peer: &str, forwarded: &str| {
+            let mut request = axum::http::Request::builder().header("x-forwarded-for", forwarded);
+            let addr = SocketAddr::new(peer.parse().unwrap(), 1000);
+            request = request.extension(ConnectInfo(addr));
+            request.body(()).unwrap().into_parts().0
+        };
+        let trusted = [Cidr::parse("10.0.0.0/8").unwrap(), Cidr::parse("::1").unwrap()];
+        let ip = |peer, fwd| client_ip(&request(peer, fwd), &trusted).unwrap().to_string();
+        assert_eq!(ip("192.0.2.1", "203.0.113.9"), "192.0.2.1", "an untrusted peer's header is ignored");
+        assert_eq!(ip("10.1.2.3", "203.0.113.9"), "203.0.113.9");
+        assert_eq!(ip("10.1.2.3", "1.1.1.1, 203.0.113.9, 10.0.0.7"), "203.0.113.9", "the client forged 1.1.1.1");
+        assert_eq!(ip("::1", "garbage"), "::1");
+        assert_eq!(client_key(Some("2001:db8:1:2:3:4:5:6".parse().unwrap())), "2001:db8:1:2::/64");
+        assert_eq!(client_key(Some("::ffff:192.0.2.1".parse().unwrap())), "192.0.2.1");
+        assert!(Cidr::parse("10.0.0.0/33").is_err() && Cidr::parse("nope").is_err());
+        assert!(Cidr::parse("0.0.0.0/0").unwrap().contains("8.8.8.8".parse().unwrap()));
     }
 
     #[test]

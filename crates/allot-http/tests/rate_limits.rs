@@ -157,6 +157,28 @@ async fn the_ip_tier_counts_every_request_and_refills() {
 }
 
 #[tokio::test]
+async fn forwarded_addresses_count_only_from_trusted_proxies() {
+    let forwarded = |app: &TestApp, client: &str| {
+        answer(app.client.get(app.url("/venues")).header("x-forwarded-for", client.to_owned()))
+    };
+    let ip_tier = Tier::new(2, 60);
+    let direct = spawn(RateLimits { ip: ip_tier, ..RateLimits::default() }).await;
+    assert_eq!(forwarded(&direct, "203.0.113.1").await.status, StatusCode::OK);
+    assert_eq!(forwarded(&direct, "203.0.113.2").await.status, StatusCode::OK);
+    forwarded(&direct, "203.0.113.3").await.assert_refused("ip");
+
+    let trusted = vec!["127.0.0.0/8".to_owned()];
+    let proxied = spawn(RateLimits { ip: ip_tier, trusted_proxies: trusted, ..RateLimits::default() }).await;
+    for _ in 0..2 {
+        assert_eq!(forwarded(&proxied, "203.0.113.1").await.status, StatusCode::OK);
+    }
+    forwarded(&proxied, "203.0.113.1").await.assert_refused("ip");
+    // A client cannot escape by prepending addresses: the proxy appended the real one.
+    forwarded(&proxied, "198.51.100.7, 203.0.113.1").await.assert_refused("ip");
+    assert_eq!(forwarded(&proxied, "203.0.113.2").await.status, StatusCode::OK);
+}
+
+#[tokio::test]
 async fn the_user_tier_follows_the_token_and_bad_tokens_are_anonymous() {
     let app = spawn(RateLimits { user: Tier::new(3, 60), ..RateLimits::default() }).await;
     let (alice, bob) = (app.customer("alice@test.allot").await, app.customer("bob@test.allot").await);

@@ -46,6 +46,10 @@ pub struct ServeArgs {
     /// Multiplies every rate-limit budget (e.g. 100 for a load test from one address).
     #[arg(long, env = "ALLOT_RATE_LIMIT_SCALE")]
     pub rate_limit_scale: Option<f64>,
+    /// Load balancers (addresses or CIDR blocks, comma-separated) whose `X-Forwarded-For`
+    /// names the client for rate limits; by default only the connection's peer counts.
+    #[arg(long, env = "ALLOT_TRUSTED_PROXIES", value_delimiter = ',')]
+    pub trusted_proxies: Option<Vec<String>>,
     /// TOML file with any of: listen, database_url, demo, redis_url, nats_url, [rate_limits].
     #[arg(long, env = "ALLOT_CONFIG")]
     pub config: Option<PathBuf>,
@@ -97,6 +101,9 @@ impl ServeArgs {
             rate_limits.enabled = switch == Switch::On;
         }
         rate_limits.scale = self.rate_limit_scale.unwrap_or(rate_limits.scale);
+        if let Some(proxies) = self.trusted_proxies {
+            rate_limits.trusted_proxies = proxies;
+        }
         let redis_url = self.redis_url.or(file.redis_url);
         rate_limits.redis_url.clone_from(&redis_url);
         rate_limits.validate().map_err(|e| anyhow::anyhow!(e))?;
@@ -157,6 +164,10 @@ mod tests {
         assert_eq!((flags.rate_limits.scale, flags.rate_limits.login.requests), (10.0, 5));
         let zero = ServeArgs { rate_limit_scale: Some(0.0), ..ServeArgs::default() };
         assert!(zero.resolve().is_err());
+        let proxies = ServeArgs { trusted_proxies: Some(vec!["10.0.0.0/8".into()]), ..ServeArgs::default() };
+        assert_eq!(proxies.resolve().expect("proxies").rate_limits.trusted_proxies, ["10.0.0.0/8"]);
+        let bad = ServeArgs { trusted_proxies: Some(vec!["10.0.0.0/99".into()]), ..ServeArgs::default() };
+        assert!(bad.resolve().is_err());
     }
 
     #[test]
