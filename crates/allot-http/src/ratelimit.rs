@@ -561,7 +561,7 @@ impl Limiter {
                 ApiError::field(StatusCode::PAYLOAD_TOO_LARGE, "body", "request body too large").into_response()
             );
         };
-        // Hashed: bounded key length, and no addresses or e-mails in Redis.
+        // Hashed: bounded key length, and no e-mail addresses kept in Redis.
         let key = sha256_hex(format!("{ip}\n{}", login_email(&bytes)).as_bytes());
         probes.push(self.probe(TierName::Login, &key));
         Ok((Request::from_parts(parts, Body::from(bytes)), probes))
