@@ -218,18 +218,24 @@ impl App {
 
     /// Verifies an access token and loads the principal's current roles.
     pub async fn authenticate(&self, access_token: &str) -> AppResult<Principal> {
+        let user_id = self.token_subject(access_token).ok_or(AppError::Unauthenticated)?;
+        let user = self.store.user_by_id(user_id).await?.ok_or(AppError::Unauthenticated)?;
+        Ok(Principal { user_id: user.id, roles: user.roles, venues: user.venues })
+    }
+
+    /// The user an access token was issued to, if its signature holds and it has not expired.
+    /// No database look-up: cheap enough for every request (rate limits key on it), but the
+    /// account may since have been deleted; [`App::authenticate`] is the full check.
+    pub fn token_subject(&self, access_token: &str) -> Option<UserId> {
         let mut validation = jsonwebtoken::Validation::new(jsonwebtoken::Algorithm::HS256);
         // Expiry is checked against the injected clock below, not the system time.
         validation.validate_exp = false;
         validation.required_spec_claims.clear();
-        let data = jsonwebtoken::decode::<AccessClaims>(access_token, &self.keys.decoding, &validation)
-            .map_err(|_| AppError::Unauthenticated)?;
+        let data = jsonwebtoken::decode::<AccessClaims>(access_token, &self.keys.decoding, &validation).ok()?;
         if data.claims.exp <= self.clock.now().as_second() {
-            return Err(AppError::Unauthenticated);
+            return None;
         }
-        let user_id: UserId = data.claims.sub.parse().map_err(|_| AppError::Unauthenticated)?;
-        let user = self.store.user_by_id(user_id).await?.ok_or(AppError::Unauthenticated)?;
-        Ok(Principal { user_id: user.id, roles: user.roles, venues: user.venues })
+        data.claims.sub.parse().ok()
     }
 
     pub async fn me(&self, principal: &Principal) -> AppResult<User> {

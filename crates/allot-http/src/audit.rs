@@ -16,6 +16,7 @@ use allot_app::audit::{AuditEvent, AuditScope};
 use allot_app::auth::Principal;
 use axum::extract::{ConnectInfo, FromRequestParts, MatchedPath, RawPathParams, Request, State};
 use axum::http::Method;
+use axum::http::request::Parts;
 use axum::middleware::Next;
 use axum::response::Response;
 
@@ -73,20 +74,11 @@ pub async fn layer(State(app): State<Arc<App>>, request: Request, next: Next) ->
     let (mut parts, body) = request.into_parts();
     let template = parts.extensions.get::<MatchedPath>().map(|m| m.as_str().to_owned());
     let action = action_of(&parts.method, template.as_deref().unwrap_or("unmatched"));
-    let principal = match parts.extensions.get::<Principal>() {
-        Some(p) => Some(p.clone()),
-        None => match bearer(&parts) {
-            Some(token) => app.authenticate(token).await.ok(),
-            None => None,
-        },
+    let target = match <RawPathParams as FromRequestParts<()>>::from_request_parts(&mut parts, &()).await {
+        Ok(params) => params.iter().next().map(|(_, v)| v.to_owned()),
+        Err(_) => None,
     };
-    let mut event = AuditEvent::new(action, role_of(principal.as_ref()), app.clock.now());
-    event.actor_id = principal.as_ref().map(|p| p.user_id.to_string());
-    event.ip = parts.extensions.get::<ConnectInfo<SocketAddr>>().map(|c| c.0.ip().to_string());
-    event.request_id = request_id(&parts);
-    if let Ok(params) = <RawPathParams as FromRequestParts<()>>::from_request_parts(&mut parts, &()).await {
-        event.target_id = params.iter().next().map(|(_, v)| v.to_owned());
-    }
+    let (event, principal) = draft(&app, &parts, action, target).await;
     if let Some(p) = principal {
         // The handler's `Auth` extractor takes it from here instead of verifying again.
         parts.extensions.insert(p);
@@ -96,15 +88,73 @@ pub async fn layer(State(app): State<Arc<App>>, request: Request, next: Next) ->
     let status = response.status();
     let code = response.extensions().get::<ErrorCode>().map(|c| c.0);
     let succeeded = status.is_success() || status.is_redirection();
-    if let Some(event) = scope.finish(succeeded, code.or(Some("error")), app.clock.now())
-        && let Err(e) = app.store.append_audit(event).await
-    {
-        tracing::error!(error = %e, "recording an audit event failed");
+    if let Some(event) = scope.finish(succeeded, code.or(Some("error")), app.clock.now()) {
+        append(&app, event).await;
     }
     response
 }
 
-fn request_id(parts: &axum::http::request::Parts) -> Option<String> {
+/// The event of a request, before its outcome: who, from where, which request, what, on what.
+async fn draft(app: &App, parts: &Parts, action: String, target: Option<String>) -> (AuditEvent, Option<Principal>) {
+    let principal = match parts.extensions.get::<Principal>() {
+        Some(p) => Some(p.clone()),
+        None => match bearer(parts) {
+            Some(token) => app.authenticate(token).await.ok(),
+            None => None,
+        },
+    };
+    let mut event = AuditEvent::new(action, role_of(principal.as_ref()), app.clock.now());
+    event.actor_id = principal.as_ref().map(|p| p.user_id.to_string());
+    event.ip = parts.extensions.get::<ConnectInfo<SocketAddr>>().map(|c| c.0.ip().to_string());
+    event.request_id = request_id(parts);
+    event.target_id = target;
+    (event, principal)
+}
+
+async fn append(app: &App, event: AuditEvent) {
+    if let Err(e) = app.store.append_audit(event).await {
+        tracing::error!(error = %e, "recording an audit event failed");
+    }
+}
+
+/// Records a state-changing request refused before routing (rate limits): the action and
+/// target come from matching its path against the audited routes.
+pub async fn record_refused(app: &App, parts: &Parts, reason: &str, details: &[(&str, String)]) {
+    if !changes_state(&parts.method) {
+        return;
+    }
+    let (action, target) = match_path(&parts.method, parts.uri.path());
+    let (mut event, _) = draft(app, parts, action, target).await;
+    event.outcome = allot_app::audit::Outcome::Failure;
+    event.reason = Some(reason.to_owned());
+    for (key, value) in details {
+        event.details.insert((*key).to_owned(), value.clone());
+    }
+    append(app, event).await;
+}
+
+/// The action of the audited route `path` matches, and the value of its first parameter; a
+/// path of no audited route is named by its method alone (its raw text could be anything).
+fn match_path(method: &Method, path: &str) -> (String, Option<String>) {
+    let segments: Vec<&str> = path.split('/').collect();
+    for (m, template, action) in ACTIONS {
+        if *m != method.as_str() {
+            continue;
+        }
+        let pattern: Vec<&str> = template.split('/').collect();
+        if pattern.len() != segments.len() {
+            continue;
+        }
+        let fits = pattern.iter().zip(&segments).all(|(p, s)| p.starts_with('{') || p == s);
+        if fits {
+            let param = pattern.iter().zip(&segments).find(|(p, _)| p.starts_with('{')).map(|(_, s)| (*s).to_owned());
+            return ((*action).to_owned(), param);
+        }
+    }
+    (format!("{method} (no such route)"), None)
+}
+
+fn request_id(parts: &Parts) -> Option<String> {
     let raw = parts.headers.get("x-request-id")?.to_str().ok()?;
     let mut end = raw.len().min(REQUEST_ID_BYTES_MAX);
     while !raw.is_char_boundary(end) {
@@ -122,5 +172,15 @@ mod tests {
         assert_eq!(action_of(&Method::POST, "/api/v1/bookings"), "booking.hold");
         assert_eq!(action_of(&Method::DELETE, "/api/v1/venues/{id}"), "venue.delete");
         assert_eq!(action_of(&Method::PUT, "/api/v1/other/{id}"), "PUT /api/v1/other/{id}");
+    }
+
+    #[test]
+    fn paths_refused_before_routing_find_their_action() {
+        let on = |m: Method, p: &str| match_path(&m, p);
+        assert_eq!(on(Method::POST, "/api/v1/bookings"), ("booking.hold".into(), None));
+        assert_eq!(on(Method::POST, "/api/v1/bookings/b1/confirm"), ("booking.confirm".into(), Some("b1".into())));
+        assert_eq!(on(Method::DELETE, "/api/v1/venues/v1"), ("venue.delete".into(), Some("v1".into())));
+        assert_eq!(on(Method::POST, "/api/v1/nothing/here"), ("POST (no such route)".into(), None));
+        assert_eq!(on(Method::GET, "/api/v1/bookings"), ("GET (no such route)".into(), None));
     }
 }

@@ -48,6 +48,12 @@ impl ApiError {
     pub fn unauthenticated() -> Self {
         Self::new(StatusCode::UNAUTHORIZED, "unauthenticated", "a valid access token is required")
     }
+
+    /// Over a rate limit: 429. The caller adds `Retry-After` and the `RateLimit-*` headers.
+    pub fn rate_limited(retry_after_seconds: u64, details: Value) -> Self {
+        let message = format!("too many requests; retry in {retry_after_seconds} s");
+        Self { details, ..Self::new(StatusCode::TOO_MANY_REQUESTS, "rate_limited", message) }
+    }
 }
 
 impl From<AppError> for ApiError {

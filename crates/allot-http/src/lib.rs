@@ -7,6 +7,7 @@ pub mod dto;
 pub mod error;
 pub mod extract;
 mod idempotency;
+pub mod ratelimit;
 pub mod routes;
 
 use std::future::Future;
@@ -29,10 +30,13 @@ pub const BODY_BYTES_MAX: usize = 64 * 1024;
 /// How the HTTP layer runs, beyond the app itself: set by the binary from its configuration,
 /// and by tests. `Default` is what `allot serve` does with no configuration.
 #[derive(Debug, Clone, Default)]
-pub struct HttpOptions {}
+pub struct HttpOptions {
+    /// Request rate limits (SPEC §5); on, in memory, by default.
+    pub rate_limits: ratelimit::RateLimits,
+}
 
 pub fn router(app: Arc<App>, options: &HttpOptions) -> Router {
-    let _ = options;
+    let limiter = Arc::new(ratelimit::Limiter::new(app.clone(), options.rate_limits.clone()));
     let api = Router::new()
         .route("/auth/register", post(auth::register))
         .route("/auth/login", post(auth::login))
@@ -64,6 +68,7 @@ pub fn router(app: Arc<App>, options: &HttpOptions) -> Router {
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(axum::middleware::from_fn_with_state(app.clone(), idempotency::layer))
+        .layer(axum::middleware::from_fn_with_state(limiter, ratelimit::layer))
         .layer(DefaultBodyLimit::max(BODY_BYTES_MAX))
         .layer(tower_http::catch_panic::CatchPanicLayer::custom(panicked))
         .layer(tower_http::trace::TraceLayer::new_for_http())

@@ -3,6 +3,7 @@
 
 use std::path::PathBuf;
 
+use allot_http::ratelimit::RateLimits;
 use clap::{Parser, Subcommand};
 use serde::Deserialize;
 
@@ -53,9 +54,25 @@ pub struct ServeArgs {
     /// NATS JetStream for domain events.
     #[arg(long, env = "ALLOT_NATS_URL")]
     pub nats_url: Option<String>,
-    /// TOML file with any of: listen, database_url, demo, redis_url, nats_url.
+    /// Rate limits (SPEC §5): `off` for load tests and benchmarks.
+    #[arg(long, env = "ALLOT_RATE_LIMITS", value_enum)]
+    pub rate_limits: Option<Switch>,
+    /// Multiplies every rate-limit budget (e.g. 100 for a load test from one address).
+    #[arg(long, env = "ALLOT_RATE_LIMIT_SCALE")]
+    pub rate_limit_scale: Option<f64>,
+    /// Load balancers (addresses or CIDR blocks, comma-separated) whose `X-Forwarded-For`
+    /// names the client for rate limits; by default only the connection's peer counts.
+    #[arg(long, env = "ALLOT_TRUSTED_PROXIES", value_delimiter = ',')]
+    pub trusted_proxies: Option<Vec<String>>,
+    /// TOML file with any of: listen, database_url, demo, redis_url, nats_url, [rate_limits].
     #[arg(long, env = "ALLOT_CONFIG")]
     pub config: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Switch {
+    On,
+    Off,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -66,16 +83,20 @@ struct FileConfig {
     demo: Option<bool>,
     redis_url: Option<String>,
     nats_url: Option<String>,
+    /// `enabled`, `scale`, and tiers `ip`, `user`, `partner`, `login`, `hold` as
+    /// `{ requests = N, period_seconds = S }`.
+    rate_limits: Option<RateLimits>,
 }
 
 /// The settings in force after every source has been applied.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Settings {
     pub listen: String,
     pub database_url: String,
     pub demo: bool,
     pub redis_url: Option<String>,
     pub nats_url: Option<String>,
+    pub rate_limits: RateLimits,
 }
 
 impl ServeArgs {
@@ -89,12 +110,24 @@ impl ServeArgs {
             }
             None => FileConfig::default(),
         };
+        let mut rate_limits = file.rate_limits.unwrap_or_default();
+        if let Some(switch) = self.rate_limits {
+            rate_limits.enabled = switch == Switch::On;
+        }
+        rate_limits.scale = self.rate_limit_scale.unwrap_or(rate_limits.scale);
+        if let Some(proxies) = self.trusted_proxies {
+            rate_limits.trusted_proxies = proxies;
+        }
+        let redis_url = self.redis_url.or(file.redis_url);
+        rate_limits.redis_url.clone_from(&redis_url);
+        rate_limits.validate().map_err(|e| anyhow::anyhow!(e))?;
         Ok(Settings {
             listen: self.listen.or(file.listen).unwrap_or_else(|| DEFAULT_LISTEN.to_owned()),
             database_url: self.database_url.or(file.database_url).unwrap_or_else(|| DEFAULT_DATABASE_URL.to_owned()),
             demo: self.demo || file.demo.unwrap_or(false),
-            redis_url: self.redis_url.or(file.redis_url),
+            redis_url,
             nats_url: self.nats_url.or(file.nats_url),
+            rate_limits,
         })
     }
 }
@@ -119,6 +152,36 @@ mod tests {
             .expect("flags");
         assert_eq!(flag_wins.listen, "0.0.0.0:1");
         assert_eq!(flag_wins.database_url, "sqlite://x.db");
+    }
+
+    #[test]
+    fn rate_limits_from_file_then_flags() {
+        let dir = std::env::temp_dir().join(format!("allot-config-rl-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let path = dir.join("allot.toml");
+        let text = "redis_url = \"redis://127.0.0.1:6379\"\n[rate_limits]\nscale = 2.0\nlogin = { requests = 5, period_seconds = 60 }\n";
+        std::fs::write(&path, text).expect("write");
+        let none = ServeArgs::default().resolve().expect("defaults");
+        assert_eq!(none.rate_limits, RateLimits::default());
+        let file = ServeArgs { config: Some(path.clone()), ..ServeArgs::default() }.resolve().expect("file");
+        assert!(file.rate_limits.enabled);
+        assert_eq!((file.rate_limits.scale, file.rate_limits.login.requests), (2.0, 5));
+        assert_eq!(file.rate_limits.redis_url.as_deref(), Some("redis://127.0.0.1:6379"));
+        let flags = ServeArgs {
+            config: Some(path),
+            rate_limits: Some(Switch::Off),
+            rate_limit_scale: Some(10.0),
+            ..ServeArgs::default()
+        };
+        let flags = flags.resolve().expect("flags");
+        assert!(!flags.rate_limits.enabled);
+        assert_eq!((flags.rate_limits.scale, flags.rate_limits.login.requests), (10.0, 5));
+        let zero = ServeArgs { rate_limit_scale: Some(0.0), ..ServeArgs::default() };
+        assert!(zero.resolve().is_err());
+        let proxies = ServeArgs { trusted_proxies: Some(vec!["10.0.0.0/8".into()]), ..ServeArgs::default() };
+        assert_eq!(proxies.resolve().expect("proxies").rate_limits.trusted_proxies, ["10.0.0.0/8"]);
+        let bad = ServeArgs { trusted_proxies: Some(vec!["10.0.0.0/99".into()]), ..ServeArgs::default() };
+        assert!(bad.resolve().is_err());
     }
 
     #[test]

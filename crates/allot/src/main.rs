@@ -56,10 +56,8 @@ async fn audit_verify(database_url: &str) -> anyhow::Result<()> {
 }
 
 async fn serve(settings: config::Settings) -> anyhow::Result<()> {
-    for (flag, value) in [("--redis-url", &settings.redis_url), ("--nats-url", &settings.nats_url)] {
-        if value.is_some() {
-            tracing::warn!(flag, "accepted but not used yet by this version");
-        }
+    if settings.nats_url.is_some() {
+        tracing::warn!(flag = "--nats-url", "accepted but not used yet by this version");
     }
     let store = open_store(&settings.database_url).await?;
     let app = App::start(store, Arc::new(SystemClock), Arc::new(TestProvider)).await?;
@@ -71,8 +69,11 @@ async fn serve(settings: config::Settings) -> anyhow::Result<()> {
     let addr = listener.local_addr()?;
     // Tests and scripts read this line to find the port when listening on port 0.
     println!("allot listening on http://{addr}");
-    tracing::info!(%addr, database_url = %settings.database_url, "serving");
-    allot_http::serve(listener, app, &allot_http::HttpOptions::default(), shutdown_signal()).await?;
+    let limits = &settings.rate_limits;
+    let shared = limits.redis_url.is_some();
+    tracing::info!(%addr, database_url = %settings.database_url, rate_limits = limits.enabled, rate_limits_shared = shared, "serving");
+    let options = allot_http::HttpOptions::default().with_rate_limits(settings.rate_limits);
+    allot_http::serve(listener, app, &options, shutdown_signal()).await?;
     tracing::info!("shut down cleanly");
     Ok(())
 }

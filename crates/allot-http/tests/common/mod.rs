@@ -87,7 +87,13 @@ pub fn test_now() -> Timestamp {
 }
 
 impl TestApp {
+    /// The app with rate limits off: suites send thousands of requests from one address.
     pub async fn spawn() -> TestApp {
+        let off = allot_http::ratelimit::RateLimits::off();
+        TestApp::spawn_with(allot_http::HttpOptions::default().with_rate_limits(off)).await
+    }
+
+    pub async fn spawn_with(options: allot_http::HttpOptions) -> TestApp {
         let dir = std::env::temp_dir().join(format!("allot-test-{}", uuid::Uuid::now_v7().as_simple()));
         std::fs::create_dir_all(&dir).unwrap();
         let db_url = fresh_database_url(&dir).await;
@@ -97,9 +103,7 @@ impl TestApp {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let served = app.clone();
-        tokio::spawn(async move {
-            allot_http::serve(listener, served, &allot_http::HttpOptions::default(), std::future::pending()).await
-        });
+        tokio::spawn(async move { allot_http::serve(listener, served, &options, std::future::pending()).await });
         let client = reqwest::Client::builder().pool_max_idle_per_host(256).build().unwrap();
         TestApp { addr, app, clock, store, client, dir, db_url }
     }

@@ -40,14 +40,22 @@ impl Node {
     pub fn start(name: &str, db_url: &str, demo: bool, stderr_path: PathBuf, tail_bytes: usize) -> Node {
         let stderr = std::fs::File::create(&stderr_path).unwrap();
         let mut command = Command::new(env!("CARGO_BIN_EXE_allot"));
-        command.args(["serve", "--listen", "127.0.0.1:0", "--database-url", db_url]);
+        // Load from one address: the documented switch for load tests.
+        command.args(["serve", "--listen", "127.0.0.1:0", "--database-url", db_url, "--rate-limits", "off"]);
         if demo {
             command.arg("--demo");
         }
         command.env("ALLOT_LOG", "warn").stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::from(stderr));
-        for var in
-            ["ALLOT_LISTEN", "ALLOT_DATABASE_URL", "ALLOT_DEMO", "ALLOT_REDIS_URL", "ALLOT_NATS_URL", "ALLOT_CONFIG"]
-        {
+        for var in [
+            "ALLOT_LISTEN",
+            "ALLOT_DATABASE_URL",
+            "ALLOT_DEMO",
+            "ALLOT_REDIS_URL",
+            "ALLOT_NATS_URL",
+            "ALLOT_CONFIG",
+            "ALLOT_RATE_LIMITS",
+            "ALLOT_RATE_LIMIT_SCALE",
+        ] {
             command.env_remove(var);
         }
         let mut child = command.spawn().expect("spawn allot");
