@@ -156,6 +156,9 @@ pub struct IdempotencyKey {
 
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
+    /// Whether the database answers and every migration this build embeds is applied (`/readyz`).
+    async fn ready(&self) -> Result<(), StoreError>;
+
     // Users and sessions.
     async fn insert_user(&self, user: &User) -> Result<(), StoreError>;
     async fn user_by_email(&self, email: &str) -> Result<Option<User>, StoreError>;
