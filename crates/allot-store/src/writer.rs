@@ -15,6 +15,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use allot_app::StoreError;
+use allot_app::telemetry;
 use futures::FutureExt;
 use futures::future::BoxFuture;
 use jiff::Timestamp;
@@ -229,6 +230,7 @@ async fn run<B: Backend>(
         assert!(batch.len() <= BATCH_SIZE_MAX, "recv_many respects the batch limit");
         stats.transactions.fetch_add(1, Ordering::Relaxed);
         stats.requests.fetch_add(batch.len() as u64, Ordering::Relaxed);
+        metrics::histogram!(telemetry::STORE_BATCH_SIZE).record(batch.len() as f64);
         apply_batch(&backend, &mut ctx, &mut batch).await;
         batch.clear();
     }
@@ -309,5 +311,8 @@ async fn finish<B: Backend>(backend: &B, ctx: &mut WriteCtx<B::Conn>, keys: &[St
     if !keys.is_empty() {
         backend.stamp(&mut ctx.conn, keys, ctx.last_now).await.map_err(db_error)?;
     }
-    backend.execute(&mut ctx.conn, "COMMIT").await.map_err(db_error)
+    let started = std::time::Instant::now();
+    let committed = backend.execute(&mut ctx.conn, "COMMIT").await.map_err(db_error);
+    metrics::histogram!(telemetry::STORE_COMMIT_DURATION).record(started.elapsed().as_secs_f64());
+    committed
 }
