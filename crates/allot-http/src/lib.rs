@@ -6,6 +6,7 @@ pub mod dto;
 pub mod error;
 pub mod extract;
 mod idempotency;
+pub mod ops;
 pub mod routes;
 
 use std::future::Future;
@@ -13,13 +14,14 @@ use std::sync::Arc;
 
 use allot_app::App;
 use axum::Router;
-use axum::extract::{DefaultBodyLimit, State};
+use axum::extract::DefaultBodyLimit;
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use axum::routing::{get, post};
 use serde_json::json;
 
 use crate::error::ApiError;
+pub use crate::ops::{OpsOptions, RequestId};
 use crate::routes::{auth, bookings, catalog};
 
 /// Largest request body accepted, in bytes.
@@ -28,10 +30,14 @@ pub const BODY_BYTES_MAX: usize = 64 * 1024;
 /// How the HTTP layer runs, beyond the app itself: set by the binary from its configuration,
 /// and by tests. `Default` is what `allot serve` does with no configuration.
 #[derive(Debug, Clone, Default)]
-pub struct HttpOptions {}
+pub struct HttpOptions {
+    /// Request timeout, CORS, HSTS.
+    pub ops: OpsOptions,
+}
 
 pub fn router(app: Arc<App>, options: &HttpOptions) -> Router {
-    let _ = options;
+    ops::metrics_handle();
+    let timeout = std::time::Duration::from_secs(options.ops.request_timeout_seconds);
     let api = Router::new()
         .route("/auth/register", post(auth::register))
         .route("/auth/login", post(auth::login))
@@ -53,16 +59,27 @@ pub fn router(app: Arc<App>, options: &HttpOptions) -> Router {
         .route("/bookings/{id}", get(bookings::get))
         .route("/bookings/{id}/confirm", post(bookings::confirm))
         .route("/bookings/{id}/cancel", post(bookings::cancel));
-    Router::new()
+    let router = Router::new()
         .nest("/api/v1", api)
         .route("/healthz", get(healthz))
-        .route("/readyz", get(readyz))
+        .route("/readyz", get(ops::readyz))
+        .route("/metrics", get(ops::metrics))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(axum::middleware::from_fn_with_state(app.clone(), idempotency::layer))
         .layer(DefaultBodyLimit::max(BODY_BYTES_MAX))
         .layer(tower_http::catch_panic::CatchPanicLayer::custom(panicked))
+        .layer(axum::middleware::from_fn_with_state(timeout, ops::timeout))
         .layer(tower_http::trace::TraceLayer::new_for_http())
+        .layer(axum::middleware::from_fn(ops::record_metrics));
+    // Outermost, so that every answer (preflights, panics, timeouts, 404s) gets them.
+    let router = match ops::cors(&options.ops) {
+        Some(cors) => router.layer(cors),
+        None => router,
+    };
+    router
+        .layer(axum::middleware::from_fn_with_state(ops::hsts_value(&options.ops), ops::security_headers))
+        .layer(axum::middleware::from_fn(ops::request_id))
         .with_state(app)
 }
 
@@ -79,17 +96,6 @@ pub async fn serve(
 
 async fn healthz() -> impl IntoResponse {
     axum::Json(json!({ "status": "ok" }))
-}
-
-async fn readyz(State(app): State<Arc<App>>) -> impl IntoResponse {
-    let page = allot_app::store::PageRequest { after: None, limit: 1 };
-    match app.store.venues(page).await {
-        Ok(_) => (StatusCode::OK, axum::Json(json!({ "status": "ready" }))).into_response(),
-        Err(e) => {
-            tracing::error!(error = %e, "readiness check failed");
-            (StatusCode::SERVICE_UNAVAILABLE, axum::Json(json!({ "status": "unavailable" }))).into_response()
-        }
-    }
 }
 
 /// A bug must still answer in the API's error format, and say nothing about itself.

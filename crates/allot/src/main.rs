@@ -40,6 +40,8 @@ async fn serve(settings: config::Settings) -> anyhow::Result<()> {
     } else {
         Arc::new(SqliteStore::open(&settings.database_url).await?)
     };
+    // Before the app starts, so that start-up work (expiring holds) is counted too.
+    allot_http::ops::metrics_handle();
     let app = App::start(store, Arc::new(SystemClock), Arc::new(TestProvider)).await?;
     if settings.demo {
         let summary = allot_app::demo::load(&app).await?;
@@ -50,7 +52,7 @@ async fn serve(settings: config::Settings) -> anyhow::Result<()> {
     // Tests and scripts read this line to find the port when listening on port 0.
     println!("allot listening on http://{addr}");
     tracing::info!(%addr, database_url = %settings.database_url, "serving");
-    allot_http::serve(listener, app, &allot_http::HttpOptions::default(), shutdown_signal()).await?;
+    allot_http::serve(listener, app, &settings.http_options(), shutdown_signal()).await?;
     tracing::info!("shut down cleanly");
     Ok(())
 }
