@@ -39,7 +39,7 @@ impl Role {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 pub struct User {
     pub id: UserId,
     pub email: String,
@@ -49,6 +49,21 @@ pub struct User {
     /// Venues this user manages (meaningful with the manager role).
     pub venues: Vec<VenueId>,
     pub created_at: Timestamp,
+}
+
+/// Written by hand so that a logged user never shows its password hash.
+impl std::fmt::Debug for User {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("User")
+            .field("id", &self.id)
+            .field("email", &self.email)
+            .field("name", &self.name)
+            .field("password_hash", &"<redacted>")
+            .field("roles", &self.roles)
+            .field("venues", &self.venues)
+            .field("created_at", &self.created_at)
+            .finish()
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -225,4 +240,24 @@ pub trait Store: Send + Sync + 'static {
     async fn idempotency_abandon(&self, key: &IdempotencyKey) -> Result<(), StoreError>;
     /// Deletes keys created before `before`; returns how many.
     async fn idempotency_cleanup(&self, before: Timestamp, limit: u32) -> Result<u64, StoreError>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_users_debug_output_hides_its_password_hash() {
+        let user = User {
+            id: UserId::new(),
+            email: "a@b.c".into(),
+            name: "A".into(),
+            password_hash: "$argon2id$v=19$secret-hash".into(),
+            roles: vec![Role::Customer],
+            venues: Vec::new(),
+            created_at: Timestamp::UNIX_EPOCH,
+        };
+        let shown = format!("{user:?}");
+        assert!(!shown.contains("argon2") && shown.contains("<redacted>") && shown.contains("a@b.c"), "{shown}");
+    }
 }
