@@ -76,6 +76,8 @@ async fn spawn_with(
     (TestApp { addr, app, clock, store, client, dir, db_url }, stop, server)
 }
 
+// `..default()` keeps this right when `HttpOptions` gains fields (rate limits, …).
+#[allow(clippy::needless_update)]
 fn with_ops(ops: OpsOptions) -> HttpOptions {
     HttpOptions { ops, ..HttpOptions::default() }
 }

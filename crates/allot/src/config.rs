@@ -117,6 +117,8 @@ impl ServeArgs {
 }
 
 impl Settings {
+    // `..default()` keeps this compiling as `HttpOptions` gains fields set elsewhere.
+    #[allow(clippy::needless_update)]
     pub fn http_options(&self) -> allot_http::HttpOptions {
         allot_http::HttpOptions {
             ops: allot_http::OpsOptions {
@@ -124,6 +126,7 @@ impl Settings {
                 cors_origins: self.cors_origins.clone(),
                 hsts_max_age_seconds: self.hsts_max_age_seconds,
             },
+            ..allot_http::HttpOptions::default()
         }
     }
 }
