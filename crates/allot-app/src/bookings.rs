@@ -14,6 +14,7 @@ use crate::auth::Principal;
 use crate::error::{AppError, AppResult, StoreError};
 use crate::payments::{ChargeOutcome, ChargeRequest, ProviderError};
 use crate::store::{BookingFilter, HoldCommand, HoldRefused, Page, PageRequest, Role, UpdateRefused};
+use crate::telemetry;
 use crate::{App, audit};
 
 /// Attempts at a provider that is failing before answering 503.
@@ -31,6 +32,12 @@ pub struct HoldRequest {
 impl App {
     /// Claims every item for the principal, or none (I3). 409 `unavailable` names the item.
     pub async fn hold(&self, principal: &Principal, request: HoldRequest) -> AppResult<Booking> {
+        let result = self.try_hold(principal, request).await;
+        telemetry::count(telemetry::HOLDS, &result);
+        result
+    }
+
+    async fn try_hold(&self, principal: &Principal, request: HoldRequest) -> AppResult<Booking> {
         if request.items.is_empty() || request.items.len() > ITEMS_MAX {
             return Err(allot_core::ValidationError::field("items", format!("must hold 1 to {ITEMS_MAX} items")).into());
         }
@@ -124,6 +131,12 @@ impl App {
 
     /// Charges the card and confirms; a decline leaves the hold (until the third).
     pub async fn confirm(&self, principal: &Principal, id: BookingId, token: &str) -> AppResult<Booking> {
+        let result = self.try_confirm(principal, id, token).await;
+        telemetry::count(telemetry::CONFIRMS, &result);
+        result
+    }
+
+    async fn try_confirm(&self, principal: &Principal, id: BookingId, token: &str) -> AppResult<Booking> {
         let booking = self.booking_for_owner(principal, id).await?;
         if booking.status == BookingStatus::PendingPayment {
             return Err(AppError::Conflict("a payment for this booking is already in progress".into()));
@@ -136,7 +149,9 @@ impl App {
             token: token.to_owned(),
             idempotency_key: format!("{}_{}", booking.id, booking.payment_attempts),
         };
-        match self.charge_with_retries(&request).await? {
+        let charged = self.charge_with_retries(&request).await;
+        telemetry::count_payment(&charged);
+        match charged? {
             ChargeOutcome::Succeeded { reference } => {
                 self.record_payment(&booking, reference, Transition::Confirm).await
             }
@@ -198,8 +213,12 @@ impl App {
                 // a concurrent confirm of the same attempt recorded this very payment.
                 let current = self.store.booking(booking.id).await.ok().flatten();
                 let recorded = current.and_then(|b| b.payment).is_some_and(|p| p.reference == reference);
-                if !recorded && let Err(e) = self.payments.refund(&reference, booking.total).await {
-                    tracing::error!(booking_id = %booking.id, error = %e, "refund after failed confirm failed");
+                if !recorded {
+                    let refunded = self.payments.refund(&reference, booking.total).await;
+                    telemetry::count_refund(&refunded);
+                    if let Err(e) = refunded {
+                        tracing::error!(booking_id = %booking.id, error = %e, "refund after failed confirm failed");
+                    }
                 }
                 Err(update_error(refused))
             }
@@ -219,6 +238,12 @@ impl App {
 
     /// Cancels a held or confirmed booking; confirmed ones are refunded per the venue policy.
     pub async fn cancel(&self, principal: &Principal, id: BookingId, reason: Option<String>) -> AppResult<Booking> {
+        let result = self.try_cancel(principal, id, reason).await;
+        telemetry::count(telemetry::CANCELS, &result);
+        result
+    }
+
+    async fn try_cancel(&self, principal: &Principal, id: BookingId, reason: Option<String>) -> AppResult<Booking> {
         if reason.as_ref().is_some_and(|r| r.chars().count() > CANCEL_REASON_LEN_MAX) {
             return Err(allot_core::ValidationError::field(
                 "reason",
@@ -247,7 +272,9 @@ impl App {
         {
             // Recorded refund first, then money moves: a crash here leaves a refund to reconcile,
             // never a refund without a cancellation.
-            match self.payments.refund(&payment.reference, refund.amount).await {
+            let refunded = self.payments.refund(&payment.reference, refund.amount).await;
+            telemetry::count_refund(&refunded);
+            match refunded {
                 Ok(reference) => refund.reference = Some(reference),
                 Err(e) => tracing::error!(booking_id = %id, error = %e, "refund failed; left for reconciliation"),
             }
@@ -302,6 +329,7 @@ impl App {
         let mut total = 0;
         loop {
             let expired = self.store.expire_due(self.clock.now(), EXPIRY_BATCH_MAX).await?;
+            metrics::counter!(telemetry::HOLDS_EXPIRED).increment(expired.len() as u64);
             total += expired.len();
             if expired.len() < EXPIRY_BATCH_MAX as usize {
                 return Ok(total);

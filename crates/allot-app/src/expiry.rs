@@ -75,7 +75,10 @@ async fn sleep_until(app: &App, deadline: Option<Timestamp>) {
 }
 
 async fn release_due(app: &App) {
-    match app.expire_due().await {
+    let released = app.expire_due().await;
+    let outcome = if released.is_ok() { "ok" } else { "error" };
+    metrics::counter!(crate::telemetry::EXPIRY_RUNS, "outcome" => outcome).increment(1);
+    match released {
         Ok(0) => {}
         Ok(n) => tracing::info!(released = n, "expired holds released"),
         Err(e) => tracing::error!(error = %e, "releasing expired holds failed; the sweep will retry"),

@@ -13,6 +13,7 @@ pub mod expiry;
 pub mod idempotency;
 pub mod payments;
 pub mod store;
+pub mod telemetry;
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -40,7 +40,7 @@ impl Role {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 pub struct User {
     pub id: UserId,
     pub email: String,
@@ -50,6 +50,21 @@ pub struct User {
     /// Venues this user manages (meaningful with the manager role).
     pub venues: Vec<VenueId>,
     pub created_at: Timestamp,
+}
+
+/// Written by hand so that a logged user never shows its password hash.
+impl std::fmt::Debug for User {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("User")
+            .field("id", &self.id)
+            .field("email", &self.email)
+            .field("name", &self.name)
+            .field("password_hash", &"<redacted>")
+            .field("roles", &self.roles)
+            .field("venues", &self.venues)
+            .field("created_at", &self.created_at)
+            .finish()
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -157,6 +172,9 @@ pub struct IdempotencyKey {
 
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
+    /// Whether the database answers and every migration this build embeds is applied (`/readyz`).
+    async fn ready(&self) -> Result<(), StoreError>;
+
     // Users and sessions.
     async fn insert_user(&self, user: &User) -> Result<(), StoreError>;
     async fn user_by_email(&self, email: &str) -> Result<Option<User>, StoreError>;
@@ -233,4 +251,24 @@ pub trait Store: Send + Sync + 'static {
     async fn audit_head(&self) -> Result<(u64, String), StoreError>;
     /// Events matching `filter`, newest first, at most `page.limit`.
     async fn audit_events(&self, filter: &AuditFilter, page: AuditPage) -> Result<Vec<AuditEvent>, StoreError>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_users_debug_output_hides_its_password_hash() {
+        let user = User {
+            id: UserId::new(),
+            email: "a@b.c".into(),
+            name: "A".into(),
+            password_hash: "$argon2id$v=19$secret-hash".into(),
+            roles: vec![Role::Customer],
+            venues: Vec::new(),
+            created_at: Timestamp::UNIX_EPOCH,
+        };
+        let shown = format!("{user:?}");
+        assert!(!shown.contains("argon2") && shown.contains("<redacted>") && shown.contains("a@b.c"), "{shown}");
+    }
 }

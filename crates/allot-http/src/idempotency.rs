@@ -14,6 +14,7 @@ use axum::http::{HeaderValue, Method, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use sha2::{Digest, Sha256};
+use tracing::Instrument;
 
 use crate::BODY_BYTES_MAX;
 use crate::error::ApiError;
@@ -73,10 +74,14 @@ pub async fn layer(State(app): State<Arc<App>>, request: Request, next: Next) ->
             // key would stay locked with its outcome unrecorded and a retry could run it twice.
             let request = Request::from_parts(parts, Body::from(bytes));
             let (task_app, task_id) = (app.clone(), id.clone());
-            let task = tokio::spawn(async move {
-                let response = next.run(request).await;
-                run_and_store(&task_app, &task_id, response).await
-            });
+            let task = tokio::spawn(
+                async move {
+                    let response = next.run(request).await;
+                    run_and_store(&task_app, &task_id, response).await
+                }
+                // Detached, it still logs under the request's span (its request id).
+                .in_current_span(),
+            );
             match task.await {
                 Ok(response) => response,
                 Err(e) => {

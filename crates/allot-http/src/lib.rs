@@ -7,6 +7,7 @@ pub mod dto;
 pub mod error;
 pub mod extract;
 mod idempotency;
+pub mod ops;
 pub mod ratelimit;
 pub mod routes;
 
@@ -15,13 +16,14 @@ use std::sync::Arc;
 
 use allot_app::App;
 use axum::Router;
-use axum::extract::{DefaultBodyLimit, State};
+use axum::extract::DefaultBodyLimit;
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use axum::routing::{get, post};
 use serde_json::json;
 
 use crate::error::ApiError;
+pub use crate::ops::{OpsOptions, RequestId};
 use crate::routes::{auth, bookings, catalog};
 
 /// Largest request body accepted, in bytes.
@@ -33,10 +35,14 @@ pub const BODY_BYTES_MAX: usize = 64 * 1024;
 pub struct HttpOptions {
     /// Request rate limits (SPEC §5); on, in memory, by default.
     pub rate_limits: ratelimit::RateLimits,
+    /// Request timeout, CORS, HSTS.
+    pub ops: OpsOptions,
 }
 
 pub fn router(app: Arc<App>, options: &HttpOptions) -> Router {
+    ops::metrics_handle();
     let limiter = Arc::new(ratelimit::Limiter::new(app.clone(), options.rate_limits.clone()));
+    let timeout = std::time::Duration::from_secs(options.ops.request_timeout_seconds);
     let api = Router::new()
         .route("/auth/register", post(auth::register))
         .route("/auth/login", post(auth::login))
@@ -61,17 +67,28 @@ pub fn router(app: Arc<App>, options: &HttpOptions) -> Router {
         .route("/audit", get(routes::audit::list))
         // Inside routing, so that the route template is known; after every route.
         .route_layer(axum::middleware::from_fn_with_state(app.clone(), audit::layer));
-    Router::new()
+    let router = Router::new()
         .nest("/api/v1", api)
         .route("/healthz", get(healthz))
-        .route("/readyz", get(readyz))
+        .route("/readyz", get(ops::readyz))
+        .route("/metrics", get(ops::metrics))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(axum::middleware::from_fn_with_state(app.clone(), idempotency::layer))
         .layer(axum::middleware::from_fn_with_state(limiter, ratelimit::layer))
         .layer(DefaultBodyLimit::max(BODY_BYTES_MAX))
         .layer(tower_http::catch_panic::CatchPanicLayer::custom(panicked))
+        .layer(axum::middleware::from_fn_with_state(timeout, ops::timeout))
         .layer(tower_http::trace::TraceLayer::new_for_http())
+        .layer(axum::middleware::from_fn(ops::record_metrics));
+    // Outermost, so that every answer (preflights, panics, timeouts, 404s) gets them.
+    let router = match ops::cors(&options.ops) {
+        Some(cors) => router.layer(cors),
+        None => router,
+    };
+    router
+        .layer(axum::middleware::from_fn_with_state(ops::hsts_value(&options.ops), ops::security_headers))
+        .layer(axum::middleware::from_fn(ops::request_id))
         .with_state(app)
 }
 
@@ -88,17 +105,6 @@ pub async fn serve(
 
 async fn healthz() -> impl IntoResponse {
     axum::Json(json!({ "status": "ok" }))
-}
-
-async fn readyz(State(app): State<Arc<App>>) -> impl IntoResponse {
-    let page = allot_app::store::PageRequest { after: None, limit: 1 };
-    match app.store.venues(page).await {
-        Ok(_) => (StatusCode::OK, axum::Json(json!({ "status": "ready" }))).into_response(),
-        Err(e) => {
-            tracing::error!(error = %e, "readiness check failed");
-            (StatusCode::SERVICE_UNAVAILABLE, axum::Json(json!({ "status": "unavailable" }))).into_response()
-        }
-    }
 }
 
 /// A bug must still answer in the API's error format, and say nothing about itself.

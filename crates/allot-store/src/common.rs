@@ -26,6 +26,24 @@ pub fn from_json_db<T: DeserializeOwned>(doc: &str) -> Result<T, sqlx::Error> {
     serde_json::from_str(doc).map_err(|e| sqlx::Error::Decode(Box::new(e)))
 }
 
+/// Whether every migration `migrator` embeds is recorded as applied, successfully and with the
+/// same checksum, in `applied` (`version, checksum, success` rows of `_sqlx_migrations`): a node
+/// must not serve a database its code does not match.
+pub fn migrations_applied(
+    migrator: &sqlx::migrate::Migrator,
+    applied: &[(i64, Vec<u8>, bool)],
+) -> Result<(), StoreError> {
+    let missing = migrator.iter().filter(|m| !m.migration_type.is_down_migration()).find(|m| {
+        !applied.iter().any(|(version, checksum, success)| {
+            *version == m.version && *success && checksum.as_slice() == m.checksum.as_ref()
+        })
+    });
+    match missing {
+        Some(m) => Err(StoreError::Database(format!("migration {} ({}) is not applied", m.version, m.description))),
+        None => Ok(()),
+    }
+}
+
 /// Stored seconds back to a timestamp (out-of-range values cannot have been written by us).
 pub fn ts(seconds: i64) -> Timestamp {
     Timestamp::from_second(seconds).unwrap_or(Timestamp::UNIX_EPOCH)

@@ -273,6 +273,15 @@ impl SqliteStore {
 
 #[async_trait]
 impl Store for SqliteStore {
+    async fn ready(&self) -> Result<(), StoreError> {
+        let applied: Vec<(i64, Vec<u8>, bool)> =
+            sqlx::query_as("SELECT version, checksum, success FROM _sqlx_migrations")
+                .fetch_all(&self.read)
+                .await
+                .map_err(db_error)?;
+        crate::common::migrations_applied(&MIGRATOR, &applied)
+    }
+
     async fn insert_user(&self, user: &User) -> Result<(), StoreError> {
         let roles: Vec<&str> = user.roles.iter().map(|r| r.as_str()).collect();
         self.exec_one(

@@ -20,6 +20,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use allot_app::StoreError;
 use allot_app::audit::{AuditEvent, AuditScope};
+use allot_app::telemetry;
 use futures::FutureExt;
 use futures::future::BoxFuture;
 use jiff::Timestamp;
@@ -280,6 +281,7 @@ async fn run<B: Backend>(
         assert!(batch.len() <= BATCH_SIZE_MAX, "recv_many respects the batch limit");
         stats.transactions.fetch_add(1, Ordering::Relaxed);
         stats.requests.fetch_add(batch.len() as u64, Ordering::Relaxed);
+        metrics::histogram!(telemetry::STORE_BATCH_SIZE).record(batch.len() as f64);
         apply_batch(&backend, &mut ctx, &mut batch).await;
         batch.clear();
     }
@@ -364,5 +366,8 @@ async fn finish<B: Backend>(backend: &B, ctx: &mut WriteCtx<B::Conn>, keys: &[St
     if !ctx.audit.is_empty() {
         backend.append_audit(&mut ctx.conn, &mut ctx.audit).await.map_err(db_error)?;
     }
-    backend.execute(&mut ctx.conn, "COMMIT").await.map_err(db_error)
+    let started = std::time::Instant::now();
+    let committed = backend.execute(&mut ctx.conn, "COMMIT").await.map_err(db_error);
+    metrics::histogram!(telemetry::STORE_COMMIT_DURATION).record(started.elapsed().as_secs_f64());
+    committed
 }

@@ -64,7 +64,17 @@ pub struct ServeArgs {
     /// names the client for rate limits; by default only the connection's peer counts.
     #[arg(long, env = "ALLOT_TRUSTED_PROXIES", value_delimiter = ',')]
     pub trusted_proxies: Option<Vec<String>>,
-    /// TOML file with any of: listen, database_url, demo, redis_url, nats_url, [rate_limits].
+    /// Seconds a request may take before it is answered 503 `timeout` (default 30).
+    #[arg(long, env = "ALLOT_REQUEST_TIMEOUT_SECONDS")]
+    pub request_timeout_seconds: Option<u64>,
+    /// Origins allowed by CORS, comma-separated (`*` for any); default: no CORS headers.
+    #[arg(long, env = "ALLOT_CORS_ORIGINS", value_delimiter = ',')]
+    pub cors_origins: Vec<String>,
+    /// Send `Strict-Transport-Security` with this max-age (only behind TLS); default: not sent.
+    #[arg(long, env = "ALLOT_HSTS_MAX_AGE_SECONDS")]
+    pub hsts_max_age_seconds: Option<u64>,
+    /// TOML file with any of: listen, database_url, demo, redis_url, nats_url,
+    /// request_timeout_seconds, cors_origins (a list), hsts_max_age_seconds, [rate_limits].
     #[arg(long, env = "ALLOT_CONFIG")]
     pub config: Option<PathBuf>,
 }
@@ -86,6 +96,9 @@ struct FileConfig {
     /// `enabled`, `scale`, and tiers `ip`, `user`, `partner`, `login`, `hold` as
     /// `{ requests = N, period_seconds = S }`.
     rate_limits: Option<RateLimits>,
+    request_timeout_seconds: Option<u64>,
+    cors_origins: Option<Vec<String>>,
+    hsts_max_age_seconds: Option<u64>,
 }
 
 /// The settings in force after every source has been applied.
@@ -97,6 +110,9 @@ pub struct Settings {
     pub redis_url: Option<String>,
     pub nats_url: Option<String>,
     pub rate_limits: RateLimits,
+    pub request_timeout_seconds: u64,
+    pub cors_origins: Vec<String>,
+    pub hsts_max_age_seconds: Option<u64>,
 }
 
 impl ServeArgs {
@@ -121,6 +137,18 @@ impl ServeArgs {
         let redis_url = self.redis_url.or(file.redis_url);
         rate_limits.redis_url.clone_from(&redis_url);
         rate_limits.validate().map_err(|e| anyhow::anyhow!(e))?;
+        let request_timeout_seconds = self
+            .request_timeout_seconds
+            .or(file.request_timeout_seconds)
+            .unwrap_or(allot_http::ops::REQUEST_TIMEOUT_SECONDS_DEFAULT);
+        anyhow::ensure!(request_timeout_seconds > 0, "request_timeout_seconds must be at least 1");
+        let cors_origins =
+            if self.cors_origins.is_empty() { file.cors_origins.unwrap_or_default() } else { self.cors_origins };
+        let cors_origins: Vec<String> =
+            cors_origins.into_iter().map(|o| o.trim().to_owned()).filter(|o| !o.is_empty()).collect();
+        if let Some(bad) = cors_origins.iter().find(|o| !valid_origin(o)) {
+            anyhow::bail!("cors origin {bad:?}: expected `*` or scheme://host[:port]");
+        }
         Ok(Settings {
             listen: self.listen.or(file.listen).unwrap_or_else(|| DEFAULT_LISTEN.to_owned()),
             database_url: self.database_url.or(file.database_url).unwrap_or_else(|| DEFAULT_DATABASE_URL.to_owned()),
@@ -128,8 +156,35 @@ impl ServeArgs {
             redis_url,
             nats_url: self.nats_url.or(file.nats_url),
             rate_limits,
+            request_timeout_seconds,
+            cors_origins,
+            hsts_max_age_seconds: self.hsts_max_age_seconds.or(file.hsts_max_age_seconds),
         })
     }
+}
+
+impl Settings {
+    // `..default()` keeps this compiling as `HttpOptions` gains fields set elsewhere.
+    #[allow(clippy::needless_update)]
+    pub fn http_options(&self) -> allot_http::HttpOptions {
+        allot_http::HttpOptions {
+            ops: allot_http::OpsOptions {
+                request_timeout_seconds: self.request_timeout_seconds,
+                cors_origins: self.cors_origins.clone(),
+                hsts_max_age_seconds: self.hsts_max_age_seconds,
+            },
+            rate_limits: self.rate_limits.clone(),
+        }
+    }
+}
+
+/// `*`, or an origin as browsers send it: `scheme://host[:port]`, nothing after.
+fn valid_origin(origin: &str) -> bool {
+    let Some((scheme, rest)) = origin.split_once("://") else { return origin == "*" };
+    matches!(scheme, "http" | "https")
+        && !rest.is_empty()
+        && !rest.contains('/')
+        && rest.bytes().all(|b| b.is_ascii_graphic())
 }
 
 #[cfg(test)]
@@ -182,6 +237,46 @@ mod tests {
         assert_eq!(proxies.resolve().expect("proxies").rate_limits.trusted_proxies, ["10.0.0.0/8"]);
         let bad = ServeArgs { trusted_proxies: Some(vec!["10.0.0.0/99".into()]), ..ServeArgs::default() };
         assert!(bad.resolve().is_err());
+    }
+
+    #[test]
+    fn operations_settings_from_flags_file_and_defaults() {
+        let none = ServeArgs::default().resolve().expect("defaults");
+        assert_eq!(none.request_timeout_seconds, 30);
+        assert!(none.cors_origins.is_empty(), "no CORS unless configured");
+        assert_eq!(none.hsts_max_age_seconds, None);
+        let dir = std::env::temp_dir().join(format!("allot-config-ops-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let path = dir.join("allot.toml");
+        std::fs::write(
+            &path,
+            "request_timeout_seconds = 5\ncors_origins = [\"https://a.example\"]\nhsts_max_age_seconds = 600\n",
+        )
+        .expect("write");
+        let from_file = ServeArgs { config: Some(path.clone()), ..ServeArgs::default() }.resolve().expect("file");
+        assert_eq!(from_file.request_timeout_seconds, 5);
+        assert_eq!(from_file.cors_origins, ["https://a.example"]);
+        assert_eq!(from_file.http_options().ops.hsts_max_age_seconds, Some(600));
+        let cli = Cli::try_parse_from([
+            "allot",
+            "serve",
+            "--config",
+            path.to_str().expect("utf-8 path"),
+            "--request-timeout-seconds",
+            "7",
+            "--cors-origins",
+            "https://b.example,http://localhost:3000",
+        ])
+        .expect("parse");
+        let Command::Serve(args) = cli.command else { panic!("parsed as serve") };
+        let flags = args.resolve().expect("flags");
+        assert_eq!(flags.request_timeout_seconds, 7);
+        assert_eq!(flags.cors_origins, ["https://b.example", "http://localhost:3000"]);
+        let any = ServeArgs { cors_origins: vec!["*".into()], ..ServeArgs::default() }.resolve().expect("any");
+        assert_eq!(any.cors_origins, ["*"]);
+        let bad_origin = ServeArgs { cors_origins: vec!["https://a.example/path".into()], ..ServeArgs::default() };
+        assert!(bad_origin.resolve().is_err());
+        assert!(ServeArgs { request_timeout_seconds: Some(0), ..ServeArgs::default() }.resolve().is_err());
     }
 
     #[test]

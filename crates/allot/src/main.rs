@@ -60,6 +60,8 @@ async fn serve(settings: config::Settings) -> anyhow::Result<()> {
         tracing::warn!(flag = "--nats-url", "accepted but not used yet by this version");
     }
     let store = open_store(&settings.database_url).await?;
+    // Before the app starts, so that start-up work (expiring holds) is counted too.
+    allot_http::ops::metrics_handle();
     let app = App::start(store, Arc::new(SystemClock), Arc::new(TestProvider)).await?;
     if settings.demo {
         let summary = allot_app::demo::load(&app).await?;
@@ -72,8 +74,7 @@ async fn serve(settings: config::Settings) -> anyhow::Result<()> {
     let limits = &settings.rate_limits;
     let shared = limits.redis_url.is_some();
     tracing::info!(%addr, database_url = %settings.database_url, rate_limits = limits.enabled, rate_limits_shared = shared, "serving");
-    let options = allot_http::HttpOptions::default().with_rate_limits(settings.rate_limits);
-    allot_http::serve(listener, app, &options, shutdown_signal()).await?;
+    allot_http::serve(listener, app, &settings.http_options(), shutdown_signal()).await?;
     tracing::info!("shut down cleanly");
     Ok(())
 }

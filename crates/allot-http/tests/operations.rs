@@ -1,0 +1,383 @@
+//! Operations and hardening over real HTTP: request ids (echoed, generated, on error answers
+//! and on log lines), `/metrics`, `/readyz`, security headers, CORS, the request timeout and
+//! graceful shutdown with a request in flight.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use allot_app::App;
+use allot_app::clock::ManualClock;
+use allot_app::payments::{ChargeOutcome, ChargeRequest, PaymentProvider, ProviderError, TestProvider};
+use allot_app::store::Role;
+use allot_http::{HttpOptions, OpsOptions};
+use common::{TestApp, TestStore};
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+use tokio::sync::{Notify, Semaphore, oneshot};
+
+/// A payment provider whose charges wait at a gate the test opens: a real slow request.
+struct GatedProvider {
+    entered: Notify,
+    gate: Semaphore,
+}
+
+impl GatedProvider {
+    fn new() -> Arc<Self> {
+        Arc::new(Self { entered: Notify::new(), gate: Semaphore::new(0) })
+    }
+
+    fn open(&self) {
+        self.gate.add_permits(1);
+    }
+}
+
+#[async_trait::async_trait]
+impl PaymentProvider for GatedProvider {
+    fn name(&self) -> &'static str {
+        "test"
+    }
+
+    async fn charge(&self, request: &ChargeRequest) -> Result<ChargeOutcome, ProviderError> {
+        self.entered.notify_one();
+        self.gate.acquire().await.unwrap().forget();
+        TestProvider.charge(request).await
+    }
+
+    async fn refund(&self, payment_reference: &str, amount: i64) -> Result<String, ProviderError> {
+        TestProvider.refund(payment_reference, amount).await
+    }
+}
+
+/// Like `TestApp::spawn`, with options, a payment provider and a shutdown trigger.
+async fn spawn_with(
+    options: HttpOptions,
+    payments: Arc<dyn PaymentProvider>,
+) -> (TestApp, oneshot::Sender<()>, tokio::task::JoinHandle<std::io::Result<()>>) {
+    let dir = std::env::temp_dir().join(format!("allot-test-{}", uuid::Uuid::now_v7().as_simple()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let db_url = common::fresh_database_url(&dir).await;
+    let store = TestStore::open(&db_url).await;
+    let clock = Arc::new(ManualClock::new(common::test_now()));
+    let app = App::start(store.port(), clock.clone(), payments).await.unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop, stopped) = oneshot::channel::<()>();
+    let served = app.clone();
+    let server = tokio::spawn(async move {
+        allot_http::serve(listener, served, &options, async {
+            let _ = stopped.await;
+        })
+        .await
+    });
+    let client = reqwest::Client::new();
+    (TestApp { addr, app, clock, store, client, dir, db_url }, stop, server)
+}
+
+// `..default()` keeps this right when `HttpOptions` gains fields (rate limits, …).
+#[allow(clippy::needless_update)]
+fn with_ops(ops: OpsOptions) -> HttpOptions {
+    HttpOptions { ops, ..HttpOptions::default() }
+}
+
+impl TestApp {
+    fn root(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    /// A held seat: (customer token, booking id).
+    async fn held_seat(&self) -> (String, String) {
+        let manager = self.user_with_role("manager@test.allot", Role::Manager).await;
+        let venue = self.venue(&manager, "cinema").await;
+        let (seats, event) = self.seats_and_event(&manager, &venue, 1, 48).await;
+        let customer = self.customer("ops@test.allot").await;
+        let (status, booking) = self
+            .post(Some(&customer), "/bookings", json!({"items": [{"resource_id": seats[0], "event_id": event}]}))
+            .await;
+        assert_eq!(status, StatusCode::CREATED, "{booking}");
+        (customer, booking["id"].as_str().unwrap().to_owned())
+    }
+
+    fn confirm(&self, customer: &str, booking: &str, token: &str) -> reqwest::RequestBuilder {
+        self.client
+            .post(self.url(&format!("/bookings/{booking}/confirm")))
+            .bearer_auth(customer)
+            .json(&json!({"payment": {"method": "card", "token": token}}))
+    }
+}
+
+fn request_id(response: &reqwest::Response) -> String {
+    response.headers().get("x-request-id").expect("x-request-id on every response").to_str().unwrap().to_owned()
+}
+
+fn is_uuid_v7(id: &str) -> bool {
+    uuid::Uuid::parse_str(id).is_ok_and(|u| u.get_version_num() == 7)
+}
+
+#[tokio::test]
+async fn request_id_is_echoed_or_generated_on_every_answer() {
+    let t = TestApp::spawn().await;
+    let echoed = t.client.get(t.root("/healthz")).header("x-request-id", "client-id_42").send().await.unwrap();
+    assert_eq!(request_id(&echoed), "client-id_42");
+
+    let generated = t.client.get(t.root("/healthz")).send().await.unwrap();
+    assert!(is_uuid_v7(&request_id(&generated)), "{}", request_id(&generated));
+
+    for bad in ["x".repeat(129), "with space".to_owned(), String::new()] {
+        let replaced = t.client.get(t.root("/healthz")).header("x-request-id", &bad).send().await.unwrap();
+        assert!(is_uuid_v7(&request_id(&replaced)), "{bad:?} must be replaced by a fresh id");
+    }
+    let longest = "y".repeat(128);
+    let kept = t.client.get(t.root("/healthz")).header("x-request-id", &longest).send().await.unwrap();
+    assert_eq!(request_id(&kept), longest);
+
+    let missing = t.client.get(t.root("/no/such/route")).header("x-request-id", "r-404").send().await.unwrap();
+    assert_eq!(missing.status(), StatusCode::NOT_FOUND);
+    assert_eq!(request_id(&missing), "r-404");
+    let refused = t.client.get(t.url("/me")).send().await.unwrap();
+    assert_eq!(refused.status(), StatusCode::UNAUTHORIZED);
+    assert!(is_uuid_v7(&request_id(&refused)));
+    let (status, body) = common::read(refused).await;
+    assert_eq!((status, body["error"]["code"].as_str()), (StatusCode::UNAUTHORIZED, Some("unauthenticated")));
+}
+
+/// Collects what the JSON log formatter writes.
+#[derive(Clone, Default)]
+struct LogBuffer(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for LogBuffer {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl LogBuffer {
+    fn lines(&self) -> Vec<Value> {
+        let text = String::from_utf8(self.0.lock().unwrap().clone()).unwrap();
+        text.lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+    }
+}
+
+/// The binary's JSON log format, captured for the whole test process. Global, not a
+/// thread-local default: spans' callsites are shared with the tests running beside this one.
+fn captured_logs() -> &'static LogBuffer {
+    static LOGS: OnceLock<LogBuffer> = OnceLock::new();
+    LOGS.get_or_init(|| {
+        let logs = LogBuffer::default();
+        let writer = logs.clone();
+        let subscriber = tracing_subscriber::fmt().json().with_writer(move || writer.clone()).finish();
+        tracing::subscriber::set_global_default(subscriber).unwrap();
+        logs
+    })
+}
+
+/// A log line written deep inside a handler (the confirm use case, when the payment provider
+/// fails) carries the request's id.
+#[tokio::test]
+async fn log_lines_of_a_request_carry_its_request_id() {
+    let logs = captured_logs();
+    let t = TestApp::spawn().await;
+    let (customer, booking) = t.held_seat().await;
+    let response =
+        t.confirm(&customer, &booking, "tok_processing_error").header("x-request-id", "trace-me-1").send().await;
+    let response = response.unwrap();
+    assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(request_id(&response), "trace-me-1");
+
+    let lines = logs.lines();
+    let failure = lines
+        .iter()
+        .filter(|l| l["fields"]["message"] == "payment provider unavailable")
+        .find(|l| l["fields"]["booking_id"] == booking.as_str())
+        .unwrap_or_else(|| panic!("the use case logs the failure: {lines:?}"));
+    let spans = failure["spans"].as_array().unwrap_or_else(|| panic!("logged inside the request span: {failure}"));
+    assert!(spans.iter().any(|s| s["request_id"] == "trace-me-1"), "{failure}");
+}
+
+/// The value of the one sample line with this name whose labels include every `labels` pair.
+fn sample(text: &str, name: &str, labels: &[&str]) -> Option<f64> {
+    text.lines()
+        .filter(|l| l.starts_with(&format!("{name}{{")) || l.starts_with(&format!("{name} ")))
+        .find(|l| labels.iter().all(|label| l.contains(label)))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+#[tokio::test]
+async fn metrics_count_requests_by_route_template_holds_and_store_batches() {
+    let t = TestApp::spawn().await;
+    let (customer, booking) = t.held_seat().await;
+    let (status, _) = t.get(Some(&customer), &format!("/bookings/{booking}")).await;
+    assert_eq!(status, StatusCode::OK);
+
+    let response = t.client.get(t.root("/metrics")).send().await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    assert!(response.headers()["content-type"].to_str().unwrap().starts_with("text/plain"));
+    let text = response.text().await.unwrap();
+    let route = r#"route="/api/v1/bookings/{id}""#;
+    let requests = sample(&text, "allot_http_requests_total", &[route, r#"method="GET""#, r#"status="200""#]);
+    assert!(requests >= Some(1.0), "{text}");
+    assert!(!text.contains(&booking), "series are labelled by route template, never by raw path");
+    let latency = sample(&text, "allot_http_request_duration_seconds_count", &[route]);
+    assert!(latency >= Some(1.0), "latency histogram: {text}");
+    assert!(text.contains("allot_http_request_duration_seconds_bucket{"), "histogram buckets, not a summary");
+    assert!(sample(&text, "allot_holds_total", &[r#"outcome="ok""#]) >= Some(1.0), "{text}");
+    assert!(sample(&text, "allot_store_batch_size_count", &[]) >= Some(1.0), "{text}");
+    assert!(sample(&text, "allot_store_commit_duration_seconds_count", &[]) >= Some(1.0), "{text}");
+    assert!(text.contains("# HELP allot_rate_limited_requests_total"), "described for the rate limiter: {text}");
+    assert!(text.contains("# TYPE allot_holds_total counter"));
+}
+
+#[tokio::test]
+async fn metrics_count_payments_and_unmatched_routes() {
+    let t = TestApp::spawn().await;
+    let (customer, booking) = t.held_seat().await;
+    let declined = t.confirm(&customer, &booking, "tok_chargeDeclined").send().await.unwrap();
+    assert_eq!(declined.status(), StatusCode::PAYMENT_REQUIRED);
+    t.client.get(t.root("/no/such/route/123")).send().await.unwrap();
+    let text = t.client.get(t.root("/metrics")).send().await.unwrap().text().await.unwrap();
+    assert!(sample(&text, "allot_payments_total", &[r#"outcome="declined""#]) >= Some(1.0), "{text}");
+    assert!(sample(&text, "allot_confirms_total", &[r#"outcome="payment_declined""#]) >= Some(1.0), "{text}");
+    assert!(sample(&text, "allot_http_requests_total", &[r#"route="unmatched""#, r#"status="404""#]) >= Some(1.0));
+    assert!(!text.contains("/no/such/route"), "raw paths never become labels");
+}
+
+/// Runs `sql` on the test's database behind the store's back.
+async fn tamper(t: &TestApp, sql: &str) {
+    use sqlx::Connection;
+    if t.db_url.starts_with("postgres") {
+        let mut conn = sqlx::PgConnection::connect(&t.db_url).await.unwrap();
+        sqlx::raw_sql(sqlx::AssertSqlSafe(sql.to_owned())).execute(&mut conn).await.unwrap();
+    } else {
+        let mut conn = sqlx::SqliteConnection::connect(&t.db_url).await.unwrap();
+        sqlx::raw_sql(sqlx::AssertSqlSafe(sql.to_owned())).execute(&mut conn).await.unwrap();
+    }
+}
+
+#[tokio::test]
+async fn readyz_needs_every_migration_applied() {
+    let t = TestApp::spawn().await;
+    let (status, body) = common::read(t.client.get(t.root("/readyz")).send().await.unwrap()).await;
+    assert_eq!((status, &body), (StatusCode::OK, &json!({"status": "ready"})));
+
+    // A database one migration behind this build (as when a node runs newer code than the
+    // database it was pointed at) is not ready, though it answers queries.
+    tamper(&t, "DELETE FROM _sqlx_migrations WHERE version = (SELECT MAX(version) FROM _sqlx_migrations)").await;
+    let (status, body) = common::read(t.client.get(t.root("/readyz")).send().await.unwrap()).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert_eq!(body["error"]["code"], "not_ready");
+    let live = t.client.get(t.root("/healthz")).send().await.unwrap();
+    assert_eq!(live.status(), StatusCode::OK, "liveness does not depend on the database");
+}
+
+#[tokio::test]
+async fn security_headers_on_every_response() {
+    let t = TestApp::spawn().await;
+    for path in ["/healthz", "/api/v1/me", "/nope", "/metrics"] {
+        let response = t.client.get(t.root(path)).send().await.unwrap();
+        let h = response.headers();
+        assert_eq!(h["x-content-type-options"], "nosniff", "{path}");
+        assert_eq!(h["x-frame-options"], "DENY", "{path}");
+        assert_eq!(h["referrer-policy"], "no-referrer", "{path}");
+        assert_eq!(h["content-security-policy"], "default-src 'none'; frame-ancestors 'none'", "{path}");
+        assert!(h.get("strict-transport-security").is_none(), "HSTS only when configured");
+    }
+    // Swagger UI must be able to load its own scripts and styles.
+    let docs = t.client.get(t.root("/api-docs/")).send().await.unwrap();
+    let csp = docs.headers()["content-security-policy"].to_str().unwrap();
+    assert!(csp.contains("script-src 'self'") && csp.contains("style-src 'self'"), "{csp}");
+
+    let ops = OpsOptions { hsts_max_age_seconds: Some(31_536_000), ..OpsOptions::default() };
+    let (t, _stop, _server) = spawn_with(with_ops(ops), Arc::new(TestProvider)).await;
+    let response = t.client.get(t.root("/healthz")).send().await.unwrap();
+    assert_eq!(response.headers()["strict-transport-security"], "max-age=31536000");
+}
+
+fn preflight(t: &TestApp, origin: &str) -> reqwest::RequestBuilder {
+    t.client
+        .request(reqwest::Method::OPTIONS, t.url("/bookings"))
+        .header("origin", origin)
+        .header("access-control-request-method", "POST")
+        .header("access-control-request-headers", "authorization, content-type, idempotency-key")
+}
+
+#[tokio::test]
+async fn cors_is_off_by_default_and_on_for_configured_origins() {
+    let t = TestApp::spawn().await;
+    let response = preflight(&t, "https://app.example").send().await.unwrap();
+    assert!(response.headers().get("access-control-allow-origin").is_none(), "no CORS unless configured");
+    let response = t.client.get(t.url("/venues")).header("origin", "https://app.example").send().await.unwrap();
+    assert!(response.headers().get("access-control-allow-origin").is_none());
+
+    let ops = OpsOptions { cors_origins: vec!["https://app.example".into()], ..OpsOptions::default() };
+    let (t, _stop, _server) = spawn_with(with_ops(ops), Arc::new(TestProvider)).await;
+    let response = preflight(&t, "https://app.example").send().await.unwrap();
+    assert!(response.status().is_success(), "{}", response.status());
+    let h = response.headers();
+    assert_eq!(h["access-control-allow-origin"], "https://app.example");
+    assert!(h["access-control-allow-methods"].to_str().unwrap().contains("POST"));
+    assert!(h["access-control-allow-headers"].to_str().unwrap().contains("idempotency-key"));
+    assert!(h.get("x-request-id").is_some(), "preflights get a request id too");
+    let simple = t.client.get(t.url("/venues")).header("origin", "https://app.example").send().await.unwrap();
+    assert_eq!(simple.headers()["access-control-allow-origin"], "https://app.example");
+    assert!(simple.headers()["access-control-expose-headers"].to_str().unwrap().contains("x-request-id"));
+    let other = preflight(&t, "https://evil.example").send().await.unwrap();
+    assert!(other.headers().get("access-control-allow-origin").is_none(), "unlisted origin");
+
+    let ops = OpsOptions { cors_origins: vec!["*".into()], ..OpsOptions::default() };
+    let (t, _stop, _server) = spawn_with(with_ops(ops), Arc::new(TestProvider)).await;
+    let response = preflight(&t, "https://anyone.example").send().await.unwrap();
+    assert_eq!(response.headers()["access-control-allow-origin"], "*");
+}
+
+#[tokio::test]
+async fn a_request_over_the_timeout_answers_503_in_the_error_format() {
+    let payments = GatedProvider::new();
+    let ops = OpsOptions { request_timeout_seconds: 1, ..OpsOptions::default() };
+    let (t, _stop, _server) = spawn_with(with_ops(ops), payments.clone()).await;
+    let (customer, booking) = t.held_seat().await;
+    let started = std::time::Instant::now();
+    let response = t.confirm(&customer, &booking, "tok_visa").send().await.unwrap();
+    assert!(started.elapsed() >= Duration::from_secs(1));
+    assert!(response.headers().get("x-request-id").is_some());
+    assert_eq!(response.headers()["x-content-type-options"], "nosniff");
+    let (status, body) = common::read(response).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert_eq!(body["error"]["code"], "timeout");
+    assert!(body["error"]["message"].is_string() && body["error"]["details"].is_object(), "{body}");
+    payments.open();
+}
+
+/// Shutdown while a confirm waits on the payment provider: no new connections are accepted,
+/// and the confirm still completes with its normal answer before the server stops.
+#[tokio::test]
+async fn graceful_shutdown_finishes_the_request_in_flight() {
+    let payments = GatedProvider::new();
+    let (t, stop, server) = spawn_with(HttpOptions::default(), payments.clone()).await;
+    let (customer, booking) = t.held_seat().await;
+    let in_flight = tokio::spawn(t.confirm(&customer, &booking, "tok_visa").send());
+    payments.entered.notified().await;
+
+    stop.send(()).unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while tokio::net::TcpStream::connect(t.addr).await.is_ok() {
+        assert!(tokio::time::Instant::now() < deadline, "still accepting connections after shutdown began");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(!server.is_finished(), "the server waits for the request in flight");
+
+    payments.open();
+    let (status, body) = common::read(in_flight.await.unwrap().unwrap()).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["status"], "confirmed");
+    tokio::time::timeout(Duration::from_secs(5), server).await.expect("server stops").unwrap().unwrap();
+    assert!(tokio::net::TcpStream::connect(t.addr).await.is_err());
+    let stored = t.store.booking(booking.parse().unwrap()).await.unwrap().unwrap();
+    assert_eq!(stored.status, allot_core::booking::BookingStatus::Confirmed);
+}
