@@ -57,7 +57,7 @@ pub struct VenueBody {
     pub address: String,
     pub timezone: String,
     /// ISO 4217.
-    #[schema(value_type = String, example = "EUR")]
+    #[schema(value_type = String, pattern = "^[A-Z]{3}$", example = "EUR")]
     pub currency: allot_core::inventory::Currency,
     #[serde(default)]
     pub rating: f64,
@@ -75,7 +75,7 @@ pub struct VenuePatch {
     pub location: Option<Location>,
     pub address: Option<String>,
     pub timezone: Option<String>,
-    #[schema(value_type = Option<String>, example = "EUR")]
+    #[schema(value_type = Option<String>, pattern = "^[A-Z]{3}$", example = "EUR")]
     pub currency: Option<allot_core::inventory::Currency>,
     pub rating: Option<f64>,
     pub amenities: Option<Vec<String>>,
@@ -137,7 +137,7 @@ pub struct ResourceBody {
     #[schema(value_type = TimeModelJson)]
     pub time_model: Value,
     #[serde(default)]
-    #[schema(value_type = Option<RulesJson>)]
+    #[schema(value_type = RulesJson)]
     pub rules: ResourceRules,
 }
 
@@ -226,7 +226,7 @@ pub struct EventBody {
     pub name: String,
     pub start: Timestamp,
     pub end: Timestamp,
-    #[schema(value_type = Vec<String>)]
+    #[schema(value_type = Vec<uuid::Uuid>, min_items = 1, max_items = 2000)]
     pub seat_ids: Vec<ResourceId>,
     #[serde(default)]
     pub price_categories: BTreeMap<String, i64>,
@@ -235,6 +235,7 @@ pub struct EventBody {
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct HoldBody {
+    #[schema(min_items = 1, max_items = 20)]
     pub items: Vec<HoldItemBody>,
     pub coupon_code: Option<String>,
 }
@@ -243,7 +244,7 @@ pub struct HoldBody {
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct HoldItemBody {
-    #[schema(value_type = String)]
+    #[schema(value_type = uuid::Uuid)]
     pub resource_id: ResourceId,
     pub start: Option<Timestamp>,
     pub end: Option<Timestamp>,
@@ -251,7 +252,7 @@ pub struct HoldItemBody {
     pub check_in: Option<Date>,
     #[serde(default, deserialize_with = "allot_core::schedule::strict_date::option::deserialize")]
     pub check_out: Option<Date>,
-    #[schema(value_type = Option<String>)]
+    #[schema(value_type = Option<uuid::Uuid>)]
     pub event_id: Option<EventId>,
     /// Default 1.
     pub quantity: Option<u32>,
@@ -266,6 +267,8 @@ pub struct ConfirmBody {
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PaymentBody {
+    /// Only `card`.
+    #[schema(pattern = "^card$", example = "card")]
     pub method: String,
     pub token: String,
 }
@@ -327,7 +330,9 @@ pub fn session_json(s: allot_app::auth::Session) -> SessionView {
 #[derive(Debug, Serialize, ToSchema)]
 #[schema(as = Location)]
 pub struct LocationJson {
+    #[schema(minimum = -90, maximum = 90)]
     pub lat: f64,
+    #[schema(minimum = -180, maximum = 180)]
     pub lon: f64,
 }
 
@@ -570,7 +575,7 @@ pub struct RefundView {
 
 /// The states of SPEC §3 (schema only: the view sends `BookingStatus::as_str`).
 #[derive(ToSchema)]
-#[schema(rename_all = "snake_case")]
+#[schema(as = BookingStatus, rename_all = "snake_case")]
 #[allow(dead_code)]
 pub enum BookingStatusJson {
     Held,
@@ -673,7 +678,8 @@ pub struct StatusView {
 }
 
 // Schema-only wire shapes of domain values the handlers read or send through serde: the
-// domain crates know no OpenAPI, so their JSON is described here.
+// domain crates know no OpenAPI, so their JSON is described here. `#[serde(default)]` marks
+// what may be left out (but not sent as `null`).
 
 /// A resource's time model; `kind` says which of the shapes it is.
 #[derive(Serialize, ToSchema)]
@@ -697,7 +703,8 @@ pub enum TimeModelJson {
 pub struct SlotsJson {
     pub slot_minutes: u32,
     pub schedule: ScheduleJson,
-    pub max_slots: Option<u32>,
+    #[serde(default)]
+    pub max_slots: u32,
 }
 
 #[derive(Serialize, ToSchema)]
@@ -705,12 +712,16 @@ pub struct SlotsJson {
 #[allow(dead_code)]
 pub struct NightsJson {
     /// `HH:MM` in the venue's zone.
-    #[schema(example = "15:00")]
-    pub check_in_time: Option<String>,
-    #[schema(example = "11:00")]
-    pub check_out_time: Option<String>,
-    pub min_nights: Option<u32>,
-    pub max_nights: Option<u32>,
+    #[schema(example = "15:00", pattern = "^(([01][0-9]|2[0-3]):[0-5][0-9]|24:00)$")]
+    #[serde(default)]
+    pub check_in_time: String,
+    #[schema(example = "11:00", pattern = "^(([01][0-9]|2[0-3]):[0-5][0-9]|24:00)$")]
+    #[serde(default)]
+    pub check_out_time: String,
+    #[serde(default)]
+    pub min_nights: u32,
+    #[serde(default)]
+    pub max_nights: u32,
 }
 
 #[derive(Serialize, ToSchema)]
@@ -729,19 +740,32 @@ pub struct FreeJson {
 #[allow(dead_code)]
 pub struct ScheduleJson {
     pub weekly: Vec<WeeklyHoursJson>,
-    pub exceptions: Option<Vec<ScheduleExceptionJson>>,
+    #[serde(default)]
+    pub exceptions: Vec<ScheduleExceptionJson>,
 }
 
 #[derive(Serialize, ToSchema)]
 #[schema(as = WeeklyHours)]
 #[allow(dead_code)]
 pub struct WeeklyHoursJson {
-    #[schema(example = json!(["mon", "tue"]))]
-    pub days: Vec<String>,
-    #[schema(example = "09:00")]
+    pub days: Vec<DayJson>,
+    #[schema(example = "09:00", pattern = "^(([01][0-9]|2[0-3]):[0-5][0-9]|24:00)$")]
     pub open: String,
-    #[schema(example = "17:00")]
+    #[schema(example = "17:00", pattern = "^(([01][0-9]|2[0-3]):[0-5][0-9]|24:00)$")]
     pub close: String,
+}
+
+#[derive(Serialize, ToSchema)]
+#[schema(as = Day, rename_all = "lowercase")]
+#[allow(dead_code)]
+pub enum DayJson {
+    Mon,
+    Tue,
+    Wed,
+    Thu,
+    Fri,
+    Sat,
+    Sun,
 }
 
 /// A date whose hours replace the weekly ones; no hours means closed.
@@ -751,14 +775,17 @@ pub struct WeeklyHoursJson {
 pub struct ScheduleExceptionJson {
     #[schema(format = Date)]
     pub date: String,
-    pub hours: Option<Vec<HoursJson>>,
+    #[serde(default)]
+    pub hours: Vec<HoursJson>,
 }
 
 #[derive(Serialize, ToSchema)]
 #[schema(as = Hours)]
 #[allow(dead_code)]
 pub struct HoursJson {
+    #[schema(pattern = "^(([01][0-9]|2[0-3]):[0-5][0-9]|24:00)$")]
     pub open: String,
+    #[schema(pattern = "^(([01][0-9]|2[0-3]):[0-5][0-9]|24:00)$")]
     pub close: String,
 }
 
@@ -767,12 +794,18 @@ pub struct HoursJson {
 #[schema(as = ResourceRules)]
 #[allow(dead_code)]
 pub struct RulesJson {
-    pub buffer_before_minutes: Option<u32>,
-    pub buffer_after_minutes: Option<u32>,
-    pub min_notice_minutes: Option<u32>,
-    pub max_advance_days: Option<u32>,
-    pub overbooking_percent: Option<u32>,
-    pub capacity_overrides: Option<Vec<CapacityOverrideJson>>,
+    #[serde(default)]
+    pub buffer_before_minutes: u32,
+    #[serde(default)]
+    pub buffer_after_minutes: u32,
+    #[serde(default)]
+    pub min_notice_minutes: u32,
+    #[serde(default)]
+    pub max_advance_days: u32,
+    #[serde(default)]
+    pub overbooking_percent: u32,
+    #[serde(default)]
+    pub capacity_overrides: Vec<CapacityOverrideJson>,
 }
 
 #[derive(Serialize, ToSchema)]

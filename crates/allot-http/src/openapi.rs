@@ -6,6 +6,7 @@
 use std::collections::BTreeMap;
 
 use utoipa::openapi::path::{HttpMethod, Operation, Parameter, ParameterBuilder, ParameterIn};
+use utoipa::openapi::schema::{AnyOfBuilder, KnownFormat, ObjectBuilder, Schema, SchemaFormat, Type};
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::openapi::{Content, OpenApi, Ref, RefOr, Required, Response, ResponseBuilder};
 use utoipa::{IntoResponses, Modify};
@@ -73,6 +74,13 @@ fn error(description: &str) -> Response {
     ResponseBuilder::new().description(description).content("application/json", Content::new(Some(schema))).build()
 }
 
+/// A query bound that is a date (`YYYY-MM-DD`, in the venue's zone) or an RFC 3339 time.
+pub fn date_or_time() -> Schema {
+    let string =
+        |format| ObjectBuilder::new().schema_type(Type::String).format(Some(SchemaFormat::KnownFormat(format)));
+    AnyOfBuilder::new().item(string(KnownFormat::Date)).item(string(KnownFormat::DateTime)).into()
+}
+
 /// What every operation shares, added after the handlers' own entries (which win).
 struct Shared;
 
@@ -135,7 +143,13 @@ fn add_idempotency(op: &mut Operation) {
         .parameter_in(ParameterIn::Header)
         .required(Required::False)
         .description(Some("Replays the first response to this key (24 h); a different body gets 422"))
-        .schema(Some(utoipa::openapi::ObjectBuilder::new().schema_type(utoipa::openapi::Type::String)))
+        .schema(Some(
+            ObjectBuilder::new()
+                .schema_type(Type::String)
+                .min_length(Some(1))
+                .max_length(Some(allot_app::idempotency::KEY_LEN_MAX))
+                .pattern(Some("^[ -~]+$")),
+        ))
         .build();
     op.parameters.get_or_insert_with(Vec::new).push(RefOr::T(header));
     add_response(op, "409", "`idempotency_key_in_use`: a request with this key is still running");

@@ -99,11 +99,13 @@ pub struct ListQuery {
     #[param(value_type = Option<crate::dto::BookingStatusJson>)]
     status: Option<String>,
     /// Only bookings at this venue.
+    #[param(value_type = Option<uuid::Uuid>)]
     venue_id: Option<String>,
     /// Items per page, default 20.
     #[param(value_type = Option<u32>, minimum = 1, maximum = 100)]
     limit: Option<String>,
     /// `next_cursor` of the previous page.
+    #[param(value_type = Option<uuid::Uuid>)]
     cursor: Option<String>,
 }
 

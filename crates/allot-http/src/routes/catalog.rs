@@ -230,8 +230,10 @@ pub async fn seat_map(State(app): State<Arc<App>>, Path(id): Path<String>) -> Ap
 #[into_params(parameter_in = Query)]
 pub struct AvailabilityQuery {
     /// Start: a date `YYYY-MM-DD` (in the venue's zone) or an RFC 3339 time; default now.
+    #[param(schema_with = crate::openapi::date_or_time)]
     from: Option<String>,
     /// End, as `from`; default a few days after `from`, at most 62 days after it.
+    #[param(schema_with = crate::openapi::date_or_time)]
     to: Option<String>,
     /// Units wanted (default 1): only windows with at least this many remaining.
     #[param(value_type = Option<u32>, minimum = 1)]
