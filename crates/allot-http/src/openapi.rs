@@ -78,7 +78,11 @@ fn error(description: &str) -> Response {
 pub fn date_or_time() -> Schema {
     let string =
         |format| ObjectBuilder::new().schema_type(Type::String).format(Some(SchemaFormat::KnownFormat(format)));
-    AnyOfBuilder::new().item(string(KnownFormat::Date)).item(string(KnownFormat::DateTime)).into()
+    AnyOfBuilder::new()
+        .description(Some("A date `YYYY-MM-DD` (midnight in the venue's zone) or an RFC 3339 time"))
+        .item(string(KnownFormat::Date))
+        .item(string(KnownFormat::DateTime))
+        .into()
 }
 
 /// What every operation shares, added after the handlers' own entries (which win).
