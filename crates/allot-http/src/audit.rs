@@ -26,9 +26,6 @@ use crate::extract::bearer;
 #[derive(Debug, Clone, Copy)]
 pub struct ErrorCode(pub &'static str);
 
-/// Request ids longer than this are cut before they are recorded.
-pub const REQUEST_ID_BYTES_MAX: usize = 128;
-
 /// Audit names of the state-changing routes, by method and route template.
 const ACTIONS: &[(&str, &str, &str)] = &[
     ("POST", "/api/v1/auth/register", "auth.register"),
@@ -154,13 +151,9 @@ fn match_path(method: &Method, path: &str) -> (String, Option<String>) {
     (format!("{method} (no such route)"), None)
 }
 
+/// The request's id as the ops layer settled it (the client's `X-Request-Id` or a new one).
 fn request_id(parts: &Parts) -> Option<String> {
-    let raw = parts.headers.get("x-request-id")?.to_str().ok()?;
-    let mut end = raw.len().min(REQUEST_ID_BYTES_MAX);
-    while !raw.is_char_boundary(end) {
-        end -= 1;
-    }
-    Some(raw[..end].to_owned()).filter(|s| !s.is_empty())
+    parts.extensions.get::<crate::RequestId>().map(|id| id.0.clone())
 }
 
 #[cfg(test)]

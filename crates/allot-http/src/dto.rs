@@ -2,7 +2,7 @@
 
 use std::collections::BTreeMap;
 
-use allot_app::catalog::{AvailabilityWindow, SeatView};
+use allot_app::catalog::AvailabilityWindow;
 use allot_app::store::{Page, SeatState, User};
 use allot_core::booking::Booking;
 use allot_core::ids::{EventId, ResourceId};
@@ -10,13 +10,14 @@ use allot_core::inventory::{CancellationPolicy, Event, Location, Resource, Resou
 use allot_core::time_model::TimeModel;
 use jiff::Timestamp;
 use jiff::civil::Date;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
+use utoipa::ToSchema;
 
 use crate::error::ApiError;
 use allot_core::FieldErrors;
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RegisterBody {
     pub email: String,
@@ -24,35 +25,39 @@ pub struct RegisterBody {
     pub name: String,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct LoginBody {
     pub email: String,
     pub password: String,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RefreshBody {
     pub refresh_token: String,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PoliciesBody {
     pub hold_ttl_seconds: Option<u32>,
+    #[schema(value_type = Option<CancellationJson>)]
     pub cancellation: Option<CancellationPolicy>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct VenueBody {
     pub name: String,
     pub category: String,
+    #[schema(value_type = LocationJson)]
     pub location: Location,
     #[serde(default)]
     pub address: String,
     pub timezone: String,
+    /// ISO 4217.
+    #[schema(value_type = String, pattern = "^[A-Z]{3}$", example = "EUR")]
     pub currency: allot_core::inventory::Currency,
     #[serde(default)]
     pub rating: f64,
@@ -61,14 +66,16 @@ pub struct VenueBody {
     pub policies: Option<PoliciesBody>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct VenuePatch {
     pub name: Option<String>,
     pub category: Option<String>,
+    #[schema(value_type = Option<LocationJson>)]
     pub location: Option<Location>,
     pub address: Option<String>,
     pub timezone: Option<String>,
+    #[schema(value_type = Option<String>, pattern = "^[A-Z]{3}$", example = "EUR")]
     pub currency: Option<allot_core::inventory::Currency>,
     pub rating: Option<f64>,
     pub amenities: Option<Vec<String>>,
@@ -116,30 +123,36 @@ pub fn apply_policies(policies: &mut allot_core::inventory::VenuePolicies, p: Po
     }
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ResourceBody {
     pub name: String,
     pub capacity: u32,
     pub unit_price: i64,
     #[serde(default)]
+    #[schema(value_type = Option<Object>)]
     pub attributes: Option<serde_json::Map<String, Value>>,
     pub price_category: Option<String>,
     /// Parsed by [`parse_time_model`], so errors name the inner field.
+    #[schema(value_type = TimeModelJson)]
     pub time_model: Value,
     #[serde(default)]
+    #[schema(value_type = RulesJson)]
     pub rules: ResourceRules,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ResourcePatch {
     pub name: Option<String>,
     pub capacity: Option<u32>,
     pub unit_price: Option<i64>,
+    #[schema(value_type = Option<Object>)]
     pub attributes: Option<serde_json::Map<String, Value>>,
     pub price_category: Option<String>,
+    #[schema(value_type = Option<TimeModelJson>)]
     pub time_model: Option<Value>,
+    #[schema(value_type = Option<RulesJson>)]
     pub rules: Option<ResourceRules>,
 }
 
@@ -207,28 +220,31 @@ pub fn price_category(explicit: Option<String>, attributes: &serde_json::Map<Str
     explicit.or_else(|| attributes.get("category").and_then(Value::as_str).map(str::to_owned))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct EventBody {
     pub name: String,
     pub start: Timestamp,
     pub end: Timestamp,
+    #[schema(value_type = Vec<uuid::Uuid>, min_items = 1, max_items = 2000)]
     pub seat_ids: Vec<ResourceId>,
     #[serde(default)]
     pub price_categories: BTreeMap<String, i64>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct HoldBody {
+    #[schema(min_items = 1, max_items = 20)]
     pub items: Vec<HoldItemBody>,
     pub coupon_code: Option<String>,
 }
 
 /// One of three shapes, told apart by which fields are present.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct HoldItemBody {
+    #[schema(value_type = uuid::Uuid)]
     pub resource_id: ResourceId,
     pub start: Option<Timestamp>,
     pub end: Option<Timestamp>,
@@ -236,132 +252,569 @@ pub struct HoldItemBody {
     pub check_in: Option<Date>,
     #[serde(default, deserialize_with = "allot_core::schedule::strict_date::option::deserialize")]
     pub check_out: Option<Date>,
+    #[schema(value_type = Option<uuid::Uuid>)]
     pub event_id: Option<EventId>,
+    /// Default 1.
     pub quantity: Option<u32>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ConfirmBody {
     pub payment: PaymentBody,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PaymentBody {
+    /// Only `card`.
+    #[schema(pattern = "^card$", example = "card")]
     pub method: String,
     pub token: String,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CancelBody {
     pub reason: Option<String>,
 }
 
-pub fn user_json(u: &User) -> Value {
-    let roles: Vec<&str> = u.roles.iter().map(|r| r.as_str()).collect();
-    let venues: Vec<String> = u.venues.iter().map(ToString::to_string).collect();
-    json!({ "id": u.id.to_string(), "email": u.email, "name": u.name, "roles": roles, "managed_venue_ids": venues,
-            "created_at": u.created_at.to_string() })
+// Responses. Each is built from the domain value by its `*_json` function; the same struct is
+// what the OpenAPI document shows, so the document cannot drift from what is sent. An `Option`
+// field is always sent (`null` when absent), so the document marks it required.
+
+#[derive(Debug, Serialize, ToSchema)]
+#[schema(as = User)]
+pub struct UserView {
+    pub id: String,
+    pub email: String,
+    pub name: String,
+    #[schema(example = json!(["customer"]))]
+    pub roles: Vec<&'static str>,
+    pub managed_venue_ids: Vec<String>,
+    #[schema(format = DateTime)]
+    pub created_at: String,
 }
 
-pub fn venue_json(v: &Venue) -> Value {
-    json!({
-        "id": v.id.to_string(), "name": v.name, "category": v.category,
-        "location": { "lat": v.location.lat, "lon": v.location.lon },
-        "address": v.address, "timezone": v.timezone, "currency": v.currency.as_str(),
-        "rating": v.rating, "amenities": v.amenities,
-        "policies": {
-            "hold_ttl_seconds": v.policies.hold_ttl_seconds,
-            "cancellation": {
-                "free_until_hours_before": v.policies.cancellation.free_until_hours_before,
-                "late_refund_percent": v.policies.cancellation.late_refund_percent,
+pub fn user_json(u: &User) -> UserView {
+    UserView {
+        id: u.id.to_string(),
+        email: u.email.clone(),
+        name: u.name.clone(),
+        roles: u.roles.iter().map(|r| r.as_str()).collect(),
+        managed_venue_ids: u.venues.iter().map(ToString::to_string).collect(),
+        created_at: u.created_at.to_string(),
+    }
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+#[schema(as = Session)]
+pub struct SessionView {
+    pub access_token: String,
+    #[schema(example = "Bearer")]
+    pub token_type: &'static str,
+    /// Seconds until the access token expires.
+    pub expires_in: i64,
+    pub refresh_token: String,
+}
+
+pub fn session_json(s: allot_app::auth::Session) -> SessionView {
+    SessionView {
+        access_token: s.access_token,
+        token_type: "Bearer",
+        expires_in: s.expires_in,
+        refresh_token: s.refresh_token,
+    }
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+#[schema(as = Location)]
+pub struct LocationJson {
+    #[schema(minimum = -90, maximum = 90)]
+    pub lat: f64,
+    #[schema(minimum = -180, maximum = 180)]
+    pub lon: f64,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+#[schema(as = CancellationPolicy)]
+pub struct CancellationJson {
+    pub free_until_hours_before: u32,
+    pub late_refund_percent: u32,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+#[schema(as = VenuePolicies)]
+pub struct PoliciesJson {
+    pub hold_ttl_seconds: u32,
+    pub cancellation: CancellationJson,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+#[schema(as = Venue)]
+pub struct VenueView {
+    pub id: String,
+    pub name: String,
+    pub category: String,
+    pub location: LocationJson,
+    pub address: String,
+    pub timezone: String,
+    pub currency: String,
+    pub rating: f64,
+    pub amenities: Vec<String>,
+    pub policies: PoliciesJson,
+}
+
+pub fn venue_json(v: &Venue) -> VenueView {
+    let c = &v.policies.cancellation;
+    VenueView {
+        id: v.id.to_string(),
+        name: v.name.clone(),
+        category: v.category.clone(),
+        location: LocationJson { lat: v.location.lat, lon: v.location.lon },
+        address: v.address.clone(),
+        timezone: v.timezone.clone(),
+        currency: v.currency.as_str().to_owned(),
+        rating: v.rating,
+        amenities: v.amenities.clone(),
+        policies: PoliciesJson {
+            hold_ttl_seconds: v.policies.hold_ttl_seconds,
+            cancellation: CancellationJson {
+                free_until_hours_before: c.free_until_hours_before,
+                late_refund_percent: c.late_refund_percent,
             },
         },
-    })
+    }
 }
 
-pub fn resource_json(r: &Resource) -> Value {
-    let attributes: Value = serde_json::from_str(&r.attributes).unwrap_or_else(|_| json!({}));
-    json!({
-        "id": r.id.to_string(), "venue_id": r.venue_id.to_string(), "name": r.name,
-        "capacity": r.capacity, "unit_price": r.unit_price, "attributes": attributes,
-        "price_category": r.price_category,
-        "time_model": serde_json::to_value(&r.time_model).unwrap_or(Value::Null),
-        "rules": serde_json::to_value(&r.rules).unwrap_or(Value::Null),
-    })
+#[derive(Debug, Serialize, ToSchema)]
+#[schema(as = Resource)]
+pub struct ResourceView {
+    pub id: String,
+    pub venue_id: String,
+    pub name: String,
+    pub capacity: u32,
+    pub unit_price: i64,
+    #[schema(value_type = Object)]
+    pub attributes: Value,
+    #[schema(required = true)]
+    pub price_category: Option<String>,
+    #[schema(value_type = TimeModelJson)]
+    pub time_model: Value,
+    #[schema(value_type = RulesJson)]
+    pub rules: Value,
 }
 
-pub fn event_json(e: &Event) -> Value {
-    let seats: Vec<String> = e.seat_ids.iter().map(ToString::to_string).collect();
-    json!({
-        "id": e.id.to_string(), "venue_id": e.venue_id.to_string(), "name": e.name,
-        "start": e.start.to_string(), "end": e.end.to_string(),
-        "seat_ids": seats, "price_categories": e.price_categories,
-    })
+pub fn resource_json(r: &Resource) -> ResourceView {
+    ResourceView {
+        id: r.id.to_string(),
+        venue_id: r.venue_id.to_string(),
+        name: r.name.clone(),
+        capacity: r.capacity,
+        unit_price: r.unit_price,
+        attributes: serde_json::from_str(&r.attributes).unwrap_or_else(|_| json!({})),
+        price_category: r.price_category.clone(),
+        time_model: serde_json::to_value(&r.time_model).unwrap_or(Value::Null),
+        rules: serde_json::to_value(&r.rules).unwrap_or(Value::Null),
+    }
 }
 
-pub fn seat_map_json(event: &Event, seats: &[SeatView]) -> Value {
-    let seats: Vec<Value> = seats
+#[derive(Debug, Serialize, ToSchema)]
+#[schema(as = Event)]
+pub struct EventView {
+    pub id: String,
+    pub venue_id: String,
+    pub name: String,
+    #[schema(format = DateTime)]
+    pub start: String,
+    #[schema(format = DateTime)]
+    pub end: String,
+    pub seat_ids: Vec<String>,
+    /// Price of each seat category, in minor units.
+    pub price_categories: BTreeMap<String, i64>,
+}
+
+pub fn event_json(e: &Event) -> EventView {
+    EventView {
+        id: e.id.to_string(),
+        venue_id: e.venue_id.to_string(),
+        name: e.name.clone(),
+        start: e.start.to_string(),
+        end: e.end.to_string(),
+        seat_ids: e.seat_ids.iter().map(ToString::to_string).collect(),
+        price_categories: e.price_categories.clone(),
+    }
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum SeatStatus {
+    Available,
+    Held,
+    Booked,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+#[schema(as = Seat)]
+pub struct SeatView {
+    pub resource_id: String,
+    pub name: String,
+    #[schema(value_type = Object)]
+    pub attributes: Value,
+    #[schema(required = true)]
+    pub price_category: Option<String>,
+    pub price: i64,
+    pub status: SeatStatus,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+#[schema(as = SeatMap)]
+pub struct SeatMapView {
+    pub event_id: String,
+    #[schema(format = DateTime)]
+    pub start: String,
+    #[schema(format = DateTime)]
+    pub end: String,
+    pub seats: Vec<SeatView>,
+}
+
+pub fn seat_map_json(event: &Event, seats: &[allot_app::catalog::SeatView]) -> SeatMapView {
+    let seats = seats
         .iter()
-        .map(|s| {
-            let attributes: Value = serde_json::from_str(&s.resource.attributes).unwrap_or_else(|_| json!({}));
-            let status = match s.state {
-                None => "available",
-                Some(SeatState::Held) => "held",
-                Some(SeatState::Booked) => "booked",
-            };
-            json!({ "resource_id": s.resource.id.to_string(), "name": s.resource.name, "attributes": attributes,
-                    "price_category": s.resource.price_category, "price": s.price, "status": status })
+        .map(|s| SeatView {
+            resource_id: s.resource.id.to_string(),
+            name: s.resource.name.clone(),
+            attributes: serde_json::from_str(&s.resource.attributes).unwrap_or_else(|_| json!({})),
+            price_category: s.resource.price_category.clone(),
+            price: s.price,
+            status: match s.state {
+                None => SeatStatus::Available,
+                Some(SeatState::Held) => SeatStatus::Held,
+                Some(SeatState::Booked) => SeatStatus::Booked,
+            },
         })
         .collect();
-    json!({ "event_id": event.id.to_string(), "start": event.start.to_string(), "end": event.end.to_string(), "seats": seats })
+    SeatMapView { event_id: event.id.to_string(), start: event.start.to_string(), end: event.end.to_string(), seats }
 }
 
-pub fn availability_json(r: &Resource, windows: &[AvailabilityWindow]) -> Value {
-    let windows: Vec<Value> = windows
+#[derive(Debug, Serialize, ToSchema)]
+#[schema(as = AvailabilityWindow)]
+pub struct WindowView {
+    #[schema(format = DateTime)]
+    pub start: String,
+    #[schema(format = DateTime)]
+    pub end: String,
+    pub remaining: u32,
+    pub price: i64,
+    /// For `nights`: the night's date.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(format = Date)]
+    pub date: Option<String>,
+    /// For `events`: the event this window is.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub event_id: Option<String>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+#[schema(as = Availability)]
+pub struct AvailabilityView {
+    pub resource_id: String,
+    /// The resource's time model kind.
+    #[schema(example = "slots")]
+    pub time_model: &'static str,
+    pub windows: Vec<WindowView>,
+}
+
+pub fn availability_json(r: &Resource, windows: &[AvailabilityWindow]) -> AvailabilityView {
+    let windows = windows
         .iter()
-        .map(|w| {
-            let mut v = json!({ "start": w.start.to_string(), "end": w.end.to_string(), "remaining": w.remaining, "price": w.price });
-            if let Some(d) = w.date {
-                v["date"] = json!(d.to_string());
-            }
-            if let Some(e) = w.event_id {
-                v["event_id"] = json!(e.to_string());
-            }
-            v
+        .map(|w| WindowView {
+            start: w.start.to_string(),
+            end: w.end.to_string(),
+            remaining: w.remaining,
+            price: w.price,
+            date: w.date.map(|d| d.to_string()),
+            event_id: w.event_id.map(|e| e.to_string()),
         })
         .collect();
-    json!({ "resource_id": r.id.to_string(), "time_model": r.time_model.kind(), "windows": windows })
+    AvailabilityView { resource_id: r.id.to_string(), time_model: r.time_model.kind(), windows }
 }
 
-pub fn booking_json(b: &Booking) -> Value {
-    let items: Vec<Value> = b
+#[derive(Debug, Serialize, ToSchema)]
+#[schema(as = BookingItem)]
+pub struct BookingItemView {
+    pub id: String,
+    pub resource_id: String,
+    #[schema(required = true)]
+    pub event_id: Option<String>,
+    #[schema(format = DateTime)]
+    pub start: String,
+    #[schema(format = DateTime)]
+    pub end: String,
+    pub quantity: u32,
+    pub unit_price: i64,
+    pub price: i64,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+#[schema(as = Payment)]
+pub struct PaymentView {
+    pub provider: String,
+    pub reference: String,
+    pub amount: i64,
+    pub status: String,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+#[schema(as = Refund)]
+pub struct RefundView {
+    pub amount: i64,
+    #[schema(required = true)]
+    pub reference: Option<String>,
+}
+
+/// The states of SPEC §3 (schema only: the view sends `BookingStatus::as_str`).
+#[derive(ToSchema)]
+#[schema(as = BookingStatus, rename_all = "snake_case")]
+#[allow(dead_code)]
+pub enum BookingStatusJson {
+    Held,
+    PendingPayment,
+    Confirmed,
+    Cancelled,
+    Expired,
+    PaymentFailed,
+    Completed,
+    NoShow,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+#[schema(as = Booking)]
+pub struct BookingView {
+    pub id: String,
+    #[schema(value_type = BookingStatusJson)]
+    pub status: &'static str,
+    pub customer_id: String,
+    pub venue_id: String,
+    /// When a `held` or `pending_payment` booking lapses.
+    #[schema(required = true, format = DateTime)]
+    pub expires_at: Option<String>,
+    #[schema(format = DateTime)]
+    pub created_at: String,
+    #[schema(format = DateTime)]
+    pub updated_at: String,
+    pub items: Vec<BookingItemView>,
+    pub currency: String,
+    pub subtotal: i64,
+    pub discount: i64,
+    pub total: i64,
+    pub payment_attempts: u32,
+    #[schema(required = true)]
+    pub payment: Option<PaymentView>,
+    #[schema(required = true)]
+    pub refund: Option<RefundView>,
+    #[schema(required = true)]
+    pub cancel_reason: Option<String>,
+}
+
+pub fn booking_json(b: &Booking) -> BookingView {
+    let items = b
         .items
         .iter()
-        .map(|i| {
-            json!({
-                "id": i.id.to_string(), "resource_id": i.resource_id.to_string(),
-                "event_id": i.event_id.map(|e| e.to_string()),
-                "start": i.start.to_string(), "end": i.end.to_string(),
-                "quantity": i.quantity, "unit_price": i.unit_price, "price": i.price,
-            })
+        .map(|i| BookingItemView {
+            id: i.id.to_string(),
+            resource_id: i.resource_id.to_string(),
+            event_id: i.event_id.map(|e| e.to_string()),
+            start: i.start.to_string(),
+            end: i.end.to_string(),
+            quantity: i.quantity,
+            unit_price: i.unit_price,
+            price: i.price,
         })
         .collect();
-    json!({
-        "id": b.id.to_string(), "status": b.status.as_str(), "customer_id": b.customer_id.to_string(),
-        "venue_id": b.venue_id.to_string(), "expires_at": b.expires_at.map(|t| t.to_string()),
-        "created_at": b.created_at.to_string(), "updated_at": b.updated_at.to_string(), "items": items,
-        "currency": b.currency.as_str(), "subtotal": b.subtotal, "discount": b.discount, "total": b.total,
-        "payment_attempts": b.payment_attempts,
-        "payment": b.payment.as_ref().map(|p| json!({ "provider": p.provider, "reference": p.reference, "amount": p.amount, "status": p.status })),
-        "refund": b.refund.as_ref().map(|r| json!({ "amount": r.amount, "reference": r.reference })),
-        "cancel_reason": b.cancel_reason,
-    })
+    BookingView {
+        id: b.id.to_string(),
+        status: b.status.as_str(),
+        customer_id: b.customer_id.to_string(),
+        venue_id: b.venue_id.to_string(),
+        expires_at: b.expires_at.map(|t| t.to_string()),
+        created_at: b.created_at.to_string(),
+        updated_at: b.updated_at.to_string(),
+        items,
+        currency: b.currency.as_str().to_owned(),
+        subtotal: b.subtotal,
+        discount: b.discount,
+        total: b.total,
+        payment_attempts: b.payment_attempts,
+        payment: b.payment.as_ref().map(|p| PaymentView {
+            provider: p.provider.clone(),
+            reference: p.reference.clone(),
+            amount: p.amount,
+            status: p.status.clone(),
+        }),
+        refund: b.refund.as_ref().map(|r| RefundView { amount: r.amount, reference: r.reference.clone() }),
+        cancel_reason: b.cancel_reason.clone(),
+    }
 }
 
-pub fn page_json<T>(page: &Page<T>, render: impl Fn(&T) -> Value) -> Value {
-    let data: Vec<Value> = page.items.iter().map(render).collect();
-    json!({ "data": data, "next_cursor": page.next_after.map(|u| u.to_string()) })
+/// A page of a list: `next_cursor` is `null` on the last page.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct PageView<T> {
+    pub data: Vec<T>,
+    #[schema(required = true)]
+    pub next_cursor: Option<String>,
+}
+
+pub fn page_json<T, V>(page: &Page<T>, render: impl Fn(&T) -> V) -> PageView<V> {
+    PageView { data: page.items.iter().map(render).collect(), next_cursor: page.next_after.map(|u| u.to_string()) }
+}
+
+/// `/healthz` and `/readyz`.
+#[derive(Debug, Serialize, ToSchema)]
+#[schema(as = Status)]
+pub struct StatusView {
+    #[schema(example = "ok")]
+    pub status: &'static str,
+}
+
+// Schema-only wire shapes of domain values the handlers read or send through serde: the
+// domain crates know no OpenAPI, so their JSON is described here. `#[serde(default)]` marks
+// what may be left out (but not sent as `null`).
+
+/// A resource's time model; `kind` says which of the shapes it is.
+#[derive(Serialize, ToSchema)]
+#[schema(as = TimeModel)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+#[allow(dead_code)]
+pub enum TimeModelJson {
+    /// Fixed slots of `slot_minutes` inside opening hours (appointments).
+    Slots(SlotsJson),
+    /// Nights between check-in and check-out dates (rooms).
+    Nights(NightsJson),
+    /// Any interval on a `step_minutes` grid (chargers, studios).
+    Free(FreeJson),
+    /// Seats of events (cinema, flights).
+    Events,
+}
+
+#[derive(Serialize, ToSchema)]
+#[schema(as = SlotsModel)]
+#[allow(dead_code)]
+pub struct SlotsJson {
+    pub slot_minutes: u32,
+    pub schedule: ScheduleJson,
+    #[serde(default)]
+    pub max_slots: u32,
+}
+
+#[derive(Serialize, ToSchema)]
+#[schema(as = NightsModel)]
+#[allow(dead_code)]
+pub struct NightsJson {
+    /// `HH:MM` in the venue's zone.
+    #[schema(example = "15:00", pattern = "^(([01][0-9]|2[0-3]):[0-5][0-9]|24:00)$")]
+    #[serde(default)]
+    pub check_in_time: String,
+    #[schema(example = "11:00", pattern = "^(([01][0-9]|2[0-3]):[0-5][0-9]|24:00)$")]
+    #[serde(default)]
+    pub check_out_time: String,
+    #[serde(default)]
+    pub min_nights: u32,
+    #[serde(default)]
+    pub max_nights: u32,
+}
+
+#[derive(Serialize, ToSchema)]
+#[schema(as = FreeModel)]
+#[allow(dead_code)]
+pub struct FreeJson {
+    pub step_minutes: u32,
+    pub min_minutes: u32,
+    pub max_minutes: u32,
+    pub schedule: Option<ScheduleJson>,
+}
+
+/// Weekly opening hours plus dated exceptions, in the venue's zone.
+#[derive(Serialize, ToSchema)]
+#[schema(as = WeeklySchedule)]
+#[allow(dead_code)]
+pub struct ScheduleJson {
+    pub weekly: Vec<WeeklyHoursJson>,
+    #[serde(default)]
+    pub exceptions: Vec<ScheduleExceptionJson>,
+}
+
+#[derive(Serialize, ToSchema)]
+#[schema(as = WeeklyHours)]
+#[allow(dead_code)]
+pub struct WeeklyHoursJson {
+    pub days: Vec<DayJson>,
+    #[schema(example = "09:00", pattern = "^(([01][0-9]|2[0-3]):[0-5][0-9]|24:00)$")]
+    pub open: String,
+    #[schema(example = "17:00", pattern = "^(([01][0-9]|2[0-3]):[0-5][0-9]|24:00)$")]
+    pub close: String,
+}
+
+#[derive(Serialize, ToSchema)]
+#[schema(as = Day, rename_all = "lowercase")]
+#[allow(dead_code)]
+pub enum DayJson {
+    Mon,
+    Tue,
+    Wed,
+    Thu,
+    Fri,
+    Sat,
+    Sun,
+}
+
+/// A date whose hours replace the weekly ones; no hours means closed.
+#[derive(Serialize, ToSchema)]
+#[schema(as = ScheduleException)]
+#[allow(dead_code)]
+pub struct ScheduleExceptionJson {
+    #[schema(format = Date)]
+    pub date: String,
+    #[serde(default)]
+    pub hours: Vec<HoursJson>,
+}
+
+#[derive(Serialize, ToSchema)]
+#[schema(as = Hours)]
+#[allow(dead_code)]
+pub struct HoursJson {
+    #[schema(pattern = "^(([01][0-9]|2[0-3]):[0-5][0-9]|24:00)$")]
+    pub open: String,
+    #[schema(pattern = "^(([01][0-9]|2[0-3]):[0-5][0-9]|24:00)$")]
+    pub close: String,
+}
+
+/// Booking rules of a resource; every field is optional on input.
+#[derive(Serialize, ToSchema)]
+#[schema(as = ResourceRules)]
+#[allow(dead_code)]
+pub struct RulesJson {
+    #[serde(default)]
+    pub buffer_before_minutes: u32,
+    #[serde(default)]
+    pub buffer_after_minutes: u32,
+    #[serde(default)]
+    pub min_notice_minutes: u32,
+    #[serde(default)]
+    pub max_advance_days: u32,
+    #[serde(default)]
+    pub overbooking_percent: u32,
+    #[serde(default)]
+    pub capacity_overrides: Vec<CapacityOverrideJson>,
+}
+
+#[derive(Serialize, ToSchema)]
+#[schema(as = CapacityOverride)]
+#[allow(dead_code)]
+pub struct CapacityOverrideJson {
+    #[schema(format = Date)]
+    pub from: String,
+    #[schema(format = Date)]
+    pub to: String,
+    pub capacity: u32,
 }

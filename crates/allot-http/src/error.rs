@@ -5,7 +5,9 @@ use allot_app::AppError;
 use allot_core::FieldErrors;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
+use serde::Serialize;
 use serde_json::{Value, json};
+use utoipa::ToSchema;
 
 #[derive(Debug)]
 pub struct ApiError {
@@ -102,9 +104,31 @@ impl From<AppError> for ApiError {
     }
 }
 
+/// The body of every error response (SPEC §4).
+#[derive(Debug, Serialize, ToSchema)]
+#[schema(as = Error)]
+pub struct ErrorBody {
+    pub error: ErrorDetail,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ErrorDetail {
+    /// Stable snake_case code: `invalid_request`, `unauthenticated`, `forbidden`, `not_found`,
+    /// `unavailable`, `hold_expired`, `payment_declined`, `idempotency_key_reused`,
+    /// `idempotency_key_in_use`, `rate_limited`, `conflict`, `payment_provider_unavailable`,
+    /// `overloaded`, `internal`.
+    #[schema(example = "unavailable")]
+    pub code: &'static str,
+    pub message: String,
+    /// `fields` (field path → message) for `invalid_request`, `item_index` for `unavailable`,
+    /// `attempts_left` for `payment_declined`; otherwise empty.
+    #[schema(value_type = Object)]
+    pub details: Value,
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let body = json!({ "error": { "code": self.code, "message": self.message, "details": self.details } });
+        let body = ErrorBody { error: ErrorDetail { code: self.code, message: self.message, details: self.details } };
         let mut response = (self.status, axum::Json(body)).into_response();
         response.extensions_mut().insert(crate::audit::ErrorCode(self.code));
         if self.status == StatusCode::SERVICE_UNAVAILABLE {

@@ -26,7 +26,7 @@ const RESPONSE_BYTES_MAX: usize = 4 * 1024 * 1024;
 
 /// Responses that carry live credentials are never stored: a replayed login would hand out a
 /// token kept in plain text, and each login is a new session anyway.
-const UNSTORED_PATHS: [&str; 2] = ["/api/v1/auth/login", "/api/v1/auth/refresh"];
+pub(crate) const UNSTORED_PATHS: [&str; 2] = ["/api/v1/auth/login", "/api/v1/auth/refresh"];
 
 pub async fn layer(State(app): State<Arc<App>>, request: Request, next: Next) -> Response {
     if request.method() != Method::POST || UNSTORED_PATHS.contains(&request.uri().path()) {

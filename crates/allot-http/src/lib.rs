@@ -7,6 +7,7 @@ pub mod dto;
 pub mod error;
 pub mod extract;
 mod idempotency;
+pub mod openapi;
 pub mod ops;
 pub mod ratelimit;
 pub mod routes;
@@ -19,12 +20,13 @@ use axum::Router;
 use axum::extract::DefaultBodyLimit;
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
-use axum::routing::{get, post};
 use serde_json::json;
+use utoipa::OpenApi;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use crate::error::ApiError;
 pub use crate::ops::{OpsOptions, RequestId};
-use crate::routes::{auth, bookings, catalog};
 
 /// Largest request body accepted, in bytes.
 pub const BODY_BYTES_MAX: usize = 64 * 1024;
@@ -43,35 +45,11 @@ pub fn router(app: Arc<App>, options: &HttpOptions) -> Router {
     ops::metrics_handle();
     let limiter = Arc::new(ratelimit::Limiter::new(app.clone(), options.rate_limits.clone()));
     let timeout = std::time::Duration::from_secs(options.ops.request_timeout_seconds);
-    let api = Router::new()
-        .route("/auth/register", post(auth::register))
-        .route("/auth/login", post(auth::login))
-        .route("/auth/refresh", post(auth::refresh))
-        .route("/auth/logout", post(auth::logout))
-        .route("/me", get(auth::me))
-        .route("/venues", get(catalog::list_venues).post(catalog::create_venue))
-        .route("/venues/{id}", get(catalog::get_venue).patch(catalog::update_venue).delete(catalog::delete_venue))
-        .route("/venues/{id}/resources", get(catalog::list_resources).post(catalog::create_resource))
-        .route("/venues/{id}/events", get(catalog::list_events).post(catalog::create_event))
-        .route(
-            "/resources/{id}",
-            get(catalog::get_resource).patch(catalog::update_resource).delete(catalog::delete_resource),
-        )
-        .route("/resources/{id}/availability", get(catalog::availability))
-        .route("/events/{id}", get(catalog::get_event))
-        .route("/events/{id}/seats", get(catalog::seat_map))
-        .route("/bookings", get(bookings::list).post(bookings::hold))
-        .route("/bookings/{id}", get(bookings::get))
-        .route("/bookings/{id}/confirm", post(bookings::confirm))
-        .route("/bookings/{id}/cancel", post(bookings::cancel))
-        .route("/audit", get(routes::audit::list))
+    let (routes, spec) = documented_routes().split_for_parts();
+    let router = routes
         // Inside routing, so that the route template is known; after every route.
-        .route_layer(axum::middleware::from_fn_with_state(app.clone(), audit::layer));
-    let router = Router::new()
-        .nest("/api/v1", api)
-        .route("/healthz", get(healthz))
-        .route("/readyz", get(ops::readyz))
-        .route("/metrics", get(ops::metrics))
+        .route_layer(axum::middleware::from_fn_with_state(app.clone(), audit::layer))
+        .merge(openapi::swagger_ui(finish(spec)))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(axum::middleware::from_fn_with_state(app.clone(), idempotency::layer))
@@ -92,6 +70,27 @@ pub fn router(app: Arc<App>, options: &HttpOptions) -> Router {
         .with_state(app)
 }
 
+/// Every route with its OpenAPI entry (`routes!` takes both from the handler's
+/// `#[utoipa::path]`). Register routes here or in [`routes::api`], never with a plain `route`:
+/// `tests/openapi.rs` fails on any route the document lacks.
+fn documented_routes() -> OpenApiRouter<Arc<App>> {
+    OpenApiRouter::with_openapi(openapi::ApiDoc::openapi())
+        .nest("/api/v1", routes::api())
+        .routes(routes!(healthz))
+        .routes(routes!(ops::readyz))
+        .routes(routes!(ops::metrics))
+}
+
+/// The OpenAPI 3.1 document of every route, as served at `/api-docs/openapi.json`.
+pub fn openapi_document() -> utoipa::openapi::OpenApi {
+    finish(documented_routes().split_for_parts().1)
+}
+
+fn finish(mut spec: utoipa::openapi::OpenApi) -> utoipa::openapi::OpenApi {
+    openapi::add_shared(&mut spec);
+    spec
+}
+
 /// Serves until `shutdown` completes, then lets in-flight requests finish.
 pub async fn serve(
     listener: tokio::net::TcpListener,
@@ -103,6 +102,8 @@ pub async fn serve(
     axum::serve(listener, service).with_graceful_shutdown(shutdown).await
 }
 
+/// The process is up.
+#[utoipa::path(get, path = "/healthz", tag = "operations", responses((status = 200, description = "Up", body = dto::StatusView)))]
 async fn healthz() -> impl IntoResponse {
     axum::Json(json!({ "status": "ok" }))
 }

@@ -225,6 +225,8 @@ fn prometheus_builder() -> PrometheusBuilder {
 }
 
 /// `GET /metrics`: Prometheus text exposition format.
+#[utoipa::path(get, path = "/metrics", tag = "operations", responses(
+    (status = 200, description = "Prometheus text exposition format", content_type = "text/plain", body = String)))]
 pub async fn metrics() -> Response {
     let body = metrics_handle().render();
     ([(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"))], body)
@@ -232,6 +234,9 @@ pub async fn metrics() -> Response {
 }
 
 /// `GET /readyz`: ready when the database answers and has every migration of this build.
+#[utoipa::path(get, path = "/readyz", tag = "operations", responses(
+    (status = 200, description = "Ready: the database answers and every migration is applied", body = crate::dto::StatusView),
+    (status = 503, description = "`not_ready`", body = crate::error::ErrorBody)))]
 pub async fn readyz(State(app): State<Arc<App>>) -> Response {
     match app.store.ready().await {
         Ok(()) => axum::Json(json!({ "status": "ready" })).into_response(),

@@ -128,6 +128,7 @@ async fn a_scripted_session_leaves_one_event_per_attempt_and_a_chain_that_verifi
     assert_eq!(events[11]["actor_id"], Value::Null);
     for e in &events {
         assert_eq!(e["ip"], "127.0.0.1", "{e}");
+        assert!(e["request_id"].as_str().is_some_and(|id| !id.is_empty()), "every request has an id: {e}");
         assert_eq!(e["hash"].as_str().unwrap().len(), 64);
     }
     assert!(matches!(t.app.audit_verify().await.unwrap(), Verdict::Intact { .. }));

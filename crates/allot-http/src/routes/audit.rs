@@ -9,28 +9,90 @@ use allot_app::store::{PAGE_LIMIT_DEFAULT, PAGE_LIMIT_MAX};
 use allot_core::FieldErrors;
 use axum::extract::State;
 use axum::response::IntoResponse;
-use serde::Deserialize;
-use serde_json::{Value, json};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use utoipa::{IntoParams, ToSchema};
 
+use crate::dto::PageView;
 use crate::error::{ApiError, ApiResult};
 use crate::extract::{Auth, Query};
+use crate::openapi::{BadRequest, Forbidden, Unauthenticated};
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct AuditQuery {
+    /// Only events of this actor (a user or API key id).
     actor_id: Option<String>,
+    /// Only this action, e.g. `booking.hold`, `auth.login`.
     action: Option<String>,
+    /// Only successes or failures.
+    #[param(value_type = Option<OutcomeJson>)]
     outcome: Option<String>,
+    /// Only events about this target (booking, venue, resource, user … id).
     target_id: Option<String>,
+    /// Only events of this venue (a manager must manage it).
+    #[param(value_type = Option<uuid::Uuid>)]
     venue_id: Option<String>,
+    /// Events at or after this time (RFC 3339).
+    #[param(value_type = Option<String>, format = DateTime)]
     from: Option<String>,
+    /// Events before this time (RFC 3339).
+    #[param(value_type = Option<String>, format = DateTime)]
     to: Option<String>,
+    /// Items per page, default 20.
+    #[param(value_type = Option<u32>, minimum = 1, maximum = 100)]
     limit: Option<String>,
+    /// `next_cursor` of the previous page.
     cursor: Option<String>,
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+#[schema(as = AuditOutcome)]
+pub enum OutcomeJson {
+    Success,
+    Failure,
+}
+
+/// One audit event: who attempted what, on what, from where, and how it ended; linked to the
+/// previous event by `prev_hash`.
+#[derive(Debug, Serialize, ToSchema)]
+#[schema(as = AuditEvent)]
+pub struct AuditEventView {
+    /// Position in the hash chain, from 1.
+    pub seq: u64,
+    pub id: String,
+    #[schema(format = DateTime)]
+    pub at: String,
+    #[schema(required = true)]
+    pub actor_id: Option<String>,
+    /// `anonymous`, `customer`, `manager`, `admin`, `partner` or `none`.
+    pub actor_role: String,
+    #[schema(required = true)]
+    pub ip: Option<String>,
+    #[schema(required = true)]
+    pub request_id: Option<String>,
+    pub action: String,
+    #[schema(required = true)]
+    pub target_id: Option<String>,
+    #[schema(required = true)]
+    pub venue_id: Option<String>,
+    pub outcome: OutcomeJson,
+    /// The error code of a failure.
+    #[schema(required = true)]
+    pub reason: Option<String>,
+    pub details: BTreeMap<String, String>,
+    pub prev_hash: String,
+    pub hash: String,
 }
 
 /// Longest free-text filter value accepted.
 const FILTER_BYTES_MAX: usize = 200;
 
+/// The audit trail, newest first: admins see every event, managers the events of their venues.
+#[utoipa::path(get, path = "/audit", tag = "audit", security(("bearer" = [])), params(AuditQuery),
+    responses((status = 200, description = "A page of audit events", body = PageView<AuditEventView>), BadRequest,
+        Unauthenticated, Forbidden))]
 pub async fn list(
     State(app): State<Arc<App>>,
     Auth(principal): Auth,
@@ -39,8 +101,7 @@ pub async fn list(
     let (filter, page) = parse(&q)?;
     let events = app.audit_list(&principal, filter, page).await?;
     let next_cursor = (events.len() == page.limit as usize).then(|| events.last().map(|e| e.seq.to_string())).flatten();
-    let data: Vec<Value> = events.iter().map(event_json).collect();
-    Ok(axum::Json(json!({ "data": data, "next_cursor": next_cursor })))
+    Ok(axum::Json(PageView { data: events.iter().map(event_json).collect(), next_cursor }))
 }
 
 fn parse(q: &AuditQuery) -> Result<(AuditFilter, AuditPage), ApiError> {
@@ -89,12 +150,25 @@ fn parsed<T>(
     value
 }
 
-pub fn event_json(e: &AuditEvent) -> Value {
-    json!({
-        "seq": e.seq, "id": e.id, "at": e.at.to_string(),
-        "actor_id": e.actor_id, "actor_role": e.actor_role, "ip": e.ip, "request_id": e.request_id,
-        "action": e.action, "target_id": e.target_id, "venue_id": e.venue_id.map(|v| v.to_string()),
-        "outcome": e.outcome.as_str(), "reason": e.reason, "details": e.details,
-        "prev_hash": e.prev_hash, "hash": e.hash,
-    })
+pub fn event_json(e: &AuditEvent) -> AuditEventView {
+    AuditEventView {
+        seq: e.seq,
+        id: e.id.clone(),
+        at: e.at.to_string(),
+        actor_id: e.actor_id.clone(),
+        actor_role: e.actor_role.clone(),
+        ip: e.ip.clone(),
+        request_id: e.request_id.clone(),
+        action: e.action.clone(),
+        target_id: e.target_id.clone(),
+        venue_id: e.venue_id.map(|v| v.to_string()),
+        outcome: match e.outcome {
+            Outcome::Success => OutcomeJson::Success,
+            Outcome::Failure => OutcomeJson::Failure,
+        },
+        reason: e.reason.clone(),
+        details: e.details.clone(),
+        prev_hash: e.prev_hash.clone(),
+        hash: e.hash.clone(),
+    }
 }

@@ -13,10 +13,15 @@ use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use serde::Deserialize;
+use utoipa::IntoParams;
 
-use crate::dto::{CancelBody, ConfirmBody, HoldBody, HoldItemBody, booking_json, page_json};
+use crate::dto::{BookingView, CancelBody, ConfirmBody, HoldBody, HoldItemBody, PageView, booking_json, page_json};
 use crate::error::{ApiError, ApiResult};
 use crate::extract::{Auth, Json, PageQuery, Query, path_id};
+use crate::openapi::{
+    BadRequest, Conflict, Forbidden, Gone, NotFound, PaymentDeclined, ProviderUnavailable, Unauthenticated,
+    Unprocessable,
+};
 
 /// Tells the three item shapes apart; a mix of shapes is an error naming the fields.
 fn item_request(i: usize, item: &HoldItemBody, errors: &mut FieldErrors) -> Option<ItemRequest> {
@@ -68,6 +73,10 @@ fn item_request(i: usize, item: &HoldItemBody, errors: &mut FieldErrors) -> Opti
     })
 }
 
+/// Holds capacity for every item, or for none (409 `unavailable` names the item).
+#[utoipa::path(post, path = "/bookings", tag = "bookings", security(("bearer" = [])), request_body = HoldBody,
+    responses((status = 201, description = "The booking, `held` until `expires_at`", body = BookingView), BadRequest,
+        Unauthenticated, Forbidden, NotFound, Conflict, Unprocessable))]
 pub async fn hold(
     State(app): State<Arc<App>>,
     Auth(principal): Auth,
@@ -83,14 +92,27 @@ pub async fn hold(
     Ok((StatusCode::CREATED, axum::Json(booking_json(&booking))))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct ListQuery {
+    /// Only bookings in this state.
+    #[param(value_type = Option<crate::dto::BookingStatusJson>)]
     status: Option<String>,
+    /// Only bookings at this venue.
+    #[param(value_type = Option<uuid::Uuid>)]
     venue_id: Option<String>,
+    /// Items per page, default 20.
+    #[param(value_type = Option<u32>, minimum = 1, maximum = 100)]
     limit: Option<String>,
+    /// `next_cursor` of the previous page.
+    #[param(value_type = Option<uuid::Uuid>)]
     cursor: Option<String>,
 }
 
+/// Bookings the principal may see: their own, their venues' (managers), all (admins).
+#[utoipa::path(get, path = "/bookings", tag = "bookings", security(("bearer" = [])), params(ListQuery),
+    responses((status = 200, description = "A page of bookings", body = PageView<BookingView>), BadRequest,
+        Unauthenticated, Forbidden))]
 pub async fn list(
     State(app): State<Arc<App>>,
     Auth(principal): Auth,
@@ -118,6 +140,9 @@ pub async fn list(
     Ok(axum::Json(page_json(&bookings, booking_json)))
 }
 
+#[utoipa::path(get, path = "/bookings/{id}", tag = "bookings", security(("bearer" = [])),
+    params(("id" = String, Path, description = "Booking id")),
+    responses((status = 200, description = "The booking", body = BookingView), Unauthenticated, Forbidden, NotFound))]
 pub async fn get(
     State(app): State<Arc<App>>,
     Auth(principal): Auth,
@@ -127,6 +152,12 @@ pub async fn get(
     Ok(axum::Json(booking_json(&booking)))
 }
 
+/// Pays for a held booking (its customer).
+#[utoipa::path(post, path = "/bookings/{id}/confirm", tag = "bookings", security(("bearer" = [])),
+    request_body = ConfirmBody, params(("id" = String, Path, description = "Booking id")),
+    responses((status = 200, description = "The booking, `confirmed` or `pending_payment`", body = BookingView),
+        BadRequest, Unauthenticated, PaymentDeclined, Forbidden, NotFound, Conflict, Gone, Unprocessable,
+        ProviderUnavailable))]
 pub async fn confirm(
     State(app): State<Arc<App>>,
     Auth(principal): Auth,
@@ -140,6 +171,11 @@ pub async fn confirm(
     Ok(axum::Json(booking_json(&booking)))
 }
 
+/// Cancels a booking (its customer, its venue's managers, admins), refunding by the venue's policy.
+#[utoipa::path(post, path = "/bookings/{id}/cancel", tag = "bookings", security(("bearer" = [])),
+    request_body = CancelBody, params(("id" = String, Path, description = "Booking id")),
+    responses((status = 200, description = "The booking, `cancelled`, with its `refund`", body = BookingView),
+        BadRequest, Unauthenticated, Forbidden, NotFound, Conflict, Unprocessable))]
 pub async fn cancel(
     State(app): State<Arc<App>>,
     Auth(principal): Auth,

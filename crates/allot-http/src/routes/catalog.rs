@@ -11,24 +11,36 @@ use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use serde::Deserialize;
+use utoipa::IntoParams;
 
 use crate::dto::{
-    EventBody, ResourceBody, ResourcePatch, VenueBody, VenuePatch, apply_policies, availability_json, event_json,
-    page_json, parse_time_model, price_category, resource_json, seat_map_json, venue_json,
+    AvailabilityView, EventBody, EventView, PageView, ResourceBody, ResourcePatch, ResourceView, SeatMapView,
+    VenueBody, VenuePatch, VenueView, apply_policies, availability_json, event_json, page_json, parse_time_model,
+    price_category, resource_json, seat_map_json, venue_json,
 };
 use crate::error::{ApiError, ApiResult};
 use crate::extract::{Auth, Json, PageQuery, Query, path_id};
+use crate::openapi::{BadRequest, Conflict, Forbidden, NotFound, Unauthenticated, Unprocessable};
 
+/// The catalogue of venues.
+#[utoipa::path(get, path = "/venues", tag = "catalogue", params(PageQuery),
+    responses((status = 200, description = "A page of venues", body = PageView<VenueView>), BadRequest))]
 pub async fn list_venues(State(app): State<Arc<App>>, Query(q): Query<PageQuery>) -> ApiResult<impl IntoResponse> {
     let page = app.venues(q.parse()?).await?;
     Ok(axum::Json(page_json(&page, venue_json)))
 }
 
+#[utoipa::path(get, path = "/venues/{id}", tag = "catalogue", params(("id" = String, Path, description = "Venue id")),
+    responses((status = 200, description = "The venue", body = VenueView), NotFound))]
 pub async fn get_venue(State(app): State<Arc<App>>, Path(id): Path<String>) -> ApiResult<impl IntoResponse> {
     let venue = app.venue(path_id(&id, "venue")?).await?;
     Ok(axum::Json(venue_json(&venue)))
 }
 
+/// Creates a venue (admins, managers; a manager then manages it).
+#[utoipa::path(post, path = "/venues", tag = "catalogue", security(("bearer" = [])), request_body = VenueBody,
+    responses((status = 201, description = "The new venue", body = VenueView), BadRequest, Unauthenticated, Forbidden,
+        Unprocessable))]
 pub async fn create_venue(
     State(app): State<Arc<App>>,
     Auth(principal): Auth,
@@ -55,6 +67,11 @@ pub async fn create_venue(
     Ok((StatusCode::CREATED, axum::Json(venue_json(&venue))))
 }
 
+/// Changes the given fields of a venue (its managers, admins).
+#[utoipa::path(patch, path = "/venues/{id}", tag = "catalogue", security(("bearer" = [])), request_body = VenuePatch,
+    params(("id" = String, Path, description = "Venue id")),
+    responses((status = 200, description = "The changed venue", body = VenueView), BadRequest, Unauthenticated,
+        Forbidden, NotFound, Conflict, Unprocessable))]
 pub async fn update_venue(
     State(app): State<Arc<App>>,
     Auth(principal): Auth,
@@ -65,6 +82,10 @@ pub async fn update_venue(
     Ok(axum::Json(venue_json(&venue)))
 }
 
+/// Deletes a venue without current or future bookings.
+#[utoipa::path(delete, path = "/venues/{id}", tag = "catalogue", security(("bearer" = [])),
+    params(("id" = String, Path, description = "Venue id")),
+    responses((status = 204, description = "Deleted"), Unauthenticated, Forbidden, NotFound, Conflict))]
 pub async fn delete_venue(
     State(app): State<Arc<App>>,
     Auth(principal): Auth,
@@ -74,6 +95,10 @@ pub async fn delete_venue(
     Ok(StatusCode::NO_CONTENT)
 }
 
+#[utoipa::path(get, path = "/venues/{id}/resources", tag = "catalogue",
+    params(("id" = String, Path, description = "Venue id"), PageQuery),
+    responses((status = 200, description = "A page of the venue's resources", body = PageView<ResourceView>),
+        BadRequest, NotFound))]
 pub async fn list_resources(
     State(app): State<Arc<App>>,
     Path(id): Path<String>,
@@ -83,6 +108,11 @@ pub async fn list_resources(
     Ok(axum::Json(page_json(&page, resource_json)))
 }
 
+/// Adds a resource (room type, seat, doctor, charger, …) to a venue (its managers, admins).
+#[utoipa::path(post, path = "/venues/{id}/resources", tag = "catalogue", security(("bearer" = [])),
+    request_body = ResourceBody, params(("id" = String, Path, description = "Venue id")),
+    responses((status = 201, description = "The new resource", body = ResourceView), BadRequest, Unauthenticated,
+        Forbidden, NotFound, Conflict, Unprocessable))]
 pub async fn create_resource(
     State(app): State<Arc<App>>,
     Auth(principal): Auth,
@@ -106,11 +136,18 @@ pub async fn create_resource(
     Ok((StatusCode::CREATED, axum::Json(resource_json(&resource))))
 }
 
+#[utoipa::path(get, path = "/resources/{id}", tag = "catalogue", params(("id" = String, Path, description = "Resource id")),
+    responses((status = 200, description = "The resource", body = ResourceView), NotFound))]
 pub async fn get_resource(State(app): State<Arc<App>>, Path(id): Path<String>) -> ApiResult<impl IntoResponse> {
     let resource = app.resource(path_id(&id, "resource")?).await?;
     Ok(axum::Json(resource_json(&resource)))
 }
 
+/// Changes the given fields of a resource (its venue's managers, admins).
+#[utoipa::path(patch, path = "/resources/{id}", tag = "catalogue", security(("bearer" = [])),
+    request_body = ResourcePatch, params(("id" = String, Path, description = "Resource id")),
+    responses((status = 200, description = "The changed resource", body = ResourceView), BadRequest, Unauthenticated,
+        Forbidden, NotFound, Conflict, Unprocessable))]
 pub async fn update_resource(
     State(app): State<Arc<App>>,
     Auth(principal): Auth,
@@ -123,6 +160,10 @@ pub async fn update_resource(
     Ok(axum::Json(resource_json(&resource)))
 }
 
+/// Deletes a resource without current or future bookings.
+#[utoipa::path(delete, path = "/resources/{id}", tag = "catalogue", security(("bearer" = [])),
+    params(("id" = String, Path, description = "Resource id")),
+    responses((status = 204, description = "Deleted"), Unauthenticated, Forbidden, NotFound, Conflict))]
 pub async fn delete_resource(
     State(app): State<Arc<App>>,
     Auth(principal): Auth,
@@ -132,6 +173,10 @@ pub async fn delete_resource(
     Ok(StatusCode::NO_CONTENT)
 }
 
+#[utoipa::path(get, path = "/venues/{id}/events", tag = "catalogue",
+    params(("id" = String, Path, description = "Venue id"), PageQuery),
+    responses((status = 200, description = "A page of the venue's events", body = PageView<EventView>), BadRequest,
+        NotFound))]
 pub async fn list_events(
     State(app): State<Arc<App>>,
     Path(id): Path<String>,
@@ -141,6 +186,11 @@ pub async fn list_events(
     Ok(axum::Json(page_json(&page, event_json)))
 }
 
+/// Adds an event (show, flight) over seats of the venue.
+#[utoipa::path(post, path = "/venues/{id}/events", tag = "catalogue", security(("bearer" = [])),
+    request_body = EventBody, params(("id" = String, Path, description = "Venue id")),
+    responses((status = 201, description = "The new event", body = EventView), BadRequest, Unauthenticated, Forbidden,
+        NotFound, Conflict, Unprocessable))]
 pub async fn create_event(
     State(app): State<Arc<App>>,
     Auth(principal): Auth,
@@ -160,20 +210,33 @@ pub async fn create_event(
     Ok((StatusCode::CREATED, axum::Json(event_json(&event))))
 }
 
+#[utoipa::path(get, path = "/events/{id}", tag = "catalogue", params(("id" = String, Path, description = "Event id")),
+    responses((status = 200, description = "The event", body = EventView), NotFound))]
 pub async fn get_event(State(app): State<Arc<App>>, Path(id): Path<String>) -> ApiResult<impl IntoResponse> {
     let event = app.event(path_id(&id, "event")?).await?;
     Ok(axum::Json(event_json(&event)))
 }
 
+/// Every seat of the event with its price and status.
+#[utoipa::path(get, path = "/events/{id}/seats", tag = "catalogue", params(("id" = String, Path, description = "Event id")),
+    responses((status = 200, description = "The seat map", body = SeatMapView), NotFound))]
 pub async fn seat_map(State(app): State<Arc<App>>, Path(id): Path<String>) -> ApiResult<impl IntoResponse> {
     let (event, seats) = app.seat_map(path_id(&id, "event")?).await?;
     Ok(axum::Json(seat_map_json(&event, &seats)))
 }
 
-#[derive(Debug, Deserialize)]
+/// Read as text and validated by hand, so a bad value gets a field error.
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct AvailabilityQuery {
+    /// Start: a date `YYYY-MM-DD` (in the venue's zone) or an RFC 3339 time; default now.
+    #[param(schema_with = crate::openapi::date_or_time)]
     from: Option<String>,
+    /// End, as `from`; default a few days after `from`, at most 62 days after it.
+    #[param(schema_with = crate::openapi::date_or_time)]
     to: Option<String>,
+    /// Units wanted (default 1): only windows with at least this many remaining.
+    #[param(value_type = Option<u32>, minimum = 1)]
     quantity: Option<String>,
 }
 
@@ -197,6 +260,11 @@ fn parse_bound(raw: Option<&str>, field: &str, errors: &mut FieldErrors) -> Opti
     }
 }
 
+/// Free slots, nights or intervals of a resource, with remaining capacity and price.
+#[utoipa::path(get, path = "/resources/{id}/availability", tag = "catalogue",
+    params(("id" = String, Path, description = "Resource id"), AvailabilityQuery),
+    responses((status = 200, description = "Windows with remaining capacity", body = AvailabilityView), BadRequest,
+        NotFound, Unprocessable))]
 pub async fn availability(
     State(app): State<Arc<App>>,
     Path(id): Path<String>,
