@@ -11,6 +11,7 @@ use allot_core::inventory::{Event, ItemRequest, Resource, Venue, price_item};
 use jiff::{SignedDuration, Timestamp};
 
 use crate::App;
+use crate::access::Scope;
 use crate::auth::Principal;
 use crate::error::{AppError, AppResult, StoreError};
 use crate::payments::{ChargeOutcome, ChargeRequest, ProviderError};
@@ -31,6 +32,7 @@ pub struct HoldRequest {
 impl App {
     /// Claims every item for the principal, or none (I3). 409 `unavailable` names the item.
     pub async fn hold(&self, principal: &Principal, request: HoldRequest) -> AppResult<Booking> {
+        principal.require_scope(Scope::BookingsWrite)?;
         if request.items.is_empty() || request.items.len() > ITEMS_MAX {
             return Err(allot_core::ValidationError::field("items", format!("must hold 1 to {ITEMS_MAX} items")).into());
         }
@@ -122,6 +124,7 @@ impl App {
 
     /// Charges the card and confirms; a decline leaves the hold (until the third).
     pub async fn confirm(&self, principal: &Principal, id: BookingId, token: &str) -> AppResult<Booking> {
+        principal.require_scope(Scope::BookingsWrite)?;
         let booking = self.booking_for_owner(principal, id).await?;
         if booking.status == BookingStatus::PendingPayment {
             return Err(AppError::Conflict("a payment for this booking is already in progress".into()));
@@ -213,6 +216,7 @@ impl App {
 
     /// Cancels a held or confirmed booking; confirmed ones are refunded per the venue policy.
     pub async fn cancel(&self, principal: &Principal, id: BookingId, reason: Option<String>) -> AppResult<Booking> {
+        principal.require_scope(Scope::BookingsWrite)?;
         if reason.as_ref().is_some_and(|r| r.chars().count() > CANCEL_REASON_LEN_MAX) {
             return Err(allot_core::ValidationError::field(
                 "reason",
@@ -250,6 +254,7 @@ impl App {
     }
 
     pub async fn booking_for(&self, principal: &Principal, id: BookingId) -> AppResult<Booking> {
+        principal.require_scope(Scope::BookingsRead)?;
         self.visible_booking(principal, id).await
     }
 
@@ -278,6 +283,7 @@ impl App {
         mut filter: BookingFilter,
         page: PageRequest,
     ) -> AppResult<Page<Booking>> {
+        principal.require_scope(Scope::BookingsRead)?;
         if !principal.is_admin() {
             if principal.roles.contains(&Role::Manager) && !principal.venues.is_empty() {
                 filter.venue_ids = Some(principal.venues.clone());
