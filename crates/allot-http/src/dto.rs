@@ -2,6 +2,7 @@
 
 use std::collections::BTreeMap;
 
+use allot_app::access::{ApiKey, CreatedApiKey, Scope};
 use allot_app::catalog::{AvailabilityWindow, SeatView};
 use allot_app::store::{Page, SeatState, User};
 use allot_core::booking::Booking;
@@ -364,4 +365,47 @@ pub fn booking_json(b: &Booking) -> Value {
 pub fn page_json<T>(page: &Page<T>, render: impl Fn(&T) -> Value) -> Value {
     let data: Vec<Value> = page.items.iter().map(render).collect();
     json!({ "data": data, "next_cursor": page.next_after.map(|u| u.to_string()) })
+}
+
+// Roles and partner API keys.
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RoleBody {
+    pub role: String,
+    pub venue_id: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiKeyBody {
+    pub name: String,
+    pub scopes: Vec<String>,
+}
+
+/// Scope names to scopes; each unknown one is a 400 naming its position (`scopes[1]`).
+pub fn parse_scopes(raw: &[String]) -> Result<std::collections::BTreeSet<Scope>, ApiError> {
+    let mut errors = FieldErrors::new();
+    let scopes = raw
+        .iter()
+        .enumerate()
+        .filter_map(|(i, s)| {
+            Scope::try_from(s.as_str()).map_err(|e| errors.add(format!("scopes[{i}]"), e.to_string())).ok()
+        })
+        .collect();
+    if errors.is_empty() { Ok(scopes) } else { Err(ApiError::bad_request(errors)) }
+}
+
+/// A key as listed: never the key itself, nor its digest.
+pub fn api_key_json(k: &ApiKey) -> Value {
+    let scopes: Vec<&str> = k.scopes.iter().map(|s| s.as_str()).collect();
+    json!({ "id": k.id.to_string(), "name": k.name, "scopes": scopes, "created_by": k.created_by.to_string(),
+            "created_at": k.created_at.to_string(), "revoked_at": k.revoked_at.map(|t| t.to_string()) })
+}
+
+/// A key just created, with the key itself: shown this once.
+pub fn created_api_key_json(created: &CreatedApiKey) -> Value {
+    let mut body = api_key_json(&created.key);
+    body["key"] = Value::String(created.secret.clone());
+    body
 }
