@@ -1,6 +1,8 @@
 //! Accounts and sessions: Argon2id password hashes, short-lived signed access tokens (HS256
 //! JWT) and rotating refresh tokens stored only as SHA-256 digests.
 
+use std::collections::BTreeSet;
+
 use allot_core::ValidationError;
 use allot_core::ids::{UserId, VenueId};
 use argon2::{Argon2, PasswordHasher, PasswordVerifier};
@@ -9,9 +11,11 @@ use jiff::Timestamp;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use crate::App;
+use crate::access::{API_KEY_PREFIX, ApiKey, Scope};
+use crate::audit;
 use crate::error::{AppError, AppResult};
 use crate::store::{RefreshToken, Role, RotateOutcome, User};
-use crate::{App, audit};
 
 pub const ACCESS_TOKEN_TTL_SECONDS: i64 = 15 * 60;
 pub const REFRESH_TOKEN_TTL_SECONDS: i64 = 30 * 24 * 3600;
@@ -19,21 +23,41 @@ pub const PASSWORD_LEN_MIN: usize = 8;
 pub const PASSWORD_LEN_MAX: usize = 256;
 pub const EMAIL_LEN_MAX: usize = 254;
 
-/// Who is making a request, as established from a verified access token.
+/// Who is making a request, as established from a verified access token or API key.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Principal {
+    /// The user, or for a partner the API key's id (the `customer_id` of its bookings).
     pub user_id: UserId,
     pub roles: Vec<Role>,
     pub venues: Vec<VenueId>,
+    /// `Some` for a partner's API key: what it may do. Partners have no roles.
+    pub scopes: Option<BTreeSet<Scope>>,
 }
 
 impl Principal {
+    pub fn of_user(user: &User) -> Self {
+        Principal { user_id: user.id, roles: user.roles.clone(), venues: user.venues.clone(), scopes: None }
+    }
+
+    pub fn partner(key: &ApiKey) -> Self {
+        Principal {
+            user_id: UserId::from_uuid(key.id.as_uuid()),
+            roles: Vec::new(),
+            venues: Vec::new(),
+            scopes: Some(key.scopes.clone()),
+        }
+    }
+
+    pub fn is_partner(&self) -> bool {
+        self.scopes.is_some()
+    }
+    /// Never a partner, whatever else the principal carries.
     pub fn is_admin(&self) -> bool {
-        self.roles.contains(&Role::Admin)
+        !self.is_partner() && self.roles.contains(&Role::Admin)
     }
     /// Admins manage every venue; managers the ones assigned to them.
     pub fn manages(&self, venue: VenueId) -> bool {
-        self.is_admin() || (self.roles.contains(&Role::Manager) && self.venues.contains(&venue))
+        self.is_admin() || (!self.is_partner() && self.roles.contains(&Role::Manager) && self.venues.contains(&venue))
     }
 }
 
@@ -216,11 +240,15 @@ impl App {
         Ok(self.store.revoke_refresh_token(&hash, self.clock.now()).await?)
     }
 
-    /// Verifies an access token and loads the principal's current roles.
+    /// Verifies an access token and loads the principal's current roles, or (for a bearer
+    /// token starting `allot_pk_`) finds the partner's unrevoked API key.
     pub async fn authenticate(&self, access_token: &str) -> AppResult<Principal> {
+        if access_token.starts_with(API_KEY_PREFIX) {
+            return self.authenticate_api_key(access_token).await;
+        }
         let user_id = self.token_subject(access_token).ok_or(AppError::Unauthenticated)?;
         let user = self.store.user_by_id(user_id).await?.ok_or(AppError::Unauthenticated)?;
-        Ok(Principal { user_id: user.id, roles: user.roles, venues: user.venues })
+        Ok(Principal::of_user(&user))
     }
 
     /// The user an access token was issued to, if its signature holds and it has not expired.
@@ -239,6 +267,9 @@ impl App {
     }
 
     pub async fn me(&self, principal: &Principal) -> AppResult<User> {
+        if principal.is_partner() {
+            return Err(AppError::Forbidden("an API key has no user account; /me is for signed-in users"));
+        }
         self.store.user_by_id(principal.user_id).await?.ok_or(AppError::Unauthenticated)
     }
 }

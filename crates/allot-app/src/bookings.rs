@@ -10,12 +10,14 @@ use allot_core::ids::{BookingId, ResourceId};
 use allot_core::inventory::{Event, ItemRequest, Resource, Venue, price_item};
 use jiff::{SignedDuration, Timestamp};
 
+use crate::App;
+use crate::access::Scope;
+use crate::audit;
 use crate::auth::Principal;
 use crate::error::{AppError, AppResult, StoreError};
 use crate::payments::{ChargeOutcome, ChargeRequest, ProviderError};
 use crate::store::{BookingFilter, HoldCommand, HoldRefused, Page, PageRequest, Role, UpdateRefused};
 use crate::telemetry;
-use crate::{App, audit};
 
 /// Attempts at a provider that is failing before answering 503.
 pub const PROVIDER_ATTEMPTS_MAX: u32 = 3;
@@ -38,6 +40,7 @@ impl App {
     }
 
     async fn try_hold(&self, principal: &Principal, request: HoldRequest) -> AppResult<Booking> {
+        principal.require_scope(Scope::BookingsWrite)?;
         if request.items.is_empty() || request.items.len() > ITEMS_MAX {
             return Err(allot_core::ValidationError::field("items", format!("must hold 1 to {ITEMS_MAX} items")).into());
         }
@@ -137,6 +140,7 @@ impl App {
     }
 
     async fn try_confirm(&self, principal: &Principal, id: BookingId, token: &str) -> AppResult<Booking> {
+        principal.require_scope(Scope::BookingsWrite)?;
         let booking = self.booking_for_owner(principal, id).await?;
         if booking.status == BookingStatus::PendingPayment {
             return Err(AppError::Conflict("a payment for this booking is already in progress".into()));
@@ -244,6 +248,7 @@ impl App {
     }
 
     async fn try_cancel(&self, principal: &Principal, id: BookingId, reason: Option<String>) -> AppResult<Booking> {
+        principal.require_scope(Scope::BookingsWrite)?;
         if reason.as_ref().is_some_and(|r| r.chars().count() > CANCEL_REASON_LEN_MAX) {
             return Err(allot_core::ValidationError::field(
                 "reason",
@@ -283,6 +288,7 @@ impl App {
     }
 
     pub async fn booking_for(&self, principal: &Principal, id: BookingId) -> AppResult<Booking> {
+        principal.require_scope(Scope::BookingsRead)?;
         self.visible_booking(principal, id).await
     }
 
@@ -314,6 +320,7 @@ impl App {
         mut filter: BookingFilter,
         page: PageRequest,
     ) -> AppResult<Page<Booking>> {
+        principal.require_scope(Scope::BookingsRead)?;
         if !principal.is_admin() {
             if principal.roles.contains(&Role::Manager) && !principal.venues.is_empty() {
                 filter.venue_ids = Some(principal.venues.clone());

@@ -67,7 +67,7 @@ async fn load_all(app: &App) -> AppResult<()> {
     let admin = user(app, ADMIN_EMAIL, "Demo Admin", vec![Role::Admin]).await?;
     let manager = user(app, MANAGER_EMAIL, "Demo Manager", vec![Role::Manager]).await?;
     user(app, CUSTOMER_EMAIL, "Demo Customer", vec![Role::Customer]).await?;
-    let admin = Principal { user_id: admin.id, roles: admin.roles, venues: vec![] };
+    let admin = Principal::of_user(&admin);
     let venues = [
         cinema(app, &admin).await?,
         hotel(app, &admin).await?,

@@ -2,6 +2,7 @@
 //! owns the store (a [`store::Store`]), the injected [`clock::Clock`], the payment provider
 //! and the background jobs (hold expiry, idempotency clean-up).
 
+pub mod access;
 pub mod audit;
 pub mod auth;
 pub mod bookings;

@@ -8,11 +8,12 @@ use std::collections::HashMap;
 
 use allot_core::booking::{Booking, BookingStatus};
 use allot_core::capacity::{Claim, Span};
-use allot_core::ids::{BookingId, EventId, ResourceId, UserId, VenueId};
+use allot_core::ids::{ApiKeyId, BookingId, EventId, ResourceId, UserId, VenueId};
 use allot_core::inventory::{Event, Resource, Venue};
 use async_trait::async_trait;
 use jiff::Timestamp;
 
+use crate::access::{ApiKey, RoleGrant, RoleRevoke};
 use crate::audit::{AuditEvent, AuditFilter, AuditPage};
 use crate::error::{AppError, StoreError};
 
@@ -241,6 +242,20 @@ pub trait Store: Send + Sync + 'static {
     async fn idempotency_abandon(&self, key: &IdempotencyKey) -> Result<(), StoreError>;
     /// Deletes keys created before `before`; returns how many.
     async fn idempotency_cleanup(&self, before: Timestamp, limit: u32) -> Result<u64, StoreError>;
+
+    // Roles and partner API keys (`access`).
+    /// Adds the role (a manager's on its venue) and returns the user as it now is.
+    async fn grant_role(&self, user_id: UserId, grant: RoleGrant) -> Result<User, StoreError>;
+    /// Removes the role; a manager losing their last venue loses the manager role. Refuses
+    /// (`Conflict`, [`crate::access::LAST_ADMIN`]) to leave no admin, even under concurrency.
+    async fn revoke_role(&self, user_id: UserId, revoke: RoleRevoke) -> Result<User, StoreError>;
+    async fn insert_api_key(&self, key: &ApiKey) -> Result<(), StoreError>;
+    /// The unrevoked key whose SHA-256 digest is `key_hash`.
+    async fn api_key_by_hash(&self, key_hash: &str) -> Result<Option<ApiKey>, StoreError>;
+    /// All keys, revoked ones too, in creation order.
+    async fn api_keys(&self, page: PageRequest) -> Result<Page<ApiKey>, StoreError>;
+    /// Marks the key revoked (a second revocation keeps the first time); `NotFound` if unknown.
+    async fn revoke_api_key(&self, id: ApiKeyId, now: Timestamp) -> Result<(), StoreError>;
 
     // Audit trail (append-only hash chain; see `crate::audit`).
     /// Appends an event on its own (an attempt that changed nothing), after the chain's head.

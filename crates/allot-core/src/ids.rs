@@ -54,3 +54,4 @@ id_type!(ResourceId);
 id_type!(EventId);
 id_type!(BookingId);
 id_type!(ItemId);
+id_type!(ApiKeyId);

@@ -61,7 +61,11 @@ fn changes_state(method: &Method) -> bool {
 }
 
 fn role_of(principal: Option<&Principal>) -> &'static str {
-    principal.map_or("anonymous", |p| allot_app::audit::role_name(&p.roles))
+    match principal {
+        None => "anonymous",
+        Some(p) if p.is_partner() => "partner",
+        Some(p) => allot_app::audit::role_name(&p.roles),
+    }
 }
 
 pub async fn layer(State(app): State<Arc<App>>, request: Request, next: Next) -> Response {

@@ -2,6 +2,7 @@
 
 use std::collections::BTreeMap;
 
+use allot_app::access::{ApiKey, CreatedApiKey, Scope};
 use allot_app::catalog::AvailabilityWindow;
 use allot_app::store::{Page, SeatState, User};
 use allot_core::booking::Booking;
@@ -817,4 +818,79 @@ pub struct CapacityOverrideJson {
     #[schema(format = Date)]
     pub to: String,
     pub capacity: u32,
+}
+
+// Roles and partner API keys.
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RoleBody {
+    /// `customer`, `manager` or `admin`.
+    #[schema(example = "manager")]
+    pub role: String,
+    /// Required for `manager` (the venue managed), refused for the other roles.
+    #[schema(value_type = Option<uuid::Uuid>)]
+    pub venue_id: Option<String>,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ApiKeyBody {
+    #[schema(example = "Channel manager")]
+    pub name: String,
+    /// Any of `inventory:read`, `bookings:read`, `bookings:write`.
+    #[schema(example = json!(["bookings:read", "bookings:write"]))]
+    pub scopes: Vec<String>,
+}
+
+/// Scope names to scopes; each unknown one is a 400 naming its position (`scopes[1]`).
+pub fn parse_scopes(raw: &[String]) -> Result<std::collections::BTreeSet<Scope>, ApiError> {
+    let mut errors = FieldErrors::new();
+    let scopes = raw
+        .iter()
+        .enumerate()
+        .filter_map(|(i, s)| {
+            Scope::try_from(s.as_str()).map_err(|e| errors.add(format!("scopes[{i}]"), e.to_string())).ok()
+        })
+        .collect();
+    if errors.is_empty() { Ok(scopes) } else { Err(ApiError::bad_request(errors)) }
+}
+
+/// A partner API key as listed: never the key itself, nor its digest.
+#[derive(Debug, Serialize, ToSchema)]
+#[schema(as = ApiKey)]
+pub struct ApiKeyView {
+    pub id: String,
+    pub name: String,
+    pub scopes: Vec<&'static str>,
+    pub created_by: String,
+    #[schema(format = DateTime)]
+    pub created_at: String,
+    #[schema(required = true, format = DateTime)]
+    pub revoked_at: Option<String>,
+}
+
+pub fn api_key_json(k: &ApiKey) -> ApiKeyView {
+    ApiKeyView {
+        id: k.id.to_string(),
+        name: k.name.clone(),
+        scopes: k.scopes.iter().map(|s| s.as_str()).collect(),
+        created_by: k.created_by.to_string(),
+        created_at: k.created_at.to_string(),
+        revoked_at: k.revoked_at.map(|t| t.to_string()),
+    }
+}
+
+/// A key just created, with the key itself (`allot_pk_…`): shown this once, stored only as
+/// its SHA-256.
+#[derive(Debug, Serialize, ToSchema)]
+#[schema(as = CreatedApiKey)]
+pub struct CreatedApiKeyView {
+    #[serde(flatten)]
+    pub listed: ApiKeyView,
+    pub key: String,
+}
+
+pub fn created_api_key_json(created: &CreatedApiKey) -> CreatedApiKeyView {
+    CreatedApiKeyView { listed: api_key_json(&created.key), key: created.secret.clone() }
 }

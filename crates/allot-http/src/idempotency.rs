@@ -25,8 +25,9 @@ pub const HEADER: &str = "idempotency-key";
 const RESPONSE_BYTES_MAX: usize = 4 * 1024 * 1024;
 
 /// Responses that carry live credentials are never stored: a replayed login would hand out a
-/// token kept in plain text, and each login is a new session anyway.
-pub(crate) const UNSTORED_PATHS: [&str; 2] = ["/api/v1/auth/login", "/api/v1/auth/refresh"];
+/// token kept in plain text, and each login is a new session anyway. A new API key likewise
+/// exists in plain text only in its one response.
+pub(crate) const UNSTORED_PATHS: [&str; 3] = ["/api/v1/auth/login", "/api/v1/auth/refresh", "/api/v1/api-keys"];
 
 pub async fn layer(State(app): State<Arc<App>>, request: Request, next: Next) -> Response {
     if request.method() != Method::POST || UNSTORED_PATHS.contains(&request.uri().path()) {

@@ -6,6 +6,7 @@
 //! acknowledges each only after its transaction is durably committed (I5). SQL lives only in
 //! this crate.
 
+mod access;
 mod cache;
 mod common;
 pub mod postgres;

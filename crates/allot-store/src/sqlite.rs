@@ -6,6 +6,7 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use allot_app::StoreError;
+use allot_app::access::{ApiKey, RoleGrant, RoleRevoke};
 use allot_app::audit::{AuditEvent, AuditFilter, AuditPage};
 use allot_app::store::{
     BookingFilter, Decide, HoldCommand, HoldRefused, IdempotencyBegin, IdempotencyKey, Page, PageRequest, RefreshToken,
@@ -13,7 +14,7 @@ use allot_app::store::{
 };
 use allot_core::booking::Booking;
 use allot_core::capacity::{self, CLAIM_SECONDS_MAX, Claim, Span};
-use allot_core::ids::{BookingId, EventId, ResourceId, UserId, VenueId};
+use allot_core::ids::{ApiKeyId, BookingId, EventId, ResourceId, UserId, VenueId};
 use allot_core::inventory::{Event, Resource, Venue};
 use async_trait::async_trait;
 use futures::future::BoxFuture;
@@ -22,6 +23,7 @@ use serde::de::DeserializeOwned;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{Connection, QueryBuilder, Sqlite, SqliteConnection};
 
+use crate::access;
 use crate::common::{
     AUDIT_COLUMNS, AuditRow, KeyRow, Rotation, TokenRow, USER_COLUMNS, UserRow, VENUE_IN_USE, add_seat_states,
     after_key, audit_events_of, audit_insert, audit_select, chain, claims_from_rows, decided, docs_to_page,
@@ -870,6 +872,32 @@ impl Store for SqliteStore {
         let rows: Vec<AuditRow> =
             audit_select::<Sqlite>(filter, page).build_query_as().fetch_all(&self.read).await.map_err(db_error)?;
         audit_events_of(rows)
+    }
+
+    async fn grant_role(&self, user_id: UserId, grant: RoleGrant) -> Result<User, StoreError> {
+        access::sqlite::grant_role(&self.writer, user_id, grant).await?;
+        self.user_by_id(user_id).await?.ok_or(StoreError::NotFound("user"))
+    }
+
+    async fn revoke_role(&self, user_id: UserId, revoke: RoleRevoke) -> Result<User, StoreError> {
+        access::sqlite::revoke_role(&self.writer, user_id, revoke).await?;
+        self.user_by_id(user_id).await?.ok_or(StoreError::NotFound("user"))
+    }
+
+    async fn insert_api_key(&self, key: &ApiKey) -> Result<(), StoreError> {
+        access::sqlite::insert_api_key(&self.writer, key).await
+    }
+
+    async fn api_key_by_hash(&self, key_hash: &str) -> Result<Option<ApiKey>, StoreError> {
+        access::sqlite::api_key_by_hash(&self.read, key_hash).await
+    }
+
+    async fn api_keys(&self, page: PageRequest) -> Result<Page<ApiKey>, StoreError> {
+        access::sqlite::api_keys(&self.read, page).await
+    }
+
+    async fn revoke_api_key(&self, id: ApiKeyId, now: Timestamp) -> Result<(), StoreError> {
+        access::sqlite::revoke_api_key(&self.writer, id, now).await
     }
 }
 

@@ -29,6 +29,8 @@ use futures::FutureExt;
 use futures::future::BoxFuture;
 use jiff::Timestamp;
 
+#[path = "conformance/access.rs"]
+mod access;
 #[path = "conformance/audit.rs"]
 mod audit;
 #[path = "conformance/bookings.rs"]
@@ -187,6 +189,10 @@ conformance! {
     users::set_setting_overwrites,
     users::concurrent_rotation_of_one_token_rotates_once,
     users::concurrent_inserts_of_one_email_one_wins,
+    access::roles_are_granted_and_revoked,
+    access::the_last_admin_keeps_the_role,
+    access::admins_revoking_each_other_at_once_leave_one,
+    access::api_keys_are_found_by_digest_listed_and_revoked,
     catalogue::venue_insert_get_update,
     catalogue::venues_cursor_paging_is_complete_and_ordered,
     catalogue::resources_paging_per_venue_and_soft_delete,

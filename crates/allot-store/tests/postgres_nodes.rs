@@ -10,8 +10,9 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use allot_app::access::RoleRevoke;
 use allot_app::store::{
-    Decide, HoldCommand, HoldRefused, IdempotencyKey, RefreshToken, RotateOutcome, Store, UpdateRefused,
+    Decide, HoldCommand, HoldRefused, IdempotencyKey, RefreshToken, Role, RotateOutcome, Store, UpdateRefused, User,
 };
 use allot_app::{AppError, StoreError};
 use allot_core::booking::{Booking, BookingItem, Transition};
@@ -507,6 +508,62 @@ async fn logout_after_a_concurrent_rotation_leaves_the_successor_valid() {
         !matches!(again, RotateOutcome::Rotated { .. }),
         "the successor of a logged-out token still rotates after logout: {again:?}"
     );
+    cluster.finish().await;
+}
+
+fn admin(email: &str) -> User {
+    User {
+        id: UserId::new(),
+        email: email.into(),
+        name: "Admin".into(),
+        password_hash: "x".into(),
+        roles: vec![Role::Admin],
+        venues: vec![],
+        created_at: at(0),
+    }
+}
+
+/// The last two admins revoke each other's admin role on two nodes at once. Node A's batch has
+/// demoted X and is paused, uncommitted; node B's revocation of Y waits on the admins' row
+/// locks, then finds Y the only admin and refuses: never zero admins.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn admins_revoking_each_other_on_two_nodes_leave_one() {
+    let Some(cluster) = Cluster::start(2).await else { return };
+    let (a, b) = (cluster.nodes[0].clone(), cluster.nodes[1].clone());
+    let (x, y) = (admin("x@example.test"), admin("y@example.test"));
+    a.insert_user(&x).await.unwrap();
+    a.insert_user(&y).await.unwrap();
+
+    let x0 = blocker(&cluster.url, "a0").await;
+    let x1 = blocker(&cluster.url, "a1").await;
+    let p0 = tokio::spawn({
+        let a = a.clone();
+        async move { a.idempotency_begin(&key("a0"), at(1), 30).await }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Node A's next batch: [revoke X's admin role, (paused request)].
+    let revoking = tokio::spawn({
+        let a = a.clone();
+        async move {
+            let k = key("a1");
+            tokio::join!(a.revoke_role(x.id, RoleRevoke::Admin), a.idempotency_begin(&k, at(1), 30))
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    release(x0).await;
+    p0.await.unwrap().unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let other = tokio::spawn({
+        let b = b.clone();
+        async move { b.revoke_role(y.id, RoleRevoke::Admin).await }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    release(x1).await;
+    let (demoted, _) = revoking.await.unwrap();
+    assert_eq!(demoted.unwrap().roles, Vec::<Role>::new(), "X is no admin any more");
+    let refused = other.await.unwrap();
+    assert!(matches!(refused, Err(StoreError::Conflict(_))), "Y was the last admin: {refused:?}");
+    assert_eq!(b.user_by_id(y.id).await.unwrap().unwrap().roles, vec![Role::Admin]);
     cluster.finish().await;
 }
 

@@ -1,5 +1,6 @@
 //! Handlers, one module per area of the API, and [`api`]: the one list of API routes.
 
+pub mod access;
 pub mod audit;
 pub mod auth;
 pub mod bookings;
@@ -33,5 +34,10 @@ pub fn api() -> OpenApiRouter<Arc<App>> {
         .routes(routes!(bookings::get))
         .routes(routes!(bookings::confirm))
         .routes(routes!(bookings::cancel))
+        .routes(routes!(access::get_user))
+        .routes(routes!(access::grant_role))
+        .routes(routes!(access::revoke_role))
+        .routes(routes!(access::list_api_keys, access::create_api_key))
+        .routes(routes!(access::revoke_api_key))
         .routes(routes!(audit::list))
 }

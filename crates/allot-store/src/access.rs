@@ -1,0 +1,467 @@
+//! Roles and partner API keys on both backends: role changes run in the writer's transaction
+//! (read the user's roles, change them, write them back), so two changes of one user cannot
+//! lose each other, and the last admin is counted under lock. Keys are looked up by digest.
+
+use std::collections::BTreeSet;
+
+use allot_app::StoreError;
+use allot_app::access::{ApiKey, LAST_ADMIN, RoleRevoke, Scope};
+use allot_app::store::{Page, Role};
+
+use crate::common::{page_of, ts};
+
+/// A stored key: id, name, key_hash, scopes, created_by, created_at, revoked_at.
+pub type ApiKeyRow = (String, String, String, String, String, i64, Option<i64>);
+/// The columns of [`ApiKeyRow`], in order.
+pub const API_KEY_COLUMNS: &str = "id, name, key_hash, scopes, created_by, created_at, revoked_at";
+/// Matches the rows of admins (roles are stored comma-separated).
+const IS_ADMIN: &str = "(',' || roles || ',') LIKE '%,admin,%'";
+
+pub fn scopes_text(scopes: &BTreeSet<Scope>) -> String {
+    scopes.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(",")
+}
+
+fn api_key_of(row: ApiKeyRow) -> Result<ApiKey, StoreError> {
+    let (id, name, key_hash, scopes, created_by, created_at, revoked_at) = row;
+    let scopes = scopes
+        .split(',')
+        .filter(|s| !s.is_empty())
+        .map(|s| Scope::try_from(s).map_err(|_| StoreError::Corrupt(format!("API key {id}: scope {s}"))))
+        .collect::<Result<_, _>>()?;
+    Ok(ApiKey {
+        id: id.parse().map_err(|_| StoreError::Corrupt(format!("API key id {id}")))?,
+        created_by: created_by.parse().map_err(|_| StoreError::Corrupt(format!("API key {id}: creator")))?,
+        name,
+        key_hash,
+        scopes,
+        created_at: ts(created_at),
+        revoked_at: revoked_at.map(ts),
+    })
+}
+
+fn keys_page(rows: Vec<ApiKeyRow>, limit: u32) -> Result<Page<ApiKey>, StoreError> {
+    let rows = rows.into_iter().map(|r| Ok((r.0.clone(), api_key_of(r)?))).collect::<Result<Vec<_>, StoreError>>()?;
+    Ok(page_of(rows, limit))
+}
+
+fn parse_roles(text: &str) -> Vec<Role> {
+    text.split(',').filter_map(Role::parse).collect()
+}
+
+fn roles_text(roles: &[Role]) -> String {
+    roles.iter().map(|r| r.as_str()).collect::<Vec<_>>().join(",")
+}
+
+fn with(mut roles: Vec<Role>, role: Role) -> Vec<Role> {
+    if !roles.contains(&role) {
+        roles.push(role);
+    }
+    roles
+}
+
+fn without(mut roles: Vec<Role>, role: Role) -> Vec<Role> {
+    roles.retain(|r| *r != role);
+    roles
+}
+
+/// What a revocation does once the user's row is read and locked.
+enum RevokeStep {
+    /// Just write these roles.
+    Roles(Vec<Role>),
+    /// Drop the admin role, if more than one admin is left.
+    LastAdminCheck(Vec<Role>),
+    /// Drop the management of one venue; the manager role goes with the last one.
+    Venue(String),
+    /// Drop every venue and the manager role.
+    AllVenues(Vec<Role>),
+}
+
+fn revoke_step(roles: Vec<Role>, revoke: RoleRevoke) -> RevokeStep {
+    match revoke {
+        RoleRevoke::Customer => RevokeStep::Roles(without(roles, Role::Customer)),
+        RoleRevoke::Admin if roles.contains(&Role::Admin) => RevokeStep::LastAdminCheck(without(roles, Role::Admin)),
+        RoleRevoke::Admin => RevokeStep::Roles(roles),
+        RoleRevoke::Manager(Some(venue)) => RevokeStep::Venue(venue.to_string()),
+        RoleRevoke::Manager(None) => RevokeStep::AllVenues(without(roles, Role::Manager)),
+    }
+}
+
+pub mod sqlite {
+    //! The SQLite statements: the writer's `BEGIN IMMEDIATE` already serializes every write.
+
+    use allot_app::StoreError;
+    use allot_app::access::{ApiKey, RoleGrant, RoleRevoke};
+    use allot_app::store::{Page, PageRequest, Role};
+    use allot_core::ids::{ApiKeyId, UserId};
+    use futures::future::BoxFuture;
+    use jiff::Timestamp;
+    use sqlx::{SqliteConnection, SqlitePool};
+
+    use super::{
+        API_KEY_COLUMNS, ApiKeyRow, IS_ADMIN, LAST_ADMIN, RevokeStep, keys_page, parse_roles, revoke_step, roles_text,
+        scopes_text, with, without,
+    };
+    use crate::common::{after_key, is_unique_violation};
+    use crate::sqlite::SqliteBackend;
+    use crate::writer::{Outcome, WriteCtx, Writer, db_error};
+
+    type Ctx = WriteCtx<SqliteConnection>;
+
+    async fn roles_of(conn: &mut SqliteConnection, user: &str) -> Result<Option<Vec<Role>>, sqlx::Error> {
+        let roles: Option<String> =
+            sqlx::query_scalar("SELECT roles FROM users WHERE id = ?").bind(user).fetch_optional(conn).await?;
+        Ok(roles.as_deref().map(parse_roles))
+    }
+
+    async fn set_roles(conn: &mut SqliteConnection, user: &str, roles: &[Role]) -> Result<(), sqlx::Error> {
+        sqlx::query("UPDATE users SET roles = ? WHERE id = ?").bind(roles_text(roles)).bind(user).execute(conn).await?;
+        Ok(())
+    }
+
+    pub async fn grant_role(writer: &Writer<SqliteBackend>, user: UserId, grant: RoleGrant) -> Result<(), StoreError> {
+        writer
+            .exec(move |ctx: &mut Ctx| -> BoxFuture<'_, Outcome<(), StoreError>> {
+                Box::pin(async move {
+                    let user = user.to_string();
+                    let Some(roles) = roles_of(&mut ctx.conn, &user).await? else {
+                        return Ok(Err(StoreError::NotFound("user")));
+                    };
+                    let role = match grant {
+                        RoleGrant::Customer => Role::Customer,
+                        RoleGrant::Admin => Role::Admin,
+                        RoleGrant::Manager(venue) => {
+                            sqlx::query("INSERT OR IGNORE INTO venue_managers (venue_id, user_id) VALUES (?, ?)")
+                                .bind(venue.to_string())
+                                .bind(&user)
+                                .execute(&mut ctx.conn)
+                                .await?;
+                            Role::Manager
+                        }
+                    };
+                    set_roles(&mut ctx.conn, &user, &with(roles, role)).await?;
+                    Ok(Ok(()))
+                })
+            })
+            .await
+    }
+
+    pub async fn revoke_role(
+        writer: &Writer<SqliteBackend>,
+        user: UserId,
+        revoke: RoleRevoke,
+    ) -> Result<(), StoreError> {
+        writer
+            .exec(move |ctx: &mut Ctx| -> BoxFuture<'_, Outcome<(), StoreError>> {
+                Box::pin(async move {
+                    let user = user.to_string();
+                    let Some(roles) = roles_of(&mut ctx.conn, &user).await? else {
+                        return Ok(Err(StoreError::NotFound("user")));
+                    };
+                    let conn = &mut ctx.conn;
+                    let roles = match revoke_step(roles.clone(), revoke) {
+                        RevokeStep::Roles(r) => r,
+                        RevokeStep::LastAdminCheck(r) => {
+                            let sql = format!("SELECT COUNT(*) FROM users WHERE {IS_ADMIN}");
+                            let admins: i64 =
+                                sqlx::query_scalar(sqlx::AssertSqlSafe(sql)).fetch_one(&mut *conn).await?;
+                            if admins <= 1 {
+                                return Ok(Err(StoreError::Conflict(LAST_ADMIN.to_owned())));
+                            }
+                            r
+                        }
+                        RevokeStep::Venue(venue) => {
+                            let deleted = sqlx::query("DELETE FROM venue_managers WHERE user_id = ? AND venue_id = ?")
+                                .bind(&user)
+                                .bind(venue)
+                                .execute(&mut *conn)
+                                .await?
+                                .rows_affected();
+                            let left: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM venue_managers WHERE user_id = ?")
+                                .bind(&user)
+                                .fetch_one(&mut *conn)
+                                .await?;
+                            if deleted > 0 && left == 0 { without(roles, Role::Manager) } else { roles }
+                        }
+                        RevokeStep::AllVenues(r) => {
+                            sqlx::query("DELETE FROM venue_managers WHERE user_id = ?")
+                                .bind(&user)
+                                .execute(&mut *conn)
+                                .await?;
+                            r
+                        }
+                    };
+                    set_roles(conn, &user, &roles).await?;
+                    Ok(Ok(()))
+                })
+            })
+            .await
+    }
+
+    pub async fn insert_api_key(writer: &Writer<SqliteBackend>, key: &ApiKey) -> Result<(), StoreError> {
+        let row = (
+            key.id.to_string(),
+            key.name.clone(),
+            key.key_hash.clone(),
+            scopes_text(&key.scopes),
+            key.created_by.to_string(),
+            key.created_at.as_second(),
+        );
+        writer
+            .exec(move |ctx: &mut Ctx| -> BoxFuture<'_, Outcome<(), StoreError>> {
+                Box::pin(async move {
+                    let inserted = sqlx::query(
+                        "INSERT INTO api_keys (id, name, key_hash, scopes, created_by, created_at) VALUES (?, ?, ?, ?, ?, ?)",
+                    )
+                    .bind(row.0)
+                    .bind(row.1)
+                    .bind(row.2)
+                    .bind(row.3)
+                    .bind(row.4)
+                    .bind(row.5)
+                    .execute(&mut ctx.conn)
+                    .await;
+                    match inserted {
+                        Ok(_) => Ok(Ok(())),
+                        Err(e) if is_unique_violation(&e) => Ok(Err(StoreError::Conflict("API key exists".into()))),
+                        Err(e) => Err(e),
+                    }
+                })
+            })
+            .await
+    }
+
+    pub async fn api_key_by_hash(read: &SqlitePool, key_hash: &str) -> Result<Option<ApiKey>, StoreError> {
+        let sql = format!("SELECT {API_KEY_COLUMNS} FROM api_keys WHERE key_hash = ? AND revoked_at IS NULL");
+        let row: Option<ApiKeyRow> =
+            sqlx::query_as(sqlx::AssertSqlSafe(sql)).bind(key_hash).fetch_optional(read).await.map_err(db_error)?;
+        row.map(super::api_key_of).transpose()
+    }
+
+    pub async fn api_keys(read: &SqlitePool, page: PageRequest) -> Result<Page<ApiKey>, StoreError> {
+        let sql = format!("SELECT {API_KEY_COLUMNS} FROM api_keys WHERE id > ? ORDER BY id LIMIT ?");
+        let rows: Vec<ApiKeyRow> = sqlx::query_as(sqlx::AssertSqlSafe(sql))
+            .bind(after_key(&page))
+            .bind(i64::from(page.limit) + 1)
+            .fetch_all(read)
+            .await
+            .map_err(db_error)?;
+        keys_page(rows, page.limit)
+    }
+
+    pub async fn revoke_api_key(
+        writer: &Writer<SqliteBackend>,
+        id: ApiKeyId,
+        now: Timestamp,
+    ) -> Result<(), StoreError> {
+        writer
+            .exec(move |ctx: &mut Ctx| -> BoxFuture<'_, Outcome<(), StoreError>> {
+                Box::pin(async move {
+                    let now = ctx.now(now).as_second();
+                    let changed = sqlx::query("UPDATE api_keys SET revoked_at = COALESCE(revoked_at, ?) WHERE id = ?")
+                        .bind(now)
+                        .bind(id.to_string())
+                        .execute(&mut ctx.conn)
+                        .await?
+                        .rows_affected();
+                    Ok(if changed == 0 { Err(StoreError::NotFound("API key")) } else { Ok(()) })
+                })
+            })
+            .await
+    }
+}
+
+pub mod postgres {
+    //! The PostgreSQL statements: nodes write concurrently, so a role change locks the user's
+    //! row, and revoking an admin first locks every admin's row (in id order, so two such
+    //! revocations cannot deadlock) before counting them.
+
+    use allot_app::StoreError;
+    use allot_app::access::{ApiKey, RoleGrant, RoleRevoke};
+    use allot_app::store::{Page, PageRequest, Role};
+    use allot_core::ids::{ApiKeyId, UserId};
+    use futures::future::BoxFuture;
+    use jiff::Timestamp;
+    use sqlx::{PgConnection, PgPool};
+
+    use super::{
+        API_KEY_COLUMNS, ApiKeyRow, IS_ADMIN, LAST_ADMIN, RevokeStep, keys_page, parse_roles, revoke_step, roles_text,
+        scopes_text, with, without,
+    };
+    use crate::common::{after_key, is_unique_violation};
+    use crate::postgres::PgBackend;
+    use crate::writer::{Outcome, WriteCtx, Writer, db_error};
+
+    type Ctx = WriteCtx<PgConnection>;
+
+    async fn roles_of(conn: &mut PgConnection, user: &str) -> Result<Option<Vec<Role>>, sqlx::Error> {
+        let roles: Option<String> = sqlx::query_scalar("SELECT roles FROM users WHERE id = $1 FOR UPDATE")
+            .bind(user)
+            .fetch_optional(conn)
+            .await?;
+        Ok(roles.as_deref().map(parse_roles))
+    }
+
+    async fn set_roles(conn: &mut PgConnection, user: &str, roles: &[Role]) -> Result<(), sqlx::Error> {
+        sqlx::query("UPDATE users SET roles = $1 WHERE id = $2")
+            .bind(roles_text(roles))
+            .bind(user)
+            .execute(conn)
+            .await?;
+        Ok(())
+    }
+
+    pub async fn grant_role(writer: &Writer<PgBackend>, user: UserId, grant: RoleGrant) -> Result<(), StoreError> {
+        writer
+            .exec(move |ctx: &mut Ctx| -> BoxFuture<'_, Outcome<(), StoreError>> {
+                Box::pin(async move {
+                    let user = user.to_string();
+                    let Some(roles) = roles_of(&mut ctx.conn, &user).await? else {
+                        return Ok(Err(StoreError::NotFound("user")));
+                    };
+                    let role = match grant {
+                        RoleGrant::Customer => Role::Customer,
+                        RoleGrant::Admin => Role::Admin,
+                        RoleGrant::Manager(venue) => {
+                            sqlx::query(
+                                "INSERT INTO venue_managers (venue_id, user_id) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+                            )
+                            .bind(venue.to_string())
+                            .bind(&user)
+                            .execute(&mut ctx.conn)
+                            .await?;
+                            Role::Manager
+                        }
+                    };
+                    set_roles(&mut ctx.conn, &user, &with(roles, role)).await?;
+                    Ok(Ok(()))
+                })
+            })
+            .await
+    }
+
+    /// Locks every admin's row, in id order, and returns how many there are. Under READ
+    /// COMMITTED a row another transaction just demoted is re-checked after its lock is granted
+    /// and left out, so two admins revoking each other at once cannot both succeed.
+    async fn lock_admins(conn: &mut PgConnection) -> Result<usize, sqlx::Error> {
+        let sql = format!("SELECT id FROM users WHERE {IS_ADMIN} ORDER BY id FOR UPDATE");
+        let admins: Vec<String> = sqlx::query_scalar(sqlx::AssertSqlSafe(sql)).fetch_all(conn).await?;
+        Ok(admins.len())
+    }
+
+    pub async fn revoke_role(writer: &Writer<PgBackend>, user: UserId, revoke: RoleRevoke) -> Result<(), StoreError> {
+        writer
+            .exec(move |ctx: &mut Ctx| -> BoxFuture<'_, Outcome<(), StoreError>> {
+                Box::pin(async move {
+                    let user = user.to_string();
+                    let conn = &mut ctx.conn;
+                    // Admins first, then the user's row (already locked if an admin): one order.
+                    let admins = if revoke == RoleRevoke::Admin { lock_admins(&mut *conn).await? } else { 0 };
+                    let Some(roles) = roles_of(&mut *conn, &user).await? else {
+                        return Ok(Err(StoreError::NotFound("user")));
+                    };
+                    let roles = match revoke_step(roles.clone(), revoke) {
+                        RevokeStep::Roles(r) => r,
+                        RevokeStep::LastAdminCheck(_) if admins <= 1 => {
+                            return Ok(Err(StoreError::Conflict(LAST_ADMIN.to_owned())));
+                        }
+                        RevokeStep::LastAdminCheck(r) => r,
+                        RevokeStep::Venue(venue) => {
+                            let deleted =
+                                sqlx::query("DELETE FROM venue_managers WHERE user_id = $1 AND venue_id = $2")
+                                    .bind(&user)
+                                    .bind(venue)
+                                    .execute(&mut *conn)
+                                    .await?
+                                    .rows_affected();
+                            let left: i64 =
+                                sqlx::query_scalar("SELECT COUNT(*) FROM venue_managers WHERE user_id = $1")
+                                    .bind(&user)
+                                    .fetch_one(&mut *conn)
+                                    .await?;
+                            if deleted > 0 && left == 0 { without(roles, Role::Manager) } else { roles }
+                        }
+                        RevokeStep::AllVenues(r) => {
+                            sqlx::query("DELETE FROM venue_managers WHERE user_id = $1")
+                                .bind(&user)
+                                .execute(&mut *conn)
+                                .await?;
+                            r
+                        }
+                    };
+                    set_roles(conn, &user, &roles).await?;
+                    Ok(Ok(()))
+                })
+            })
+            .await
+    }
+
+    pub async fn insert_api_key(writer: &Writer<PgBackend>, key: &ApiKey) -> Result<(), StoreError> {
+        let row = (
+            key.id.to_string(),
+            key.name.clone(),
+            key.key_hash.clone(),
+            scopes_text(&key.scopes),
+            key.created_by.to_string(),
+            key.created_at.as_second(),
+        );
+        writer
+            .exec(move |ctx: &mut Ctx| -> BoxFuture<'_, Outcome<(), StoreError>> {
+                Box::pin(async move {
+                    let inserted = sqlx::query(
+                        "INSERT INTO api_keys (id, name, key_hash, scopes, created_by, created_at)
+                         VALUES ($1, $2, $3, $4, $5, $6)",
+                    )
+                    .bind(row.0)
+                    .bind(row.1)
+                    .bind(row.2)
+                    .bind(row.3)
+                    .bind(row.4)
+                    .bind(row.5)
+                    .execute(&mut ctx.conn)
+                    .await;
+                    match inserted {
+                        Ok(_) => Ok(Ok(())),
+                        Err(e) if is_unique_violation(&e) => Ok(Err(StoreError::Conflict("API key exists".into()))),
+                        Err(e) => Err(e),
+                    }
+                })
+            })
+            .await
+    }
+
+    pub async fn api_key_by_hash(read: &PgPool, key_hash: &str) -> Result<Option<ApiKey>, StoreError> {
+        let sql = format!("SELECT {API_KEY_COLUMNS} FROM api_keys WHERE key_hash = $1 AND revoked_at IS NULL");
+        let row: Option<ApiKeyRow> =
+            sqlx::query_as(sqlx::AssertSqlSafe(sql)).bind(key_hash).fetch_optional(read).await.map_err(db_error)?;
+        row.map(super::api_key_of).transpose()
+    }
+
+    pub async fn api_keys(read: &PgPool, page: PageRequest) -> Result<Page<ApiKey>, StoreError> {
+        let sql = format!("SELECT {API_KEY_COLUMNS} FROM api_keys WHERE id > $1 ORDER BY id LIMIT $2");
+        let rows: Vec<ApiKeyRow> = sqlx::query_as(sqlx::AssertSqlSafe(sql))
+            .bind(after_key(&page))
+            .bind(i64::from(page.limit) + 1)
+            .fetch_all(read)
+            .await
+            .map_err(db_error)?;
+        keys_page(rows, page.limit)
+    }
+
+    pub async fn revoke_api_key(writer: &Writer<PgBackend>, id: ApiKeyId, now: Timestamp) -> Result<(), StoreError> {
+        writer
+            .exec(move |ctx: &mut Ctx| -> BoxFuture<'_, Outcome<(), StoreError>> {
+                Box::pin(async move {
+                    let now = ctx.now(now).as_second();
+                    let changed =
+                        sqlx::query("UPDATE api_keys SET revoked_at = COALESCE(revoked_at, $1) WHERE id = $2")
+                            .bind(now)
+                            .bind(id.to_string())
+                            .execute(&mut ctx.conn)
+                            .await?
+                            .rows_affected();
+                    Ok(if changed == 0 { Err(StoreError::NotFound("API key")) } else { Ok(()) })
+                })
+            })
+            .await
+    }
+}
