@@ -14,6 +14,7 @@ use allot_core::ids::{ApiKeyId, UserId, VenueId};
 use jiff::Timestamp;
 
 use crate::App;
+use crate::audit;
 use crate::auth::{Principal, random_token, sha256_hex};
 use crate::error::{AppError, AppResult};
 use crate::store::{Page, PageRequest, Role, User};
@@ -171,6 +172,10 @@ impl App {
 
     /// Takes effect on the user's next request: roles are read afresh for every request.
     pub async fn grant_role(&self, principal: &Principal, id: UserId, grant: RoleGrant) -> AppResult<User> {
+        audit::detail("role", &format!("{grant:?}"));
+        if let RoleGrant::Manager(venue) = grant {
+            audit::set_venue(venue);
+        }
         principal.require_admin()?;
         if let RoleGrant::Manager(venue) = grant {
             self.venue(venue).await?;
@@ -180,6 +185,7 @@ impl App {
 
     /// Revoking a role the user does not have changes nothing. The last admin stays (409).
     pub async fn revoke_role(&self, principal: &Principal, id: UserId, revoke: RoleRevoke) -> AppResult<User> {
+        audit::detail("role", &format!("{revoke:?}"));
         principal.require_admin()?;
         Ok(self.store.revoke_role(id, revoke).await?)
     }
@@ -207,6 +213,9 @@ impl App {
             created_at: self.clock.now(),
             revoked_at: None,
         };
+        audit::set_target(key.id);
+        let scopes: Vec<&str> = key.scopes.iter().map(|s| s.as_str()).collect();
+        audit::detail("scopes", &scopes.join(" "));
         self.store.insert_api_key(&key).await?;
         Ok(CreatedApiKey { key, secret })
     }

@@ -18,7 +18,8 @@ use utoipa::ToSchema;
 use crate::error::ApiError;
 use allot_core::FieldErrors;
 
-#[derive(Debug, Deserialize, ToSchema)]
+// No `Debug`: it carries a secret that must never reach a log.
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RegisterBody {
     pub email: String,
@@ -26,14 +27,16 @@ pub struct RegisterBody {
     pub name: String,
 }
 
-#[derive(Debug, Deserialize, ToSchema)]
+// No `Debug`: it carries a secret that must never reach a log.
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct LoginBody {
     pub email: String,
     pub password: String,
 }
 
-#[derive(Debug, Deserialize, ToSchema)]
+// No `Debug`: it carries a secret that must never reach a log.
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RefreshBody {
     pub refresh_token: String,
@@ -259,13 +262,15 @@ pub struct HoldItemBody {
     pub quantity: Option<u32>,
 }
 
-#[derive(Debug, Deserialize, ToSchema)]
+// No `Debug`: it carries a secret that must never reach a log.
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ConfirmBody {
     pub payment: PaymentBody,
 }
 
-#[derive(Debug, Deserialize, ToSchema)]
+// No `Debug`: it carries a secret that must never reach a log.
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PaymentBody {
     /// Only `card`.

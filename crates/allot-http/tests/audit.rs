@@ -205,3 +205,42 @@ async fn admins_read_everything_managers_their_venues_others_nothing() {
         assert!(body["error"]["details"]["fields"].is_object(), "{body}");
     }
 }
+
+#[tokio::test]
+async fn access_changes_and_partners_are_audited_by_name() {
+    let t = TestApp::spawn().await;
+    let admin = t.admin().await;
+    let venue = t.venue(&admin, "cinema").await;
+    let (seats, event) = t.seats_and_event(&admin, &venue, 1, 48).await;
+    let (_, ann) = t
+        .post(None, "/auth/register", json!({"email": "ann@test.allot", "password": "password-123", "name": "Ann"}))
+        .await;
+    let ann = ann["id"].as_str().unwrap().to_owned();
+    let (status, _) =
+        t.post(Some(&admin), &format!("/users/{ann}/roles"), json!({"role": "manager", "venue_id": venue})).await;
+    assert_eq!(status, StatusCode::OK);
+    let (status, key) = t.post(Some(&admin), "/api-keys", json!({"name": "OTA", "scopes": ["bookings:write"]})).await;
+    assert_eq!(status, StatusCode::CREATED, "{key}");
+    let secret = key["key"].as_str().unwrap();
+    let body = json!({"items": [{"resource_id": seats[0], "event_id": event}]});
+    let (status, held) = t.post(Some(secret), "/bookings", body).await;
+    assert_eq!(status, StatusCode::CREATED, "{held}");
+
+    let (_, page) = t.get(Some(&admin), "/audit?limit=3").await;
+    let events = page["data"].as_array().unwrap();
+    let hold = &events[0];
+    assert_eq!(
+        (&hold["action"], &hold["actor_role"], &hold["actor_id"]),
+        (&json!("booking.hold"), &json!("partner"), &key["id"])
+    );
+    let created = &events[1];
+    assert_eq!((&created["action"], &created["target_id"]), (&json!("api_key.create"), &key["id"]));
+    assert_eq!(created["details"]["scopes"], "bookings:write");
+    assert!(!created.to_string().contains(secret), "the key itself is never recorded");
+    let granted = &events[2];
+    assert_eq!(
+        (&granted["action"], &granted["target_id"], &granted["venue_id"]),
+        (&json!("user.role_grant"), &json!(ann), &json!(venue))
+    );
+    assert!(granted["details"]["role"].as_str().unwrap().starts_with("Manager"), "{granted}");
+}
