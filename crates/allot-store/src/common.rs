@@ -272,6 +272,23 @@ where
     Ok(qb)
 }
 
+/// The chain's last link, as `audit_head_of` reads it.
+pub const AUDIT_HEAD_SQL: &str = "SELECT seq, hash FROM audit_head WHERE id = 1";
+
+pub fn audit_head_of((seq, hash): (i64, String)) -> Result<(u64, String), StoreError> {
+    Ok((u64::try_from(seq).map_err(|_| StoreError::Corrupt("audit head".into()))?, hash))
+}
+
+/// Events with `seq > after`, oldest first, at most `limit`: the chain in order.
+pub fn audit_range_query<DB: sqlx::Database>(after: u64, limit: u32) -> QueryBuilder<DB>
+where
+    i64: for<'q> sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+{
+    let mut qb = QueryBuilder::new(format!("SELECT {AUDIT_COLUMNS} FROM audit_events WHERE seq > "));
+    qb.push_bind(i64::try_from(after).unwrap_or(i64::MAX)).push(" ORDER BY seq LIMIT ").push_bind(i64::from(limit));
+    qb
+}
+
 /// The audit list: `filter` and `page` as one `SELECT`, newest first.
 pub fn audit_select<DB: sqlx::Database>(filter: &AuditFilter, page: AuditPage) -> QueryBuilder<DB>
 where

@@ -25,9 +25,10 @@ use sqlx::{Connection, QueryBuilder, Sqlite, SqliteConnection};
 
 use crate::access;
 use crate::common::{
-    AUDIT_COLUMNS, AuditRow, KeyRow, Rotation, TokenRow, USER_COLUMNS, UserRow, VENUE_IN_USE, add_seat_states,
-    after_key, audit_events_of, audit_insert, audit_select, chain, claims_from_rows, decided, docs_to_page,
-    existing_key, expired, from_json, from_json_db, hold_expiry, is_unique_violation, rotation, to_json, ts, user_of,
+    AUDIT_HEAD_SQL, AuditRow, KeyRow, Rotation, TokenRow, USER_COLUMNS, UserRow, VENUE_IN_USE, add_seat_states,
+    after_key, audit_events_of, audit_head_of, audit_insert, audit_range_query, audit_select, chain, claims_from_rows,
+    decided, docs_to_page, existing_key, expired, from_json, from_json_db, hold_expiry, is_unique_violation, rotation,
+    to_json, ts, user_of,
 };
 use crate::writer::{Backend, Outcome, WriteCtx, Writer, db_error};
 
@@ -59,8 +60,7 @@ impl Backend for SqliteBackend {
     ) -> BoxFuture<'c, Result<(), sqlx::Error>> {
         Box::pin(async move {
             // The one writer holds the database lock (BEGIN IMMEDIATE): the head cannot move.
-            let (seq, hash): (i64, String) =
-                sqlx::query_as("SELECT seq, hash FROM audit_head WHERE id = 1").fetch_one(&mut *conn).await?;
+            let (seq, hash): (i64, String) = sqlx::query_as(AUDIT_HEAD_SQL).fetch_one(&mut *conn).await?;
             let (seq, hash) = chain(events, u64::try_from(seq).unwrap_or(0), hash);
             audit_insert::<Sqlite>(events)?.build().execute(&mut *conn).await?;
             sqlx::query("UPDATE audit_head SET seq = ?, hash = ? WHERE id = 1")
@@ -849,23 +849,12 @@ impl Store for SqliteStore {
     }
 
     async fn audit_range(&self, after: u64, limit: u32) -> Result<Vec<AuditEvent>, StoreError> {
-        let rows: Vec<AuditRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-            "SELECT {AUDIT_COLUMNS} FROM audit_events WHERE seq > ? ORDER BY seq LIMIT ?"
-        )))
-        .bind(i64::try_from(after).unwrap_or(i64::MAX))
-        .bind(i64::from(limit))
-        .fetch_all(&self.read)
-        .await
-        .map_err(db_error)?;
-        audit_events_of(rows)
+        let mut query = audit_range_query::<Sqlite>(after, limit);
+        audit_events_of(query.build_query_as().fetch_all(&self.read).await.map_err(db_error)?)
     }
 
     async fn audit_head(&self) -> Result<(u64, String), StoreError> {
-        let (seq, hash): (i64, String) = sqlx::query_as("SELECT seq, hash FROM audit_head WHERE id = 1")
-            .fetch_one(&self.read)
-            .await
-            .map_err(db_error)?;
-        Ok((u64::try_from(seq).map_err(|_| StoreError::Corrupt("audit head".into()))?, hash))
+        audit_head_of(sqlx::query_as(AUDIT_HEAD_SQL).fetch_one(&self.read).await.map_err(db_error)?)
     }
 
     async fn audit_events(&self, filter: &AuditFilter, page: AuditPage) -> Result<Vec<AuditEvent>, StoreError> {
