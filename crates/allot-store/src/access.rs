@@ -6,9 +6,11 @@ use std::collections::BTreeSet;
 
 use allot_app::StoreError;
 use allot_app::access::{ApiKey, LAST_ADMIN, RoleRevoke, Scope};
-use allot_app::store::{Page, Role};
+use allot_app::store::{Page, PageRequest, Role};
+use sqlx::QueryBuilder;
 
-use crate::common::{page_of, ts};
+use crate::common::{after_key, is_unique_violation, page_of, ts};
+use crate::writer::Outcome;
 
 /// A stored key: id, name, key_hash, scopes, created_by, created_at, revoked_at.
 pub type ApiKeyRow = (String, String, String, String, String, i64, Option<i64>);
@@ -42,6 +44,54 @@ fn api_key_of(row: ApiKeyRow) -> Result<ApiKey, StoreError> {
 fn keys_page(rows: Vec<ApiKeyRow>, limit: u32) -> Result<Page<ApiKey>, StoreError> {
     let rows = rows.into_iter().map(|r| Ok((r.0.clone(), api_key_of(r)?))).collect::<Result<Vec<_>, StoreError>>()?;
     Ok(page_of(rows, limit))
+}
+
+/// `INSERT` of a new key, for either backend.
+fn insert_key_query<DB: sqlx::Database>(key: &ApiKey) -> QueryBuilder<DB>
+where
+    String: for<'q> sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+    i64: for<'q> sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+{
+    let mut qb = QueryBuilder::new("INSERT INTO api_keys (id, name, key_hash, scopes, created_by, created_at) ");
+    qb.push_values([key], |mut b, k| {
+        b.push_bind(k.id.to_string())
+            .push_bind(k.name.clone())
+            .push_bind(k.key_hash.clone())
+            .push_bind(scopes_text(&k.scopes))
+            .push_bind(k.created_by.to_string())
+            .push_bind(k.created_at.as_second());
+    });
+    qb
+}
+
+/// A duplicate key (id or digest) is a conflict, not a database failure.
+fn inserted<T>(result: Result<T, sqlx::Error>) -> Outcome<(), StoreError> {
+    match result {
+        Ok(_) => Ok(Ok(())),
+        Err(e) if is_unique_violation(&e) => Ok(Err(StoreError::Conflict("API key exists".into()))),
+        Err(e) => Err(e),
+    }
+}
+
+/// The unrevoked key with this digest.
+fn key_by_hash_query<DB: sqlx::Database>(key_hash: &str) -> QueryBuilder<DB>
+where
+    String: for<'q> sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+{
+    let mut qb = QueryBuilder::new(format!("SELECT {API_KEY_COLUMNS} FROM api_keys WHERE key_hash = "));
+    qb.push_bind(key_hash.to_owned()).push(" AND revoked_at IS NULL");
+    qb
+}
+
+/// One page of keys (one row more than the page: it says whether there is more).
+fn keys_query<DB: sqlx::Database>(page: PageRequest) -> QueryBuilder<DB>
+where
+    String: for<'q> sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+    i64: for<'q> sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+{
+    let mut qb = QueryBuilder::new(format!("SELECT {API_KEY_COLUMNS} FROM api_keys WHERE id > "));
+    qb.push_bind(after_key(&page)).push(" ORDER BY id LIMIT ").push_bind(i64::from(page.limit) + 1);
+    qb
 }
 
 fn parse_roles(text: &str) -> Vec<Role> {
@@ -98,10 +148,8 @@ pub mod sqlite {
     use sqlx::{SqliteConnection, SqlitePool};
 
     use super::{
-        API_KEY_COLUMNS, ApiKeyRow, IS_ADMIN, LAST_ADMIN, RevokeStep, keys_page, parse_roles, revoke_step, roles_text,
-        scopes_text, with, without,
+        ApiKeyRow, IS_ADMIN, LAST_ADMIN, RevokeStep, keys_page, parse_roles, revoke_step, roles_text, with, without,
     };
-    use crate::common::{after_key, is_unique_violation};
     use crate::sqlite::SqliteBackend;
     use crate::writer::{Outcome, WriteCtx, Writer, db_error};
 
@@ -198,53 +246,23 @@ pub mod sqlite {
     }
 
     pub async fn insert_api_key(writer: &Writer<SqliteBackend>, key: &ApiKey) -> Result<(), StoreError> {
-        let row = (
-            key.id.to_string(),
-            key.name.clone(),
-            key.key_hash.clone(),
-            scopes_text(&key.scopes),
-            key.created_by.to_string(),
-            key.created_at.as_second(),
-        );
+        let mut query = super::insert_key_query::<sqlx::Sqlite>(key);
         writer
             .exec(move |ctx: &mut Ctx| -> BoxFuture<'_, Outcome<(), StoreError>> {
-                Box::pin(async move {
-                    let inserted = sqlx::query(
-                        "INSERT INTO api_keys (id, name, key_hash, scopes, created_by, created_at) VALUES (?, ?, ?, ?, ?, ?)",
-                    )
-                    .bind(row.0)
-                    .bind(row.1)
-                    .bind(row.2)
-                    .bind(row.3)
-                    .bind(row.4)
-                    .bind(row.5)
-                    .execute(&mut ctx.conn)
-                    .await;
-                    match inserted {
-                        Ok(_) => Ok(Ok(())),
-                        Err(e) if is_unique_violation(&e) => Ok(Err(StoreError::Conflict("API key exists".into()))),
-                        Err(e) => Err(e),
-                    }
-                })
+                Box::pin(async move { super::inserted(query.build().execute(&mut ctx.conn).await) })
             })
             .await
     }
 
     pub async fn api_key_by_hash(read: &SqlitePool, key_hash: &str) -> Result<Option<ApiKey>, StoreError> {
-        let sql = format!("SELECT {API_KEY_COLUMNS} FROM api_keys WHERE key_hash = ? AND revoked_at IS NULL");
-        let row: Option<ApiKeyRow> =
-            sqlx::query_as(sqlx::AssertSqlSafe(sql)).bind(key_hash).fetch_optional(read).await.map_err(db_error)?;
+        let mut query = super::key_by_hash_query::<sqlx::Sqlite>(key_hash);
+        let row: Option<ApiKeyRow> = query.build_query_as().fetch_optional(read).await.map_err(db_error)?;
         row.map(super::api_key_of).transpose()
     }
 
     pub async fn api_keys(read: &SqlitePool, page: PageRequest) -> Result<Page<ApiKey>, StoreError> {
-        let sql = format!("SELECT {API_KEY_COLUMNS} FROM api_keys WHERE id > ? ORDER BY id LIMIT ?");
-        let rows: Vec<ApiKeyRow> = sqlx::query_as(sqlx::AssertSqlSafe(sql))
-            .bind(after_key(&page))
-            .bind(i64::from(page.limit) + 1)
-            .fetch_all(read)
-            .await
-            .map_err(db_error)?;
+        let mut query = super::keys_query::<sqlx::Sqlite>(page);
+        let rows: Vec<ApiKeyRow> = query.build_query_as().fetch_all(read).await.map_err(db_error)?;
         keys_page(rows, page.limit)
     }
 
@@ -284,10 +302,8 @@ pub mod postgres {
     use sqlx::{PgConnection, PgPool};
 
     use super::{
-        API_KEY_COLUMNS, ApiKeyRow, IS_ADMIN, LAST_ADMIN, RevokeStep, keys_page, parse_roles, revoke_step, roles_text,
-        scopes_text, with, without,
+        ApiKeyRow, IS_ADMIN, LAST_ADMIN, RevokeStep, keys_page, parse_roles, revoke_step, roles_text, with, without,
     };
-    use crate::common::{after_key, is_unique_violation};
     use crate::postgres::PgBackend;
     use crate::writer::{Outcome, WriteCtx, Writer, db_error};
 
@@ -396,54 +412,23 @@ pub mod postgres {
     }
 
     pub async fn insert_api_key(writer: &Writer<PgBackend>, key: &ApiKey) -> Result<(), StoreError> {
-        let row = (
-            key.id.to_string(),
-            key.name.clone(),
-            key.key_hash.clone(),
-            scopes_text(&key.scopes),
-            key.created_by.to_string(),
-            key.created_at.as_second(),
-        );
+        let mut query = super::insert_key_query::<sqlx::Postgres>(key);
         writer
             .exec(move |ctx: &mut Ctx| -> BoxFuture<'_, Outcome<(), StoreError>> {
-                Box::pin(async move {
-                    let inserted = sqlx::query(
-                        "INSERT INTO api_keys (id, name, key_hash, scopes, created_by, created_at)
-                         VALUES ($1, $2, $3, $4, $5, $6)",
-                    )
-                    .bind(row.0)
-                    .bind(row.1)
-                    .bind(row.2)
-                    .bind(row.3)
-                    .bind(row.4)
-                    .bind(row.5)
-                    .execute(&mut ctx.conn)
-                    .await;
-                    match inserted {
-                        Ok(_) => Ok(Ok(())),
-                        Err(e) if is_unique_violation(&e) => Ok(Err(StoreError::Conflict("API key exists".into()))),
-                        Err(e) => Err(e),
-                    }
-                })
+                Box::pin(async move { super::inserted(query.build().execute(&mut ctx.conn).await) })
             })
             .await
     }
 
     pub async fn api_key_by_hash(read: &PgPool, key_hash: &str) -> Result<Option<ApiKey>, StoreError> {
-        let sql = format!("SELECT {API_KEY_COLUMNS} FROM api_keys WHERE key_hash = $1 AND revoked_at IS NULL");
-        let row: Option<ApiKeyRow> =
-            sqlx::query_as(sqlx::AssertSqlSafe(sql)).bind(key_hash).fetch_optional(read).await.map_err(db_error)?;
+        let mut query = super::key_by_hash_query::<sqlx::Postgres>(key_hash);
+        let row: Option<ApiKeyRow> = query.build_query_as().fetch_optional(read).await.map_err(db_error)?;
         row.map(super::api_key_of).transpose()
     }
 
     pub async fn api_keys(read: &PgPool, page: PageRequest) -> Result<Page<ApiKey>, StoreError> {
-        let sql = format!("SELECT {API_KEY_COLUMNS} FROM api_keys WHERE id > $1 ORDER BY id LIMIT $2");
-        let rows: Vec<ApiKeyRow> = sqlx::query_as(sqlx::AssertSqlSafe(sql))
-            .bind(after_key(&page))
-            .bind(i64::from(page.limit) + 1)
-            .fetch_all(read)
-            .await
-            .map_err(db_error)?;
+        let mut query = super::keys_query::<sqlx::Postgres>(page);
+        let rows: Vec<ApiKeyRow> = query.build_query_as().fetch_all(read).await.map_err(db_error)?;
         keys_page(rows, page.limit)
     }
 
