@@ -33,6 +33,8 @@ pub const VERIFY_PAGE_SIZE: u32 = 1000;
 pub const DETAIL_BYTES_MAX: usize = 512;
 /// Most details one event keeps.
 pub const DETAILS_MAX: usize = 16;
+/// Longest text kept in any other field of an event (ids, names, request ids).
+pub const FIELD_BYTES_MAX: usize = 256;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outcome {
@@ -99,8 +101,11 @@ impl AuditEvent {
         }
     }
 
-    /// Links the event after `(prev_seq, prev_hash)` and returns its own `(seq, hash)`.
+    /// Links the event after `(prev_seq, prev_hash)` and returns its own `(seq, hash)`. The
+    /// text is made storable first: events of many requests are appended together, so one
+    /// client's NUL byte (which PostgreSQL refuses in text) must not fail everyone's batch.
     pub fn chain_after(&mut self, prev_seq: u64, prev_hash: &str) -> (u64, String) {
+        self.make_storable();
         self.seq = prev_seq + 1;
         self.prev_hash = prev_hash.to_owned();
         self.hash = self.computed_hash();
@@ -146,16 +151,35 @@ impl AuditEvent {
         out
     }
 
+    fn make_storable(&mut self) {
+        for field in [&mut self.actor_id, &mut self.ip, &mut self.request_id, &mut self.target_id, &mut self.reason] {
+            if let Some(text) = field.as_mut() {
+                *text = storable(text, FIELD_BYTES_MAX);
+            }
+        }
+        self.actor_role = storable(&self.actor_role, FIELD_BYTES_MAX);
+        self.action = storable(&self.action, FIELD_BYTES_MAX);
+        let details = std::mem::take(&mut self.details);
+        self.details =
+            details.into_iter().map(|(k, v)| (storable(&k, FIELD_BYTES_MAX), storable(&v, DETAIL_BYTES_MAX))).collect();
+    }
+
     fn add_detail(&mut self, key: &str, value: &str) {
         if self.details.len() >= DETAILS_MAX && !self.details.contains_key(key) {
             return;
         }
-        let mut end = value.len().min(DETAIL_BYTES_MAX);
-        while !value.is_char_boundary(end) {
-            end -= 1;
-        }
-        self.details.insert(key.to_owned(), value[..end].to_owned());
+        self.details.insert(key.to_owned(), storable(value, DETAIL_BYTES_MAX));
     }
+}
+
+/// `text` without NUL characters (which PostgreSQL cannot store), cut to `bytes_max` at a
+/// character boundary.
+fn storable(text: &str, bytes_max: usize) -> String {
+    let mut end = text.len().min(bytes_max);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    text[..end].replace('\0', "\u{fffd}")
 }
 
 /// Filters of the audit list; all optional, combined with AND.
@@ -463,6 +487,19 @@ mod tests {
         fail_scope(&scope, "payment_declined");
         let recorded = scope.claim(Timestamp::UNIX_EPOCH).expect("claimed");
         assert_eq!((recorded.outcome, recorded.reason.as_deref()), (Outcome::Failure, Some("payment_declined")));
+    }
+
+    #[test]
+    fn chained_events_hold_only_storable_text() {
+        let mut e = event("booking.hold");
+        e.target_id = Some("a\0b".into());
+        e.request_id = Some("r".repeat(10 * FIELD_BYTES_MAX));
+        e.add_detail("email", "x\0y");
+        e.chain_after(0, GENESIS_HASH);
+        assert_eq!(e.target_id.as_deref(), Some("a\u{fffd}b"));
+        assert_eq!(e.request_id.as_ref().map(String::len), Some(FIELD_BYTES_MAX));
+        assert_eq!(e.details["email"], "x\u{fffd}y");
+        assert_eq!(e.hash, e.computed_hash(), "the hash covers what is stored");
     }
 
     #[test]

@@ -39,6 +39,12 @@ pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
     if bytes.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
         return Err(ApiError::bad_request(FieldErrors::single("body", "must be a JSON object")));
     }
+    if has_escaped_nul(bytes) {
+        return Err(ApiError::bad_request(FieldErrors::single(
+            "body",
+            "text may not contain NUL characters (\\u0000)",
+        )));
+    }
     let mut de = serde_json::Deserializer::from_slice(bytes);
     let value = serde_path_to_error::deserialize(&mut de).map_err(|e| {
         let path = e.path().to_string();
@@ -51,6 +57,23 @@ pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
     de.end()
         .map_err(|_| ApiError::bad_request(FieldErrors::single("body", "unexpected data after the JSON object")))?;
     Ok(value)
+}
+
+/// True when a JSON text holds the escape `\u0000` (raw control characters are not valid JSON):
+/// no stored text may contain NUL, which PostgreSQL refuses outright.
+fn has_escaped_nul(bytes: &[u8]) -> bool {
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'\\' {
+            if bytes[i + 1..].starts_with(b"u0000") {
+                return true;
+            }
+            i += 2; // the escaped character, so `\\u0000` (a backslash, then text) is not NUL
+        } else {
+            i += 1;
+        }
+    }
+    false
 }
 
 /// The authenticated user; 401 without a valid bearer token.
@@ -135,6 +158,9 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequestParts<S> for Query<T> {
 }
 
 fn serde_urlencoded_from_str<T: DeserializeOwned>(query: &str) -> Result<T, ApiError> {
+    if query.contains("%00") {
+        return Err(ApiError::field(StatusCode::BAD_REQUEST, "query", "may not contain NUL characters (%00)"));
+    }
     axum::extract::Query::<T>::try_from_uri(
         &format!("/?{query}")
             .parse()
