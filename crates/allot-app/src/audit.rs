@@ -379,29 +379,42 @@ pub enum Verdict {
     Broken { seq: u64, id: Option<String>, problem: String },
 }
 
-/// Walks the whole chain from the first event: every `seq` follows the one before, every
-/// `prev_hash` is the previous event's hash, every `hash` matches the contents, and the last
-/// event is the head the store recorded (so removing events from the end shows too).
+/// Walks the chain from its first row: every `seq` follows the one before from 1, every
+/// `prev_hash` is the previous event's hash, every `hash` matches the contents, and the walk
+/// ends exactly at the head the store recorded (so a removed tail, or a row beyond the head,
+/// shows too). On a live database the head is read only once no row is left, and the rows
+/// once more after it: an append that commits meanwhile is walked, not taken for tampering.
+/// A row that cannot even be read back (a negative `seq`, say) breaks the chain where it is.
 pub async fn verify(store: &dyn Store) -> Result<Verdict, StoreError> {
     let (mut seq, mut hash) = (0_u64, GENESIS_HASH.to_owned());
+    let mut head = None;
     loop {
-        let events = store.audit_range(seq, VERIFY_PAGE_SIZE).await?;
-        if events.is_empty() {
-            break;
-        }
+        let events = match store.audit_range(seq, VERIFY_PAGE_SIZE).await {
+            Ok(events) => events,
+            Err(StoreError::Corrupt(problem)) => return Ok(Verdict::Broken { seq: seq + 1, id: None, problem }),
+            Err(e) => return Err(e),
+        };
         for event in &events {
             if let Some(problem) = check_link(event, seq, &hash) {
                 return Ok(Verdict::Broken { seq: event.seq, id: Some(event.id.clone()), problem });
             }
             (seq, hash) = (event.seq, event.hash.clone());
         }
+        match (events.is_empty(), head.take()) {
+            (false, _) => {}
+            // No row left: read the head, then look for rows once more.
+            (true, None) => head = Some(store.audit_head().await?),
+            (true, Some((head_seq, head_hash))) => return Ok(ends_at_head(seq, &hash, head_seq, &head_hash)),
+        }
     }
-    let (head_seq, head_hash) = store.audit_head().await?;
-    if (head_seq, head_hash.as_str()) != (seq, hash.as_str()) {
-        let problem = format!("the chain ends at event {seq} but the recorded head is event {head_seq}");
-        return Ok(Verdict::Broken { seq: seq + 1, id: None, problem });
+}
+
+fn ends_at_head(seq: u64, hash: &str, head_seq: u64, head_hash: &str) -> Verdict {
+    if (seq, hash) == (head_seq, head_hash) {
+        return Verdict::Intact { events: seq };
     }
-    Ok(Verdict::Intact { events: seq })
+    let problem = format!("the chain ends at event {seq} but the recorded head is event {head_seq}");
+    Verdict::Broken { seq: seq.min(head_seq) + 1, id: None, problem }
 }
 
 fn check_link(event: &AuditEvent, prev_seq: u64, prev_hash: &str) -> Option<String> {

@@ -244,3 +244,29 @@ async fn access_changes_and_partners_are_audited_by_name() {
     );
     assert!(granted["details"]["role"].as_str().unwrap().starts_with("Manager"), "{granted}");
 }
+
+#[tokio::test]
+async fn refused_refreshes_are_failures_and_a_reuse_says_so() {
+    let t = TestApp::spawn().await;
+    let admin = t.admin().await;
+    t.customer("ann@test.allot").await;
+    let (_, session) =
+        t.post(None, "/auth/login", json!({"email": "ann@test.allot", "password": "password-123"})).await;
+    let first = session["refresh_token"].as_str().unwrap().to_owned();
+    let start = head(&t).await;
+    let (status, _) = t.post(None, "/auth/refresh", json!({"refresh_token": "garbage"})).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    let (status, _) = t.post(None, "/auth/refresh", json!({"refresh_token": first})).await;
+    assert_eq!(status, StatusCode::OK);
+    let (status, _) = t.post(None, "/auth/refresh", json!({"refresh_token": first})).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED, "a reused token is refused");
+    let events = events_after(&t, &admin, start).await;
+    assert_eq!(
+        summary(&events),
+        vec![
+            s("auth.refresh", "failure", Some("unauthenticated")),
+            s("auth.refresh", "success", None),
+            s("auth.refresh", "failure", Some("refresh_token_reused")),
+        ]
+    );
+}

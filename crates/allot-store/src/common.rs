@@ -4,8 +4,10 @@
 use std::collections::HashMap;
 
 use allot_app::StoreError;
-use allot_app::audit::{AuditEvent, AuditFilter, AuditPage, Outcome};
-use allot_app::store::{Decide, IdempotencyBegin, Page, PageRequest, Role, SeatState, UpdateRefused, User};
+use allot_app::audit::{AuditEvent, AuditFilter, AuditPage, AuditScope, Outcome};
+use allot_app::store::{
+    Decide, IdempotencyBegin, Page, PageRequest, Role, RotateOutcome, SeatState, UpdateRefused, User,
+};
 use allot_core::booking::{Booking, BookingStatus, Transition};
 use allot_core::capacity::{Claim, Span};
 use allot_core::ids::ResourceId;
@@ -279,13 +281,16 @@ pub fn audit_head_of((seq, hash): (i64, String)) -> Result<(u64, String), StoreE
     Ok((u64::try_from(seq).map_err(|_| StoreError::Corrupt("audit head".into()))?, hash))
 }
 
-/// Events with `seq > after`, oldest first, at most `limit`: the chain in order.
+/// Events with `seq > after`, oldest first, at most `limit`: the chain in order. From the
+/// very first row when `after` is 0, whatever its `seq`, so a forged row numbered 0 or below
+/// is seen by `verify` too.
 pub fn audit_range_query<DB: sqlx::Database>(after: u64, limit: u32) -> QueryBuilder<DB>
 where
     i64: for<'q> sqlx::Encode<'q, DB> + sqlx::Type<DB>,
 {
     let mut qb = QueryBuilder::new(format!("SELECT {AUDIT_COLUMNS} FROM audit_events WHERE seq > "));
-    qb.push_bind(i64::try_from(after).unwrap_or(i64::MAX)).push(" ORDER BY seq LIMIT ").push_bind(i64::from(limit));
+    let after = if after == 0 { i64::MIN } else { i64::try_from(after).unwrap_or(i64::MAX) };
+    qb.push_bind(after).push(" ORDER BY seq LIMIT ").push_bind(i64::from(limit));
     qb
 }
 
@@ -331,4 +336,17 @@ where
     }
     qb.push(" ORDER BY seq DESC LIMIT ").push_bind(i64::from(page.limit));
     qb
+}
+
+/// A refused rotation is a failed attempt, although its transaction is kept (a reused token
+/// revokes its family): the request's audit event must say so before the writer takes it.
+pub fn audit_rotation(scope: Option<&AuditScope>, outcome: &Result<RotateOutcome, StoreError>) {
+    let reason = match outcome {
+        Ok(RotateOutcome::Invalid) => "unauthenticated",
+        Ok(RotateOutcome::Reused) => "refresh_token_reused",
+        Ok(RotateOutcome::Rotated { .. }) | Err(_) => return,
+    };
+    if let Some(scope) = scope {
+        allot_app::audit::fail_scope(scope, reason);
+    }
 }

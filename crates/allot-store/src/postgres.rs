@@ -35,9 +35,9 @@ use crate::access;
 use crate::cache::{self, Cache, INVALIDATE_ALL};
 use crate::common::{
     AUDIT_HEAD_SQL, AuditRow, KeyRow, Rotation, TokenRow, USER_COLUMNS, UserRow, VENUE_IN_USE, add_seat_states,
-    after_key, audit_events_of, audit_head_of, audit_insert, audit_range_query, audit_select, chain, claims_from_rows,
-    decided, docs_to_page, existing_key, expired, from_json, from_json_db, hold_expiry, is_unique_violation, rotation,
-    to_json, ts, user_of,
+    after_key, audit_events_of, audit_head_of, audit_insert, audit_range_query, audit_rotation, audit_select, chain,
+    claims_from_rows, decided, docs_to_page, existing_key, expired, from_json, from_json_db, hold_expiry,
+    is_unique_violation, rotation, to_json, ts, user_of,
 };
 use crate::writer::{Backend, Outcome, WriteCtx, Writer, db_error};
 
@@ -769,9 +769,14 @@ impl Store for PgStore {
         now: Timestamp,
     ) -> Result<RotateOutcome, StoreError> {
         let (old_hash, new_hash) = (old_hash.to_owned(), new_hash.to_owned());
+        let audit = allot_app::audit::current();
         self.writer
             .exec(move |ctx: &mut Ctx| -> BoxFuture<'_, Outcome<RotateOutcome, StoreError>> {
-                Box::pin(rotate_in_tx(ctx, old_hash, new_hash, new_expires_at, now))
+                Box::pin(async move {
+                    let outcome = rotate_in_tx(ctx, old_hash, new_hash, new_expires_at, now).await?;
+                    audit_rotation(audit.as_ref(), &outcome);
+                    Ok(outcome)
+                })
             })
             .await
     }

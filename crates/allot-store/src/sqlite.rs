@@ -26,9 +26,9 @@ use sqlx::{Connection, QueryBuilder, Sqlite, SqliteConnection};
 use crate::access;
 use crate::common::{
     AUDIT_HEAD_SQL, AuditRow, KeyRow, Rotation, TokenRow, USER_COLUMNS, UserRow, VENUE_IN_USE, add_seat_states,
-    after_key, audit_events_of, audit_head_of, audit_insert, audit_range_query, audit_select, chain, claims_from_rows,
-    decided, docs_to_page, existing_key, expired, from_json, from_json_db, hold_expiry, is_unique_violation, rotation,
-    to_json, ts, user_of,
+    after_key, audit_events_of, audit_head_of, audit_insert, audit_range_query, audit_rotation, audit_select, chain,
+    claims_from_rows, decided, docs_to_page, existing_key, expired, from_json, from_json_db, hold_expiry,
+    is_unique_violation, rotation, to_json, ts, user_of,
 };
 use crate::writer::{Backend, Outcome, WriteCtx, Writer, db_error};
 
@@ -77,6 +77,49 @@ pub const READ_POOL_CONNECTIONS_MAX: u32 = 8;
 pub const BUSY_TIMEOUT_SECONDS: u64 = 10;
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
+
+/// Rotates a refresh token in the writer's transaction (see [`rotation`]).
+async fn rotate_in_tx(
+    ctx: &mut Ctx,
+    old_hash: String,
+    new_hash: String,
+    new_expires_at: Timestamp,
+    now: Timestamp,
+) -> Outcome<RotateOutcome, StoreError> {
+    let now = ctx.now(now).as_second();
+    let row: Option<TokenRow> = sqlx::query_as(
+        "SELECT user_id, family_id, expires_at, used_at, revoked_at FROM refresh_tokens WHERE token_hash = ?",
+    )
+    .bind(&old_hash)
+    .fetch_optional(&mut ctx.conn)
+    .await?;
+    let (user_id, family) = match rotation(row, now) {
+        Rotation::Invalid => return Ok(Ok(RotateOutcome::Invalid)),
+        Rotation::RevokeFamily(family) => {
+            sqlx::query("UPDATE refresh_tokens SET revoked_at = ? WHERE family_id = ? AND revoked_at IS NULL")
+                .bind(now)
+                .bind(&family)
+                .execute(&mut ctx.conn)
+                .await?;
+            return Ok(Ok(RotateOutcome::Reused));
+        }
+        Rotation::Rotate { user_id, family } => (user_id, family),
+    };
+    sqlx::query("UPDATE refresh_tokens SET used_at = ? WHERE token_hash = ?")
+        .bind(now)
+        .bind(&old_hash)
+        .execute(&mut ctx.conn)
+        .await?;
+    sqlx::query("INSERT INTO refresh_tokens (token_hash, user_id, family_id, expires_at) VALUES (?, ?, ?, ?)")
+        .bind(&new_hash)
+        .bind(&user_id)
+        .bind(&family)
+        .bind(new_expires_at.as_second())
+        .execute(&mut ctx.conn)
+        .await?;
+    let user_id = user_id.parse().map_err(|_| sqlx::Error::Protocol("bad user id".into()))?;
+    Ok(Ok(RotateOutcome::Rotated { user_id }))
+}
 
 pub struct SqliteStore {
     read: SqlitePool,
@@ -343,42 +386,13 @@ impl Store for SqliteStore {
         now: Timestamp,
     ) -> Result<RotateOutcome, StoreError> {
         let (old_hash, new_hash) = (old_hash.to_owned(), new_hash.to_owned());
+        let audit = allot_app::audit::current();
         self.writer
             .exec(move |ctx: &mut Ctx| -> BoxFuture<'_, Outcome<RotateOutcome, StoreError>> {
                 Box::pin(async move {
-                    let now = ctx.now(now).as_second();
-                    let row: Option<TokenRow> = sqlx::query_as(
-                        "SELECT user_id, family_id, expires_at, used_at, revoked_at FROM refresh_tokens WHERE token_hash = ?",
-                    )
-                    .bind(&old_hash)
-                    .fetch_optional(&mut ctx.conn)
-                    .await?;
-                    let (user_id, family) = match rotation(row, now) {
-                        Rotation::Invalid => return Ok(Ok(RotateOutcome::Invalid)),
-                        Rotation::RevokeFamily(family) => {
-                            sqlx::query("UPDATE refresh_tokens SET revoked_at = ? WHERE family_id = ? AND revoked_at IS NULL")
-                                .bind(now)
-                                .bind(&family)
-                                .execute(&mut ctx.conn)
-                                .await?;
-                            return Ok(Ok(RotateOutcome::Reused));
-                        }
-                        Rotation::Rotate { user_id, family } => (user_id, family),
-                    };
-                    sqlx::query("UPDATE refresh_tokens SET used_at = ? WHERE token_hash = ?")
-                        .bind(now)
-                        .bind(&old_hash)
-                        .execute(&mut ctx.conn)
-                        .await?;
-                    sqlx::query("INSERT INTO refresh_tokens (token_hash, user_id, family_id, expires_at) VALUES (?, ?, ?, ?)")
-                        .bind(&new_hash)
-                        .bind(&user_id)
-                        .bind(&family)
-                        .bind(new_expires_at.as_second())
-                        .execute(&mut ctx.conn)
-                        .await?;
-                    let user_id = user_id.parse().map_err(|_| sqlx::Error::Protocol("bad user id".into()))?;
-                    Ok(Ok(RotateOutcome::Rotated { user_id }))
+                    let outcome = rotate_in_tx(ctx, old_hash, new_hash, new_expires_at, now).await?;
+                    audit_rotation(audit.as_ref(), &outcome);
+                    Ok(outcome)
                 })
             })
             .await

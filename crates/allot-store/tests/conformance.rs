@@ -180,6 +180,8 @@ conformance! {
     audit::events_are_append_only,
     audit::an_edited_event_breaks_the_chain_there,
     audit::removed_events_break_the_chain,
+    audit::rows_outside_the_chain_break_it,
+    audit::verifying_a_live_chain_is_not_fooled_by_appends,
     users::users_insert_lookup_and_duplicate_email,
     users::set_manager_lists_venues,
     users::refresh_token_rotation_and_reuse_revokes_the_family,

@@ -228,3 +228,40 @@ pub async fn removed_events_break_the_chain(b: &Backend) {
     b.raw("DELETE FROM audit_events WHERE seq = 2").await.unwrap();
     assert!(matches!(verdict(b).await, Verdict::Broken { seq: 3, .. }), "{:?}", verdict(b).await);
 }
+
+const FORGED: &str = "INSERT INTO audit_events (seq, id, at, actor_role, action, outcome, details, prev_hash, hash)
+     VALUES ({seq}, 'forged-{seq}', 0, 'admin', 'user.role_grant', 'success', '{}', 'x', 'y')";
+
+pub async fn rows_outside_the_chain_break_it(b: &Backend) {
+    let s = b.store();
+    for i in 0..2 {
+        s.append_audit(event("auth.login", "alice", i)).await.unwrap();
+    }
+    // Beyond the head: appended without moving it.
+    b.raw(&FORGED.replace("{seq}", "3")).await.unwrap();
+    assert!(matches!(verdict(b).await, Verdict::Broken { seq: 3, .. }), "{:?}", verdict(b).await);
+    // Before the first event: no valid hash needed to be listed, so verify must see it too.
+    b.raw(&FORGED.replace("{seq}", "0")).await.unwrap();
+    assert!(matches!(verdict(b).await, Verdict::Broken { seq: 0, .. }), "{:?}", verdict(b).await);
+    b.raw(&FORGED.replace("{seq}", "-1")).await.unwrap();
+    assert!(matches!(verdict(b).await, Verdict::Broken { .. }), "{:?}", verdict(b).await);
+}
+
+pub async fn verifying_a_live_chain_is_not_fooled_by_appends(b: &Backend) {
+    let s = b.store();
+    let writer = {
+        let s = s.clone();
+        tokio::spawn(async move {
+            for i in 0..300 {
+                s.append_audit(event("auth.login", "busy", i)).await.unwrap();
+            }
+        })
+    };
+    let mut verdicts = Vec::new();
+    while !writer.is_finished() {
+        verdicts.push(verdict(b).await);
+    }
+    writer.await.unwrap();
+    assert!(verdicts.iter().all(|v| matches!(v, Verdict::Intact { .. })), "{verdicts:?}");
+    assert_eq!(verdict(b).await, Verdict::Intact { events: 300 });
+}
