@@ -180,8 +180,11 @@ impl App {
     }
 
     pub async fn login(&self, email: &str, password: &str) -> AppResult<Session> {
-        audit::detail("email", email);
-        let email = parse_email(email).map_err(|_| AppError::Unauthenticated)?;
+        // Only a well-formed address is recorded: a password typed into the e-mail field must
+        // not end up in append-only rows.
+        let parsed = parse_email(email);
+        audit::detail("email", parsed.as_deref().unwrap_or("(not an e-mail address)"));
+        let email = parsed.map_err(|_| AppError::Unauthenticated)?;
         let user = self.store.user_by_email(&email).await?;
         // Verify against a fixed hash when the user is unknown, so timing does not reveal accounts.
         let hash = user.as_ref().map_or_else(|| self.dummy_hash.clone(), |u| u.password_hash.clone());

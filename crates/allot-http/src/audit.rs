@@ -85,7 +85,9 @@ pub async fn layer(State(app): State<Arc<App>>, request: Request, next: Next) ->
         parts.extensions.insert(p);
     }
     let scope = AuditScope::new(event);
+    let mut unfinished = Unfinished { app: app.clone(), scope: Some(scope.clone()) };
     let response = scope.clone().run(next.run(Request::from_parts(parts, body))).await;
+    unfinished.scope = None;
     let status = response.status();
     let code = response.extensions().get::<ErrorCode>().map(|c| c.0);
     let succeeded = status.is_success() || status.is_redirection();
@@ -106,7 +108,7 @@ async fn draft(app: &App, parts: &Parts, action: String, target: Option<String>)
     };
     let mut event = AuditEvent::new(action, role_of(principal.as_ref()), app.clock.now());
     event.actor_id = principal.as_ref().map(|p| p.user_id.to_string());
-    event.ip = parts.extensions.get::<ConnectInfo<SocketAddr>>().map(|c| c.0.ip().to_string());
+    event.ip = client_addr(parts);
     event.request_id = request_id(parts);
     event.target_id = target;
     (event, principal)
@@ -118,14 +120,26 @@ async fn append(app: &App, event: AuditEvent) {
     }
 }
 
-/// Records a state-changing request refused before routing (rate limits): the action and
-/// target come from matching its path against the audited routes.
+/// Records a state-changing request refused before routing (rate limits, the
+/// `Idempotency-Key` layer): the action and target come from matching its path against the
+/// audited routes; a path of no route is not an attempt at anything and is not recorded. The
+/// caller is named from the token's signature alone: refusals must stay cheap (a flood of
+/// them costs one grouped append each, never a database read).
 pub async fn record_refused(app: &App, parts: &Parts, reason: &str, details: &[(&str, String)]) {
     if !changes_state(&parts.method) {
         return;
     }
-    let (action, target) = match_path(&parts.method, parts.uri.path());
-    let (mut event, _) = draft(app, parts, action, target).await;
+    let Some((action, target)) = match_path(&parts.method, parts.uri.path()) else { return };
+    let (role, actor) = match (parts.extensions.get::<Principal>(), bearer(parts)) {
+        (Some(p), _) => (role_of(Some(p)), Some(p.user_id.to_string())),
+        (None, Some(token)) => ("unverified", app.token_subject(token).map(|u| u.to_string())),
+        (None, None) => ("anonymous", None),
+    };
+    let mut event = AuditEvent::new(action, role, app.clock.now());
+    event.actor_id = actor;
+    event.ip = client_addr(parts);
+    event.request_id = request_id(parts);
+    event.target_id = target;
     event.outcome = allot_app::audit::Outcome::Failure;
     event.reason = Some(reason.to_owned());
     for (key, value) in details {
@@ -134,9 +148,8 @@ pub async fn record_refused(app: &App, parts: &Parts, reason: &str, details: &[(
     append(app, event).await;
 }
 
-/// The action of the audited route `path` matches, and the value of its first parameter; a
-/// path of no audited route is named by its method alone (its raw text could be anything).
-fn match_path(method: &Method, path: &str) -> (String, Option<String>) {
+/// The action of the audited route `path` matches, and the value of its first parameter.
+fn match_path(method: &Method, path: &str) -> Option<(String, Option<String>)> {
     let segments: Vec<&str> = path.split('/').collect();
     for (m, template, action) in ACTIONS {
         if *m != method.as_str() {
@@ -149,10 +162,38 @@ fn match_path(method: &Method, path: &str) -> (String, Option<String>) {
         let fits = pattern.iter().zip(&segments).all(|(p, s)| p.starts_with('{') || p == s);
         if fits {
             let param = pattern.iter().zip(&segments).find(|(p, _)| p.starts_with('{')).map(|(_, s)| (*s).to_owned());
-            return ((*action).to_owned(), param);
+            return Some(((*action).to_owned(), param));
         }
     }
-    (format!("{method} (no such route)"), None)
+    None
+}
+
+/// The client's address: as the rate limits identify it (behind a trusted proxy, from
+/// `X-Forwarded-For`), else the connection's peer.
+fn client_addr(parts: &Parts) -> Option<String> {
+    if let Some(addr) = parts.extensions.get::<crate::ratelimit::ClientAddr>() {
+        return Some(addr.0.to_string());
+    }
+    parts.extensions.get::<ConnectInfo<SocketAddr>>().map(|c| c.0.ip().to_string())
+}
+
+/// Records the attempt when its request never finishes here: a timeout drops it, a panic
+/// unwinds through it. `Drop` cannot wait, so the append runs as a task of its own.
+struct Unfinished {
+    app: Arc<App>,
+    scope: Option<AuditScope>,
+}
+
+impl Drop for Unfinished {
+    fn drop(&mut self) {
+        let Some(scope) = self.scope.take() else { return };
+        let reason = if std::thread::panicking() { "internal" } else { "timeout" };
+        let Some(event) = scope.finish(false, Some(reason), self.app.clock.now()) else { return };
+        let app = self.app.clone();
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move { append(&app, event).await });
+        }
+    }
 }
 
 /// The request's id as the ops layer settled it (the client's `X-Request-Id` or a new one).
@@ -174,10 +215,11 @@ mod tests {
     #[test]
     fn paths_refused_before_routing_find_their_action() {
         let on = |m: Method, p: &str| match_path(&m, p);
-        assert_eq!(on(Method::POST, "/api/v1/bookings"), ("booking.hold".into(), None));
-        assert_eq!(on(Method::POST, "/api/v1/bookings/b1/confirm"), ("booking.confirm".into(), Some("b1".into())));
-        assert_eq!(on(Method::DELETE, "/api/v1/venues/v1"), ("venue.delete".into(), Some("v1".into())));
-        assert_eq!(on(Method::POST, "/api/v1/nothing/here"), ("POST (no such route)".into(), None));
-        assert_eq!(on(Method::GET, "/api/v1/bookings"), ("GET (no such route)".into(), None));
+        assert_eq!(on(Method::POST, "/api/v1/bookings"), Some(("booking.hold".into(), None)));
+        let confirm = on(Method::POST, "/api/v1/bookings/b1/confirm");
+        assert_eq!(confirm, Some(("booking.confirm".into(), Some("b1".into()))));
+        assert_eq!(on(Method::DELETE, "/api/v1/venues/v1"), Some(("venue.delete".into(), Some("v1".into()))));
+        assert_eq!(on(Method::POST, "/api/v1/nothing/here"), None);
+        assert_eq!(on(Method::GET, "/api/v1/bookings"), None);
     }
 }

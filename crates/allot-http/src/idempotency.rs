@@ -36,19 +36,23 @@ pub async fn layer(State(app): State<Arc<App>>, request: Request, next: Next) ->
     let Some(key) = request.headers().get(HEADER).map(|v| v.to_str().map(str::to_owned)) else {
         return next.run(request).await;
     };
-    let Ok(key) = key else {
-        return ApiError::field(StatusCode::BAD_REQUEST, "Idempotency-Key", "must be ASCII").into_response();
-    };
     let (mut parts, body) = request.into_parts();
-    let Ok(bytes) = axum::body::to_bytes(body, BODY_BYTES_MAX).await else {
-        return ApiError::field(StatusCode::PAYLOAD_TOO_LARGE, "body", "request body too large").into_response();
+    let Ok(key) = key else {
+        return refused(&app, &parts, ApiError::field(StatusCode::BAD_REQUEST, "Idempotency-Key", "must be ASCII"))
+            .await;
     };
-    // Keys are scoped to the verified principal (anonymous callers to their address); a bad
-    // token goes through unkeyed and gets its 401.
+    let Ok(bytes) = axum::body::to_bytes(body, BODY_BYTES_MAX).await else {
+        let too_large = ApiError::field(StatusCode::PAYLOAD_TOO_LARGE, "body", "request body too large");
+        return refused(&app, &parts, too_large).await;
+    };
+    // Keys are scoped to the verified principal (anonymous callers to their address, as the
+    // rate limits see it behind a trusted proxy); a bad token goes through unkeyed and gets
+    // its 401.
     let principal = match bearer(&parts) {
         None => {
-            let peer = parts.extensions.get::<ConnectInfo<SocketAddr>>().map(|c| c.0.ip().to_string());
-            format!("anonymous:{}", peer.unwrap_or_default())
+            let client = parts.extensions.get::<crate::ratelimit::ClientAddr>().map(|a| a.0);
+            let peer = client.or_else(|| parts.extensions.get::<ConnectInfo<SocketAddr>>().map(|c| c.0.ip()));
+            format!("anonymous:{}", peer.map(|ip| ip.to_string()).unwrap_or_default())
         }
         Some(token) => match app.authenticate(token).await {
             Ok(p) => {
@@ -68,7 +72,7 @@ pub async fn layer(State(app): State<Arc<App>>, request: Request, next: Next) ->
     hasher.update(&bytes);
     let id = IdempotencyKey { principal, key, request_hash: hex::encode(hasher.finalize()) };
     match app.idempotency_admit(&id).await {
-        Err(e) => ApiError::from(e).into_response(),
+        Err(e) => refused(&app, &parts, ApiError::from(e)).await,
         Ok(Admission::Replay { status, body }) => replay(status, body),
         Ok(Admission::Run) => {
             // Run detached: a client that hangs up must not cancel the request half-way, or the
@@ -95,6 +99,12 @@ pub async fn layer(State(app): State<Arc<App>>, request: Request, next: Next) ->
             }
         }
     }
+}
+
+/// A keyed request refused here never reaches the audit layer: record the attempt now.
+async fn refused(app: &App, parts: &axum::http::request::Parts, error: ApiError) -> Response {
+    crate::audit::record_refused(app, parts, error.code, &[]).await;
+    error.into_response()
 }
 
 fn replay(status: u16, body: Vec<u8>) -> Response {

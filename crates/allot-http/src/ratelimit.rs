@@ -614,7 +614,14 @@ pub struct RateLimited {
 
 /// The middleware: checks the request's buckets, refuses with 429 or runs the request, and
 /// sets the `RateLimit-*` headers either way.
-pub async fn layer(State(limiter): State<Arc<Limiter>>, request: Request, next: Next) -> Response {
+pub async fn layer(State(limiter): State<Arc<Limiter>>, mut request: Request, next: Next) -> Response {
+    // The client as the limits see it (behind a trusted proxy: from `X-Forwarded-For`), for
+    // whatever else records who asked (the audit trail).
+    let (mut parts, body) = request.into_parts();
+    if let Some(ip) = client_ip(&parts, &limiter.trusted_proxies) {
+        parts.extensions.insert(ClientAddr(ip));
+    }
+    request = Request::from_parts(parts, body);
     if !limiter.config.enabled || UNLIMITED_PATHS.contains(&request.uri().path()) {
         return next.run(request).await;
     }
@@ -635,6 +642,10 @@ pub async fn layer(State(limiter): State<Arc<Limiter>>, request: Request, next: 
     set_headers(response.headers_mut(), &shown);
     response
 }
+
+/// The client's address as the rate limits identify it.
+#[derive(Debug, Clone, Copy)]
+pub struct ClientAddr(pub IpAddr);
 
 /// The one place a refused request is seen whole: counted for metrics, logged, and recorded
 /// in the audit trail when it was a write.

@@ -270,3 +270,47 @@ async fn refused_refreshes_are_failures_and_a_reuse_says_so() {
         ]
     );
 }
+
+#[tokio::test]
+async fn refusals_of_the_idempotency_layer_are_recorded() {
+    let t = TestApp::spawn().await;
+    let admin = t.admin().await;
+    let venue = t.venue(&admin, "cinema").await;
+    let (seats, event) = t.seats_and_event(&admin, &venue, 2, 48).await;
+    let ann = t.customer("ann@test.allot").await;
+    let start = head(&t).await;
+    let hold = |seat: &str| json!({"items": [{"resource_id": seat, "event_id": event}]});
+    let post =
+        |body: Value| t.client.post(t.url("/bookings")).bearer_auth(&ann).header("idempotency-key", "k-1").json(&body);
+    assert_eq!(post(hold(&seats[0])).send().await.unwrap().status(), StatusCode::CREATED);
+    assert_eq!(post(hold(&seats[0])).send().await.unwrap().status(), StatusCode::CREATED, "a replay");
+    assert_eq!(post(hold(&seats[1])).send().await.unwrap().status(), StatusCode::UNPROCESSABLE_ENTITY, "key reused");
+    let events = events_after(&t, &admin, start).await;
+    assert_eq!(
+        summary(&events),
+        vec![s("booking.hold", "success", None), s("booking.hold", "failure", Some("idempotency_key_reused"))],
+        "the replay is the same attempt, recorded once"
+    );
+}
+
+#[tokio::test]
+async fn behind_a_trusted_proxy_the_client_address_is_recorded() {
+    let limits = allot_http::ratelimit::RateLimits {
+        enabled: false,
+        trusted_proxies: vec!["127.0.0.1/32".into()],
+        ..allot_http::ratelimit::RateLimits::default()
+    };
+    let t = TestApp::spawn_with(allot_http::HttpOptions::default().with_rate_limits(limits)).await;
+    let admin = t.admin().await;
+    let response = t
+        .client
+        .post(t.url("/auth/login"))
+        .header("x-forwarded-for", "203.0.113.9")
+        .json(&json!({"email": "nobody@test.allot", "password": "password-123"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
+    let (_, page) = t.get(Some(&admin), "/audit?action=auth.login&outcome=failure").await;
+    assert_eq!(page["data"][0]["ip"], "203.0.113.9", "{page}");
+}

@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use allot_app::App;
+use allot_app::audit::{AuditFilter, AuditPage, Outcome};
 use allot_app::clock::ManualClock;
 use allot_app::payments::{ChargeOutcome, ChargeRequest, PaymentProvider, ProviderError, TestProvider};
 use allot_app::store::Role;
@@ -351,6 +352,18 @@ async fn a_request_over_the_timeout_answers_503_in_the_error_format() {
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
     assert_eq!(body["error"]["code"], "timeout");
     assert!(body["error"]["message"].is_string() && body["error"]["details"].is_object(), "{body}");
+    // The attempt never finished, and it is in the audit trail all the same.
+    let confirms = AuditFilter { action: Some("booking.confirm".into()), ..AuditFilter::default() };
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let events = loop {
+        let events = t.store.audit_events(&confirms, AuditPage { before: None, limit: 10 }).await.unwrap();
+        if !events.is_empty() || std::time::Instant::now() > deadline {
+            break events;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let reasons: Vec<_> = events.iter().map(|e| (e.outcome, e.reason.clone())).collect();
+    assert_eq!(reasons, vec![(Outcome::Failure, Some("timeout".to_owned()))]);
     payments.open();
 }
 
