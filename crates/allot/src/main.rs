@@ -44,7 +44,9 @@ async fn audit_verify(database_url: &str) -> anyhow::Result<()> {
     let store = open_store(database_url).await?;
     match allot_app::audit::verify(store.as_ref()).await? {
         Verdict::Intact { events } => {
-            println!("audit chain intact: {events} events");
+            // The head to keep outside the database: a consistent rewrite no longer leads to it.
+            let (_, head) = store.audit_head().await?;
+            println!("audit chain intact: {events} events; head {head}");
             Ok(())
         }
         Verdict::Broken { seq, id, problem } => {
