@@ -37,11 +37,16 @@ use crate::extract::bearer;
 pub const PARTNER_KEY_PREFIX: &str = "allot_pk_";
 /// Prefix of every Redis key the limiter writes.
 pub const REDIS_KEY_PREFIX_DEFAULT: &str = "allot:rl:";
-/// Buckets kept in memory at most; past it new keys are not tracked (allowed) until full
-/// buckets are pruned, so a flood of distinct addresses cannot exhaust memory.
+/// Buckets kept in memory at most, so a flood of distinct addresses cannot exhaust memory;
+/// past it new keys share their tier's overflow bucket (see [`MemoryBuckets`]).
 const MEMORY_KEYS_MAX: usize = 1_000_000;
 /// The in-memory map is scanned for full (forgettable) buckets when it grows past this.
 const MEMORY_PRUNE_KEYS_MIN: usize = 4096;
+/// Shortest time between two scans of the in-memory map (µs).
+const MEMORY_PRUNE_INTERVAL_US: i64 = MICROS_PER_SECOND;
+/// Key prefix of the per-tier overflow buckets; no tier is named `overflow`, so no probe key
+/// (`tier:identity`) can collide with one.
+const MEMORY_OVERFLOW_KEY_PREFIX: &str = "overflow:";
 /// Longest a request waits for Redis (connect + script) before falling back to memory.
 const REDIS_TIMEOUT: Duration = Duration::from_millis(1000);
 /// After Redis failed, how long requests use memory only before Redis is tried again.
@@ -336,38 +341,78 @@ struct Probe {
     rate: Rate,
 }
 
-#[derive(Debug, Default)]
+/// The in-memory buckets, at most `keys_max` of them plus one overflow bucket per tier.
+///
+/// When the map is full of live buckets, a new key is checked against its tier's shared
+/// overflow bucket (`overflow:<tier>`) instead of a bucket of its own. Not tracking it would
+/// make it unlimited (a flood of distinct keys would switch every limit off, the login limit
+/// included); evicting a tracked bucket would hand a fresh budget to whoever can churn keys.
+/// The overflow bucket keeps memory bounded and fails closed: while the map is full, new
+/// clients share one budget per tier (credential stuffing gets one login budget in all), and
+/// clients already tracked keep their own. Buckets expire within their period (15 min at most
+/// by default) and pruning then makes room again.
+#[derive(Debug)]
 struct MemoryBuckets {
     tats: HashMap<String, i64>,
-    prune_at: usize,
+    /// Number of buckets at which the next prune is due, at most `keys_max`.
+    prune_at_keys: usize,
+    /// When the last prune ran (µs), `None` before the first.
+    pruned_at_us: Option<i64>,
+    keys_max: usize,
 }
 
 impl MemoryBuckets {
+    fn new(keys_max: usize) -> Self {
+        Self { tats: HashMap::new(), prune_at_keys: MEMORY_PRUNE_KEYS_MIN.min(keys_max), pruned_at_us: None, keys_max }
+    }
+
     fn check(&mut self, probes: &[Probe], now: i64) -> Vec<Step> {
-        let stored: Vec<Option<i64>> = probes.iter().map(|p| self.tats.get(&p.key).copied()).collect();
+        self.prune(now);
+        let keys = self.bucket_keys(probes);
+        let stored: Vec<Option<i64>> = keys.iter().map(|key| self.tats.get(key).copied()).collect();
         let rates: Vec<Rate> = probes.iter().map(|p| p.rate).collect();
         let (allowed, steps) = decide(&rates, &stored, now);
         if allowed {
-            self.prune(now);
-            for (probe, step) in probes.iter().zip(&steps) {
-                if let Step::Allowed { tat } = step
-                    && (self.tats.len() < MEMORY_KEYS_MAX || self.tats.contains_key(&probe.key))
-                {
-                    self.tats.insert(probe.key.clone(), *tat);
+            for (key, step) in keys.into_iter().zip(&steps) {
+                if let Step::Allowed { tat } = step {
+                    self.tats.insert(key, *tat);
                 }
             }
         }
         steps
     }
 
+    /// The bucket each probe uses: its own when tracked or when there is room for it, else
+    /// its tier's overflow bucket (see the type's comment).
+    fn bucket_keys(&self, probes: &[Probe]) -> Vec<String> {
+        let mut room = self.keys_max.saturating_sub(self.tats.len());
+        let mut key_of = |probe: &Probe| {
+            if self.tats.contains_key(&probe.key) {
+                probe.key.clone()
+            } else if room > 0 {
+                room -= 1;
+                probe.key.clone()
+            } else {
+                format!("{MEMORY_OVERFLOW_KEY_PREFIX}{}", probe.tier.as_str())
+            }
+        };
+        probes.iter().map(&mut key_of).collect()
+    }
+
     /// Forgets buckets that are full again (TAT passed): they behave exactly like absent ones.
+    /// Due when the map reaches `prune_at_keys` (never above the cap, so a full map is always
+    /// due), and at most once per `MEMORY_PRUNE_INTERVAL_US` so a full map of live buckets does
+    /// not cost a scan per request.
     fn prune(&mut self, now: i64) {
-        if self.tats.len() < self.prune_at.max(MEMORY_PRUNE_KEYS_MIN) {
+        let recent =
+            self.pruned_at_us.is_some_and(|at| (at..at.saturating_add(MEMORY_PRUNE_INTERVAL_US)).contains(&now));
+        if self.tats.len() < self.prune_at_keys || recent {
             return;
         }
         self.tats.retain(|_, tat| *tat > now);
-        // Amortised: the next scan waits until the map has doubled.
-        self.prune_at = self.tats.len() * 2;
+        self.pruned_at_us = Some(now);
+        // Amortised: the next scan waits until the map has doubled, or filled up.
+        self.prune_at_keys = (self.tats.len() * 2).max(MEMORY_PRUNE_KEYS_MIN).min(self.keys_max);
     }
 }
 
@@ -495,7 +540,7 @@ impl Limiter {
         };
         // Checked at start-up (`validate`); a bad entry here trusts nothing more.
         let trusted_proxies = config.trusted_proxies.iter().filter_map(|p| Cidr::parse(p).ok()).collect();
-        Self { app, config, memory: Mutex::new(MemoryBuckets::default()), redis, trusted_proxies }
+        Self { app, config, memory: Mutex::new(MemoryBuckets::new(MEMORY_KEYS_MAX)), redis, trusted_proxies }
     }
 
     fn now_us(&self) -> i64 {
@@ -741,7 +786,7 @@ mod tests {
         let (allowed, steps) = decide(&[ip, login], &[None, Some(900 * S)], 0);
         assert!(!allowed);
         assert_eq!(steps[0], Step::Allowed { tat: ip.interval_us }, "would be allowed alone");
-        let mut memory = MemoryBuckets::default();
+        let mut memory = MemoryBuckets::new(MEMORY_KEYS_MAX);
         let probes = |key: &str| {
             vec![
                 Probe { tier: TierName::Ip, key: "a".into(), rate: Rate::new(2, 60) },
@@ -767,13 +812,55 @@ mod tests {
 
     #[test]
     fn full_buckets_are_pruned_from_memory() {
-        let mut memory = MemoryBuckets::default();
+        let mut memory = MemoryBuckets::new(MEMORY_KEYS_MAX);
         let rate = Rate::new(1, 1);
         for i in 0..MEMORY_PRUNE_KEYS_MIN {
             memory.check(&[Probe { tier: TierName::Ip, key: i.to_string(), rate }], 0);
         }
         memory.check(&[Probe { tier: TierName::Ip, key: "late".into(), rate }], 2 * S);
         assert_eq!(memory.tats.len(), 1);
+    }
+
+    fn ip_probe(key: &str) -> Probe {
+        Probe { tier: TierName::Ip, key: format!("ip:{key}"), rate: Rate::new(1, 1) }
+    }
+
+    fn is_allowed(steps: &[Step]) -> bool {
+        steps.iter().all(|s| matches!(s, Step::Allowed { .. }))
+    }
+
+    /// M6: a prune that left over half the cap live used to push the next prune past the cap,
+    /// so it never ran again and, once full, no new key was ever stored (unlimited).
+    #[test]
+    fn pruning_runs_again_after_a_prune_that_left_the_map_over_half_full() {
+        const KEYS_MAX: usize = 2 * MEMORY_PRUNE_KEYS_MIN;
+        let mut memory = MemoryBuckets::new(KEYS_MAX);
+        // All live at 0 s: the prunes at MEMORY_PRUNE_KEYS_MIN and at the cap keep every key.
+        for i in 0..=KEYS_MAX {
+            memory.check(&[ip_probe(&i.to_string())], 0);
+        }
+        assert!(memory.tats.len() <= KEYS_MAX + TierName::ALL.len());
+        // All expired by 10 s: the next request prunes them, and the new key is tracked.
+        assert!(is_allowed(&memory.check(&[ip_probe("new")], 10 * S)));
+        assert_eq!(memory.tats.len(), 1, "expired buckets were pruned");
+        assert!(!is_allowed(&memory.check(&[ip_probe("new")], 10 * S)), "the new key is limited");
+    }
+
+    #[test]
+    fn with_the_map_full_of_live_buckets_a_new_login_key_is_still_limited() {
+        const KEYS_MAX: usize = 8;
+        let mut memory = MemoryBuckets::new(KEYS_MAX);
+        let login = Rate::new(10, 900);
+        let probe = |key: &str| Probe { tier: TierName::Login, key: format!("login:{key}"), rate: login };
+        for i in 0..KEYS_MAX {
+            memory.check(&[probe(&i.to_string())], 0);
+        }
+        let allowed = (0..20).filter(|_| is_allowed(&memory.check(&[probe("stuffer")], S))).count();
+        assert_eq!(allowed, 10, "limited after `limit` attempts");
+        // Other new keys share that spent budget; tracked keys keep their own.
+        assert!(!is_allowed(&memory.check(&[probe("another")], S)));
+        assert!(is_allowed(&memory.check(&[probe("0")], S)));
+        assert!(memory.tats.len() <= KEYS_MAX + TierName::ALL.len(), "memory stays bounded");
     }
 
     #[test]
