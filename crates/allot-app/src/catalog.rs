@@ -47,17 +47,18 @@ pub struct SeatView {
 }
 
 impl App {
-    pub async fn create_venue(&self, principal: &Principal, venue: Venue) -> AppResult<Venue> {
+    /// A manager who creates a venue manages it, from the same transaction on.
+    pub async fn create_venue(&self, principal: &Principal, mut venue: Venue) -> AppResult<Venue> {
         if !principal.is_admin() && !principal.roles.contains(&Role::Manager) {
             return Err(AppError::Forbidden("only managers and admins create venues"));
         }
         venue.validate().into_result()?;
         audit::set_target(venue.id);
         audit::set_venue(venue.id);
-        self.store.insert_venue(&venue).await?;
         if !principal.is_admin() {
-            self.store.set_manager(venue.id, principal.user_id).await?;
+            venue.managers = vec![principal.user_id];
         }
+        self.store.insert_venue(&venue).await?;
         Ok(venue)
     }
 

@@ -16,6 +16,8 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use sqlx::QueryBuilder;
 
+use crate::writer::Outcome as WriteOutcome;
+
 pub fn to_json<T: Serialize>(value: &T) -> Result<String, sqlx::Error> {
     serde_json::to_string(value).map_err(|e| sqlx::Error::Encode(Box::new(e)))
 }
@@ -348,5 +350,14 @@ pub fn audit_rotation(scope: Option<&AuditScope>, outcome: &Result<RotateOutcome
     };
     if let Some(scope) = scope {
         allot_app::audit::fail_scope(scope, reason);
+    }
+}
+
+/// A venue `INSERT` whose id exists already is a conflict, not a database failure.
+pub fn venue_inserted<T>(result: Result<T, sqlx::Error>) -> WriteOutcome<(), StoreError> {
+    match result {
+        Ok(_) => Ok(Ok(())),
+        Err(e) if is_unique_violation(&e) => Ok(Err(StoreError::Conflict("venue exists".into()))),
+        Err(e) => Err(e),
     }
 }

@@ -33,6 +33,7 @@ use sqlx::{Connection, PgConnection, Postgres, QueryBuilder};
 
 use crate::access;
 use crate::cache::{self, Cache, INVALIDATE_ALL};
+use crate::common::venue_inserted;
 use crate::common::{
     AUDIT_HEAD_SQL, AuditRow, KeyRow, Rotation, TokenRow, USER_COLUMNS, UserRow, VENUE_IN_USE, add_seat_states,
     after_key, audit_events_of, audit_head_of, audit_insert, audit_range_query, audit_rotation, audit_select, chain,
@@ -815,17 +816,29 @@ impl Store for PgStore {
     }
 
     async fn insert_venue(&self, venue: &Venue) -> Result<(), StoreError> {
-        let args = vec![Arg::Text(venue.id.to_string()), Arg::Text(venue_doc(venue)?)];
+        let doc = venue_doc(venue)?;
+        let (id, managers) = (venue.id.to_string(), venue.managers.iter().map(ToString::to_string).collect::<Vec<_>>());
         self.change_catalog(Vec::new(), cache::key("venue", venue.id), move |ctx: &mut Ctx| -> BoxFuture<'_, _> {
-            Box::pin(statement(
-                &mut ctx.conn,
-                "INSERT INTO venues (id, doc) VALUES ($1, $2::jsonb)",
-                args,
-                "venue exists",
-            ))
+            Box::pin(async move {
+                let inserted = sqlx::query("INSERT INTO venues (id, doc) VALUES ($1, $2::jsonb)")
+                    .bind(&id)
+                    .bind(doc)
+                    .execute(&mut ctx.conn)
+                    .await;
+                if let Err(refused) = venue_inserted(inserted)? {
+                    return Ok(Err(refused));
+                }
+                sqlx::query(
+                    "INSERT INTO venue_managers (venue_id, user_id) SELECT $1, unnest($2::text[]) ON CONFLICT DO NOTHING",
+                )
+                .bind(&id)
+                .bind(&managers)
+                .execute(&mut ctx.conn)
+                .await?;
+                Ok(Ok(()))
+            })
         })
         .await
-        .map(|_| ())
     }
 
     async fn update_venue(&self, venue: &Venue) -> Result<(), StoreError> {

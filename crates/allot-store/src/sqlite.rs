@@ -24,6 +24,7 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePo
 use sqlx::{Connection, QueryBuilder, Sqlite, SqliteConnection};
 
 use crate::access;
+use crate::common::venue_inserted;
 use crate::common::{
     AUDIT_HEAD_SQL, AuditRow, KeyRow, Rotation, TokenRow, USER_COLUMNS, UserRow, VENUE_IN_USE, add_seat_states,
     after_key, audit_events_of, audit_head_of, audit_insert, audit_range_query, audit_rotation, audit_select, chain,
@@ -436,13 +437,29 @@ impl Store for SqliteStore {
 
     async fn insert_venue(&self, venue: &Venue) -> Result<(), StoreError> {
         let doc = serde_json::to_string(venue).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-        self.exec_one(
-            "INSERT INTO venues (id, doc) VALUES (?, ?)",
-            vec![Some(venue.id.to_string()), Some(doc)],
-            "venue exists",
-        )
-        .await
-        .map(|_| ())
+        let (id, managers) = (venue.id.to_string(), venue.managers.iter().map(ToString::to_string).collect::<Vec<_>>());
+        self.writer
+            .exec(move |ctx: &mut Ctx| -> BoxFuture<'_, Outcome<(), StoreError>> {
+                Box::pin(async move {
+                    let inserted = sqlx::query("INSERT INTO venues (id, doc) VALUES (?, ?)")
+                        .bind(&id)
+                        .bind(doc)
+                        .execute(&mut ctx.conn)
+                        .await;
+                    if let Err(refused) = venue_inserted(inserted)? {
+                        return Ok(Err(refused));
+                    }
+                    for user in managers {
+                        sqlx::query("INSERT OR IGNORE INTO venue_managers (venue_id, user_id) VALUES (?, ?)")
+                            .bind(&id)
+                            .bind(user)
+                            .execute(&mut ctx.conn)
+                            .await?;
+                    }
+                    Ok(Ok(()))
+                })
+            })
+            .await
     }
 
     async fn update_venue(&self, venue: &Venue) -> Result<(), StoreError> {

@@ -196,6 +196,7 @@ conformance! {
     access::admins_revoking_each_other_at_once_leave_one,
     access::api_keys_are_found_by_digest_listed_and_revoked,
     catalogue::venue_insert_get_update,
+    catalogue::venue_insert_records_its_managers_with_it,
     catalogue::venues_cursor_paging_is_complete_and_ordered,
     catalogue::resources_paging_per_venue_and_soft_delete,
     catalogue::resources_by_ids_returns_live_ones_only,

@@ -319,3 +319,21 @@ pub async fn bookings_in_the_past_do_not_block_deletion(b: &Backend) {
     assert_eq!(w.store.venue(w.venue.id).await.unwrap(), None);
     assert_eq!(w.store.booking(booking.id).await.unwrap().unwrap().status.as_str(), "confirmed", "history is kept");
 }
+
+/// A venue created by a manager is theirs from its own transaction on: no window in which it
+/// exists without the manager who made it.
+pub async fn venue_insert_records_its_managers_with_it(b: &Backend) {
+    let s = b.store();
+    let manager = crate::user("maker@managers.test", vec![allot_app::store::Role::Manager]);
+    s.insert_user(&manager).await.unwrap();
+    let mut venue = crate::venue_in("UTC");
+    venue.managers = vec![manager.id];
+    s.insert_venue(&venue).await.unwrap();
+    assert_eq!(s.user_by_id(manager.id).await.unwrap().unwrap().venues, vec![venue.id]);
+    // A second insert of the same id is a conflict and adds nobody.
+    let other = crate::user("other@managers.test", vec![allot_app::store::Role::Manager]);
+    s.insert_user(&other).await.unwrap();
+    venue.managers = vec![other.id];
+    assert!(matches!(s.insert_venue(&venue).await, Err(allot_app::StoreError::Conflict(_))));
+    assert!(s.user_by_id(other.id).await.unwrap().unwrap().venues.is_empty());
+}
