@@ -114,9 +114,27 @@ async fn draft(app: &App, parts: &Parts, action: String, target: Option<String>)
     (event, principal)
 }
 
+/// Attempts at appending an event on its own before giving up on the database.
+pub const APPEND_ATTEMPTS_MAX: u32 = 3;
+pub const APPEND_BACKOFF_MS: u64 = 100;
+
+/// Appends an event of an attempt that changed nothing. A full write queue or a busy database
+/// is retried with backoff; if the event still cannot be stored it is logged whole at error
+/// level, so that it is not lost without a trace.
 async fn append(app: &App, event: AuditEvent) {
-    if let Err(e) = app.store.append_audit(event).await {
-        tracing::error!(error = %e, "recording an audit event failed");
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        let error = match app.store.append_audit(event.clone()).await {
+            Ok(()) => return,
+            Err(e) => e,
+        };
+        let transient = matches!(error, allot_app::StoreError::Overloaded | allot_app::StoreError::Busy(_));
+        if !transient || attempt >= APPEND_ATTEMPTS_MAX {
+            tracing::error!(error = %error, event = ?event, "an audit event could not be stored");
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(APPEND_BACKOFF_MS << attempt)).await;
     }
 }
 
