@@ -157,9 +157,23 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequestParts<S> for Query<T> {
     }
 }
 
+/// The error for a query string holding `%00`, naming the parameter it is in.
+fn nul_in_query(query: &str) -> ApiError {
+    let pairs = format!("/?{query}")
+        .parse()
+        .ok()
+        .and_then(|uri| axum::extract::Query::<Vec<(String, String)>>::try_from_uri(&uri).ok().map(|q| q.0));
+    let field = pairs
+        .unwrap_or_default()
+        .into_iter()
+        .find(|(_, value)| value.contains('\0'))
+        .map_or_else(|| "query".to_owned(), |(key, _)| key.replace('\0', ""));
+    ApiError::field(StatusCode::BAD_REQUEST, &field, "may not contain NUL characters (%00)")
+}
+
 fn serde_urlencoded_from_str<T: DeserializeOwned>(query: &str) -> Result<T, ApiError> {
     if query.contains("%00") {
-        return Err(ApiError::field(StatusCode::BAD_REQUEST, "query", "may not contain NUL characters (%00)"));
+        return Err(nul_in_query(query));
     }
     axum::extract::Query::<T>::try_from_uri(
         &format!("/?{query}")

@@ -1359,7 +1359,7 @@ async fn nul_characters_are_refused_at_the_edge() {
     assert_eq!(status, StatusCode::CREATED, "{body}");
     let (status, body) = t.get(Some(&admin), "/audit?actor_id=%00").await;
     assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
-    assert!(body["error"]["details"]["fields"]["query"].is_string(), "{body}");
+    assert!(body["error"]["details"]["fields"]["actor_id"].is_string(), "names the parameter: {body}");
     // A NUL in a path is no id: not found, and the audit trail still records the attempt.
     let (status, _) = t.patch(Some(&admin), "/venues/%00", json!({"address": "x"})).await;
     assert_eq!(status, StatusCode::NOT_FOUND);
