@@ -52,6 +52,38 @@ impl PaymentProvider for GatedProvider {
     }
 }
 
+/// A payment provider with a bug: every charge panics.
+struct PanickingProvider;
+
+#[async_trait::async_trait]
+impl PaymentProvider for PanickingProvider {
+    fn name(&self) -> &'static str {
+        "test"
+    }
+
+    async fn charge(&self, _: &ChargeRequest) -> Result<ChargeOutcome, ProviderError> {
+        panic!("a bug in the payment provider")
+    }
+
+    async fn refund(&self, payment_reference: &str, amount: i64) -> Result<String, ProviderError> {
+        TestProvider.refund(payment_reference, amount).await
+    }
+}
+
+/// Audit events of `action`, waiting up to 5 s for one to appear (events of requests that did
+/// not finish are appended by a task of their own).
+async fn audit_events_of(t: &TestApp, action: &str) -> Vec<allot_app::audit::AuditEvent> {
+    let filter = AuditFilter { action: Some(action.into()), ..AuditFilter::default() };
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let events = t.store.audit_events(&filter, AuditPage { before: None, limit: 10 }).await.unwrap();
+        if !events.is_empty() || std::time::Instant::now() > deadline {
+            return events;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// Like `TestApp::spawn`, with options, a payment provider and a shutdown trigger.
 async fn spawn_with(
     options: HttpOptions,
@@ -353,18 +385,30 @@ async fn a_request_over_the_timeout_answers_503_in_the_error_format() {
     assert_eq!(body["error"]["code"], "timeout");
     assert!(body["error"]["message"].is_string() && body["error"]["details"].is_object(), "{body}");
     // The attempt never finished, and it is in the audit trail all the same.
-    let confirms = AuditFilter { action: Some("booking.confirm".into()), ..AuditFilter::default() };
-    let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    let events = loop {
-        let events = t.store.audit_events(&confirms, AuditPage { before: None, limit: 10 }).await.unwrap();
-        if !events.is_empty() || std::time::Instant::now() > deadline {
-            break events;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    let events = audit_events_of(&t, "booking.confirm").await;
     let reasons: Vec<_> = events.iter().map(|e| (e.outcome, e.reason.clone())).collect();
     assert_eq!(reasons, vec![(Outcome::Failure, Some("timeout".to_owned()))]);
     payments.open();
+}
+
+/// A bug that panics inside a handler: 500 `internal` in the error format, with the request id
+/// and security headers, the server keeps serving, and the attempt is one audit event.
+#[tokio::test]
+async fn a_panicking_handler_answers_500_and_is_audited() {
+    let (t, _stop, _server) = spawn_with(HttpOptions::default(), Arc::new(PanickingProvider)).await;
+    let (customer, booking) = t.held_seat().await;
+    let response = t.confirm(&customer, &booking, "tok_visa").send().await.unwrap();
+    assert!(response.headers().get("x-request-id").is_some());
+    assert_eq!(response.headers()["x-content-type-options"], "nosniff");
+    let (status, body) = common::read(response).await;
+    assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR, "{body}");
+    assert_eq!(body["error"]["code"], "internal");
+    assert!(!body.to_string().contains("payment provider"), "nothing about the bug leaks: {body}");
+    let events = audit_events_of(&t, "booking.confirm").await;
+    let reasons: Vec<_> = events.iter().map(|e| (e.outcome, e.reason.clone())).collect();
+    assert_eq!(reasons, vec![(Outcome::Failure, Some("internal".to_owned()))]);
+    let (status, _) = t.get(None, "/venues").await;
+    assert_eq!(status, StatusCode::OK, "still serving");
 }
 
 /// Shutdown while a confirm waits on the payment provider: no new connections are accepted,
