@@ -151,21 +151,27 @@ async fn a_scripted_session_leaves_one_event_per_attempt_and_a_chain_that_verifi
     }
 }
 
-#[tokio::test]
-async fn the_request_id_is_recorded() {
-    let t = TestApp::spawn().await;
+/// The audit event of a failed login sent with one extra `header`, as an admin reads it.
+async fn failed_login_event(t: &TestApp, (name, value): (&str, &str)) -> Value {
     let admin = t.admin().await;
     let response = t
         .client
         .post(t.url("/auth/login"))
-        .header("x-request-id", "trace-123")
+        .header(name, value)
         .json(&json!({"email": "nobody@test.allot", "password": "password-123"}))
         .send()
         .await
         .unwrap();
     assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
     let (_, page) = t.get(Some(&admin), "/audit?action=auth.login&outcome=failure").await;
-    assert_eq!(page["data"][0]["request_id"], "trace-123", "{page}");
+    page["data"][0].clone()
+}
+
+#[tokio::test]
+async fn the_request_id_is_recorded() {
+    let t = TestApp::spawn().await;
+    let event = failed_login_event(&t, ("x-request-id", "trace-123")).await;
+    assert_eq!(event["request_id"], "trace-123", "{event}");
 }
 
 #[tokio::test]
@@ -301,16 +307,6 @@ async fn behind_a_trusted_proxy_the_client_address_is_recorded() {
         ..allot_http::ratelimit::RateLimits::default()
     };
     let t = TestApp::spawn_with(allot_http::HttpOptions::default().with_rate_limits(limits)).await;
-    let admin = t.admin().await;
-    let response = t
-        .client
-        .post(t.url("/auth/login"))
-        .header("x-forwarded-for", "203.0.113.9")
-        .json(&json!({"email": "nobody@test.allot", "password": "password-123"}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
-    let (_, page) = t.get(Some(&admin), "/audit?action=auth.login&outcome=failure").await;
-    assert_eq!(page["data"][0]["ip"], "203.0.113.9", "{page}");
+    let event = failed_login_event(&t, ("x-forwarded-for", "203.0.113.9")).await;
+    assert_eq!(event["ip"], "203.0.113.9", "{event}");
 }
