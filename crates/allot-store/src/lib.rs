@@ -9,6 +9,7 @@
 mod access;
 mod cache;
 mod common;
+pub mod inspect;
 pub mod postgres;
 pub mod sqlite;
 pub mod testing;
