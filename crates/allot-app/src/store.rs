@@ -216,7 +216,8 @@ pub trait Store: Send + Sync + 'static {
     async fn events_of_seat(&self, seat: ResourceId, span: Span, limit: u32) -> Result<Vec<Event>, StoreError>;
 
     // Capacity reads (availability, seat maps).
-    /// Claims on `resource` overlapping `span` that count at `now` (held unexpired, pending, confirmed).
+    /// Claims on `resource` overlapping `span` that count at `now` (held unexpired, pending, confirmed);
+    /// claims of the same block may come summed into one.
     async fn claims(&self, resource: ResourceId, span: Span, now: Timestamp) -> Result<Vec<Claim>, StoreError>;
     /// For each seat of `event` that is taken during the event's window, whether held or booked.
     async fn seat_states(&self, event: &Event, now: Timestamp) -> Result<HashMap<ResourceId, SeatState>, StoreError>;

@@ -386,7 +386,8 @@ async fn outbox(
         .map(|_| ())
 }
 
-/// Claims on a resource that count at `now`, overlapping `span`.
+/// Claims on a resource that count at `now`, overlapping `span`: summed per block and expiry
+/// (`claim_totals`), which is all the capacity rule needs and stays small on a hot resource.
 async fn live_claims<'e, E>(
     executor: E,
     resource: ResourceId,
@@ -397,9 +398,8 @@ where
     E: sqlx::Executor<'e, Database = Postgres>,
 {
     let rows: Vec<(i64, i64, i64)> = sqlx::query_as(
-        "SELECT block_start, block_end, quantity FROM claims
-         WHERE resource_id = $1 AND block_start < $2 AND block_start > $3 AND block_end > $4
-           AND (hold_expires_at IS NULL OR hold_expires_at > $5)",
+        "SELECT block_start, block_end, quantity FROM claim_totals
+         WHERE resource_id = $1 AND block_start < $2 AND block_start > $3 AND block_end > $4 AND expires_at > $5",
     )
     .bind(resource.to_string())
     .bind(span.end)

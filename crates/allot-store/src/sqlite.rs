@@ -185,7 +185,8 @@ async fn outbox(
         .map(|_| ())
 }
 
-/// Claims on a resource that count at `now`, overlapping `span`.
+/// Claims on a resource that count at `now`, overlapping `span`: summed per block and expiry
+/// (`claim_totals`), which is all the capacity rule needs and stays small on a hot resource.
 async fn live_claims<'e, E>(
     executor: E,
     resource: ResourceId,
@@ -196,9 +197,8 @@ where
     E: sqlx::Executor<'e, Database = Sqlite>,
 {
     let rows: Vec<(i64, i64, i64)> = sqlx::query_as(
-        "SELECT block_start, block_end, quantity FROM claims
-         WHERE resource_id = ? AND block_start < ? AND block_start > ? AND block_end > ?
-           AND (hold_expires_at IS NULL OR hold_expires_at > ?)",
+        "SELECT block_start, block_end, quantity FROM claim_totals
+         WHERE resource_id = ? AND block_start < ? AND block_start > ? AND block_end > ? AND expires_at > ?",
     )
     .bind(resource.to_string())
     .bind(span.end)
