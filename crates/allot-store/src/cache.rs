@@ -1,8 +1,9 @@
-//! A node's cache of catalogue documents (venues, resources, events), for the PostgreSQL
-//! backend where other nodes change them too.
+//! A process's cache of catalogue documents (venues, resources, events): a hold, a seat map or
+//! an availability read then parses no JSON and asks the database nothing about the catalogue.
 //!
-//! Every catalogue change sends `NOTIFY` with the changed entry's key in its transaction; each
-//! node's listener drops that entry. A read that raced with an invalidation must not put the old
+//! On SQLite this process makes every change, and drops the entry once the change commits. On
+//! PostgreSQL, where other nodes change them too, every catalogue change sends `NOTIFY` with
+//! the changed entry's key in its transaction; each node's listener drops that entry. A read that raced with an invalidation must not put the old
 //! document back: entries are only stored if no invalidation happened since the read began
 //! (the generation check). While the listener is not connected nothing is cached at all.
 
@@ -54,6 +55,39 @@ impl Cache {
             inner.entries.clear();
         }
         inner.entries.insert(key, Arc::new(value));
+    }
+
+    /// The cached values of `ids` (in order), and the ids not cached.
+    pub fn get_many<T, I>(&self, ids: &[I], key: impl Fn(&I) -> String) -> (Vec<T>, Vec<I>)
+    where
+        T: Clone + Send + Sync + 'static,
+        I: Clone,
+    {
+        let inner = self.read();
+        let mut hits = Vec::with_capacity(ids.len());
+        let mut missing = Vec::new();
+        for id in ids {
+            match inner.entries.get(&key(id)).and_then(|e| e.downcast_ref::<T>()) {
+                Some(v) => hits.push(v.clone()),
+                None => missing.push(id.clone()),
+            }
+        }
+        (hits, missing)
+    }
+
+    /// The cached value at `key`, or `load`'s (stored if no invalidation raced with it).
+    pub async fn get_or_load<T, E, F>(&self, key: String, load: F) -> Result<Option<T>, E>
+    where
+        T: Clone + Send + Sync + 'static,
+        F: std::future::Future<Output = Result<Option<T>, E>>,
+    {
+        if let Some(hit) = self.get::<T>(&key) {
+            return Ok(Some(hit));
+        }
+        let generation = self.generation();
+        let Some(value) = load.await? else { return Ok(None) };
+        self.put(generation, key, value.clone());
+        Ok(Some(value))
     }
 
     /// Drops the entry named by a notification payload (or everything for [`INVALIDATE_ALL`]).

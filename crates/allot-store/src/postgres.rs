@@ -213,16 +213,12 @@ impl PgStore {
     where
         T: DeserializeOwned + Clone + Send + Sync + 'static,
     {
-        let key = cache::key(kind, &id);
-        if let Some(hit) = self.cache.get::<T>(&key) {
-            return Ok(Some(hit));
-        }
-        let generation = self.cache.generation();
-        let doc: Option<String> =
-            sqlx::query_scalar(sql).bind(id).fetch_optional(&self.read).await.map_err(db_error)?;
-        let Some(value) = doc.map(|d| from_json::<T>(&d)).transpose()? else { return Ok(None) };
-        self.cache.put(generation, key, value.clone());
-        Ok(Some(value))
+        let load = async {
+            let doc: Option<String> =
+                sqlx::query_scalar(sql).bind(id.clone()).fetch_optional(&self.read).await.map_err(db_error)?;
+            doc.map(|d| from_json::<T>(&d)).transpose()
+        };
+        self.cache.get_or_load(cache::key(kind, &id), load).await
     }
 
     async fn docs_page<T: DeserializeOwned>(
@@ -994,14 +990,8 @@ impl Store for PgStore {
     }
 
     async fn resources_by_ids(&self, ids: &[ResourceId]) -> Result<Vec<Resource>, StoreError> {
-        let mut out = Vec::with_capacity(ids.len());
-        let mut missing = Vec::new();
-        for id in ids {
-            match self.cache.get::<Resource>(&cache::key("resource", id)) {
-                Some(r) => out.push(r),
-                None => missing.push(id.to_string()),
-            }
-        }
+        let (mut out, missing) = self.cache.get_many::<Resource, _>(ids, |id| cache::key("resource", id));
+        let missing: Vec<String> = missing.iter().map(ToString::to_string).collect();
         for chunk in missing.chunks(IDS_PER_QUERY_MAX) {
             let generation = self.cache.generation();
             let docs: Vec<String> =

@@ -24,6 +24,7 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePo
 use sqlx::{Connection, QueryBuilder, Sqlite, SqliteConnection};
 
 use crate::access;
+use crate::cache::{self, Cache, INVALIDATE_ALL};
 use crate::common::venue_inserted;
 use crate::common::{
     AUDIT_HEAD_SQL, AuditRow, KeyRow, Rotation, TokenRow, USER_COLUMNS, UserRow, VENUE_IN_USE, add_seat_states,
@@ -125,6 +126,9 @@ async fn rotate_in_tx(
 pub struct SqliteStore {
     read: SqlitePool,
     writer: Writer<SqliteBackend>,
+    /// Catalogue documents; this process makes every change, and drops an entry once its
+    /// change has committed.
+    cache: Cache,
 }
 
 impl SqliteStore {
@@ -152,7 +156,9 @@ impl SqliteStore {
             .connect_with(base.read_only(true))
             .await
             .map_err(db_error)?;
-        Ok(SqliteStore { read, writer: Writer::start(conn, SqliteBackend) })
+        let cache = Cache::default();
+        cache.set_enabled(true);
+        Ok(SqliteStore { read, writer: Writer::start(conn, SqliteBackend), cache })
     }
 
     /// `(transactions, requests)` the writer has committed or attempted since start.
@@ -268,11 +274,24 @@ impl SqliteStore {
         user_of(row, venues).map(Some)
     }
 
-    /// The document `sql` (taking the id) selects.
-    async fn doc_by_id<T: DeserializeOwned>(&self, sql: &'static str, id: String) -> Result<Option<T>, StoreError> {
-        let doc: Option<String> =
-            sqlx::query_scalar(sql).bind(id).fetch_optional(&self.read).await.map_err(db_error)?;
-        doc.map(|d| from_json(&d)).transpose()
+    /// The document `sql` (taking the id) selects, through the cache.
+    async fn cached_doc<T>(&self, kind: &str, sql: &'static str, id: String) -> Result<Option<T>, StoreError>
+    where
+        T: DeserializeOwned + Clone + Send + Sync + 'static,
+    {
+        let load = async {
+            let doc: Option<String> =
+                sqlx::query_scalar(sql).bind(id.clone()).fetch_optional(&self.read).await.map_err(db_error)?;
+            doc.map(|d| from_json::<T>(&d)).transpose()
+        };
+        self.cache.get_or_load(cache::key(kind, &id), load).await
+    }
+
+    /// Passes `result` on after dropping `key` from the cache (the change it reports, if any,
+    /// has committed).
+    fn invalidating<T>(&self, key: &str, result: T) -> T {
+        self.cache.invalidate(key);
+        result
     }
 
     async fn docs_page<T: DeserializeOwned>(
@@ -470,13 +489,16 @@ impl Store for SqliteStore {
                 vec![Some(doc), Some(venue.id.to_string())],
                 "",
             )
-            .await?;
+            .await;
+        let n = self.invalidating(&cache::key("venue", venue.id), n)?;
         if n == 0 { Err(StoreError::NotFound("venue")) } else { Ok(()) }
     }
 
     async fn delete_venue(&self, id: VenueId, now: Timestamp) -> Result<(), StoreError> {
+        let key = INVALIDATE_ALL.to_owned();
         let id = id.to_string();
-        self.writer
+        let result = self
+            .writer
             .exec(move |ctx: &mut Ctx| -> BoxFuture<'_, Outcome<(), StoreError>> {
                 Box::pin(async move {
                     let at = ctx.now(now).as_second();
@@ -502,11 +524,12 @@ impl Store for SqliteStore {
                     Ok(Ok(()))
                 })
             })
-            .await
+            .await;
+        self.invalidating(&key, result)
     }
 
     async fn venue(&self, id: VenueId) -> Result<Option<Venue>, StoreError> {
-        self.doc_by_id("SELECT doc FROM venues WHERE id = ? AND deleted_at IS NULL", id.to_string()).await
+        self.cached_doc("venue", "SELECT doc FROM venues WHERE id = ? AND deleted_at IS NULL", id.to_string()).await
     }
 
     async fn venues(&self, page: PageRequest) -> Result<Page<Venue>, StoreError> {
@@ -533,13 +556,16 @@ impl Store for SqliteStore {
                 vec![Some(doc), Some(r.id.to_string())],
                 "",
             )
-            .await?;
+            .await;
+        let n = self.invalidating(&cache::key("resource", r.id), n)?;
         if n == 0 { Err(StoreError::NotFound("resource")) } else { Ok(()) }
     }
 
     async fn delete_resource(&self, id: ResourceId, now: Timestamp) -> Result<(), StoreError> {
+        let key = cache::key("resource", id);
         let id = id.to_string();
-        self.writer
+        let result = self
+            .writer
             .exec(move |ctx: &mut Ctx| -> BoxFuture<'_, Outcome<(), StoreError>> {
                 Box::pin(async move {
                     let at = ctx.now(now).as_second();
@@ -560,16 +586,19 @@ impl Store for SqliteStore {
                     if r.rows_affected() == 0 { Ok(Err(StoreError::NotFound("resource"))) } else { Ok(Ok(())) }
                 })
             })
-            .await
+            .await;
+        self.invalidating(&key, result)
     }
 
     async fn resource(&self, id: ResourceId) -> Result<Option<Resource>, StoreError> {
-        self.doc_by_id("SELECT doc FROM resources WHERE id = ? AND deleted_at IS NULL", id.to_string()).await
+        self.cached_doc("resource", "SELECT doc FROM resources WHERE id = ? AND deleted_at IS NULL", id.to_string())
+            .await
     }
 
     async fn resources_by_ids(&self, ids: &[ResourceId]) -> Result<Vec<Resource>, StoreError> {
-        let mut out = Vec::with_capacity(ids.len());
-        for chunk in ids.chunks(500) {
+        let (mut out, missing) = self.cache.get_many::<Resource, _>(ids, |id| cache::key("resource", id));
+        for chunk in missing.chunks(500) {
+            let generation = self.cache.generation();
             let mut qb: QueryBuilder<Sqlite> =
                 QueryBuilder::new("SELECT doc FROM resources WHERE deleted_at IS NULL AND id IN (");
             let mut sep = qb.separated(", ");
@@ -579,7 +608,9 @@ impl Store for SqliteStore {
             qb.push(")");
             let docs: Vec<(String,)> = qb.build_query_as().fetch_all(&self.read).await.map_err(db_error)?;
             for (doc,) in docs {
-                out.push(from_json(&doc)?);
+                let r: Resource = from_json(&doc)?;
+                self.cache.put(generation, cache::key("resource", r.id), r.clone());
+                out.push(r);
             }
         }
         Ok(out)
@@ -627,7 +658,7 @@ impl Store for SqliteStore {
     }
 
     async fn event(&self, id: EventId) -> Result<Option<Event>, StoreError> {
-        self.doc_by_id("SELECT doc FROM events WHERE id = ? AND deleted_at IS NULL", id.to_string()).await
+        self.cached_doc("event", "SELECT doc FROM events WHERE id = ? AND deleted_at IS NULL", id.to_string()).await
     }
 
     async fn events(&self, venue_id: VenueId, page: PageRequest) -> Result<Page<Event>, StoreError> {
@@ -930,25 +961,23 @@ async fn hold_in_tx(ctx: &mut Ctx, command: HoldCommand) -> Outcome<Booking, Hol
     let booking_id = booking.id.to_string();
     let hold_expires_at = booking.expires_at.map(|t| t.as_second());
     for (i, (item, claim)) in booking.items.iter().zip(&command.claims).enumerate() {
-        let doc: Option<String> = sqlx::query_scalar("SELECT doc FROM resources WHERE id = ? AND deleted_at IS NULL")
-            .bind(item.resource_id.to_string())
-            .fetch_optional(&mut ctx.conn)
-            .await?;
-        let Some(resource) = doc.map(|d| from_json_db::<Resource>(&d)).transpose()? else {
+        // One statement for both documents: each statement is a round trip to SQLite's thread.
+        let docs: Option<(String, String)> = sqlx::query_as(
+            "SELECT r.doc, v.doc FROM resources r JOIN venues v ON v.id = r.venue_id AND v.deleted_at IS NULL
+             WHERE r.id = ? AND r.deleted_at IS NULL",
+        )
+        .bind(item.resource_id.to_string())
+        .fetch_optional(&mut ctx.conn)
+        .await?;
+        let Some((resource_doc, venue_doc)) = docs else {
             return Ok(Err(HoldRefused::Stale { item_index: i }));
         };
+        let resource = from_json_db::<Resource>(&resource_doc)?;
         if resource.venue_id != booking.venue_id {
             return Ok(Err(HoldRefused::Stale { item_index: i }));
         }
         if venue_tz.is_none() {
-            let doc: Option<String> = sqlx::query_scalar("SELECT doc FROM venues WHERE id = ? AND deleted_at IS NULL")
-                .bind(booking.venue_id.to_string())
-                .fetch_optional(&mut ctx.conn)
-                .await?;
-            let Some(venue) = doc.map(|d| from_json_db::<Venue>(&d)).transpose()? else {
-                return Ok(Err(HoldRefused::Stale { item_index: i }));
-            };
-            venue_tz = Some(venue.tz());
+            venue_tz = Some(from_json_db::<Venue>(&venue_doc)?.tz());
         }
         let tz = venue_tz.clone().unwrap_or(jiff::tz::TimeZone::UTC);
         let existing = live_claims(&mut ctx.conn, item.resource_id, claim.span, now).await?;
