@@ -80,7 +80,8 @@ impl Backend for PgBackend {
     }
 
     fn execute<'c>(&'c self, conn: &'c mut PgConnection, sql: &'static str) -> BoxFuture<'c, Result<(), sqlx::Error>> {
-        Box::pin(async move { sqlx::query(sql).execute(conn).await.map(|_| ()) })
+        // The simple protocol: `sql` may hold several statements.
+        Box::pin(async move { sqlx::raw_sql(sqlx::AssertSqlSafe(sql)).execute(conn).await.map(|_| ()) })
     }
 
     fn lock<'c>(

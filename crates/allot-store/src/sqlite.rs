@@ -52,7 +52,11 @@ impl Backend for SqliteBackend {
         conn: &'c mut SqliteConnection,
         sql: &'static str,
     ) -> BoxFuture<'c, Result<(), sqlx::Error>> {
-        Box::pin(async move { sqlx::query(sql).execute(conn).await.map(|_| ()) })
+        Box::pin(async move { sqlx::raw_sql(sqlx::AssertSqlSafe(sql)).execute(conn).await.map(|_| ()) })
+    }
+
+    fn memo(&self) -> bool {
+        true // This writer makes every change; each catalogue change drops what it touches.
     }
 
     fn append_audit<'c>(
@@ -316,10 +320,25 @@ impl SqliteStore {
         binds: Vec<Option<String>>,
         conflict: &'static str,
     ) -> Result<u64, StoreError> {
+        self.exec_dropping(sql, binds, conflict, None).await
+    }
+
+    /// Like [`SqliteStore::exec_one`] for a catalogue change: drops `memo_key` (a
+    /// [`cache::key`] or [`INVALIDATE_ALL`]) from the writer's memo in the same request.
+    async fn exec_dropping(
+        &self,
+        sql: &'static str,
+        binds: Vec<Option<String>>,
+        conflict: &'static str,
+        memo_key: Option<String>,
+    ) -> Result<u64, StoreError> {
         let result = self
             .writer
             .exec(move |ctx: &mut Ctx| -> BoxFuture<'_, Outcome<u64, StoreError>> {
                 Box::pin(async move {
+                    if let Some(key) = memo_key {
+                        ctx.memo.invalidate(&key);
+                    }
                     let mut q = sqlx::query(sql);
                     for b in binds {
                         q = q.bind(b);
@@ -483,11 +502,13 @@ impl Store for SqliteStore {
 
     async fn update_venue(&self, venue: &Venue) -> Result<(), StoreError> {
         let doc = serde_json::to_string(venue).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        // A venue's zone is memoised with each of its resources: drop them all.
         let n = self
-            .exec_one(
+            .exec_dropping(
                 "UPDATE venues SET doc = ? WHERE id = ? AND deleted_at IS NULL",
                 vec![Some(doc), Some(venue.id.to_string())],
                 "",
+                Some(INVALIDATE_ALL.to_owned()),
             )
             .await;
         let n = self.invalidating(&cache::key("venue", venue.id), n)?;
@@ -501,6 +522,7 @@ impl Store for SqliteStore {
             .writer
             .exec(move |ctx: &mut Ctx| -> BoxFuture<'_, Outcome<(), StoreError>> {
                 Box::pin(async move {
+                    ctx.memo.invalidate(INVALIDATE_ALL);
                     let at = ctx.now(now).as_second();
                     // Bookings in the past do not keep a venue alive; current and future ones do.
                     let active: Option<i64> = sqlx::query_scalar(
@@ -551,10 +573,11 @@ impl Store for SqliteStore {
     async fn update_resource(&self, r: &Resource) -> Result<(), StoreError> {
         let doc = serde_json::to_string(r).map_err(|e| StoreError::Corrupt(e.to_string()))?;
         let n = self
-            .exec_one(
+            .exec_dropping(
                 "UPDATE resources SET doc = ? WHERE id = ? AND deleted_at IS NULL",
                 vec![Some(doc), Some(r.id.to_string())],
                 "",
+                Some(cache::key("resource", r.id)),
             )
             .await;
         let n = self.invalidating(&cache::key("resource", r.id), n)?;
@@ -568,6 +591,7 @@ impl Store for SqliteStore {
             .writer
             .exec(move |ctx: &mut Ctx| -> BoxFuture<'_, Outcome<(), StoreError>> {
                 Box::pin(async move {
+                    ctx.memo.invalidate(&cache::key("resource", &id));
                     let at = ctx.now(now).as_second();
                     let active: Option<i64> =
                         sqlx::query_scalar("SELECT 1 FROM claims WHERE resource_id = ? AND block_end > ? LIMIT 1")
@@ -952,64 +976,84 @@ impl Store for SqliteStore {
     }
 }
 
+/// A live resource and its venue's zone as this transaction sees them: from the writer's memo
+/// (every change to either drops it there), else read in one statement (each statement is a
+/// round trip to SQLite's worker thread).
+async fn resource_in_tx(ctx: &mut Ctx, id: ResourceId) -> Result<Option<(Resource, jiff::tz::TimeZone)>, sqlx::Error> {
+    let key = cache::key("resource", id);
+    if let Some(hit) = ctx.memo.get::<(Resource, jiff::tz::TimeZone)>(&key) {
+        return Ok(Some(hit));
+    }
+    let docs: Option<(String, String)> = sqlx::query_as(
+        "SELECT r.doc, v.doc FROM resources r JOIN venues v ON v.id = r.venue_id AND v.deleted_at IS NULL
+         WHERE r.id = ? AND r.deleted_at IS NULL",
+    )
+    .bind(id.to_string())
+    .fetch_optional(&mut ctx.conn)
+    .await?;
+    let Some((resource_doc, venue_doc)) = docs else { return Ok(None) };
+    let found = (from_json_db::<Resource>(&resource_doc)?, from_json_db::<Venue>(&venue_doc)?.tz());
+    ctx.memo.put(ctx.memo.generation(), key, found.clone());
+    Ok(Some(found))
+}
+
 /// The hold transaction: for each item, read the live claims of its resource, let the core
 /// decide (I1), insert the claim; the first refusal rolls all of them back (I3).
 async fn hold_in_tx(ctx: &mut Ctx, command: HoldCommand) -> Outcome<Booking, HoldRefused> {
     let now = ctx.now(command.now);
     let mut booking = command.booking;
-    let mut venue_tz: Option<jiff::tz::TimeZone> = None;
     let booking_id = booking.id.to_string();
     let hold_expires_at = booking.expires_at.map(|t| t.as_second());
+    // Claims this booking takes, inserted together at the end: an item on a resource an
+    // earlier item also uses is checked against that item's claim as well.
+    let mut taken: Vec<(ResourceId, Claim)> = Vec::with_capacity(booking.items.len());
     for (i, (item, claim)) in booking.items.iter().zip(&command.claims).enumerate() {
-        // One statement for both documents: each statement is a round trip to SQLite's thread.
-        let docs: Option<(String, String)> = sqlx::query_as(
-            "SELECT r.doc, v.doc FROM resources r JOIN venues v ON v.id = r.venue_id AND v.deleted_at IS NULL
-             WHERE r.id = ? AND r.deleted_at IS NULL",
-        )
-        .bind(item.resource_id.to_string())
-        .fetch_optional(&mut ctx.conn)
-        .await?;
-        let Some((resource_doc, venue_doc)) = docs else {
+        let Some((resource, tz)) = resource_in_tx(ctx, item.resource_id).await? else {
             return Ok(Err(HoldRefused::Stale { item_index: i }));
         };
-        let resource = from_json_db::<Resource>(&resource_doc)?;
         if resource.venue_id != booking.venue_id {
             return Ok(Err(HoldRefused::Stale { item_index: i }));
         }
-        if venue_tz.is_none() {
-            venue_tz = Some(from_json_db::<Venue>(&venue_doc)?.tz());
-        }
-        let tz = venue_tz.clone().unwrap_or(jiff::tz::TimeZone::UTC);
-        let existing = live_claims(&mut ctx.conn, item.resource_id, claim.span, now).await?;
+        let mut existing = live_claims(&mut ctx.conn, item.resource_id, claim.span, now).await?;
+        existing.extend(taken.iter().filter(|(r, _)| *r == item.resource_id).map(|(_, c)| *c));
         if let Err(shortfall) = capacity::check_claim(&resource.capacity_rules(&tz), &existing, *claim) {
             return Ok(Err(HoldRefused::Unavailable { item_index: i, remaining: shortfall.remaining }));
         }
-        sqlx::query(
-            "INSERT INTO claims (item_id, booking_id, resource_id, block_start, block_end, quantity, hold_expires_at)
-             VALUES (?, ?, ?, ?, ?, ?, ?)",
-        )
-        .bind(item.id.to_string())
-        .bind(&booking_id)
-        .bind(item.resource_id.to_string())
-        .bind(claim.span.start)
-        .bind(claim.span.end)
-        .bind(i64::from(claim.quantity))
-        .bind(hold_expires_at)
-        .execute(&mut ctx.conn)
-        .await?;
+        taken.push((item.resource_id, *claim));
     }
     booking.created_at = now;
     booking.updated_at = now;
     let doc = to_json(&booking)?;
-    sqlx::query("INSERT INTO bookings (id, customer_id, venue_id, status, expires_at, doc) VALUES (?, ?, ?, ?, ?, ?)")
-        .bind(&booking_id)
+    // Claims, booking and outbox row in one call: one round trip to SQLite's worker thread.
+    let mut sql = String::from(
+        "INSERT INTO claims (item_id, booking_id, resource_id, block_start, block_end, quantity, hold_expires_at) VALUES ",
+    );
+    sql.push_str(&vec!["(?, ?, ?, ?, ?, ?, ?)"; taken.len()].join(", "));
+    sql.push_str(
+        "; INSERT INTO bookings (id, customer_id, venue_id, status, expires_at, doc) VALUES (?, ?, ?, ?, ?, ?)
+         ; INSERT INTO outbox (topic, aggregate_id, payload, created_at) VALUES ('booking.held', ?, ?, ?)",
+    );
+    let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
+    for (item, (resource_id, claim)) in booking.items.iter().zip(&taken) {
+        q = q
+            .bind(item.id.to_string())
+            .bind(booking_id.clone())
+            .bind(resource_id.to_string())
+            .bind(claim.span.start)
+            .bind(claim.span.end)
+            .bind(i64::from(claim.quantity))
+            .bind(hold_expires_at);
+    }
+    q.bind(booking_id.clone())
         .bind(booking.customer_id.to_string())
         .bind(booking.venue_id.to_string())
         .bind(booking.status.as_str())
         .bind(hold_expires_at)
-        .bind(&doc)
+        .bind(doc.clone())
+        .bind(booking_id)
+        .bind(doc)
+        .bind(now.as_second())
         .execute(&mut ctx.conn)
         .await?;
-    outbox(&mut ctx.conn, "booking.held", &booking_id, &doc, now).await?;
     Ok(Ok(booking))
 }

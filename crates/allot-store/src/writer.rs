@@ -36,7 +36,8 @@ pub trait Backend: Send + Sync + 'static {
     /// Starts the batch transaction.
     fn begin<'c>(&'c self, conn: &'c mut Self::Conn) -> BoxFuture<'c, Result<(), sqlx::Error>>;
 
-    /// Runs one statement without results (savepoints, commit, rollback).
+    /// Runs statements without results (savepoints, commit, rollback); `sql` may hold several,
+    /// `;`-separated.
     fn execute<'c>(&'c self, conn: &'c mut Self::Conn, sql: &'static str) -> BoxFuture<'c, Result<(), sqlx::Error>>;
 
     /// Locks `keys` (sorted, distinct resource ids) until the batch ends and returns the latest
@@ -67,6 +68,13 @@ pub trait Backend: Send + Sync + 'static {
         events: &'c mut [AuditEvent],
     ) -> BoxFuture<'c, Result<(), sqlx::Error>>;
 
+    /// Whether requests may keep catalogue documents in [`WriteCtx::memo`] across batches: only
+    /// where this writer makes every change to the database (SQLite), and every change drops
+    /// what it touches.
+    fn memo(&self) -> bool {
+        false
+    }
+
     /// A new connection to replace one that failed; `None` keeps the old one.
     fn reconnect(&self) -> BoxFuture<'_, Option<Self::Conn>> {
         Box::pin(async { None })
@@ -82,6 +90,13 @@ pub struct WriteCtx<C> {
     poisoned: bool,
     /// Audit events of the batch's kept requests, appended before COMMIT.
     audit: Vec<AuditEvent>,
+    /// Whether savepoint `op` is open for the next request. Each statement is a round trip (to
+    /// SQLite's worker thread, or to PostgreSQL), so a kept request releases its savepoint and
+    /// opens the next one in one call, and a refused one rolls back to it and leaves it open.
+    savepoint_open: bool,
+    /// Catalogue documents the backend may keep between requests (see [`Backend::memo`]);
+    /// emptied whenever a batch is rolled back, since it may hold what that batch wrote.
+    pub memo: crate::cache::Cache,
 }
 
 impl<C> WriteCtx<C> {
@@ -129,18 +144,22 @@ where
     fn run<'c>(self: Box<Self>, backend: &'c B, ctx: &'c mut WriteCtx<B::Conn>) -> BoxFuture<'c, Reply> {
         Box::pin(async move {
             let Op { f, tx, audit, .. } = *self;
-            if let Err(e) = backend.execute(&mut ctx.conn, "SAVEPOINT op").await {
-                ctx.poisoned = true;
-                let _ = tx.send(Err(db_error(e)));
-                return Box::new(|_| {}) as Reply;
+            if !ctx.savepoint_open {
+                if let Err(e) = backend.execute(&mut ctx.conn, "SAVEPOINT op").await {
+                    ctx.poisoned = true;
+                    let _ = tx.send(Err(db_error(e)));
+                    return Box::new(|_| {}) as Reply;
+                }
+                ctx.savepoint_open = true;
             }
             let outcome = f(ctx).await;
             let keep = matches!(outcome, Ok(Ok(_)));
-            let undo = if keep { None } else { backend.execute(&mut ctx.conn, "ROLLBACK TO op").await.err() };
-            let release = backend.execute(&mut ctx.conn, "RELEASE op").await.err();
-            let failure = undo.or(release);
+            // Either way savepoint `op` is open again afterwards, for the next request.
+            let end = if keep { "RELEASE op; SAVEPOINT op" } else { "ROLLBACK TO op" };
+            let failure = backend.execute(&mut ctx.conn, end).await.err();
             if failure.is_some() {
                 ctx.poisoned = true;
+                ctx.savepoint_open = false;
             }
             let claimed = audit.filter(|_| keep && failure.is_none());
             if let Some(event) = claimed.as_ref().and_then(|scope| scope.claim(ctx.last_now)) {
@@ -203,7 +222,16 @@ impl<B: Backend> Writer<B> {
     pub fn start(conn: B::Conn, backend: B) -> Writer<B> {
         let (queue, rx) = mpsc::channel(QUEUE_DEPTH_MAX);
         let stats = Arc::new(WriteStats::default());
-        let ctx = WriteCtx { conn, last_now: Timestamp::UNIX_EPOCH, poisoned: false, audit: Vec::new() };
+        let memo = crate::cache::Cache::default();
+        memo.set_enabled(backend.memo());
+        let ctx = WriteCtx {
+            conn,
+            last_now: Timestamp::UNIX_EPOCH,
+            poisoned: false,
+            audit: Vec::new(),
+            savepoint_open: false,
+            memo,
+        };
         tokio::spawn(run(backend, ctx, rx, stats.clone()));
         Writer { queue, stats }
     }
@@ -328,6 +356,7 @@ async fn apply_batch<B: Backend>(backend: &B, ctx: &mut WriteCtx<B::Conn>, batch
     let mut jobs = batch.drain(..);
     let mut aborted = false;
     ctx.poisoned = false;
+    ctx.savepoint_open = false;
     ctx.audit.clear();
     for job in jobs.by_ref() {
         match AssertUnwindSafe(job.run(backend, ctx)).catch_unwind().await {
@@ -349,6 +378,7 @@ async fn apply_batch<B: Backend>(backend: &B, ctx: &mut WriteCtx<B::Conn>, batch
         if aborted { Err(StoreError::Database("write aborted".into())) } else { finish(backend, ctx, &keys).await };
     if commit.is_err() {
         let _ = backend.execute(&mut ctx.conn, "ROLLBACK").await;
+        ctx.memo.invalidate(crate::cache::INVALIDATE_ALL);
     }
     for job in jobs {
         job.fail(StoreError::Database("write aborted".into()));

@@ -105,6 +105,36 @@ pub async fn items_of_one_hold_count_against_each_other(b: &Backend) {
     assert_eq!(peak(&w.store.claims(c.id, everything(), at(3)).await.unwrap()), 3);
 }
 
+/// A store may keep resources between holds; every change to one (or its venue) applies to
+/// the very next hold.
+pub async fn holds_see_catalogue_changes_at_once(b: &Backend) {
+    let w = World::new(b).await;
+    let mut r = w.resource(1).await;
+    w.held(&[(r.id, span(HOUR, 2 * HOUR), 1)], at(0), 600).await;
+    assert_unavailable(w.hold(&[(r.id, span(HOUR, 2 * HOUR), 1)], at(1), 600).await, 0, 0);
+    r.capacity = 2;
+    w.store.update_resource(&r).await.unwrap();
+    w.held(&[(r.id, span(HOUR, 2 * HOUR), 1)], at(2), 600).await;
+    r.capacity = 1;
+    w.store.update_resource(&r).await.unwrap();
+    assert_unavailable(w.hold(&[(r.id, span(3 * HOUR, 4 * HOUR), 2)], at(3), 600).await, 0, 1);
+
+    let gone = w.resource(1).await;
+    w.held(&[(gone.id, span(HOUR, 2 * HOUR), 1)], at(4), 600).await;
+    w.store.delete_resource(gone.id, at(3 * HOUR)).await.unwrap();
+    match w.hold(&[(gone.id, span(4 * HOUR, 5 * HOUR), 1)], at(3 * HOUR + 1), 600).await {
+        Err(HoldRefused::Stale { item_index: 0 }) => {}
+        other => panic!("hold on a resource deleted after an earlier hold: expected Stale, got {other:?}"),
+    }
+    let other = w.resource(3).await;
+    w.held(&[(other.id, span(4 * HOUR, 5 * HOUR), 1)], at(3 * HOUR + 2), 600).await;
+    w.store.delete_venue(w.venue.id, at(6 * HOUR)).await.unwrap();
+    match w.hold(&[(other.id, span(7 * HOUR, 8 * HOUR), 1)], at(6 * HOUR + 1), 600).await {
+        Err(HoldRefused::Stale { item_index: 0 }) => {}
+        other => panic!("hold at a deleted venue: expected Stale, got {other:?}"),
+    }
+}
+
 pub async fn hold_on_deleted_or_foreign_resource_is_stale(b: &Backend) {
     let w = World::new(b).await;
     let (live, gone) = (w.resource(1).await, w.resource(1).await);
