@@ -408,15 +408,6 @@ where
     Ok(claims_from_rows(rows))
 }
 
-async fn doc_in_tx<T: DeserializeOwned>(
-    conn: &mut PgConnection,
-    sql: &'static str,
-    id: String,
-) -> Result<Option<T>, sqlx::Error> {
-    let doc: Option<String> = sqlx::query_scalar(sql).bind(id).fetch_optional(conn).await?;
-    doc.map(|d| from_json_db(&d)).transpose()
-}
-
 /// Writes a status change and keeps the claims table in step with it.
 async fn apply_change(
     conn: &mut PgConnection,
@@ -473,31 +464,42 @@ fn is_exclusive(rules: &CapacityRules) -> bool {
     scaled(rules.capacity) <= 1 && rules.overrides.iter().all(|o| scaled(o.capacity) <= 1)
 }
 
-/// Takes the lapsed holds on `resource` during `span` out of the exclusion constraint: it does
+/// The live claims a decision on `resource` during `span` reads. With `release_lapsed` (an
+/// exclusive resource), first takes its lapsed holds out of the exclusion constraint: it does
 /// not know about time, so their rows would refuse a new claim on the place they no longer
 /// hold. Only rows of `resource` (locked by this batch) are touched: expiring the whole booking
 /// would change claims on resources another node may hold locked, a cross-node deadlock. The
 /// bookings themselves are released by the expiry sweep. A lapsed hold never comes back: every
 /// later decision on `resource` runs at a `now` no earlier than this one.
-async fn release_lapsed(
+async fn decision_claims(
     conn: &mut PgConnection,
     resource: ResourceId,
     span: Span,
     now: Timestamp,
-) -> Result<(), sqlx::Error> {
-    sqlx::query(
-        "UPDATE claims SET exclusive = false
-         WHERE resource_id = $1 AND block_start < $2 AND block_start > $3 AND block_end > $4
-           AND hold_expires_at <= $5 AND exclusive",
+    release_lapsed: bool,
+) -> Result<Vec<Claim>, sqlx::Error> {
+    if !release_lapsed {
+        return live_claims(conn, resource, span, now).await;
+    }
+    // The release and the read in one round trip; `claim_totals` does not depend on `exclusive`,
+    // so the read (which sees the statement's snapshot) is the same either way.
+    let rows: Vec<(i64, i64, i64)> = sqlx::query_as(
+        "WITH released AS (
+           UPDATE claims SET exclusive = false
+           WHERE resource_id = $1 AND block_start < $2 AND block_start > $3 AND block_end > $4
+             AND hold_expires_at <= $5 AND exclusive
+           RETURNING 1)
+         SELECT block_start, block_end, quantity FROM claim_totals
+         WHERE resource_id = $1 AND block_start < $2 AND block_start > $3 AND block_end > $4 AND expires_at > $5",
     )
     .bind(resource.to_string())
     .bind(span.end)
     .bind(span.start - CLAIM_SECONDS_MAX)
     .bind(span.start)
     .bind(now.as_second())
-    .execute(conn)
-    .await
-    .map(|_| ())
+    .fetch_all(conn)
+    .await?;
+    Ok(claims_from_rows(rows))
 }
 
 /// The hold transaction: for each item, read the live claims of its (locked) resource, let the
@@ -505,75 +507,84 @@ async fn release_lapsed(
 async fn hold_in_tx(ctx: &mut Ctx, command: HoldCommand) -> Outcome<Booking, HoldRefused> {
     let now = ctx.now(command.now);
     let mut booking = command.booking;
-    let booking_id = booking.id.to_string();
-    let venue_id = booking.venue_id.to_string();
-    let hold_expires_at = booking.expires_at.map(|t| t.as_second());
-    let venue: Option<Venue> =
-        doc_in_tx(&mut ctx.conn, "SELECT doc::text FROM venues WHERE id = $1 AND deleted_at IS NULL", venue_id.clone())
-            .await?;
-    let Some(venue) = venue else { return Ok(Err(HoldRefused::Stale { item_index: 0 })) };
-    let tz = venue.tz();
+    let mut tz: Option<jiff::tz::TimeZone> = None;
+    // Claims this booking takes, inserted together at the end (one round trip): an item on a
+    // resource an earlier item also uses is checked against that item's claim as well.
+    let mut taken: Vec<(ResourceId, Claim, bool)> = Vec::with_capacity(booking.items.len());
     for (i, (item, claim)) in booking.items.iter().zip(&command.claims).enumerate() {
-        let resource: Option<Resource> = doc_in_tx(
-            &mut ctx.conn,
-            "SELECT doc::text FROM resources WHERE id = $1 AND deleted_at IS NULL",
-            item.resource_id.to_string(),
+        let docs: Option<(String, String)> = sqlx::query_as(
+            "SELECT r.doc::text, v.doc::text FROM resources r
+             JOIN venues v ON v.id = r.venue_id AND v.deleted_at IS NULL
+             WHERE r.id = $1 AND r.deleted_at IS NULL",
         )
+        .bind(item.resource_id.to_string())
+        .fetch_optional(&mut ctx.conn)
         .await?;
-        let Some(resource) = resource.filter(|r| r.venue_id == booking.venue_id) else {
+        let Some((resource_doc, venue_doc)) = docs else { return Ok(Err(HoldRefused::Stale { item_index: i })) };
+        let resource: Resource = from_json_db(&resource_doc)?;
+        if resource.venue_id != booking.venue_id {
             return Ok(Err(HoldRefused::Stale { item_index: i }));
-        };
-        let rules = resource.capacity_rules(&tz);
-        let exclusive = is_exclusive(&rules);
-        if exclusive {
-            release_lapsed(&mut ctx.conn, item.resource_id, claim.span, now).await?;
         }
-        let existing = live_claims(&mut ctx.conn, item.resource_id, claim.span, now).await?;
+        if tz.is_none() {
+            tz = Some(from_json_db::<Venue>(&venue_doc)?.tz());
+        }
+        let rules = resource.capacity_rules(tz.as_ref().unwrap_or(&jiff::tz::TimeZone::UTC));
+        let exclusive = is_exclusive(&rules);
+        let mut existing = decision_claims(&mut ctx.conn, item.resource_id, claim.span, now, exclusive).await?;
+        existing.extend(taken.iter().filter(|(r, _, _)| *r == item.resource_id).map(|(_, c, _)| *c));
         if let Err(shortfall) = capacity::check_claim(&rules, &existing, *claim) {
             return Ok(Err(HoldRefused::Unavailable { item_index: i, remaining: shortfall.remaining }));
         }
-        let inserted = sqlx::query(
-            "INSERT INTO claims
-               (item_id, booking_id, resource_id, venue_id, block_start, block_end, quantity, hold_expires_at, exclusive)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
-        )
-        .bind(item.id.to_string())
-        .bind(&booking_id)
-        .bind(item.resource_id.to_string())
-        .bind(&venue_id)
-        .bind(claim.span.start)
-        .bind(claim.span.end)
-        .bind(i64::from(claim.quantity))
-        .bind(hold_expires_at)
-        .bind(exclusive)
-        .execute(&mut ctx.conn)
-        .await;
-        match inserted {
-            Ok(_) => {}
-            Err(e) if e.as_database_error().and_then(|d| d.code()).is_some_and(|c| c == EXCLUSION_VIOLATION) => {
-                // The second guard caught what the first let through: refuse, and say so loudly.
-                tracing::error!(resource = %item.resource_id, "exclusion constraint refused a claim the engine accepted");
-                return Ok(Err(HoldRefused::Unavailable { item_index: i, remaining: 0 }));
-            }
-            Err(e) => return Err(e),
-        }
+        taken.push((item.resource_id, *claim, exclusive));
     }
     booking.created_at = now;
     booking.updated_at = now;
-    let doc = to_json(&booking)?;
-    sqlx::query(
-        "INSERT INTO bookings (id, customer_id, venue_id, status, expires_at, doc) VALUES ($1, $2, $3, $4, $5, $6::jsonb)",
-    )
-    .bind(&booking_id)
-    .bind(booking.customer_id.to_string())
-    .bind(&venue_id)
-    .bind(booking.status.as_str())
-    .bind(hold_expires_at)
-    .bind(&doc)
-    .execute(&mut ctx.conn)
-    .await?;
-    outbox(&mut ctx.conn, "booking.held", &booking_id, &doc, now).await?;
-    Ok(Ok(booking))
+    match insert_hold(&mut ctx.conn, &booking, &taken, now).await {
+        Ok(()) => Ok(Ok(booking)),
+        Err(e) if e.as_database_error().and_then(|d| d.code()).is_some_and(|c| c == EXCLUSION_VIOLATION) => {
+            // The second guard caught what the first let through: refuse, and say so loudly.
+            tracing::error!(booking = %booking.id, "exclusion constraint refused a claim the engine accepted");
+            let item_index = taken.iter().position(|(_, _, exclusive)| *exclusive).unwrap_or(0);
+            Ok(Err(HoldRefused::Unavailable { item_index, remaining: 0 }))
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// Claims, booking and outbox row of a hold in one statement (one round trip).
+async fn insert_hold(
+    conn: &mut PgConnection,
+    booking: &Booking,
+    taken: &[(ResourceId, Claim, bool)],
+    now: Timestamp,
+) -> Result<(), sqlx::Error> {
+    let booking_id = booking.id.to_string();
+    let venue_id = booking.venue_id.to_string();
+    let hold_expires_at = booking.expires_at.map(|t| t.as_second());
+    let doc = to_json(booking)?;
+    let mut qb: QueryBuilder<Postgres> = QueryBuilder::new(
+        "WITH claimed AS (INSERT INTO claims
+           (item_id, booking_id, resource_id, venue_id, block_start, block_end, quantity, hold_expires_at, exclusive) ",
+    );
+    qb.push_values(booking.items.iter().zip(taken), |mut row, (item, (resource_id, claim, exclusive))| {
+        row.push_bind(item.id.to_string())
+            .push_bind(booking_id.clone())
+            .push_bind(resource_id.to_string())
+            .push_bind(venue_id.clone())
+            .push_bind(claim.span.start)
+            .push_bind(claim.span.end)
+            .push_bind(i64::from(claim.quantity))
+            .push_bind(hold_expires_at)
+            .push_bind(*exclusive);
+    });
+    qb.push("), booked AS (INSERT INTO bookings (id, customer_id, venue_id, status, expires_at, doc) VALUES (");
+    let mut values = qb.separated(", ");
+    values.push_bind(booking_id.clone()).push_bind(booking.customer_id.to_string()).push_bind(venue_id);
+    values.push_bind(booking.status.as_str()).push_bind(hold_expires_at).push_bind(doc.clone());
+    values.push_unseparated("::jsonb)");
+    qb.push(") INSERT INTO outbox (topic, aggregate_id, payload, created_at) VALUES ('booking.held', ");
+    qb.push_bind(booking_id).push(", ").push_bind(doc).push("::jsonb, ").push_bind(now.as_second()).push(")");
+    qb.build().execute(conn).await.map(|_| ())
 }
 
 async fn rotate_in_tx(
