@@ -35,10 +35,10 @@ use crate::access;
 use crate::cache::{self, Cache, INVALIDATE_ALL};
 use crate::common::venue_inserted;
 use crate::common::{
-    AUDIT_HEAD_SQL, AuditRow, KeyRow, Rotation, TokenRow, USER_COLUMNS, UserRow, VENUE_IN_USE, add_seat_states,
+    AUDIT_HEAD_SQL, AuditRow, KeyRow, Rotation, TokenRow, USER_COLUMNS, UserVenuesRow, VENUE_IN_USE, add_seat_states,
     after_key, audit_events_of, audit_head_of, audit_insert, audit_range_query, audit_rotation, audit_select, chain,
     claims_from_rows, decided, docs_to_page, existing_key, expired, from_json, from_json_db, hold_expiry,
-    is_unique_violation, rotation, to_json, ts, user_of,
+    is_unique_violation, rotation, to_json, ts, user_of_venues_row,
 };
 use crate::writer::{Backend, Outcome, WriteCtx, Writer, db_error};
 
@@ -239,17 +239,13 @@ impl PgStore {
 
     /// The one user whose `column` equals `value`.
     async fn user_where(&self, column: &'static str, value: String) -> Result<Option<User>, StoreError> {
-        let sql = format!("SELECT {USER_COLUMNS} FROM users WHERE {column} = $1");
-        let row: Option<UserRow> =
+        let sql = format!(
+            "SELECT {USER_COLUMNS}, (SELECT string_agg(venue_id, ',') FROM venue_managers WHERE user_id = users.id)
+             FROM users WHERE {column} = $1"
+        );
+        let row: Option<UserVenuesRow> =
             sqlx::query_as(sqlx::AssertSqlSafe(sql)).bind(value).fetch_optional(&self.read).await.map_err(db_error)?;
-        let Some(row) = row else { return Ok(None) };
-        let venues: Vec<String> =
-            sqlx::query_scalar("SELECT venue_id FROM venue_managers WHERE user_id = $1 ORDER BY venue_id")
-                .bind(&row.0)
-                .fetch_all(&self.read)
-                .await
-                .map_err(db_error)?;
-        user_of(row, venues).map(Some)
+        row.map(user_of_venues_row).transpose()
     }
 
     /// Writes one statement through the writer, mapping a unique violation to `Conflict`.
