@@ -1,6 +1,8 @@
 //! Catalogue use cases: venues, resources and events (read by anyone, written by the venue's
 //! managers and admins), availability and seat maps.
 
+use std::collections::HashMap;
+
 use allot_core::capacity::{self, Claim, Span};
 use allot_core::ids::{EventId, ResourceId, VenueId};
 use allot_core::inventory::{Event, Resource, Venue};
@@ -179,16 +181,7 @@ impl App {
         let event = self.event(id).await?;
         let seats = self.store.resources_by_ids(&event.seat_ids).await?;
         let states = self.store.seat_states(&event, self.clock.now()).await?;
-        let views = event
-            .seat_ids
-            .iter()
-            .filter_map(|id| seats.iter().find(|s| s.id == *id))
-            .map(|seat| SeatView {
-                price: event.seat_price(seat),
-                state: states.get(&seat.id).copied(),
-                resource: seat.clone(),
-            })
-            .collect();
+        let views = seat_views(&event, &seats, &states);
         Ok((event, views))
     }
 
@@ -306,6 +299,21 @@ impl App {
         }
         Ok((resource, out))
     }
+}
+
+/// The seat map of `event` from what the store read (no I/O): each of the event's seats found
+/// among `seats`, in the event's order, with its price and its state in `states` (none: free).
+pub fn seat_views(event: &Event, seats: &[Resource], states: &HashMap<ResourceId, SeatState>) -> Vec<SeatView> {
+    event
+        .seat_ids
+        .iter()
+        .filter_map(|id| seats.iter().find(|s| s.id == *id))
+        .map(|seat| SeatView {
+            price: event.seat_price(seat),
+            state: states.get(&seat.id).copied(),
+            resource: seat.clone(),
+        })
+        .collect()
 }
 
 fn push_if(out: &mut Vec<AvailabilityWindow>, w: AvailabilityWindow, quantity: u32) {
