@@ -304,10 +304,11 @@ impl App {
 /// The seat map of `event` from what the store read (no I/O): each of the event's seats found
 /// among `seats`, in the event's order, with its price and its state in `states` (none: free).
 pub fn seat_views(event: &Event, seats: &[Resource], states: &HashMap<ResourceId, SeatState>) -> Vec<SeatView> {
+    let by_id: HashMap<ResourceId, &Resource> = seats.iter().map(|s| (s.id, s)).collect();
     event
         .seat_ids
         .iter()
-        .filter_map(|id| seats.iter().find(|s| s.id == *id))
+        .filter_map(|id| by_id.get(id).copied())
         .map(|seat| SeatView {
             price: event.seat_price(seat),
             state: states.get(&seat.id).copied(),

@@ -465,8 +465,10 @@ pub enum SeatStatus {
 pub struct SeatView {
     pub resource_id: String,
     pub name: String,
+    /// As stored (always a JSON object): a seat map repeats it for every seat, so it is
+    /// written out without being parsed.
     #[schema(value_type = Object)]
-    pub attributes: Value,
+    pub attributes: Box<serde_json::value::RawValue>,
     #[schema(required = true)]
     pub price_category: Option<String>,
     pub price: i64,
@@ -484,13 +486,19 @@ pub struct SeatMapView {
     pub seats: Vec<SeatView>,
 }
 
+/// `text` as raw JSON if it is valid JSON, else `{}`.
+fn raw_object(text: &str) -> Box<serde_json::value::RawValue> {
+    serde_json::value::RawValue::from_string(text.to_owned())
+        .unwrap_or_else(|_| serde_json::value::RawValue::from_string("{}".to_owned()).unwrap_or_default())
+}
+
 pub fn seat_map_json(event: &Event, seats: &[allot_app::catalog::SeatView]) -> SeatMapView {
     let seats = seats
         .iter()
         .map(|s| SeatView {
             resource_id: s.resource.id.to_string(),
             name: s.resource.name.clone(),
-            attributes: serde_json::from_str(&s.resource.attributes).unwrap_or_else(|_| json!({})),
+            attributes: raw_object(&s.resource.attributes),
             price_category: s.resource.price_category.clone(),
             price: s.price,
             status: match s.state {

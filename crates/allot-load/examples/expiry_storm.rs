@@ -65,11 +65,16 @@ async fn main() {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
     let options = allot_http::HttpOptions::default().with_rate_limits(allot_http::ratelimit::RateLimits::off());
-    tokio::spawn(allot_http::serve(listener, app.clone(), &options, std::future::pending()));
+    let served = app.clone();
+    tokio::spawn(async move { allot_http::serve(listener, served, &options, std::future::pending()).await });
 
     let started = Instant::now();
     let made = allot_load::run(config(&url, "hold-ga", Some(n), 600)).await.unwrap();
-    println!("made {} holds in {:.1} s, all expiring at the same second", made.holds.ok, started.elapsed().as_secs_f64());
+    println!(
+        "made {} holds in {:.1} s, all expiring at the same second",
+        made.holds.ok,
+        started.elapsed().as_secs_f64()
+    );
     let lapse_at = clock.now().as_second() + HOLD_TTL_SECONDS;
     let before = allot_load::run(config(&url, "hold-seat", None, 5)).await.unwrap();
 
@@ -77,9 +82,15 @@ async fn main() {
     let jumped = Instant::now();
     let during = tokio::spawn(allot_load::run(config(&url, "hold-seat", None, 5)));
     let held = format!("status = 'held' AND expires_at <= {lapse_at}");
+    let mut reported = 0;
     let released_after = loop {
-        if store.count("bookings", &held).await.unwrap() == 0 {
+        let left = store.count("bookings", &held).await.unwrap();
+        if left == 0 {
             break jumped.elapsed();
+        }
+        if jumped.elapsed().as_secs() > reported {
+            reported = jumped.elapsed().as_secs();
+            eprintln!("{reported} s: {left} lapsed holds still held");
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
