@@ -105,3 +105,15 @@ async fn a_mixed_run_on_postgres_stores_exactly_what_it_acknowledged() {
     let report = allot_load::run(config(url, db, "mixed", 16)).await.unwrap();
     assert_clean(&report);
 }
+
+/// The check itself can fail: an acknowledgement the database does not hold is reported.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_database_check_reports_a_lost_acknowledgement() {
+    let (_store, db) = sqlite().await;
+    let world = allot_load::setup::World { venue_id: uuid::Uuid::now_v7().to_string(), ..Default::default() };
+    let mut acks = std::collections::HashMap::new();
+    acks.insert(uuid::Uuid::now_v7().as_simple().to_string(), allot_load::verify::Ack::Held);
+    let v = allot_load::verify::verify(&db, &world, &acks).await.unwrap();
+    assert!(!v.ok);
+    assert_eq!((v.lost_or_wrong, v.stored_bookings, v.failures.len()), (1, 0, 1), "{v:?}");
+}
