@@ -17,9 +17,9 @@ pub type ApiKeyRow = (String, String, String, String, String, i64, Option<i64>);
 /// The columns of [`ApiKeyRow`], in order.
 pub const API_KEY_COLUMNS: &str = "id, name, key_hash, scopes, created_by, created_at, revoked_at";
 /// Matches the rows of admins (roles are stored comma-separated).
-const IS_ADMIN: &str = "(',' || roles || ',') LIKE '%,admin,%'";
+pub(crate) const IS_ADMIN: &str = "(',' || roles || ',') LIKE '%,admin,%'";
 
-pub fn scopes_text(scopes: &BTreeSet<Scope>) -> String {
+pub(crate) fn scopes_text(scopes: &BTreeSet<Scope>) -> String {
     scopes.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(",")
 }
 
@@ -94,28 +94,28 @@ where
     qb
 }
 
-fn parse_roles(text: &str) -> Vec<Role> {
+pub(crate) fn parse_roles(text: &str) -> Vec<Role> {
     text.split(',').filter_map(Role::parse).collect()
 }
 
-fn roles_text(roles: &[Role]) -> String {
+pub(crate) fn roles_text(roles: &[Role]) -> String {
     roles.iter().map(|r| r.as_str()).collect::<Vec<_>>().join(",")
 }
 
-fn with(mut roles: Vec<Role>, role: Role) -> Vec<Role> {
+pub(crate) fn with(mut roles: Vec<Role>, role: Role) -> Vec<Role> {
     if !roles.contains(&role) {
         roles.push(role);
     }
     roles
 }
 
-fn without(mut roles: Vec<Role>, role: Role) -> Vec<Role> {
+pub(crate) fn without(mut roles: Vec<Role>, role: Role) -> Vec<Role> {
     roles.retain(|r| *r != role);
     roles
 }
 
 /// What a revocation does once the user's row is read and locked.
-enum RevokeStep {
+pub(crate) enum RevokeStep {
     /// Just write these roles.
     Roles(Vec<Role>),
     /// Drop the admin role, if more than one admin is left.
@@ -126,7 +126,7 @@ enum RevokeStep {
     AllVenues(Vec<Role>),
 }
 
-fn revoke_step(roles: Vec<Role>, revoke: RoleRevoke) -> RevokeStep {
+pub(crate) fn revoke_step(roles: Vec<Role>, revoke: RoleRevoke) -> RevokeStep {
     match revoke {
         RoleRevoke::Customer => RevokeStep::Roles(without(roles, Role::Customer)),
         RoleRevoke::Admin if roles.contains(&Role::Admin) => RevokeStep::LastAdminCheck(without(roles, Role::Admin)),
@@ -137,122 +137,15 @@ fn revoke_step(roles: Vec<Role>, revoke: RoleRevoke) -> RevokeStep {
 }
 
 pub mod sqlite {
-    //! The SQLite statements: the writer's `BEGIN IMMEDIATE` already serializes every write.
+    //! The SQLite reads of keys; the writes are the writer's (`crate::sqlite::tx`).
 
     use allot_app::StoreError;
-    use allot_app::access::{ApiKey, RoleGrant, RoleRevoke};
-    use allot_app::store::{Page, PageRequest, Role};
-    use allot_core::ids::{ApiKeyId, UserId};
-    use futures::future::BoxFuture;
-    use jiff::Timestamp;
-    use sqlx::{SqliteConnection, SqlitePool};
+    use allot_app::access::ApiKey;
+    use allot_app::store::{Page, PageRequest};
+    use sqlx::SqlitePool;
 
-    use super::{
-        ApiKeyRow, IS_ADMIN, LAST_ADMIN, RevokeStep, keys_page, parse_roles, revoke_step, roles_text, with, without,
-    };
-    use crate::sqlite::SqliteBackend;
-    use crate::writer::{Outcome, WriteCtx, Writer, db_error};
-
-    type Ctx = WriteCtx<SqliteConnection>;
-
-    async fn roles_of(conn: &mut SqliteConnection, user: &str) -> Result<Option<Vec<Role>>, sqlx::Error> {
-        let roles: Option<String> =
-            sqlx::query_scalar("SELECT roles FROM users WHERE id = ?").bind(user).fetch_optional(conn).await?;
-        Ok(roles.as_deref().map(parse_roles))
-    }
-
-    async fn set_roles(conn: &mut SqliteConnection, user: &str, roles: &[Role]) -> Result<(), sqlx::Error> {
-        sqlx::query("UPDATE users SET roles = ? WHERE id = ?").bind(roles_text(roles)).bind(user).execute(conn).await?;
-        Ok(())
-    }
-
-    pub async fn grant_role(writer: &Writer<SqliteBackend>, user: UserId, grant: RoleGrant) -> Result<(), StoreError> {
-        writer
-            .exec(move |ctx: &mut Ctx| -> BoxFuture<'_, Outcome<(), StoreError>> {
-                Box::pin(async move {
-                    let user = user.to_string();
-                    let Some(roles) = roles_of(&mut ctx.conn, &user).await? else {
-                        return Ok(Err(StoreError::NotFound("user")));
-                    };
-                    let role = match grant {
-                        RoleGrant::Customer => Role::Customer,
-                        RoleGrant::Admin => Role::Admin,
-                        RoleGrant::Manager(venue) => {
-                            sqlx::query("INSERT OR IGNORE INTO venue_managers (venue_id, user_id) VALUES (?, ?)")
-                                .bind(venue.to_string())
-                                .bind(&user)
-                                .execute(&mut ctx.conn)
-                                .await?;
-                            Role::Manager
-                        }
-                    };
-                    set_roles(&mut ctx.conn, &user, &with(roles, role)).await?;
-                    Ok(Ok(()))
-                })
-            })
-            .await
-    }
-
-    pub async fn revoke_role(
-        writer: &Writer<SqliteBackend>,
-        user: UserId,
-        revoke: RoleRevoke,
-    ) -> Result<(), StoreError> {
-        writer
-            .exec(move |ctx: &mut Ctx| -> BoxFuture<'_, Outcome<(), StoreError>> {
-                Box::pin(async move {
-                    let user = user.to_string();
-                    let Some(roles) = roles_of(&mut ctx.conn, &user).await? else {
-                        return Ok(Err(StoreError::NotFound("user")));
-                    };
-                    let conn = &mut ctx.conn;
-                    let roles = match revoke_step(roles.clone(), revoke) {
-                        RevokeStep::Roles(r) => r,
-                        RevokeStep::LastAdminCheck(r) => {
-                            let sql = format!("SELECT COUNT(*) FROM users WHERE {IS_ADMIN}");
-                            let admins: i64 =
-                                sqlx::query_scalar(sqlx::AssertSqlSafe(sql)).fetch_one(&mut *conn).await?;
-                            if admins <= 1 {
-                                return Ok(Err(StoreError::Conflict(LAST_ADMIN.to_owned())));
-                            }
-                            r
-                        }
-                        RevokeStep::Venue(venue) => {
-                            let deleted = sqlx::query("DELETE FROM venue_managers WHERE user_id = ? AND venue_id = ?")
-                                .bind(&user)
-                                .bind(venue)
-                                .execute(&mut *conn)
-                                .await?
-                                .rows_affected();
-                            let left: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM venue_managers WHERE user_id = ?")
-                                .bind(&user)
-                                .fetch_one(&mut *conn)
-                                .await?;
-                            if deleted > 0 && left == 0 { without(roles, Role::Manager) } else { roles }
-                        }
-                        RevokeStep::AllVenues(r) => {
-                            sqlx::query("DELETE FROM venue_managers WHERE user_id = ?")
-                                .bind(&user)
-                                .execute(&mut *conn)
-                                .await?;
-                            r
-                        }
-                    };
-                    set_roles(conn, &user, &roles).await?;
-                    Ok(Ok(()))
-                })
-            })
-            .await
-    }
-
-    pub async fn insert_api_key(writer: &Writer<SqliteBackend>, key: &ApiKey) -> Result<(), StoreError> {
-        let mut query = super::insert_key_query::<sqlx::Sqlite>(key);
-        writer
-            .exec(move |ctx: &mut Ctx| -> BoxFuture<'_, Outcome<(), StoreError>> {
-                Box::pin(async move { super::inserted(query.build().execute(&mut ctx.conn).await) })
-            })
-            .await
-    }
+    use super::{ApiKeyRow, keys_page};
+    use crate::writer::db_error;
 
     pub async fn api_key_by_hash(read: &SqlitePool, key_hash: &str) -> Result<Option<ApiKey>, StoreError> {
         let mut query = super::key_by_hash_query::<sqlx::Sqlite>(key_hash);
@@ -264,27 +157,6 @@ pub mod sqlite {
         let mut query = super::keys_query::<sqlx::Sqlite>(page);
         let rows: Vec<ApiKeyRow> = query.build_query_as().fetch_all(read).await.map_err(db_error)?;
         keys_page(rows, page.limit)
-    }
-
-    pub async fn revoke_api_key(
-        writer: &Writer<SqliteBackend>,
-        id: ApiKeyId,
-        now: Timestamp,
-    ) -> Result<(), StoreError> {
-        writer
-            .exec(move |ctx: &mut Ctx| -> BoxFuture<'_, Outcome<(), StoreError>> {
-                Box::pin(async move {
-                    let now = ctx.now(now).as_second();
-                    let changed = sqlx::query("UPDATE api_keys SET revoked_at = COALESCE(revoked_at, ?) WHERE id = ?")
-                        .bind(now)
-                        .bind(id.to_string())
-                        .execute(&mut ctx.conn)
-                        .await?
-                        .rows_affected();
-                    Ok(if changed == 0 { Err(StoreError::NotFound("API key")) } else { Ok(()) })
-                })
-            })
-            .await
     }
 }
 

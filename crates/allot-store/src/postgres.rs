@@ -74,6 +74,11 @@ pub(crate) struct PgBackend {
 
 impl Backend for PgBackend {
     type Conn = PgConnection;
+    type Error = sqlx::Error;
+
+    fn error(e: sqlx::Error) -> StoreError {
+        db_error(e)
+    }
 
     fn begin<'c>(&'c self, conn: &'c mut PgConnection) -> BoxFuture<'c, Result<(), sqlx::Error>> {
         self.execute(conn, "BEGIN")

@@ -32,13 +32,18 @@ pub const QUEUE_DEPTH_MAX: usize = 16_384;
 /// What the writer needs from a database beyond running a request's own statements.
 pub trait Backend: Send + Sync + 'static {
     type Conn: Send + 'static;
+    /// What the connection fails with.
+    type Error: std::fmt::Display + Send + 'static;
+
+    /// A failure as the app sees it (transient ones as [`StoreError::Busy`]).
+    fn error(e: Self::Error) -> StoreError;
 
     /// Starts the batch transaction.
-    fn begin<'c>(&'c self, conn: &'c mut Self::Conn) -> BoxFuture<'c, Result<(), sqlx::Error>>;
+    fn begin<'c>(&'c self, conn: &'c mut Self::Conn) -> BoxFuture<'c, Result<(), Self::Error>>;
 
     /// Runs statements without results (savepoints, commit, rollback); `sql` may hold several,
     /// `;`-separated.
-    fn execute<'c>(&'c self, conn: &'c mut Self::Conn, sql: &'static str) -> BoxFuture<'c, Result<(), sqlx::Error>>;
+    fn execute<'c>(&'c self, conn: &'c mut Self::Conn, sql: &'static str) -> BoxFuture<'c, Result<(), Self::Error>>;
 
     /// Locks `keys` (sorted, distinct resource ids) until the batch ends and returns the latest
     /// `now` an earlier transaction decided on them with. A single-writer database needs neither.
@@ -46,7 +51,7 @@ pub trait Backend: Send + Sync + 'static {
         &'c self,
         _conn: &'c mut Self::Conn,
         _keys: &'c [String],
-    ) -> BoxFuture<'c, Result<Option<Timestamp>, sqlx::Error>> {
+    ) -> BoxFuture<'c, Result<Option<Timestamp>, Self::Error>> {
         Box::pin(async { Ok(None) })
     }
 
@@ -56,7 +61,7 @@ pub trait Backend: Send + Sync + 'static {
         _conn: &'c mut Self::Conn,
         _keys: &'c [String],
         _now: Timestamp,
-    ) -> BoxFuture<'c, Result<(), sqlx::Error>> {
+    ) -> BoxFuture<'c, Result<(), Self::Error>> {
         Box::pin(async { Ok(()) })
     }
 
@@ -66,7 +71,7 @@ pub trait Backend: Send + Sync + 'static {
         &'c self,
         conn: &'c mut Self::Conn,
         events: &'c mut [AuditEvent],
-    ) -> BoxFuture<'c, Result<(), sqlx::Error>>;
+    ) -> BoxFuture<'c, Result<(), Self::Error>>;
 
     /// Whether requests may keep catalogue documents in [`WriteCtx::memo`] across batches: only
     /// where this writer makes every change to the database (SQLite), and every change drops
@@ -120,7 +125,7 @@ trait Job<B: Backend>: Send {
 
 /// The outcome of one request: `Ok(Ok)` is kept, `Ok(Err)` (a business refusal) and `Err` are
 /// rolled back to the request's savepoint.
-pub type Outcome<T, E> = Result<Result<T, E>, sqlx::Error>;
+pub type Outcome<T, E, D = sqlx::Error> = Result<Result<T, E>, D>;
 
 struct Op<F, T, E> {
     f: F,
@@ -133,7 +138,7 @@ struct Op<F, T, E> {
 impl<B, F, T, E> Job<B> for Op<F, T, E>
 where
     B: Backend,
-    F: for<'c> FnOnce(&'c mut WriteCtx<B::Conn>) -> BoxFuture<'c, Outcome<T, E>> + Send + 'static,
+    F: for<'c> FnOnce(&'c mut WriteCtx<B::Conn>) -> BoxFuture<'c, Outcome<T, E, B::Error>> + Send + 'static,
     T: Send + 'static,
     E: Send + 'static,
 {
@@ -147,7 +152,7 @@ where
             if !ctx.savepoint_open {
                 if let Err(e) = backend.execute(&mut ctx.conn, "SAVEPOINT op").await {
                     ctx.poisoned = true;
-                    let _ = tx.send(Err(db_error(e)));
+                    let _ = tx.send(Err(B::error(e)));
                     return Box::new(|_| {}) as Reply;
                 }
                 ctx.savepoint_open = true;
@@ -170,8 +175,8 @@ where
                     scope.settle(commit.is_ok());
                 }
                 let result = match (outcome, commit, failure) {
-                    (_, _, Some(e)) => Err(db_error(e)),
-                    (Err(e), _, None) => Err(db_error(e)),
+                    (_, _, Some(e)) => Err(B::error(e)),
+                    (Err(e), _, None) => Err(B::error(e)),
                     (Ok(Err(refused)), _, None) => Ok(Err(refused)),
                     (Ok(Ok(value)), Ok(()), None) => Ok(Ok(value)),
                     (Ok(Ok(_)), Err(e), None) => Err(e),
@@ -219,7 +224,24 @@ impl<B: Backend> Clone for Writer<B> {
 }
 
 impl<B: Backend> Writer<B> {
+    /// Starts the writer as a task on the current tokio runtime: for a connection whose
+    /// statements are awaited (PostgreSQL).
     pub fn start(conn: B::Conn, backend: B) -> Writer<B> {
+        let (writer, run) = Self::prepare(conn, backend);
+        tokio::spawn(run);
+        writer
+    }
+
+    /// Starts the writer on a thread of its own: for a synchronous connection, whose
+    /// statements block (SQLite). Its jobs' futures are ready at once; the thread sleeps only
+    /// while the queue is empty, and ends when the last [`Writer`] handle is dropped.
+    pub fn start_thread(conn: B::Conn, backend: B, name: &str) -> std::io::Result<Writer<B>> {
+        let (writer, run) = Self::prepare(conn, backend);
+        std::thread::Builder::new().name(name.to_owned()).spawn(move || futures::executor::block_on(run))?;
+        Ok(writer)
+    }
+
+    fn prepare(conn: B::Conn, backend: B) -> (Writer<B>, impl Future<Output = ()> + Send + 'static) {
         let (queue, rx) = mpsc::channel(QUEUE_DEPTH_MAX);
         let stats = Arc::new(WriteStats::default());
         let memo = crate::cache::Cache::default();
@@ -232,14 +254,35 @@ impl<B: Backend> Writer<B> {
             savepoint_open: false,
             memo,
         };
-        tokio::spawn(run(backend, ctx, rx, stats.clone()));
-        Writer { queue, stats }
+        (Writer { queue, stats: stats.clone() }, run(backend, ctx, rx, stats))
+    }
+
+    /// [`Writer::write`] for a request that runs without awaiting (a synchronous connection).
+    pub async fn write_now<T, E, F>(&self, f: F) -> Result<Result<T, E>, StoreError>
+    where
+        F: FnOnce(&mut WriteCtx<B::Conn>) -> Outcome<T, E, B::Error> + Send + 'static,
+        T: Send + 'static,
+        E: Send + 'static,
+    {
+        self.write(move |ctx: &mut WriteCtx<B::Conn>| -> BoxFuture<'_, Outcome<T, E, B::Error>> {
+            Box::pin(std::future::ready(f(ctx)))
+        })
+        .await
+    }
+
+    /// [`Writer::exec`] for a request that runs without awaiting.
+    pub async fn exec_now<T, F>(&self, f: F) -> Result<T, StoreError>
+    where
+        F: FnOnce(&mut WriteCtx<B::Conn>) -> Outcome<T, StoreError, B::Error> + Send + 'static,
+        T: Send + 'static,
+    {
+        self.write_now(f).await?
     }
 
     /// Runs `f` in the next batch and returns once that batch is durably committed.
     pub async fn write<T, E, F>(&self, f: F) -> Result<Result<T, E>, StoreError>
     where
-        F: for<'c> FnOnce(&'c mut WriteCtx<B::Conn>) -> BoxFuture<'c, Outcome<T, E>> + Send + 'static,
+        F: for<'c> FnOnce(&'c mut WriteCtx<B::Conn>) -> BoxFuture<'c, Outcome<T, E, B::Error>> + Send + 'static,
         T: Send + 'static,
         E: Send + 'static,
     {
@@ -249,7 +292,7 @@ impl<B: Backend> Writer<B> {
     /// Like [`Writer::write`], with `keys` (resource ids) locked for the whole batch first.
     pub async fn write_locked<T, E, F>(&self, keys: Vec<String>, f: F) -> Result<Result<T, E>, StoreError>
     where
-        F: for<'c> FnOnce(&'c mut WriteCtx<B::Conn>) -> BoxFuture<'c, Outcome<T, E>> + Send + 'static,
+        F: for<'c> FnOnce(&'c mut WriteCtx<B::Conn>) -> BoxFuture<'c, Outcome<T, E, B::Error>> + Send + 'static,
         T: Send + 'static,
         E: Send + 'static,
     {
@@ -258,10 +301,14 @@ impl<B: Backend> Writer<B> {
 
     /// Appends an audit event on its own: an attempt that changed nothing.
     pub async fn append_audit(&self, event: AuditEvent) -> Result<(), StoreError> {
-        self.submit(Vec::new(), None, move |ctx: &mut WriteCtx<B::Conn>| -> BoxFuture<'_, Outcome<(), StoreError>> {
-            ctx.audit.push(event);
-            Box::pin(async { Ok(Ok(())) })
-        })
+        self.submit(
+            Vec::new(),
+            None,
+            move |ctx: &mut WriteCtx<B::Conn>| -> BoxFuture<'_, Outcome<(), StoreError, B::Error>> {
+                ctx.audit.push(event);
+                Box::pin(async { Ok(Ok(())) })
+            },
+        )
         .await?
     }
 
@@ -272,7 +319,7 @@ impl<B: Backend> Writer<B> {
         f: F,
     ) -> Result<Result<T, E>, StoreError>
     where
-        F: for<'c> FnOnce(&'c mut WriteCtx<B::Conn>) -> BoxFuture<'c, Outcome<T, E>> + Send + 'static,
+        F: for<'c> FnOnce(&'c mut WriteCtx<B::Conn>) -> BoxFuture<'c, Outcome<T, E, B::Error>> + Send + 'static,
         T: Send + 'static,
         E: Send + 'static,
     {
@@ -291,7 +338,9 @@ impl<B: Backend> Writer<B> {
     /// Like [`Writer::write`] for requests that cannot be refused, only fail.
     pub async fn exec<T, F>(&self, f: F) -> Result<T, StoreError>
     where
-        F: for<'c> FnOnce(&'c mut WriteCtx<B::Conn>) -> BoxFuture<'c, Outcome<T, StoreError>> + Send + 'static,
+        F: for<'c> FnOnce(&'c mut WriteCtx<B::Conn>) -> BoxFuture<'c, Outcome<T, StoreError, B::Error>>
+            + Send
+            + 'static,
         T: Send + 'static,
     {
         self.write(f).await?
@@ -316,7 +365,7 @@ async fn run<B: Backend>(
 }
 
 /// Begins the batch transaction, replacing the connection once if it has failed.
-async fn begin<B: Backend>(backend: &B, ctx: &mut WriteCtx<B::Conn>) -> Result<(), sqlx::Error> {
+async fn begin<B: Backend>(backend: &B, ctx: &mut WriteCtx<B::Conn>) -> Result<(), B::Error> {
     let Err(first) = backend.begin(&mut ctx.conn).await else { return Ok(()) };
     let Some(conn) = backend.reconnect().await else { return Err(first) };
     tracing::warn!(error = %first, "write connection replaced");
@@ -332,7 +381,7 @@ fn fail_all<B: Backend>(batch: &mut Vec<Box<dyn Job<B>>>, error: &StoreError) {
 
 async fn apply_batch<B: Backend>(backend: &B, ctx: &mut WriteCtx<B::Conn>, batch: &mut Vec<Box<dyn Job<B>>>) {
     if let Err(e) = begin(backend, ctx).await {
-        let error = db_error(e);
+        let error = B::error(e);
         tracing::error!(%error, "could not begin a write transaction");
         fail_all(batch, &error);
         return;
@@ -345,7 +394,7 @@ async fn apply_batch<B: Backend>(backend: &B, ctx: &mut WriteCtx<B::Conn>, batch
             Ok(floor) => ctx.last_now = ctx.last_now.max(floor.unwrap_or(Timestamp::UNIX_EPOCH)),
             Err(e) => {
                 let _ = backend.execute(&mut ctx.conn, "ROLLBACK").await;
-                let error = db_error(e);
+                let error = B::error(e);
                 tracing::error!(%error, "could not lock the batch's resources");
                 fail_all(batch, &error);
                 return;
@@ -391,13 +440,13 @@ async fn apply_batch<B: Backend>(backend: &B, ctx: &mut WriteCtx<B::Conn>, batch
 /// Stamps the batch clock on its resources and commits.
 async fn finish<B: Backend>(backend: &B, ctx: &mut WriteCtx<B::Conn>, keys: &[String]) -> Result<(), StoreError> {
     if !keys.is_empty() {
-        backend.stamp(&mut ctx.conn, keys, ctx.last_now).await.map_err(db_error)?;
+        backend.stamp(&mut ctx.conn, keys, ctx.last_now).await.map_err(B::error)?;
     }
     if !ctx.audit.is_empty() {
-        backend.append_audit(&mut ctx.conn, &mut ctx.audit).await.map_err(db_error)?;
+        backend.append_audit(&mut ctx.conn, &mut ctx.audit).await.map_err(B::error)?;
     }
     let started = std::time::Instant::now();
-    let committed = backend.execute(&mut ctx.conn, "COMMIT").await.map_err(db_error);
+    let committed = backend.execute(&mut ctx.conn, "COMMIT").await.map_err(B::error);
     metrics::histogram!(telemetry::STORE_COMMIT_DURATION).record(started.elapsed().as_secs_f64());
     committed
 }

@@ -1,0 +1,629 @@
+//! The SQLite implementation of the Store port: reads on a small pool of read-only
+//! connections (sqlx), every write through the group-commit [`Writer`] on a thread of its own
+//! over a synchronous connection ([`tx`]).
+
+mod tx;
+
+use std::collections::HashMap;
+use std::str::FromStr;
+use std::time::Duration;
+
+use allot_app::StoreError;
+use allot_app::access::{ApiKey, RoleGrant, RoleRevoke};
+use allot_app::audit::{AuditEvent, AuditFilter, AuditPage};
+use allot_app::store::{
+    BookingFilter, Decide, HoldCommand, HoldRefused, IdempotencyBegin, IdempotencyKey, Page, PageRequest, RefreshToken,
+    RotateOutcome, SeatState, Store, UpdateRefused, User,
+};
+use allot_core::booking::Booking;
+use allot_core::capacity::{CLAIM_SECONDS_MAX, Claim, Span};
+use allot_core::ids::{ApiKeyId, BookingId, EventId, ResourceId, UserId, VenueId};
+use allot_core::inventory::{Event, Resource, Venue};
+use async_trait::async_trait;
+use jiff::Timestamp;
+use serde::de::DeserializeOwned;
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::{Connection, QueryBuilder, Sqlite, SqliteConnection};
+
+use crate::access;
+use crate::cache::{self, Cache, INVALIDATE_ALL};
+use crate::common::{
+    AUDIT_HEAD_SQL, AuditRow, USER_COLUMNS, UserVenuesRow, add_seat_states, after_key, audit_events_of, audit_head_of,
+    audit_range_query, audit_rotation, audit_select, claims_from_rows, docs_to_page, from_json, ts, user_of_venues_row,
+};
+use crate::writer::{Backend, Writer, db_error};
+use tx::Ctx;
+pub(crate) use tx::SqliteBackend;
+
+pub const READ_POOL_CONNECTIONS_MAX: u32 = 8;
+pub const BUSY_TIMEOUT_SECONDS: u64 = 10;
+
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
+
+pub struct SqliteStore {
+    read: SqlitePool,
+    writer: Writer<SqliteBackend>,
+    /// Catalogue documents; this process makes every change, and drops an entry once its
+    /// change has committed.
+    cache: Cache,
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) the database at `url` (`sqlite://path`), applies migrations
+    /// and starts the writer.
+    pub async fn open(url: &str) -> Result<SqliteStore, StoreError> {
+        let path = url.strip_prefix("sqlite://").or_else(|| url.strip_prefix("sqlite:")).unwrap_or(url);
+        if let Some(dir) = std::path::Path::new(path).parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir)
+                .map_err(|e| StoreError::Database(format!("creating {}: {e}", dir.display())))?;
+        }
+        let base = SqliteConnectOptions::from_str(&format!("sqlite://{path}"))
+            .map_err(db_error)?
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            // FULL: a commit is on disk before the writer answers, so a 2xx survives kill -9
+            // and power loss alike (I5).
+            .synchronous(SqliteSynchronous::Full)
+            // Savepoint (statement) journals in memory: a batch's savepoints spill to temporary
+            // files otherwise, a write and a close per batch. Only rollback within a
+            // transaction reads them; durability is the WAL's.
+            .pragma("temp_store", "memory")
+            // 64 MiB of page cache per connection (default 2 MiB): the hot indexes stay in memory.
+            .pragma("cache_size", "-65536")
+            .busy_timeout(Duration::from_secs(BUSY_TIMEOUT_SECONDS))
+            .foreign_keys(true);
+        let mut conn = SqliteConnection::connect_with(&base).await.map_err(db_error)?;
+        MIGRATOR.run(&mut conn).await.map_err(|e| StoreError::Database(format!("migrations: {e}")))?;
+        conn.close().await.map_err(db_error)?;
+        let write = tx::open(std::path::Path::new(path), Duration::from_secs(BUSY_TIMEOUT_SECONDS))
+            .map_err(SqliteBackend::error)?;
+        let writer = Writer::start_thread(write, SqliteBackend, "allot-sqlite-writer")
+            .map_err(|e| StoreError::Database(format!("starting the writer thread: {e}")))?;
+        let read = SqlitePoolOptions::new()
+            .max_connections(READ_POOL_CONNECTIONS_MAX)
+            .connect_with(base.read_only(true))
+            .await
+            .map_err(db_error)?;
+        let cache = Cache::default();
+        cache.set_enabled(true);
+        Ok(SqliteStore { read, writer, cache })
+    }
+
+    /// `(transactions, requests)` the writer has committed or attempted since start.
+    pub fn write_stats(&self) -> (u64, u64) {
+        use std::sync::atomic::Ordering;
+        (self.writer.stats.transactions.load(Ordering::Relaxed), self.writer.stats.requests.load(Ordering::Relaxed))
+    }
+
+    /// Counts rows of a table; for tests and diagnostics.
+    pub async fn count(&self, table: &str, where_clause: &str) -> Result<i64, StoreError> {
+        let sql = format!("SELECT COUNT(*) FROM {table} WHERE {where_clause}");
+        sqlx::query_scalar(sqlx::AssertSqlSafe(sql)).fetch_one(&self.read).await.map_err(db_error)
+    }
+}
+
+/// Claims on a resource that count at `now`, overlapping `span` ([`tx::LIVE_CLAIMS_SQL`]).
+async fn live_claims(
+    read: &SqlitePool,
+    resource: ResourceId,
+    span: Span,
+    now: Timestamp,
+) -> Result<Vec<Claim>, sqlx::Error> {
+    let rows: Vec<(i64, i64, i64)> = sqlx::query_as(tx::LIVE_CLAIMS_SQL)
+        .bind(resource.to_string())
+        .bind(span.end)
+        .bind(span.start - CLAIM_SECONDS_MAX)
+        .bind(span.start)
+        .bind(now.as_second())
+        .fetch_all(read)
+        .await?;
+    Ok(claims_from_rows(rows))
+}
+
+impl SqliteStore {
+    /// The one user whose `column` equals `value`.
+    async fn user_where(&self, column: &'static str, value: String) -> Result<Option<User>, StoreError> {
+        let sql = format!(
+            "SELECT {USER_COLUMNS}, (SELECT group_concat(venue_id, ',') FROM venue_managers WHERE user_id = users.id)
+             FROM users WHERE {column} = ?"
+        );
+        let row: Option<UserVenuesRow> =
+            sqlx::query_as(sqlx::AssertSqlSafe(sql)).bind(value).fetch_optional(&self.read).await.map_err(db_error)?;
+        row.map(user_of_venues_row).transpose()
+    }
+
+    /// The document `sql` (taking the id) selects, through the cache.
+    async fn cached_doc<T>(&self, kind: &str, sql: &'static str, id: String) -> Result<Option<T>, StoreError>
+    where
+        T: DeserializeOwned + Clone + Send + Sync + 'static,
+    {
+        let load = async {
+            let doc: Option<String> =
+                sqlx::query_scalar(sql).bind(id.clone()).fetch_optional(&self.read).await.map_err(db_error)?;
+            doc.map(|d| from_json::<T>(&d)).transpose()
+        };
+        self.cache.get_or_load(cache::key(kind, &id), load).await
+    }
+
+    /// Passes `result` on after dropping `key` from the cache (the change it reports, if any,
+    /// has committed).
+    fn invalidating<T>(&self, key: &str, result: T) -> T {
+        self.cache.invalidate(key);
+        result
+    }
+
+    async fn docs_page<T: DeserializeOwned>(
+        &self,
+        sql: &'static str,
+        venue: Option<VenueId>,
+        page: PageRequest,
+    ) -> Result<Page<T>, StoreError> {
+        let mut q = sqlx::query_as::<_, (String, String)>(sql);
+        if let Some(v) = venue {
+            q = q.bind(v.to_string());
+        }
+        let rows =
+            q.bind(after_key(&page)).bind(i64::from(page.limit) + 1).fetch_all(&self.read).await.map_err(db_error)?;
+        docs_to_page(rows, page.limit)
+    }
+
+    /// Writes one statement through the writer, mapping a unique violation to `Conflict`.
+    async fn exec_one(
+        &self,
+        sql: &'static str,
+        binds: Vec<Option<String>>,
+        conflict: &'static str,
+    ) -> Result<u64, StoreError> {
+        self.exec_dropping(sql, binds, conflict, None).await
+    }
+
+    /// Like [`SqliteStore::exec_one`] for a catalogue change: drops `memo_key` (a
+    /// [`cache::key`] or [`INVALIDATE_ALL`]) from the writer's memo in the same request.
+    async fn exec_dropping(
+        &self,
+        sql: &'static str,
+        binds: Vec<Option<String>>,
+        conflict: &'static str,
+        memo_key: Option<String>,
+    ) -> Result<u64, StoreError> {
+        self.writer
+            .exec_now(move |ctx: &mut Ctx| {
+                if let Some(key) = memo_key {
+                    ctx.memo.invalidate(&key);
+                }
+                tx::exec(ctx, sql, &binds, conflict)
+            })
+            .await
+    }
+}
+
+#[async_trait]
+impl Store for SqliteStore {
+    async fn ready(&self) -> Result<(), StoreError> {
+        let applied: Vec<(i64, Vec<u8>, bool)> =
+            sqlx::query_as("SELECT version, checksum, success FROM _sqlx_migrations")
+                .fetch_all(&self.read)
+                .await
+                .map_err(db_error)?;
+        crate::common::migrations_applied(&MIGRATOR, &applied)
+    }
+
+    async fn insert_user(&self, user: &User) -> Result<(), StoreError> {
+        let roles: Vec<&str> = user.roles.iter().map(|r| r.as_str()).collect();
+        self.exec_one(
+            "INSERT INTO users (id, email, name, password_hash, roles, created_at) VALUES (?, ?, ?, ?, ?, CAST(? AS INTEGER))",
+            vec![
+                Some(user.id.to_string()),
+                Some(user.email.clone()),
+                Some(user.name.clone()),
+                Some(user.password_hash.clone()),
+                Some(roles.join(",")),
+                Some(user.created_at.as_second().to_string()),
+            ],
+            "an account with this e-mail already exists",
+        )
+        .await
+        .map(|_| ())
+    }
+
+    async fn user_by_email(&self, email: &str) -> Result<Option<User>, StoreError> {
+        self.user_where("email", email.to_owned()).await
+    }
+
+    async fn user_by_id(&self, id: UserId) -> Result<Option<User>, StoreError> {
+        self.user_where("id", id.to_string()).await
+    }
+
+    async fn set_manager(&self, venue_id: VenueId, user_id: UserId) -> Result<(), StoreError> {
+        self.exec_one(
+            "INSERT OR IGNORE INTO venue_managers (venue_id, user_id) VALUES (?, ?)",
+            vec![Some(venue_id.to_string()), Some(user_id.to_string())],
+            "already a manager",
+        )
+        .await
+        .map(|_| ())
+    }
+
+    async fn insert_refresh_token(&self, token: &RefreshToken) -> Result<(), StoreError> {
+        self.exec_one(
+            "INSERT INTO refresh_tokens (token_hash, user_id, family_id, expires_at) VALUES (?, ?, ?, CAST(? AS INTEGER))",
+            vec![
+                Some(token.token_hash.clone()),
+                Some(token.user_id.to_string()),
+                Some(token.family_id.clone()),
+                Some(token.expires_at.as_second().to_string()),
+            ],
+            "duplicate token",
+        )
+        .await
+        .map(|_| ())
+    }
+
+    async fn rotate_refresh_token(
+        &self,
+        old_hash: &str,
+        new_hash: &str,
+        new_expires_at: Timestamp,
+        now: Timestamp,
+    ) -> Result<RotateOutcome, StoreError> {
+        let (old_hash, new_hash) = (old_hash.to_owned(), new_hash.to_owned());
+        let audit = allot_app::audit::current();
+        self.writer
+            .exec_now(move |ctx: &mut Ctx| {
+                let outcome = tx::rotate_refresh_token(ctx, &old_hash, &new_hash, new_expires_at, now)?;
+                audit_rotation(audit.as_ref(), &outcome);
+                Ok(outcome)
+            })
+            .await
+    }
+
+    async fn revoke_refresh_token(&self, token_hash: &str, now: Timestamp) -> Result<(), StoreError> {
+        // Logout ends the token's whole family: no rotated descendant stays valid.
+        self.exec_one(
+            "UPDATE refresh_tokens SET revoked_at = CAST(? AS INTEGER)
+             WHERE revoked_at IS NULL AND family_id = (SELECT family_id FROM refresh_tokens WHERE token_hash = ?)",
+            vec![Some(now.as_second().to_string()), Some(token_hash.to_owned())],
+            "",
+        )
+        .await
+        .map(|_| ())
+    }
+
+    async fn setting_or_insert(&self, key: &str, value: &str) -> Result<String, StoreError> {
+        self.exec_one(
+            "INSERT OR IGNORE INTO settings (key, value) VALUES (?, ?)",
+            vec![Some(key.to_owned()), Some(value.to_owned())],
+            "",
+        )
+        .await?;
+        sqlx::query_scalar("SELECT value FROM settings WHERE key = ?")
+            .bind(key)
+            .fetch_one(&self.read)
+            .await
+            .map_err(db_error)
+    }
+
+    async fn set_setting(&self, key: &str, value: &str) -> Result<(), StoreError> {
+        self.exec_one(
+            "INSERT INTO settings (key, value) VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            vec![Some(key.to_owned()), Some(value.to_owned())],
+            "",
+        )
+        .await
+        .map(|_| ())
+    }
+
+    async fn insert_venue(&self, venue: &Venue) -> Result<(), StoreError> {
+        let doc = serde_json::to_string(venue).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        let (id, managers) = (venue.id.to_string(), venue.managers.iter().map(ToString::to_string).collect::<Vec<_>>());
+        self.writer.exec_now(move |ctx: &mut Ctx| tx::insert_venue(ctx, &id, &doc, &managers)).await
+    }
+
+    async fn update_venue(&self, venue: &Venue) -> Result<(), StoreError> {
+        let doc = serde_json::to_string(venue).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        // A venue's zone is memoised with each of its resources: drop them all.
+        let n = self
+            .exec_dropping(
+                "UPDATE venues SET doc = ? WHERE id = ? AND deleted_at IS NULL",
+                vec![Some(doc), Some(venue.id.to_string())],
+                "",
+                Some(INVALIDATE_ALL.to_owned()),
+            )
+            .await;
+        let n = self.invalidating(&cache::key("venue", venue.id), n)?;
+        if n == 0 { Err(StoreError::NotFound("venue")) } else { Ok(()) }
+    }
+
+    async fn delete_venue(&self, id: VenueId, now: Timestamp) -> Result<(), StoreError> {
+        let key = INVALIDATE_ALL.to_owned();
+        let id = id.to_string();
+        let result = self.writer.exec_now(move |ctx: &mut Ctx| tx::delete_venue(ctx, &id, now)).await;
+        self.invalidating(&key, result)
+    }
+
+    async fn venue(&self, id: VenueId) -> Result<Option<Venue>, StoreError> {
+        self.cached_doc("venue", "SELECT doc FROM venues WHERE id = ? AND deleted_at IS NULL", id.to_string()).await
+    }
+
+    async fn venues(&self, page: PageRequest) -> Result<Page<Venue>, StoreError> {
+        self.docs_page("SELECT id, doc FROM venues WHERE deleted_at IS NULL AND id > ? ORDER BY id LIMIT ?", None, page)
+            .await
+    }
+
+    async fn insert_resource(&self, r: &Resource) -> Result<(), StoreError> {
+        let doc = serde_json::to_string(r).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        self.exec_one(
+            "INSERT INTO resources (id, venue_id, doc) VALUES (?, ?, ?)",
+            vec![Some(r.id.to_string()), Some(r.venue_id.to_string()), Some(doc)],
+            "resource exists",
+        )
+        .await
+        .map(|_| ())
+    }
+
+    async fn update_resource(&self, r: &Resource) -> Result<(), StoreError> {
+        let doc = serde_json::to_string(r).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        let n = self
+            .exec_dropping(
+                "UPDATE resources SET doc = ? WHERE id = ? AND deleted_at IS NULL",
+                vec![Some(doc), Some(r.id.to_string())],
+                "",
+                Some(cache::key("resource", r.id)),
+            )
+            .await;
+        let n = self.invalidating(&cache::key("resource", r.id), n)?;
+        if n == 0 { Err(StoreError::NotFound("resource")) } else { Ok(()) }
+    }
+
+    async fn delete_resource(&self, id: ResourceId, now: Timestamp) -> Result<(), StoreError> {
+        let key = cache::key("resource", id);
+        let id = id.to_string();
+        let result = self.writer.exec_now(move |ctx: &mut Ctx| tx::delete_resource(ctx, &id, now)).await;
+        self.invalidating(&key, result)
+    }
+
+    async fn resource(&self, id: ResourceId) -> Result<Option<Resource>, StoreError> {
+        self.cached_doc("resource", "SELECT doc FROM resources WHERE id = ? AND deleted_at IS NULL", id.to_string())
+            .await
+    }
+
+    async fn resources_by_ids(&self, ids: &[ResourceId]) -> Result<Vec<Resource>, StoreError> {
+        let (mut out, missing) = self.cache.get_many::<Resource, _>(ids, |id| cache::key("resource", id));
+        for chunk in missing.chunks(500) {
+            let generation = self.cache.generation();
+            let mut qb: QueryBuilder<Sqlite> =
+                QueryBuilder::new("SELECT doc FROM resources WHERE deleted_at IS NULL AND id IN (");
+            let mut sep = qb.separated(", ");
+            for id in chunk {
+                sep.push_bind(id.to_string());
+            }
+            qb.push(")");
+            let docs: Vec<(String,)> = qb.build_query_as().fetch_all(&self.read).await.map_err(db_error)?;
+            for (doc,) in docs {
+                let r: Resource = from_json(&doc)?;
+                self.cache.put(generation, cache::key("resource", r.id), r.clone());
+                out.push(r);
+            }
+        }
+        Ok(out)
+    }
+
+    async fn resources(&self, venue_id: VenueId, page: PageRequest) -> Result<Page<Resource>, StoreError> {
+        self.docs_page(
+            "SELECT id, doc FROM resources WHERE venue_id = ? AND deleted_at IS NULL AND id > ? ORDER BY id LIMIT ?",
+            Some(venue_id),
+            page,
+        )
+        .await
+    }
+
+    async fn insert_event(&self, event: &Event) -> Result<(), StoreError> {
+        let event = event.clone();
+        self.writer.exec_now(move |ctx: &mut Ctx| tx::insert_event(ctx, &event)).await
+    }
+
+    async fn event(&self, id: EventId) -> Result<Option<Event>, StoreError> {
+        self.cached_doc("event", "SELECT doc FROM events WHERE id = ? AND deleted_at IS NULL", id.to_string()).await
+    }
+
+    async fn events(&self, venue_id: VenueId, page: PageRequest) -> Result<Page<Event>, StoreError> {
+        self.docs_page(
+            "SELECT id, doc FROM events WHERE venue_id = ? AND deleted_at IS NULL AND id > ? ORDER BY id LIMIT ?",
+            Some(venue_id),
+            page,
+        )
+        .await
+    }
+
+    async fn events_of_seat(&self, seat: ResourceId, span: Span, limit: u32) -> Result<Vec<Event>, StoreError> {
+        let docs: Vec<(String,)> = sqlx::query_as(
+            "SELECT e.doc FROM event_seats s JOIN events e ON e.id = s.event_id
+             WHERE s.resource_id = ? AND s.start_at < ? AND s.end_at > ? AND e.deleted_at IS NULL
+             ORDER BY s.start_at LIMIT ?",
+        )
+        .bind(seat.to_string())
+        .bind(span.end)
+        .bind(span.start)
+        .bind(i64::from(limit))
+        .fetch_all(&self.read)
+        .await
+        .map_err(db_error)?;
+        docs.into_iter().map(|(d,)| from_json(&d)).collect()
+    }
+
+    async fn claims(&self, resource: ResourceId, span: Span, now: Timestamp) -> Result<Vec<Claim>, StoreError> {
+        live_claims(&self.read, resource, span, now).await.map_err(db_error)
+    }
+
+    async fn seat_states(&self, event: &Event, now: Timestamp) -> Result<HashMap<ResourceId, SeatState>, StoreError> {
+        let mut states = HashMap::new();
+        for chunk in event.seat_ids.chunks(500) {
+            let mut qb: QueryBuilder<Sqlite> = QueryBuilder::new(
+                "SELECT c.resource_id, b.status FROM claims c JOIN bookings b ON b.id = c.booking_id WHERE c.block_start < ",
+            );
+            qb.push_bind(event.end.as_second());
+            qb.push(" AND c.block_end > ").push_bind(event.start.as_second());
+            qb.push(" AND (c.hold_expires_at IS NULL OR c.hold_expires_at > ").push_bind(now.as_second());
+            qb.push(") AND c.resource_id IN (");
+            let mut sep = qb.separated(", ");
+            for id in chunk {
+                sep.push_bind(id.to_string());
+            }
+            qb.push(")");
+            let rows: Vec<(String, String)> = qb.build_query_as().fetch_all(&self.read).await.map_err(db_error)?;
+            add_seat_states(&mut states, rows);
+        }
+        Ok(states)
+    }
+
+    async fn hold(&self, command: HoldCommand) -> Result<Booking, HoldRefused> {
+        assert_eq!(command.booking.items.len(), command.claims.len(), "one claim per item");
+        let result = self.writer.write_now(move |ctx: &mut Ctx| tx::hold(ctx, command)).await;
+        match result {
+            Ok(Ok(b)) => Ok(b),
+            Ok(Err(refused)) => Err(refused),
+            Err(e) => Err(HoldRefused::Store(e)),
+        }
+    }
+
+    async fn update_booking(&self, id: BookingId, now: Timestamp, decide: Decide) -> Result<Booking, UpdateRefused> {
+        let result = self.writer.write_now(move |ctx: &mut Ctx| tx::update_booking(ctx, id, now, decide)).await;
+        match result {
+            Ok(Ok(b)) => Ok(b),
+            Ok(Err(refused)) => Err(refused),
+            Err(e) => Err(UpdateRefused::Store(e)),
+        }
+    }
+
+    async fn booking(&self, id: BookingId) -> Result<Option<Booking>, StoreError> {
+        let doc: Option<String> = sqlx::query_scalar("SELECT doc FROM bookings WHERE id = ?")
+            .bind(id.to_string())
+            .fetch_optional(&self.read)
+            .await
+            .map_err(db_error)?;
+        doc.map(|d| from_json(&d)).transpose()
+    }
+
+    async fn bookings(&self, filter: &BookingFilter, page: PageRequest) -> Result<Page<Booking>, StoreError> {
+        let mut qb: QueryBuilder<Sqlite> = QueryBuilder::new("SELECT id, doc FROM bookings WHERE id > ");
+        qb.push_bind(after_key(&page));
+        if let Some(c) = filter.customer_id {
+            qb.push(" AND customer_id = ").push_bind(c.to_string());
+        }
+        if let Some(v) = filter.venue_id {
+            qb.push(" AND venue_id = ").push_bind(v.to_string());
+        }
+        if let Some(s) = filter.status {
+            qb.push(" AND status = ").push_bind(s.as_str());
+        }
+        if let Some(venues) = &filter.venue_ids {
+            qb.push(" AND venue_id IN (");
+            let mut sep = qb.separated(", ");
+            sep.push_bind(String::new());
+            for v in venues {
+                sep.push_bind(v.to_string());
+            }
+            qb.push(")");
+        }
+        qb.push(" ORDER BY id LIMIT ").push_bind(i64::from(page.limit) + 1);
+        let rows: Vec<(String, String)> = qb.build_query_as().fetch_all(&self.read).await.map_err(db_error)?;
+        docs_to_page(rows, page.limit)
+    }
+
+    async fn expire_due(&self, now: Timestamp, limit: u32) -> Result<Vec<BookingId>, StoreError> {
+        self.writer.exec_now(move |ctx: &mut Ctx| tx::expire_due(ctx, now, limit)).await
+    }
+
+    async fn upcoming_expiries(&self, limit: u32) -> Result<Vec<(BookingId, Timestamp)>, StoreError> {
+        let rows: Vec<(String, i64)> = sqlx::query_as(
+            "SELECT id, expires_at FROM bookings WHERE status IN ('held', 'pending_payment') AND expires_at IS NOT NULL
+             ORDER BY expires_at LIMIT ?",
+        )
+        .bind(i64::from(limit))
+        .fetch_all(&self.read)
+        .await
+        .map_err(db_error)?;
+        Ok(rows.into_iter().filter_map(|(id, at)| Some((id.parse().ok()?, ts(at)))).collect())
+    }
+
+    async fn idempotency_begin(
+        &self,
+        key: &IdempotencyKey,
+        now: Timestamp,
+        lock_seconds: u32,
+    ) -> Result<IdempotencyBegin, StoreError> {
+        let key = key.clone();
+        self.writer.exec_now(move |ctx: &mut Ctx| tx::idempotency_begin(ctx, &key, now, lock_seconds)).await
+    }
+
+    async fn idempotency_complete(&self, key: &IdempotencyKey, status: u16, body: &[u8]) -> Result<(), StoreError> {
+        let (key, body) = (key.clone(), body.to_vec());
+        self.writer.exec_now(move |ctx: &mut Ctx| tx::idempotency_complete(ctx, &key, status, &body)).await
+    }
+
+    async fn idempotency_abandon(&self, key: &IdempotencyKey) -> Result<(), StoreError> {
+        self.exec_one(
+            "DELETE FROM idempotency_keys WHERE principal = ? AND key = ? AND status IS NULL",
+            vec![Some(key.principal.clone()), Some(key.key.clone())],
+            "",
+        )
+        .await
+        .map(|_| ())
+    }
+
+    async fn idempotency_cleanup(&self, before: Timestamp, limit: u32) -> Result<u64, StoreError> {
+        self.exec_one(
+            "DELETE FROM idempotency_keys WHERE rowid IN
+               (SELECT rowid FROM idempotency_keys WHERE created_at < CAST(? AS INTEGER) LIMIT CAST(? AS INTEGER))",
+            vec![Some(before.as_second().to_string()), Some(limit.to_string())],
+            "",
+        )
+        .await
+    }
+
+    async fn append_audit(&self, event: AuditEvent) -> Result<(), StoreError> {
+        self.writer.append_audit(event).await
+    }
+
+    async fn audit_range(&self, after: u64, limit: u32) -> Result<Vec<AuditEvent>, StoreError> {
+        let mut query = audit_range_query::<Sqlite>(after, limit);
+        audit_events_of(query.build_query_as().fetch_all(&self.read).await.map_err(db_error)?)
+    }
+
+    async fn audit_head(&self) -> Result<(u64, String), StoreError> {
+        audit_head_of(sqlx::query_as(AUDIT_HEAD_SQL).fetch_one(&self.read).await.map_err(db_error)?)
+    }
+
+    async fn audit_events(&self, filter: &AuditFilter, page: AuditPage) -> Result<Vec<AuditEvent>, StoreError> {
+        let rows: Vec<AuditRow> =
+            audit_select::<Sqlite>(filter, page).build_query_as().fetch_all(&self.read).await.map_err(db_error)?;
+        audit_events_of(rows)
+    }
+
+    async fn grant_role(&self, user_id: UserId, grant: RoleGrant) -> Result<User, StoreError> {
+        self.writer.exec_now(move |ctx: &mut Ctx| tx::grant_role(ctx, user_id, grant)).await?;
+        self.user_by_id(user_id).await?.ok_or(StoreError::NotFound("user"))
+    }
+
+    async fn revoke_role(&self, user_id: UserId, revoke: RoleRevoke) -> Result<User, StoreError> {
+        self.writer.exec_now(move |ctx: &mut Ctx| tx::revoke_role(ctx, user_id, revoke)).await?;
+        self.user_by_id(user_id).await?.ok_or(StoreError::NotFound("user"))
+    }
+
+    async fn insert_api_key(&self, key: &ApiKey) -> Result<(), StoreError> {
+        let key = key.clone();
+        self.writer.exec_now(move |ctx: &mut Ctx| tx::insert_api_key(ctx, &key)).await
+    }
+
+    async fn api_key_by_hash(&self, key_hash: &str) -> Result<Option<ApiKey>, StoreError> {
+        access::sqlite::api_key_by_hash(&self.read, key_hash).await
+    }
+
+    async fn api_keys(&self, page: PageRequest) -> Result<Page<ApiKey>, StoreError> {
+        access::sqlite::api_keys(&self.read, page).await
+    }
+
+    async fn revoke_api_key(&self, id: ApiKeyId, now: Timestamp) -> Result<(), StoreError> {
+        self.writer.exec_now(move |ctx: &mut Ctx| tx::revoke_api_key(ctx, id, now)).await
+    }
+}

@@ -1,0 +1,628 @@
+//! Every write statement of the SQLite store, run by the writer on its own thread over a
+//! synchronous connection (rusqlite), inside the batch transaction.
+//!
+//! Why not sqlx here as for reads: sqlx sends each SQLite statement to a worker thread and
+//! waits for the answer, a round trip of ~100 µs on these machines against a few µs of SQLite
+//! work (`cargo bench -p allot-store --bench round_trip`). The writer runs every write of the
+//! process one after another, so that round trip bounded the whole write path. Here a
+//! statement is a call on the writer's own thread, and its prepared form is cached.
+
+use std::path::Path;
+use std::time::Duration;
+
+use allot_app::StoreError;
+use allot_app::access::{ApiKey, LAST_ADMIN, RoleGrant, RoleRevoke};
+use allot_app::audit::AuditEvent;
+use allot_app::store::{Decide, HoldCommand, HoldRefused, IdempotencyBegin, IdempotencyKey, Role, RotateOutcome};
+use allot_core::booking::Booking;
+use allot_core::capacity::{self, CLAIM_SECONDS_MAX, Claim, Span};
+use allot_core::ids::{ApiKeyId, BookingId, ResourceId, UserId};
+use allot_core::inventory::{Event, Resource, Venue};
+use futures::future::BoxFuture;
+use jiff::Timestamp;
+use rusqlite::types::Value;
+use rusqlite::{Connection, ErrorCode, OptionalExtension, params, params_from_iter};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use crate::access::{IS_ADMIN, RevokeStep, parse_roles, revoke_step, roles_text, scopes_text, with, without};
+use crate::cache::{self, INVALIDATE_ALL};
+use crate::common::{
+    AUDIT_COLUMNS, AUDIT_HEAD_SQL, Rotation, VENUE_IN_USE, chain, claims_from_rows, decided, existing_key, expired,
+    hold_expiry, rotation,
+};
+use crate::writer::{Backend, WriteCtx};
+
+pub(crate) type Ctx = WriteCtx<Connection>;
+pub(crate) type Outcome<T, E> = crate::writer::Outcome<T, E, rusqlite::Error>;
+type Result<T> = std::result::Result<T, rusqlite::Error>;
+
+/// Prepared statements kept per connection: the hold's claim insert has one shape per item
+/// count, the rest are a few dozen fixed statements.
+const STATEMENT_CACHE_CAPACITY: usize = 128;
+
+/// Opens the writer's connection (the schema is already migrated): WAL, and `synchronous=FULL`
+/// so a commit is on disk before the writer answers; a 2xx survives kill -9 and power loss
+/// alike (I5).
+pub(crate) fn open(path: &Path, busy_timeout: Duration) -> Result<Connection> {
+    let conn = Connection::open(path)?;
+    conn.busy_timeout(busy_timeout)?;
+    conn.pragma_update(None, "journal_mode", "WAL")?;
+    conn.pragma_update(None, "synchronous", "FULL")?;
+    conn.pragma_update(None, "foreign_keys", "ON")?;
+    // Savepoint journals in memory (else a batch's savepoints spill to temporary files); only a
+    // rollback within the transaction reads them, durability is the WAL's.
+    conn.pragma_update(None, "temp_store", "MEMORY")?;
+    // 64 MiB of page cache (default 2 MiB): the hot indexes stay in memory.
+    conn.pragma_update(None, "cache_size", -65_536)?;
+    conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE_CAPACITY);
+    Ok(conn)
+}
+
+/// SQLite under the writer: `BEGIN IMMEDIATE` takes the database's write lock, so there is
+/// nothing to lock per resource.
+pub(crate) struct SqliteBackend;
+
+impl Backend for SqliteBackend {
+    type Conn = Connection;
+    type Error = rusqlite::Error;
+
+    fn error(e: rusqlite::Error) -> StoreError {
+        match e.sqlite_error_code() {
+            Some(ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked) => StoreError::Busy(e.to_string()),
+            _ => StoreError::Database(e.to_string()),
+        }
+    }
+
+    fn begin<'c>(&'c self, conn: &'c mut Connection) -> BoxFuture<'c, Result<()>> {
+        self.execute(conn, "BEGIN IMMEDIATE")
+    }
+
+    fn execute<'c>(&'c self, conn: &'c mut Connection, sql: &'static str) -> BoxFuture<'c, Result<()>> {
+        Box::pin(std::future::ready(conn.execute_batch(sql)))
+    }
+
+    fn memo(&self) -> bool {
+        true // This writer makes every change; each catalogue change drops what it touches.
+    }
+
+    fn append_audit<'c>(&'c self, conn: &'c mut Connection, events: &'c mut [AuditEvent]) -> BoxFuture<'c, Result<()>> {
+        Box::pin(std::future::ready(append_audit(conn, events)))
+    }
+}
+
+fn append_audit(conn: &mut Connection, events: &mut [AuditEvent]) -> Result<()> {
+    // The one writer holds the database lock (BEGIN IMMEDIATE): the head cannot move.
+    let (seq, hash): (i64, String) =
+        conn.prepare_cached(AUDIT_HEAD_SQL)?.query_row([], |r| Ok((r.get(0)?, r.get(1)?)))?;
+    let (seq, hash) = chain(events, u64::try_from(seq).unwrap_or(0), hash);
+    let mut values: Vec<Value> = Vec::with_capacity(events.len() * 15);
+    for e in events.iter() {
+        let text = |v: Option<String>| v.map_or(Value::Null, Value::Text);
+        values.extend([
+            Value::Integer(i64::try_from(e.seq).map_err(encode_error)?),
+            Value::Text(e.id.clone()),
+            Value::Integer(e.at.as_second()),
+            text(e.actor_id.clone()),
+            Value::Text(e.actor_role.clone()),
+            text(e.ip.clone()),
+            text(e.request_id.clone()),
+            Value::Text(e.action.clone()),
+            text(e.target_id.clone()),
+            text(e.venue_id.map(|v| v.to_string())),
+            Value::Text(e.outcome.as_str().to_owned()),
+            text(e.reason.clone()),
+            Value::Text(to_json(&e.details)?),
+            Value::Text(e.prev_hash.clone()),
+            Value::Text(e.hash.clone()),
+        ]);
+    }
+    let sql = format!("INSERT INTO audit_events ({AUDIT_COLUMNS}) VALUES {}", rows_of(15, events.len()));
+    execute(conn, &sql, events.len() == 1, values)?;
+    conn.prepare_cached("UPDATE audit_head SET seq = ?, hash = ? WHERE id = 1")?
+        .execute(params![i64::try_from(seq).unwrap_or(i64::MAX), hash])?;
+    Ok(())
+}
+
+/// Runs `sql`, prepared once and kept if `keep` (a shape that repeats), else prepared for this
+/// call only: shapes that vary with a batch's size would push the hot statements out of the
+/// connection's cache.
+fn execute(conn: &Connection, sql: &str, keep: bool, values: Vec<Value>) -> Result<usize> {
+    if keep {
+        conn.prepare_cached(sql)?.execute(params_from_iter(values))
+    } else {
+        conn.prepare(sql)?.execute(params_from_iter(values))
+    }
+}
+
+/// `(?, …, ?), …` for `rows` rows of `columns` placeholders.
+fn rows_of(columns: usize, rows: usize) -> String {
+    let row = format!("({})", vec!["?"; columns].join(", "));
+    vec![row; rows].join(", ")
+}
+
+fn encode_error(e: impl std::error::Error + Send + Sync + 'static) -> rusqlite::Error {
+    rusqlite::Error::ToSqlConversionFailure(Box::new(e))
+}
+
+pub(crate) fn to_json<T: Serialize>(value: &T) -> Result<String> {
+    serde_json::to_string(value).map_err(encode_error)
+}
+
+pub(crate) fn from_json<T: DeserializeOwned>(doc: &str) -> Result<T> {
+    serde_json::from_str(doc)
+        .map_err(|e| rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, Box::new(e)))
+}
+
+pub(crate) fn is_unique_violation(e: &rusqlite::Error) -> bool {
+    matches!(e, rusqlite::Error::SqliteFailure(f, _)
+        if f.extended_code == rusqlite::ffi::SQLITE_CONSTRAINT_UNIQUE
+            || f.extended_code == rusqlite::ffi::SQLITE_CONSTRAINT_PRIMARYKEY)
+}
+
+/// One statement with text parameters (`CAST` in the SQL where a column wants a number); a
+/// unique violation is the `conflict` refusal.
+pub(crate) fn exec(ctx: &mut Ctx, sql: &str, binds: &[Option<String>], conflict: &str) -> Outcome<u64, StoreError> {
+    match ctx.conn.prepare_cached(sql)?.execute(params_from_iter(binds)) {
+        Ok(n) => Ok(Ok(n as u64)),
+        Err(e) if is_unique_violation(&e) => Ok(Err(StoreError::Conflict(conflict.to_owned()))),
+        Err(e) => Err(e),
+    }
+}
+
+/// Rotates a refresh token (see [`rotation`]).
+pub(crate) fn rotate_refresh_token(
+    ctx: &mut Ctx,
+    old_hash: &str,
+    new_hash: &str,
+    new_expires_at: Timestamp,
+    now: Timestamp,
+) -> Outcome<RotateOutcome, StoreError> {
+    let now = ctx.now(now).as_second();
+    let conn = &ctx.conn;
+    let row = conn
+        .prepare_cached(
+            "SELECT user_id, family_id, expires_at, used_at, revoked_at FROM refresh_tokens WHERE token_hash = ?",
+        )?
+        .query_row([old_hash], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)))
+        .optional()?;
+    let (user_id, family) = match rotation(row, now) {
+        Rotation::Invalid => return Ok(Ok(RotateOutcome::Invalid)),
+        Rotation::RevokeFamily(family) => {
+            conn.prepare_cached("UPDATE refresh_tokens SET revoked_at = ? WHERE family_id = ? AND revoked_at IS NULL")?
+                .execute(params![now, family])?;
+            return Ok(Ok(RotateOutcome::Reused));
+        }
+        Rotation::Rotate { user_id, family } => (user_id, family),
+    };
+    conn.prepare_cached("UPDATE refresh_tokens SET used_at = ? WHERE token_hash = ?")?
+        .execute(params![now, old_hash])?;
+    conn.prepare_cached("INSERT INTO refresh_tokens (token_hash, user_id, family_id, expires_at) VALUES (?, ?, ?, ?)")?
+        .execute(params![new_hash, user_id, family, new_expires_at.as_second()])?;
+    let user_id = user_id.parse().map_err(encode_error)?;
+    Ok(Ok(RotateOutcome::Rotated { user_id }))
+}
+
+pub(crate) fn insert_venue(ctx: &mut Ctx, id: &str, doc: &str, managers: &[String]) -> Outcome<(), StoreError> {
+    let inserted = ctx.conn.prepare_cached("INSERT INTO venues (id, doc) VALUES (?, ?)")?.execute([id, doc]);
+    match inserted {
+        Ok(_) => {}
+        Err(e) if is_unique_violation(&e) => return Ok(Err(StoreError::Conflict("venue exists".into()))),
+        Err(e) => return Err(e),
+    }
+    let mut manage =
+        ctx.conn.prepare_cached("INSERT OR IGNORE INTO venue_managers (venue_id, user_id) VALUES (?, ?)")?;
+    for user in managers {
+        manage.execute([id, user.as_str()])?;
+    }
+    Ok(Ok(()))
+}
+
+pub(crate) fn delete_venue(ctx: &mut Ctx, id: &str, now: Timestamp) -> Outcome<(), StoreError> {
+    ctx.memo.invalidate(INVALIDATE_ALL);
+    let at = ctx.now(now).as_second();
+    // Bookings in the past do not keep a venue alive; current and future ones do.
+    let active: Option<i64> = ctx
+        .conn
+        .prepare_cached(
+            "SELECT 1 FROM claims c JOIN resources r ON r.id = c.resource_id
+             WHERE r.venue_id = ? AND c.block_end > ? LIMIT 1",
+        )?
+        .query_row(params![id, at], |r| r.get(0))
+        .optional()?;
+    if active.is_some() {
+        return Ok(Err(StoreError::Conflict(VENUE_IN_USE.into())));
+    }
+    for sql in [
+        "UPDATE venues SET deleted_at = ? WHERE id = ? AND deleted_at IS NULL",
+        "UPDATE resources SET deleted_at = ? WHERE venue_id = ? AND deleted_at IS NULL",
+        "UPDATE events SET deleted_at = ? WHERE venue_id = ? AND deleted_at IS NULL",
+    ] {
+        ctx.conn.prepare_cached(sql)?.execute(params![at, id])?;
+    }
+    Ok(Ok(()))
+}
+
+pub(crate) fn delete_resource(ctx: &mut Ctx, id: &str, now: Timestamp) -> Outcome<(), StoreError> {
+    ctx.memo.invalidate(&cache::key("resource", id));
+    let at = ctx.now(now).as_second();
+    let active: Option<i64> = ctx
+        .conn
+        .prepare_cached("SELECT 1 FROM claims WHERE resource_id = ? AND block_end > ? LIMIT 1")?
+        .query_row(params![id, at], |r| r.get(0))
+        .optional()?;
+    if active.is_some() {
+        return Ok(Err(StoreError::Conflict("the resource has current or future bookings".into())));
+    }
+    let n = ctx
+        .conn
+        .prepare_cached("UPDATE resources SET deleted_at = ? WHERE id = ? AND deleted_at IS NULL")?
+        .execute(params![at, id])?;
+    Ok(if n == 0 { Err(StoreError::NotFound("resource")) } else { Ok(()) })
+}
+
+pub(crate) fn insert_event(ctx: &mut Ctx, event: &Event) -> Outcome<(), StoreError> {
+    let id = event.id.to_string();
+    let (start, end) = (event.start.as_second(), event.end.as_second());
+    ctx.conn
+        .prepare_cached("INSERT INTO events (id, venue_id, start_at, end_at, doc) VALUES (?, ?, ?, ?, ?)")?
+        .execute(params![id, event.venue_id.to_string(), start, end, to_json(event)?])?;
+    let mut seat = ctx
+        .conn
+        .prepare_cached("INSERT INTO event_seats (resource_id, start_at, event_id, end_at) VALUES (?, ?, ?, ?)")?;
+    for resource in &event.seat_ids {
+        seat.execute(params![resource.to_string(), start, id, end])?;
+    }
+    Ok(Ok(()))
+}
+
+/// The statement [`live_claims`] runs; the read pool runs the same one (`claims`).
+pub(crate) const LIVE_CLAIMS_SQL: &str = "SELECT block_start, block_end, quantity FROM claim_totals
+     WHERE resource_id = ? AND block_start < ? AND block_start > ? AND block_end > ? AND expires_at > ?";
+
+/// Claims on a resource that count at `now`, overlapping `span`: summed per block and expiry
+/// (`claim_totals`), which is all the capacity rule needs and stays small on a hot resource.
+fn live_claims(conn: &Connection, resource: ResourceId, span: Span, now: Timestamp) -> Result<Vec<Claim>> {
+    let mut stmt = conn.prepare_cached(LIVE_CLAIMS_SQL)?;
+    let rows = stmt
+        .query_map(
+            params![resource.to_string(), span.end, span.start - CLAIM_SECONDS_MAX, span.start, now.as_second()],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+        )?
+        .collect::<Result<Vec<(i64, i64, i64)>>>()?;
+    Ok(claims_from_rows(rows))
+}
+
+/// A live resource and its venue's zone as this transaction sees them: from the writer's memo
+/// (every change to either drops it there), else read in one statement.
+fn resource_in_tx(ctx: &mut Ctx, id: ResourceId) -> Result<Option<(Resource, jiff::tz::TimeZone)>> {
+    let key = cache::key("resource", id);
+    if let Some(hit) = ctx.memo.get::<(Resource, jiff::tz::TimeZone)>(&key) {
+        return Ok(Some(hit));
+    }
+    let docs: Option<(String, String)> = ctx
+        .conn
+        .prepare_cached(
+            "SELECT r.doc, v.doc FROM resources r JOIN venues v ON v.id = r.venue_id AND v.deleted_at IS NULL
+             WHERE r.id = ? AND r.deleted_at IS NULL",
+        )?
+        .query_row([id.to_string()], |r| Ok((r.get(0)?, r.get(1)?)))
+        .optional()?;
+    let Some((resource_doc, venue_doc)) = docs else { return Ok(None) };
+    let found = (from_json::<Resource>(&resource_doc)?, from_json::<Venue>(&venue_doc)?.tz());
+    ctx.memo.put(ctx.memo.generation(), key, found.clone());
+    Ok(Some(found))
+}
+
+/// The hold transaction: for each item, read the live claims of its resource, let the core
+/// decide (I1), insert the claim; the first refusal rolls all of them back (I3).
+pub(crate) fn hold(ctx: &mut Ctx, command: HoldCommand) -> Outcome<Booking, HoldRefused> {
+    let now = ctx.now(command.now);
+    let mut booking = command.booking;
+    // Claims this booking takes, inserted together at the end: an item on a resource an
+    // earlier item also uses is checked against that item's claim as well.
+    let mut taken: Vec<(ResourceId, Claim)> = Vec::with_capacity(booking.items.len());
+    for (i, (item, claim)) in booking.items.iter().zip(&command.claims).enumerate() {
+        let Some((resource, tz)) = resource_in_tx(ctx, item.resource_id)? else {
+            return Ok(Err(HoldRefused::Stale { item_index: i }));
+        };
+        if resource.venue_id != booking.venue_id {
+            return Ok(Err(HoldRefused::Stale { item_index: i }));
+        }
+        let mut existing = live_claims(&ctx.conn, item.resource_id, claim.span, now)?;
+        existing.extend(taken.iter().filter(|(r, _)| *r == item.resource_id).map(|(_, c)| *c));
+        if let Err(shortfall) = capacity::check_claim(&resource.capacity_rules(&tz), &existing, *claim) {
+            return Ok(Err(HoldRefused::Unavailable { item_index: i, remaining: shortfall.remaining }));
+        }
+        taken.push((item.resource_id, *claim));
+    }
+    booking.created_at = now;
+    booking.updated_at = now;
+    insert_hold(&ctx.conn, &booking, &taken, now)?;
+    Ok(Ok(booking))
+}
+
+/// The claims, booking and outbox row of a new hold.
+fn insert_hold(conn: &Connection, booking: &Booking, taken: &[(ResourceId, Claim)], now: Timestamp) -> Result<()> {
+    let booking_id = booking.id.to_string();
+    let hold_expires_at = booking.expires_at.map(|t| t.as_second());
+    let doc = to_json(booking)?;
+    let mut values: Vec<Value> = Vec::with_capacity(taken.len() * 7);
+    for (item, (resource_id, claim)) in booking.items.iter().zip(taken) {
+        values.extend([
+            Value::Text(item.id.to_string()),
+            Value::Text(booking_id.clone()),
+            Value::Text(resource_id.to_string()),
+            Value::Integer(claim.span.start),
+            Value::Integer(claim.span.end),
+            Value::Integer(i64::from(claim.quantity)),
+            hold_expires_at.map_or(Value::Null, Value::Integer),
+        ]);
+    }
+    let sql = format!(
+        "INSERT INTO claims (item_id, booking_id, resource_id, block_start, block_end, quantity, hold_expires_at)
+         VALUES {}",
+        rows_of(7, taken.len())
+    );
+    conn.prepare_cached(&sql)?.execute(params_from_iter(values))?;
+    conn.prepare_cached(
+        "INSERT INTO bookings (id, customer_id, venue_id, status, expires_at, doc) VALUES (?, ?, ?, ?, ?, ?)",
+    )?
+    .execute(params![
+        booking_id,
+        booking.customer_id.to_string(),
+        booking.venue_id.to_string(),
+        booking.status.as_str(),
+        hold_expires_at,
+        doc
+    ])?;
+    conn.prepare_cached(
+        "INSERT INTO outbox (topic, aggregate_id, payload, created_at) VALUES ('booking.held', ?, ?, ?)",
+    )?
+    .execute(params![booking_id, doc, now.as_second()])?;
+    Ok(())
+}
+
+/// A status change decided by `decide` on the booking as this transaction sees it.
+pub(crate) fn update_booking(
+    ctx: &mut Ctx,
+    id: BookingId,
+    now: Timestamp,
+    decide: Decide,
+) -> Outcome<Booking, allot_app::store::UpdateRefused> {
+    let now = ctx.now(now);
+    let doc: Option<String> = ctx
+        .conn
+        .prepare_cached("SELECT doc FROM bookings WHERE id = ?")?
+        .query_row([id.to_string()], |r| r.get(0))
+        .optional()?;
+    let Some(before) = doc.as_deref().map(from_json::<Booking>).transpose()? else {
+        return Ok(Err(allot_app::store::UpdateRefused::NotFound));
+    };
+    let after = match decided(&before, decide, now) {
+        Ok(after) => after,
+        Err(refused) => return Ok(Err(refused)),
+    };
+    apply_changes(&ctx.conn, &[(before, after.clone())], now)?;
+    Ok(Ok(after))
+}
+
+/// Releases up to `limit` holds whose time ran out by `now`.
+pub(crate) fn expire_due(ctx: &mut Ctx, now: Timestamp, limit: u32) -> Outcome<Vec<BookingId>, StoreError> {
+    let now = ctx.now(now);
+    let mut stmt = ctx.conn.prepare_cached(
+        "SELECT doc FROM bookings WHERE status IN ('held', 'pending_payment') AND expires_at <= ?
+         ORDER BY expires_at LIMIT ?",
+    )?;
+    let docs = stmt
+        .query_map(params![now.as_second(), i64::from(limit)], |r| r.get::<_, String>(0))?
+        .collect::<Result<Vec<String>>>()?;
+    drop(stmt);
+    let mut changes = Vec::with_capacity(docs.len());
+    for doc in docs {
+        let before: Booking = from_json(&doc)?;
+        if let Some(after) = expired(&before, now) {
+            changes.push((before, after));
+        }
+    }
+    apply_changes(&ctx.conn, &changes, now)?;
+    Ok(Ok(changes.into_iter().map(|(_, after)| after.id).collect()))
+}
+
+/// Bookings whose status changes are written as set-based statements together; 4 variables
+/// per booking in the largest, far below `SQLITE_MAX_VARIABLE_NUMBER`.
+const CHANGES_PER_STATEMENT_MAX: usize = 1_000;
+
+/// Writes status changes and keeps the claims table in step: bookings updated from a `VALUES`
+/// list, released claims deleted, kept claims re-stamped, one outbox row per changed status.
+fn apply_changes(conn: &Connection, changes: &[(Booking, Booking)], now: Timestamp) -> Result<()> {
+    for chunk in changes.chunks(CHANGES_PER_STATEMENT_MAX) {
+        // Only the one-booking shapes repeat often enough to keep prepared.
+        let single = chunk.len() == 1;
+        let mut bookings: Vec<Value> = Vec::with_capacity(chunk.len() * 4);
+        let mut released: Vec<Value> = Vec::new();
+        let mut kept: Vec<Value> = Vec::new();
+        let mut events: Vec<Value> = Vec::new();
+        for (before, after) in chunk {
+            let id = after.id.to_string();
+            let expiry = hold_expiry(after).map_or(Value::Null, Value::Integer);
+            let doc = to_json(after)?;
+            if before.status != after.status {
+                let topic = format!("booking.{}", after.status.as_str());
+                events.extend([Value::Text(topic), Value::Text(id.clone()), Value::Text(doc.clone())]);
+                events.push(Value::Integer(now.as_second()));
+            }
+            if after.status.claims_capacity() {
+                kept.extend([Value::Text(id.clone()), expiry.clone()]);
+            } else if before.status.claims_capacity() {
+                released.push(Value::Text(id.clone()));
+            }
+            bookings.extend([Value::Text(id), Value::Text(after.status.as_str().to_owned()), expiry, Value::Text(doc)]);
+        }
+        let sql = format!(
+            "WITH v(id, status, expires_at, doc) AS (VALUES {}) UPDATE bookings
+             SET status = v.status, expires_at = v.expires_at, doc = v.doc FROM v WHERE bookings.id = v.id",
+            rows_of(4, chunk.len())
+        );
+        execute(conn, &sql, single, bookings)?;
+        if !released.is_empty() {
+            let sql = format!("DELETE FROM claims WHERE booking_id IN ({})", vec!["?"; released.len()].join(", "));
+            execute(conn, &sql, single, released)?;
+        }
+        if !kept.is_empty() {
+            let sql = format!(
+                "WITH v(id, expires_at) AS (VALUES {}) UPDATE claims SET hold_expires_at = v.expires_at
+                 FROM v WHERE claims.booking_id = v.id",
+                rows_of(2, kept.len() / 2)
+            );
+            execute(conn, &sql, single, kept)?;
+        }
+        if !events.is_empty() {
+            let sql = format!(
+                "INSERT INTO outbox (topic, aggregate_id, payload, created_at) VALUES {}",
+                rows_of(4, events.len() / 4)
+            );
+            execute(conn, &sql, single, events)?;
+        }
+    }
+    Ok(())
+}
+
+pub(crate) fn idempotency_begin(
+    ctx: &mut Ctx,
+    key: &IdempotencyKey,
+    now: Timestamp,
+    lock_seconds: u32,
+) -> Outcome<IdempotencyBegin, StoreError> {
+    let now = ctx.now(now).as_second();
+    let row = ctx
+        .conn
+        .prepare_cached(
+            "SELECT request_hash, status, body, locked_until FROM idempotency_keys WHERE principal = ? AND key = ?",
+        )?
+        .query_row([&key.principal, &key.key], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
+        .optional()?;
+    if let Some(found) = existing_key(row, now) {
+        return Ok(Ok(found));
+    }
+    ctx.conn
+        .prepare_cached(
+            "INSERT INTO idempotency_keys (principal, key, request_hash, created_at, locked_until)
+             VALUES (?, ?, ?, ?, ?)
+             ON CONFLICT (principal, key) DO UPDATE SET request_hash = excluded.request_hash,
+               locked_until = excluded.locked_until, created_at = excluded.created_at",
+        )?
+        .execute(params![key.principal, key.key, key.request_hash, now, now + i64::from(lock_seconds)])?;
+    Ok(Ok(IdempotencyBegin::Started))
+}
+
+pub(crate) fn idempotency_complete(
+    ctx: &mut Ctx,
+    key: &IdempotencyKey,
+    status: u16,
+    body: &[u8],
+) -> Outcome<(), StoreError> {
+    ctx.conn
+        .prepare_cached(
+            "UPDATE idempotency_keys SET status = ?, body = ?, locked_until = NULL
+             WHERE principal = ? AND key = ? AND request_hash = ?",
+        )?
+        .execute(params![i64::from(status), body, key.principal, key.key, key.request_hash])?;
+    Ok(Ok(()))
+}
+
+fn roles_of(conn: &Connection, user: &str) -> Result<Option<Vec<Role>>> {
+    let roles: Option<String> =
+        conn.prepare_cached("SELECT roles FROM users WHERE id = ?")?.query_row([user], |r| r.get(0)).optional()?;
+    Ok(roles.as_deref().map(parse_roles))
+}
+
+fn set_roles(conn: &Connection, user: &str, roles: &[Role]) -> Result<()> {
+    conn.prepare_cached("UPDATE users SET roles = ? WHERE id = ?")?.execute([roles_text(roles).as_str(), user])?;
+    Ok(())
+}
+
+/// Role changes read the user's roles and write them back in the writer's transaction, which
+/// already serializes every write: two changes of one user cannot lose each other.
+pub(crate) fn grant_role(ctx: &mut Ctx, user: UserId, grant: RoleGrant) -> Outcome<(), StoreError> {
+    let user = user.to_string();
+    let Some(roles) = roles_of(&ctx.conn, &user)? else {
+        return Ok(Err(StoreError::NotFound("user")));
+    };
+    let role = match grant {
+        RoleGrant::Customer => Role::Customer,
+        RoleGrant::Admin => Role::Admin,
+        RoleGrant::Manager(venue) => {
+            ctx.conn
+                .prepare_cached("INSERT OR IGNORE INTO venue_managers (venue_id, user_id) VALUES (?, ?)")?
+                .execute([venue.to_string(), user.clone()])?;
+            Role::Manager
+        }
+    };
+    set_roles(&ctx.conn, &user, &with(roles, role))?;
+    Ok(Ok(()))
+}
+
+pub(crate) fn revoke_role(ctx: &mut Ctx, user: UserId, revoke: RoleRevoke) -> Outcome<(), StoreError> {
+    let user = user.to_string();
+    let conn = &ctx.conn;
+    let Some(roles) = roles_of(conn, &user)? else {
+        return Ok(Err(StoreError::NotFound("user")));
+    };
+    let roles = match revoke_step(roles.clone(), revoke) {
+        RevokeStep::Roles(r) => r,
+        RevokeStep::LastAdminCheck(r) => {
+            let sql = format!("SELECT COUNT(*) FROM users WHERE {IS_ADMIN}");
+            let admins: i64 = conn.prepare_cached(&sql)?.query_row([], |r| r.get(0))?;
+            if admins <= 1 {
+                return Ok(Err(StoreError::Conflict(LAST_ADMIN.to_owned())));
+            }
+            r
+        }
+        RevokeStep::Venue(venue) => {
+            let deleted = conn
+                .prepare_cached("DELETE FROM venue_managers WHERE user_id = ? AND venue_id = ?")?
+                .execute([&user, &venue])?;
+            let left: i64 = conn
+                .prepare_cached("SELECT COUNT(*) FROM venue_managers WHERE user_id = ?")?
+                .query_row([&user], |r| r.get(0))?;
+            if deleted > 0 && left == 0 { without(roles, Role::Manager) } else { roles }
+        }
+        RevokeStep::AllVenues(r) => {
+            conn.prepare_cached("DELETE FROM venue_managers WHERE user_id = ?")?.execute([&user])?;
+            r
+        }
+    };
+    set_roles(conn, &user, &roles)?;
+    Ok(Ok(()))
+}
+
+pub(crate) fn insert_api_key(ctx: &mut Ctx, key: &ApiKey) -> Outcome<(), StoreError> {
+    let inserted = ctx
+        .conn
+        .prepare_cached(
+            "INSERT INTO api_keys (id, name, key_hash, scopes, created_by, created_at) VALUES (?, ?, ?, ?, ?, ?)",
+        )?
+        .execute(params![
+            key.id.to_string(),
+            key.name,
+            key.key_hash,
+            scopes_text(&key.scopes),
+            key.created_by.to_string(),
+            key.created_at.as_second()
+        ]);
+    match inserted {
+        Ok(_) => Ok(Ok(())),
+        Err(e) if is_unique_violation(&e) => Ok(Err(StoreError::Conflict("API key exists".into()))),
+        Err(e) => Err(e),
+    }
+}
+
+pub(crate) fn revoke_api_key(ctx: &mut Ctx, id: ApiKeyId, now: Timestamp) -> Outcome<(), StoreError> {
+    let now = ctx.now(now).as_second();
+    let changed = ctx
+        .conn
+        .prepare_cached("UPDATE api_keys SET revoked_at = COALESCE(revoked_at, ?) WHERE id = ?")?
+        .execute(params![now, id.to_string()])?;
+    Ok(if changed == 0 { Err(StoreError::NotFound("API key")) } else { Ok(()) })
+}
