@@ -184,6 +184,7 @@ conformance! {
     audit::verifying_a_live_chain_is_not_fooled_by_appends,
     users::users_insert_lookup_and_duplicate_email,
     users::set_manager_lists_venues,
+    users::user_reads_see_each_committed_change,
     users::refresh_token_rotation_and_reuse_revokes_the_family,
     users::refresh_token_expiry_and_unknown_are_invalid,
     users::revoke_ends_the_whole_family,

@@ -46,6 +46,10 @@ pub struct SqliteStore {
     /// Catalogue documents; this process makes every change, and drops an entry once its
     /// change has committed.
     cache: Cache,
+    /// Users by id, for the principal every authenticated request re-reads: dropped once a
+    /// change to the user's roles or venues commits, before it is acknowledged, so the next
+    /// request sees it.
+    users: Cache,
 }
 
 impl SqliteStore {
@@ -86,7 +90,9 @@ impl SqliteStore {
             .map_err(db_error)?;
         let cache = Cache::default();
         cache.set_enabled(true);
-        Ok(SqliteStore { read, writer, cache })
+        let users = Cache::default();
+        users.set_enabled(true);
+        Ok(SqliteStore { read, writer, cache, users })
     }
 
     /// `(transactions, requests)` the writer has committed or attempted since start.
@@ -231,17 +237,19 @@ impl Store for SqliteStore {
     }
 
     async fn user_by_id(&self, id: UserId) -> Result<Option<User>, StoreError> {
-        self.user_where("id", id.to_string()).await
+        self.users.get_or_load(cache::key("user", id), self.user_where("id", id.to_string())).await
     }
 
     async fn set_manager(&self, venue_id: VenueId, user_id: UserId) -> Result<(), StoreError> {
-        self.exec_one(
-            "INSERT OR IGNORE INTO venue_managers (venue_id, user_id) VALUES (?, ?)",
-            vec![Some(venue_id.to_string()), Some(user_id.to_string())],
-            "already a manager",
-        )
-        .await
-        .map(|_| ())
+        let result = self
+            .exec_one(
+                "INSERT OR IGNORE INTO venue_managers (venue_id, user_id) VALUES (?, ?)",
+                vec![Some(venue_id.to_string()), Some(user_id.to_string())],
+                "already a manager",
+            )
+            .await;
+        self.users.invalidate(&cache::key("user", user_id));
+        result.map(|_| ())
     }
 
     async fn insert_refresh_token(&self, token: &RefreshToken) -> Result<(), StoreError> {
@@ -316,7 +324,11 @@ impl Store for SqliteStore {
     async fn insert_venue(&self, venue: &Venue) -> Result<(), StoreError> {
         let doc = serde_json::to_string(venue).map_err(|e| StoreError::Corrupt(e.to_string()))?;
         let (id, managers) = (venue.id.to_string(), venue.managers.iter().map(ToString::to_string).collect::<Vec<_>>());
-        self.writer.exec_now(move |ctx: &mut Ctx| tx::insert_venue(ctx, &id, &doc, &managers)).await
+        let result = self.writer.exec_now(move |ctx: &mut Ctx| tx::insert_venue(ctx, &id, &doc, &managers)).await;
+        for user in &venue.managers {
+            self.users.invalidate(&cache::key("user", user));
+        }
+        result
     }
 
     async fn update_venue(&self, venue: &Venue) -> Result<(), StoreError> {
@@ -601,12 +613,16 @@ impl Store for SqliteStore {
     }
 
     async fn grant_role(&self, user_id: UserId, grant: RoleGrant) -> Result<User, StoreError> {
-        self.writer.exec_now(move |ctx: &mut Ctx| tx::grant_role(ctx, user_id, grant)).await?;
+        let result = self.writer.exec_now(move |ctx: &mut Ctx| tx::grant_role(ctx, user_id, grant)).await;
+        self.users.invalidate(&cache::key("user", user_id));
+        result?;
         self.user_by_id(user_id).await?.ok_or(StoreError::NotFound("user"))
     }
 
     async fn revoke_role(&self, user_id: UserId, revoke: RoleRevoke) -> Result<User, StoreError> {
-        self.writer.exec_now(move |ctx: &mut Ctx| tx::revoke_role(ctx, user_id, revoke)).await?;
+        let result = self.writer.exec_now(move |ctx: &mut Ctx| tx::revoke_role(ctx, user_id, revoke)).await;
+        self.users.invalidate(&cache::key("user", user_id));
+        result?;
         self.user_by_id(user_id).await?.ok_or(StoreError::NotFound("user"))
     }
 

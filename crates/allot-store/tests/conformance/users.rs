@@ -31,6 +31,24 @@ pub async fn users_insert_lookup_and_duplicate_email(b: &Backend) {
     assert_eq!(b.count("users", "1=1").await, 2);
 }
 
+/// A user read once (a store may keep it for the next request) shows every later change to
+/// its roles and venues: the venue it manages from creation, a granted role.
+pub async fn user_reads_see_each_committed_change(b: &Backend) {
+    let s = b.store();
+    let u = user("reread@example.test", vec![Role::Customer]);
+    s.insert_user(&u).await.unwrap();
+    assert!(s.user_by_id(u.id).await.unwrap().unwrap().venues.is_empty());
+    let mut v = venue_in("UTC");
+    v.managers = vec![u.id];
+    s.insert_venue(&v).await.unwrap();
+    assert_eq!(s.user_by_id(u.id).await.unwrap().unwrap().venues, vec![v.id], "managed from creation");
+    s.grant_role(u.id, allot_app::access::RoleGrant::Admin).await.unwrap();
+    assert!(s.user_by_id(u.id).await.unwrap().unwrap().roles.contains(&Role::Admin));
+    s.revoke_role(u.id, allot_app::access::RoleRevoke::Admin).await.ok();
+    s.revoke_role(u.id, allot_app::access::RoleRevoke::Customer).await.unwrap();
+    assert!(!s.user_by_id(u.id).await.unwrap().unwrap().roles.contains(&Role::Customer));
+}
+
 pub async fn set_manager_lists_venues(b: &Backend) {
     let s = b.store();
     let manager = user("manager@example.test", vec![Role::Manager]);
