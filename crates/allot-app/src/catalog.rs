@@ -2,6 +2,7 @@
 //! managers and admins), availability and seat maps.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use allot_core::capacity::{self, Claim, Span};
 use allot_core::ids::{EventId, ResourceId, VenueId};
@@ -176,13 +177,30 @@ impl App {
         Ok(self.store.events(venue, page).await?)
     }
 
-    /// Every seat of the event with its price and whether it is held or booked now.
-    pub async fn seat_map(&self, id: EventId) -> AppResult<(Event, Vec<SeatView>)> {
+    /// Every seat of the event with its price and whether it is held or booked now, as
+    /// `render` writes it; a body rendered earlier is served again while nothing it shows can
+    /// have changed ([`crate::seat_maps`]).
+    pub async fn seat_map(
+        &self,
+        id: EventId,
+        render: impl FnOnce(&Event, &[SeatView]) -> Result<Vec<u8>, String>,
+    ) -> AppResult<Arc<[u8]>> {
+        // Read before the version: an event is never changed, only deleted, and a deleted one
+        // is not found here, so no body of one is served.
         let event = self.event(id).await?;
+        let now = self.clock.now();
+        let version = self.store.seat_version(&event.seat_ids);
+        if let Some(body) = version.and_then(|v| self.seat_maps.get(id, v, now)) {
+            return Ok(body);
+        }
         let seats = self.store.resources_by_ids(&event.seat_ids).await?;
-        let states = self.store.seat_states(&event, self.clock.now()).await?;
-        let views = seat_views(&event, &seats, &states);
-        Ok((event, views))
+        let states = self.store.seat_states(&event, now).await?;
+        let rendered = render(&event, &seat_views(&event, &seats, &states.states)).map_err(AppError::Internal)?;
+        let body: Arc<[u8]> = Arc::from(rendered);
+        if let Some(v) = version {
+            self.seat_maps.put(id, v, states.until, body.clone());
+        }
+        Ok(body)
     }
 
     /// Claimable windows of a resource in `[from, to)` with at least `quantity` units left.

@@ -13,6 +13,7 @@ pub mod error;
 pub mod expiry;
 pub mod idempotency;
 pub mod payments;
+pub mod seat_maps;
 pub mod store;
 pub mod telemetry;
 
@@ -38,6 +39,7 @@ pub struct App {
     /// Verified against when a login names an unknown account (constant work either way).
     dummy_hash: String,
     expiry: ExpiryHandle,
+    seat_maps: seat_maps::SeatMapCache,
 }
 
 impl App {
@@ -53,7 +55,8 @@ impl App {
         let keys = TokenKeys::from_secret(secret.as_bytes());
         let dummy_hash = auth::hash_password(auth::random_token()).await?;
         let (expiry, expiry_rx) = ExpiryHandle::channel();
-        let app = Arc::new(App { store, clock, payments, keys, dummy_hash, expiry });
+        let seat_maps = seat_maps::SeatMapCache::default();
+        let app = Arc::new(App { store, clock, payments, keys, dummy_hash, expiry, seat_maps });
         tokio::spawn(expiry::run(app.clone(), expiry_rx));
         tokio::spawn(cleanup_loop(Arc::downgrade(&app)));
         Ok(app)

@@ -150,6 +150,33 @@ pub enum SeatState {
     Booked,
 }
 
+/// The taken seats of an event at some `now`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SeatStates {
+    pub states: HashMap<ResourceId, SeatState>,
+    /// The earliest expiry among the holds counted (whole seconds): from then on, without any
+    /// write, the same read shows a seat freed.
+    pub until: Option<Timestamp>,
+}
+
+impl SeatStates {
+    /// Adds a seat taken by a booking of `status`: booked wins over held.
+    pub fn add(&mut self, seat: ResourceId, confirmed: bool, hold_expires_at: Option<Timestamp>) {
+        let state = if confirmed { SeatState::Booked } else { SeatState::Held };
+        let entry = self.states.entry(seat).or_insert(state);
+        if state == SeatState::Booked {
+            *entry = SeatState::Booked;
+        }
+        if let Some(at) = hold_expires_at {
+            self.until = Some(self.until.map_or(at, |u| u.min(at)));
+        }
+    }
+}
+
+/// What a store can say about changes it made: equal versions of the same seats mean no
+/// committed write touched their claims in between (see [`Store::seat_version`]).
+pub type SeatVersion = (u64, u64);
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum IdempotencyBegin {
     /// The key is new: it is now locked for this request.
@@ -220,7 +247,13 @@ pub trait Store: Send + Sync + 'static {
     /// claims of the same block may come summed into one.
     async fn claims(&self, resource: ResourceId, span: Span, now: Timestamp) -> Result<Vec<Claim>, StoreError>;
     /// For each seat of `event` that is taken during the event's window, whether held or booked.
-    async fn seat_states(&self, event: &Event, now: Timestamp) -> Result<HashMap<ResourceId, SeatState>, StoreError>;
+    async fn seat_states(&self, event: &Event, now: Timestamp) -> Result<SeatStates, StoreError>;
+    /// A version of `seats` (their documents and claims) that changes once any write to them
+    /// commits, before that write is acknowledged; read it before reading them. `None` where
+    /// this process cannot know every write (other nodes share the database).
+    fn seat_version(&self, _seats: &[ResourceId]) -> Option<SeatVersion> {
+        None
+    }
 
     // Bookings.
     async fn hold(&self, command: HoldCommand) -> Result<Booking, HoldRefused>;

@@ -136,6 +136,23 @@ async fn an_expired_hold_cannot_be_confirmed_frees_the_seat_and_becomes_expired(
 }
 
 #[tokio::test]
+async fn a_seat_map_read_while_held_shows_the_seat_free_once_the_hold_lapses() {
+    let t = TestApp::spawn().await;
+    let admin = t.admin().await;
+    let venue = t.venue(&admin, "cinema").await;
+    let (seats, event) = t.seats_and_event(&admin, &venue, 2, 48).await;
+    let customer = t.customer("lapse@test.allot").await;
+    hold(&t, &customer, &seats[0], &event).await;
+    for _ in 0..2 {
+        assert_eq!(seat_status(&t, &event, &seats[0]).await, "held");
+        assert_eq!(seat_status(&t, &event, &seats[1]).await, "available");
+    }
+    t.clock.advance(SignedDuration::from_secs(600));
+    // At once, whether or not the expiry job has run yet.
+    assert_eq!(seat_status(&t, &event, &seats[0]).await, "available");
+}
+
+#[tokio::test]
 async fn a_hold_inside_its_ttl_can_be_confirmed_and_is_never_expired() {
     let t = TestApp::spawn().await;
     let admin = t.admin().await;

@@ -15,6 +15,10 @@ async fn hold_confirm_cancel_a_seat() {
     let venue = t.venue(&admin, "cinema").await;
     let (seats, event) = t.seats_and_event(&admin, &venue, 2, 48).await;
     let customer = t.customer("c1@test.allot").await;
+    // Read (and kept by the server) before the hold: every later read must show each change.
+    let (status, map) = t.get(None, &format!("/events/{event}/seats")).await;
+    assert_eq!(status, StatusCode::OK, "{map}");
+    assert!(map["seats"].as_array().unwrap().iter().all(|s| s["status"] == "available"), "{map}");
 
     let (status, booking) =
         t.post(Some(&customer), "/bookings", json!({"items": [{"resource_id": seats[1], "event_id": event}]})).await;

@@ -11,11 +11,6 @@ use std::time::Duration;
 use allot_load::{Config, Report, parse_mix, scenario};
 use clap::Parser;
 
-/// mimalloc: the request path allocates small short-lived buffers on every thread, where
-/// glibc's malloc spent ~12% of the request threads' CPU under load.
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 #[derive(Debug, Parser)]
 #[command(name = "allot-load", about = "Load generator for Allot: real HTTP, latency percentiles, database check")]
 struct Args {

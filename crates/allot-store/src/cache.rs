@@ -119,6 +119,46 @@ impl Cache {
     }
 }
 
+/// Resources this process versioned at most; past it every version moves on at once.
+pub const VERSIONED_RESOURCES_MAX: usize = 1_000_000;
+
+/// Versions of resources' claims, bumped once a write to them commits (SQLite: this process
+/// makes every write), for caches of what those claims show (seat maps).
+#[derive(Default)]
+pub struct ResourceVersions {
+    inner: RwLock<VersionsInner>,
+}
+
+#[derive(Default)]
+struct VersionsInner {
+    last: u64,
+    /// The version of every resource not in `versions`.
+    floor: u64,
+    versions: HashMap<allot_core::ids::ResourceId, u64>,
+}
+
+impl ResourceVersions {
+    /// Gives `ids` a version above every version so far.
+    pub fn bump(&self, ids: impl IntoIterator<Item = allot_core::ids::ResourceId>) {
+        let mut inner = self.inner.write().unwrap_or_else(std::sync::PoisonError::into_inner);
+        inner.last += 1;
+        let version = inner.last;
+        if inner.versions.len() >= VERSIONED_RESOURCES_MAX {
+            inner.versions.clear();
+            inner.floor = version;
+        }
+        for id in ids {
+            inner.versions.insert(id, version);
+        }
+    }
+
+    /// The highest version among `ids`: it changes whenever any of them is bumped.
+    pub fn max(&self, ids: &[allot_core::ids::ResourceId]) -> u64 {
+        let inner = self.inner.read().unwrap_or_else(std::sync::PoisonError::into_inner);
+        ids.iter().map(|id| inner.versions.get(id).copied().unwrap_or(inner.floor)).max().unwrap_or(inner.floor)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -135,6 +175,20 @@ mod tests {
         assert_eq!(cache.get::<u32>("resource:a"), Some(2));
         cache.invalidate("resource:a");
         assert_eq!(cache.get::<u32>("resource:a"), None);
+    }
+
+    #[test]
+    fn a_bump_moves_the_version_of_every_set_holding_a_bumped_resource() {
+        use allot_core::ids::ResourceId;
+        let versions = ResourceVersions::default();
+        let (a, b, c) = (ResourceId::new(), ResourceId::new(), ResourceId::new());
+        let (ab, c_only) = (versions.max(&[a, b]), versions.max(&[c]));
+        versions.bump([b]);
+        assert_ne!(versions.max(&[a, b]), ab);
+        assert_eq!(versions.max(&[c]), c_only);
+        let ab = versions.max(&[a, b]);
+        versions.bump([c]);
+        assert_eq!(versions.max(&[a, b]), ab, "c is not among them");
     }
 
     #[test]

@@ -1,16 +1,13 @@
 //! What both backends share beyond SQL: documents as JSON, whole-second times, cursor pages,
 //! and the decisions taken on rows once read (seat states, expiry, token rotation, keys).
 
-use std::collections::HashMap;
-
 use allot_app::StoreError;
 use allot_app::audit::{AuditEvent, AuditFilter, AuditPage, AuditScope, Outcome};
 use allot_app::store::{
-    Decide, IdempotencyBegin, Page, PageRequest, Role, RotateOutcome, SeatState, UpdateRefused, User,
+    Decide, IdempotencyBegin, Page, PageRequest, Role, RotateOutcome, SeatStates, UpdateRefused, User,
 };
 use allot_core::booking::{Booking, BookingStatus, Transition};
 use allot_core::capacity::{Claim, Span};
-use allot_core::ids::ResourceId;
 use jiff::Timestamp;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -93,14 +90,10 @@ pub fn claims_from_rows(rows: Vec<(i64, i64, i64)>) -> Vec<Claim> {
 }
 
 /// Adds `(resource_id, booking status)` rows of live claims to a seat map: booked wins over held.
-pub fn add_seat_states(states: &mut HashMap<ResourceId, SeatState>, rows: Vec<(String, String)>) {
-    for (resource, status) in rows {
-        let state = if status == BookingStatus::Confirmed.as_str() { SeatState::Booked } else { SeatState::Held };
+pub fn add_seat_states(states: &mut SeatStates, rows: Vec<(String, String, Option<i64>)>) {
+    for (resource, status, hold_expires_at) in rows {
         if let Ok(id) = resource.parse() {
-            let entry = states.entry(id).or_insert(state);
-            if state == SeatState::Booked {
-                *entry = SeatState::Booked;
-            }
+            states.add(id, status == BookingStatus::Confirmed.as_str(), hold_expires_at.map(ts));
         }
     }
 }

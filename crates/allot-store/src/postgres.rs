@@ -8,7 +8,7 @@
 //! resources are also guarded by an exclusion constraint. Catalogue documents are cached per
 //! node and invalidated through `LISTEN`/`NOTIFY` ([`crate::cache`]).
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
 use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -18,7 +18,7 @@ use allot_app::access::{ApiKey, RoleGrant, RoleRevoke};
 use allot_app::audit::{AuditEvent, AuditFilter, AuditPage};
 use allot_app::store::{
     BookingFilter, Decide, HoldCommand, HoldRefused, IdempotencyBegin, IdempotencyKey, Page, PageRequest, RefreshToken,
-    RotateOutcome, SeatState, Store, UpdateRefused, User,
+    RotateOutcome, SeatStates, Store, UpdateRefused, User,
 };
 use allot_core::booking::Booking;
 use allot_core::capacity::{self, CLAIM_SECONDS_MAX, CapacityRules, Claim, Span};
@@ -1100,12 +1100,12 @@ impl Store for PgStore {
         live_claims(&self.read, resource, span, now).await.map_err(db_error)
     }
 
-    async fn seat_states(&self, event: &Event, now: Timestamp) -> Result<HashMap<ResourceId, SeatState>, StoreError> {
-        let mut states = HashMap::new();
+    async fn seat_states(&self, event: &Event, now: Timestamp) -> Result<SeatStates, StoreError> {
+        let mut states = SeatStates::default();
         let seats: Vec<String> = event.seat_ids.iter().map(|s| s.to_string()).collect();
         for chunk in seats.chunks(IDS_PER_QUERY_MAX) {
-            let rows: Vec<(String, String)> = sqlx::query_as(
-                "SELECT c.resource_id, b.status FROM claims c JOIN bookings b ON b.id = c.booking_id
+            let rows: Vec<(String, String, Option<i64>)> = sqlx::query_as(
+                "SELECT c.resource_id, b.status, c.hold_expires_at FROM claims c JOIN bookings b ON b.id = c.booking_id
                  WHERE c.resource_id = ANY($1) AND c.block_start < $2 AND c.block_end > $3
                    AND (c.hold_expires_at IS NULL OR c.hold_expires_at > $4)",
             )

@@ -233,6 +233,7 @@ conformance! {
     expiry::pending_payment_counts_and_expires_like_a_hold,
     expiry::upcoming_expiries_are_ordered_and_only_expiring,
     seats::seat_states_held_vs_booked,
+    seats::seat_versions_move_with_each_committed_write,
     seats::claims_lists_live_overlapping_claims_of_one_resource,
     idempotency::idempotency_begin_complete_replay,
     idempotency::idempotency_different_request_is_refused,

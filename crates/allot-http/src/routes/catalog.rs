@@ -221,8 +221,9 @@ pub async fn get_event(State(app): State<Arc<App>>, Path(id): Path<String>) -> A
 #[utoipa::path(get, path = "/events/{id}/seats", tag = "catalogue", params(("id" = String, Path, description = "Event id")),
     responses((status = 200, description = "The seat map", body = SeatMapView), NotFound))]
 pub async fn seat_map(State(app): State<Arc<App>>, Path(id): Path<String>) -> ApiResult<impl IntoResponse> {
-    let (event, seats) = app.seat_map(path_id(&id, "event")?).await?;
-    Ok(axum::Json(seat_map_json(&event, &seats)))
+    let render = |event: &_, seats: &[_]| serde_json::to_vec(&seat_map_json(event, seats)).map_err(|e| e.to_string());
+    let body = app.seat_map(path_id(&id, "event")?, render).await?;
+    Ok(([(axum::http::header::CONTENT_TYPE, "application/json")], axum::body::Bytes::from_owner(body)))
 }
 
 /// Read as text and validated by hand, so a bad value gets a field error.

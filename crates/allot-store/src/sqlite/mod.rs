@@ -4,7 +4,6 @@
 
 mod tx;
 
-use std::collections::HashMap;
 use std::str::FromStr;
 use std::time::Duration;
 
@@ -13,7 +12,7 @@ use allot_app::access::{ApiKey, RoleGrant, RoleRevoke};
 use allot_app::audit::{AuditEvent, AuditFilter, AuditPage};
 use allot_app::store::{
     BookingFilter, Decide, HoldCommand, HoldRefused, IdempotencyBegin, IdempotencyKey, Page, PageRequest, RefreshToken,
-    RotateOutcome, SeatState, Store, UpdateRefused, User,
+    RotateOutcome, SeatStates, SeatVersion, Store, UpdateRefused, User,
 };
 use allot_core::booking::Booking;
 use allot_core::capacity::{CLAIM_SECONDS_MAX, Claim, Span};
@@ -26,7 +25,7 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePo
 use sqlx::{Connection, QueryBuilder, Sqlite, SqliteConnection};
 
 use crate::access;
-use crate::cache::{self, Cache, INVALIDATE_ALL};
+use crate::cache::{self, Cache, INVALIDATE_ALL, ResourceVersions};
 use crate::common::{
     AUDIT_HEAD_SQL, AuditRow, USER_COLUMNS, UserVenuesRow, add_seat_states, after_key, audit_events_of, audit_head_of,
     audit_range_query, audit_rotation, audit_select, claims_from_rows, docs_to_page, from_json, ts, user_of_venues_row,
@@ -50,6 +49,9 @@ pub struct SqliteStore {
     /// change to the user's roles or venues commits, before it is acknowledged, so the next
     /// request sees it.
     users: Cache,
+    /// Bumped for a booking's resources once a write to its claims commits, before it is
+    /// acknowledged: with the catalogue's generation, the [`Store::seat_version`].
+    versions: ResourceVersions,
 }
 
 impl SqliteStore {
@@ -92,7 +94,7 @@ impl SqliteStore {
         cache.set_enabled(true);
         let users = Cache::default();
         users.set_enabled(true);
-        Ok(SqliteStore { read, writer, cache, users })
+        Ok(SqliteStore { read, writer, cache, users, versions: ResourceVersions::default() })
     }
 
     /// `(transactions, requests)` the writer has committed or attempted since start.
@@ -127,6 +129,12 @@ async fn live_claims(
 }
 
 impl SqliteStore {
+    /// Passes `booking` on after bumping the versions of its resources (its write committed).
+    fn bumped(&self, booking: Booking) -> Booking {
+        self.versions.bump(booking.items.iter().map(|item| item.resource_id));
+        booking
+    }
+
     /// The one user whose `column` equals `value`.
     async fn user_where(&self, column: &'static str, value: String) -> Result<Option<User>, StoreError> {
         let sql = format!(
@@ -467,11 +475,15 @@ impl Store for SqliteStore {
         live_claims(&self.read, resource, span, now).await.map_err(db_error)
     }
 
-    async fn seat_states(&self, event: &Event, now: Timestamp) -> Result<HashMap<ResourceId, SeatState>, StoreError> {
-        let mut states = HashMap::new();
+    fn seat_version(&self, seats: &[ResourceId]) -> Option<SeatVersion> {
+        Some((self.cache.generation(), self.versions.max(seats)))
+    }
+
+    async fn seat_states(&self, event: &Event, now: Timestamp) -> Result<SeatStates, StoreError> {
+        let mut states = SeatStates::default();
         for chunk in event.seat_ids.chunks(500) {
             let mut qb: QueryBuilder<Sqlite> = QueryBuilder::new(
-                "SELECT c.resource_id, b.status FROM claims c JOIN bookings b ON b.id = c.booking_id WHERE c.block_start < ",
+                "SELECT c.resource_id, b.status, c.hold_expires_at FROM claims c JOIN bookings b ON b.id = c.booking_id WHERE c.block_start < ",
             );
             qb.push_bind(event.end.as_second());
             qb.push(" AND c.block_end > ").push_bind(event.start.as_second());
@@ -482,7 +494,8 @@ impl Store for SqliteStore {
                 sep.push_bind(id.to_string());
             }
             qb.push(")");
-            let rows: Vec<(String, String)> = qb.build_query_as().fetch_all(&self.read).await.map_err(db_error)?;
+            let rows: Vec<(String, String, Option<i64>)> =
+                qb.build_query_as().fetch_all(&self.read).await.map_err(db_error)?;
             add_seat_states(&mut states, rows);
         }
         Ok(states)
@@ -492,7 +505,7 @@ impl Store for SqliteStore {
         assert_eq!(command.booking.items.len(), command.claims.len(), "one claim per item");
         let result = self.writer.write_now(move |ctx: &mut Ctx| tx::hold(ctx, command)).await;
         match result {
-            Ok(Ok(b)) => Ok(b),
+            Ok(Ok(b)) => Ok(self.bumped(b)),
             Ok(Err(refused)) => Err(refused),
             Err(e) => Err(HoldRefused::Store(e)),
         }
@@ -501,7 +514,7 @@ impl Store for SqliteStore {
     async fn update_booking(&self, id: BookingId, now: Timestamp, decide: Decide) -> Result<Booking, UpdateRefused> {
         let result = self.writer.write_now(move |ctx: &mut Ctx| tx::update_booking(ctx, id, now, decide)).await;
         match result {
-            Ok(Ok(b)) => Ok(b),
+            Ok(Ok(b)) => Ok(self.bumped(b)),
             Ok(Err(refused)) => Err(refused),
             Err(e) => Err(UpdateRefused::Store(e)),
         }
@@ -543,7 +556,9 @@ impl Store for SqliteStore {
     }
 
     async fn expire_due(&self, now: Timestamp, limit: u32) -> Result<Vec<BookingId>, StoreError> {
-        self.writer.exec_now(move |ctx: &mut Ctx| tx::expire_due(ctx, now, limit)).await
+        let (expired, resources) = self.writer.exec_now(move |ctx: &mut Ctx| tx::expire_due(ctx, now, limit)).await?;
+        self.versions.bump(resources);
+        Ok(expired)
     }
 
     async fn upcoming_expiries(&self, limit: u32) -> Result<Vec<(BookingId, Timestamp)>, StoreError> {

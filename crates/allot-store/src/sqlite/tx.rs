@@ -407,8 +407,13 @@ pub(crate) fn update_booking(
     Ok(Ok(after))
 }
 
-/// Releases up to `limit` holds whose time ran out by `now`.
-pub(crate) fn expire_due(ctx: &mut Ctx, now: Timestamp, limit: u32) -> Outcome<Vec<BookingId>, StoreError> {
+/// Releases up to `limit` holds whose time ran out by `now`: their ids, and the resources
+/// whose claims changed.
+pub(crate) fn expire_due(
+    ctx: &mut Ctx,
+    now: Timestamp,
+    limit: u32,
+) -> Outcome<(Vec<BookingId>, Vec<ResourceId>), StoreError> {
     let now = ctx.now(now);
     let mut stmt = ctx.conn.prepare_cached(
         "SELECT doc FROM bookings WHERE status IN ('held', 'pending_payment') AND expires_at <= ?
@@ -426,7 +431,8 @@ pub(crate) fn expire_due(ctx: &mut Ctx, now: Timestamp, limit: u32) -> Outcome<V
         }
     }
     apply_changes(&ctx.conn, &changes, now)?;
-    Ok(Ok(changes.into_iter().map(|(_, after)| after.id).collect()))
+    let resources = changes.iter().flat_map(|(_, after)| after.items.iter().map(|item| item.resource_id)).collect();
+    Ok(Ok((changes.into_iter().map(|(_, after)| after.id).collect(), resources)))
 }
 
 /// Bookings whose status changes are written as set-based statements together; 4 variables

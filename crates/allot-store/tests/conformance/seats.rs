@@ -2,7 +2,7 @@
 
 use std::collections::HashMap;
 
-use allot_app::store::SeatState;
+use allot_app::store::{SeatState, SeatStates};
 use allot_core::capacity::Claim;
 use allot_core::ids::ResourceId;
 use allot_core::inventory::Resource;
@@ -19,7 +19,7 @@ pub async fn seat_states_held_vs_booked(b: &Backend) {
     let e = event(w.venue.id, 10 * HOUR, 12 * HOUR, &[id(0), id(1), id(2), id(3)]);
     w.store.insert_event(&e).await.unwrap();
     let window = span(10 * HOUR, 12 * HOUR);
-    assert!(w.store.seat_states(&e, at(0)).await.unwrap().is_empty(), "a fresh event is all free");
+    assert_eq!(w.store.seat_states(&e, at(0)).await.unwrap(), SeatStates::default(), "a fresh event is all free");
 
     w.held(&[(id(0), window, 1)], at(0), 600).await;
     let booked = w.held(&[(id(1), window, 1)], at(0), 600).await;
@@ -30,20 +30,24 @@ pub async fn seat_states_held_vs_booked(b: &Backend) {
     w.held(&[(id(4), window, 1)], at(2), 600).await; // not a seat of this event
 
     let want = HashMap::from([(id(0), SeatState::Held), (id(1), SeatState::Booked), (id(3), SeatState::Held)]);
-    assert_eq!(w.store.seat_states(&e, at(30)).await.unwrap(), want);
+    let read = w.store.seat_states(&e, at(30)).await.unwrap();
+    assert_eq!(read.states, want);
+    assert_eq!(read.until, Some(at(62)), "seat 3's hold is the first to lapse");
     // Seat 3's hold expired: free again, before any sweep.
     let want = HashMap::from([(id(0), SeatState::Held), (id(1), SeatState::Booked)]);
-    assert_eq!(w.store.seat_states(&e, at(62)).await.unwrap(), want);
+    let read = w.store.seat_states(&e, at(62)).await.unwrap();
+    assert_eq!(read.states, want);
+    assert_eq!(read.until, Some(at(600)));
 
     // Claims outside the window do not show; partly overlapping ones do.
     let later = w.held(&[(id(3), span(12 * HOUR, 13 * HOUR), 1)], at(62), 600).await;
     w.confirm(later.id, at(63)).await;
     w.held(&[(id(2), span(11 * HOUR + 30 * MINUTE, 12 * HOUR + 30 * MINUTE), 1)], at(63), 600).await;
     let want = HashMap::from([(id(0), SeatState::Held), (id(1), SeatState::Booked), (id(2), SeatState::Held)]);
-    assert_eq!(w.store.seat_states(&e, at(64)).await.unwrap(), want);
+    assert_eq!(w.store.seat_states(&e, at(64)).await.unwrap().states, want);
     // The expiry sweep does not change what a read at the same instant sees.
     w.store.expire_due(at(64), 100).await.unwrap();
-    assert_eq!(w.store.seat_states(&e, at(64)).await.unwrap(), want);
+    assert_eq!(w.store.seat_states(&e, at(64)).await.unwrap().states, want);
 
     // A large event: the seat list is not a per-query limit.
     let many: Vec<Resource> = (0..1200).map(|i| seat(w.venue.id, &format!("M{i}"))).collect();
@@ -56,7 +60,38 @@ pub async fn seat_states_held_vs_booked(b: &Backend) {
     w.held(&[(ids[3], span(20 * HOUR, 22 * HOUR), 1)], at(65), 600).await;
     w.confirm(last.id, at(66)).await;
     let want = HashMap::from([(ids[3], SeatState::Held), (ids[1100], SeatState::Booked)]);
-    assert_eq!(w.store.seat_states(&big, at(66)).await.unwrap(), want);
+    assert_eq!(w.store.seat_states(&big, at(66)).await.unwrap().states, want);
+}
+
+/// Where a store versions seats, every committed write to a seat's claims moves the version
+/// of any set holding it, and nothing else does.
+pub async fn seat_versions_move_with_each_committed_write(b: &Backend) {
+    let w = World::new(b).await;
+    let seats: Vec<Resource> = (1..=3).map(|i| seat(w.venue.id, &format!("V{i}"))).collect();
+    for s in &seats {
+        w.store.insert_resource(s).await.unwrap();
+    }
+    let (all, third) = ([seats[0].id, seats[1].id], [seats[2].id]);
+    let Some(before) = w.store.seat_version(&all) else { return }; // this store keeps no versions
+    let window = span(10 * HOUR, 12 * HOUR);
+    let other = w.store.seat_version(&third);
+    assert_eq!(w.store.seat_version(&all), Some(before), "nothing written");
+
+    let held = w.held(&[(seats[0].id, window, 1)], at(0), 60).await;
+    let after_hold = w.store.seat_version(&all);
+    assert_ne!(after_hold, Some(before), "a hold");
+    assert_eq!(w.store.seat_version(&third), other, "a seat not held");
+    w.confirm(held.id, at(1)).await;
+    let after_confirm = w.store.seat_version(&all);
+    assert_ne!(after_confirm, after_hold, "a confirm");
+    w.held(&[(seats[1].id, window, 1)], at(2), 60).await;
+    let after_second = w.store.seat_version(&all);
+    assert_eq!(w.store.expire_due(at(62), 100).await.unwrap().len(), 1);
+    assert_ne!(w.store.seat_version(&all), after_second, "an expiry");
+    let mut renamed = seats[2].clone();
+    renamed.name = "V3b".into();
+    w.store.update_resource(&renamed).await.unwrap();
+    assert_ne!(w.store.seat_version(&third), other, "a catalogue change");
 }
 
 fn sorted(mut claims: Vec<Claim>) -> Vec<(i64, i64, u32)> {
