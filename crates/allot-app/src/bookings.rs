@@ -24,7 +24,7 @@ pub const PROVIDER_ATTEMPTS_MAX: u32 = 3;
 pub const PROVIDER_BACKOFF_MS: u64 = 50;
 pub const CANCEL_REASON_LEN_MAX: usize = 500;
 /// Holds released per expiry transaction.
-pub const EXPIRY_BATCH_MAX: u32 = 500;
+pub const EXPIRY_BATCH_MAX: u32 = 2_000;
 
 pub struct HoldRequest {
     pub items: Vec<ItemRequest>,
