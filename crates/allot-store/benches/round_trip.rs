@@ -1,6 +1,7 @@
-//! What one statement costs the SQLite writer: a round trip to sqlx's worker thread for each
-//! call, against the same statements sent 100 to a call (where SQLite's own work dominates).
-//! The gap is why the writer sends as few calls per request as it can (docs/benchmarks.md).
+//! What one statement costs the SQLite writer: through sqlx, a round trip to its worker thread
+//! for each call, against the same statements sent 100 to a call (where SQLite's own work
+//! dominates); and on a synchronous rusqlite connection in the calling thread, with the
+//! statement prepared once — what the writer does now (docs/benchmarks.md).
 #![allow(clippy::unwrap_used)]
 
 use criterion::{Criterion, criterion_group, criterion_main};
@@ -31,7 +32,15 @@ fn round_trip(c: &mut Criterion) {
             started.elapsed() / 100
         });
     });
+    // The sqlx transaction holds the write lock: end it (one commit, not measured) first.
+    runtime.block_on(sqlx::raw_sql("COMMIT").execute(&mut conn)).unwrap();
+    let sync = rusqlite::Connection::open(dir.join("bench.db")).unwrap();
+    sync.execute_batch("BEGIN").unwrap();
+    group.bench_function("rusqlite_prepared_in_thread", |b| {
+        b.iter(|| sync.prepare_cached(one).unwrap().execute([]).unwrap());
+    });
     group.finish();
+    drop(sync);
     let _ = std::fs::remove_dir_all(dir);
 }
 
