@@ -34,6 +34,7 @@ fn config(url: &str, mix: &str, requests: Option<u64>, seconds: u64) -> Config {
         rate: None,
         mix: parse_mix(mix).unwrap(),
         flash_sale: false,
+        connect_first: false,
         seats: 300,
         shows: 200,
         hot_seats: 1,

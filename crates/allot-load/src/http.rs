@@ -103,6 +103,11 @@ impl Conn {
         Ok(Answer { status, body })
     }
 
+    /// Opens the connection now (else the first request does).
+    pub async fn connect(&mut self) -> anyhow::Result<()> {
+        self.ready().await.map(|_| ())
+    }
+
     async fn ready(&mut self) -> anyhow::Result<&mut SendRequest<Full<Bytes>>> {
         if self.sender.as_ref().is_none_or(|s| s.is_closed()) {
             let stream = tokio::net::TcpStream::connect(self.target.addr).await?;

@@ -160,6 +160,9 @@ pub struct Config {
     pub admin_password: String,
     /// Send an `Idempotency-Key` with every POST, as a careful client does.
     pub idempotency_keys: bool,
+    /// Open every client's connection before the clock starts (customers already on the page
+    /// when a sale opens), so the figures are the requests' and not the connection burst's.
+    pub connect_first: bool,
     /// Check the outcome in this database (`sqlite://…` or `postgres://…`).
     pub database_url: Option<String>,
     pub seed: u64,
@@ -226,6 +229,12 @@ pub async fn run(config: Config) -> anyhow::Result<Report> {
     config.check()?;
     let target = Target::parse(&config.url).await?;
     let world = setup::build(&target, &config).await?;
+    let mut conns: Vec<Conn> = (0..config.clients).map(|_| Conn::new(target.clone())).collect();
+    if config.connect_first {
+        for conn in &mut conns {
+            conn.connect().await.context("opening a client's connection")?;
+        }
+    }
     let start = Instant::now();
     let shared = Arc::new(Shared {
         world,
@@ -237,9 +246,8 @@ pub async fn run(config: Config) -> anyhow::Result<Report> {
         clients_done: AtomicUsize::new(0),
         stop: AtomicBool::new(false),
     });
-    let tasks: Vec<_> = (0..shared.config.clients)
-        .map(|i| tokio::spawn(client(i, shared.clone(), Conn::new(target.clone()))))
-        .collect();
+    let tasks: Vec<_> =
+        conns.into_iter().enumerate().map(|(i, conn)| tokio::spawn(client(i, shared.clone(), conn))).collect();
     let mut stats = Stats::default();
     let mut acks = HashMap::new();
     for task in tasks {

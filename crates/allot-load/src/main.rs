@@ -59,6 +59,10 @@ struct Args {
     /// Send an Idempotency-Key with every POST.
     #[arg(long)]
     idempotency_keys: bool,
+    /// Open every client's connection before the clock starts (customers already on the page
+    /// when a sale opens): latencies are then the requests', not the connection burst's.
+    #[arg(long)]
+    connect_first: bool,
     /// The server's database, to check the outcome (`sqlite://…` or `postgres://…`).
     #[arg(long)]
     database_url: Option<String>,
@@ -107,6 +111,7 @@ async fn run(args: Args) -> anyhow::Result<bool> {
         admin_email: args.admin_email,
         admin_password: args.admin_password,
         idempotency_keys: args.idempotency_keys,
+        connect_first: args.connect_first,
         database_url: args.database_url,
         seed: args.seed,
     };

@@ -43,6 +43,7 @@ fn config(url: String, db: String, scenario_name: &str, clients: usize) -> Confi
         rate: None,
         mix: parse_mix(mix).unwrap(),
         flash_sale,
+        connect_first: flash_sale,
         seats: 40,
         shows: 10,
         hot_seats: 20,
