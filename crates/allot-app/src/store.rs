@@ -160,7 +160,8 @@ pub struct SeatStates {
 }
 
 impl SeatStates {
-    /// Adds a seat taken by a booking of `status`: booked wins over held.
+    /// Adds a seat taken by a booking, `confirmed` or a hold lapsing at `hold_expires_at`:
+    /// booked wins over held.
     pub fn add(&mut self, seat: ResourceId, confirmed: bool, hold_expires_at: Option<Timestamp>) {
         let state = if confirmed { SeatState::Booked } else { SeatState::Held };
         let entry = self.states.entry(seat).or_insert(state);

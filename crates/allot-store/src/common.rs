@@ -161,7 +161,6 @@ pub type UserRow = (String, String, String, String, String, i64);
 /// The columns of [`UserRow`], in order.
 pub const USER_COLUMNS: &str = "id, email, name, password_hash, roles, created_at";
 
-/// A user from its row and the venues it manages.
 /// A user row and the ids of the venues they manage, comma-separated (`NULL` for none): one
 /// statement per authenticated request instead of two.
 pub type UserVenuesRow = (String, String, String, String, String, i64, Option<String>);
@@ -173,6 +172,7 @@ pub fn user_of_venues_row(row: UserVenuesRow) -> Result<User, StoreError> {
     user_of((id, email, name, password_hash, roles, created_at), venues)
 }
 
+/// A user from its row and the venues it manages.
 pub fn user_of(row: UserRow, venues: Vec<String>) -> Result<User, StoreError> {
     let (id, email, name, password_hash, roles, created_at) = row;
     Ok(User {

@@ -95,9 +95,9 @@ pub struct WriteCtx<C> {
     poisoned: bool,
     /// Audit events of the batch's kept requests, appended before COMMIT.
     audit: Vec<AuditEvent>,
-    /// Whether savepoint `op` is open for the next request. Each statement is a round trip (to
-    /// SQLite's worker thread, or to PostgreSQL), so a kept request releases its savepoint and
-    /// opens the next one in one call, and a refused one rolls back to it and leaves it open.
+    /// Whether savepoint `op` is open for the next request. On PostgreSQL each statement is a
+    /// round trip, so a kept request releases its savepoint and opens the next one in one call,
+    /// and a refused one rolls back to it and leaves it open.
     savepoint_open: bool,
     /// Catalogue documents the backend may keep between requests (see [`Backend::memo`]);
     /// emptied whenever a batch is rolled back, since it may hold what that batch wrote.

@@ -3,11 +3,6 @@
 
 mod config;
 
-/// mimalloc: the request path allocates small short-lived buffers on every thread, where
-/// glibc's malloc spent ~12% of the request threads' CPU under load.
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 use std::sync::Arc;
 
 use allot_app::App;
@@ -19,6 +14,11 @@ use clap::Parser;
 
 use crate::config::{AuditCommand, Cli, Command};
 use allot_app::audit::Verdict;
+
+/// mimalloc: the request path allocates small short-lived buffers on every thread, where
+/// glibc's malloc spent ~12% of the request threads' CPU under load.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {

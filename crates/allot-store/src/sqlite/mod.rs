@@ -66,15 +66,11 @@ impl SqliteStore {
         let base = SqliteConnectOptions::from_str(&format!("sqlite://{path}"))
             .map_err(db_error)?
             .create_if_missing(true)
+            // For the migrations and the read pool; the writer's own connection gets the same
+            // settings, and why, in `tx::open`.
             .journal_mode(SqliteJournalMode::Wal)
-            // FULL: a commit is on disk before the writer answers, so a 2xx survives kill -9
-            // and power loss alike (I5).
             .synchronous(SqliteSynchronous::Full)
-            // Savepoint (statement) journals in memory: a batch's savepoints spill to temporary
-            // files otherwise, a write and a close per batch. Only rollback within a
-            // transaction reads them; durability is the WAL's.
             .pragma("temp_store", "memory")
-            // 64 MiB of page cache per connection (default 2 MiB): the hot indexes stay in memory.
             .pragma("cache_size", "-65536")
             .busy_timeout(Duration::from_secs(BUSY_TIMEOUT_SECONDS))
             .foreign_keys(true);
@@ -129,6 +125,12 @@ async fn live_claims(
 }
 
 impl SqliteStore {
+    /// Drops the cached user `id`: a write that may have changed its roles or venues is over
+    /// (committed or not) and not yet acknowledged.
+    fn user_changed(&self, id: UserId) {
+        self.users.invalidate(&cache::key("user", id));
+    }
+
     /// Passes `booking` on after bumping the versions of its resources (its write committed).
     fn bumped(&self, booking: Booking) -> Booking {
         self.versions.bump(booking.items.iter().map(|item| item.resource_id));
@@ -256,7 +258,7 @@ impl Store for SqliteStore {
                 "already a manager",
             )
             .await;
-        self.users.invalidate(&cache::key("user", user_id));
+        self.user_changed(user_id);
         result.map(|_| ())
     }
 
@@ -334,7 +336,7 @@ impl Store for SqliteStore {
         let (id, managers) = (venue.id.to_string(), venue.managers.iter().map(ToString::to_string).collect::<Vec<_>>());
         let result = self.writer.exec_now(move |ctx: &mut Ctx| tx::insert_venue(ctx, &id, &doc, &managers)).await;
         for user in &venue.managers {
-            self.users.invalidate(&cache::key("user", user));
+            self.user_changed(*user);
         }
         result
     }
@@ -629,14 +631,14 @@ impl Store for SqliteStore {
 
     async fn grant_role(&self, user_id: UserId, grant: RoleGrant) -> Result<User, StoreError> {
         let result = self.writer.exec_now(move |ctx: &mut Ctx| tx::grant_role(ctx, user_id, grant)).await;
-        self.users.invalidate(&cache::key("user", user_id));
+        self.user_changed(user_id);
         result?;
         self.user_by_id(user_id).await?.ok_or(StoreError::NotFound("user"))
     }
 
     async fn revoke_role(&self, user_id: UserId, revoke: RoleRevoke) -> Result<User, StoreError> {
         let result = self.writer.exec_now(move |ctx: &mut Ctx| tx::revoke_role(ctx, user_id, revoke)).await;
-        self.users.invalidate(&cache::key("user", user_id));
+        self.user_changed(user_id);
         result?;
         self.user_by_id(user_id).await?.ok_or(StoreError::NotFound("user"))
     }

@@ -164,20 +164,26 @@ pub(crate) fn from_json<T: DeserializeOwned>(doc: &str) -> Result<T> {
         .map_err(|e| rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, Box::new(e)))
 }
 
-pub(crate) fn is_unique_violation(e: &rusqlite::Error) -> bool {
+fn is_unique_violation(e: &rusqlite::Error) -> bool {
     matches!(e, rusqlite::Error::SqliteFailure(f, _)
         if f.extended_code == rusqlite::ffi::SQLITE_CONSTRAINT_UNIQUE
             || f.extended_code == rusqlite::ffi::SQLITE_CONSTRAINT_PRIMARYKEY)
 }
 
-/// One statement with text parameters (`CAST` in the SQL where a column wants a number); a
-/// unique violation is the `conflict` refusal.
-pub(crate) fn exec(ctx: &mut Ctx, sql: &str, binds: &[Option<String>], conflict: &str) -> Outcome<u64, StoreError> {
-    match ctx.conn.prepare_cached(sql)?.execute(params_from_iter(binds)) {
-        Ok(n) => Ok(Ok(n as u64)),
+/// A write whose unique violation is the `conflict` refusal, not a database failure.
+fn refusing_duplicates<T>(written: Result<T>, conflict: &str) -> Outcome<T, StoreError> {
+    match written {
+        Ok(value) => Ok(Ok(value)),
         Err(e) if is_unique_violation(&e) => Ok(Err(StoreError::Conflict(conflict.to_owned()))),
         Err(e) => Err(e),
     }
+}
+
+/// One statement with text parameters (`CAST` in the SQL where a column wants a number); a
+/// unique violation is the `conflict` refusal.
+pub(crate) fn exec(ctx: &mut Ctx, sql: &str, binds: &[Option<String>], conflict: &str) -> Outcome<u64, StoreError> {
+    let written = ctx.conn.prepare_cached(sql)?.execute(params_from_iter(binds));
+    refusing_duplicates(written.map(|n| n as u64), conflict)
 }
 
 /// Rotates a refresh token (see [`rotation`]).
@@ -215,10 +221,8 @@ pub(crate) fn rotate_refresh_token(
 
 pub(crate) fn insert_venue(ctx: &mut Ctx, id: &str, doc: &str, managers: &[String]) -> Outcome<(), StoreError> {
     let inserted = ctx.conn.prepare_cached("INSERT INTO venues (id, doc) VALUES (?, ?)")?.execute([id, doc]);
-    match inserted {
-        Ok(_) => {}
-        Err(e) if is_unique_violation(&e) => return Ok(Err(StoreError::Conflict("venue exists".into()))),
-        Err(e) => return Err(e),
+    if let Err(refused) = refusing_duplicates(inserted, "venue exists")? {
+        return Ok(Err(refused));
     }
     let mut manage =
         ctx.conn.prepare_cached("INSERT OR IGNORE INTO venue_managers (venue_id, user_id) VALUES (?, ?)")?;
@@ -465,8 +469,8 @@ fn apply_changes(conn: &Connection, changes: &[(Booking, Booking)], now: Timesta
             let doc = to_json(after)?;
             if before.status != after.status {
                 let topic = format!("booking.{}", after.status.as_str());
-                events.extend([Value::Text(topic), Value::Text(id.clone()), Value::Text(doc.clone())]);
-                events.push(Value::Integer(now.as_second()));
+                let at = Value::Integer(now.as_second());
+                events.extend([Value::Text(topic), Value::Text(id.clone()), Value::Text(doc.clone()), at]);
             }
             if after.status.claims_capacity() {
                 kept.extend([Value::Text(id.clone()), expiry.clone()]);
@@ -627,11 +631,7 @@ pub(crate) fn insert_api_key(ctx: &mut Ctx, key: &ApiKey) -> Outcome<(), StoreEr
             key.created_by.to_string(),
             key.created_at.as_second()
         ]);
-    match inserted {
-        Ok(_) => Ok(Ok(())),
-        Err(e) if is_unique_violation(&e) => Ok(Err(StoreError::Conflict("API key exists".into()))),
-        Err(e) => Err(e),
-    }
+    Ok(refusing_duplicates(inserted, "API key exists")?.map(|_| ()))
 }
 
 pub(crate) fn revoke_api_key(ctx: &mut Ctx, id: ApiKeyId, now: Timestamp) -> Outcome<(), StoreError> {
