@@ -218,6 +218,7 @@ conformance! {
     concurrency::fifty_concurrent_holds_on_capacity_one_one_wins,
     concurrency::sixty_concurrent_holds_on_capacity_seven_seven_win,
     concurrency::concurrent_multi_item_holds_in_opposite_orders,
+    concurrency::holds_kept_in_a_batch_survive_a_refused_neighbour,
     concurrency::concurrent_cancels_apply_once,
     concurrency::confirm_racing_expiry_is_decided_once,
     bookings::confirm_keeps_claims_and_clears_hold_expiry,

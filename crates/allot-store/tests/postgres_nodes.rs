@@ -253,6 +253,33 @@ async fn the_exclusion_constraint_refuses_overlapping_capacity_one_claims_by_its
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_the_exclusion_constraint_refuses_refuses_only_its_own_hold() {
+    let Some(cluster) = Cluster::start(1).await else { return };
+    let node = cluster.nodes[0].clone();
+    let (seat, aisle, other) = (cluster.resource(1).await, cluster.resource(1).await, cluster.resource(1).await);
+    node.hold(cluster.hold_command(&[(seat.id, morning())], at(0), 600)).await.unwrap();
+    // Blind the engine: without its totals row the seat's claim is invisible to the capacity
+    // rule, so only the exclusion constraint still knows the seat is taken.
+    let mut conn = <sqlx::PgConnection as sqlx::Connection>::connect(&cluster.url).await.unwrap();
+    sqlx::query("DELETE FROM claim_totals WHERE resource_id = $1")
+        .bind(seat.id.to_string())
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    drop(conn);
+    let both = cluster.hold_command(&[(aisle.id, morning()), (seat.id, morning())], at(1), 600);
+    let alone = cluster.hold_command(&[(other.id, morning())], at(1), 600);
+    let (refused, kept) = tokio::join!(node.hold(both), node.hold(alone));
+    assert!(matches!(refused, Err(HoldRefused::Unavailable { item_index: 1, .. })), "{refused:?}");
+    assert!(kept.is_ok(), "{kept:?}");
+    assert_eq!(node.count("bookings", "true").await.unwrap(), 2, "the refused booking is not stored");
+    assert_eq!(node.count("claims", "true").await.unwrap(), 2, "nor its claim on the aisle");
+    assert_eq!(node.count("outbox", "topic = 'booking.held'").await.unwrap(), 2, "nor its event");
+    node.hold(cluster.hold_command(&[(aisle.id, morning())], at(2), 600)).await.expect("the aisle is free");
+    cluster.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn catalogue_changes_reach_other_nodes_within_a_second() {
     let Some(cluster) = Cluster::start(2).await else { return };
     let (writer, reader) = (cluster.nodes[0].clone(), cluster.nodes[1].clone());

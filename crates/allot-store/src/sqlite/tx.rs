@@ -31,7 +31,7 @@ use crate::common::{
     AUDIT_COLUMNS, AUDIT_HEAD_SQL, Rotation, VENUE_IN_USE, chain, claims_from_rows, decided, existing_key, expired,
     hold_expiry, rotation,
 };
-use crate::writer::{Backend, WriteCtx};
+use crate::writer::{Backend, HoldResults, WriteCtx};
 
 pub(crate) type Ctx = WriteCtx<Connection>;
 pub(crate) type Outcome<T, E> = crate::writer::Outcome<T, E, rusqlite::Error>;
@@ -88,6 +88,12 @@ impl Backend for SqliteBackend {
 
     fn append_audit<'c>(&'c self, conn: &'c mut Connection, events: &'c mut [AuditEvent]) -> BoxFuture<'c, Result<()>> {
         Box::pin(std::future::ready(append_audit(conn, events)))
+    }
+
+    fn holds<'c>(&'c self, ctx: &'c mut Ctx, holds: Vec<HoldCommand>) -> BoxFuture<'c, Result<HoldResults>> {
+        // Statements here are calls, not round trips: each hold runs on its own, without a
+        // savepoint, since a refused one has written nothing (an error fails the batch).
+        Box::pin(std::future::ready(holds.into_iter().map(|command| hold(ctx, command)).collect()))
     }
 }
 
@@ -328,8 +334,9 @@ fn resource_in_tx(ctx: &mut Ctx, id: ResourceId) -> Result<Option<(Resource, jif
     Ok(Some(found))
 }
 
-/// The hold transaction: for each item, read the live claims of its resource, let the core
-/// decide (I1), insert the claim; the first refusal rolls all of them back (I3).
+/// The hold transaction: for each item, read the live claims of its resource and let the core
+/// decide (I1); only when every item fits are the claims written (I3), so a refusal has
+/// written nothing and needs no savepoint.
 pub(crate) fn hold(ctx: &mut Ctx, command: HoldCommand) -> Outcome<Booking, HoldRefused> {
     let now = ctx.now(command.now);
     let mut booking = command.booking;

@@ -3,7 +3,9 @@
 use allot_app::store::{HoldRefused, UpdateRefused};
 use allot_core::booking::{BookingStatus, Transition};
 
-use crate::{Backend, HOUR, MINUTE, Want, World, at, decide, everything, peak, span};
+use allot_app::store::Role;
+
+use crate::{Backend, HOUR, MINUTE, Want, World, at, decide, everything, peak, span, user};
 
 /// Spawns one hold per entry of `wants`, all at once; returns (accepted, unavailable).
 async fn race(w: &World, wants: Vec<Vec<Want>>) -> (usize, usize) {
@@ -62,6 +64,40 @@ pub async fn concurrent_multi_item_holds_in_opposite_orders(b: &Backend) {
     assert_eq!(w.claimed(x.id, at(3)).await, 5);
     assert_eq!(w.claimed(y.id, at(3)).await, 5);
     assert_eq!(b.count("claims", "1=1").await, 10);
+}
+
+pub async fn holds_kept_in_a_batch_survive_a_refused_neighbour(b: &Backend) {
+    // Holds are decided together in their batch; a request queued among them that is refused
+    // (a second user with one e-mail) rolls back only its own savepoint, never the holds.
+    let w = World::new(b).await;
+    let mut resources = Vec::new();
+    for _ in 0..60 {
+        resources.push(w.resource(1).await);
+    }
+    let (mut holds, mut twins) = (Vec::new(), Vec::new());
+    for r in &resources {
+        let store = w.store.clone();
+        let command = w.command(&[(r.id, span(HOUR, 2 * HOUR), 1)], at(0), 600);
+        holds.push(tokio::spawn(async move { store.hold(command).await }));
+        let store = w.store.clone();
+        let twin = user("twin@customers.test", vec![Role::Customer]);
+        twins.push(tokio::spawn(async move { store.insert_user(&twin).await }));
+    }
+    for t in holds {
+        t.await.unwrap().unwrap();
+    }
+    let mut kept = 0;
+    for t in twins {
+        match t.await.unwrap() {
+            Ok(()) => kept += 1,
+            Err(allot_app::StoreError::Conflict(_)) => {}
+            Err(other) => panic!("{other}"),
+        }
+    }
+    assert_eq!(kept, 1, "one user per e-mail");
+    assert_eq!(b.count("bookings", "1=1").await, 60);
+    assert_eq!(b.count("claims", "1=1").await, 60);
+    assert_eq!(b.count("outbox", "topic = 'booking.held'").await, 60);
 }
 
 pub async fn concurrent_cancels_apply_once(b: &Backend) {

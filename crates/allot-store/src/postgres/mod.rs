@@ -21,7 +21,7 @@ use allot_app::store::{
     RotateOutcome, SeatStates, Store, UpdateRefused, User,
 };
 use allot_core::booking::Booking;
-use allot_core::capacity::{self, CLAIM_SECONDS_MAX, CapacityRules, Claim, Span};
+use allot_core::capacity::{CLAIM_SECONDS_MAX, Claim, Span};
 use allot_core::ids::{ApiKeyId, BookingId, EventId, ResourceId, UserId, VenueId};
 use allot_core::inventory::{Event, Resource, Venue};
 use async_trait::async_trait;
@@ -40,7 +40,9 @@ use crate::common::{
     claims_from_rows, decided, docs_to_page, existing_key, expired, from_json, from_json_db, hold_expiry,
     is_unique_violation, rotation, to_json, ts, user_of_venues_row,
 };
-use crate::writer::{Backend, Outcome, WriteCtx, Writer, db_error};
+use crate::writer::{Backend, HoldResults, Outcome, WriteCtx, Writer, db_error};
+
+mod holds;
 
 pub const READ_POOL_CONNECTIONS_MAX: u32 = 8;
 pub const CONNECT_TIMEOUT_SECONDS: u64 = 10;
@@ -58,9 +60,6 @@ pub const WRITE_IDLE_IN_TRANSACTION_SECONDS_MAX: u64 = 10;
 pub const WRITE_STATEMENT_SECONDS_MAX: u64 = 30;
 /// Ids per `= ANY($1)` array in one read.
 const IDS_PER_QUERY_MAX: usize = 1000;
-
-/// PostgreSQL's code for a violated exclusion constraint.
-const EXCLUSION_VIOLATION: &str = "23P01";
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
 
@@ -144,6 +143,14 @@ impl Backend for PgBackend {
                 .await
                 .map(|_| ())
         })
+    }
+
+    fn holds<'c>(
+        &'c self,
+        ctx: &'c mut Ctx,
+        holds: Vec<HoldCommand>,
+    ) -> BoxFuture<'c, Result<HoldResults, sqlx::Error>> {
+        Box::pin(holds::holds_in_tx(ctx, holds))
     }
 
     fn reconnect(&self) -> BoxFuture<'_, Option<PgConnection>> {
@@ -456,136 +463,6 @@ async fn expire_one(conn: &mut PgConnection, id: &str, now: Timestamp) -> Result
     let Some(after) = expired(&before, now) else { return Ok(false) };
     apply_change(conn, &before, &after, now).await?;
     Ok(true)
-}
-
-/// True when at most one unit can ever be claimed at once: the exclusion constraint then
-/// states exactly I1 and can guard it.
-fn is_exclusive(rules: &CapacityRules) -> bool {
-    let scaled = |c: u32| u64::from(c) * (100 + u64::from(rules.overbooking_percent)) / 100;
-    scaled(rules.capacity) <= 1 && rules.overrides.iter().all(|o| scaled(o.capacity) <= 1)
-}
-
-/// The live claims a decision on `resource` during `span` reads. With `release_lapsed` (an
-/// exclusive resource), first takes its lapsed holds out of the exclusion constraint: it does
-/// not know about time, so their rows would refuse a new claim on the place they no longer
-/// hold. Only rows of `resource` (locked by this batch) are touched: expiring the whole booking
-/// would change claims on resources another node may hold locked, a cross-node deadlock. The
-/// bookings themselves are released by the expiry sweep. A lapsed hold never comes back: every
-/// later decision on `resource` runs at a `now` no earlier than this one.
-async fn decision_claims(
-    conn: &mut PgConnection,
-    resource: ResourceId,
-    span: Span,
-    now: Timestamp,
-    release_lapsed: bool,
-) -> Result<Vec<Claim>, sqlx::Error> {
-    if !release_lapsed {
-        return live_claims(conn, resource, span, now).await;
-    }
-    // The release and the read in one round trip; `claim_totals` does not depend on `exclusive`,
-    // so the read (which sees the statement's snapshot) is the same either way.
-    let rows: Vec<(i64, i64, i64)> = sqlx::query_as(
-        "WITH released AS (
-           UPDATE claims SET exclusive = false
-           WHERE resource_id = $1 AND block_start < $2 AND block_start > $3 AND block_end > $4
-             AND hold_expires_at <= $5 AND exclusive
-           RETURNING 1)
-         SELECT block_start, block_end, quantity FROM claim_totals
-         WHERE resource_id = $1 AND block_start < $2 AND block_start > $3 AND block_end > $4 AND expires_at > $5",
-    )
-    .bind(resource.to_string())
-    .bind(span.end)
-    .bind(span.start - CLAIM_SECONDS_MAX)
-    .bind(span.start)
-    .bind(now.as_second())
-    .fetch_all(conn)
-    .await?;
-    Ok(claims_from_rows(rows))
-}
-
-/// The hold transaction: for each item, read the live claims of its (locked) resource, let the
-/// core decide (I1), insert the claim; the first refusal rolls all of them back (I3).
-async fn hold_in_tx(ctx: &mut Ctx, command: HoldCommand) -> Outcome<Booking, HoldRefused> {
-    let now = ctx.now(command.now);
-    let mut booking = command.booking;
-    let mut tz: Option<jiff::tz::TimeZone> = None;
-    // Claims this booking takes, inserted together at the end (one round trip): an item on a
-    // resource an earlier item also uses is checked against that item's claim as well.
-    let mut taken: Vec<(ResourceId, Claim, bool)> = Vec::with_capacity(booking.items.len());
-    for (i, (item, claim)) in booking.items.iter().zip(&command.claims).enumerate() {
-        let docs: Option<(String, String)> = sqlx::query_as(
-            "SELECT r.doc::text, v.doc::text FROM resources r
-             JOIN venues v ON v.id = r.venue_id AND v.deleted_at IS NULL
-             WHERE r.id = $1 AND r.deleted_at IS NULL",
-        )
-        .bind(item.resource_id.to_string())
-        .fetch_optional(&mut ctx.conn)
-        .await?;
-        let Some((resource_doc, venue_doc)) = docs else { return Ok(Err(HoldRefused::Stale { item_index: i })) };
-        let resource: Resource = from_json_db(&resource_doc)?;
-        if resource.venue_id != booking.venue_id {
-            return Ok(Err(HoldRefused::Stale { item_index: i }));
-        }
-        if tz.is_none() {
-            tz = Some(from_json_db::<Venue>(&venue_doc)?.tz());
-        }
-        let rules = resource.capacity_rules(tz.as_ref().unwrap_or(&jiff::tz::TimeZone::UTC));
-        let exclusive = is_exclusive(&rules);
-        let mut existing = decision_claims(&mut ctx.conn, item.resource_id, claim.span, now, exclusive).await?;
-        existing.extend(taken.iter().filter(|(r, _, _)| *r == item.resource_id).map(|(_, c, _)| *c));
-        if let Err(shortfall) = capacity::check_claim(&rules, &existing, *claim) {
-            return Ok(Err(HoldRefused::Unavailable { item_index: i, remaining: shortfall.remaining }));
-        }
-        taken.push((item.resource_id, *claim, exclusive));
-    }
-    booking.created_at = now;
-    booking.updated_at = now;
-    match insert_hold(&mut ctx.conn, &booking, &taken, now).await {
-        Ok(()) => Ok(Ok(booking)),
-        Err(e) if e.as_database_error().and_then(|d| d.code()).is_some_and(|c| c == EXCLUSION_VIOLATION) => {
-            // The second guard caught what the first let through: refuse, and say so loudly.
-            tracing::error!(booking = %booking.id, "exclusion constraint refused a claim the engine accepted");
-            let item_index = taken.iter().position(|(_, _, exclusive)| *exclusive).unwrap_or(0);
-            Ok(Err(HoldRefused::Unavailable { item_index, remaining: 0 }))
-        }
-        Err(e) => Err(e),
-    }
-}
-
-/// Claims, booking and outbox row of a hold in one statement (one round trip).
-async fn insert_hold(
-    conn: &mut PgConnection,
-    booking: &Booking,
-    taken: &[(ResourceId, Claim, bool)],
-    now: Timestamp,
-) -> Result<(), sqlx::Error> {
-    let booking_id = booking.id.to_string();
-    let venue_id = booking.venue_id.to_string();
-    let hold_expires_at = booking.expires_at.map(|t| t.as_second());
-    let doc = to_json(booking)?;
-    let mut qb: QueryBuilder<Postgres> = QueryBuilder::new(
-        "WITH claimed AS (INSERT INTO claims
-           (item_id, booking_id, resource_id, venue_id, block_start, block_end, quantity, hold_expires_at, exclusive) ",
-    );
-    qb.push_values(booking.items.iter().zip(taken), |mut row, (item, (resource_id, claim, exclusive))| {
-        row.push_bind(item.id.to_string())
-            .push_bind(booking_id.clone())
-            .push_bind(resource_id.to_string())
-            .push_bind(venue_id.clone())
-            .push_bind(claim.span.start)
-            .push_bind(claim.span.end)
-            .push_bind(i64::from(claim.quantity))
-            .push_bind(hold_expires_at)
-            .push_bind(*exclusive);
-    });
-    qb.push("), booked AS (INSERT INTO bookings (id, customer_id, venue_id, status, expires_at, doc) VALUES (");
-    let mut values = qb.separated(", ");
-    values.push_bind(booking_id.clone()).push_bind(booking.customer_id.to_string()).push_bind(venue_id);
-    values.push_bind(booking.status.as_str()).push_bind(hold_expires_at).push_bind(doc.clone());
-    values.push_unseparated("::jsonb)");
-    qb.push(") INSERT INTO outbox (topic, aggregate_id, payload, created_at) VALUES ('booking.held', ");
-    qb.push_bind(booking_id).push(", ").push_bind(doc).push("::jsonb, ").push_bind(now.as_second()).push(")");
-    qb.build().execute(conn).await.map(|_| ())
 }
 
 async fn rotate_in_tx(
@@ -1124,17 +1001,7 @@ impl Store for PgStore {
     async fn hold(&self, command: HoldCommand) -> Result<Booking, HoldRefused> {
         assert_eq!(command.booking.items.len(), command.claims.len(), "one claim per item");
         let keys = resource_keys(command.booking.items.iter().map(|i| i.resource_id));
-        let result = self
-            .writer
-            .write_locked(keys, move |ctx: &mut Ctx| -> BoxFuture<'_, Outcome<Booking, HoldRefused>> {
-                Box::pin(hold_in_tx(ctx, command))
-            })
-            .await;
-        match result {
-            Ok(Ok(b)) => Ok(b),
-            Ok(Err(refused)) => Err(refused),
-            Err(e) => Err(HoldRefused::Store(e)),
-        }
+        self.writer.hold(keys, command).await
     }
 
     async fn update_booking(&self, id: BookingId, now: Timestamp, decide: Decide) -> Result<Booking, UpdateRefused> {
@@ -1347,28 +1214,5 @@ impl Store for PgStore {
 
     async fn revoke_api_key(&self, id: ApiKeyId, now: Timestamp) -> Result<(), StoreError> {
         access::postgres::revoke_api_key(&self.writer, id, now).await
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use allot_core::capacity::OverrideSpan;
-
-    use super::*;
-
-    #[test]
-    fn exclusive_only_when_no_instant_allows_two() {
-        assert!(is_exclusive(&CapacityRules::simple(1)));
-        assert!(!is_exclusive(&CapacityRules::simple(2)));
-        let overbooked = CapacityRules { capacity: 1, overbooking_percent: 100, overrides: Vec::new() };
-        assert!(!is_exclusive(&overbooked));
-        let small_overbooking = CapacityRules { capacity: 1, overbooking_percent: 50, overrides: Vec::new() };
-        assert!(is_exclusive(&small_overbooking), "1 × 1.5 floors to 1");
-        let raised = CapacityRules {
-            capacity: 1,
-            overbooking_percent: 0,
-            overrides: vec![OverrideSpan { span: Span::new(0, 10), capacity: 2 }],
-        };
-        assert!(!is_exclusive(&raised));
     }
 }
