@@ -3,9 +3,9 @@
 //! Every statement is a network round trip, and one hold at a time cost four of them (its
 //! resource, its live claims, its rows, its savepoint), so the writer's session spent most of
 //! its time waiting on the wire. A batch of holds costs three statements whatever its size:
-//! the documents of every resource named, the live claims of every (resource, span) asked for
-//! (taking lapsed holds out of the exclusion constraint on the way), and one statement writing
-//! every kept hold's claims, booking and outbox row. The core decides each hold in memory, in
+//! the documents of every resource named, the claims of every (resource, span) asked for, and
+//! one statement writing every kept hold's claims, booking and outbox row (a fourth takes
+//! lapsed holds out of the exclusion constraint, when there are any). The core decides each hold in memory, in
 //! queue order, against what the database holds plus the claims of the holds kept before it —
 //! exactly what each would have seen running alone after them. The batch's resources are
 //! locked (`resource_clocks`) before this runs, so nothing else changes them meanwhile.
@@ -36,10 +36,11 @@ pub(super) fn is_exclusive(rules: &CapacityRules) -> bool {
 /// transaction unusable; the writer then rolls back the whole batch.
 pub(super) async fn holds_in_tx(ctx: &mut Ctx, commands: Vec<HoldCommand>) -> Result<HoldResults, sqlx::Error> {
     let nows: Vec<Timestamp> = commands.iter().map(|c| ctx.now(c.now)).collect();
-    let (Some(&now_first), Some(&now_last)) = (nows.first(), nows.last()) else { return Ok(Vec::new()) };
+    let Some(&now_last) = nows.last() else { return Ok(Vec::new()) };
     let targets = targets(&mut ctx.conn, &commands).await?;
     let wanted = Wanted::of(&commands, &targets);
-    let live = wanted.read(&mut ctx.conn, now_first, now_last).await?;
+    let live = wanted.read(&mut ctx.conn).await?;
+    wanted.release_lapsed(&mut ctx.conn, &live, now_last).await?;
     let mut taken = Taken::default();
     let mut rows = HoldRows::default();
     let mut results = Vec::with_capacity(commands.len());
@@ -132,48 +133,29 @@ impl Wanted {
         wanted
     }
 
-    /// Reads the claims of every pair still live at `now_first`, in one statement that first
-    /// takes holds lapsed by `now_last` on exclusive resources out of the exclusion constraint
-    /// (it knows no time, so their rows would refuse a claim on the place they no longer hold).
-    /// Only rows of the batch's locked resources are touched; their bookings are released by the
-    /// expiry sweep. A lapsed hold never comes back: later decisions run at `now_last` or later.
-    async fn read(
-        &self,
-        conn: &mut PgConnection,
-        now_first: Timestamp,
-        now_last: Timestamp,
-    ) -> Result<Live, sqlx::Error> {
+    /// Reads the claims of every pair, lapsed ones included (until the sweep releases them),
+    /// in one statement. Each pair is looked up on its own (`LATERAL … OFFSET 0` keeps the
+    /// planner from flattening it): with a few hundred pairs it otherwise prefers a hash join
+    /// over a whole-table scan of `claim_totals`, milliseconds per batch and growing.
+    async fn read(&self, conn: &mut PgConnection) -> Result<Live, sqlx::Error> {
         let mut live: Live = vec![Vec::new(); self.pairs.len()];
         if self.pairs.is_empty() {
             return Ok(live);
         }
-        let resources: Vec<String> = self.pairs.iter().map(|(r, _, _)| r.to_string()).collect();
-        let starts: Vec<i64> = self.pairs.iter().map(|(_, s, _)| s.start).collect();
-        let ends: Vec<i64> = self.pairs.iter().map(|(_, s, _)| s.end).collect();
-        let exclusive: Vec<bool> = self.pairs.iter().map(|(_, _, e)| *e).collect();
-        // `claim_totals` does not depend on `exclusive`, so the read (which sees the statement's
-        // snapshot, before the release) is the same either way.
+        let (resources, starts, ends) = self.columns(|_| true);
         let rows: Vec<(i64, i64, i64, i64, i64)> = sqlx::query_as(
-            "WITH wanted AS (
-               SELECT * FROM unnest($1::text[], $2::int8[], $3::int8[], $4::bool[])
-                 WITH ORDINALITY AS w(resource_id, span_start, span_end, exclusive, n)),
-             released AS (
-               UPDATE claims c SET exclusive = false FROM wanted w
-               WHERE w.exclusive AND c.exclusive AND c.resource_id = w.resource_id
-                 AND c.block_start < w.span_end AND c.block_start > w.span_start - $5 AND c.block_end > w.span_start
-                 AND c.hold_expires_at <= $7
-               RETURNING 1)
-             SELECT w.n, t.block_start, t.block_end, t.quantity, t.expires_at FROM wanted w
-             JOIN claim_totals t ON t.resource_id = w.resource_id AND t.block_start < w.span_end
-               AND t.block_start > w.span_start - $5 AND t.block_end > w.span_start AND t.expires_at > $6",
+            "SELECT w.n, t.block_start, t.block_end, t.quantity, t.expires_at
+             FROM unnest($1::text[], $2::int8[], $3::int8[]) WITH ORDINALITY AS w(resource_id, span_start, span_end, n)
+             CROSS JOIN LATERAL (
+               SELECT block_start, block_end, quantity, expires_at FROM claim_totals t
+               WHERE t.resource_id = w.resource_id AND t.block_start < w.span_end
+                 AND t.block_start > w.span_start - $4 AND t.block_end > w.span_start
+               OFFSET 0) t",
         )
         .bind(&resources)
         .bind(&starts)
         .bind(&ends)
-        .bind(&exclusive)
         .bind(CLAIM_SECONDS_MAX)
-        .bind(now_first.as_second())
-        .bind(now_last.as_second())
         .fetch_all(conn)
         .await?;
         for (n, start, end, quantity, expires_at) in rows {
@@ -185,6 +167,51 @@ impl Wanted {
             }
         }
         Ok(live)
+    }
+
+    /// Takes holds lapsed by `now` on exclusive pairs out of the exclusion constraint: it knows
+    /// no time, so their rows would refuse a claim on the place they no longer hold. A statement
+    /// only when `live` shows such a hold (after a burst of expiries, before the sweep). Only
+    /// rows of the batch's locked resources are touched; their bookings are released by the
+    /// sweep. A lapsed hold never comes back: later decisions run at `now` or later.
+    async fn release_lapsed(&self, conn: &mut PgConnection, live: &Live, now: Timestamp) -> Result<(), sqlx::Error> {
+        let lapsed = |i: usize| self.pairs[i].2 && live[i].iter().any(|(_, lapses)| *lapses <= now.as_second());
+        let (resources, starts, ends) = self.columns(lapsed);
+        if resources.is_empty() {
+            return Ok(());
+        }
+        sqlx::query(
+            "UPDATE claims SET exclusive = false
+             WHERE item_id = ANY(ARRAY(
+               SELECT c.item_id
+               FROM unnest($1::text[], $2::int8[], $3::int8[]) AS w(resource_id, span_start, span_end)
+               CROSS JOIN LATERAL (
+                 SELECT item_id FROM claims c
+                 WHERE c.resource_id = w.resource_id AND c.block_start < w.span_end
+                   AND c.block_start > w.span_start - $4 AND c.block_end > w.span_start
+                   AND c.exclusive AND c.hold_expires_at <= $5
+                 OFFSET 0) c))",
+        )
+        .bind(&resources)
+        .bind(&starts)
+        .bind(&ends)
+        .bind(CLAIM_SECONDS_MAX)
+        .bind(now.as_second())
+        .execute(conn)
+        .await
+        .map(|_| ())
+    }
+
+    /// The pairs `keep` selects (by index) as column arrays for `unnest`.
+    fn columns(&self, keep: impl Fn(usize) -> bool) -> (Vec<String>, Vec<i64>, Vec<i64>) {
+        let chosen = self.pairs.iter().enumerate().filter(|(i, _)| keep(*i)).map(|(_, pair)| pair);
+        let mut columns = (Vec::new(), Vec::new(), Vec::new());
+        for (resource, span, _) in chosen {
+            columns.0.push(resource.to_string());
+            columns.1.push(span.start);
+            columns.2.push(span.end);
+        }
+        columns
     }
 }
 
