@@ -62,11 +62,27 @@ pub(super) async fn holds_in_tx(ctx: &mut Ctx, commands: Vec<HoldCommand>) -> Re
     if rows.is_empty() {
         return Ok(results);
     }
-    let written = rows.write(&mut ctx.conn).await?;
-    if written < rows.claims() {
-        refuse_unwritten(&mut ctx.conn, &rows, &mut results).await?;
+    // The savepoint lets a refusal by the exclusion constraint (which aborts the statement)
+    // undo only this insert; it stays open until COMMIT, which releases it.
+    execute(&mut ctx.conn, "SAVEPOINT holds").await?;
+    match rows.write(&mut ctx.conn, false).await {
+        Ok(_) => {}
+        Err(e) if e.as_database_error().and_then(|d| d.code()).is_some_and(|c| c == EXCLUSION_VIOLATION) => {
+            execute(&mut ctx.conn, "ROLLBACK TO holds").await?;
+            if rows.write(&mut ctx.conn, true).await? < rows.claims() {
+                refuse_unwritten(&mut ctx.conn, &rows, &mut results).await?;
+            }
+        }
+        Err(e) => return Err(e),
     }
     Ok(results)
+}
+
+/// PostgreSQL's code for a violated exclusion constraint.
+const EXCLUSION_VIOLATION: &str = "23P01";
+
+async fn execute(conn: &mut PgConnection, sql: &'static str) -> Result<(), sqlx::Error> {
+    sqlx::raw_sql(sqlx::AssertSqlSafe(sql)).execute(conn).await.map(|_| ())
 }
 
 /// What a hold needs to know of a live resource.
@@ -267,6 +283,34 @@ fn decide(
     Ok(mine)
 }
 
+/// The claims, bookings and outbox rows of a batch's kept holds in one statement, `$on_conflict`
+/// applying to the claims.
+macro_rules! insert_holds {
+    ($on_conflict:literal) => {
+        concat!(
+            "WITH claimed AS (
+               INSERT INTO claims
+                 (item_id, booking_id, resource_id, venue_id, block_start, block_end, quantity, hold_expires_at, exclusive)
+               SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::int8[], $6::int8[], $7::int8[],
+                                    $8::int8[], $9::bool[]) ",
+            $on_conflict,
+            " RETURNING 1),
+             booked AS (
+               INSERT INTO bookings (id, customer_id, venue_id, status, expires_at, doc)
+               SELECT id, customer_id, venue_id, status, expires_at, doc::jsonb
+               FROM unnest($10::text[], $11::text[], $12::text[], $13::text[], $14::int8[], $15::text[])
+                 AS b(id, customer_id, venue_id, status, expires_at, doc)
+               RETURNING id, doc),
+             announced AS (
+               INSERT INTO outbox (topic, aggregate_id, payload, created_at)
+               SELECT 'booking.held', b.id, b.doc, o.created_at
+               FROM booked b JOIN unnest($10::text[], $16::int8[]) AS o(id, created_at) ON o.id = b.id
+               RETURNING 1)
+             SELECT count(*) FROM claimed"
+        )
+    };
+}
+
 /// The rows of every kept hold, as column arrays for one `unnest` insert: one statement (and one
 /// prepared plan) whatever the batch's size, and no limit on bind parameters.
 #[derive(Default)]
@@ -337,49 +381,31 @@ impl HoldRows {
         i64::try_from(self.item_ids.len()).unwrap_or(i64::MAX)
     }
 
-    /// Writes every row in one statement and returns how many claims went in. A claim the
-    /// exclusion constraint refuses is skipped (`ON CONFLICT DO NOTHING`), not an error that
-    /// would abort the whole batch.
-    async fn write(&self, conn: &mut PgConnection) -> Result<i64, sqlx::Error> {
-        sqlx::query_scalar(
-            "WITH claimed AS (
-               INSERT INTO claims
-                 (item_id, booking_id, resource_id, venue_id, block_start, block_end, quantity, hold_expires_at, exclusive)
-               SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::int8[], $6::int8[], $7::int8[],
-                                    $8::int8[], $9::bool[])
-               ON CONFLICT DO NOTHING
-               RETURNING 1),
-             booked AS (
-               INSERT INTO bookings (id, customer_id, venue_id, status, expires_at, doc)
-               SELECT id, customer_id, venue_id, status, expires_at, doc::jsonb
-               FROM unnest($10::text[], $11::text[], $12::text[], $13::text[], $14::int8[], $15::text[])
-                 AS b(id, customer_id, venue_id, status, expires_at, doc)
-               RETURNING id, doc),
-             announced AS (
-               INSERT INTO outbox (topic, aggregate_id, payload, created_at)
-               SELECT 'booking.held', b.id, b.doc, o.created_at
-               FROM booked b JOIN unnest($10::text[], $16::int8[]) AS o(id, created_at) ON o.id = b.id
-               RETURNING 1)
-             SELECT count(*) FROM claimed",
-        )
-        .bind(&self.item_ids)
-        .bind(&self.claim_bookings)
-        .bind(&self.claim_resources)
-        .bind(&self.claim_venues)
-        .bind(&self.block_starts)
-        .bind(&self.block_ends)
-        .bind(&self.quantities)
-        .bind(&self.claim_expiries)
-        .bind(&self.exclusive)
-        .bind(&self.booking_ids)
-        .bind(&self.customers)
-        .bind(&self.venues)
-        .bind(&self.statuses)
-        .bind(&self.expiries)
-        .bind(&self.docs)
-        .bind(&self.created)
-        .fetch_one(conn)
-        .await
+    /// Writes every row in one statement and returns how many claims went in. With `skip`, a
+    /// claim the exclusion constraint refuses is left out (`ON CONFLICT DO NOTHING`) instead of
+    /// failing the statement; that checks the constraint twice per claim, so it is only the
+    /// fallback.
+    async fn write(&self, conn: &mut PgConnection, skip: bool) -> Result<i64, sqlx::Error> {
+        let sql = if skip { insert_holds!("ON CONFLICT DO NOTHING") } else { insert_holds!("") };
+        sqlx::query_scalar(sql)
+            .bind(&self.item_ids)
+            .bind(&self.claim_bookings)
+            .bind(&self.claim_resources)
+            .bind(&self.claim_venues)
+            .bind(&self.block_starts)
+            .bind(&self.block_ends)
+            .bind(&self.quantities)
+            .bind(&self.claim_expiries)
+            .bind(&self.exclusive)
+            .bind(&self.booking_ids)
+            .bind(&self.customers)
+            .bind(&self.venues)
+            .bind(&self.statuses)
+            .bind(&self.expiries)
+            .bind(&self.docs)
+            .bind(&self.created)
+            .fetch_one(conn)
+            .await
     }
 }
 
