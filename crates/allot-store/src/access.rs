@@ -176,6 +176,7 @@ pub mod postgres {
     use super::{
         ApiKeyRow, IS_ADMIN, LAST_ADMIN, RevokeStep, keys_page, parse_roles, revoke_step, roles_text, with, without,
     };
+    use crate::cache;
     use crate::postgres::PgBackend;
     use crate::writer::{Outcome, WriteCtx, Writer, db_error};
 
@@ -221,6 +222,7 @@ pub mod postgres {
                         }
                     };
                     set_roles(&mut ctx.conn, &user, &with(roles, role)).await?;
+                    crate::postgres::announce(&mut ctx.conn, &cache::key("user", &user)).await?;
                     Ok(Ok(()))
                 })
             })
@@ -276,7 +278,8 @@ pub mod postgres {
                             r
                         }
                     };
-                    set_roles(conn, &user, &roles).await?;
+                    set_roles(&mut *conn, &user, &roles).await?;
+                    crate::postgres::announce(conn, &cache::key("user", &user)).await?;
                     Ok(Ok(()))
                 })
             })

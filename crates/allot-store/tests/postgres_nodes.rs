@@ -10,7 +10,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use allot_app::access::RoleRevoke;
+use allot_app::access::{RoleGrant, RoleRevoke};
 use allot_app::store::{
     Decide, HoldCommand, HoldRefused, IdempotencyKey, RefreshToken, Role, RotateOutcome, Store, UpdateRefused, User,
 };
@@ -310,6 +310,38 @@ async fn catalogue_changes_reach_other_nodes_within_a_second() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     assert!(reader.resources_by_ids(&[room.id]).await.unwrap().is_empty());
+    cluster.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn user_changes_reach_other_nodes_within_a_second() {
+    let Some(cluster) = Cluster::start(2).await else { return };
+    let (writer, reader) = (cluster.nodes[0].clone(), cluster.nodes[1].clone());
+    writer.insert_user(&admin("staying@example.test")).await.unwrap();
+    let mut user = admin("changing@example.test");
+    user.roles = vec![Role::Customer];
+    writer.insert_user(&user).await.unwrap();
+    let seen = |reader: Arc<PgStore>| async move { reader.user_by_id(user.id).await.unwrap().unwrap() };
+    // The reader caches the user (every request reads its principal).
+    assert_eq!(seen(reader.clone()).await.roles, vec![Role::Customer]);
+    writer.grant_role(user.id, RoleGrant::Admin).await.unwrap();
+    let started = Instant::now();
+    while !seen(reader.clone()).await.roles.contains(&Role::Admin) {
+        assert!(started.elapsed() < Duration::from_secs(1), "the granted role unseen after a second");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    writer.set_manager(cluster.venue.id, user.id).await.unwrap();
+    let started = Instant::now();
+    while !seen(reader.clone()).await.venues.contains(&cluster.venue.id) {
+        assert!(started.elapsed() < Duration::from_secs(1), "the managed venue unseen after a second");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    writer.revoke_role(user.id, RoleRevoke::Admin).await.unwrap();
+    let started = Instant::now();
+    while seen(reader.clone()).await.roles.contains(&Role::Admin) {
+        assert!(started.elapsed() < Duration::from_secs(1), "a revoked admin still an admin after a second");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     cluster.finish().await;
 }
 

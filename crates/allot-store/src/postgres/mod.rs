@@ -269,27 +269,31 @@ impl PgStore {
             .await
     }
 
-    /// Runs a catalogue change with `locks` held; when it succeeds, `key` is announced to every
+    /// Runs a catalogue change with `locks` held; when it succeeds, `keys` are announced to every
     /// node in the same transaction and dropped from this node's cache at once.
-    async fn change_catalog<T, F>(&self, locks: Vec<String>, key: String, change: F) -> Result<T, StoreError>
+    async fn change_catalog<T, F>(&self, locks: Vec<String>, keys: Vec<String>, change: F) -> Result<T, StoreError>
     where
         F: for<'c> FnOnce(&'c mut Ctx) -> BoxFuture<'c, Outcome<T, StoreError>> + Send + 'static,
         T: Send + 'static,
     {
-        let announced = key.clone();
+        let announced = keys.clone();
         let result = self
             .writer
             .write_locked(locks, move |ctx: &mut Ctx| -> BoxFuture<'_, Outcome<T, StoreError>> {
                 Box::pin(async move {
                     let outcome = change(&mut *ctx).await?;
                     if outcome.is_ok() {
-                        announce(&mut ctx.conn, &announced).await?;
+                        for key in &announced {
+                            announce(&mut ctx.conn, key).await?;
+                        }
                     }
                     Ok(outcome)
                 })
             })
             .await?;
-        self.cache.invalidate(&key);
+        for key in &keys {
+            self.cache.invalidate(key);
+        }
         result
     }
 
@@ -370,7 +374,8 @@ async fn statement(
     }
 }
 
-async fn announce(conn: &mut PgConnection, key: &str) -> Result<(), sqlx::Error> {
+/// Tells every node's listener (this one's too) to drop `key`, when this transaction commits.
+pub(crate) async fn announce(conn: &mut PgConnection, key: &str) -> Result<(), sqlx::Error> {
     sqlx::query("SELECT pg_notify($1, $2)").bind(CATALOG_CHANNEL).bind(key).execute(conn).await.map(|_| ())
 }
 
@@ -620,15 +625,21 @@ impl Store for PgStore {
     }
 
     async fn user_by_id(&self, id: UserId) -> Result<Option<User>, StoreError> {
-        self.user_where("id", id.to_string()).await
+        // Every authenticated request reads its principal: cached like the catalogue, and
+        // dropped by the same announcements when the user's roles or venues change.
+        self.cache.get_or_load(cache::key("user", id), self.user_where("id", id.to_string())).await
     }
 
     async fn set_manager(&self, venue_id: VenueId, user_id: UserId) -> Result<(), StoreError> {
-        self.exec_one(
-            "INSERT INTO venue_managers (venue_id, user_id) VALUES ($1, $2) ON CONFLICT DO NOTHING",
-            vec![Arg::Text(venue_id.to_string()), Arg::Text(user_id.to_string())],
-            "already a manager",
-        )
+        let args = vec![Arg::Text(venue_id.to_string()), Arg::Text(user_id.to_string())];
+        self.change_catalog(Vec::new(), vec![cache::key("user", user_id)], move |ctx: &mut Ctx| -> BoxFuture<'_, _> {
+            Box::pin(statement(
+                &mut ctx.conn,
+                "INSERT INTO venue_managers (venue_id, user_id) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+                args,
+                "already a manager",
+            ))
+        })
         .await
         .map(|_| ())
     }
@@ -704,7 +715,11 @@ impl Store for PgStore {
     async fn insert_venue(&self, venue: &Venue) -> Result<(), StoreError> {
         let doc = venue_doc(venue)?;
         let (id, managers) = (venue.id.to_string(), venue.managers.iter().map(ToString::to_string).collect::<Vec<_>>());
-        self.change_catalog(Vec::new(), cache::key("venue", venue.id), move |ctx: &mut Ctx| -> BoxFuture<'_, _> {
+        // Its managers' users change too (their venues).
+        let keys = std::iter::once(cache::key("venue", venue.id))
+            .chain(venue.managers.iter().map(|user| cache::key("user", user)))
+            .collect();
+        self.change_catalog(Vec::new(), keys, move |ctx: &mut Ctx| -> BoxFuture<'_, _> {
             Box::pin(async move {
                 let inserted = sqlx::query("INSERT INTO venues (id, doc) VALUES ($1, $2::jsonb)")
                     .bind(&id)
@@ -730,7 +745,7 @@ impl Store for PgStore {
     async fn update_venue(&self, venue: &Venue) -> Result<(), StoreError> {
         let args = vec![Arg::Text(venue_doc(venue)?), Arg::Text(venue.id.to_string())];
         let n = self
-            .change_catalog(Vec::new(), cache::key("venue", venue.id), move |ctx: &mut Ctx| -> BoxFuture<'_, _> {
+            .change_catalog(Vec::new(), vec![cache::key("venue", venue.id)], move |ctx: &mut Ctx| -> BoxFuture<'_, _> {
                 Box::pin(statement(
                     &mut ctx.conn,
                     "UPDATE venues SET doc = $1::jsonb WHERE id = $2 AND deleted_at IS NULL",
@@ -750,7 +765,7 @@ impl Store for PgStore {
             .map_err(db_error)?;
         let id = id.to_string();
         let everything = INVALIDATE_ALL.to_owned();
-        self.change_catalog(keys, everything, move |ctx: &mut Ctx| -> BoxFuture<'_, Outcome<(), StoreError>> {
+        self.change_catalog(keys, vec![everything], move |ctx: &mut Ctx| -> BoxFuture<'_, Outcome<(), StoreError>> {
             Box::pin(async move {
                 let at = ctx.now(now).as_second();
                 // Bookings in the past do not keep a venue alive; current and future ones do.
@@ -794,7 +809,7 @@ impl Store for PgStore {
     async fn insert_resource(&self, r: &Resource) -> Result<(), StoreError> {
         let (id, venue_id, doc) = (r.id.to_string(), r.venue_id.to_string(), resource_doc(r)?);
         let key = cache::key("resource", r.id);
-        self.change_catalog(Vec::new(), key, move |ctx: &mut Ctx| -> BoxFuture<'_, Outcome<(), StoreError>> {
+        self.change_catalog(Vec::new(), vec![key], move |ctx: &mut Ctx| -> BoxFuture<'_, Outcome<(), StoreError>> {
             Box::pin(async move {
                 let inserted = sqlx::query("INSERT INTO resources (id, venue_id, doc) VALUES ($1, $2, $3::jsonb)")
                     .bind(&id)
@@ -825,17 +840,22 @@ impl Store for PgStore {
         let (id, doc) = (r.id.to_string(), resource_doc(r)?);
         let key = cache::key("resource", r.id);
         let n = self
-            .change_catalog(vec![id.clone()], key, move |ctx: &mut Ctx| -> BoxFuture<'_, Outcome<u64, StoreError>> {
-                Box::pin(async move {
-                    let n = sqlx::query("UPDATE resources SET doc = $1::jsonb WHERE id = $2 AND deleted_at IS NULL")
-                        .bind(&doc)
-                        .bind(&id)
-                        .execute(&mut ctx.conn)
-                        .await?
-                        .rows_affected();
-                    Ok(Ok(n))
-                })
-            })
+            .change_catalog(
+                vec![id.clone()],
+                vec![key],
+                move |ctx: &mut Ctx| -> BoxFuture<'_, Outcome<u64, StoreError>> {
+                    Box::pin(async move {
+                        let n =
+                            sqlx::query("UPDATE resources SET doc = $1::jsonb WHERE id = $2 AND deleted_at IS NULL")
+                                .bind(&doc)
+                                .bind(&id)
+                                .execute(&mut ctx.conn)
+                                .await?
+                                .rows_affected();
+                        Ok(Ok(n))
+                    })
+                },
+            )
             .await?;
         if n == 0 { Err(StoreError::NotFound("resource")) } else { Ok(()) }
     }
@@ -843,29 +863,33 @@ impl Store for PgStore {
     async fn delete_resource(&self, id: ResourceId, now: Timestamp) -> Result<(), StoreError> {
         let key = cache::key("resource", id);
         let id = id.to_string();
-        self.change_catalog(vec![id.clone()], key, move |ctx: &mut Ctx| -> BoxFuture<'_, Outcome<(), StoreError>> {
-            Box::pin(async move {
-                let at = ctx.now(now).as_second();
-                let active: Option<i32> =
-                    sqlx::query_scalar("SELECT 1 FROM claims WHERE resource_id = $1 AND block_end > $2 LIMIT 1")
-                        .bind(&id)
+        self.change_catalog(
+            vec![id.clone()],
+            vec![key],
+            move |ctx: &mut Ctx| -> BoxFuture<'_, Outcome<(), StoreError>> {
+                Box::pin(async move {
+                    let at = ctx.now(now).as_second();
+                    let active: Option<i32> =
+                        sqlx::query_scalar("SELECT 1 FROM claims WHERE resource_id = $1 AND block_end > $2 LIMIT 1")
+                            .bind(&id)
+                            .bind(at)
+                            .fetch_optional(&mut ctx.conn)
+                            .await?;
+                    if active.is_some() {
+                        return Ok(Err(StoreError::Conflict("the resource has current or future bookings".into())));
+                    }
+                    let r = sqlx::query("UPDATE resources SET deleted_at = $1 WHERE id = $2 AND deleted_at IS NULL")
                         .bind(at)
-                        .fetch_optional(&mut ctx.conn)
+                        .bind(&id)
+                        .execute(&mut ctx.conn)
                         .await?;
-                if active.is_some() {
-                    return Ok(Err(StoreError::Conflict("the resource has current or future bookings".into())));
-                }
-                let r = sqlx::query("UPDATE resources SET deleted_at = $1 WHERE id = $2 AND deleted_at IS NULL")
-                    .bind(at)
-                    .bind(&id)
-                    .execute(&mut ctx.conn)
-                    .await?;
-                if r.rows_affected() == 0 {
-                    return Ok(Err(StoreError::NotFound("resource")));
-                }
-                Ok(Ok(()))
-            })
-        })
+                    if r.rows_affected() == 0 {
+                        return Ok(Err(StoreError::NotFound("resource")));
+                    }
+                    Ok(Ok(()))
+                })
+            },
+        )
         .await?;
         Ok(())
     }
@@ -911,7 +935,7 @@ impl Store for PgStore {
     async fn insert_event(&self, event: &Event) -> Result<(), StoreError> {
         let event = event.clone();
         let key = cache::key("event", event.id);
-        self.change_catalog(Vec::new(), key, move |ctx: &mut Ctx| -> BoxFuture<'_, Outcome<(), StoreError>> {
+        self.change_catalog(Vec::new(), vec![key], move |ctx: &mut Ctx| -> BoxFuture<'_, Outcome<(), StoreError>> {
             Box::pin(async move {
                 let id = event.id.to_string();
                 let (start, end) = (event.start.as_second(), event.end.as_second());
@@ -1191,12 +1215,17 @@ impl Store for PgStore {
     }
 
     async fn grant_role(&self, user_id: UserId, grant: RoleGrant) -> Result<User, StoreError> {
-        access::postgres::grant_role(&self.writer, user_id, grant).await?;
+        // The change announces the user to every node in its transaction; this node drops it now.
+        let granted = access::postgres::grant_role(&self.writer, user_id, grant).await;
+        self.cache.invalidate(&cache::key("user", user_id));
+        granted?;
         self.user_by_id(user_id).await?.ok_or(StoreError::NotFound("user"))
     }
 
     async fn revoke_role(&self, user_id: UserId, revoke: RoleRevoke) -> Result<User, StoreError> {
-        access::postgres::revoke_role(&self.writer, user_id, revoke).await?;
+        let revoked = access::postgres::revoke_role(&self.writer, user_id, revoke).await;
+        self.cache.invalidate(&cache::key("user", user_id));
+        revoked?;
         self.user_by_id(user_id).await?.ok_or(StoreError::NotFound("user"))
     }
 
