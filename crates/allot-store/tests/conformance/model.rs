@@ -342,8 +342,19 @@ async fn run_case(b: &Backend, case: &Case, base: i64, tally: &Tally) -> Result<
         let rows = if booked.status.claims_capacity() { booked.items.len() as i64 } else { 0 };
         prop_assert_eq!(b.count("claims", &format!("booking_id = '{id}'")).await, rows, "claim rows of {}", id);
     }
+    // The totals the capacity rule reads are exactly the sums of the claim rows (kept by
+    // triggers: per row on SQLite, per statement for inserts on PostgreSQL).
+    prop_assert_eq!(b.count(TOTALS_DRIFT, "a.quantity IS DISTINCT FROM t.quantity").await, 0, "claim_totals drift");
     Ok(())
 }
+
+/// Claim sums per totals key next to the stored totals (a row with quantity 0 counts as none).
+const TOTALS_DRIFT: &str = "(SELECT resource_id, block_start, block_end,
+         COALESCE(hold_expires_at, 9223372036854775807) AS expires_at, SUM(quantity) AS quantity
+       FROM claims GROUP BY 1, 2, 3, 4) a
+     FULL JOIN (SELECT * FROM claim_totals WHERE quantity > 0) t
+       ON t.resource_id = a.resource_id AND t.block_start = a.block_start AND t.block_end = a.block_end
+          AND t.expires_at = a.expires_at";
 
 pub async fn random_operations_agree_with_reference_model(b: &Backend) {
     let handle = tokio::runtime::Handle::current();
