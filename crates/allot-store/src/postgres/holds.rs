@@ -14,7 +14,7 @@ use std::collections::{HashMap, HashSet};
 
 use allot_app::store::{HoldCommand, HoldRefused};
 use allot_core::booking::Booking;
-use allot_core::capacity::{self, CLAIM_SECONDS_MAX, CapacityRules, Claim, Span};
+use allot_core::capacity::{self, CapacityRules, Claim, Span};
 use allot_core::ids::{ResourceId, VenueId};
 use allot_core::inventory::{Resource, Venue};
 use jiff::Timestamp;
@@ -150,7 +150,8 @@ impl Wanted {
     }
 
     /// Reads the claims of every pair, lapsed ones included (until the sweep releases them),
-    /// in one statement. Each pair is looked up on its own (`LATERAL … OFFSET 0` keeps the
+    /// in one statement, each range starting at `span start - the longest claim the resource
+    /// ever had` (`claim_longest`). Each pair is looked up on its own (`LATERAL … OFFSET 0` keeps the
     /// planner from flattening it): with a few hundred pairs it otherwise prefers a hash join
     /// over a whole-table scan of `claim_totals`, milliseconds per batch and growing.
     async fn read(&self, conn: &mut PgConnection) -> Result<Live, sqlx::Error> {
@@ -162,16 +163,16 @@ impl Wanted {
         let rows: Vec<(i64, i64, i64, i64, i64)> = sqlx::query_as(
             "SELECT w.n, t.block_start, t.block_end, t.quantity, t.expires_at
              FROM unnest($1::text[], $2::int8[], $3::int8[]) WITH ORDINALITY AS w(resource_id, span_start, span_end, n)
+             LEFT JOIN claim_longest l ON l.resource_id = w.resource_id
              CROSS JOIN LATERAL (
                SELECT block_start, block_end, quantity, expires_at FROM claim_totals t
                WHERE t.resource_id = w.resource_id AND t.block_start < w.span_end
-                 AND t.block_start > w.span_start - $4 AND t.block_end > w.span_start
+                 AND t.block_start > w.span_start - COALESCE(l.seconds, 0) AND t.block_end > w.span_start
                OFFSET 0) t",
         )
         .bind(&resources)
         .bind(&starts)
         .bind(&ends)
-        .bind(CLAIM_SECONDS_MAX)
         .fetch_all(conn)
         .await?;
         for (n, start, end, quantity, expires_at) in rows {
@@ -201,17 +202,17 @@ impl Wanted {
              WHERE item_id = ANY(ARRAY(
                SELECT c.item_id
                FROM unnest($1::text[], $2::int8[], $3::int8[]) AS w(resource_id, span_start, span_end)
+               LEFT JOIN claim_longest l ON l.resource_id = w.resource_id
                CROSS JOIN LATERAL (
                  SELECT item_id FROM claims c
                  WHERE c.resource_id = w.resource_id AND c.block_start < w.span_end
-                   AND c.block_start > w.span_start - $4 AND c.block_end > w.span_start
-                   AND c.exclusive AND c.hold_expires_at <= $5
+                   AND c.block_start > w.span_start - COALESCE(l.seconds, 0) AND c.block_end > w.span_start
+                   AND c.exclusive AND c.hold_expires_at <= $4
                  OFFSET 0) c))",
         )
         .bind(&resources)
         .bind(&starts)
         .bind(&ends)
-        .bind(CLAIM_SECONDS_MAX)
         .bind(now.as_second())
         .execute(conn)
         .await

@@ -21,7 +21,7 @@ use allot_app::store::{
     RotateOutcome, SeatStates, Store, UpdateRefused, User,
 };
 use allot_core::booking::Booking;
-use allot_core::capacity::{CLAIM_SECONDS_MAX, Claim, Span};
+use allot_core::capacity::{Claim, Span};
 use allot_core::ids::{ApiKeyId, BookingId, EventId, ResourceId, UserId, VenueId};
 use allot_core::inventory::{Event, Resource, Venue};
 use async_trait::async_trait;
@@ -398,6 +398,7 @@ async fn outbox(
 
 /// Claims on a resource that count at `now`, overlapping `span`: summed per block and expiry
 /// (`claim_totals`), which is all the capacity rule needs and stays small on a hot resource.
+/// The range starts at `span start - the longest claim the resource ever had` (`claim_longest`).
 async fn live_claims<'e, E>(
     executor: E,
     resource: ResourceId,
@@ -409,11 +410,12 @@ where
 {
     let rows: Vec<(i64, i64, i64)> = sqlx::query_as(
         "SELECT block_start, block_end, quantity FROM claim_totals
-         WHERE resource_id = $1 AND block_start < $2 AND block_start > $3 AND block_end > $4 AND expires_at > $5",
+         WHERE resource_id = $1 AND block_start < $2
+           AND block_start > $3 - COALESCE((SELECT seconds FROM claim_longest WHERE resource_id = $1), 0)
+           AND block_end > $3 AND expires_at > $4",
     )
     .bind(resource.to_string())
     .bind(span.end)
-    .bind(span.start - CLAIM_SECONDS_MAX)
     .bind(span.start)
     .bind(now.as_second())
     .fetch_all(executor)

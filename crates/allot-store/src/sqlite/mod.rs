@@ -15,7 +15,7 @@ use allot_app::store::{
     RotateOutcome, SeatStates, SeatVersion, Store, UpdateRefused, User,
 };
 use allot_core::booking::Booking;
-use allot_core::capacity::{CLAIM_SECONDS_MAX, Claim, Span};
+use allot_core::capacity::{Claim, Span};
 use allot_core::ids::{ApiKeyId, BookingId, EventId, ResourceId, UserId, VenueId};
 use allot_core::inventory::{Event, Resource, Venue};
 use async_trait::async_trait;
@@ -116,7 +116,6 @@ async fn live_claims(
     let rows: Vec<(i64, i64, i64)> = sqlx::query_as(tx::LIVE_CLAIMS_SQL)
         .bind(resource.to_string())
         .bind(span.end)
-        .bind(span.start - CLAIM_SECONDS_MAX)
         .bind(span.start)
         .bind(now.as_second())
         .fetch_all(read)

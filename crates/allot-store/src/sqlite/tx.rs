@@ -15,7 +15,7 @@ use allot_app::access::{ApiKey, LAST_ADMIN, RoleGrant, RoleRevoke};
 use allot_app::audit::AuditEvent;
 use allot_app::store::{Decide, HoldCommand, HoldRefused, IdempotencyBegin, IdempotencyKey, Role, RotateOutcome};
 use allot_core::booking::Booking;
-use allot_core::capacity::{self, CLAIM_SECONDS_MAX, Claim, Span};
+use allot_core::capacity::{self, Claim, Span};
 use allot_core::ids::{ApiKeyId, BookingId, ResourceId, UserId};
 use allot_core::inventory::{Event, Resource, Venue};
 use futures::future::BoxFuture;
@@ -297,8 +297,12 @@ pub(crate) fn insert_event(ctx: &mut Ctx, event: &Event) -> Outcome<(), StoreErr
 }
 
 /// The statement [`live_claims`] runs; the read pool runs the same one (`claims`).
+/// Binds: resource, span end, span start, now. The range starts at `span start - the longest
+/// claim the resource ever had` (`claim_longest`): no claim starting earlier can reach the span.
 pub(crate) const LIVE_CLAIMS_SQL: &str = "SELECT block_start, block_end, quantity FROM claim_totals
-     WHERE resource_id = ? AND block_start < ? AND block_start > ? AND block_end > ? AND expires_at > ?";
+     WHERE resource_id = ?1 AND block_start < ?2
+       AND block_start > ?3 - COALESCE((SELECT seconds FROM claim_longest WHERE resource_id = ?1), 0)
+       AND block_end > ?3 AND expires_at > ?4";
 
 /// Claims on a resource that count at `now`, overlapping `span`: summed per block and expiry
 /// (`claim_totals`), which is all the capacity rule needs and stays small on a hot resource.
@@ -306,7 +310,7 @@ fn live_claims(conn: &Connection, resource: ResourceId, span: Span, now: Timesta
     let mut stmt = conn.prepare_cached(LIVE_CLAIMS_SQL)?;
     let rows = stmt
         .query_map(
-            params![resource.to_string(), span.end, span.start - CLAIM_SECONDS_MAX, span.start, now.as_second()],
+            params![resource.to_string(), span.end, span.start, now.as_second()],
             |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
         )?
         .collect::<Result<Vec<(i64, i64, i64)>>>()?;
