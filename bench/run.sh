@@ -143,8 +143,8 @@ if [[ $skip_postgres -eq 0 ]]; then
     note "PostgreSQL server on port $port_pg ($pg_url)"
     start_server "$port_pg" "$pg_url" "$out/server-postgres.log"
     pg_clients=$(jq .clients "$out/pgbench.json")
-    load postgres-holds "$port_pg" "$pg_url" --scenario holds --clients "$pg_clients" --shows 400 "${d[@]}"
-    load postgres-holds-256 "$port_pg" "$pg_url" --scenario holds --clients "$clients" --shows 400 "${d[@]}"
+    load postgres-holds "$port_pg" "$pg_url" --scenario holds --clients "$pg_clients" --shows 1000 "${d[@]}"
+    load postgres-holds-256 "$port_pg" "$pg_url" --scenario holds --clients "$clients" --shows 1000 "${d[@]}"
     load postgres-hot-counter "$port_pg" "$pg_url" --scenario hot-counter --clients "$clients" "${d[@]}"
     stop_server
 fi
