@@ -98,7 +98,7 @@ start_server "$port_sqlite" "$sqlite_url" "$out/server-sqlite.log"
 d=(--duration-seconds "$duration")
 # Enough (show, seat) pairs that every hold of the run finds a free one.
 load sqlite-ping "$port_sqlite" "$sqlite_url" --scenario ping --clients "$clients" "${d[@]}"
-load sqlite-holds "$port_sqlite" "$sqlite_url" --scenario holds --clients "$clients" --shows 400 "${d[@]}"
+load sqlite-holds "$port_sqlite" "$sqlite_url" --scenario holds --clients "$clients" --shows 2000 "${d[@]}"
 load sqlite-flash-sale "$port_sqlite" "$sqlite_url" --scenario flash-sale --clients 1000 --hot-seats 120 \
     --duration-seconds 60
 # The same sale with every customer's connection open before it starts (already on the page).
