@@ -96,8 +96,8 @@ sqlite_url="sqlite://$sqlite_dir/allot.db"
 note "SQLite server on port $port_sqlite ($sqlite_url)"
 start_server "$port_sqlite" "$sqlite_url" "$out/server-sqlite.log"
 d=(--duration-seconds "$duration")
-# Enough (show, seat) pairs that every hold of the run finds a free one.
 load sqlite-ping "$port_sqlite" "$sqlite_url" --scenario ping --clients "$clients" "${d[@]}"
+# Enough (show, seat) pairs that every hold of the run finds a free one (2 000 × 300 seats).
 load sqlite-holds "$port_sqlite" "$sqlite_url" --scenario holds --clients "$clients" --shows 2000 "${d[@]}"
 load sqlite-flash-sale "$port_sqlite" "$sqlite_url" --scenario flash-sale --clients 1000 --hot-seats 120 \
     --duration-seconds 60
