@@ -2,13 +2,14 @@
 //!
 //! Every statement is a network round trip, and one hold at a time cost four of them (its
 //! resource, its live claims, its rows, its savepoint), so the writer's session spent most of
-//! its time waiting on the wire. A batch of holds costs three statements whatever its size:
-//! the documents of every resource named, the claims of every (resource, span) asked for, and
-//! one statement writing every kept hold's claims, booking and outbox row (a fourth takes
-//! lapsed holds out of the exclusion constraint, when there are any). The core decides each hold in memory, in
-//! queue order, against what the database holds plus the claims of the holds kept before it —
-//! exactly what each would have seen running alone after them. The batch's resources are
-//! locked (`resource_clocks`) before this runs, so nothing else changes them meanwhile.
+//! its time waiting on the wire. A batch of holds costs a few statements whatever its size:
+//! the documents of every resource named, the claims of every (resource, span) asked for, a
+//! savepoint, and one statement writing every kept hold's claims, booking and outbox row (one
+//! more takes lapsed holds out of the exclusion constraint, when there are any). The core
+//! decides each hold in memory, in queue order, against what the database holds plus the
+//! claims of the holds kept before it — exactly what each would have seen running alone after
+//! them. The batch's resources are locked (`resource_clocks`) before this runs, so nothing else
+//! changes them meanwhile.
 
 use std::collections::{HashMap, HashSet};
 

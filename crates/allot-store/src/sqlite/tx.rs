@@ -309,10 +309,9 @@ pub(crate) const LIVE_CLAIMS_SQL: &str = "SELECT block_start, block_end, quantit
 fn live_claims(conn: &Connection, resource: ResourceId, span: Span, now: Timestamp) -> Result<Vec<Claim>> {
     let mut stmt = conn.prepare_cached(LIVE_CLAIMS_SQL)?;
     let rows = stmt
-        .query_map(
-            params![resource.to_string(), span.end, span.start, now.as_second()],
-            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
-        )?
+        .query_map(params![resource.to_string(), span.end, span.start, now.as_second()], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+        })?
         .collect::<Result<Vec<(i64, i64, i64)>>>()?;
     Ok(claims_from_rows(rows))
 }
