@@ -1010,6 +1010,7 @@ impl Store for PgStore {
             let rows: Vec<(String, String, Option<i64>)> = sqlx::query_as(
                 "SELECT c.resource_id, b.status, c.hold_expires_at FROM claims c JOIN bookings b ON b.id = c.booking_id
                  WHERE c.resource_id = ANY($1) AND c.block_start < $2 AND c.block_end > $3
+                   AND c.block_start > $3 - COALESCE((SELECT MAX(seconds) FROM claim_longest WHERE resource_id = ANY($1)), 0)
                    AND (c.hold_expires_at IS NULL OR c.hold_expires_at > $4)",
             )
             .bind(chunk)

@@ -106,6 +106,19 @@ impl SqliteStore {
     }
 }
 
+/// Seats per seat-map query: each is bound twice, far below SQLite's variable limit.
+const SEATS_PER_QUERY_MAX: usize = 500;
+
+/// `(?, ?, …)` with `ids` bound.
+fn push_ids(qb: &mut QueryBuilder<Sqlite>, ids: &[ResourceId]) {
+    qb.push("(");
+    let mut sep = qb.separated(", ");
+    for id in ids {
+        sep.push_bind(id.to_string());
+    }
+    qb.push(")");
+}
+
 /// Claims on a resource that count at `now`, overlapping `span` ([`tx::LIVE_CLAIMS_SQL`]).
 async fn live_claims(
     read: &SqlitePool,
@@ -482,19 +495,21 @@ impl Store for SqliteStore {
 
     async fn seat_states(&self, event: &Event, now: Timestamp) -> Result<SeatStates, StoreError> {
         let mut states = SeatStates::default();
-        for chunk in event.seat_ids.chunks(500) {
+        for chunk in event.seat_ids.chunks(SEATS_PER_QUERY_MAX) {
             let mut qb: QueryBuilder<Sqlite> = QueryBuilder::new(
                 "SELECT c.resource_id, b.status, c.hold_expires_at FROM claims c JOIN bookings b ON b.id = c.booking_id WHERE c.block_start < ",
             );
             qb.push_bind(event.end.as_second());
             qb.push(" AND c.block_end > ").push_bind(event.start.as_second());
             qb.push(" AND (c.hold_expires_at IS NULL OR c.hold_expires_at > ").push_bind(now.as_second());
-            qb.push(") AND c.resource_id IN (");
-            let mut sep = qb.separated(", ");
-            for id in chunk {
-                sep.push_bind(id.to_string());
-            }
-            qb.push(")");
+            qb.push(") AND c.resource_id IN ");
+            push_ids(&mut qb, chunk);
+            // The index range starts at the longest claim any of these seats ever had before the
+            // event: a seat sold for every earlier performance is not read back to the first.
+            qb.push(" AND c.block_start > ").push_bind(event.start.as_second());
+            qb.push(" - COALESCE((SELECT MAX(seconds) FROM claim_longest WHERE resource_id IN ");
+            push_ids(&mut qb, chunk);
+            qb.push("), 0)");
             let rows: Vec<(String, String, Option<i64>)> =
                 qb.build_query_as().fetch_all(&self.read).await.map_err(db_error)?;
             add_seat_states(&mut states, rows);
