@@ -531,7 +531,9 @@ async fn run_holds<B: Backend>(
 ) -> bool {
     let (commands, waiting): (Vec<_>, Vec<_>) = holds.into_iter().map(|h| (h.command, (h.audit, h.tx))).unzip();
     let count = commands.len();
-    let decided = AssertUnwindSafe(backend.holds(ctx, commands)).catch_unwind().await;
+    // Called inside the caught future: a backend that does its work while building the future
+    // (a synchronous connection) must not take the writer down with a panic either.
+    let decided = AssertUnwindSafe(async { backend.holds(ctx, commands).await }).catch_unwind().await;
     // The holds wrote inside whatever savepoint was open: a later job that is refused must not
     // roll back to it, so the next job opens its own.
     ctx.savepoint_open = false;

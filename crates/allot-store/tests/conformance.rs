@@ -219,6 +219,7 @@ conformance! {
     concurrency::sixty_concurrent_holds_on_capacity_seven_seven_win,
     concurrency::concurrent_multi_item_holds_in_opposite_orders,
     concurrency::holds_kept_in_a_batch_survive_a_refused_neighbour,
+    concurrency::a_hold_that_breaks_its_batch_undoes_the_batch_and_the_writer_goes_on,
     concurrency::concurrent_cancels_apply_once,
     concurrency::confirm_racing_expiry_is_decided_once,
     bookings::confirm_keeps_claims_and_clears_hold_expiry,

@@ -93,7 +93,7 @@ impl Backend for SqliteBackend {
     fn holds<'c>(&'c self, ctx: &'c mut Ctx, holds: Vec<HoldCommand>) -> BoxFuture<'c, Result<HoldResults>> {
         // Statements here are calls, not round trips: each hold runs on its own, without a
         // savepoint, since a refused one has written nothing (an error fails the batch).
-        Box::pin(std::future::ready(holds.into_iter().map(|command| hold(ctx, command)).collect()))
+        Box::pin(async move { holds.into_iter().map(|command| hold(ctx, command)).collect() })
     }
 }
 

@@ -100,6 +100,47 @@ pub async fn holds_kept_in_a_batch_survive_a_refused_neighbour(b: &Backend) {
     assert_eq!(b.count("outbox", "topic = 'booking.held'").await, 60);
 }
 
+pub async fn a_hold_that_breaks_its_batch_undoes_the_batch_and_the_writer_goes_on(b: &Backend) {
+    // A claim of quantity 0 trips the core's assertion inside the batch: the whole batch is
+    // rolled back, each of its requests fails (none is acknowledged and then lost), and the
+    // next batch works.
+    let w = World::new(b).await;
+    let mut resources = Vec::new();
+    for _ in 0..40 {
+        resources.push(w.resource(1).await);
+    }
+    let broken = w.command(&[(resources[0].id, span(HOUR, 2 * HOUR), 1)], at(0), 600);
+    let broken = allot_app::store::HoldCommand {
+        claims: vec![allot_core::capacity::Claim { quantity: 0, ..broken.claims[0] }],
+        ..broken
+    };
+    let mut tasks = vec![tokio::spawn({
+        let store = w.store.clone();
+        async move { store.hold(broken).await }
+    })];
+    for r in &resources[1..] {
+        let store = w.store.clone();
+        let command = w.command(&[(r.id, span(HOUR, 2 * HOUR), 1)], at(0), 600);
+        tasks.push(tokio::spawn(async move { store.hold(command).await }));
+    }
+    let mut kept = Vec::new();
+    let mut failed = 0;
+    for t in tasks {
+        match t.await.unwrap() {
+            Ok(booking) => kept.push(booking.id),
+            Err(HoldRefused::Store(_)) => failed += 1,
+            Err(other) => panic!("{other:?}"),
+        }
+    }
+    assert!(failed >= 1, "the broken hold failed");
+    assert_eq!(b.count("bookings", "1=1").await, kept.len() as i64, "only acknowledged holds are stored");
+    assert_eq!(b.count("claims", "1=1").await, kept.len() as i64);
+    for id in kept {
+        assert!(w.store.booking(id).await.unwrap().is_some());
+    }
+    w.held(&[(resources[0].id, span(HOUR, 2 * HOUR), 1)], at(1), 600).await;
+}
+
 pub async fn concurrent_cancels_apply_once(b: &Backend) {
     let w = World::new(b).await;
     let r = w.resource(1).await;
