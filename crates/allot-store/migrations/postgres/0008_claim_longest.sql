@@ -12,16 +12,10 @@ CREATE TABLE claim_longest (
 INSERT INTO claim_longest (resource_id, seconds)
 SELECT resource_id, MAX(block_end - block_start) FROM claims GROUP BY 1;
 
-CREATE OR REPLACE FUNCTION claim_totals_insert() RETURNS trigger LANGUAGE plpgsql AS $$
+-- Per statement on insert (a batch of holds is one statement), and only for resources whose
+-- longest claim grows: an upsert that changes nothing still locks (and so writes) the row.
+CREATE FUNCTION claim_longest_insert() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
-    INSERT INTO claim_totals (resource_id, block_start, block_end, expires_at, quantity)
-    SELECT resource_id, block_start, block_end, COALESCE(hold_expires_at, 9223372036854775807), SUM(quantity)
-    FROM inserted
-    GROUP BY 1, 2, 3, 4
-    ON CONFLICT (resource_id, block_start, block_end, expires_at)
-    DO UPDATE SET quantity = claim_totals.quantity + EXCLUDED.quantity;
-    -- Only resources whose longest claim grows: an upsert that changes nothing still locks
-    -- (and so writes) the row.
     INSERT INTO claim_longest (resource_id, seconds)
     SELECT i.resource_id, MAX(i.block_end - i.block_start) FROM inserted i GROUP BY 1
     HAVING MAX(i.block_end - i.block_start)
@@ -31,6 +25,11 @@ BEGIN
     RETURN NULL;
 END
 $$;
+
+CREATE TRIGGER claim_longest_insert
+AFTER INSERT ON claims
+REFERENCING NEW TABLE AS inserted
+FOR EACH STATEMENT EXECUTE FUNCTION claim_longest_insert();
 
 CREATE FUNCTION claim_longest_update() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
