@@ -83,10 +83,13 @@ pub fn docs_to_page<T: DeserializeOwned>(rows: Vec<(String, String)>, limit: u32
 
 /// `(block_start, block_end, quantity)` rows as claims (rows that cannot be claims are skipped).
 pub fn claims_from_rows(rows: Vec<(i64, i64, i64)>) -> Vec<Claim> {
-    rows.into_iter()
-        .filter(|(s, e, q)| s < e && *q > 0)
-        .map(|(s, e, q)| Claim { span: Span::new(s, e), quantity: u32::try_from(q).unwrap_or(u32::MAX) })
-        .collect()
+    rows.into_iter().filter_map(|(s, e, q)| claim_of_row(s, e, q)).collect()
+}
+
+/// The claim a `(block_start, block_end, quantity)` row stands for; `None` for an empty one.
+pub fn claim_of_row(start: i64, end: i64, quantity: i64) -> Option<Claim> {
+    (start < end && quantity > 0)
+        .then(|| Claim { span: Span::new(start, end), quantity: u32::try_from(quantity).unwrap_or(u32::MAX) })
 }
 
 /// Adds `(resource_id, booking status)` rows of live claims to a seat map: booked wins over held.

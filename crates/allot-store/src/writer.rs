@@ -483,19 +483,23 @@ async fn apply_batch<B: Backend>(backend: &B, ctx: &mut WriteCtx<B::Conn>, batch
     if !aborted {
         aborted = run_jobs(backend, ctx, jobs.by_ref(), &mut replies).await;
     }
-    let commit =
-        if aborted { Err(StoreError::Database("write aborted".into())) } else { finish(backend, ctx, &keys).await };
+    let commit = if aborted { Err(write_aborted()) } else { finish(backend, ctx, &keys).await };
     if commit.is_err() {
         let _ = backend.execute(&mut ctx.conn, "ROLLBACK").await;
         ctx.memo.invalidate(crate::cache::INVALIDATE_ALL);
     }
     let not_run = jobs.map(Queued::Job).chain(holds.into_iter().map(|hold| Queued::Hold(Box::new(hold))));
     for entry in not_run {
-        entry.fail(StoreError::Database("write aborted".into()));
+        entry.fail(write_aborted());
     }
     for reply in replies {
         reply(commit.clone());
     }
+}
+
+/// What a request of a batch that was rolled back as a whole fails with.
+fn write_aborted() -> StoreError {
+    StoreError::Database("write aborted".into())
 }
 
 /// Runs `jobs` one after another, each in its own savepoint; true when the batch must be
@@ -546,7 +550,7 @@ async fn run_holds<B: Backend>(
             return false;
         }
         Ok(Err(e)) => B::error(e),
-        Err(_) => StoreError::Database("write aborted".into()),
+        Err(_) => write_aborted(),
     };
     tracing::error!(error = %failure, "the batch's holds failed; rolling back its batch");
     for (_, tx) in waiting {

@@ -22,8 +22,8 @@ use jiff::Timestamp;
 use jiff::tz::TimeZone;
 use sqlx::PgConnection;
 
-use super::Ctx;
-use crate::common::{from_json_db, to_json};
+use super::{Ctx, execute_raw};
+use crate::common::{claim_of_row, from_json_db, to_json};
 use crate::writer::HoldResults;
 
 /// True when at most one unit can ever be claimed at once: the exclusion constraint then
@@ -65,11 +65,11 @@ pub(super) async fn holds_in_tx(ctx: &mut Ctx, commands: Vec<HoldCommand>) -> Re
     }
     // The savepoint lets a refusal by the exclusion constraint (which aborts the statement)
     // undo only this insert; it stays open until COMMIT, which releases it.
-    execute(&mut ctx.conn, "SAVEPOINT holds").await?;
+    execute_raw(&mut ctx.conn, "SAVEPOINT holds").await?;
     match rows.write(&mut ctx.conn, false).await {
         Ok(_) => {}
         Err(e) if e.as_database_error().and_then(|d| d.code()).is_some_and(|c| c == EXCLUSION_VIOLATION) => {
-            execute(&mut ctx.conn, "ROLLBACK TO holds").await?;
+            execute_raw(&mut ctx.conn, "ROLLBACK TO holds").await?;
             if rows.write(&mut ctx.conn, true).await? < rows.claims() {
                 refuse_unwritten(&mut ctx.conn, &rows, &mut results).await?;
             }
@@ -81,10 +81,6 @@ pub(super) async fn holds_in_tx(ctx: &mut Ctx, commands: Vec<HoldCommand>) -> Re
 
 /// PostgreSQL's code for a violated exclusion constraint.
 const EXCLUSION_VIOLATION: &str = "23P01";
-
-async fn execute(conn: &mut PgConnection, sql: &'static str) -> Result<(), sqlx::Error> {
-    sqlx::raw_sql(sqlx::AssertSqlSafe(sql)).execute(conn).await.map(|_| ())
-}
 
 /// What a hold needs to know of a live resource.
 struct Target {
@@ -152,9 +148,9 @@ impl Wanted {
 
     /// Reads the claims of every pair, lapsed ones included (until the sweep releases them),
     /// in one statement, each range starting at `span start - the longest claim the resource
-    /// ever had` (`claim_longest`). Each pair is looked up on its own (`LATERAL … OFFSET 0` keeps the
-    /// planner from flattening it): with a few hundred pairs it otherwise prefers a hash join
-    /// over a whole-table scan of `claim_totals`, milliseconds per batch and growing.
+    /// ever had` (`claim_longest`). Each pair is looked up on its own (`LATERAL … OFFSET 0`
+    /// keeps the planner from flattening it): with a few hundred pairs it otherwise prefers a
+    /// hash join over a whole-table scan of `claim_totals`, milliseconds per batch and growing.
     async fn read(&self, conn: &mut PgConnection) -> Result<Live, sqlx::Error> {
         let mut live: Live = vec![Vec::new(); self.pairs.len()];
         if self.pairs.is_empty() {
@@ -178,11 +174,7 @@ impl Wanted {
         .await?;
         for (n, start, end, quantity, expires_at) in rows {
             let Some(slot) = usize::try_from(n - 1).ok().and_then(|i| live.get_mut(i)) else { continue };
-            if start < end && quantity > 0 {
-                let claim =
-                    Claim { span: Span::new(start, end), quantity: u32::try_from(quantity).unwrap_or(u32::MAX) };
-                slot.push((claim, expires_at));
-            }
+            slot.extend(claim_of_row(start, end, quantity).map(|claim| (claim, expires_at)));
         }
         Ok(live)
     }

@@ -84,8 +84,7 @@ impl Backend for PgBackend {
     }
 
     fn execute<'c>(&'c self, conn: &'c mut PgConnection, sql: &'static str) -> BoxFuture<'c, Result<(), sqlx::Error>> {
-        // The simple protocol: `sql` may hold several statements.
-        Box::pin(async move { sqlx::raw_sql(sqlx::AssertSqlSafe(sql)).execute(conn).await.map(|_| ()) })
+        Box::pin(execute_raw(conn, sql))
     }
 
     fn lock<'c>(
@@ -372,6 +371,11 @@ async fn statement(
         Err(e) if is_unique_violation(&e) => Ok(Err(StoreError::Conflict(conflict.to_owned()))),
         Err(e) => Err(e),
     }
+}
+
+/// Runs `sql` with the simple protocol: it may hold several statements (savepoints, commit).
+async fn execute_raw(conn: &mut PgConnection, sql: &'static str) -> Result<(), sqlx::Error> {
+    sqlx::raw_sql(sqlx::AssertSqlSafe(sql)).execute(conn).await.map(|_| ())
 }
 
 /// Tells every node's listener (this one's too) to drop `key`, when this transaction commits.
