@@ -27,7 +27,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::http::{Conn, Target};
 use crate::setup::World;
-use crate::stats::{OpReport, Stats};
+use crate::stats::{OpReport, Recorder, Stats};
 use crate::verify::{Ack, Verification, simple_id};
 
 /// Limits of one run.
@@ -220,7 +220,7 @@ struct Shared {
 }
 
 struct ClientOutcome {
-    stats: Stats,
+    stats: Recorder,
     acks: Vec<(String, Ack)>,
 }
 
@@ -326,7 +326,7 @@ async fn client(id: usize, shared: Arc<Shared>, conn: Conn) -> ClientOutcome {
         booked: VecDeque::new(),
         hot_free,
         done: false,
-        out: ClientOutcome { stats: Stats::default(), acks: Vec::new() },
+        out: ClientOutcome { stats: Recorder::default(), acks: Vec::new() },
     };
     let total: u32 = c.shared.config.mix.iter().map(|(_, w)| w).sum();
     while !c.done && !c.shared.stop.load(Ordering::Relaxed) {
