@@ -224,7 +224,7 @@ async fn restart_at(t: &TestApp, at: jiff::Timestamp) -> TestApp {
     let store = TestStore::open(&t.db_url).await;
     let clock = Arc::new(ManualClock::new(at));
     let app = App::start(store.port(), clock.clone(), Arc::new(TestProvider)).await.expect("restart app");
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let listener = allot_http::listen("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let served = app.clone();
     tokio::spawn(async move {

@@ -95,7 +95,7 @@ async fn spawn_with(
     let store = TestStore::open(&db_url).await;
     let clock = Arc::new(ManualClock::new(common::test_now()));
     let app = App::start(store.port(), clock.clone(), payments).await.unwrap();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let listener = allot_http::listen("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let (stop, stopped) = oneshot::channel::<()>();
     let served = app.clone();
@@ -437,4 +437,27 @@ async fn graceful_shutdown_finishes_the_request_in_flight() {
     assert!(tokio::net::TcpStream::connect(t.addr).await.is_err());
     let stored = t.store.booking(booking.parse().unwrap()).await.unwrap().unwrap();
     assert_eq!(stored.status, allot_core::booking::BookingStatus::Confirmed);
+}
+
+/// A flash sale's customers connect at once: the kernel must complete every handshake while
+/// the server is still accepting, or a dropped SYN waits a second to be retried.
+#[tokio::test]
+async fn a_burst_of_connections_beyond_the_default_backlog_completes_at_once() {
+    let somaxconn: usize =
+        std::fs::read_to_string("/proc/sys/net/core/somaxconn").ok().and_then(|s| s.trim().parse().ok()).unwrap_or(128);
+    // Well above std's 128, within what the kernel allows.
+    let connections = somaxconn.min(1000) - 1;
+    if connections <= 128 {
+        eprintln!("skipped: net.core.somaxconn is {somaxconn}, too small to tell the backlog from std's");
+        return;
+    }
+    let listener = allot_http::listen("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    // Nothing accepts: every connection waits in the backlog.
+    let connects = (0..connections)
+        .map(|_| tokio::time::timeout(Duration::from_millis(500), tokio::net::TcpStream::connect(addr)));
+    let results = futures::future::join_all(connects).await;
+    let completed = results.iter().filter(|r| matches!(r, Ok(Ok(_)))).count();
+    assert_eq!(completed, connections, "handshakes completed within 500 ms without an accept");
+    drop(listener);
 }

@@ -63,7 +63,7 @@ async fn main() {
     let clock = Arc::new(ManualClock::new(jiff::Timestamp::now()));
     let app = App::start(store.clone(), clock.clone(), Arc::new(TestProvider)).await.unwrap();
     app.create_user(ADMIN_EMAIL, ADMIN_PASSWORD, "Admin", vec![Role::Admin]).await.unwrap();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let listener = allot_http::listen("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
     let options = allot_http::HttpOptions::default().with_rate_limits(allot_http::ratelimit::RateLimits::off());
     let served = app.clone();

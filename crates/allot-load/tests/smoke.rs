@@ -20,7 +20,7 @@ const ADMIN_PASSWORD: &str = "password-123";
 async fn serve(store: Arc<dyn Store>) -> String {
     let app = App::start(store, Arc::new(SystemClock), Arc::new(TestProvider)).await.unwrap();
     app.create_user(ADMIN_EMAIL, ADMIN_PASSWORD, "Admin", vec![Role::Admin]).await.unwrap();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let listener = allot_http::listen("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
     let options = allot_http::HttpOptions::default().with_rate_limits(allot_http::ratelimit::RateLimits::off());
     tokio::spawn(async move { allot_http::serve(listener, app, &options, std::future::pending()).await });

@@ -74,7 +74,7 @@ async fn serve(settings: config::Settings) -> anyhow::Result<()> {
         let summary = allot_app::demo::load(&app).await?;
         println!("{summary}");
     }
-    let listener = tokio::net::TcpListener::bind(&settings.listen).await?;
+    let listener = allot_http::listen(&settings.listen).await?;
     let addr = listener.local_addr()?;
     // Tests and scripts read this line to find the port when listening on port 0.
     println!("allot listening on http://{addr}");

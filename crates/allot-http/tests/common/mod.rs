@@ -100,7 +100,7 @@ impl TestApp {
         let store = TestStore::open(&db_url).await;
         let clock = Arc::new(ManualClock::new(test_now()));
         let app = App::start(store.port(), clock.clone(), Arc::new(TestProvider)).await.expect("start app");
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let listener = allot_http::listen("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let served = app.clone();
         tokio::spawn(async move { allot_http::serve(listener, served, &options, std::future::pending()).await });
