@@ -14,7 +14,7 @@ use jiff::civil::Date;
 
 use crate::auth::Principal;
 use crate::error::{AppError, AppResult};
-use crate::store::{Page, PageRequest, Role, SeatState};
+use crate::store::{Page, PageRequest, Role, SeatState, SeatVersion};
 use crate::{App, audit};
 
 /// Longest availability range one request may ask for.
@@ -189,16 +189,36 @@ impl App {
         // is not found here, so no body of one is served.
         let event = self.event(id).await?;
         let now = self.clock.now();
-        let version = self.store.seat_version(&event.seat_ids);
-        if let Some(body) = version.and_then(|v| self.seat_maps.get(id, v, now)) {
+        let Some(seen) = self.store.seat_version(&event.seat_ids) else {
+            return self.render_seat_map(&event, now, None, render).await;
+        };
+        if let Some(body) = self.seat_maps.get(id, seen, now) {
             return Ok(body);
         }
+        let _turn = self.seat_maps.render_turn(id).await;
+        // Whoever rendered while this request waited read a version at least as new as `seen`.
+        if let Some(body) = self.seat_maps.get(id, seen, now) {
+            return Ok(body);
+        }
+        let version = self.store.seat_version(&event.seat_ids);
+        self.render_seat_map(&event, now, version, render).await
+    }
+
+    /// Reads the seats and their states and renders them; keeps the body when `version` (read
+    /// before the states) is known.
+    async fn render_seat_map(
+        &self,
+        event: &Event,
+        now: Timestamp,
+        version: Option<SeatVersion>,
+        render: impl FnOnce(&Event, &[SeatView]) -> Result<Vec<u8>, String>,
+    ) -> AppResult<Arc<[u8]>> {
         let seats = self.store.resources_by_ids(&event.seat_ids).await?;
-        let states = self.store.seat_states(&event, now).await?;
-        let rendered = render(&event, &seat_views(&event, &seats, &states.states)).map_err(AppError::Internal)?;
+        let states = self.store.seat_states(event, now).await?;
+        let rendered = render(event, &seat_views(event, &seats, &states.states)).map_err(AppError::Internal)?;
         let body: Arc<[u8]> = Arc::from(rendered);
         if let Some(v) = version {
-            self.seat_maps.put(id, v, states.until, body.clone());
+            self.seat_maps.put(event.id, v, states.until, body.clone());
         }
         Ok(body)
     }

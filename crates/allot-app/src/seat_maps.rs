@@ -7,6 +7,12 @@
 //! again only while the version is unchanged and that expiry has not come. Stores that cannot
 //! know every write (PostgreSQL, several nodes) give no version, and nothing is kept.
 //!
+//! During a sale the version moves with every hold, and every reader that missed used to
+//! render the same map at once (a flash sale's 900 re-reads took a p50 of 300 ms on two cores).
+//! Renders of one event now take turns ([`SeatMapCache::render_turn`]), and a reader waiting
+//! its turn is served any body rendered at or after the version it saw when it arrived: that
+//! body shows every write acknowledged before the request, so it is as fresh as one of its own.
+//!
 //! The app keeps the body as opaque bytes; only the HTTP layer knows what they say.
 
 use std::collections::HashMap;
@@ -19,6 +25,9 @@ use crate::store::SeatVersion;
 
 /// Bytes of rendered seat maps kept at most; past it the cache is emptied rather than grown.
 pub const SEAT_MAP_CACHE_BYTES_MAX: usize = 64 * 1024 * 1024;
+/// Locks that events' renders take turns on (an event always uses the same one; two events
+/// sharing one wait for each other, which is rare and short).
+const RENDER_TURNS: usize = 64;
 
 struct Entry {
     version: SeatVersion,
@@ -32,19 +41,38 @@ struct Inner {
     bytes: usize,
 }
 
-#[derive(Default)]
 pub struct SeatMapCache {
     inner: Mutex<Inner>,
+    turns: Box<[tokio::sync::Mutex<()>]>,
+}
+
+impl Default for SeatMapCache {
+    fn default() -> Self {
+        let turns = (0..RENDER_TURNS).map(|_| tokio::sync::Mutex::new(())).collect();
+        SeatMapCache { inner: Mutex::default(), turns }
+    }
+}
+
+/// Both parts of a version only grow: a body rendered at `rendered` shows every write that
+/// `seen` counts.
+fn not_older(rendered: SeatVersion, seen: SeatVersion) -> bool {
+    rendered.0 >= seen.0 && rendered.1 >= seen.1
 }
 
 impl SeatMapCache {
-    /// The body kept for `event` if it was rendered at `version` and no hold it shows has
-    /// expired by `now`.
-    pub fn get(&self, event: EventId, version: SeatVersion, now: Timestamp) -> Option<Arc<[u8]>> {
+    /// The body kept for `event` if it was rendered at `seen` or later and no hold it shows
+    /// has expired by `now`.
+    pub fn get(&self, event: EventId, seen: SeatVersion, now: Timestamp) -> Option<Arc<[u8]>> {
         let inner = self.lock();
         let entry = inner.entries.get(&event)?;
-        let current = entry.version == version && entry.until.is_none_or(|until| now < until);
+        let current = not_older(entry.version, seen) && entry.until.is_none_or(|until| now < until);
         current.then(|| entry.body.clone())
+    }
+
+    /// Held while rendering `event`, so that readers who missed together render once.
+    pub async fn render_turn(&self, event: EventId) -> tokio::sync::MutexGuard<'_, ()> {
+        let stripe = (event.as_uuid().as_u128() % RENDER_TURNS as u128) as usize;
+        self.turns[stripe].lock().await
     }
 
     pub fn put(&self, event: EventId, version: SeatVersion, until: Option<Timestamp>, body: Arc<[u8]>) {
@@ -83,6 +111,8 @@ mod tests {
         let body: Arc<[u8]> = Arc::from(&b"map"[..]);
         cache.put(event, (1, 7), Some(at(100)), body.clone());
         assert_eq!(cache.get(event, (1, 7), at(99)).as_deref(), Some(&b"map"[..]));
+        assert!(cache.get(event, (1, 6), at(99)).is_some(), "rendered after the reader arrived");
+        assert!(cache.get(event, (0, 7), at(99)).is_some(), "rendered after the reader arrived");
         assert!(cache.get(event, (1, 7), at(100)).is_none(), "a hold it shows has expired");
         assert!(cache.get(event, (1, 8), at(0)).is_none(), "a write touched a seat");
         assert!(cache.get(event, (2, 7), at(0)).is_none(), "the catalogue changed");

@@ -540,3 +540,69 @@ async fn random_mix_of_holds_confirms_and_cancels_never_double_claims_a_seat() {
         started.elapsed()
     );
 }
+
+// ---------------------------------------------------------------------------------------------
+// 5. Seat maps read while a sale goes on.
+// ---------------------------------------------------------------------------------------------
+
+/// Readers that miss the seat-map cache together take turns rendering and may be served a map
+/// another reader rendered; it must still show every hold acknowledged before the read began.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_seat_map_read_during_a_sale_shows_every_hold_acknowledged_before_it() {
+    const BUYERS: usize = 8;
+    const READERS: usize = 8;
+    const SEATS: usize = 48;
+    let t = Arc::new(TestApp::spawn().await);
+    let admin = t.admin().await;
+    let venue = t.venue(&admin, "cinema").await;
+    let (seats, event) = t.seats_and_event(&admin, &venue, SEATS, 48).await;
+    assert_eq!(seats.len(), SEATS);
+    let tokens = customers(&t, "map", BUYERS).await;
+    let held: Arc<std::sync::Mutex<BTreeSet<String>>> = Arc::default();
+    let selling = Arc::new(AtomicBool::new(true));
+    let readers: Vec<_> = (0..READERS)
+        .map(|_| {
+            let (t, event, held, selling) = (t.clone(), event.clone(), held.clone(), selling.clone());
+            tokio::spawn(async move {
+                let mut reads = 0;
+                while selling.load(Ordering::Relaxed) {
+                    let before = held.lock().unwrap().clone();
+                    let statuses = seat_statuses(&t, &event).await;
+                    for seat in &before {
+                        assert_eq!(statuses[seat], "held", "seat {seat} was held before this read");
+                    }
+                    reads += 1;
+                }
+                reads
+            })
+        })
+        .collect();
+    let buyers: Vec<_> = tokens
+        .into_iter()
+        .enumerate()
+        .map(|(b, token)| {
+            let (t, event, held, seats) = (t.clone(), event.clone(), held.clone(), seats.clone());
+            tokio::spawn(async move {
+                for seat in seats.iter().skip(b).step_by(BUYERS) {
+                    let body = json!({"items": [{"resource_id": seat, "event_id": event}]});
+                    let (status, answer) = t.post(Some(&token), "/bookings", body).await;
+                    assert_eq!(status, StatusCode::CREATED, "{answer}");
+                    held.lock().unwrap().insert(seat.clone());
+                    // The buyer's own read right after the answer.
+                    assert_eq!(seat_statuses(&t, &event).await[seat], "held");
+                }
+            })
+        })
+        .collect();
+    for buyer in buyers {
+        buyer.await.unwrap();
+    }
+    selling.store(false, Ordering::Relaxed);
+    let mut reads = 0;
+    for reader in readers {
+        reads += reader.await.unwrap();
+    }
+    assert!(reads >= READERS, "every reader read at least once");
+    let statuses = seat_statuses(&t, &event).await;
+    assert!(seats.iter().all(|s| statuses[s] == "held"), "{statuses:?}");
+}
