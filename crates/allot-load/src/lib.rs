@@ -226,9 +226,39 @@ struct ClientOutcome {
 
 /// Builds the world, runs the load, and (given a database) verifies it.
 pub async fn run(config: Config) -> anyhow::Result<Report> {
+    prepare(config).await?.run().await
+}
+
+/// A load whose world (venue, resources, shows, customers) is built and which has not started.
+pub struct Prepared {
+    config: Config,
+    target: Target,
+    world: World,
+}
+
+/// Builds the world of a load, so that a harness can start the load itself at a chosen moment
+/// without the catalogue writes and password hashing of the set-up.
+pub async fn prepare(config: Config) -> anyhow::Result<Prepared> {
     config.check()?;
     let target = Target::parse(&config.url).await?;
     let world = setup::build(&target, &config).await?;
+    Ok(Prepared { config, target, world })
+}
+
+impl Prepared {
+    /// New sessions for the world's customers (see [`setup::refresh_sessions`]).
+    pub async fn refresh_sessions(&mut self) -> anyhow::Result<()> {
+        setup::refresh_sessions(&self.target, &mut self.world).await
+    }
+
+    /// Runs the load and (given a database) verifies it.
+    pub async fn run(self) -> anyhow::Result<Report> {
+        let Prepared { config, target, world } = self;
+        measure(config, target, world).await
+    }
+}
+
+async fn measure(config: Config, target: Target, world: World) -> anyhow::Result<Report> {
     let mut conns: Vec<Conn> = (0..config.clients).map(|_| Conn::new(target.clone())).collect();
     if config.connect_first {
         for conn in &mut conns {

@@ -26,6 +26,8 @@ pub struct World {
     pub venue_id: String,
     /// Customers' access tokens; client `i` uses `customers[i % len]`.
     pub customers: Vec<String>,
+    /// Their refresh tokens, in the same order.
+    pub refresh_tokens: Vec<String>,
     pub seats: Vec<String>,
     pub shows: Vec<String>,
     pub hot_event: Option<String>,
@@ -120,8 +122,22 @@ pub async fn build(target: &Target, config: &Config) -> anyhow::Result<World> {
             .call_anonymous(Method::POST, "/auth/login", json!({"email": email, "password": CUSTOMER_PASSWORD}))
             .await?;
         world.customers.push(string(&session, "access_token")?);
+        world.refresh_tokens.push(string(&session, "refresh_token")?);
     }
     Ok(world)
+}
+
+/// Gives every customer a fresh session (`POST /auth/refresh`: no password hashing), for a
+/// world built before the server's clock moved past its access tokens' lifetime.
+pub async fn refresh_sessions(target: &Target, world: &mut World) -> anyhow::Result<()> {
+    let mut api = Api { conn: Conn::new(target.clone()), token: None };
+    for (access, refresh) in world.customers.iter_mut().zip(&mut world.refresh_tokens) {
+        let session =
+            api.call_anonymous(Method::POST, "/auth/refresh", json!({"refresh_token": refresh.as_str()})).await?;
+        *access = string(&session, "access_token")?;
+        *refresh = string(&session, "refresh_token")?;
+    }
+    Ok(())
 }
 
 fn seat_json(i: usize) -> (Value, u32) {
