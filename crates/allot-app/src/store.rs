@@ -262,6 +262,8 @@ pub trait Store: Send + Sync + 'static {
     async fn booking(&self, id: BookingId) -> Result<Option<Booking>, StoreError>;
     async fn bookings(&self, filter: &BookingFilter, page: PageRequest) -> Result<Page<Booking>, StoreError>;
     /// Marks up to `limit` holds with `expires_at <= now` expired, releasing their capacity.
+    /// It may release fewer and leave the rest to the next call; it releases none only when
+    /// none is due.
     async fn expire_due(&self, now: Timestamp, limit: u32) -> Result<Vec<BookingId>, StoreError>;
     /// The soonest `limit` hold expiries, for the expiry scheduler.
     async fn upcoming_expiries(&self, limit: u32) -> Result<Vec<(BookingId, Timestamp)>, StoreError>;

@@ -232,6 +232,7 @@ conformance! {
     expiry::expired_hold_stops_counting_before_the_sweep,
     expiry::expire_due_flips_only_due_holds_in_order_and_respects_limit,
     expiry::expire_due_concurrently_releases_each_hold_once,
+    expiry::a_storm_of_lapsed_holds_is_released_each_once_over_repeated_calls,
     expiry::pending_payment_counts_and_expires_like_a_hold,
     expiry::upcoming_expiries_are_ordered_and_only_expiring,
     seats::seat_states_held_vs_booked,

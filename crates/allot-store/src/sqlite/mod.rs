@@ -2,6 +2,7 @@
 //! connections (sqlx), every write through the group-commit [`Writer`] on a thread of its own
 //! over a synchronous connection ([`tx`]).
 
+mod checkpoint;
 mod tx;
 
 use std::str::FromStr;
@@ -52,6 +53,8 @@ pub struct SqliteStore {
     /// Bumped for a booking's resources once a write to its claims commits, before it is
     /// acknowledged: with the catalogue's generation, the [`Store::seat_version`].
     versions: ResourceVersions,
+    /// Checkpoints the WAL off the writer's thread; stops with the store.
+    _checkpointer: checkpoint::Checkpointer,
 }
 
 impl SqliteStore {
@@ -81,6 +84,9 @@ impl SqliteStore {
             .map_err(SqliteBackend::error)?;
         let writer = Writer::start_thread(write, SqliteBackend, "allot-sqlite-writer")
             .map_err(|e| StoreError::Database(format!("starting the writer thread: {e}")))?;
+        let checkpointer =
+            checkpoint::Checkpointer::start(std::path::Path::new(path), Duration::from_secs(BUSY_TIMEOUT_SECONDS))
+                .map_err(|e| StoreError::Database(format!("starting the checkpoint thread: {e}")))?;
         let read = SqlitePoolOptions::new()
             .max_connections(READ_POOL_CONNECTIONS_MAX)
             .connect_with(base.read_only(true))
@@ -90,7 +96,14 @@ impl SqliteStore {
         cache.set_enabled(true);
         let users = Cache::default();
         users.set_enabled(true);
-        Ok(SqliteStore { read, writer, cache, users, versions: ResourceVersions::default() })
+        Ok(SqliteStore {
+            read,
+            writer,
+            cache,
+            users,
+            versions: ResourceVersions::default(),
+            _checkpointer: checkpointer,
+        })
     }
 
     /// `(transactions, requests)` the writer has committed or attempted since start.

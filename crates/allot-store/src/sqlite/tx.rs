@@ -55,6 +55,8 @@ pub(crate) fn open(path: &Path, busy_timeout: Duration) -> Result<Connection> {
     conn.pragma_update(None, "temp_store", "MEMORY")?;
     // 64 MiB of page cache (default 2 MiB): the hot indexes stay in memory.
     conn.pragma_update(None, "cache_size", -65_536)?;
+    // Checkpoints run on their own thread (`checkpoint`); this is only the backstop.
+    conn.pragma_update(None, "wal_autocheckpoint", super::checkpoint::WRITER_AUTOCHECKPOINT_PAGES)?;
     conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE_CAPACITY);
     Ok(conn)
 }
@@ -431,32 +433,61 @@ pub(crate) fn update_booking(
     Ok(Ok(after))
 }
 
-/// Releases up to `limit` holds whose time ran out by `now`: their ids, and the resources
-/// whose claims changed.
+/// Lapsed holds read and released by one group of statements.
+const EXPIRY_CHUNK_ROWS: u32 = 100;
+/// How long one expiry job may keep the writer: every request of its batch and every one
+/// queued behind it waits for it, so a storm of lapsed holds is released in slices that keep
+/// hold latency bounded.
+const EXPIRY_JOB_MILLIS_MAX: u64 = 4;
+
+/// Releases up to `limit` holds whose time ran out by `now`, in chunks, stopping early once
+/// [`EXPIRY_JOB_MILLIS_MAX`] is spent (the caller asks again while any were released): their
+/// ids, and the resources whose claims changed.
 pub(crate) fn expire_due(
     ctx: &mut Ctx,
     now: Timestamp,
     limit: u32,
 ) -> Outcome<(Vec<BookingId>, Vec<ResourceId>), StoreError> {
     let now = ctx.now(now);
-    let mut stmt = ctx.conn.prepare_cached(
+    let started = std::time::Instant::now();
+    let mut ids = Vec::new();
+    let mut resources = Vec::new();
+    while ids.len() < limit as usize {
+        let chunk = EXPIRY_CHUNK_ROWS.min(limit - ids.len() as u32);
+        let (read, changes) = expire_chunk(&ctx.conn, now, chunk)?;
+        for (_, after) in &changes {
+            resources.extend(after.items.iter().map(|item| item.resource_id));
+        }
+        let released = changes.len();
+        ids.extend(changes.into_iter().map(|(_, after)| after.id));
+        // No more lapsed rows, or only rows that cannot lapse (read again, they would loop).
+        let exhausted = read < chunk as usize || released == 0;
+        if exhausted || started.elapsed() >= std::time::Duration::from_millis(EXPIRY_JOB_MILLIS_MAX) {
+            break;
+        }
+    }
+    Ok(Ok((ids, resources)))
+}
+
+/// Releases up to `chunk` lapsed holds: how many rows were read, and each change written.
+fn expire_chunk(conn: &Connection, now: Timestamp, chunk: u32) -> Result<(usize, Vec<(Booking, Booking)>)> {
+    let mut stmt = conn.prepare_cached(
         "SELECT doc FROM bookings WHERE status IN ('held', 'pending_payment') AND expires_at <= ?
          ORDER BY expires_at LIMIT ?",
     )?;
     let docs = stmt
-        .query_map(params![now.as_second(), i64::from(limit)], |r| r.get::<_, String>(0))?
+        .query_map(params![now.as_second(), i64::from(chunk)], |r| r.get::<_, String>(0))?
         .collect::<Result<Vec<String>>>()?;
     drop(stmt);
     let mut changes = Vec::with_capacity(docs.len());
-    for doc in docs {
-        let before: Booking = from_json(&doc)?;
+    for doc in &docs {
+        let before: Booking = from_json(doc)?;
         if let Some(after) = expired(&before, now) {
             changes.push((before, after));
         }
     }
-    apply_changes(&ctx.conn, &changes, now)?;
-    let resources = changes.iter().flat_map(|(_, after)| after.items.iter().map(|item| item.resource_id)).collect();
-    Ok(Ok((changes.into_iter().map(|(_, after)| after.id).collect(), resources)))
+    apply_changes(conn, &changes, now)?;
+    Ok((docs.len(), changes))
 }
 
 /// Bookings whose status changes are written as set-based statements together; 4 variables

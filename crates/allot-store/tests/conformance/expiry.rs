@@ -183,3 +183,34 @@ pub async fn upcoming_expiries_are_ordered_and_only_expiring(b: &Backend) {
     assert_eq!(w.store.expire_due(at(15), 100).await.unwrap(), vec![by_ttl[&10]]);
     assert_eq!(w.store.upcoming_expiries(100).await.unwrap(), want[1..].to_vec());
 }
+
+/// Many lapsed holds at once: a store may release them over several calls (SQLite slices a
+/// storm so holds are not kept waiting), in chunks; each is released exactly once, with its
+/// claims and one event, and asking again until nothing is returned releases them all.
+pub async fn a_storm_of_lapsed_holds_is_released_each_once_over_repeated_calls(b: &Backend) {
+    const LAPSING: usize = 450;
+    let w = World::new(b).await;
+    let r = w.resource(1000).await;
+    let s = span(HOUR, 2 * HOUR);
+    let mut lapsing = HashSet::new();
+    for i in 0..LAPSING {
+        let expires_in = 10 + i64::try_from(i % 3).unwrap();
+        lapsing.insert(w.held(&[(r.id, s, 1)], at(0), expires_in).await.id);
+    }
+    let keep = w.held(&[(r.id, s, 2)], at(0), 1000).await;
+    let mut released = Vec::new();
+    for _ in 0..LAPSING {
+        let batch = w.store.expire_due(at(100), 2000).await.unwrap();
+        if batch.is_empty() {
+            break;
+        }
+        released.extend(batch);
+    }
+    assert_eq!(released.len(), LAPSING, "every lapsed hold released, none twice");
+    assert_eq!(set(&released), lapsing);
+    assert_eq!(b.count("outbox", "topic = 'booking.expired'").await, i64::try_from(LAPSING).unwrap());
+    assert_eq!(b.count("bookings", "status = 'expired'").await, i64::try_from(LAPSING).unwrap());
+    assert_eq!(b.count("claims", "1=1").await, 1, "only the kept hold still claims");
+    assert_eq!(w.store.booking(keep.id).await.unwrap().unwrap().status, BookingStatus::Held);
+    assert_eq!(w.claimed(r.id, at(100)).await, 2);
+}

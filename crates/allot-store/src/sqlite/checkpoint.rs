@@ -1,0 +1,64 @@
+//! WAL checkpoints on a thread of their own.
+//!
+//! SQLite checkpoints in the connection that commits once the WAL passes its threshold: the
+//! writer thread would copy the WAL's pages into the database file and fsync it inside a
+//! commit, and every hold queued behind that batch would wait for it (an expiry storm writes
+//! the WAL fast enough to make this the largest stall). Here a second connection runs
+//! `PRAGMA wal_checkpoint(PASSIVE)` every few milliseconds instead; a passive checkpoint
+//! takes no lock the writer needs. The writer keeps a far higher threshold of its own as a
+//! backstop, should this thread fall behind or fail.
+//!
+//! Durability is unchanged: a commit is durable once its WAL frames are synced
+//! (`synchronous=FULL`), whenever they are checkpointed.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use rusqlite::Connection;
+
+/// Pause between checkpoints.
+const CHECKPOINT_INTERVAL_MILLIS: u64 = 20;
+/// The writer's own threshold (pages of WAL, 4 KiB each; SQLite's default is 1 000).
+pub(crate) const WRITER_AUTOCHECKPOINT_PAGES: i64 = 16_384;
+
+/// Stops and joins its thread when dropped.
+pub(crate) struct Checkpointer {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Checkpointer {
+    pub(crate) fn start(path: &Path, busy_timeout: Duration) -> std::io::Result<Checkpointer> {
+        let conn = Connection::open(path).map_err(std::io::Error::other)?;
+        conn.busy_timeout(busy_timeout).map_err(std::io::Error::other)?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let stopped = stop.clone();
+        let thread =
+            std::thread::Builder::new().name("allot-sqlite-checkpoint".into()).spawn(move || run(&conn, &stopped))?;
+        Ok(Checkpointer { stop, thread: Some(thread) })
+    }
+}
+
+fn run(conn: &Connection, stop: &AtomicBool) {
+    while !stop.load(Ordering::Relaxed) {
+        std::thread::park_timeout(Duration::from_millis(CHECKPOINT_INTERVAL_MILLIS));
+        // (busy, frames in the WAL, frames checkpointed); busy only means try again later.
+        let checkpointed = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| r.get::<_, i64>(0));
+        if let Err(e) = checkpointed {
+            tracing::warn!(error = %e, "WAL checkpoint failed; the writer's own threshold still applies");
+        }
+    }
+}
+
+impl Drop for Checkpointer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            thread.thread().unpark();
+            let _ = thread.join();
+        }
+    }
+}
