@@ -550,3 +550,35 @@ async fn a_client_that_hangs_up_does_not_leave_its_key_locked() {
     .await;
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{}", String::from_utf8_lossy(&response));
 }
+
+/// More lapsed holds than one expiry job releases (the SQLite writer slices a storm): the
+/// scheduler keeps asking until none is left, instead of leaving the rest to the next sweep
+/// (five seconds later).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_storm_of_lapsed_holds_is_released_at_once_not_by_the_next_sweep() {
+    const HOLDS: usize = 400;
+    let t = Arc::new(TestApp::spawn().await);
+    let admin = t.admin().await;
+    let venue = t.venue(&admin, "hotel").await;
+    let room = t.room_type(&admin, &venue, 1000, 0).await;
+    let customer = t.customer("storm@test.allot").await;
+    let body = json!({"items": [{"resource_id": room, "check_in": "2026-11-26", "check_out": "2026-11-27"}]});
+    for _ in 0..HOLDS {
+        let (status, answer) = t.post(Some(&customer), "/bookings", body.clone()).await;
+        assert_eq!(status, StatusCode::CREATED, "{answer}");
+    }
+    let held = || t.store.count("bookings", "status = 'held'");
+    assert_eq!(held().await.unwrap(), i64::try_from(HOLDS).unwrap());
+    t.clock.advance(SignedDuration::from_secs(601));
+    let started = Instant::now();
+    while held().await.unwrap() > 0 {
+        assert!(
+            started.elapsed() < Duration::from_secs(4),
+            "{} holds still held 4 s after they lapsed (the sweep runs every 5 s)",
+            held().await.unwrap()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(t.store.count("bookings", "status = 'expired'").await.unwrap(), i64::try_from(HOLDS).unwrap());
+    assert_eq!(t.store.count("claims", "1 = 1").await.unwrap(), 0);
+}
