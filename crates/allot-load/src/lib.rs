@@ -254,44 +254,40 @@ impl Prepared {
     /// Runs the load and (given a database) verifies it.
     pub async fn run(self) -> anyhow::Result<Report> {
         let Prepared { config, target, world } = self;
-        measure(config, target, world).await
-    }
-}
-
-async fn measure(config: Config, target: Target, world: World) -> anyhow::Result<Report> {
-    let mut conns: Vec<Conn> = (0..config.clients).map(|_| Conn::new(target.clone())).collect();
-    if config.connect_first {
-        for conn in &mut conns {
-            conn.connect().await.context("opening a client's connection")?;
+        let mut conns: Vec<Conn> = (0..config.clients).map(|_| Conn::new(target.clone())).collect();
+        if config.connect_first {
+            for conn in &mut conns {
+                conn.connect().await.context("opening a client's connection")?;
+            }
         }
+        let start = Instant::now();
+        let shared = Arc::new(Shared {
+            world,
+            deadline: start + config.duration,
+            config,
+            start,
+            issued: AtomicU64::new(0),
+            next_pair: AtomicUsize::new(0),
+            clients_done: AtomicUsize::new(0),
+            stop: AtomicBool::new(false),
+        });
+        let tasks: Vec<_> =
+            conns.into_iter().enumerate().map(|(i, conn)| tokio::spawn(client(i, shared.clone(), conn))).collect();
+        let mut stats = Stats::default();
+        let mut acks = HashMap::new();
+        for task in tasks {
+            let outcome = task.await.context("a client task failed")?;
+            stats.merge(&outcome.stats);
+            // A client's acknowledgements are in order; a booking belongs to one client.
+            acks.extend(outcome.acks);
+        }
+        let seconds = start.elapsed().as_secs_f64();
+        let verification = match &shared.config.database_url {
+            Some(url) => Some(verify::verify(url, &shared.world, &acks).await?),
+            None => None,
+        };
+        Ok(report(&shared.config, &stats, seconds, verification))
     }
-    let start = Instant::now();
-    let shared = Arc::new(Shared {
-        world,
-        deadline: start + config.duration,
-        config,
-        start,
-        issued: AtomicU64::new(0),
-        next_pair: AtomicUsize::new(0),
-        clients_done: AtomicUsize::new(0),
-        stop: AtomicBool::new(false),
-    });
-    let tasks: Vec<_> =
-        conns.into_iter().enumerate().map(|(i, conn)| tokio::spawn(client(i, shared.clone(), conn))).collect();
-    let mut stats = Stats::default();
-    let mut acks = HashMap::new();
-    for task in tasks {
-        let outcome = task.await.context("a client task failed")?;
-        stats.merge(&outcome.stats);
-        // A client's acknowledgements are in order; a booking belongs to one client.
-        acks.extend(outcome.acks);
-    }
-    let seconds = start.elapsed().as_secs_f64();
-    let verification = match &shared.config.database_url {
-        Some(url) => Some(verify::verify(url, &shared.world, &acks).await?),
-        None => None,
-    };
-    Ok(report(&shared.config, &stats, seconds, verification))
 }
 
 fn report(config: &Config, stats: &Stats, seconds: f64, verification: Option<Verification>) -> Report {
