@@ -13,6 +13,8 @@
 FROM rust:1.95-bookworm AS builder
 WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
+# The bundled SQLite's compile-time options (LIBSQLITE3_FLAGS).
+COPY .cargo ./.cargo
 COPY crates ./crates
 # Migrations are embedded in the binary at compile time (sqlx::migrate!); nothing else from the
 # source tree is needed at run time.
