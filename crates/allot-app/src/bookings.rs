@@ -1,6 +1,7 @@
 //! Booking use cases: hold, confirm (with payment), cancel (with refund), read, expire.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use allot_core::FieldErrors;
 use allot_core::booking::{
@@ -55,7 +56,7 @@ impl App {
         let mut priced = Vec::with_capacity(request.items.len());
         for (i, item) in request.items.iter().enumerate() {
             let resource = &resources[&item.resource_id];
-            let event = item.event_id.map(|id| &events[&id]);
+            let event = item.event_id.map(|id| &*events[&id]);
             match price_item(&venue, resource, event, *item, now) {
                 Ok(p) => priced.push(p),
                 Err(e) => errors.merge(e.fields.prefixed(&format!("items[{i}]"))),
@@ -93,7 +94,8 @@ impl App {
     async fn load_for_hold(
         &self,
         items: &[ItemRequest],
-    ) -> AppResult<(Venue, HashMap<ResourceId, Resource>, HashMap<allot_core::ids::EventId, Event>)> {
+    ) -> AppResult<(Arc<Venue>, HashMap<ResourceId, Arc<Resource>>, HashMap<allot_core::ids::EventId, Arc<Event>>)>
+    {
         let mut errors = FieldErrors::new();
         let mut resources = HashMap::new();
         let mut events = HashMap::new();

@@ -65,7 +65,7 @@ impl App {
         Ok(venue)
     }
 
-    pub async fn venue(&self, id: VenueId) -> AppResult<Venue> {
+    pub async fn venue(&self, id: VenueId) -> AppResult<Arc<Venue>> {
         self.store.venue(id).await?.ok_or(AppError::NotFound("venue"))
     }
 
@@ -75,7 +75,7 @@ impl App {
 
     pub async fn update_venue(&self, principal: &Principal, id: VenueId, patch: Patch<Venue>) -> AppResult<Venue> {
         audit::set_venue(id);
-        let mut venue = self.venue(id).await?;
+        let mut venue = Arc::unwrap_or_clone(self.venue(id).await?);
         self.require_manager(principal, id)?;
         patch(&mut venue);
         assert_eq!(venue.id, id, "a patch cannot change the id");
@@ -105,7 +105,7 @@ impl App {
         Ok(resource)
     }
 
-    pub async fn resource(&self, id: ResourceId) -> AppResult<Resource> {
+    pub async fn resource(&self, id: ResourceId) -> AppResult<Arc<Resource>> {
         self.store.resource(id).await?.ok_or(AppError::NotFound("resource"))
     }
 
@@ -121,7 +121,7 @@ impl App {
         id: ResourceId,
         patch: Patch<Resource>,
     ) -> AppResult<Resource> {
-        let mut resource = self.resource(id).await?;
+        let mut resource = Arc::unwrap_or_clone(self.resource(id).await?);
         audit::set_venue(resource.venue_id);
         self.require_manager(principal, resource.venue_id)?;
         let kind = resource.time_model.kind();
@@ -168,7 +168,7 @@ impl App {
         Ok(event)
     }
 
-    pub async fn event(&self, id: EventId) -> AppResult<Event> {
+    pub async fn event(&self, id: EventId) -> AppResult<Arc<Event>> {
         self.store.event(id).await?.ok_or(AppError::NotFound("event"))
     }
 
@@ -230,7 +230,7 @@ impl App {
         from: Option<Bound>,
         to: Option<Bound>,
         quantity: u32,
-    ) -> AppResult<(Resource, Vec<AvailabilityWindow>)> {
+    ) -> AppResult<(Arc<Resource>, Vec<AvailabilityWindow>)> {
         let resource = self.resource(id).await?;
         let venue = self.venue(resource.venue_id).await?;
         let tz = venue.tz();

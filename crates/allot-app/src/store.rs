@@ -5,6 +5,7 @@
 //! transaction that inserts the claims, over the claims it read in that transaction.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use allot_core::booking::{Booking, BookingStatus};
 use allot_core::capacity::{Claim, Span};
@@ -228,17 +229,18 @@ pub trait Store: Send + Sync + 'static {
     async fn update_venue(&self, venue: &Venue) -> Result<(), StoreError>;
     /// Refuses (Conflict) while the venue has bookings that claim capacity.
     async fn delete_venue(&self, id: VenueId, now: Timestamp) -> Result<(), StoreError>;
-    async fn venue(&self, id: VenueId) -> Result<Option<Venue>, StoreError>;
+    /// Catalogue documents come shared (`Arc`): they are cached, and a hold reads three of them.
+    async fn venue(&self, id: VenueId) -> Result<Option<Arc<Venue>>, StoreError>;
     async fn venues(&self, page: PageRequest) -> Result<Page<Venue>, StoreError>;
     async fn insert_resource(&self, resource: &Resource) -> Result<(), StoreError>;
     async fn update_resource(&self, resource: &Resource) -> Result<(), StoreError>;
     async fn delete_resource(&self, id: ResourceId, now: Timestamp) -> Result<(), StoreError>;
-    async fn resource(&self, id: ResourceId) -> Result<Option<Resource>, StoreError>;
+    async fn resource(&self, id: ResourceId) -> Result<Option<Arc<Resource>>, StoreError>;
     /// The live resources among `ids` (missing ones are left out), in no particular order.
     async fn resources_by_ids(&self, ids: &[ResourceId]) -> Result<Vec<Resource>, StoreError>;
     async fn resources(&self, venue_id: VenueId, page: PageRequest) -> Result<Page<Resource>, StoreError>;
     async fn insert_event(&self, event: &Event) -> Result<(), StoreError>;
-    async fn event(&self, id: EventId) -> Result<Option<Event>, StoreError>;
+    async fn event(&self, id: EventId) -> Result<Option<Arc<Event>>, StoreError>;
     async fn events(&self, venue_id: VenueId, page: PageRequest) -> Result<Page<Event>, StoreError>;
     /// Events that include `seat` and overlap `span`, in start order (at most `limit`).
     async fn events_of_seat(&self, seat: ResourceId, span: Span, limit: u32) -> Result<Vec<Event>, StoreError>;

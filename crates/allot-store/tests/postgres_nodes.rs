@@ -295,7 +295,7 @@ async fn catalogue_changes_reach_other_nodes_within_a_second() {
     let started = Instant::now();
     loop {
         let seen = reader.resource(room.id).await.unwrap().unwrap().capacity;
-        let name = reader.venue(venue.id).await.unwrap().unwrap().name;
+        let name = reader.venue(venue.id).await.unwrap().unwrap().name.clone();
         if seen == 7 && name == "Renamed" {
             break;
         }

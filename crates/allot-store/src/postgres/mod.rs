@@ -221,14 +221,14 @@ impl PgStore {
     }
 
     /// The document `sql` (taking the id) selects, through the cache.
-    async fn cached_doc<T>(&self, kind: &str, sql: &'static str, id: String) -> Result<Option<T>, StoreError>
+    async fn cached_doc<T>(&self, kind: &str, sql: &'static str, id: String) -> Result<Option<Arc<T>>, StoreError>
     where
-        T: DeserializeOwned + Clone + Send + Sync + 'static,
+        T: DeserializeOwned + Send + Sync + 'static,
     {
         let load = async {
             let doc: Option<String> =
                 sqlx::query_scalar(sql).bind(id.clone()).fetch_optional(&self.read).await.map_err(db_error)?;
-            doc.map(|d| from_json::<T>(&d)).transpose()
+            doc.map(|d| from_json::<T>(&d).map(Arc::new)).transpose()
         };
         self.cache.get_or_load(cache::key(kind, &id), load).await
     }
@@ -798,7 +798,7 @@ impl Store for PgStore {
         Ok(())
     }
 
-    async fn venue(&self, id: VenueId) -> Result<Option<Venue>, StoreError> {
+    async fn venue(&self, id: VenueId) -> Result<Option<Arc<Venue>>, StoreError> {
         self.cached_doc("venue", "SELECT doc::text FROM venues WHERE id = $1 AND deleted_at IS NULL", id.to_string())
             .await
     }
@@ -900,7 +900,7 @@ impl Store for PgStore {
         Ok(())
     }
 
-    async fn resource(&self, id: ResourceId) -> Result<Option<Resource>, StoreError> {
+    async fn resource(&self, id: ResourceId) -> Result<Option<Arc<Resource>>, StoreError> {
         self.cached_doc(
             "resource",
             "SELECT doc::text FROM resources WHERE id = $1 AND deleted_at IS NULL",
@@ -973,7 +973,7 @@ impl Store for PgStore {
         Ok(())
     }
 
-    async fn event(&self, id: EventId) -> Result<Option<Event>, StoreError> {
+    async fn event(&self, id: EventId) -> Result<Option<Arc<Event>>, StoreError> {
         self.cached_doc("event", "SELECT doc::text FROM events WHERE id = $1 AND deleted_at IS NULL", id.to_string())
             .await
     }

@@ -6,6 +6,7 @@ mod checkpoint;
 mod tx;
 
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use allot_app::StoreError;
@@ -174,14 +175,14 @@ impl SqliteStore {
     }
 
     /// The document `sql` (taking the id) selects, through the cache.
-    async fn cached_doc<T>(&self, kind: &str, sql: &'static str, id: String) -> Result<Option<T>, StoreError>
+    async fn cached_doc<T>(&self, kind: &str, sql: &'static str, id: String) -> Result<Option<Arc<T>>, StoreError>
     where
-        T: DeserializeOwned + Clone + Send + Sync + 'static,
+        T: DeserializeOwned + Send + Sync + 'static,
     {
         let load = async {
             let doc: Option<String> =
                 sqlx::query_scalar(sql).bind(id.clone()).fetch_optional(&self.read).await.map_err(db_error)?;
-            doc.map(|d| from_json::<T>(&d)).transpose()
+            doc.map(|d| from_json::<T>(&d).map(Arc::new)).transpose()
         };
         self.cache.get_or_load(cache::key(kind, &id), load).await
     }
@@ -388,7 +389,7 @@ impl Store for SqliteStore {
         self.invalidating(&key, result)
     }
 
-    async fn venue(&self, id: VenueId) -> Result<Option<Venue>, StoreError> {
+    async fn venue(&self, id: VenueId) -> Result<Option<Arc<Venue>>, StoreError> {
         self.cached_doc("venue", "SELECT doc FROM venues WHERE id = ? AND deleted_at IS NULL", id.to_string()).await
     }
 
@@ -429,7 +430,7 @@ impl Store for SqliteStore {
         self.invalidating(&key, result)
     }
 
-    async fn resource(&self, id: ResourceId) -> Result<Option<Resource>, StoreError> {
+    async fn resource(&self, id: ResourceId) -> Result<Option<Arc<Resource>>, StoreError> {
         self.cached_doc("resource", "SELECT doc FROM resources WHERE id = ? AND deleted_at IS NULL", id.to_string())
             .await
     }
@@ -469,7 +470,7 @@ impl Store for SqliteStore {
         self.writer.exec_now(move |ctx: &mut Ctx| tx::insert_event(ctx, &event)).await
     }
 
-    async fn event(&self, id: EventId) -> Result<Option<Event>, StoreError> {
+    async fn event(&self, id: EventId) -> Result<Option<Arc<Event>>, StoreError> {
         self.cached_doc("event", "SELECT doc FROM events WHERE id = ? AND deleted_at IS NULL", id.to_string()).await
     }
 

@@ -22,7 +22,7 @@ pub async fn venue_insert_get_update(b: &Backend) {
     let s = b.store();
     let mut v = venue_in("Europe/Berlin");
     s.insert_venue(&v).await.unwrap();
-    assert_eq!(s.venue(v.id).await.unwrap().as_ref(), Some(&v));
+    assert_eq!(s.venue(v.id).await.unwrap().as_deref(), Some(&v));
     assert_eq!(s.venue(VenueId::new()).await.unwrap(), None);
 
     match s.insert_venue(&v).await {
@@ -35,7 +35,7 @@ pub async fn venue_insert_get_update(b: &Backend) {
     v.amenities.push("parking".into());
     v.policies.hold_ttl_seconds = 120;
     s.update_venue(&v).await.unwrap();
-    assert_eq!(s.venue(v.id).await.unwrap().as_ref(), Some(&v));
+    assert_eq!(s.venue(v.id).await.unwrap().as_deref(), Some(&v));
 
     let ghost = venue_in("UTC");
     match s.update_venue(&ghost).await {
@@ -128,13 +128,13 @@ pub async fn resources_paging_per_venue_and_soft_delete(b: &Backend) {
 
     // Get and update round-trip the whole record.
     let mut r = mine[3].clone();
-    assert_eq!(s.resource(r.id).await.unwrap().as_ref(), Some(&r));
+    assert_eq!(s.resource(r.id).await.unwrap().as_deref(), Some(&r));
     r.name = "Renamed".into();
     r.capacity = 42;
     r.rules.buffer_after_minutes = 15;
     r.attributes = r#"{"floor":2,"view":"sea"}"#.into();
     s.update_resource(&r).await.unwrap();
-    assert_eq!(s.resource(r.id).await.unwrap().as_ref(), Some(&r));
+    assert_eq!(s.resource(r.id).await.unwrap().as_deref(), Some(&r));
     match s.update_resource(&free_resource(w.venue.id, 1)).await {
         Err(StoreError::NotFound(_)) => {}
         other => panic!("updating a missing resource: expected NotFound, got {other:?}"),
@@ -197,7 +197,7 @@ pub async fn events_insert_list_and_events_of_seat(b: &Backend) {
     for e in [&e2, &e1, &e3] {
         s.insert_event(e).await.unwrap();
     }
-    assert_eq!(s.event(e1.id).await.unwrap().as_ref(), Some(&e1));
+    assert_eq!(s.event(e1.id).await.unwrap().as_deref(), Some(&e1));
     assert_eq!(s.event(EventId::new()).await.unwrap(), None);
 
     let ids = |events: Vec<allot_core::inventory::Event>| events.into_iter().map(|e| e.id).collect::<Vec<_>>();
