@@ -81,6 +81,16 @@ pub struct Session {
 pub struct TokenKeys {
     encoding: jsonwebtoken::EncodingKey,
     decoding: jsonwebtoken::DecodingKey,
+    /// Built once: building it allocates, and every authenticated request verifies a token.
+    validation: jsonwebtoken::Validation,
+}
+
+/// HS256 only; expiry is checked against the injected clock, not the system time.
+fn access_validation() -> jsonwebtoken::Validation {
+    let mut validation = jsonwebtoken::Validation::new(jsonwebtoken::Algorithm::HS256);
+    validation.validate_exp = false;
+    validation.required_spec_claims.clear();
+    validation
 }
 
 impl TokenKeys {
@@ -89,6 +99,7 @@ impl TokenKeys {
         Self {
             encoding: jsonwebtoken::EncodingKey::from_secret(secret),
             decoding: jsonwebtoken::DecodingKey::from_secret(secret),
+            validation: access_validation(),
         }
     }
 }
@@ -258,11 +269,8 @@ impl App {
     /// No database look-up: cheap enough for every request (rate limits key on it), but the
     /// account may since have been deleted; [`App::authenticate`] is the full check.
     pub fn token_subject(&self, access_token: &str) -> Option<UserId> {
-        let mut validation = jsonwebtoken::Validation::new(jsonwebtoken::Algorithm::HS256);
-        // Expiry is checked against the injected clock below, not the system time.
-        validation.validate_exp = false;
-        validation.required_spec_claims.clear();
-        let data = jsonwebtoken::decode::<AccessClaims>(access_token, &self.keys.decoding, &validation).ok()?;
+        let data =
+            jsonwebtoken::decode::<AccessClaims>(access_token, &self.keys.decoding, &self.keys.validation).ok()?;
         if data.claims.exp <= self.clock.now().as_second() {
             return None;
         }

@@ -44,20 +44,17 @@ pub struct HttpOptions {
 pub fn router(app: Arc<App>, options: &HttpOptions) -> Router {
     ops::metrics_handle();
     let limiter = Arc::new(ratelimit::Limiter::new(app.clone(), options.rate_limits.clone()));
-    let timeout = std::time::Duration::from_secs(options.ops.request_timeout_seconds);
     let (routes, spec) = documented_routes().split_for_parts();
     // One `layer` call for every layer: axum boxes each route's service once per call, and
     // every middleware clones the service inside it per request, so ten separate calls cost
     // ten boxed services per route and ~50 allocations per request. The first layer here is
     // the outermost.
     let layers = tower::ServiceBuilder::new()
-        .layer(axum::middleware::from_fn(ops::request_id))
-        .layer(axum::middleware::from_fn_with_state(ops::hsts_value(&options.ops), ops::security_headers))
-        // So that every answer (preflights, panics, timeouts, 404s) gets the headers above.
-        .option_layer(ops::cors(&options.ops))
-        .layer(axum::middleware::from_fn(ops::record_metrics))
+        // Outside CORS, so that every answer (preflights, panics, timeouts, 404s) gets the
+        // request id and the security headers, and is counted.
+        .layer(axum::middleware::from_fn_with_state(Arc::new(ops::Envelope::new(&options.ops)), ops::envelope))
         .layer(tower_http::trace::TraceLayer::new_for_http())
-        .layer(axum::middleware::from_fn_with_state(timeout, ops::timeout))
+        .option_layer(ops::cors(&options.ops))
         .layer(tower_http::catch_panic::CatchPanicLayer::custom(panicked))
         .layer(DefaultBodyLimit::max(BODY_BYTES_MAX))
         .layer(axum::middleware::from_fn_with_state(limiter, ratelimit::layer))

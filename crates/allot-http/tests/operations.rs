@@ -267,6 +267,26 @@ async fn metrics_count_requests_by_route_template_holds_and_store_batches() {
     assert!(text.contains("# TYPE allot_holds_total counter"));
 }
 
+/// Each (route, method, status) series is registered once and its handle kept: every later
+/// request must still count on it.
+#[tokio::test]
+async fn every_request_of_a_route_counts_not_only_the_first() {
+    let t = TestApp::spawn().await;
+    let (customer, booking) = t.held_seat().await;
+    let labels = [r#"route="/api/v1/bookings/{id}""#, r#"method="GET""#, r#"status="200""#];
+    let count = || async {
+        let text = t.client.get(t.root("/metrics")).send().await.unwrap().text().await.unwrap();
+        sample(&text, "allot_http_requests_total", &labels).unwrap_or(0.0)
+    };
+    let before = count().await;
+    for _ in 0..3 {
+        let (status, _) = t.get(Some(&customer), &format!("/bookings/{booking}")).await;
+        assert_eq!(status, StatusCode::OK);
+    }
+    // Other tests of this process may count on the same series too, never fewer.
+    assert!(count().await >= before + 3.0);
+}
+
 #[tokio::test]
 async fn metrics_count_payments_and_unmatched_routes() {
     let t = TestApp::spawn().await;
