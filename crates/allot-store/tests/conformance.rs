@@ -64,9 +64,15 @@ pub enum Backend {
 
 impl Backend {
     pub async fn sqlite() -> Backend {
+        Self::sqlite_with(|_| {}).await
+    }
+
+    /// A fresh SQLite store, set up by `configure` before use.
+    pub async fn sqlite_with(configure: impl FnOnce(&mut SqliteStore)) -> Backend {
         let dir = std::env::temp_dir().join(format!("allot-conformance-{}", uuid::Uuid::now_v7().as_simple()));
         let url = format!("sqlite://{}/allot.db", dir.display());
-        let store = SqliteStore::open(&url).await.unwrap();
+        let mut store = SqliteStore::open(&url).await.unwrap();
+        configure(&mut store);
         Backend::Sqlite { store: Arc::new(store), dir }
     }
 
@@ -244,6 +250,21 @@ conformance! {
     idempotency::idempotency_abandon_releases_only_unfinished_keys,
     idempotency::idempotency_cleanup_deletes_old_keys_only,
     model::random_operations_agree_with_reference_model,
+}
+
+/// SQLite only: the writer's expiry job runs chunk (100 holds) after chunk while its time budget
+/// lasts...
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_an_expiry_job_with_time_to_spare_releases_chunk_after_chunk() {
+    let backend = Backend::sqlite_with(|s| s.set_expiry_job_budget(std::time::Duration::from_secs(600))).await;
+    run(backend, |b| Box::pin(expiry::one_expiry_job_releases(b, 450, 450))).await;
+}
+
+/// ...and stops after the chunk that spends it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_an_expiry_job_stops_after_the_chunk_that_spends_its_budget() {
+    let backend = Backend::sqlite_with(|s| s.set_expiry_job_budget(std::time::Duration::ZERO)).await;
+    run(backend, |b| Box::pin(expiry::one_expiry_job_releases(b, 450, 100))).await;
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -56,6 +56,8 @@ pub struct SqliteStore {
     versions: ResourceVersions,
     /// Checkpoints the WAL off the writer's thread; stops with the store.
     _checkpointer: checkpoint::Checkpointer,
+    /// How long one expiry job may keep the writer ([`tx::EXPIRY_JOB_MILLIS_MAX`] unless set).
+    expiry_job_budget: Duration,
 }
 
 impl SqliteStore {
@@ -104,7 +106,14 @@ impl SqliteStore {
             users,
             versions: ResourceVersions::default(),
             _checkpointer: checkpointer,
+            expiry_job_budget: Duration::from_millis(tx::EXPIRY_JOB_MILLIS_MAX),
         })
+    }
+
+    /// How long one expiry job may keep the writer before it stops with what it released (the
+    /// app asks again while any were). For tests: the default keeps hold latency bounded.
+    pub fn set_expiry_job_budget(&mut self, budget: Duration) {
+        self.expiry_job_budget = budget;
     }
 
     /// `(transactions, requests)` the writer has committed or attempted since start.
@@ -581,7 +590,9 @@ impl Store for SqliteStore {
     }
 
     async fn expire_due(&self, now: Timestamp, limit: u32) -> Result<Vec<BookingId>, StoreError> {
-        let (expired, resources) = self.writer.exec_now(move |ctx: &mut Ctx| tx::expire_due(ctx, now, limit)).await?;
+        let budget = self.expiry_job_budget;
+        let (expired, resources) =
+            self.writer.exec_now(move |ctx: &mut Ctx| tx::expire_due(ctx, now, limit, budget)).await?;
         self.versions.bump(resources);
         Ok(expired)
     }

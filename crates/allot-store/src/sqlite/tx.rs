@@ -438,15 +438,16 @@ const EXPIRY_CHUNK_ROWS: u32 = 100;
 /// How long one expiry job may keep the writer: every request of its batch and every one
 /// queued behind it waits for it, so a storm of lapsed holds is released in slices that keep
 /// hold latency bounded.
-const EXPIRY_JOB_MILLIS_MAX: u64 = 4;
+pub(crate) const EXPIRY_JOB_MILLIS_MAX: u64 = 4;
 
 /// Releases up to `limit` holds whose time ran out by `now`, in chunks, stopping early once
-/// [`EXPIRY_JOB_MILLIS_MAX`] is spent (the caller asks again while any were released): their
-/// ids, and the resources whose claims changed.
+/// `budget` ([`EXPIRY_JOB_MILLIS_MAX`] but in tests) is spent (the caller asks again while any
+/// were released): their ids, and the resources whose claims changed.
 pub(crate) fn expire_due(
     ctx: &mut Ctx,
     now: Timestamp,
     limit: u32,
+    budget: std::time::Duration,
 ) -> Outcome<(Vec<BookingId>, Vec<ResourceId>), StoreError> {
     let now = ctx.now(now);
     let started = std::time::Instant::now();
@@ -462,7 +463,7 @@ pub(crate) fn expire_due(
         ids.extend(changes.into_iter().map(|(_, after)| after.id));
         // No more lapsed rows, or only rows that cannot lapse (read again, they would loop).
         let exhausted = read < chunk as usize || released == 0;
-        if exhausted || started.elapsed() >= std::time::Duration::from_millis(EXPIRY_JOB_MILLIS_MAX) {
+        if exhausted || started.elapsed() >= budget {
             break;
         }
     }

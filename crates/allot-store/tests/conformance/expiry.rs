@@ -214,3 +214,28 @@ pub async fn a_storm_of_lapsed_holds_is_released_each_once_over_repeated_calls(b
     assert_eq!(w.store.booking(keep.id).await.unwrap().unwrap().status, BookingStatus::Held);
     assert_eq!(w.claimed(r.id, at(100)).await, 2);
 }
+
+/// `lapsing` holds lapse at once: the first `expire_due` releases `first_call` of them (what one
+/// expiry job gets through), the calls after it the rest, each hold once.
+pub async fn one_expiry_job_releases(b: &Backend, lapsing: usize, first_call: usize) {
+    let w = World::new(b).await;
+    let r = w.resource(u32::try_from(lapsing).unwrap() + 10).await;
+    let s = span(HOUR, 2 * HOUR);
+    let mut held = HashSet::new();
+    for _ in 0..lapsing {
+        held.insert(w.held(&[(r.id, s, 1)], at(0), 10).await.id);
+    }
+    let mut released = w.store.expire_due(at(100), 2000).await.unwrap();
+    assert_eq!(released.len(), first_call, "released by the first expiry job");
+    for _ in 0..lapsing {
+        let batch = w.store.expire_due(at(100), 2000).await.unwrap();
+        if batch.is_empty() {
+            break;
+        }
+        released.extend(batch);
+    }
+    assert_eq!(released.len(), lapsing, "every lapsed hold released, none twice");
+    assert_eq!(set(&released), held);
+    assert_eq!(b.count("outbox", "topic = 'booking.expired'").await, i64::try_from(lapsing).unwrap());
+    assert_eq!(w.claimed(r.id, at(100)).await, 0);
+}
