@@ -371,3 +371,25 @@ async fn logout_revokes_the_refresh_token_and_its_rotations() {
     let (status, body) = refresh(&t, &rotated["refresh_token"]).await;
     assert_error(status, &body, StatusCode::UNAUTHORIZED, "unauthenticated", "refresh of a logged-out rotation");
 }
+
+/// An access token works, many times, until its expiry by the app's clock, and never after:
+/// the process remembers tokens it verified, never past their expiry.
+#[tokio::test]
+async fn an_access_token_is_refused_from_its_expiry_on_however_often_it_was_used() {
+    let t = TestApp::spawn().await;
+    t.customer("exp@test.allot").await;
+    let session = login_full(&t, "exp@test.allot").await;
+    let token = session["access_token"].as_str().unwrap();
+    for _ in 0..3 {
+        let (status, me) = t.get(Some(token), "/me").await;
+        assert_eq!(status, StatusCode::OK, "{me}");
+    }
+    t.clock.advance(jiff::SignedDuration::from_secs(allot_app::auth::ACCESS_TOKEN_TTL_SECONDS - 1));
+    let (status, me) = t.get(Some(token), "/me").await;
+    assert_eq!(status, StatusCode::OK, "a second before its expiry: {me}");
+    t.clock.advance(jiff::SignedDuration::from_secs(1));
+    let (status, body) = t.get(Some(token), "/me").await;
+    assert_error(status, &body, StatusCode::UNAUTHORIZED, "unauthenticated", "an expired access token");
+    let (status, body) = t.get(Some(&format!("{token}x")), "/me").await;
+    assert_error(status, &body, StatusCode::UNAUTHORIZED, "unauthenticated", "a tampered access token");
+}
