@@ -20,6 +20,11 @@ use allot_app::store::Role;
 use allot_load::{Config, Report, parse_mix};
 use allot_store::SqliteStore;
 
+/// The allocator the `allot` binary serves with (SQLite's allocations included): the storm
+/// measures the server as it runs, and glibc's malloc was ~11% of the writer's CPU here.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 const ADMIN_EMAIL: &str = "admin@storm.test";
 const ADMIN_PASSWORD: &str = "password-123";
 /// Holds of the load runs last this long (the load generator's venues use it).
@@ -86,9 +91,14 @@ async fn main() {
 
     clock.advance(jiff::SignedDuration::from_secs(HOLD_TTL_SECONDS));
     let jumped = Instant::now();
+    eprintln!("clock moved past their expiry");
     during.refresh_sessions().await.unwrap();
     let during = tokio::spawn(during.run());
-    let held = format!("status = 'held' AND expires_at <= {lapse_at}");
+    // `status IN (…)` is the predicate of the expiry index (`bookings_expiry`): with
+    // `status = 'held'` alone SQLite cannot use it and scans the table, and those scans (every
+    // 20 ms, while the released rows pile up in front of the held ones) took more than a core
+    // of this two-core machine from the storm they were timing.
+    let held = format!("status IN ('held', 'pending_payment') AND status = 'held' AND expires_at <= {lapse_at}");
     // Polled for one row every 20 ms (counting them all would itself load the machine), and
     // counted once a second for the progress line.
     let any_held = format!("rowid IN (SELECT rowid FROM bookings WHERE {held} LIMIT 1)");
