@@ -29,7 +29,7 @@ use sqlx::{Connection, QueryBuilder, Sqlite, SqliteConnection};
 use crate::access;
 use crate::cache::{self, Cache, INVALIDATE_ALL, ResourceVersions};
 use crate::common::{
-    AUDIT_HEAD_SQL, AuditRow, USER_COLUMNS, UserVenuesRow, add_seat_states, after_key, audit_events_of, audit_head_of,
+    AUDIT_HEAD_SQL, AuditRow, USER_COLUMNS, UserVenuesRow, after_key, audit_events_of, audit_head_of,
     audit_range_query, audit_rotation, audit_select, claims_from_rows, docs_to_page, from_json, ts, user_of_venues_row,
 };
 use crate::writer::{Backend, Writer, db_error};
@@ -128,6 +128,10 @@ impl SqliteStore {
         sqlx::query_scalar(sqlx::AssertSqlSafe(sql)).fetch_one(&self.read).await.map_err(db_error)
     }
 }
+
+/// `claim_totals.expires_at` of claims that never lapse (a confirmed booking's): the
+/// triggers' `COALESCE(hold_expires_at, 9223372036854775807)`.
+const NEVER_LAPSES: i64 = i64::MAX;
 
 /// Seats per seat-map query: each is bound twice, far below SQLite's variable limit.
 const SEATS_PER_QUERY_MAX: usize = 500;
@@ -519,23 +523,28 @@ impl Store for SqliteStore {
     async fn seat_states(&self, event: &Event, now: Timestamp) -> Result<SeatStates, StoreError> {
         let mut states = SeatStates::default();
         for chunk in event.seat_ids.chunks(SEATS_PER_QUERY_MAX) {
-            let mut qb: QueryBuilder<Sqlite> = QueryBuilder::new(
-                "SELECT c.resource_id, b.status, c.hold_expires_at FROM claims c JOIN bookings b ON b.id = c.booking_id WHERE c.block_start < ",
-            );
+            // From the per-resource totals the capacity rule reads (one row per block and
+            // expiry, no join): among live claims only a confirmed booking's never lapses
+            // (`expires_at` = `NEVER_LAPSES`), so that row is a booked seat and any other a hold.
+            let mut qb: QueryBuilder<Sqlite> =
+                QueryBuilder::new("SELECT resource_id, expires_at FROM claim_totals WHERE block_start < ");
             qb.push_bind(event.end.as_second());
-            qb.push(" AND c.block_end > ").push_bind(event.start.as_second());
-            qb.push(" AND (c.hold_expires_at IS NULL OR c.hold_expires_at > ").push_bind(now.as_second());
-            qb.push(") AND c.resource_id IN ");
+            qb.push(" AND block_end > ").push_bind(event.start.as_second());
+            qb.push(" AND expires_at > ").push_bind(now.as_second());
+            qb.push(" AND resource_id IN ");
             push_ids(&mut qb, chunk);
             // The index range starts at the longest claim any of these seats ever had before the
             // event: a seat sold for every earlier performance is not read back to the first.
-            qb.push(" AND c.block_start > ").push_bind(event.start.as_second());
+            qb.push(" AND block_start > ").push_bind(event.start.as_second());
             qb.push(" - COALESCE((SELECT MAX(seconds) FROM claim_longest WHERE resource_id IN ");
             push_ids(&mut qb, chunk);
             qb.push("), 0)");
-            let rows: Vec<(String, String, Option<i64>)> =
-                qb.build_query_as().fetch_all(&self.read).await.map_err(db_error)?;
-            add_seat_states(&mut states, rows);
+            let totals: Vec<(String, i64)> = qb.build_query_as().fetch_all(&self.read).await.map_err(db_error)?;
+            for (resource, expires_at) in totals {
+                let Ok(seat) = resource.parse() else { continue };
+                let confirmed = expires_at == NEVER_LAPSES;
+                states.add(seat, confirmed, (!confirmed).then(|| ts(expires_at)));
+            }
         }
         Ok(states)
     }

@@ -247,7 +247,7 @@ pub(crate) fn delete_venue(ctx: &mut Ctx, id: &str, now: Timestamp) -> Outcome<(
     let active: Option<i64> = ctx
         .conn
         .prepare_cached(
-            "SELECT 1 FROM claims c JOIN resources r ON r.id = c.resource_id
+            "SELECT 1 FROM claim_totals c JOIN resources r ON r.id = c.resource_id
              WHERE r.venue_id = ? AND c.block_end > ? LIMIT 1",
         )?
         .query_row(params![id, at], |r| r.get(0))
@@ -270,7 +270,7 @@ pub(crate) fn delete_resource(ctx: &mut Ctx, id: &str, now: Timestamp) -> Outcom
     let at = ctx.now(now).as_second();
     let active: Option<i64> = ctx
         .conn
-        .prepare_cached("SELECT 1 FROM claims WHERE resource_id = ? AND block_end > ? LIMIT 1")?
+        .prepare_cached("SELECT 1 FROM claim_totals WHERE resource_id = ? AND block_end > ? LIMIT 1")?
         .query_row(params![id, at], |r| r.get(0))
         .optional()?;
     if active.is_some() {
