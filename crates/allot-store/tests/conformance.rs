@@ -183,6 +183,7 @@ conformance! {
     audit::list_filters_and_pages_newest_first,
     audit::an_attempt_is_recorded_in_the_transaction_of_its_change_or_on_its_own,
     audit::concurrent_appends_form_one_chain,
+    audit::a_burst_of_appends_lands_whole_in_one_chain,
     audit::events_are_append_only,
     audit::an_edited_event_breaks_the_chain_there,
     audit::removed_events_break_the_chain,
