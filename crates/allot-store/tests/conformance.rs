@@ -237,6 +237,7 @@ conformance! {
     bookings::confirm_at_or_after_expiry_is_rejected,
     bookings::bookings_filter_and_paging,
     expiry::expired_hold_stops_counting_before_the_sweep,
+    expiry::a_swept_hold_is_stored_and_announced_as_the_transition_makes_it,
     expiry::expire_due_flips_only_due_holds_in_order_and_respects_limit,
     expiry::expire_due_concurrently_releases_each_hold_once,
     expiry::a_storm_of_lapsed_holds_is_released_each_once_over_repeated_calls,

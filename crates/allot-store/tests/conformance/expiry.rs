@@ -16,6 +16,31 @@ fn set(ids: &[BookingId]) -> HashSet<BookingId> {
     ids.iter().copied().collect()
 }
 
+/// What the sweep stores is what the domain's transition makes of the hold: the booking read
+/// back whole, and its `booking.expired` event carrying the same status and time.
+pub async fn a_swept_hold_is_stored_and_announced_as_the_transition_makes_it(b: &Backend) {
+    let w = World::new(b).await;
+    let r = w.resource(1).await;
+    let hold = w.held(&[(r.id, span(HOUR, 2 * HOUR), 1)], at(0), 60).await;
+    assert_eq!(w.store.expire_due(at(75), 100).await.unwrap(), vec![hold.id]);
+
+    let mut want = hold.clone();
+    want.status = hold.next_status(Transition::Expire, at(75)).unwrap();
+    want.updated_at = at(75);
+    assert_eq!(w.store.booking(hold.id).await.unwrap().unwrap(), want);
+    let updated_at = want.updated_at.to_string();
+    let payload = match b.name() {
+        "sqlite" => format!(
+            "json_extract(payload, '$.status') = 'expired' AND json_extract(payload, '$.updated_at') = '{updated_at}'
+             AND json_extract(payload, '$.id') = json_extract((SELECT doc FROM bookings), '$.id')"
+        ),
+        _ => format!("payload->>'status' = 'expired' AND payload->>'updated_at' = '{updated_at}'"),
+    };
+    let announced = format!("aggregate_id = '{}' AND topic = 'booking.expired' AND {payload}", hold.id);
+    assert_eq!(b.count("outbox", &announced).await, 1);
+    assert_eq!(b.count("claims", "1=1").await, 0, "its claim is gone");
+}
+
 pub async fn expired_hold_stops_counting_before_the_sweep(b: &Backend) {
     let w = World::new(b).await;
     let s = span(HOUR, 2 * HOUR);
