@@ -74,7 +74,7 @@ pub fn router(app: Arc<App>, options: &HttpOptions) -> Router {
 /// `tests/openapi.rs` fails on any route the document lacks.
 fn documented_routes() -> OpenApiRouter<Arc<App>> {
     OpenApiRouter::with_openapi(openapi::ApiDoc::openapi())
-        .nest("/api/v1", routes::api())
+        .merge(routes::api())
         .routes(routes!(healthz))
         .routes(routes!(ops::readyz))
         .routes(routes!(ops::metrics))

@@ -34,7 +34,7 @@ fn parse_venue(raw: Option<&str>) -> ApiResult<Option<VenueId>> {
 }
 
 /// A user account with its roles (admins).
-#[utoipa::path(get, path = "/users/{id}", tag = "access", security(("bearer" = [])),
+#[utoipa::path(get, path = "/api/v1/users/{id}", tag = "access", security(("bearer" = [])),
     params(("id" = String, Path, description = "User id")),
     responses((status = 200, description = "The user", body = UserView), Unauthenticated, Forbidden, NotFound))]
 pub async fn get_user(
@@ -47,7 +47,7 @@ pub async fn get_user(
 }
 
 /// Grants a role (admins); a manager's role is for one venue at a time.
-#[utoipa::path(post, path = "/users/{id}/roles", tag = "access", security(("bearer" = [])),
+#[utoipa::path(post, path = "/api/v1/users/{id}/roles", tag = "access", security(("bearer" = [])),
     params(("id" = String, Path, description = "User id")), request_body = RoleBody,
     responses((status = 200, description = "The user with the role", body = UserView), BadRequest, Unauthenticated,
         Forbidden, NotFound, Unprocessable))]
@@ -73,7 +73,7 @@ pub struct RevokeQuery {
 }
 
 /// Revokes a role (admins); the last admin keeps theirs (409).
-#[utoipa::path(delete, path = "/users/{id}/roles/{role}", tag = "access", security(("bearer" = [])),
+#[utoipa::path(delete, path = "/api/v1/users/{id}/roles/{role}", tag = "access", security(("bearer" = [])),
     params(("id" = String, Path, description = "User id"),
         ("role" = String, Path, description = "`customer`, `manager` or `admin`"), RevokeQuery),
     responses((status = 200, description = "The user without the role", body = UserView), BadRequest,
@@ -93,7 +93,7 @@ pub async fn revoke_role(
 }
 
 /// Creates a partner API key (admins): the key is in this response only.
-#[utoipa::path(post, path = "/api-keys", tag = "access", security(("bearer" = [])), request_body = ApiKeyBody,
+#[utoipa::path(post, path = "/api/v1/api-keys", tag = "access", security(("bearer" = [])), request_body = ApiKeyBody,
     responses((status = 201, description = "The key, shown once", body = CreatedApiKeyView), BadRequest,
         Unauthenticated, Forbidden, Unprocessable))]
 pub async fn create_api_key(
@@ -107,7 +107,7 @@ pub async fn create_api_key(
 }
 
 /// Partner API keys, revoked ones too (admins); never the keys themselves.
-#[utoipa::path(get, path = "/api-keys", tag = "access", security(("bearer" = [])), params(PageQuery),
+#[utoipa::path(get, path = "/api/v1/api-keys", tag = "access", security(("bearer" = [])), params(PageQuery),
     responses((status = 200, description = "A page of keys", body = PageView<ApiKeyView>), BadRequest,
         Unauthenticated, Forbidden))]
 pub async fn list_api_keys(
@@ -120,7 +120,7 @@ pub async fn list_api_keys(
 }
 
 /// Revokes a partner API key (admins): it stops working at once.
-#[utoipa::path(delete, path = "/api-keys/{id}", tag = "access", security(("bearer" = [])),
+#[utoipa::path(delete, path = "/api/v1/api-keys/{id}", tag = "access", security(("bearer" = [])),
     params(("id" = String, Path, description = "API key id")),
     responses((status = 204, description = "Revoked"), Unauthenticated, Forbidden, NotFound))]
 pub async fn revoke_api_key(

@@ -90,7 +90,7 @@ pub struct AuditEventView {
 const FILTER_BYTES_MAX: usize = 200;
 
 /// The audit trail, newest first: admins see every event, managers the events of their venues.
-#[utoipa::path(get, path = "/audit", tag = "audit", security(("bearer" = [])), params(AuditQuery),
+#[utoipa::path(get, path = "/api/v1/audit", tag = "audit", security(("bearer" = [])), params(AuditQuery),
     responses((status = 200, description = "A page of audit events", body = PageView<AuditEventView>), BadRequest,
         Unauthenticated, Forbidden))]
 pub async fn list(

