@@ -82,7 +82,7 @@ load() { # name port database-url [allot-load args...]
 rss_mib() { awk '/VmRSS/ {printf "%.0f", $2 / 1024}' "/proc/$1/status"; }
 
 note "building (release)"
-(cd "$root" && cargo build --release --locked -p allot -p allot-load --example expiry_storm)
+(cd "$root" && cargo build --release --locked -p allot -p allot-load --bins --example expiry_storm)
 
 machine=$(jq -n --arg nproc "$(nproc)" --arg mem "$(free -m | awk '/Mem:/ {print $2}')" \
     --arg rev "$(git -C "$root" rev-parse --short HEAD)" --arg cpu "$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | xargs)" \
