@@ -72,20 +72,22 @@ async fn snapshot_sqlite(conn: &mut SqliteConnection, venue: &str) -> Result<Ven
         after = last.0.clone();
         out.bookings.extend(page);
     }
-    let mut after = String::new();
+    // SQLite keys claims by (booking_id, item_id) (migration 0008).
+    let (mut after_booking, mut after_item) = (String::new(), String::new());
     loop {
         let page: Vec<ClaimTuple> = sqlx::query_as(
             "SELECT c.item_id, c.booking_id, c.resource_id, c.block_start, c.block_end, c.quantity, c.hold_expires_at
              FROM claims c JOIN resources r ON r.id = c.resource_id
-             WHERE r.venue_id = ? AND c.item_id > ? ORDER BY c.item_id LIMIT ?",
+             WHERE r.venue_id = ? AND (c.booking_id, c.item_id) > (?, ?) ORDER BY c.booking_id, c.item_id LIMIT ?",
         )
         .bind(venue)
-        .bind(&after)
+        .bind(&after_booking)
+        .bind(&after_item)
         .bind(PAGE_ROWS_MAX)
         .fetch_all(&mut *conn)
         .await?;
         let Some(last) = page.last() else { break };
-        after = last.0.clone();
+        (after_item, after_booking) = (last.0.clone(), last.1.clone());
         out.claims.extend(page.into_iter().map(claim_row));
     }
     Ok(out)

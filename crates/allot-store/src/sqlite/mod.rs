@@ -703,3 +703,75 @@ impl Store for SqliteStore {
         self.writer.exec_now(move |ctx: &mut Ctx| tx::revoke_api_key(ctx, id, now)).await
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    type TotalRow = (String, i64, i64, i64, i64);
+
+    fn migrate(conn: &rusqlite::Connection, versions: std::ops::RangeInclusive<i64>) {
+        for m in MIGRATOR.iter().filter(|m| versions.contains(&m.version)) {
+            conn.execute_batch(m.sql.as_str()).unwrap();
+        }
+    }
+
+    fn rows<T>(conn: &rusqlite::Connection, sql: &str, row: impl Fn(&rusqlite::Row<'_>) -> rusqlite::Result<T>) -> Vec<T> {
+        conn.prepare(sql).unwrap().query_map([], row).unwrap().collect::<rusqlite::Result<_>>().unwrap()
+    }
+
+    fn totals(conn: &rusqlite::Connection) -> Vec<TotalRow> {
+        let sql = "SELECT resource_id, block_start, block_end, expires_at, quantity FROM claim_totals ORDER BY 1, 2, 3, 4";
+        rows(conn, sql, |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)))
+    }
+
+    fn claims(conn: &rusqlite::Connection) -> Vec<(String, String, String, i64, i64, i64, Option<i64>)> {
+        let sql = "SELECT item_id, booking_id, resource_id, block_start, block_end, quantity, hold_expires_at
+                   FROM claims ORDER BY item_id";
+        rows(conn, sql, |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?, r.get(6)?)))
+    }
+
+    /// Migration 0008 rebuilds `claims` keyed by booking: the rows and the totals they made
+    /// stay as they were, and the totals and longest-claim triggers follow every later change.
+    #[test]
+    fn claims_rekeyed_by_booking_keep_their_rows_and_their_triggers() {
+        let conn = rusqlite::Connection::open_in_memory().unwrap();
+        migrate(&conn, 1..=7);
+        conn.execute_batch(
+            "INSERT INTO claims (item_id, booking_id, resource_id, block_start, block_end, quantity, hold_expires_at)
+             VALUES ('i1', 'b1', 'r1', 100, 200, 2, 500), ('i2', 'b1', 'r2', 100, 300, 1, NULL),
+                    ('i3', 'b2', 'r1', 100, 200, 1, 500)",
+        )
+        .unwrap();
+        let (claims_before, totals_before) = (claims(&conn), totals(&conn));
+        assert_eq!(totals_before.len(), 2, "r1 lapsing at 500 (3 units), r2 never lapsing");
+
+        migrate(&conn, 8..=8);
+        let indexes = rows(&conn, "SELECT name FROM sqlite_schema WHERE type = 'index' AND tbl_name = 'claims'", |r| {
+            r.get::<_, String>(0)
+        });
+        assert!(indexes.is_empty(), "the key is the only b-tree: {indexes:?}");
+        assert!(conn.prepare("SELECT rowid FROM claims").is_err(), "no rowid table beside the key");
+        assert_eq!(claims(&conn), claims_before);
+        assert_eq!(totals(&conn), totals_before);
+
+        conn.execute_batch("DELETE FROM claims WHERE booking_id = 'b1'").unwrap();
+        assert_eq!(totals(&conn), vec![("r1".to_owned(), 100, 200, 500, 1)]);
+        conn.execute_batch("UPDATE claims SET hold_expires_at = NULL WHERE booking_id = 'b2'").unwrap();
+        assert_eq!(totals(&conn), vec![("r1".to_owned(), 100, 200, NEVER_LAPSES, 1)]);
+        conn.execute_batch(
+            "INSERT INTO claims (item_id, booking_id, resource_id, block_start, block_end, quantity, hold_expires_at)
+             VALUES ('i4', 'b3', 'r1', 0, 1000, 1, 700)",
+        )
+        .unwrap();
+        assert_eq!(totals(&conn).len(), 2);
+        let longest: i64 =
+            conn.query_row("SELECT seconds FROM claim_longest WHERE resource_id = 'r1'", [], |r| r.get(0)).unwrap();
+        assert_eq!(longest, 1000);
+        let again = conn.execute_batch(
+            "INSERT INTO claims (item_id, booking_id, resource_id, block_start, block_end, quantity)
+             VALUES ('i4', 'b3', 'r2', 0, 10, 1)",
+        );
+        assert!(again.is_err(), "an item is claimed once per booking");
+    }
+}
