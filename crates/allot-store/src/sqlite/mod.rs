@@ -705,10 +705,12 @@ impl Store for SqliteStore {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 
     type TotalRow = (String, i64, i64, i64, i64);
+    type ClaimRowDb = (String, String, String, i64, i64, i64, Option<i64>);
 
     fn migrate(conn: &rusqlite::Connection, versions: std::ops::RangeInclusive<i64>) {
         for m in MIGRATOR.iter().filter(|m| versions.contains(&m.version)) {
@@ -716,16 +718,21 @@ mod tests {
         }
     }
 
-    fn rows<T>(conn: &rusqlite::Connection, sql: &str, row: impl Fn(&rusqlite::Row<'_>) -> rusqlite::Result<T>) -> Vec<T> {
+    fn rows<T>(
+        conn: &rusqlite::Connection,
+        sql: &str,
+        row: impl Fn(&rusqlite::Row<'_>) -> rusqlite::Result<T>,
+    ) -> Vec<T> {
         conn.prepare(sql).unwrap().query_map([], row).unwrap().collect::<rusqlite::Result<_>>().unwrap()
     }
 
     fn totals(conn: &rusqlite::Connection) -> Vec<TotalRow> {
-        let sql = "SELECT resource_id, block_start, block_end, expires_at, quantity FROM claim_totals ORDER BY 1, 2, 3, 4";
+        let sql =
+            "SELECT resource_id, block_start, block_end, expires_at, quantity FROM claim_totals ORDER BY 1, 2, 3, 4";
         rows(conn, sql, |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)))
     }
 
-    fn claims(conn: &rusqlite::Connection) -> Vec<(String, String, String, i64, i64, i64, Option<i64>)> {
+    fn claims(conn: &rusqlite::Connection) -> Vec<ClaimRowDb> {
         let sql = "SELECT item_id, booking_id, resource_id, block_start, block_end, quantity, hold_expires_at
                    FROM claims ORDER BY item_id";
         rows(conn, sql, |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?, r.get(6)?)))
