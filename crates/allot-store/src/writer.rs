@@ -535,6 +535,19 @@ async fn run_holds<B: Backend>(
 ) -> bool {
     let (commands, waiting): (Vec<_>, Vec<_>) = holds.into_iter().map(|h| (h.command, (h.audit, h.tx))).unzip();
     let count = commands.len();
+    // The holds need no savepoint (a refused hold writes nothing, an error fails the batch),
+    // and one left open by an earlier job would copy every page they touch first.
+    if ctx.savepoint_open {
+        ctx.savepoint_open = false;
+        if let Err(e) = backend.execute(&mut ctx.conn, "RELEASE op").await {
+            let failure = B::error(e);
+            tracing::error!(error = %failure, "releasing the savepoint before the holds failed; rolling back its batch");
+            for (_, tx) in waiting {
+                let _ = tx.send(Err(HoldRefused::Store(failure.clone())));
+            }
+            return true;
+        }
+    }
     // Called inside the caught future: a backend that does its work while building the future
     // (a synchronous connection) must not take the writer down with a panic either.
     let decided = AssertUnwindSafe(async { backend.holds(ctx, commands).await }).catch_unwind().await;

@@ -158,7 +158,10 @@ fn append_audit(conn: &mut Connection, events: &mut [AuditEvent]) -> Result<()> 
         for e in now {
             values.extend(audit_row(e)?);
         }
-        let sql = format!("INSERT INTO audit_events ({AUDIT_COLUMNS}) VALUES {}", rows_of(15, rows));
+        // OR ROLLBACK: a statement that writes several rows and may abort gets a statement
+        // journal (a copy of every page it is the first to touch); an error here fails the
+        // commit anyway, so ending the transaction at once loses nothing.
+        let sql = format!("INSERT OR ROLLBACK INTO audit_events ({AUDIT_COLUMNS}) VALUES {}", rows_of(15, rows));
         conn.prepare_cached(&sql)?.execute(params_from_iter(values))?;
         rest = later;
     }
