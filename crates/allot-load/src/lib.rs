@@ -397,6 +397,21 @@ struct Created {
     id: String,
 }
 
+/// The id of a created booking. The server writes it first, so it is read straight from the
+/// body's start; parsing the whole document was ~6 % of the generator's CPU at holds, taken
+/// from the two cores it shares with the server it measures. Any other shape is parsed.
+fn created_id(body: &[u8]) -> Option<String> {
+    let quick = body
+        .strip_prefix(br#"{"id":""#)
+        .and_then(|rest| rest.iter().position(|&b| b == b'"').map(|end| &rest[..end]))
+        .filter(|id| !id.is_empty() && id.iter().all(|b| b.is_ascii_alphanumeric() || *b == b'-'))
+        .and_then(|id| std::str::from_utf8(id).ok());
+    match quick {
+        Some(id) => Some(id.to_owned()),
+        None => serde_json::from_slice::<Created>(body).ok().map(|c| c.id),
+    }
+}
+
 #[derive(Deserialize)]
 struct SeatMap {
     seats: Vec<SeatState>,
@@ -515,10 +530,9 @@ impl Client {
     async fn acknowledge(&mut self, op: Op, path: &str, status: u16, body: &[u8]) {
         let ok = (200..300).contains(&status);
         if ok && op.is_hold() {
-            if let Ok(created) = serde_json::from_slice::<Created>(body) {
-                let id = simple_id(&created.id);
-                self.out.acks.push((id.clone(), Ack::Held));
-                remember(&mut self.held, created.id);
+            if let Some(created) = created_id(body) {
+                self.out.acks.push((simple_id(&created), Ack::Held));
+                remember(&mut self.held, created);
             }
             if op == Op::HoldHot && self.shared.config.flash_sale {
                 self.done = true; // One seat per customer.
@@ -567,4 +581,21 @@ fn remember(list: &mut VecDeque<String>, id: String) {
 
 fn ts(unix_seconds: i64) -> String {
     jiff::Timestamp::from_second(unix_seconds).map(|t| t.to_string()).unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::created_id;
+
+    #[test]
+    fn a_created_id_is_read_from_the_start_or_parsed() {
+        let id = "0192f0c4-0000-7000-8000-000000000001";
+        let first = format!(r#"{{"id":"{id}","status":"held"}}"#);
+        assert_eq!(created_id(first.as_bytes()).as_deref(), Some(id));
+        let later = format!(r#"{{"status":"held", "id":"{id}"}}"#);
+        assert_eq!(created_id(later.as_bytes()).as_deref(), Some(id));
+        assert_eq!(created_id(br#"{"id":"a\"b","x":1}"#).as_deref(), Some("a\"b"));
+        assert_eq!(created_id(br#"{"id":"abc"#), None, "cut short: not acknowledged");
+        assert_eq!(created_id(b"not json"), None);
+    }
 }
