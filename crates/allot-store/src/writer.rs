@@ -536,24 +536,14 @@ async fn run_holds<B: Backend>(
     let (commands, waiting): (Vec<_>, Vec<_>) = holds.into_iter().map(|h| (h.command, (h.audit, h.tx))).unzip();
     let count = commands.len();
     // The holds need no savepoint (a refused hold writes nothing, an error fails the batch),
-    // and one left open by an earlier job would copy every page they touch first.
-    if ctx.savepoint_open {
-        ctx.savepoint_open = false;
-        if let Err(e) = backend.execute(&mut ctx.conn, "RELEASE op").await {
-            let failure = B::error(e);
-            tracing::error!(error = %failure, "releasing the savepoint before the holds failed; rolling back its batch");
-            for (_, tx) in waiting {
-                let _ = tx.send(Err(HoldRefused::Store(failure.clone())));
-            }
-            return true;
-        }
-    }
-    // Called inside the caught future: a backend that does its work while building the future
-    // (a synchronous connection) must not take the writer down with a panic either.
-    let decided = AssertUnwindSafe(async { backend.holds(ctx, commands).await }).catch_unwind().await;
-    // The holds wrote inside whatever savepoint was open: a later job that is refused must not
-    // roll back to it, so the next job opens its own.
-    ctx.savepoint_open = false;
+    // and one left open by an earlier job would copy every page they touch first; a later job
+    // that is refused opens its own.
+    let decided = match release_savepoint(backend, ctx).await {
+        Err(e) => Ok(Err(e)),
+        // Called inside the caught future: a backend that does its work while building the
+        // future (a synchronous connection) must not take the writer down with a panic either.
+        Ok(()) => AssertUnwindSafe(async { backend.holds(ctx, commands).await }).catch_unwind().await,
+    };
     let failure = match decided {
         Ok(Ok(results)) => {
             assert_eq!(results.len(), count, "one result per hold");
@@ -570,6 +560,15 @@ async fn run_holds<B: Backend>(
         let _ = tx.send(Err(HoldRefused::Store(failure.clone())));
     }
     true
+}
+
+/// Releases savepoint `op` if a job left it open, keeping what that job wrote.
+async fn release_savepoint<B: Backend>(backend: &B, ctx: &mut WriteCtx<B::Conn>) -> Result<(), B::Error> {
+    if !ctx.savepoint_open {
+        return Ok(());
+    }
+    ctx.savepoint_open = false;
+    backend.execute(&mut ctx.conn, "RELEASE op").await
 }
 
 /// The answer to one decided hold, sent once the batch's outcome is known; a kept hold's audit
