@@ -67,6 +67,14 @@ impl BookingStatus {
     pub fn is_final(self) -> bool {
         !self.claims_capacity() && self != BookingStatus::Completed
     }
+
+    /// `Transition::Expire` at `now` of a booking in this status whose hold ends at
+    /// `expires_at`: its status after, or `None` while it still holds. Needs no more of the
+    /// booking than these two, so a store can release lapsed holds without reading documents.
+    pub fn on_expiry(self, expires_at: Option<Timestamp>, now: Timestamp) -> Option<BookingStatus> {
+        let lapsed = self.expires() && expires_at.is_some_and(|e| e <= now);
+        lapsed.then_some(BookingStatus::Expired)
+    }
 }
 
 /// Something that happens to a booking.
@@ -188,7 +196,7 @@ impl Booking {
     /// has passed no longer claims capacity: a payment that never completes cannot keep
     /// capacity forever.
     pub fn is_expired_at(&self, now: Timestamp) -> bool {
-        self.status.expires() && self.expires_at.is_some_and(|e| e <= now)
+        self.status.on_expiry(self.expires_at, now).is_some()
     }
 
     /// The state machine of SPEC §3: the status after `t` at `now`, or why not.
@@ -202,7 +210,7 @@ impl Booking {
             {
                 Err(TransitionError::HoldExpired)
             }
-            (S::Held | S::PendingPayment, T::Expire) if self.is_expired_at(now) => Ok(S::Expired),
+            (_, T::Expire) => self.status.on_expiry(self.expires_at, now).map_or(not_allowed, Ok),
             (S::Held | S::PendingPayment, T::Confirm) => Ok(S::Confirmed),
             (S::Held, T::AwaitPayment) => Ok(S::PendingPayment),
             (S::Held, T::PaymentDeclined) if self.payment_attempts + 1 >= PAYMENT_ATTEMPTS_MAX => Ok(S::PaymentFailed),
