@@ -500,7 +500,8 @@ pub(crate) fn expire_due(
 /// `resources`: how many rows were read. The core decides each from the status and expiry
 /// columns; the statements then change the documents in place (`json_set`), copy them into
 /// the outbox and delete the claims, so no document passes through here (parsing and
-/// re-writing each one was 14 % of the writer's time in a storm of lapsed holds).
+/// re-writing each one in Rust was 13 % of the writer's time in a storm of lapsed holds,
+/// `json_set` is 8 %: `docs/benchmarks.md`).
 fn expire_chunk(
     conn: &Connection,
     now: Timestamp,
@@ -518,7 +519,7 @@ fn expire_chunk(
         })?
         .collect::<Result<Vec<_>>>()?;
     drop(stmt);
-    let mut released = Vec::with_capacity(rows.len() * 2);
+    let mut released = Vec::with_capacity(rows.len());
     for (id, status, expires_at) in &rows {
         let status = BookingStatus::parse(status).ok_or_else(|| stored_error(format!("status {status:?}")))?;
         let expires_at = expires_at.map(Timestamp::from_second).transpose().map_err(stored_error)?;
@@ -526,45 +527,52 @@ fn expire_chunk(
         // The statements below end the hold: no expiry left, no claims kept.
         assert!(!after.claims_capacity() && !after.expires(), "an expired booking holds nothing");
         ids.push(id.parse().map_err(stored_error)?);
-        released.extend([Value::Text(id.clone()), Value::Text(after.as_str().to_owned())]);
+        released.push((after, Value::Text(id.clone())));
     }
-    if !released.is_empty() {
-        release(conn, &released, now, resources)?;
+    // One status for all in practice (`Expired`), so one group of statements.
+    released.sort_by_key(|(after, _)| after.as_str());
+    for group in released.chunk_by(|a, b| a.0 == b.0) {
+        let ids: Vec<Value> = group.iter().map(|(_, id)| id.clone()).collect();
+        release(conn, group[0].0, ids, now, resources)?;
     }
     Ok(rows.len())
 }
 
-/// Writes the released bookings of `released` (id, status pairs): status and document, one
-/// outbox row each, claims deleted (adding their resources to `resources`).
-fn release(conn: &Connection, released: &[Value], now: Timestamp, resources: &mut Vec<ResourceId>) -> Result<()> {
-    let rows = released.len() / 2;
-    let keep = repeats(rows);
-    // The document's `updated_at` is the timestamp's display form, as serde writes it.
-    let values = std::iter::once(Value::Text(now.to_string())).chain(released.iter().cloned());
+/// Writes the bookings `ids` released to `status`: status and document, one outbox row each,
+/// claims deleted (adding their resources to `resources`).
+fn release(
+    conn: &Connection,
+    status: BookingStatus,
+    ids: Vec<Value>,
+    now: Timestamp,
+    resources: &mut Vec<ResourceId>,
+) -> Result<()> {
+    let keep = repeats(ids.len());
+    let placeholders = vec!["?"; ids.len()].join(", ");
+    // The document's `updated_at` is the timestamp's display form, as serde writes it. Not an
+    // `UPDATE … FROM (VALUES …)`: that form materializes every new document in a temporary
+    // b-tree first.
     let sql = format!(
-        "WITH t(at) AS (VALUES (?)), v(id, status) AS (VALUES {})
-         UPDATE bookings SET status = v.status, expires_at = NULL,
-             doc = json_set(doc, '$.status', v.status, '$.updated_at', t.at)
-         FROM v, t WHERE bookings.id = v.id",
-        rows_of(2, rows)
+        "UPDATE bookings SET status = ?1, expires_at = NULL, doc = json_set(doc, '$.status', ?1, '$.updated_at', ?2)
+         WHERE id IN ({placeholders})"
     );
-    execute(conn, &sql, keep, values.collect())?;
-    let ids: Vec<Value> = released.iter().step_by(2).cloned().collect();
+    let head = [Value::Text(status.as_str().to_owned()), Value::Text(now.to_string())];
+    execute(conn, &sql, keep, head.into_iter().chain(ids.iter().cloned()).collect())?;
     let sql = format!(
         "INSERT INTO outbox (topic, aggregate_id, payload, created_at)
-         SELECT 'booking.' || status, id, doc, ? FROM bookings WHERE id IN ({})",
-        vec!["?"; rows].join(", ")
+         SELECT 'booking.' || status, id, doc, ? FROM bookings WHERE id IN ({placeholders})"
     );
-    let values = std::iter::once(Value::Integer(now.as_second())).chain(ids.iter().cloned());
-    execute(conn, &sql, keep, values.collect())?;
-    let sql = format!("DELETE FROM claims WHERE booking_id IN ({}) RETURNING resource_id", vec!["?"; rows].join(", "));
-    let deleted = |stmt: &mut rusqlite::Statement| -> Result<Vec<String>> {
+    let head = Value::Integer(now.as_second());
+    execute(conn, &sql, keep, std::iter::once(head).chain(ids.iter().cloned()).collect())?;
+    let sql = format!("SELECT resource_id FROM claims WHERE booking_id IN ({placeholders})");
+    let read = |stmt: &mut rusqlite::Statement| -> Result<Vec<String>> {
         stmt.query_map(params_from_iter(&ids), |r| r.get(0))?.collect()
     };
-    let deleted = if keep { deleted(&mut *conn.prepare_cached(&sql)?)? } else { deleted(&mut conn.prepare(&sql)?)? };
-    for resource in deleted {
+    let claimed = if keep { read(&mut *conn.prepare_cached(&sql)?)? } else { read(&mut conn.prepare(&sql)?)? };
+    for resource in claimed {
         resources.push(resource.parse().map_err(stored_error)?);
     }
+    execute(conn, &format!("DELETE FROM claims WHERE booking_id IN ({placeholders})"), keep, ids)?;
     Ok(())
 }
 
