@@ -509,44 +509,47 @@ fn expire_chunk(
     ids: &mut Vec<BookingId>,
     resources: &mut Vec<ResourceId>,
 ) -> Result<usize> {
+    // With their claims' resources: a LEFT JOIN keeps the bookings the outer loop, so a
+    // booking's claims come one after another.
     let mut stmt = conn.prepare_cached(
-        "SELECT id, status, expires_at FROM bookings WHERE status IN ('held', 'pending_payment') AND expires_at <= ?
-         ORDER BY expires_at LIMIT ?",
+        "SELECT b.id, b.status, b.expires_at, c.resource_id
+         FROM (SELECT id, status, expires_at FROM bookings
+               WHERE status IN ('held', 'pending_payment') AND expires_at <= ? ORDER BY expires_at LIMIT ?) AS b
+         LEFT JOIN claims AS c ON c.booking_id = b.id",
     )?;
+    type Row = (String, String, Option<i64>, Option<String>);
     let rows = stmt
-        .query_map(params![now.as_second(), i64::from(chunk)], |r| {
-            Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, Option<i64>>(2)?))
-        })?
-        .collect::<Result<Vec<_>>>()?;
+        .query_map(params![now.as_second(), i64::from(chunk)], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?
+        .collect::<Result<Vec<Row>>>()?;
     drop(stmt);
+    let mut read = 0;
     let mut released = Vec::with_capacity(rows.len());
-    for (id, status, expires_at) in &rows {
+    for booking in rows.chunk_by(|a, b| a.0 == b.0) {
+        read += 1;
+        let (id, status, expires_at, _) = &booking[0];
         let status = BookingStatus::parse(status).ok_or_else(|| stored_error(format!("status {status:?}")))?;
         let expires_at = expires_at.map(Timestamp::from_second).transpose().map_err(stored_error)?;
         let Some(after) = status.on_expiry(expires_at, now) else { continue };
         // The statements below end the hold: no expiry left, no claims kept.
         assert!(!after.claims_capacity() && !after.expires(), "an expired booking holds nothing");
         ids.push(id.parse().map_err(stored_error)?);
+        for resource in booking.iter().filter_map(|row| row.3.as_deref()) {
+            resources.push(resource.parse().map_err(stored_error)?);
+        }
         released.push((after, Value::Text(id.clone())));
     }
     // One status for all in practice (`Expired`), so one group of statements.
     released.sort_by_key(|(after, _)| after.as_str());
     for group in released.chunk_by(|a, b| a.0 == b.0) {
         let ids: Vec<Value> = group.iter().map(|(_, id)| id.clone()).collect();
-        release(conn, group[0].0, ids, now, resources)?;
+        release(conn, group[0].0, ids, now)?;
     }
-    Ok(rows.len())
+    Ok(read)
 }
 
 /// Writes the bookings `ids` released to `status`: status and document, one outbox row each,
-/// claims deleted (adding their resources to `resources`).
-fn release(
-    conn: &Connection,
-    status: BookingStatus,
-    ids: Vec<Value>,
-    now: Timestamp,
-    resources: &mut Vec<ResourceId>,
-) -> Result<()> {
+/// claims deleted.
+fn release(conn: &Connection, status: BookingStatus, ids: Vec<Value>, now: Timestamp) -> Result<()> {
     let keep = repeats(ids.len());
     let placeholders = vec!["?"; ids.len()].join(", ");
     // The document's `updated_at` is the timestamp's display form, as serde writes it. Not an
@@ -564,14 +567,6 @@ fn release(
     );
     let head = Value::Integer(now.as_second());
     execute(conn, &sql, keep, std::iter::once(head).chain(ids.iter().cloned()).collect())?;
-    let sql = format!("SELECT resource_id FROM claims WHERE booking_id IN ({placeholders})");
-    let read = |stmt: &mut rusqlite::Statement| -> Result<Vec<String>> {
-        stmt.query_map(params_from_iter(&ids), |r| r.get(0))?.collect()
-    };
-    let claimed = if keep { read(&mut *conn.prepare_cached(&sql)?)? } else { read(&mut conn.prepare(&sql)?)? };
-    for resource in claimed {
-        resources.push(resource.parse().map_err(stored_error)?);
-    }
     execute(conn, &format!("DELETE FROM claims WHERE booking_id IN ({placeholders})"), keep, ids)?;
     Ok(())
 }
@@ -802,19 +797,20 @@ mod tests {
     /// A hold whose document has everything serde may write in more than one way: escapes,
     /// non-ASCII text, a timestamp with nanoseconds, nulls, nested objects.
     fn awkward_hold(now: Timestamp) -> Booking {
-        let item = BookingItem {
+        let item = |hours: i64| BookingItem {
             id: ItemId::new(),
             resource_id: ResourceId::new(),
             event_id: None,
-            start: now + SignedDuration::from_hours(24),
-            end: now + SignedDuration::from_hours(26),
+            start: now + SignedDuration::from_hours(hours),
+            end: now + SignedDuration::from_hours(hours + 2),
             quantity: 2,
             unit_price: 1_250,
             price: 2_500,
         };
         let currency = Currency::try_from("EUR".to_owned()).unwrap();
         let expires_at = now + SignedDuration::from_secs(60);
-        let mut hold = Booking::new_hold(UserId::new(), VenueId::new(), currency, vec![item], now, expires_at);
+        let items = vec![item(24), item(48)];
+        let mut hold = Booking::new_hold(UserId::new(), VenueId::new(), currency, items, now, expires_at);
         hold.payment = Some(Payment {
             provider: "fake\\pay".into(),
             reference: "réf \"№ 7\" \u{1F600}\n\t/".into(),
@@ -833,7 +829,6 @@ mod tests {
         let made = Timestamp::from_second(1_800_000_000).unwrap() + SignedDuration::from_nanos(123_456_789);
         let hold = awkward_hold(made);
         let expires_at = hold.expires_at.unwrap().as_second();
-        let item = &hold.items[0];
         conn.execute(
             "INSERT INTO bookings (id, customer_id, venue_id, status, expires_at, doc) VALUES (?, ?, ?, 'held', ?, ?)",
             params![
@@ -845,24 +840,30 @@ mod tests {
             ],
         )
         .unwrap();
-        conn.execute(
-            "INSERT INTO claims (item_id, booking_id, resource_id, block_start, block_end, quantity, hold_expires_at)
-             VALUES (?, ?, ?, ?, ?, 2, ?)",
-            params![
-                item.id.to_string(),
-                hold.id.to_string(),
-                item.resource_id.to_string(),
-                item.start.as_second(),
-                item.end.as_second(),
-                expires_at
-            ],
-        )
-        .unwrap();
+        for item in &hold.items {
+            conn.execute(
+                "INSERT INTO claims (item_id, booking_id, resource_id, block_start, block_end, quantity, hold_expires_at)
+                 VALUES (?, ?, ?, ?, ?, 2, ?)",
+                params![
+                    item.id.to_string(),
+                    hold.id.to_string(),
+                    item.resource_id.to_string(),
+                    item.start.as_second(),
+                    item.end.as_second(),
+                    expires_at
+                ],
+            )
+            .unwrap();
+        }
 
         let now = made + SignedDuration::new(61, 987_654_321);
         let (mut ids, mut resources) = (Vec::new(), Vec::new());
         assert_eq!(expire_chunk(&conn, now, 100, &mut ids, &mut resources).unwrap(), 1);
-        assert_eq!((ids, resources), (vec![hold.id], vec![item.resource_id]));
+        assert_eq!(ids, vec![hold.id]);
+        resources.sort();
+        let mut claimed: Vec<ResourceId> = hold.items.iter().map(|i| i.resource_id).collect();
+        claimed.sort();
+        assert_eq!(resources, claimed, "every resource the hold claimed, once");
 
         let want = to_json(&expired(&hold, now).unwrap()).unwrap();
         let (status, expiry, doc): (String, Option<i64>, String) = conn
