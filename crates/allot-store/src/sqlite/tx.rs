@@ -196,8 +196,7 @@ pub(crate) fn to_json<T: Serialize>(value: &T) -> Result<String> {
 }
 
 pub(crate) fn from_json<T: DeserializeOwned>(doc: &str) -> Result<T> {
-    serde_json::from_str(doc)
-        .map_err(|e| rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, Box::new(e)))
+    serde_json::from_str(doc).map_err(stored_error)
 }
 
 fn is_unique_violation(e: &rusqlite::Error) -> bool {
@@ -571,8 +570,9 @@ fn release(conn: &Connection, status: BookingStatus, ids: Vec<Value>, now: Times
     Ok(())
 }
 
+/// A stored value (document, status, id) that does not parse as what it should be.
 fn stored_error(e: impl std::fmt::Display) -> rusqlite::Error {
-    let message = format!("a stored booking does not parse: {e}");
+    let message = format!("a stored value does not parse: {e}");
     rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, message.into())
 }
 
