@@ -456,7 +456,7 @@ pub(crate) fn update_booking(
         Ok(after) => after,
         Err(refused) => return Ok(Err(refused)),
     };
-    apply_changes(&ctx.conn, &[(before, after.clone())], now)?;
+    apply_change(&ctx.conn, &before, &after, now)?;
     Ok(Ok(after))
 }
 
@@ -576,59 +576,28 @@ fn stored_error(e: impl std::fmt::Display) -> rusqlite::Error {
     rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, message.into())
 }
 
-/// Bookings whose status changes are written as set-based statements together; 4 variables
-/// per booking in the largest, far below `SQLITE_MAX_VARIABLE_NUMBER`.
-const CHANGES_PER_STATEMENT_MAX: usize = 1_000;
-
-/// Writes status changes and keeps the claims table in step: bookings updated from a `VALUES`
-/// list, released claims deleted, kept claims re-stamped, one outbox row per changed status.
-fn apply_changes(conn: &Connection, changes: &[(Booking, Booking)], now: Timestamp) -> Result<()> {
-    for chunk in changes.chunks(CHANGES_PER_STATEMENT_MAX) {
-        let mut bookings: Vec<Value> = Vec::with_capacity(chunk.len() * 4);
-        let mut released: Vec<Value> = Vec::new();
-        let mut kept: Vec<Value> = Vec::new();
-        let mut events: Vec<Value> = Vec::new();
-        for (before, after) in chunk {
-            let id = after.id.to_string();
-            let expiry = hold_expiry(after).map_or(Value::Null, Value::Integer);
-            let doc = to_json(after)?;
-            if before.status != after.status {
-                let topic = format!("booking.{}", after.status.as_str());
-                let at = Value::Integer(now.as_second());
-                events.extend([Value::Text(topic), Value::Text(id.clone()), Value::Text(doc.clone()), at]);
-            }
-            if after.status.claims_capacity() {
-                kept.extend([Value::Text(id.clone()), expiry.clone()]);
-            } else if before.status.claims_capacity() {
-                released.push(Value::Text(id.clone()));
-            }
-            bookings.extend([Value::Text(id), Value::Text(after.status.as_str().to_owned()), expiry, Value::Text(doc)]);
-        }
-        let sql = format!(
-            "WITH v(id, status, expires_at, doc) AS (VALUES {}) UPDATE bookings
-             SET status = v.status, expires_at = v.expires_at, doc = v.doc FROM v WHERE bookings.id = v.id",
-            rows_of(4, chunk.len())
-        );
-        execute(conn, &sql, repeats(chunk.len()), bookings)?;
-        if !released.is_empty() {
-            let sql = format!("DELETE FROM claims WHERE booking_id IN ({})", vec!["?"; released.len()].join(", "));
-            execute(conn, &sql, repeats(released.len()), released)?;
-        }
-        if !kept.is_empty() {
-            let sql = format!(
-                "WITH v(id, expires_at) AS (VALUES {}) UPDATE claims SET hold_expires_at = v.expires_at
-                 FROM v WHERE claims.booking_id = v.id",
-                rows_of(2, kept.len() / 2)
-            );
-            execute(conn, &sql, repeats(kept.len() / 2), kept)?;
-        }
-        if !events.is_empty() {
-            let sql = format!(
-                "INSERT INTO outbox (topic, aggregate_id, payload, created_at) VALUES {}",
-                rows_of(4, events.len() / 4)
-            );
-            execute(conn, &sql, repeats(events.len() / 4), events)?;
-        }
+/// Writes one booking's status change and keeps the claims table in step: the booking row,
+/// its claims deleted (released) or re-stamped (kept), an outbox row if the status changed.
+fn apply_change(conn: &Connection, before: &Booking, after: &Booking, now: Timestamp) -> Result<()> {
+    let id = after.id.to_string();
+    let expiry = hold_expiry(after);
+    let doc = to_json(after)?;
+    conn.prepare_cached("UPDATE bookings SET status = ?, expires_at = ?, doc = ? WHERE id = ?")?.execute(params![
+        after.status.as_str(),
+        expiry,
+        doc,
+        id
+    ])?;
+    if after.status.claims_capacity() {
+        conn.prepare_cached("UPDATE claims SET hold_expires_at = ? WHERE booking_id = ?")?
+            .execute(params![expiry, id])?;
+    } else if before.status.claims_capacity() {
+        conn.prepare_cached("DELETE FROM claims WHERE booking_id = ?")?.execute([&id])?;
+    }
+    if before.status != after.status {
+        let topic = format!("booking.{}", after.status.as_str());
+        conn.prepare_cached("INSERT INTO outbox (topic, aggregate_id, payload, created_at) VALUES (?, ?, ?, ?)")?
+            .execute(params![topic, id, doc, now.as_second()])?;
     }
     Ok(())
 }
