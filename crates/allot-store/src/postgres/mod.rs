@@ -910,7 +910,9 @@ impl Store for PgStore {
     }
 
     async fn resources_by_ids(&self, ids: &[ResourceId]) -> Result<Vec<Resource>, StoreError> {
-        let (mut out, missing) = self.cache.get_many::<Resource, _>(ids, |id| cache::key("resource", id));
+        // Cached as `Arc<Resource>`, the type `resource` caches under the same key.
+        let (hits, missing) = self.cache.get_many::<Arc<Resource>, _>(ids, |id| cache::key("resource", id));
+        let mut out: Vec<Resource> = hits.iter().map(|r| Resource::clone(r)).collect();
         let missing: Vec<String> = missing.iter().map(ToString::to_string).collect();
         for chunk in missing.chunks(IDS_PER_QUERY_MAX) {
             let generation = self.cache.generation();
@@ -922,7 +924,7 @@ impl Store for PgStore {
                     .map_err(db_error)?;
             for doc in docs {
                 let r: Resource = from_json(&doc)?;
-                self.cache.put(generation, cache::key("resource", r.id), r.clone());
+                self.cache.put(generation, cache::key("resource", r.id), Arc::new(r.clone()));
                 out.push(r);
             }
         }

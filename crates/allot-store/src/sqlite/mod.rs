@@ -449,7 +449,9 @@ impl Store for SqliteStore {
     }
 
     async fn resources_by_ids(&self, ids: &[ResourceId]) -> Result<Vec<Resource>, StoreError> {
-        let (mut out, missing) = self.cache.get_many::<Resource, _>(ids, |id| cache::key("resource", id));
+        // Cached as `Arc<Resource>`, the type `resource` caches under the same key.
+        let (hits, missing) = self.cache.get_many::<Arc<Resource>, _>(ids, |id| cache::key("resource", id));
+        let mut out: Vec<Resource> = hits.iter().map(|r| Resource::clone(r)).collect();
         for chunk in missing.chunks(500) {
             let generation = self.cache.generation();
             let mut qb: QueryBuilder<Sqlite> =
@@ -462,7 +464,7 @@ impl Store for SqliteStore {
             let docs: Vec<(String,)> = qb.build_query_as().fetch_all(&self.read).await.map_err(db_error)?;
             for (doc,) in docs {
                 let r: Resource = from_json(&doc)?;
-                self.cache.put(generation, cache::key("resource", r.id), r.clone());
+                self.cache.put(generation, cache::key("resource", r.id), Arc::new(r.clone()));
                 out.push(r);
             }
         }
