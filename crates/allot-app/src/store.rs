@@ -267,6 +267,14 @@ pub trait Store: Send + Sync + 'static {
     /// It may release fewer and leave the rest to the next call; it releases none only when
     /// none is due.
     async fn expire_due(&self, now: Timestamp, limit: u32) -> Result<Vec<BookingId>, StoreError>;
+    /// Deletes the claim rows of up to `limit` bookings `expire_due` released by `now`: how many
+    /// bookings' claims it deleted. A store may leave a released hold's claims in place, since
+    /// from its `expires_at` they count for nothing, so that a storm of lapsed holds is
+    /// released sooner; this removes them later. It may delete fewer than asked; none only
+    /// when none is left. The default is for stores that delete them on release.
+    async fn purge_released_claims(&self, _now: Timestamp, _limit: u32) -> Result<usize, StoreError> {
+        Ok(0)
+    }
     /// The soonest `limit` hold expiries, for the expiry scheduler.
     async fn upcoming_expiries(&self, limit: u32) -> Result<Vec<(BookingId, Timestamp)>, StoreError>;
 

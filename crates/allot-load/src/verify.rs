@@ -83,7 +83,14 @@ pub async fn verify(database_url: &str, world: &World, acks: &HashMap<String, Ac
     let capacity: HashMap<String, u32> = world.capacity.iter().map(|(id, c)| (simple_id(id), *c)).collect();
     let mut by_resource: HashMap<&str, Vec<(i64, i64)>> = HashMap::new();
     for claim in &snapshot.claims {
-        let counts = matches!(stored.get(claim.booking_id.as_str()), Some(&("held" | "pending_payment" | "confirmed")));
+        let status = stored.get(claim.booking_id.as_str()).copied();
+        let counts = matches!(status, Some("held" | "pending_payment" | "confirmed"));
+        let lapsed = claim.hold_expires_at.is_some_and(|t| t <= now);
+        // A lapsed hold no longer counts (I1), whether or not it was swept yet; a swept one's
+        // claims may stay until the store purges them.
+        if lapsed && (counts || status == Some("expired")) {
+            continue;
+        }
         if !counts {
             v.stray_claims += 1;
             v.fail(format!(
@@ -92,9 +99,6 @@ pub async fn verify(database_url: &str, world: &World, acks: &HashMap<String, Ac
                 stored.get(claim.booking_id.as_str())
             ));
             continue;
-        }
-        if claim.hold_expires_at.is_some_and(|t| t <= now) {
-            continue; // A lapsed hold no longer counts (I1), whether or not it was swept yet.
         }
         v.live_claims += 1;
         let entry = by_resource.entry(claim.resource_id.as_str()).or_default();

@@ -112,6 +112,13 @@ impl Backend {
         n.unwrap_or_else(|e| panic!("count {table} where {where_clause}: {e}"))
     }
 
+    /// Purges the claims of released holds until none is left (`purge_released_claims`), as
+    /// the app's expiry loop does once nothing is due.
+    pub async fn purge_released(&self, now: Timestamp) {
+        let store = self.store();
+        while store.purge_released_claims(now, 1000).await.unwrap() > 0 {}
+    }
+
     /// Runs `sql` on a connection of its own, outside the store: what an operator (or an
     /// attacker) with database access could do.
     pub async fn raw(&self, sql: &str) -> Result<(), sqlx::Error> {

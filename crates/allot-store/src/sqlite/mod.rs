@@ -608,6 +608,11 @@ impl Store for SqliteStore {
         Ok(expired)
     }
 
+    async fn purge_released_claims(&self, now: Timestamp, limit: u32) -> Result<usize, StoreError> {
+        let budget = self.expiry_job_budget;
+        self.writer.exec_now(move |ctx: &mut Ctx| tx::purge_released_claims(ctx, now, limit, budget)).await
+    }
+
     async fn upcoming_expiries(&self, limit: u32) -> Result<Vec<(BookingId, Timestamp)>, StoreError> {
         let rows: Vec<(String, i64)> = sqlx::query_as(
             "SELECT id, expires_at FROM bookings WHERE status IN ('held', 'pending_payment') AND expires_at IS NOT NULL

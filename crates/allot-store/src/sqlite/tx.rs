@@ -270,12 +270,13 @@ pub(crate) fn insert_venue(ctx: &mut Ctx, id: &str, doc: &str, managers: &[Strin
 pub(crate) fn delete_venue(ctx: &mut Ctx, id: &str, now: Timestamp) -> Outcome<(), StoreError> {
     ctx.memo.invalidate(INVALIDATE_ALL);
     let at = ctx.now(now).as_second();
-    // Bookings in the past do not keep a venue alive; current and future ones do.
+    // Bookings in the past do not keep a venue alive, nor lapsed holds; current and future
+    // bookings do.
     let active: Option<i64> = ctx
         .conn
         .prepare_cached(
             "SELECT 1 FROM claim_totals c JOIN resources r ON r.id = c.resource_id
-             WHERE r.venue_id = ? AND c.block_end > ? LIMIT 1",
+             WHERE r.venue_id = ?1 AND c.block_end > ?2 AND c.expires_at > ?2 LIMIT 1",
         )?
         .query_row(params![id, at], |r| r.get(0))
         .optional()?;
@@ -297,7 +298,9 @@ pub(crate) fn delete_resource(ctx: &mut Ctx, id: &str, now: Timestamp) -> Outcom
     let at = ctx.now(now).as_second();
     let active: Option<i64> = ctx
         .conn
-        .prepare_cached("SELECT 1 FROM claim_totals WHERE resource_id = ? AND block_end > ? LIMIT 1")?
+        .prepare_cached(
+            "SELECT 1 FROM claim_totals WHERE resource_id = ?1 AND block_end > ?2 AND expires_at > ?2 LIMIT 1",
+        )?
         .query_row(params![id, at], |r| r.get(0))
         .optional()?;
     if active.is_some() {
@@ -464,10 +467,9 @@ pub(crate) fn update_booking(
 const EXPIRY_CHUNK_ROWS: u32 = 100;
 /// How long one expiry job may keep the writer: every request of its batch and every one
 /// queued behind it waits for it, so a storm of lapsed holds is released in slices that keep
-/// hold latency bounded. The trade-off, measured (100 000 lapsing at once under 64 clients of
-/// holds, four runs each): 2 ms released them in 1.9–2.3 s with the hold p99 1.8–2.2× its
-/// normal, 3 ms in 1.6–1.9 s at 1.9–2.3×, 4 ms in 1.3–1.6 s at 2.2–2.7×.
-pub(crate) const EXPIRY_JOB_MILLIS_MAX: u64 = 3;
+/// hold latency bounded. The app keeps two jobs queued, so every batch of a storm has one
+/// slice: its length trades release time for hold p99 (`docs/benchmarks.md`, expiry).
+pub(crate) const EXPIRY_JOB_MILLIS_MAX: u64 = 2;
 
 /// Releases up to `limit` holds whose time ran out by `now`, in chunks, stopping early once
 /// `budget` ([`EXPIRY_JOB_MILLIS_MAX`] but in tests) is spent (the caller asks again while any
@@ -547,8 +549,10 @@ fn expire_chunk(
 }
 
 /// Writes the bookings `ids` released to `status`: status and document, one outbox row each,
-/// claims deleted.
+/// and the bookings queued for [`purge_released_claims`] (their claims, lapsed, stay until then).
 fn release(conn: &Connection, status: BookingStatus, ids: Vec<Value>, now: Timestamp) -> Result<()> {
+    // The outbox row's payload is the booking's document only because no transition leaves it.
+    assert!(status.is_final(), "a released booking's document never changes again");
     let keep = repeats(ids.len());
     let placeholders = vec!["?"; ids.len()].join(", ");
     // The document's `updated_at` is the timestamp's display form, as serde writes it. Not an
@@ -562,11 +566,78 @@ fn release(conn: &Connection, status: BookingStatus, ids: Vec<Value>, now: Times
     execute(conn, &sql, keep, head.into_iter().chain(ids.iter().cloned()).collect())?;
     let sql = format!(
         "INSERT INTO outbox (topic, aggregate_id, payload, created_at)
-         SELECT 'booking.' || status, id, doc, ? FROM bookings WHERE id IN ({placeholders})"
+         SELECT 'booking.' || status, id, NULL, ? FROM bookings WHERE id IN ({placeholders})"
     );
     let head = Value::Integer(now.as_second());
     execute(conn, &sql, keep, std::iter::once(head).chain(ids.iter().cloned()).collect())?;
-    execute(conn, &format!("DELETE FROM claims WHERE booking_id IN ({placeholders})"), keep, ids)?;
+    let values = vec!["(?)"; ids.len()].join(", ");
+    execute(conn, &format!("INSERT INTO released_claims (booking_id) VALUES {values}"), keep, ids)?;
+    Ok(())
+}
+
+/// Deletes the claims of up to `limit` released bookings, in chunks, stopping early once
+/// `budget` is spent: how many bookings' claims it deleted. Their totals rows go whole (every
+/// claim summed into one has lapsed: the row's `expires_at` is theirs, and it is past), so the
+/// per-claim totals trigger skips these claims.
+pub(crate) fn purge_released_claims(
+    ctx: &mut Ctx,
+    now: Timestamp,
+    limit: u32,
+    budget: std::time::Duration,
+) -> Outcome<usize, StoreError> {
+    let now = ctx.now(now);
+    let started = std::time::Instant::now();
+    let mut purged = 0;
+    while purged < limit as usize {
+        let chunk = EXPIRY_CHUNK_ROWS.min(limit - purged as u32);
+        let done = purge_chunk(&ctx.conn, now, chunk)?;
+        purged += done;
+        if done < chunk as usize || started.elapsed() >= budget {
+            break;
+        }
+    }
+    Ok(Ok(purged))
+}
+
+fn purge_chunk(conn: &Connection, now: Timestamp, chunk: u32) -> Result<usize> {
+    let ids: Vec<Value> = conn
+        .prepare_cached("SELECT booking_id FROM released_claims ORDER BY booking_id LIMIT ?")?
+        .query_map([i64::from(chunk)], |r| r.get::<_, String>(0).map(Value::Text))?
+        .collect::<Result<_>>()?;
+    if ids.is_empty() {
+        return Ok(0);
+    }
+    let keep = repeats(ids.len());
+    let placeholders = vec!["?"; ids.len()].join(", ");
+    let sql = format!(
+        "DELETE FROM claim_totals WHERE (resource_id, block_start, block_end, expires_at) IN
+           (SELECT resource_id, block_start, block_end, hold_expires_at FROM claims
+            WHERE booking_id IN ({placeholders}) AND hold_expires_at <= ?)"
+    );
+    let lapsed_by = Value::Integer(now.as_second());
+    execute(conn, &sql, keep, ids.iter().cloned().chain(std::iter::once(lapsed_by)).collect())?;
+    // Checked as they go: a claim that has not lapsed would leave its total counting. The
+    // error rolls the whole job back.
+    let sql = format!("DELETE FROM claims WHERE booking_id IN ({placeholders}) RETURNING hold_expires_at");
+    if keep {
+        delete_lapsed(&mut *conn.prepare_cached(&sql)?, &ids, now)?;
+    } else {
+        delete_lapsed(&mut conn.prepare(&sql)?, &ids, now)?;
+    }
+    let n = ids.len();
+    execute(conn, &format!("DELETE FROM released_claims WHERE booking_id IN ({placeholders})"), keep, ids)?;
+    Ok(n)
+}
+
+/// Runs a claims `DELETE … RETURNING hold_expires_at` over `ids`, failing if any deleted claim
+/// had not lapsed by `now`.
+fn delete_lapsed(stmt: &mut rusqlite::Statement<'_>, ids: &[Value], now: Timestamp) -> Result<()> {
+    let mut expiries = stmt.query(params_from_iter(ids.iter()))?;
+    while let Some(row) = expiries.next()? {
+        if row.get::<_, Option<i64>>(0)?.is_none_or(|at| at > now.as_second()) {
+            return Err(stored_error("a released booking's claim has not lapsed"));
+        }
+    }
     Ok(())
 }
 
@@ -841,13 +912,80 @@ mod tests {
         assert_eq!((status.as_str(), expiry), ("expired", None));
         assert_eq!(doc, want);
         let (topic, payload): (String, String) =
-            conn.query_row("SELECT topic, payload FROM outbox", [], |r| Ok((r.get(0)?, r.get(1)?))).unwrap();
+            conn.query_row("SELECT topic, payload FROM outbox_events", [], |r| Ok((r.get(0)?, r.get(1)?))).unwrap();
         assert_eq!((topic.as_str(), payload), ("booking.expired", want));
-        let left: i64 = conn
-            .query_row("SELECT (SELECT count(*) FROM claims) + (SELECT count(*) FROM claim_totals)", [], |r| r.get(0))
-            .unwrap();
-        assert_eq!(left, 0, "the claims and their totals are gone");
         assert_eq!(expire_chunk(&conn, now, 100, &mut Vec::new(), &mut Vec::new()).unwrap(), 0);
+
+        assert_eq!(count(&conn, "claims"), 2, "the lapsed claims stay until purged");
+        assert_eq!(purge_chunk(&conn, now, 100).unwrap(), 1);
+        let left = count(&conn, "claims") + count(&conn, "claim_totals") + count(&conn, "released_claims");
+        assert_eq!(left, 0, "the claims, their totals and the queue entry are gone");
+        assert_eq!(purge_chunk(&conn, now, 100).unwrap(), 0);
+    }
+
+    fn count(conn: &Connection, table: &str) -> i64 {
+        conn.query_row(&format!("SELECT count(*) FROM {table}"), [], |r| r.get(0)).unwrap()
+    }
+
+    /// A booking with one claim of `quantity` on resource `r`, block 0..60, lapsing at
+    /// `expires_at`.
+    fn claim(conn: &Connection, booking: &str, quantity: i64, expires_at: i64) {
+        conn.execute(
+            "INSERT INTO bookings (id, customer_id, venue_id, status, expires_at, doc) VALUES (?1, 'u', 'v', 'held', ?2, '{}')",
+            params![booking, expires_at],
+        )
+        .unwrap();
+        conn.execute(
+            "INSERT INTO claims (item_id, booking_id, resource_id, block_start, block_end, quantity, hold_expires_at)
+             VALUES (?1 || '-item', ?1, 'r', 0, 60, ?2, ?3)",
+            params![booking, quantity, expires_at],
+        )
+        .unwrap();
+    }
+
+    fn totals(conn: &Connection) -> Vec<(i64, i64)> {
+        let mut stmt = conn.prepare("SELECT expires_at, quantity FROM claim_totals ORDER BY 1").unwrap();
+        stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?))).unwrap().collect::<Result<_>>().unwrap()
+    }
+
+    /// A purge deletes the totals rows of the claims it purges whole: rows of lapsed claims
+    /// only, so another booking's lapsed claim in the same row loses nothing that counts, and
+    /// a live row on the same resource and block is left as it was.
+    #[test]
+    fn a_purge_drops_only_lapsed_totals_and_later_deletes_find_them_gone() {
+        let conn = migrated();
+        claim(&conn, "a", 2, 100);
+        claim(&conn, "b", 3, 100);
+        claim(&conn, "live", 4, 500);
+        assert_eq!(totals(&conn), vec![(100, 5), (500, 4)]);
+        release(&conn, BookingStatus::Expired, vec![Value::Text("a".into())], at(200)).unwrap();
+        assert_eq!(purge_chunk(&conn, at(200), 100).unwrap(), 1);
+        assert_eq!(totals(&conn), vec![(500, 4)], "the lapsed row went whole, the live one is untouched");
+
+        // `b` lapsed in the same row: its release and purge, or a cancel's delete through the
+        // trigger, find the row gone and leave the live one alone.
+        conn.execute("DELETE FROM claims WHERE booking_id = 'b'", []).unwrap();
+        assert_eq!(totals(&conn), vec![(500, 4)]);
+        conn.execute("DELETE FROM claims WHERE booking_id = 'live'", []).unwrap();
+        assert_eq!(totals(&conn), vec![], "a claim not queued for a purge still counts down through the trigger");
+    }
+
+    /// A purge refuses a released booking whose claims have not lapsed, leaving its totals:
+    /// it would otherwise take back capacity that still counts.
+    #[test]
+    fn a_purge_refuses_a_claim_that_has_not_lapsed() {
+        let conn = migrated();
+        claim(&conn, "early", 1, 500);
+        conn.execute("INSERT INTO released_claims (booking_id) VALUES ('early')", []).unwrap();
+        conn.execute_batch("SAVEPOINT op").unwrap();
+        assert!(purge_chunk(&conn, at(200), 100).is_err());
+        conn.execute_batch("ROLLBACK TO op").unwrap();
+        assert_eq!(totals(&conn), vec![(500, 1)]);
+        assert_eq!(count(&conn, "claims"), 1);
+    }
+
+    fn at(second: i64) -> Timestamp {
+        Timestamp::from_second(second).unwrap()
     }
 
     #[test]

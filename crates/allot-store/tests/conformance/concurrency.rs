@@ -228,5 +228,6 @@ pub async fn confirm_racing_expiry_is_decided_once(b: &Backend) {
         assert_eq!(b.count("outbox", &format!("aggregate_id = '{id}' AND topic = '{topic}'")).await, 1);
     }
     assert_eq!(w.claimed(r.id, at(100)).await as usize, confirmed.len());
+    b.purge_released(at(100)).await;
     assert_eq!(b.count("claims", "1=1").await as usize, confirmed.len());
 }

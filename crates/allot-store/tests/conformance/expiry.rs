@@ -38,8 +38,9 @@ pub async fn a_swept_hold_is_stored_and_announced_as_the_transition_makes_it(b: 
         _ => format!("payload->>'status' = 'expired' AND payload->>'updated_at' = '{updated_at}'"),
     };
     let announced = format!("aggregate_id = '{}' AND topic = 'booking.expired' AND {payload}", hold.id);
-    assert_eq!(b.count("outbox", &announced).await, 1);
-    assert_eq!(b.count("claims", "1=1").await, 0, "its claim is gone");
+    assert_eq!(b.count("outbox_events", &announced).await, 1);
+    b.purge_released(at(75)).await;
+    assert_eq!(b.count("claims", "1=1").await, 0, "its claim is gone once purged");
 }
 
 pub async fn expired_hold_stops_counting_before_the_sweep(b: &Backend) {
@@ -61,7 +62,8 @@ pub async fn expired_hold_stops_counting_before_the_sweep(b: &Backend) {
 
     assert_eq!(w.store.expire_due(at(60), 100).await.unwrap(), vec![a.id]);
     assert_eq!(w.store.booking(a.id).await.unwrap().unwrap().status, BookingStatus::Expired);
-    assert_eq!(b.count("claims", &format!("booking_id = '{}'", a.id)).await, 0, "expiry deletes the claims");
+    b.purge_released(at(60)).await;
+    assert_eq!(b.count("claims", &format!("booking_id = '{}'", a.id)).await, 0, "released, then purged");
     assert_eq!(b.count("claims", &format!("booking_id = '{}'", c.id)).await, 1);
     assert_eq!(expired_events(b, a.id).await, 1);
     assert!(matches!(w.apply(a.id, Transition::Confirm, at(61)).await, Err(UpdateRefused::Rejected(_))));
@@ -85,6 +87,7 @@ pub async fn expired_hold_stops_counting_before_the_sweep(b: &Backend) {
     assert!(swept.iter().all(|id| *id == d.id), "only the lapsed hold is swept: {swept:?}");
     assert!(w.store.expire_due(at(121), 100).await.unwrap().is_empty());
     assert_eq!(expired_events(b, d.id).await, 1, "expired once, whoever expired it");
+    b.purge_released(at(121)).await;
     assert_eq!(b.count("claims", &format!("booking_id = '{}'", d.id)).await, 0);
     assert_eq!(w.store.booking(e.id).await.unwrap().unwrap().status, BookingStatus::Held);
     assert_eq!(w.claimed(one.id, at(121)).await, 1);
@@ -124,6 +127,7 @@ pub async fn expire_due_flips_only_due_holds_in_order_and_respects_limit(b: &Bac
     assert_eq!(w.store.booking(confirmed.id).await.unwrap().unwrap().status, BookingStatus::Confirmed);
     assert_eq!(w.store.booking(cancelled.id).await.unwrap().unwrap().status, BookingStatus::Cancelled);
     assert_eq!(b.count("outbox", "topic = 'booking.expired'").await, 5);
+    b.purge_released(at(100)).await;
     assert_eq!(b.count("claims", "1=1").await, 1, "only the confirmed booking still claims");
     assert_eq!(w.claimed(r.id, at(100)).await, 1);
 }
@@ -162,6 +166,7 @@ pub async fn expire_due_concurrently_releases_each_hold_once(b: &Backend) {
     for id in &holds {
         assert_eq!(expired_events(b, *id).await, 1, "one booking.expired per booking");
     }
+    b.purge_released(at(100)).await;
     assert_eq!(b.count("claims", "1=1").await, 1);
     assert_eq!(w.store.booking(keep.id).await.unwrap().unwrap().status, BookingStatus::Held);
 }
@@ -229,6 +234,7 @@ pub async fn a_storm_of_lapsed_holds_is_released_each_once_over_repeated_calls(b
     assert_eq!(set(&released), lapsing);
     assert_eq!(b.count("outbox", "topic = 'booking.expired'").await, i64::try_from(LAPSING).unwrap());
     assert_eq!(b.count("bookings", "status = 'expired'").await, i64::try_from(LAPSING).unwrap());
+    b.purge_released(at(100)).await;
     assert_eq!(b.count("claims", "1=1").await, 1, "only the kept hold still claims");
     assert_eq!(w.store.booking(keep.id).await.unwrap().unwrap().status, BookingStatus::Held);
     assert_eq!(w.claimed(r.id, at(100)).await, 2);
