@@ -251,9 +251,11 @@ pub trait Store: Send + Sync + 'static {
     async fn claims(&self, resource: ResourceId, span: Span, now: Timestamp) -> Result<Vec<Claim>, StoreError>;
     /// For each seat of `event` that is taken during the event's window, whether held or booked.
     async fn seat_states(&self, event: &Event, now: Timestamp) -> Result<SeatStates, StoreError>;
-    /// A version of `seats` (their documents and claims) that changes once any write to them
-    /// commits, before that write is acknowledged; read it before reading them. `None` where
-    /// this process cannot know every write (other nodes share the database).
+    /// A version of `seats` (their documents and what their claims count) that changes once
+    /// any write changing them commits, before that write is acknowledged; read it before
+    /// reading them. Releasing a lapsed hold need not move it: the hold stopped counting at its
+    /// `expires_at`. `None` where this process cannot know every write (other nodes share the
+    /// database).
     fn seat_version(&self, _seats: &[ResourceId]) -> Option<SeatVersion> {
         None
     }

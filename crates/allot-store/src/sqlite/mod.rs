@@ -602,10 +602,7 @@ impl Store for SqliteStore {
 
     async fn expire_due(&self, now: Timestamp, limit: u32) -> Result<Vec<BookingId>, StoreError> {
         let budget = self.expiry_job_budget;
-        let (expired, resources) =
-            self.writer.exec_now(move |ctx: &mut Ctx| tx::expire_due(ctx, now, limit, budget)).await?;
-        self.versions.bump(resources);
-        Ok(expired)
+        self.writer.exec_now(move |ctx: &mut Ctx| tx::expire_due(ctx, now, limit, budget)).await
     }
 
     async fn purge_released_claims(&self, now: Timestamp, limit: u32) -> Result<usize, StoreError> {

@@ -473,70 +473,54 @@ pub(crate) const EXPIRY_JOB_MILLIS_MAX: u64 = 2;
 
 /// Releases up to `limit` holds whose time ran out by `now`, in chunks, stopping early once
 /// `budget` ([`EXPIRY_JOB_MILLIS_MAX`] but in tests) is spent (the caller asks again while any
-/// were released): their ids, and the resources whose claims changed.
+/// were released): their ids. No resource's claims change here, so no seat version moves: a
+/// lapsed claim stopped counting at its expiry, before the release, and every seat map that
+/// showed it was kept only until then.
 pub(crate) fn expire_due(
     ctx: &mut Ctx,
     now: Timestamp,
     limit: u32,
     budget: std::time::Duration,
-) -> Outcome<(Vec<BookingId>, Vec<ResourceId>), StoreError> {
+) -> Outcome<Vec<BookingId>, StoreError> {
     let now = ctx.now(now);
     let started = std::time::Instant::now();
     let mut ids = Vec::new();
-    let mut resources = Vec::new();
     while ids.len() < limit as usize {
         let chunk = EXPIRY_CHUNK_ROWS.min(limit - ids.len() as u32);
         let released_before = ids.len();
-        let read = expire_chunk(&ctx.conn, now, chunk, &mut ids, &mut resources)?;
+        let read = expire_chunk(&ctx.conn, now, chunk, &mut ids)?;
         // No more lapsed rows, or only rows that cannot lapse (read again, they would loop).
         let exhausted = read < chunk as usize || ids.len() == released_before;
         if exhausted || started.elapsed() >= budget {
             break;
         }
     }
-    Ok(Ok((ids, resources)))
+    Ok(Ok(ids))
 }
 
-/// Releases up to `chunk` lapsed holds, adding their ids and resources to `ids` and
-/// `resources`: how many rows were read. The core decides each from the status and expiry
-/// columns; the statements then change the documents in place (`json_set`), copy them into
-/// the outbox and delete the claims, so no document passes through here (parsing and
-/// re-writing each one in Rust was 13 % of the writer's time in a storm of lapsed holds,
-/// `json_set` is 8 %: `docs/benchmarks.md`).
-fn expire_chunk(
-    conn: &Connection,
-    now: Timestamp,
-    chunk: u32,
-    ids: &mut Vec<BookingId>,
-    resources: &mut Vec<ResourceId>,
-) -> Result<usize> {
-    // With their claims' resources: a LEFT JOIN keeps the bookings the outer loop, so a
-    // booking's claims come one after another.
+/// Releases up to `chunk` lapsed holds, adding their ids to `ids`: how many rows were read.
+/// The core decides each from the status and expiry columns; the statements then change the
+/// documents in place (`json_set`), write the outbox rows and queue the claims for a purge,
+/// so no document passes through here (parsing and re-writing each one in Rust was 13 % of
+/// the writer's time in a storm of lapsed holds, `json_set` is 8 %: `docs/benchmarks.md`).
+fn expire_chunk(conn: &Connection, now: Timestamp, chunk: u32, ids: &mut Vec<BookingId>) -> Result<usize> {
     let mut stmt = conn.prepare_cached(
-        "SELECT b.id, b.status, b.expires_at, c.resource_id
-         FROM (SELECT id, status, expires_at FROM bookings
-               WHERE status IN ('held', 'pending_payment') AND expires_at <= ? ORDER BY expires_at LIMIT ?) AS b
-         LEFT JOIN claims AS c ON c.booking_id = b.id",
+        "SELECT id, status, expires_at FROM bookings
+         WHERE status IN ('held', 'pending_payment') AND expires_at <= ? ORDER BY expires_at LIMIT ?",
     )?;
-    type Row = (String, String, Option<i64>, Option<String>);
+    type Row = (String, String, Option<i64>);
     let rows = stmt
-        .query_map(params![now.as_second(), i64::from(chunk)], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?
+        .query_map(params![now.as_second(), i64::from(chunk)], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
         .collect::<Result<Vec<Row>>>()?;
     drop(stmt);
-    let mut read = 0;
     let mut released = Vec::with_capacity(rows.len());
-    for booking in rows.chunk_by(|a, b| a.0 == b.0) {
-        read += 1;
-        let (id, status, expires_at, _) = &booking[0];
+    for (id, status, expires_at) in &rows {
         let status = BookingStatus::parse(status).ok_or_else(|| stored_error(format!("status {status:?}")))?;
         let expires_at = expires_at.map(Timestamp::from_second).transpose().map_err(stored_error)?;
         let Some(after) = status.on_expiry(expires_at, now) else { continue };
-        // The statements below end the hold: no expiry left, no claims kept.
+        // The statements below end the hold: no expiry left, its claims queued for a purge.
         assert!(!after.claims_capacity() && !after.expires(), "an expired booking holds nothing");
         ids.push(id.parse().map_err(stored_error)?);
-        for resource in booking.iter().filter_map(|row| row.3.as_deref()) {
-            resources.push(resource.parse().map_err(stored_error)?);
-        }
         released.push((after, Value::Text(id.clone())));
     }
     // One status for all in practice (`Expired`), so one group of statements.
@@ -545,7 +529,7 @@ fn expire_chunk(
         let ids: Vec<Value> = group.iter().map(|(_, id)| id.clone()).collect();
         release(conn, group[0].0, ids, now)?;
     }
-    Ok(read)
+    Ok(rows.len())
 }
 
 /// Writes the bookings `ids` released to `status`: status and document, one outbox row each,
@@ -897,13 +881,9 @@ mod tests {
         }
 
         let now = made + SignedDuration::new(61, 987_654_321);
-        let (mut ids, mut resources) = (Vec::new(), Vec::new());
-        assert_eq!(expire_chunk(&conn, now, 100, &mut ids, &mut resources).unwrap(), 1);
+        let mut ids = Vec::new();
+        assert_eq!(expire_chunk(&conn, now, 100, &mut ids).unwrap(), 1);
         assert_eq!(ids, vec![hold.id]);
-        resources.sort();
-        let mut claimed: Vec<ResourceId> = hold.items.iter().map(|i| i.resource_id).collect();
-        claimed.sort();
-        assert_eq!(resources, claimed, "every resource the hold claimed, once");
 
         let want = to_json(&expired(&hold, now).unwrap()).unwrap();
         let (status, expiry, doc): (String, Option<i64>, String) = conn
@@ -914,7 +894,7 @@ mod tests {
         let (topic, payload): (String, String) =
             conn.query_row("SELECT topic, payload FROM outbox_events", [], |r| Ok((r.get(0)?, r.get(1)?))).unwrap();
         assert_eq!((topic.as_str(), payload), ("booking.expired", want));
-        assert_eq!(expire_chunk(&conn, now, 100, &mut Vec::new(), &mut Vec::new()).unwrap(), 0);
+        assert_eq!(expire_chunk(&conn, now, 100, &mut Vec::new()).unwrap(), 0);
 
         assert_eq!(count(&conn, "claims"), 2, "the lapsed claims stay until purged");
         assert_eq!(purge_chunk(&conn, now, 100).unwrap(), 1);
