@@ -3,6 +3,7 @@
 //! over a synchronous connection ([`tx`]).
 
 mod checkpoint;
+mod members;
 mod tx;
 
 use std::str::FromStr;

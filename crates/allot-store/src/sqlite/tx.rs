@@ -58,6 +58,7 @@ pub(crate) fn open(path: &Path, busy_timeout: Duration) -> Result<Connection> {
     // Checkpoints run on their own thread (`checkpoint`); this is only the backstop.
     conn.pragma_update(None, "wal_autocheckpoint", super::checkpoint::WRITER_AUTOCHECKPOINT_PAGES)?;
     conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE_CAPACITY);
+    super::members::register(&conn)?;
     Ok(conn)
 }
 
@@ -500,9 +501,9 @@ pub(crate) fn expire_due(
 
 /// Releases up to `chunk` lapsed holds, adding their ids to `ids`: how many rows were read.
 /// The core decides each from the status and expiry columns; the statements then change the
-/// documents in place (`json_set`), write the outbox rows and queue the claims for a purge,
-/// so no document passes through here (parsing and re-writing each one in Rust was 13 % of
-/// the writer's time in a storm of lapsed holds, `json_set` is 8 %: `docs/benchmarks.md`).
+/// documents in place ([`super::members`]), write the outbox rows and queue the claims for a
+/// purge, so no document passes through here (parsing and re-writing each one in Rust was
+/// 13 % of the writer's time in a storm of lapsed holds: `docs/benchmarks.md`).
 fn expire_chunk(conn: &Connection, now: Timestamp, chunk: u32, ids: &mut Vec<BookingId>) -> Result<usize> {
     let mut stmt = conn.prepare_cached(
         "SELECT id, status, expires_at FROM bookings
@@ -541,10 +542,12 @@ fn release(conn: &Connection, status: BookingStatus, ids: Vec<Value>, now: Times
     let placeholders = vec!["?"; ids.len()].join(", ");
     // The document's `updated_at` is the timestamp's display form, as serde writes it. Not an
     // `UPDATE … FROM (VALUES …)`: that form materializes every new document in a temporary
-    // b-tree first.
+    // b-tree first. Not `json_set`: it re-prints the whole document (`members`).
     let sql = format!(
-        "UPDATE bookings SET status = ?1, expires_at = NULL, doc = json_set(doc, '$.status', ?1, '$.updated_at', ?2)
-         WHERE id IN ({placeholders})"
+        "UPDATE bookings SET status = ?1, expires_at = NULL,
+           doc = {function}(doc, 'status', ?1, 'updated_at', ?2)
+         WHERE id IN ({placeholders})",
+        function = super::members::FUNCTION
     );
     let head = [Value::Text(status.as_str().to_owned()), Value::Text(now.to_string())];
     execute(conn, &sql, keep, head.into_iter().chain(ids.iter().cloned()).collect())?;
@@ -815,6 +818,7 @@ mod tests {
         for m in super::super::MIGRATOR.iter() {
             conn.execute_batch(m.sql.as_str()).unwrap();
         }
+        super::super::members::register(&conn).unwrap();
         conn
     }
 
@@ -844,7 +848,7 @@ mod tests {
         hold
     }
 
-    /// The expiry job changes documents with `json_set` instead of parsing and re-serializing
+    /// The expiry job changes documents in place instead of parsing and re-serializing
     /// them: what it stores, and announces, must be byte for byte what serde writes of the
     /// booking after the domain's transition.
     #[test]
@@ -911,7 +915,8 @@ mod tests {
     /// `expires_at`.
     fn claim(conn: &Connection, booking: &str, quantity: i64, expires_at: i64) {
         conn.execute(
-            "INSERT INTO bookings (id, customer_id, venue_id, status, expires_at, doc) VALUES (?1, 'u', 'v', 'held', ?2, '{}')",
+            r#"INSERT INTO bookings (id, customer_id, venue_id, status, expires_at, doc)
+               VALUES (?1, 'u', 'v', 'held', ?2, '{"status":"held","updated_at":"2026-01-01T00:00:00Z"}')"#,
             params![booking, expires_at],
         )
         .unwrap();
