@@ -1,8 +1,10 @@
 #!/usr/bin/env python3
 """expiry-statements.py — what each statement of an expiry release costs, per booking.
 
-Runs the SQLite statements the writer uses to release lapsed holds (crates/allot-store/src/
-sqlite/tx.rs, `expire_chunk` and `release`), 100 bookings per statement as there, on a
+Runs the SQLite statements the writer used to release lapsed holds until ce3350d (crates/
+allot-store/src/sqlite/tx.rs, `expire_chunk` and `release`; since 4d8c31d the release copies
+no document into the outbox and leaves the claims to a later purge, and since 44da020 it
+edits documents with its own SQL function, not json_set), 100 bookings per statement, on a
 copy of a database filled by a bench run, inside transactions that are rolled back. Prints
 microseconds per booking for each statement (Python's binding overhead included: compare the
 rows with one another, not with the server's figures).
