@@ -637,6 +637,8 @@ fn stored_error(e: impl std::fmt::Display) -> rusqlite::Error {
 /// Writes one booking's status change and keeps the claims table in step: the booking row,
 /// its claims deleted (released) or re-stamped (kept), an outbox row if the status changed.
 fn apply_change(conn: &Connection, before: &Booking, after: &Booking, now: Timestamp) -> Result<()> {
+    // A `booking.expired` event's payload is the stored document (`release`).
+    assert!(!before.status.is_final() || after == before, "a booking in a final status does not change");
     let id = after.id.to_string();
     let expiry = hold_expiry(after);
     let doc = to_json(after)?;
