@@ -484,19 +484,35 @@ pub(crate) fn expire_due(
     budget: std::time::Duration,
 ) -> Outcome<Vec<BookingId>, StoreError> {
     let now = ctx.now(now);
-    let started = std::time::Instant::now();
     let mut ids = Vec::new();
-    while ids.len() < limit as usize {
-        let chunk = EXPIRY_CHUNK_ROWS.min(limit - ids.len() as u32);
+    in_chunks(limit, budget, |chunk| {
         let released_before = ids.len();
         let read = expire_chunk(&ctx.conn, now, chunk, &mut ids)?;
+        let released = ids.len() - released_before;
         // No more lapsed rows, or only rows that cannot lapse (read again, they would loop).
-        let exhausted = read < chunk as usize || ids.len() == released_before;
-        if exhausted || started.elapsed() >= budget {
+        Ok((released, read == chunk as usize && released > 0))
+    })?;
+    Ok(Ok(ids))
+}
+
+/// Runs `step` over chunks of at most [`EXPIRY_CHUNK_ROWS`] rows until `limit` are done, a
+/// step says none may be left, or `budget` is spent: how many were done. `step` gets the
+/// chunk's size and returns how many it did and whether more may be left.
+fn in_chunks(
+    limit: u32,
+    budget: std::time::Duration,
+    mut step: impl FnMut(u32) -> Result<(usize, bool)>,
+) -> Result<usize> {
+    let started = std::time::Instant::now();
+    let mut done = 0;
+    while done < limit as usize {
+        let (did, more) = step(EXPIRY_CHUNK_ROWS.min(limit - done as u32))?;
+        done += did;
+        if !more || started.elapsed() >= budget {
             break;
         }
     }
-    Ok(Ok(ids))
+    Ok(done)
 }
 
 /// Releases up to `chunk` lapsed holds, adding their ids to `ids`: how many rows were read.
@@ -573,16 +589,10 @@ pub(crate) fn purge_released_claims(
     budget: std::time::Duration,
 ) -> Outcome<usize, StoreError> {
     let now = ctx.now(now);
-    let started = std::time::Instant::now();
-    let mut purged = 0;
-    while purged < limit as usize {
-        let chunk = EXPIRY_CHUNK_ROWS.min(limit - purged as u32);
+    let purged = in_chunks(limit, budget, |chunk| {
         let done = purge_chunk(&ctx.conn, now, chunk)?;
-        purged += done;
-        if done < chunk as usize || started.elapsed() >= budget {
-            break;
-        }
-    }
+        Ok((done, done == chunk as usize))
+    })?;
     Ok(Ok(purged))
 }
 
