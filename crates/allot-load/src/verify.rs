@@ -84,21 +84,14 @@ pub async fn verify(database_url: &str, world: &World, acks: &HashMap<String, Ac
     let mut by_resource: HashMap<&str, Vec<(i64, i64)>> = HashMap::new();
     for claim in &snapshot.claims {
         let status = stored.get(claim.booking_id.as_str()).copied();
-        let counts = matches!(status, Some("held" | "pending_payment" | "confirmed"));
-        let lapsed = claim.hold_expires_at.is_some_and(|t| t <= now);
-        // A lapsed hold no longer counts (I1), whether or not it was swept yet; a swept one's
-        // claims may stay until the store purges them.
-        if lapsed && (counts || status == Some("expired")) {
-            continue;
-        }
-        if !counts {
-            v.stray_claims += 1;
-            v.fail(format!(
-                "claim of booking {} which is {:?}",
-                claim.booking_id,
-                stored.get(claim.booking_id.as_str())
-            ));
-            continue;
+        match claim_kind(status, claim.hold_expires_at, now) {
+            ClaimKind::Lapsed => continue,
+            ClaimKind::Stray => {
+                v.stray_claims += 1;
+                v.fail(format!("claim of booking {} which is {status:?}", claim.booking_id));
+                continue;
+            }
+            ClaimKind::Live => {}
         }
         v.live_claims += 1;
         let entry = by_resource.entry(claim.resource_id.as_str()).or_default();
@@ -154,9 +147,44 @@ fn hot_taken(
         .count()
 }
 
+#[derive(Debug, PartialEq, Eq)]
+enum ClaimKind {
+    /// Counts against capacity now.
+    Live,
+    /// A hold's claim past its expiry: it counts for nothing (I1), whether or not the hold was
+    /// swept yet; a swept one's claims may stay until the store purges them.
+    Lapsed,
+    /// A claim no stored booking explains.
+    Stray,
+}
+
+/// What a claim row of a booking stored with `status` is at `now` (seconds).
+fn claim_kind(status: Option<&str>, hold_expires_at: Option<i64>, now: i64) -> ClaimKind {
+    let counts = matches!(status, Some("held" | "pending_payment" | "confirmed"));
+    let lapsed = hold_expires_at.is_some_and(|t| t <= now);
+    match (counts, lapsed) {
+        (true, false) => ClaimKind::Live,
+        (true, true) => ClaimKind::Lapsed,
+        (false, true) if status == Some("expired") => ClaimKind::Lapsed,
+        (false, _) => ClaimKind::Stray,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_expired_bookings_lapsed_claim_awaits_its_purge_and_any_other_leftover_is_stray() {
+        assert_eq!(claim_kind(Some("held"), Some(100), 99), ClaimKind::Live);
+        assert_eq!(claim_kind(Some("confirmed"), None, 99), ClaimKind::Live);
+        assert_eq!(claim_kind(Some("held"), Some(100), 100), ClaimKind::Lapsed, "not swept yet");
+        assert_eq!(claim_kind(Some("expired"), Some(100), 100), ClaimKind::Lapsed, "swept, not purged yet");
+        assert_eq!(claim_kind(Some("expired"), Some(100), 99), ClaimKind::Stray, "expired before its expiry");
+        assert_eq!(claim_kind(Some("expired"), None, 99), ClaimKind::Stray);
+        assert_eq!(claim_kind(Some("cancelled"), Some(100), 200), ClaimKind::Stray);
+        assert_eq!(claim_kind(None, Some(100), 200), ClaimKind::Stray, "no booking");
+    }
 
     #[test]
     fn touching_claims_do_not_overlap_but_nested_ones_do() {
