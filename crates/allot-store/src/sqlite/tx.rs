@@ -175,11 +175,17 @@ fn append_audit(conn: &mut Connection, events: &mut [AuditEvent]) -> Result<()> 
 /// call only: shapes that vary with a batch's size would push the hot statements out of the
 /// connection's cache.
 fn execute(conn: &Connection, sql: &str, keep: bool, values: Vec<Value>) -> Result<usize> {
-    if keep {
-        conn.prepare_cached(sql)?.execute(params_from_iter(values))
-    } else {
-        conn.prepare(sql)?.execute(params_from_iter(values))
-    }
+    with_statement(conn, sql, keep, |stmt| stmt.execute(params_from_iter(values)))
+}
+
+/// Runs `run` on `sql` prepared as [`execute`] prepares it.
+fn with_statement<T>(
+    conn: &Connection,
+    sql: &str,
+    keep: bool,
+    run: impl FnOnce(&mut rusqlite::Statement<'_>) -> Result<T>,
+) -> Result<T> {
+    if keep { run(&mut *conn.prepare_cached(sql)?) } else { run(&mut conn.prepare(sql)?) }
 }
 
 /// `(?, …, ?), …` for `rows` rows of `columns` placeholders.
@@ -616,11 +622,7 @@ fn purge_chunk(conn: &Connection, now: Timestamp, chunk: u32) -> Result<usize> {
     // Checked as they go: a claim that has not lapsed would leave its total counting. The
     // error rolls the whole job back.
     let sql = format!("DELETE FROM claims WHERE booking_id IN ({placeholders}) RETURNING hold_expires_at");
-    if keep {
-        delete_lapsed(&mut *conn.prepare_cached(&sql)?, &ids, now)?;
-    } else {
-        delete_lapsed(&mut conn.prepare(&sql)?, &ids, now)?;
-    }
+    with_statement(conn, &sql, keep, |stmt| delete_lapsed(stmt, &ids, now))?;
     let n = ids.len();
     execute(conn, &format!("DELETE FROM released_claims WHERE booking_id IN ({placeholders})"), keep, ids)?;
     Ok(n)
