@@ -3,7 +3,6 @@
 //! over a synchronous connection ([`tx`]).
 
 mod checkpoint;
-mod members;
 mod tx;
 
 use std::str::FromStr;
@@ -17,7 +16,7 @@ use allot_app::store::{
     BookingFilter, Decide, HoldCommand, HoldRefused, IdempotencyBegin, IdempotencyKey, Page, PageRequest, RefreshToken,
     RotateOutcome, SeatStates, SeatVersion, Store, UpdateRefused, User,
 };
-use allot_core::booking::Booking;
+use allot_core::booking::{Booking, BookingStatus};
 use allot_core::capacity::{Claim, Span};
 use allot_core::ids::{ApiKeyId, BookingId, EventId, ResourceId, UserId, VenueId};
 use allot_core::inventory::{Event, Resource, Venue};
@@ -31,7 +30,8 @@ use crate::access;
 use crate::cache::{self, Cache, INVALIDATE_ALL, ResourceVersions};
 use crate::common::{
     AUDIT_HEAD_SQL, AuditRow, USER_COLUMNS, UserVenuesRow, after_key, audit_events_of, audit_head_of,
-    audit_range_query, audit_rotation, audit_select, claims_from_rows, docs_to_page, from_json, ts, user_of_venues_row,
+    audit_range_query, audit_rotation, audit_select, claims_from_rows, docs_to_page, from_json, page_of, ts,
+    user_of_venues_row,
 };
 use crate::writer::{Backend, Writer, db_error};
 use tx::Ctx;
@@ -41,6 +41,19 @@ pub const READ_POOL_CONNECTIONS_MAX: u32 = 8;
 pub const BUSY_TIMEOUT_SECONDS: u64 = 10;
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
+
+/// A booking by id as [`stored_booking`] takes it: status, `updated_at`, document.
+const BOOKING_BY_ID: &str = "SELECT b.status, b.updated_at, d.doc FROM bookings AS b
+     JOIN booking_docs AS d ON d.seq = b.seq WHERE b.id = ?";
+
+/// A booking as stored: its document with the row's status and `updated_at`, which the
+/// document's copies may be older than (a release writes only the row: migration 0010).
+fn stored_booking(status: &str, updated_at: &str, doc: &str) -> Result<Booking, String> {
+    let mut booking: Booking = serde_json::from_str(doc).map_err(|e| e.to_string())?;
+    booking.status = BookingStatus::parse(status).ok_or_else(|| format!("booking status {status:?}"))?;
+    booking.updated_at = updated_at.parse().map_err(|e| format!("booking updated_at {updated_at:?}: {e}"))?;
+    Ok(booking)
+}
 
 pub struct SqliteStore {
     read: SqlitePool,
@@ -567,16 +580,17 @@ impl Store for SqliteStore {
     }
 
     async fn booking(&self, id: BookingId) -> Result<Option<Booking>, StoreError> {
-        let doc: Option<String> = sqlx::query_scalar("SELECT doc FROM bookings WHERE id = ?")
-            .bind(id.to_string())
-            .fetch_optional(&self.read)
-            .await
-            .map_err(db_error)?;
-        doc.map(|d| from_json(&d)).transpose()
+        let row: Option<(String, String, String)> =
+            sqlx::query_as(BOOKING_BY_ID).bind(id.to_string()).fetch_optional(&self.read).await.map_err(db_error)?;
+        row.map(|(status, updated_at, doc)| stored_booking(&status, &updated_at, &doc).map_err(StoreError::Corrupt))
+            .transpose()
     }
 
     async fn bookings(&self, filter: &BookingFilter, page: PageRequest) -> Result<Page<Booking>, StoreError> {
-        let mut qb: QueryBuilder<Sqlite> = QueryBuilder::new("SELECT id, doc FROM bookings WHERE id > ");
+        let mut qb: QueryBuilder<Sqlite> = QueryBuilder::new(
+            "SELECT b.id, b.status, b.updated_at, d.doc FROM bookings AS b JOIN booking_docs AS d ON d.seq = b.seq
+             WHERE b.id > ",
+        );
         qb.push_bind(after_key(&page));
         if let Some(c) = filter.customer_id {
             qb.push(" AND customer_id = ").push_bind(c.to_string());
@@ -596,9 +610,15 @@ impl Store for SqliteStore {
             }
             qb.push(")");
         }
-        qb.push(" ORDER BY id LIMIT ").push_bind(i64::from(page.limit) + 1);
-        let rows: Vec<(String, String)> = qb.build_query_as().fetch_all(&self.read).await.map_err(db_error)?;
-        docs_to_page(rows, page.limit)
+        qb.push(" ORDER BY b.id LIMIT ").push_bind(i64::from(page.limit) + 1);
+        let rows: Vec<(String, String, String, String)> =
+            qb.build_query_as().fetch_all(&self.read).await.map_err(db_error)?;
+        let rows = rows
+            .into_iter()
+            .map(|(id, status, updated_at, doc)| Ok((id, stored_booking(&status, &updated_at, &doc)?)))
+            .collect::<Result<Vec<_>, String>>()
+            .map_err(StoreError::Corrupt)?;
+        Ok(page_of(rows, page.limit))
     }
 
     async fn expire_due(&self, now: Timestamp, limit: u32) -> Result<Vec<BookingId>, StoreError> {
@@ -785,5 +805,52 @@ mod tests {
              VALUES ('i4', 'b3', 'r2', 0, 10, 1)",
         );
         assert!(again.is_err(), "an item is claimed once per booking");
+    }
+
+    /// Migration 0010 moves the documents out of the booking rows: every booking reads back
+    /// as it was, the indexes are rebuilt, and an event without a payload still shows it.
+    #[test]
+    fn bookings_split_from_their_documents_read_back_as_they_were() {
+        let conn = rusqlite::Connection::open_in_memory().unwrap();
+        migrate(&conn, 1..=9);
+        let doc = |id: &str, status: &str| {
+            format!(r#"{{"id":"{id}","status":"{status}","updated_at":"2026-11-30T12:00:00.5Z","note":"é \"q\""}}"#)
+        };
+        conn.execute(
+            "INSERT INTO bookings (id, customer_id, venue_id, status, expires_at, doc)
+             VALUES ('b1', 'c1', 'v1', 'held', 500, ?1), ('b2', 'c1', 'v2', 'expired', NULL, ?2)",
+            [doc("b1", "held"), doc("b2", "expired")],
+        )
+        .unwrap();
+        conn.execute_batch(
+            "INSERT INTO outbox (topic, aggregate_id, payload, created_at) VALUES ('booking.expired', 'b2', NULL, 1)",
+        )
+        .unwrap();
+
+        migrate(&conn, 10..=10);
+        let booked =
+            rows(&conn, "SELECT id, customer_id, venue_id, status, expires_at FROM bookings ORDER BY seq", |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+            });
+        let want: Vec<(String, String, String, String, Option<i64>)> = vec![
+            ("b1".into(), "c1".into(), "v1".into(), "held".into(), Some(500)),
+            ("b2".into(), "c1".into(), "v2".into(), "expired".into(), None),
+        ];
+        assert_eq!(booked, want);
+        for (id, status) in [("b1", "held"), ("b2", "expired")] {
+            let (s, updated_at, d): (String, String, String) =
+                conn.query_row(BOOKING_BY_ID, [id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?))).unwrap();
+            assert_eq!((s.as_str(), updated_at.as_str(), d), (status, "2026-11-30T12:00:00.5Z", doc(id, status)));
+        }
+        let indexes =
+            rows(&conn, "SELECT name FROM sqlite_schema WHERE type = 'index' AND tbl_name = 'bookings'", |r| {
+                r.get::<_, String>(0)
+            });
+        for index in ["bookings_customer", "bookings_venue", "bookings_expiry"] {
+            assert!(indexes.iter().any(|i| i == index), "{index} in {indexes:?}");
+        }
+        let payload: String = conn.query_row("SELECT payload FROM outbox_events", [], |r| r.get(0)).unwrap();
+        let payload: serde_json::Value = serde_json::from_str(&payload).unwrap();
+        assert_eq!(payload, serde_json::from_str::<serde_json::Value>(&doc("b2", "expired")).unwrap());
     }
 }

@@ -58,7 +58,6 @@ pub(crate) fn open(path: &Path, busy_timeout: Duration) -> Result<Connection> {
     // Checkpoints run on their own thread (`checkpoint`); this is only the backstop.
     conn.pragma_update(None, "wal_autocheckpoint", super::checkpoint::WRITER_AUTOCHECKPOINT_PAGES)?;
     conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE_CAPACITY);
-    super::members::register(&conn)?;
     Ok(conn)
 }
 
@@ -429,7 +428,7 @@ fn insert_hold(conn: &Connection, booking: &Booking, taken: &[(ResourceId, Claim
     );
     conn.prepare_cached(&sql)?.execute(params_from_iter(values))?;
     conn.prepare_cached(
-        "INSERT INTO bookings (id, customer_id, venue_id, status, expires_at, doc) VALUES (?, ?, ?, ?, ?, ?)",
+        "INSERT INTO bookings (id, customer_id, venue_id, status, expires_at, updated_at) VALUES (?, ?, ?, ?, ?, ?)",
     )?
     .execute(params![
         booking_id,
@@ -437,8 +436,10 @@ fn insert_hold(conn: &Connection, booking: &Booking, taken: &[(ResourceId, Claim
         booking.venue_id.to_string(),
         booking.status.as_str(),
         hold_expires_at,
-        doc
+        booking.updated_at.to_string()
     ])?;
+    conn.prepare_cached("INSERT INTO booking_docs (seq, doc) VALUES (?, ?)")?
+        .execute(params![conn.last_insert_rowid(), doc])?;
     conn.prepare_cached(
         "INSERT INTO outbox (topic, aggregate_id, payload, created_at) VALUES ('booking.held', ?, ?, ?)",
     )?
@@ -454,14 +455,15 @@ pub(crate) fn update_booking(
     decide: Decide,
 ) -> Outcome<Booking, allot_app::store::UpdateRefused> {
     let now = ctx.now(now);
-    let doc: Option<String> = ctx
+    let row: Option<(String, String, String)> = ctx
         .conn
-        .prepare_cached("SELECT doc FROM bookings WHERE id = ?")?
-        .query_row([id.to_string()], |r| r.get(0))
+        .prepare_cached(super::BOOKING_BY_ID)?
+        .query_row([id.to_string()], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
         .optional()?;
-    let Some(before) = doc.as_deref().map(from_json::<Booking>).transpose()? else {
+    let Some((status, updated_at, doc)) = row else {
         return Ok(Err(allot_app::store::UpdateRefused::NotFound));
     };
+    let before = super::stored_booking(&status, &updated_at, &doc).map_err(stored_error)?;
     let after = match decided(&before, decide, now) {
         Ok(after) => after,
         Err(refused) => return Ok(Err(refused)),
@@ -523,9 +525,9 @@ fn in_chunks(
 
 /// Releases up to `chunk` lapsed holds, adding their ids to `ids`: how many rows were read.
 /// The core decides each from the status and expiry columns; the statements then change the
-/// documents in place ([`super::members`]), write the outbox rows and queue the claims for a
-/// purge, so no document passes through here (parsing and re-writing each one in Rust was
-/// 13 % of the writer's time in a storm of lapsed holds: `docs/benchmarks.md`).
+/// rows, write the outbox rows and queue the claims for a purge, so no document is read or
+/// written (parsing and re-writing each one was 13 % of the writer's time in a storm of
+/// lapsed holds, and writing them back most of its WAL: `docs/benchmarks.md`).
 fn expire_chunk(conn: &Connection, now: Timestamp, chunk: u32, ids: &mut Vec<BookingId>) -> Result<usize> {
     let mut stmt = conn.prepare_cached(
         "SELECT id, status, expires_at FROM bookings
@@ -555,22 +557,18 @@ fn expire_chunk(conn: &Connection, now: Timestamp, chunk: u32, ids: &mut Vec<Boo
     Ok(rows.len())
 }
 
-/// Writes the bookings `ids` released to `status`: status and document, one outbox row each,
-/// and the bookings queued for [`purge_released_claims`] (their claims, lapsed, stay until then).
+/// Writes the bookings `ids` released to `status`: their rows (not their documents: the row's
+/// status and `updated_at` are read over the document's), one outbox row each, and the
+/// bookings queued for [`purge_released_claims`] (their claims, lapsed, stay until then).
 fn release(conn: &Connection, status: BookingStatus, ids: Vec<Value>, now: Timestamp) -> Result<()> {
-    // The outbox row's payload is the booking's document only because no transition leaves it.
-    assert!(status.is_final(), "a released booking's document never changes again");
+    // The outbox row's payload is the booking as stored only because no transition leaves it.
+    assert!(status.is_final(), "a released booking never changes again");
     let keep = repeats(ids.len());
     let placeholders = vec!["?"; ids.len()].join(", ");
-    // The document's `updated_at` is the timestamp's display form, as serde writes it. Not an
-    // `UPDATE … FROM (VALUES …)`: that form materializes every new document in a temporary
-    // b-tree first. Not `json_set`: it re-prints the whole document (`members`).
-    let sql = format!(
-        "UPDATE bookings SET status = ?1, expires_at = NULL,
-           doc = {function}(doc, 'status', ?1, 'updated_at', ?2)
-         WHERE id IN ({placeholders})",
-        function = super::members::FUNCTION
-    );
+    // Not an `UPDATE … FROM (VALUES …)`: that form materializes every new row in a temporary
+    // b-tree first.
+    let sql =
+        format!("UPDATE bookings SET status = ?1, expires_at = NULL, updated_at = ?2 WHERE id IN ({placeholders})");
     let head = [Value::Text(status.as_str().to_owned()), Value::Text(now.to_string())];
     execute(conn, &sql, keep, head.into_iter().chain(ids.iter().cloned()).collect())?;
     let sql = format!(
@@ -649,17 +647,15 @@ fn stored_error(e: impl std::fmt::Display) -> rusqlite::Error {
 /// Writes one booking's status change and keeps the claims table in step: the booking row,
 /// its claims deleted (released) or re-stamped (kept), an outbox row if the status changed.
 fn apply_change(conn: &Connection, before: &Booking, after: &Booking, now: Timestamp) -> Result<()> {
-    // A `booking.expired` event's payload is the stored document (`release`).
+    // A `booking.expired` event's payload is the booking as stored (`release`).
     assert!(!before.status.is_final() || after == before, "a booking in a final status does not change");
     let id = after.id.to_string();
     let expiry = hold_expiry(after);
     let doc = to_json(after)?;
-    conn.prepare_cached("UPDATE bookings SET status = ?, expires_at = ?, doc = ? WHERE id = ?")?.execute(params![
-        after.status.as_str(),
-        expiry,
-        doc,
-        id
-    ])?;
+    let seq: i64 = conn
+        .prepare_cached("UPDATE bookings SET status = ?, expires_at = ?, updated_at = ? WHERE id = ? RETURNING seq")?
+        .query_row(params![after.status.as_str(), expiry, after.updated_at.to_string(), id], |r| r.get(0))?;
+    conn.prepare_cached("UPDATE booking_docs SET doc = ? WHERE seq = ?")?.execute(params![doc, seq])?;
     if after.status.claims_capacity() {
         conn.prepare_cached("UPDATE claims SET hold_expires_at = ? WHERE booking_id = ?")?
             .execute(params![expiry, id])?;
@@ -832,7 +828,6 @@ mod tests {
         for m in super::super::MIGRATOR.iter() {
             conn.execute_batch(m.sql.as_str()).unwrap();
         }
-        super::super::members::register(&conn).unwrap();
         conn
     }
 
@@ -862,56 +857,37 @@ mod tests {
         hold
     }
 
-    /// The expiry job changes documents in place instead of parsing and re-serializing
-    /// them: what it stores, and announces, must be byte for byte what serde writes of the
-    /// booking after the domain's transition.
+    /// The expiry job writes the rows, not the documents: the booking read back, and the
+    /// event announcing it, must be what the domain's transition makes of the hold.
     #[test]
-    fn a_released_hold_is_stored_and_announced_as_serde_writes_the_expired_booking() {
+    fn a_released_hold_reads_and_is_announced_as_the_expired_booking() {
         let conn = migrated();
         let made = Timestamp::from_second(1_800_000_000).unwrap() + SignedDuration::from_nanos(123_456_789);
         let hold = awkward_hold(made);
-        let expires_at = hold.expires_at.unwrap().as_second();
-        conn.execute(
-            "INSERT INTO bookings (id, customer_id, venue_id, status, expires_at, doc) VALUES (?, ?, ?, 'held', ?, ?)",
-            params![
-                hold.id.to_string(),
-                hold.customer_id.to_string(),
-                hold.venue_id.to_string(),
-                expires_at,
-                to_json(&hold).unwrap()
-            ],
-        )
-        .unwrap();
-        for item in &hold.items {
-            conn.execute(
-                "INSERT INTO claims (item_id, booking_id, resource_id, block_start, block_end, quantity, hold_expires_at)
-                 VALUES (?, ?, ?, ?, ?, 2, ?)",
-                params![
-                    item.id.to_string(),
-                    hold.id.to_string(),
-                    item.resource_id.to_string(),
-                    item.start.as_second(),
-                    item.end.as_second(),
-                    expires_at
-                ],
-            )
-            .unwrap();
-        }
+        let claim = |i: &BookingItem| Claim { span: Span::new(i.start.as_second(), i.end.as_second()), quantity: 2 };
+        let taken: Vec<_> = hold.items.iter().map(|i| (i.resource_id, claim(i))).collect();
+        insert_hold(&conn, &hold, &taken, made).unwrap();
 
         let now = made + SignedDuration::new(61, 987_654_321);
         let mut ids = Vec::new();
         assert_eq!(expire_chunk(&conn, now, 100, &mut ids).unwrap(), 1);
         assert_eq!(ids, vec![hold.id]);
 
-        let want = to_json(&expired(&hold, now).unwrap()).unwrap();
-        let (status, expiry, doc): (String, Option<i64>, String) = conn
-            .query_row("SELECT status, expires_at, doc FROM bookings", [], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
-            .unwrap();
+        let want = expired(&hold, now).unwrap();
+        let (status, expiry): (String, Option<i64>) =
+            conn.query_row("SELECT status, expires_at FROM bookings", [], |r| Ok((r.get(0)?, r.get(1)?))).unwrap();
         assert_eq!((status.as_str(), expiry), ("expired", None));
-        assert_eq!(doc, want);
-        let (topic, payload): (String, String) =
-            conn.query_row("SELECT topic, payload FROM outbox_events", [], |r| Ok((r.get(0)?, r.get(1)?))).unwrap();
-        assert_eq!((topic.as_str(), payload), ("booking.expired", want));
+        let (status, updated_at, doc): (String, String, String) = conn
+            .query_row(super::super::BOOKING_BY_ID, [hold.id.to_string()], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+            .unwrap();
+        assert_eq!(super::super::stored_booking(&status, &updated_at, &doc).unwrap(), want);
+        let (topic, payload): (String, String) = conn
+            .query_row("SELECT topic, payload FROM outbox_events WHERE topic = 'booking.expired'", [], |r| {
+                Ok((r.get(0)?, r.get(1)?))
+            })
+            .unwrap();
+        assert_eq!(topic, "booking.expired");
+        assert_eq!(from_json::<Booking>(&payload).unwrap(), want);
         assert_eq!(expire_chunk(&conn, now, 100, &mut Vec::new()).unwrap(), 0);
 
         assert_eq!(count(&conn, "claims"), 2, "the lapsed claims stay until purged");
@@ -929,8 +905,8 @@ mod tests {
     /// `expires_at`.
     fn claim(conn: &Connection, booking: &str, quantity: i64, expires_at: i64) {
         conn.execute(
-            r#"INSERT INTO bookings (id, customer_id, venue_id, status, expires_at, doc)
-               VALUES (?1, 'u', 'v', 'held', ?2, '{"status":"held","updated_at":"2026-01-01T00:00:00Z"}')"#,
+            "INSERT INTO bookings (id, customer_id, venue_id, status, expires_at, updated_at)
+             VALUES (?1, 'u', 'v', 'held', ?2, '2026-01-01T00:00:00Z')",
             params![booking, expires_at],
         )
         .unwrap();
