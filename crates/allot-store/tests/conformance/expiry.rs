@@ -2,7 +2,7 @@
 
 use std::collections::HashSet;
 
-use allot_app::store::{HoldRefused, UpdateRefused};
+use allot_app::store::{BookingFilter, HoldRefused, PageRequest, UpdateRefused};
 use allot_core::booking::{BookingStatus, Transition};
 use allot_core::ids::BookingId;
 
@@ -28,6 +28,9 @@ pub async fn a_swept_hold_is_stored_and_announced_as_the_transition_makes_it(b: 
     want.status = hold.next_status(Transition::Expire, at(75)).unwrap();
     want.updated_at = at(75);
     assert_eq!(w.store.booking(hold.id).await.unwrap().unwrap(), want);
+    let expired = BookingFilter { status: Some(BookingStatus::Expired), ..Default::default() };
+    let listed = w.store.bookings(&expired, PageRequest { after: None, limit: 10 }).await.unwrap();
+    assert_eq!(listed.items, vec![want.clone()], "listed as read");
     let updated_at = want.updated_at.to_string();
     let payload = match b.name() {
         "sqlite" => {
