@@ -341,15 +341,16 @@ impl App {
     /// Releases every hold whose `expires_at` has passed, then deletes released claims the
     /// store left behind; returns how many holds it released.
     pub async fn expire_due(&self) -> AppResult<usize> {
-        let jobs = (0..EXPIRY_JOBS_IN_FLIGHT).map(|_| self.expire_due_in_turn());
+        // One loop purges: the purge has no deadline, so it takes a slice of every other batch.
+        let jobs = (0..EXPIRY_JOBS_IN_FLIGHT).map(|i| self.expire_due_in_turn(i == 0));
         let released = futures::future::try_join_all(jobs).await?;
         Ok(released.into_iter().sum())
     }
 
     /// One of the expiry loops [`App::expire_due`] runs side by side: releases, and once none
-    /// is due purges, until neither has anything left. Both loops may see the same lapsed holds;
-    /// the store releases each once.
-    async fn expire_due_in_turn(&self) -> AppResult<usize> {
+    /// is due purges if it `purges`, until neither has anything left. Both loops may see the
+    /// same lapsed holds; the store releases each once.
+    async fn expire_due_in_turn(&self, purges: bool) -> AppResult<usize> {
         let mut total = 0;
         loop {
             let expired = self.store.expire_due(self.clock.now(), EXPIRY_BATCH_MAX).await?;
@@ -360,7 +361,7 @@ impl App {
             if !expired.is_empty() {
                 continue;
             }
-            if self.store.purge_released_claims(self.clock.now(), EXPIRY_BATCH_MAX).await? == 0 {
+            if !purges || self.store.purge_released_claims(self.clock.now(), EXPIRY_BATCH_MAX).await? == 0 {
                 return Ok(total);
             }
         }
