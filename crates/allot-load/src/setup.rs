@@ -4,8 +4,8 @@
 
 use std::collections::HashMap;
 
+use ::http::Method;
 use anyhow::{Context, bail};
-use hyper::Method;
 use jiff::{SignedDuration, Timestamp, ToSpan};
 use serde_json::{Value, json};
 
