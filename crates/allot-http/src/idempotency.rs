@@ -9,7 +9,7 @@ use allot_app::App;
 use allot_app::idempotency::Admission;
 use allot_app::store::IdempotencyKey;
 use axum::body::Body;
-use axum::extract::{ConnectInfo, Request, State};
+use axum::extract::{ConnectInfo, Request};
 use axum::http::{HeaderValue, Method, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
@@ -29,7 +29,8 @@ const RESPONSE_BYTES_MAX: usize = 4 * 1024 * 1024;
 /// exists in plain text only in its one response.
 pub(crate) const UNSTORED_PATHS: [&str; 3] = ["/api/v1/auth/login", "/api/v1/auth/refresh", "/api/v1/api-keys"];
 
-pub async fn layer(State(app): State<Arc<App>>, request: Request, next: Next) -> Response {
+/// The middleware's idempotency half, inside the rate limits (see [`crate::guard`]).
+pub async fn keyed(app: Arc<App>, request: Request, next: Next) -> Response {
     if request.method() != Method::POST || UNSTORED_PATHS.contains(&request.uri().path()) {
         return next.run(request).await;
     }

@@ -53,12 +53,10 @@ pub fn router(app: Arc<App>, options: &HttpOptions) -> Router {
         // Outside CORS, so that every answer (preflights, panics, timeouts, 404s) gets the
         // request id and the security headers, and is counted.
         .layer(axum::middleware::from_fn_with_state(Arc::new(ops::Envelope::new(&options.ops)), ops::envelope))
-        .layer(tower_http::trace::TraceLayer::new_for_http())
         .option_layer(ops::cors(&options.ops))
         .layer(tower_http::catch_panic::CatchPanicLayer::custom(panicked))
         .layer(DefaultBodyLimit::max(BODY_BYTES_MAX))
-        .layer(axum::middleware::from_fn_with_state(limiter, ratelimit::layer))
-        .layer(axum::middleware::from_fn_with_state(app.clone(), idempotency::layer));
+        .layer(axum::middleware::from_fn_with_state(limiter, guard));
     routes
         // Inside routing, so that the route template is known; after every route.
         .route_layer(axum::middleware::from_fn_with_state(app.clone(), audit::layer))
@@ -67,6 +65,17 @@ pub fn router(app: Arc<App>, options: &HttpOptions) -> Router {
         .method_not_allowed_fallback(method_not_allowed)
         .layer(layers)
         .with_state(app)
+}
+
+/// Rate limits, then the `Idempotency-Key`: one `from_fn` layer rather than two, for the
+/// reason the envelope is one ([`ops::envelope`]).
+async fn guard(
+    axum::extract::State(limiter): axum::extract::State<Arc<ratelimit::Limiter>>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    let app = limiter.app().clone();
+    ratelimit::limit(&limiter, request, |request| idempotency::keyed(app, request, next)).await
 }
 
 /// Every route with its OpenAPI entry (`routes!` takes both from the handler's

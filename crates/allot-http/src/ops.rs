@@ -100,9 +100,15 @@ pub async fn envelope(State(envelope): State<Arc<Envelope>>, mut request: Reques
     let started = Instant::now();
     let route = request.extensions().get::<MatchedPath>().cloned();
     let method = method_label(request.method());
+    let route = route.as_ref().map_or("unmatched", MatchedPath::as_str);
     let span = tracing::info_span!("request", request_id = %id);
-    let mut response = timeout(envelope.timeout, next.run(request)).instrument(span).await;
-    record_metrics(method, route.as_ref().map_or("unmatched", MatchedPath::as_str), response.status(), started);
+    let answered = async {
+        let response = timeout(envelope.timeout, next.run(request)).await;
+        log_answer(method, route, response.status(), started);
+        response
+    };
+    let mut response = answered.instrument(span).await;
+    record_metrics(method, route, response.status(), started);
     let headers = response.headers_mut();
     if let Some(value) = id_header {
         headers.insert(REQUEST_ID_HEADER, value);
@@ -115,6 +121,19 @@ pub async fn envelope(State(envelope): State<Arc<Envelope>>, mut request: Reques
         headers.insert(header::STRICT_TRANSPORT_SECURITY, value.clone());
     }
     response
+}
+
+/// Logs the answer in the request's span: a server error always (its cause is logged where
+/// it happened; this says which request it ended), every answer at `debug`. (tower-http's
+/// `TraceLayer` did this with a span and a layer of its own per request, ~3 % of the request
+/// threads under load.)
+fn log_answer(method: &str, route: &str, status: StatusCode, started: Instant) {
+    let latency_ms = started.elapsed().as_secs_f64() * 1000.0;
+    if status.is_server_error() {
+        tracing::error!(method, route, status = status.as_u16(), latency_ms, "request failed");
+    } else {
+        tracing::debug!(method, route, status = status.as_u16(), latency_ms, "answered");
+    }
 }
 
 /// 1 to [`REQUEST_ID_BYTES_MAX`] visible ASCII characters: safe to log and to echo.

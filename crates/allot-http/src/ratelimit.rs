@@ -21,10 +21,9 @@ use std::time::{Duration, Instant};
 use allot_app::App;
 use allot_app::auth::sha256_hex;
 use axum::body::Body;
-use axum::extract::{ConnectInfo, Request, State};
+use axum::extract::{ConnectInfo, Request};
 use axum::http::request::Parts;
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
-use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use serde_json::json;
@@ -533,6 +532,11 @@ pub struct Limiter {
 }
 
 impl Limiter {
+    /// The app the limits belong to (refusals are audited; the idempotency key is kept in it).
+    pub fn app(&self) -> &Arc<App> {
+        &self.app
+    }
+
     pub fn new(app: Arc<App>, config: RateLimits) -> Self {
         let redis = match (&config.redis_url, config.enabled) {
             (Some(url), true) => RedisBuckets::new(url, &config.redis_key_prefix),
@@ -657,18 +661,23 @@ pub struct RateLimited {
     pub tier: TierName,
 }
 
-/// The middleware: checks the request's buckets, refuses with 429 or runs the request, and
-/// sets the `RateLimit-*` headers either way.
-pub async fn layer(State(limiter): State<Arc<Limiter>>, mut request: Request, next: Next) -> Response {
+/// The middleware's rate-limit half: checks the request's buckets, refuses with 429 or runs
+/// `inner` (the rest of the stack), and sets the `RateLimit-*` headers either way. It runs
+/// inside [`crate::guard`], one `from_fn` layer with the idempotency key.
+pub async fn limit<F, Fut>(limiter: &Limiter, request: Request, inner: F) -> Response
+where
+    F: FnOnce(Request) -> Fut,
+    Fut: Future<Output = Response>,
+{
     // The client as the limits see it (behind a trusted proxy: from `X-Forwarded-For`), for
     // whatever else records who asked (the audit trail).
     let (mut parts, body) = request.into_parts();
     if let Some(ip) = client_ip(&parts, &limiter.trusted_proxies) {
         parts.extensions.insert(ClientAddr(ip));
     }
-    request = Request::from_parts(parts, body);
+    let request = Request::from_parts(parts, body);
     if !limiter.config.enabled || UNLIMITED_PATHS.contains(&request.uri().path()) {
-        return next.run(request).await;
+        return inner(request).await;
     }
     let (request, probes) = match limiter.probes(request).await {
         Ok(checked) => checked,
@@ -676,14 +685,14 @@ pub async fn layer(State(limiter): State<Arc<Limiter>>, mut request: Request, ne
     };
     let verdicts = limiter.check(&probes).await;
     let Some(shown) = tightest(&verdicts).copied() else {
-        return next.run(request).await;
+        return inner(request).await;
     };
     if let Some(retry_after) = shown.retry_after_seconds {
         let (parts, _) = request.into_parts();
         on_rejected(&limiter.app, &parts, &shown).await;
         return refusal(&shown, retry_after);
     }
-    let mut response = next.run(request).await;
+    let mut response = inner(request).await;
     set_headers(response.headers_mut(), &shown);
     response
 }
