@@ -133,9 +133,7 @@ impl Conn {
         }
         Ok(())
     }
-}
 
-impl Conn {
     /// True when the server has closed the open connection (or sent what nobody asked for): a
     /// request written to it would fail without having been read.
     async fn closed_by_server(&mut self) -> bool {
