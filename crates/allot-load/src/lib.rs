@@ -490,9 +490,8 @@ impl Client {
         let item = match op {
             Op::HoldSeat => {
                 let n = self.shared.next_pair.fetch_add(1, Ordering::Relaxed);
-                // Consecutive holds go to different shows and seats: many resources at once.
                 let show = &w.shows[n % w.shows.len()];
-                let seat = &w.seats[(n / w.shows.len()) % w.seats.len()];
+                let seat = &w.seats[seat_of_pair(n, w.shows.len(), w.seats.len())];
                 format!(r#"{{"resource_id":"{seat}","event_id":"{show}"}}"#)
             }
             Op::HoldHot => {
@@ -577,6 +576,14 @@ impl Client {
     }
 }
 
+/// The seat of the `n`th (show, seat) pair: pair `n` is show `n % shows`, and consecutive
+/// pairs go to different seats as well as different shows, so the holds in flight at any
+/// moment decide on many resources (seats), not on one seat's many shows. Over the first
+/// `shows × seats` pairs each pair comes once (per show, the seats are a rotation).
+fn seat_of_pair(n: usize, shows: usize, seats: usize) -> usize {
+    (n / shows + n % shows) % seats
+}
+
 fn pick<'a, T>(rng: &mut SmallRng, from: &'a [T]) -> &'a T {
     &from[rng.random_range(0..from.len())]
 }
@@ -595,7 +602,24 @@ fn ts(unix_seconds: i64) -> String {
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
-    use super::{SeatMap, created_id, free_hot_seats};
+    use super::{SeatMap, created_id, free_hot_seats, seat_of_pair};
+
+    #[test]
+    fn the_pairs_cover_every_show_and_seat_once_and_consecutive_ones_differ_in_both() {
+        let (shows, seats) = (7, 5);
+        let mut seen = std::collections::HashSet::new();
+        for n in 0..shows * seats {
+            assert!(seen.insert((n % shows, seat_of_pair(n, shows, seats))), "pair {n} repeats");
+        }
+        for n in 0..shows * seats - 1 {
+            if (n + 1) % shows != 0 {
+                assert_ne!(seat_of_pair(n, shows, seats), seat_of_pair(n + 1, shows, seats), "pairs {n}, {}", n + 1);
+            }
+        }
+        // Many seats at once: a window of 256 consecutive holds over 2 000 shows of 300 seats.
+        let window: std::collections::HashSet<_> = (5_000..5_256).map(|n| seat_of_pair(n, 2_000, 300)).collect();
+        assert!(window.len() >= 200, "{} seats", window.len());
+    }
 
     #[test]
     fn the_free_hot_seats_are_those_the_map_shows_available() {
