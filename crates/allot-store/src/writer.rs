@@ -1,4 +1,4 @@
-//! The single writer with group commit, shared by both backends.
+//! The writer with group commit, shared by both backends.
 //!
 //! Requests queue on a bounded channel. The writer takes everything queued (up to
 //! [`BATCH_SIZE_MAX`]), runs each request inside its own SAVEPOINT of one transaction (so a
@@ -9,6 +9,8 @@
 //! resources it decides on; a batch locks all of them first, in one global order, through its
 //! [`Backend`]. Batches of different nodes therefore serialize per resource and never deadlock,
 //! and the batch clock starts no earlier than the last `now` any node used on those resources.
+//! On PostgreSQL one node's writer has several lanes ([`Writer::start_lanes`]), a connection and
+//! a batch loop each, related to each other as nodes are; SQLite has one writer thread.
 //!
 //! Holds are the hot path and queue as [`HoldJob`]s: the batch decides all of its holds in one
 //! pass ([`Backend::holds`]), each seeing the claims of those before it, so a database reached
@@ -20,7 +22,7 @@
 
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use allot_app::StoreError;
 use allot_app::audit::{AuditEvent, AuditScope};
@@ -33,7 +35,10 @@ use jiff::Timestamp;
 use tokio::sync::{mpsc, oneshot};
 
 pub const BATCH_SIZE_MAX: usize = 512;
+/// Requests queued per lane before new ones are refused as overloaded.
 pub const QUEUE_DEPTH_MAX: usize = 16_384;
+/// Lanes of one writer ([`Writer::start_lanes`]).
+pub const LANES_MAX: usize = 8;
 
 /// What the writer needs from a database beyond running a request's own statements.
 pub trait Backend: Send + Sync + 'static {
@@ -261,39 +266,68 @@ pub struct WriteStats {
     pub requests: AtomicU64,
 }
 
-/// Handle to the writer task. Cloning shares the queue.
+/// Handle to the writer: one queue per lane (a connection with its batch loop). Cloning
+/// shares the queues.
 pub struct Writer<B: Backend> {
-    queue: mpsc::Sender<Queued<B>>,
+    lanes: Arc<[Lane<B>]>,
     pub stats: Arc<WriteStats>,
 }
 
 impl<B: Backend> Clone for Writer<B> {
     fn clone(&self) -> Self {
-        Self { queue: self.queue.clone(), stats: self.stats.clone() }
+        Self { lanes: self.lanes.clone(), stats: self.stats.clone() }
     }
 }
 
+/// One lane's queue and how many requests it has queued or in its batch.
+struct Lane<B: Backend> {
+    queue: mpsc::Sender<Queued<B>>,
+    /// Raised when a request is queued, lowered once its batch has ended.
+    load: Arc<AtomicUsize>,
+}
+
 impl<B: Backend> Writer<B> {
-    /// Starts the writer as a task on the current tokio runtime: for a connection whose
-    /// statements are awaited (PostgreSQL).
-    pub fn start(conn: B::Conn, backend: B) -> Writer<B> {
-        let (writer, run) = Self::prepare(conn, backend);
-        tokio::spawn(run);
-        writer
+    /// Starts one writer task per connection of `conns` (at most [`LANES_MAX`]) on the current
+    /// tokio runtime, for connections whose statements are awaited (PostgreSQL). Each lane has
+    /// its own queue and batches; a request that names resources goes to the lane of its first
+    /// one (so two lanes never wait on each other's locks for the same resource), others to the
+    /// lane with the fewest requests queued or in its batch. Lanes are to each other what the writers of several nodes are: the database
+    /// serializes them per resource ([`Backend::lock`]) and the audit chain's head, so one
+    /// lane's batch runs its statements while another's commits.
+    pub fn start_lanes(conns: Vec<B::Conn>, backend: B) -> Writer<B>
+    where
+        B: Clone,
+    {
+        assert!((1..=LANES_MAX).contains(&conns.len()), "1..={LANES_MAX} write lanes");
+        let stats = Arc::new(WriteStats::default());
+        let lanes: Vec<_> = conns
+            .into_iter()
+            .map(|conn| {
+                let (lane, run) = Self::lane(conn, backend.clone(), stats.clone());
+                tokio::spawn(run);
+                lane
+            })
+            .collect();
+        Self::over(lanes, stats)
     }
 
     /// Starts the writer on a thread of its own: for a synchronous connection, whose
     /// statements block (SQLite). Its jobs' futures are ready at once; the thread sleeps only
     /// while the queue is empty, and ends when the last [`Writer`] handle is dropped.
     pub fn start_thread(conn: B::Conn, backend: B, name: &str) -> std::io::Result<Writer<B>> {
-        let (writer, run) = Self::prepare(conn, backend);
+        let stats = Arc::new(WriteStats::default());
+        let (lane, run) = Self::lane(conn, backend, stats.clone());
         std::thread::Builder::new().name(name.to_owned()).spawn(move || futures::executor::block_on(run))?;
-        Ok(writer)
+        Ok(Self::over([lane], stats))
     }
 
-    fn prepare(conn: B::Conn, backend: B) -> (Writer<B>, impl Future<Output = ()> + Send + 'static) {
+    fn over(lanes: impl Into<Arc<[Lane<B>]>>, stats: Arc<WriteStats>) -> Writer<B> {
+        Writer { lanes: lanes.into(), stats }
+    }
+
+    fn lane(conn: B::Conn, backend: B, stats: Arc<WriteStats>) -> (Lane<B>, impl Future<Output = ()> + Send + 'static) {
         let (queue, rx) = mpsc::channel(QUEUE_DEPTH_MAX);
-        let stats = Arc::new(WriteStats::default());
+        let load = Arc::new(AtomicUsize::new(0));
         let memo = crate::cache::Cache::default();
         memo.set_enabled(backend.memo());
         let ctx = WriteCtx {
@@ -304,7 +338,7 @@ impl<B: Backend> Writer<B> {
             savepoint_open: false,
             memo,
         };
-        (Writer { queue, stats: stats.clone() }, run(backend, ctx, rx, stats))
+        (Lane { queue, load: load.clone() }, run(backend, ctx, rx, stats, load))
     }
 
     /// [`Writer::write`] for a request that runs without awaiting (a synchronous connection).
@@ -388,9 +422,24 @@ impl<B: Backend> Writer<B> {
     }
 
     fn enqueue(&self, entry: Queued<B>) -> Result<(), StoreError> {
-        self.queue.try_send(entry).map_err(|e| match e {
-            mpsc::error::TrySendError::Full(_) => StoreError::Overloaded,
-            mpsc::error::TrySendError::Closed(_) => StoreError::Closed,
+        let lane = match (self.lanes.len(), entry.keys().first()) {
+            (1, _) => &self.lanes[0],
+            // A resource's requests keep to one lane: lanes deciding on the same resource
+            // would wait on each other's row locks (`Backend::lock`) instead of overlapping.
+            (n, Some(key)) => &self.lanes[lane_of(key, n)],
+            // The least loaded lane, so that a lane stuck on a lock (another node's, for up to
+            // the lock timeout) does not hold up writes that need no resource.
+            (_, None) => {
+                self.lanes.iter().min_by_key(|lane| lane.load.load(Ordering::Relaxed)).unwrap_or(&self.lanes[0])
+            }
+        };
+        lane.load.fetch_add(1, Ordering::Relaxed);
+        lane.queue.try_send(entry).map_err(|e| {
+            lane.load.fetch_sub(1, Ordering::Relaxed);
+            match e {
+                mpsc::error::TrySendError::Full(_) => StoreError::Overloaded,
+                mpsc::error::TrySendError::Closed(_) => StoreError::Closed,
+            }
         })
     }
 
@@ -411,16 +460,27 @@ async fn run<B: Backend>(
     mut ctx: WriteCtx<B::Conn>,
     mut rx: mpsc::Receiver<Queued<B>>,
     stats: Arc<WriteStats>,
+    load: Arc<AtomicUsize>,
 ) {
     let mut batch: Vec<Queued<B>> = Vec::with_capacity(BATCH_SIZE_MAX);
     while rx.recv_many(&mut batch, BATCH_SIZE_MAX).await > 0 {
         assert!(batch.len() <= BATCH_SIZE_MAX, "recv_many respects the batch limit");
+        let size = batch.len();
         stats.transactions.fetch_add(1, Ordering::Relaxed);
-        stats.requests.fetch_add(batch.len() as u64, Ordering::Relaxed);
-        metrics::histogram!(telemetry::STORE_BATCH_SIZE).record(batch.len() as f64);
+        stats.requests.fetch_add(size as u64, Ordering::Relaxed);
+        metrics::histogram!(telemetry::STORE_BATCH_SIZE).record(size as f64);
         apply_batch(&backend, &mut ctx, &mut batch).await;
         batch.clear();
+        load.fetch_sub(size, Ordering::Relaxed);
     }
+}
+
+/// The lane of the requests that decide on resource `key`, of `lanes`.
+fn lane_of(key: &str, lanes: usize) -> usize {
+    use std::hash::{Hash, Hasher};
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    key.hash(&mut hasher);
+    (hasher.finish() % lanes as u64) as usize
 }
 
 /// Begins the batch transaction, replacing the connection once if it has failed.
@@ -609,4 +669,24 @@ async fn finish<B: Backend>(backend: &B, ctx: &mut WriteCtx<B::Conn>, keys: &[St
     let committed = backend.execute(&mut ctx.conn, "COMMIT").await.map_err(B::error);
     metrics::histogram!(telemetry::STORE_COMMIT_DURATION).record(started.elapsed().as_secs_f64());
     committed
+}
+
+#[cfg(test)]
+mod tests {
+    use super::lane_of;
+
+    #[test]
+    fn a_resource_keeps_to_one_lane_and_resources_spread_over_all_lanes() {
+        let keys: Vec<String> = (0..1_000).map(|i| format!("01a22f40c3df74f0aa628639feaa{i:04}")).collect();
+        for lanes in 1..=4 {
+            let mut per_lane = vec![0_usize; lanes];
+            for key in &keys {
+                let lane = lane_of(key, lanes);
+                assert_eq!(lane, lane_of(key, lanes), "the same lane every time");
+                per_lane[lane] += 1;
+            }
+            let fair = keys.len() / lanes;
+            assert!(per_lane.iter().all(|&n| n > fair * 8 / 10 && n < fair * 12 / 10), "{lanes} lanes: {per_lane:?}");
+        }
+    }
 }

@@ -168,6 +168,50 @@ async fn nodes_contending_for_the_same_resources_never_oversell_nor_deadlock() {
     cluster.finish().await;
 }
 
+/// One node's write lanes (`WRITE_LANES` connections, each with its own batches) are to each
+/// other what nodes are: bookings over two resources of different lanes, taken at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_nodes_write_lanes_never_oversell_resources_they_share() {
+    let Some(cluster) = Cluster::start(1).await else { return };
+    let mut resources = Vec::new();
+    for _ in 0..12 {
+        resources.push(cluster.resource(1).await.id);
+    }
+    let cluster = Arc::new(cluster);
+    let mut tasks = Vec::new();
+    for i in 0..240_usize {
+        let cluster = cluster.clone();
+        let (first, second) = (resources[i % 12], resources[(i * 7 + 5) % 12]);
+        let wants =
+            if first == second { vec![(first, morning())] } else { vec![(first, morning()), (second, morning())] };
+        tasks.push(tokio::spawn(async move {
+            let outcome = cluster.nodes[0].hold(cluster.hold_command(&wants, at(0), 600)).await;
+            (wants, outcome)
+        }));
+    }
+    let mut held = std::collections::HashMap::new();
+    for task in tasks {
+        let (wants, outcome) = task.await.unwrap();
+        match outcome {
+            Ok(booking) => {
+                for (resource, _) in wants {
+                    assert!(held.insert(resource, booking.id).is_none(), "{resource} held twice");
+                }
+            }
+            Err(HoldRefused::Unavailable { .. }) => {}
+            Err(other) => panic!("a hold failed with something other than 409 unavailable: {other:?}"),
+        }
+    }
+    assert!(!held.is_empty());
+    let cluster = Arc::into_inner(cluster).unwrap();
+    for resource in resources {
+        let claims = cluster.nodes[0].claims(resource, morning(), at(0)).await.unwrap();
+        let units = claims.iter().map(|c| c.quantity).sum::<u32>();
+        assert_eq!(units, u32::from(held.contains_key(&resource)), "units claimed on {resource}");
+    }
+    cluster.finish().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_with_a_slow_clock_cannot_confirm_a_hold_a_faster_node_already_resold() {
     let Some(cluster) = Cluster::start(2).await else { return };

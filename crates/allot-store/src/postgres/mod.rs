@@ -49,6 +49,8 @@ pub const CONNECT_TIMEOUT_SECONDS: u64 = 10;
 /// The channel catalogue changes are announced on; the payload is a [`cache::key`].
 pub const CATALOG_CHANNEL: &str = "allot_catalog";
 pub const LISTENER_RETRY_SECONDS: u64 = 1;
+/// Write connections of one node, each with its own batches (`Writer::start_lanes`).
+pub const WRITE_LANES: usize = 2;
 /// Longest a batch waits for a row another node has locked. Batches hold their locks for
 /// milliseconds; a longer wait means the holder is stuck, and this node's whole write queue
 /// is waiting behind it. The batch then fails as busy (503, retry) instead of waiting forever.
@@ -67,6 +69,7 @@ type Ctx = WriteCtx<PgConnection>;
 
 /// PostgreSQL under the writer: per-resource row locks and clocks, and a reconnect when the
 /// write connection dies.
+#[derive(Clone)]
 pub(crate) struct PgBackend {
     options: PgConnectOptions,
 }
@@ -199,13 +202,16 @@ impl PgStore {
         // make this future unusable with `tokio::spawn` (rust-lang/rust#100013).
         MIGRATOR.run(&read).await.map_err(|e| StoreError::Database(format!("migrations: {e}")))?;
         let options = write_session(options);
-        let conn = PgConnection::connect_with(&options).await.map_err(db_error)?;
+        let mut conns = Vec::with_capacity(WRITE_LANES);
+        for _ in 0..WRITE_LANES {
+            conns.push(PgConnection::connect_with(&options).await.map_err(db_error)?);
+        }
         let cache = Arc::new(Cache::default());
         let listen_pool = PgPoolOptions::new().max_connections(1).connect_lazy_with(options.clone());
         let listener = connect_listener(&listen_pool).await.map_err(db_error)?;
         cache.set_enabled(true);
         let listener = tokio::spawn(listen(listen_pool, listener, cache.clone()));
-        Ok(PgStore { read, writer: Writer::start(conn, PgBackend { options }), cache, listener })
+        Ok(PgStore { read, writer: Writer::start_lanes(conns, PgBackend { options }), cache, listener })
     }
 
     /// `(transactions, requests)` the writer has committed or attempted since start.
