@@ -469,9 +469,8 @@ async fn run<B: Backend>(
         stats.transactions.fetch_add(1, Ordering::Relaxed);
         stats.requests.fetch_add(size as u64, Ordering::Relaxed);
         metrics::histogram!(telemetry::STORE_BATCH_SIZE).record(size as f64);
-        apply_batch(&backend, &mut ctx, &mut batch).await;
+        apply_batch(&backend, &mut ctx, &mut batch, &load).await;
         batch.clear();
-        load.fetch_sub(size, Ordering::Relaxed);
     }
 }
 
@@ -498,10 +497,20 @@ fn fail_all<B: Backend>(batch: &mut Vec<Queued<B>>, error: &StoreError) {
     }
 }
 
-async fn apply_batch<B: Backend>(backend: &B, ctx: &mut WriteCtx<B::Conn>, batch: &mut Vec<Queued<B>>) {
+/// Runs one batch and answers each of its requests; `load` (the lane's count of requests
+/// queued or in a batch) drops by the batch's size just before the answers go out, so a
+/// request sent on an answer already sees this lane as free.
+async fn apply_batch<B: Backend>(
+    backend: &B,
+    ctx: &mut WriteCtx<B::Conn>,
+    batch: &mut Vec<Queued<B>>,
+    load: &AtomicUsize,
+) {
+    let size = batch.len();
     if let Err(e) = begin(backend, ctx).await {
         let error = B::error(e);
         tracing::error!(%error, "could not begin a write transaction");
+        load.fetch_sub(size, Ordering::Relaxed);
         fail_all(batch, &error);
         return;
     }
@@ -515,6 +524,7 @@ async fn apply_batch<B: Backend>(backend: &B, ctx: &mut WriteCtx<B::Conn>, batch
                 let _ = backend.execute(&mut ctx.conn, "ROLLBACK").await;
                 let error = B::error(e);
                 tracing::error!(%error, "could not lock the batch's resources");
+                load.fetch_sub(size, Ordering::Relaxed);
                 fail_all(batch, &error);
                 return;
             }
@@ -548,6 +558,7 @@ async fn apply_batch<B: Backend>(backend: &B, ctx: &mut WriteCtx<B::Conn>, batch
         let _ = backend.execute(&mut ctx.conn, "ROLLBACK").await;
         ctx.memo.invalidate(crate::cache::INVALIDATE_ALL);
     }
+    load.fetch_sub(size, Ordering::Relaxed);
     let not_run = jobs.map(Queued::Job).chain(holds.into_iter().map(|hold| Queued::Hold(Box::new(hold))));
     for entry in not_run {
         entry.fail(write_aborted());
