@@ -254,35 +254,6 @@ pub fn audit_values(e: &AuditEvent) -> Result<(i64, i64, String), sqlx::Error> {
     Ok((seq, e.at.as_second(), to_json(&e.details)?))
 }
 
-/// One multi-row `INSERT` of chained events.
-pub fn audit_insert<DB: sqlx::Database>(events: &[AuditEvent]) -> Result<QueryBuilder<DB>, sqlx::Error>
-where
-    String: for<'q> sqlx::Encode<'q, DB> + sqlx::Type<DB>,
-    Option<String>: for<'q> sqlx::Encode<'q, DB> + sqlx::Type<DB>,
-    i64: for<'q> sqlx::Encode<'q, DB> + sqlx::Type<DB>,
-{
-    let rows = events.iter().map(|e| audit_values(e).map(|v| (e.clone(), v))).collect::<Result<Vec<_>, _>>()?;
-    let mut qb = QueryBuilder::new(format!("INSERT INTO audit_events ({AUDIT_COLUMNS}) "));
-    qb.push_values(rows, |mut b, (e, (seq, at, details))| {
-        b.push_bind(seq)
-            .push_bind(e.id)
-            .push_bind(at)
-            .push_bind(e.actor_id)
-            .push_bind(e.actor_role)
-            .push_bind(e.ip)
-            .push_bind(e.request_id)
-            .push_bind(e.action)
-            .push_bind(e.target_id)
-            .push_bind(e.venue_id.map(|v| v.to_string()))
-            .push_bind(e.outcome.as_str().to_owned())
-            .push_bind(e.reason)
-            .push_bind(details)
-            .push_bind(e.prev_hash)
-            .push_bind(e.hash);
-    });
-    Ok(qb)
-}
-
 /// The chain's last link, as `audit_head_of` reads it.
 pub const AUDIT_HEAD_SQL: &str = "SELECT seq, hash FROM audit_head WHERE id = 1";
 
