@@ -282,7 +282,7 @@ impl<B: Backend> Clone for Writer<B> {
 /// One lane's queue and how many requests it has queued or in its batch.
 struct Lane<B: Backend> {
     queue: mpsc::Sender<Queued<B>>,
-    /// Raised when a request is queued, lowered once its batch has ended.
+    /// Raised when a request is queued, lowered just before its batch's answers go out.
     load: Arc<AtomicUsize>,
 }
 
@@ -291,9 +291,10 @@ impl<B: Backend> Writer<B> {
     /// tokio runtime, for connections whose statements are awaited (PostgreSQL). Each lane has
     /// its own queue and batches; a request that names resources goes to the lane of its first
     /// one (so two lanes never wait on each other's locks for the same resource), others to the
-    /// lane with the fewest requests queued or in its batch. Lanes are to each other what the writers of several nodes are: the database
-    /// serializes them per resource ([`Backend::lock`]) and the audit chain's head, so one
-    /// lane's batch runs its statements while another's commits.
+    /// lane with the fewest requests queued or in its batch. Lanes are to each other what the
+    /// writers of several nodes are: the database serializes them per resource
+    /// ([`Backend::lock`]) and at the audit chain's head, so one lane's batch runs its
+    /// statements while another's waits on a round trip or its commit.
     pub fn start_lanes(conns: Vec<B::Conn>, backend: B) -> Writer<B>
     where
         B: Clone,
