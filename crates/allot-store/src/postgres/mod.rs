@@ -35,8 +35,8 @@ use crate::access;
 use crate::cache::{self, Cache, INVALIDATE_ALL};
 use crate::common::venue_inserted;
 use crate::common::{
-    AUDIT_HEAD_SQL, AuditRow, KeyRow, Rotation, TokenRow, USER_COLUMNS, UserVenuesRow, VENUE_IN_USE, add_seat_states,
-    after_key, audit_events_of, audit_head_of, audit_range_query, audit_rotation, audit_select, chain,
+    AUDIT_COLUMNS, AUDIT_HEAD_SQL, AuditRow, KeyRow, Rotation, TokenRow, USER_COLUMNS, UserVenuesRow, VENUE_IN_USE,
+    add_seat_states, after_key, audit_events_of, audit_head_of, audit_range_query, audit_rotation, audit_select, chain,
     claims_from_rows, decided, docs_to_page, existing_key, expired, from_json, from_json_db, hold_expiry,
     is_unique_violation, rotation, to_json, ts, user_of_venues_row,
 };
@@ -67,16 +67,18 @@ static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres
 
 type Ctx = WriteCtx<PgConnection>;
 
-/// PostgreSQL under the writer: per-resource row locks and clocks, and a reconnect when the
-/// write connection dies.
-/// Chained events inserted and the chain's head moved, in one statement (`append_audit`).
-const AUDIT_APPEND_SQL: &str = "WITH appended AS (
-       INSERT INTO audit_events (seq, id, at, actor_id, actor_role, ip, request_id, action, target_id, venue_id,
-                                 outcome, reason, details, prev_hash, hash)
-       SELECT * FROM unnest($1::int8[], $2::text[], $3::int8[], $4::text[], $5::text[], $6::text[], $7::text[],
-                            $8::text[], $9::text[], $10::text[], $11::text[], $12::text[], $13::text[], $14::text[],
-                            $15::text[]))
-     UPDATE audit_head SET seq = $16, hash = $17 WHERE id = 1";
+/// Chained events inserted and the chain's head moved, in one statement (`append_audit`); the
+/// arrays are `AuditColumns`' fields, in `AUDIT_COLUMNS` order.
+static AUDIT_APPEND_SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    format!(
+        "WITH appended AS (
+           INSERT INTO audit_events ({AUDIT_COLUMNS})
+           SELECT * FROM unnest($1::int8[], $2::text[], $3::int8[], $4::text[], $5::text[], $6::text[], $7::text[],
+                                $8::text[], $9::text[], $10::text[], $11::text[], $12::text[], $13::text[],
+                                $14::text[], $15::text[]))
+         UPDATE audit_head SET seq = $16, hash = $17 WHERE id = 1"
+    )
+});
 
 /// A batch's audit events as column arrays for `unnest` (`AUDIT_APPEND_SQL`).
 #[derive(Default)]
@@ -123,6 +125,8 @@ impl AuditColumns {
     }
 }
 
+/// PostgreSQL under the writer: per-resource row locks and clocks, and a reconnect when the
+/// write connection dies.
 #[derive(Clone)]
 pub(crate) struct PgBackend {
     options: PgConnectOptions,
@@ -194,7 +198,7 @@ impl Backend for PgBackend {
             // The rows and the new head in one statement: one round trip less while the
             // head, which every lane and node appends behind, is locked.
             let c = AuditColumns::of(events)?;
-            sqlx::query(AUDIT_APPEND_SQL)
+            sqlx::query(AUDIT_APPEND_SQL.as_str())
                 .bind(c.seq)
                 .bind(c.id)
                 .bind(c.at)
