@@ -492,7 +492,10 @@ async fn begin<B: Backend>(backend: &B, ctx: &mut WriteCtx<B::Conn>) -> Result<(
     backend.begin(&mut ctx.conn).await
 }
 
-fn fail_all<B: Backend>(batch: &mut Vec<Queued<B>>, error: &StoreError) {
+/// Fails every request of `batch`, lowering the lane's `load` first (as `apply_batch` does
+/// before any answer).
+fn fail_all<B: Backend>(batch: &mut Vec<Queued<B>>, load: &AtomicUsize, error: &StoreError) {
+    load.fetch_sub(batch.len(), Ordering::Relaxed);
     for entry in batch.drain(..) {
         entry.fail(error.clone());
     }
@@ -511,8 +514,7 @@ async fn apply_batch<B: Backend>(
     if let Err(e) = begin(backend, ctx).await {
         let error = B::error(e);
         tracing::error!(%error, "could not begin a write transaction");
-        load.fetch_sub(size, Ordering::Relaxed);
-        fail_all(batch, &error);
+        fail_all(batch, load, &error);
         return;
     }
     let mut keys: Vec<String> = batch.iter().flat_map(|entry| entry.keys().iter().cloned()).collect();
@@ -525,8 +527,7 @@ async fn apply_batch<B: Backend>(
                 let _ = backend.execute(&mut ctx.conn, "ROLLBACK").await;
                 let error = B::error(e);
                 tracing::error!(%error, "could not lock the batch's resources");
-                load.fetch_sub(size, Ordering::Relaxed);
-                fail_all(batch, &error);
+                fail_all(batch, load, &error);
                 return;
             }
         }
