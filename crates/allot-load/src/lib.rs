@@ -276,13 +276,19 @@ impl Prepared {
             conns.into_iter().enumerate().map(|(i, conn)| tokio::spawn(client(i, shared.clone(), conn))).collect();
         let mut stats = Stats::default();
         let mut acks = HashMap::new();
+        // A customer who is done keeps the connection open, as a browser does; they are closed
+        // together once the run is over. (Closing each as its client finished put a thousand
+        // connections' teardown, on both sides, inside a flash sale's burst.)
+        let mut open = Vec::with_capacity(tasks.len());
         for task in tasks {
-            let outcome = task.await.context("a client task failed")?;
+            let (outcome, conn) = task.await.context("a client task failed")?;
             stats.merge(&outcome.stats);
             // A client's acknowledgements are in order; a booking belongs to one client.
             acks.extend(outcome.acks);
+            open.push(conn);
         }
         let seconds = start.elapsed().as_secs_f64();
+        drop(open);
         let verification = match &shared.config.database_url {
             Some(url) => Some(verify::verify(url, &shared.world, &acks).await?),
             None => None,
@@ -341,7 +347,9 @@ struct Client {
     out: ClientOutcome,
 }
 
-async fn client(id: usize, shared: Arc<Shared>, conn: Conn) -> ClientOutcome {
+/// Runs one client until its work is done; returns what it measured and its connection, still
+/// open.
+async fn client(id: usize, shared: Arc<Shared>, conn: Conn) -> (ClientOutcome, Conn) {
     let seed = shared.config.seed ^ (id as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
     let hot_free = (0..shared.world.hot_seats).collect();
     let mut c = Client {
@@ -390,7 +398,7 @@ async fn client(id: usize, shared: Arc<Shared>, conn: Conn) -> ClientOutcome {
             c.shared.stop.store(true, Ordering::Relaxed);
         }
     }
-    c.out
+    (c.out, c.conn)
 }
 
 #[derive(Deserialize)]
