@@ -44,7 +44,7 @@ static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite")
 
 /// A booking by id as [`stored_booking`] takes it: status, `updated_at`, document.
 const BOOKING_BY_ID: &str = "SELECT b.status, b.updated_at, d.doc FROM bookings AS b
-     JOIN booking_docs AS d ON d.seq = b.seq WHERE b.id = ?";
+     JOIN booking_docs AS d ON d.seq = b.doc_seq WHERE b.id = ?";
 
 /// A booking as stored: its document with the row's status and `updated_at`, which the
 /// document's copies may be older than (a release writes only the row: migration 0010).
@@ -588,7 +588,7 @@ impl Store for SqliteStore {
 
     async fn bookings(&self, filter: &BookingFilter, page: PageRequest) -> Result<Page<Booking>, StoreError> {
         let mut qb: QueryBuilder<Sqlite> = QueryBuilder::new(
-            "SELECT b.id, b.status, b.updated_at, d.doc FROM bookings AS b JOIN booking_docs AS d ON d.seq = b.seq
+            "SELECT b.id, b.status, b.updated_at, d.doc FROM bookings AS b JOIN booking_docs AS d ON d.seq = b.doc_seq
              WHERE b.id > ",
         );
         qb.push_bind(after_key(&page));
@@ -827,7 +827,8 @@ mod tests {
         )
         .unwrap();
 
-        migrate(&conn, 10..=10);
+        // With 0011 too: the documents are read through the row's `doc_seq` since.
+        migrate(&conn, 10..=11);
         let booked =
             rows(&conn, "SELECT id, customer_id, venue_id, status, expires_at FROM bookings ORDER BY seq", |r| {
                 Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
@@ -852,5 +853,56 @@ mod tests {
         let payload: String = conn.query_row("SELECT payload FROM outbox_events", [], |r| r.get(0)).unwrap();
         let payload: serde_json::Value = serde_json::from_str(&payload).unwrap();
         assert_eq!(payload, serde_json::from_str::<serde_json::Value>(&doc("b2", "expired")).unwrap());
+    }
+
+    /// Migration 0011 makes documents versions: the documents already stored stay each
+    /// booking's current one, events written before it keep their own payloads, and a
+    /// payload-less event of a final status still shows the booking as it is.
+    #[test]
+    fn document_versions_keep_what_was_stored_and_events_read_the_version_they_name() {
+        let conn = rusqlite::Connection::open_in_memory().unwrap();
+        migrate(&conn, 1..=10);
+        let doc = |id: &str, status: &str| format!(r#"{{"id":"{id}","status":"{status}","updated_at":"u0"}}"#);
+        conn.execute_batch(&format!(
+            "INSERT INTO bookings (seq, id, customer_id, venue_id, status, expires_at, updated_at)
+             VALUES (7, 'b1', 'c1', 'v1', 'held', 500, 'u0'), (9, 'b2', 'c1', 'v1', 'expired', NULL, 'u1');
+             INSERT INTO booking_docs (seq, doc) VALUES (7, '{}'), (9, '{}');
+             INSERT INTO outbox (topic, aggregate_id, payload, created_at)
+             VALUES ('booking.held', 'b1', '{}', 1), ('booking.expired', 'b2', NULL, 2);",
+            doc("b1", "held"),
+            doc("b2", "held"),
+            doc("b1", "held"),
+        ))
+        .unwrap();
+
+        migrate(&conn, 11..=11);
+        let current = |id: &str| -> String { conn.query_row(BOOKING_BY_ID, [id], |r| r.get(2)).unwrap() };
+        assert_eq!(current("b1"), doc("b1", "held"));
+        assert_eq!(current("b2"), doc("b2", "held"), "the document as stored; the row's status is read over it");
+        // A version appended later (as a change does) gets a number no booking's document had.
+        conn.execute_batch(&format!(
+            "INSERT INTO booking_docs (doc) VALUES ('{}');
+             UPDATE bookings SET status = 'confirmed', doc_seq = last_insert_rowid() WHERE id = 'b1';
+             INSERT INTO outbox (topic, aggregate_id, doc_seq, created_at)
+             SELECT 'booking.confirmed', 'b1', doc_seq, 3 FROM bookings WHERE id = 'b1';",
+            doc("b1", "confirmed"),
+        ))
+        .unwrap();
+        let seq: i64 = conn.query_row("SELECT doc_seq FROM bookings WHERE id = 'b1'", [], |r| r.get(0)).unwrap();
+        assert_eq!(seq, 10);
+        assert_eq!(current("b1"), doc("b1", "confirmed"));
+        let events = rows(&conn, "SELECT topic, payload FROM outbox_events ORDER BY seq", |r| {
+            Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?))
+        });
+        let expired: serde_json::Value = serde_json::from_str(&events[1].1).unwrap();
+        assert_eq!(expired["status"], "expired");
+        assert_eq!(expired["updated_at"], "u1");
+        assert_eq!(
+            [(&events[0].0, &events[0].1), (&events[2].0, &events[2].1)],
+            [
+                (&"booking.held".to_owned(), &doc("b1", "held")),
+                (&"booking.confirmed".to_owned(), &doc("b1", "confirmed"))
+            ]
+        );
     }
 }

@@ -427,8 +427,11 @@ fn insert_hold(conn: &Connection, booking: &Booking, taken: &[(ResourceId, Claim
         rows_of(7, taken.len())
     );
     conn.prepare_cached(&sql)?.execute(params_from_iter(values))?;
+    // The document once: the booking row and the `booking.held` event both name this version.
+    let doc_seq = insert_doc(conn, &doc)?;
     conn.prepare_cached(
-        "INSERT INTO bookings (id, customer_id, venue_id, status, expires_at, updated_at) VALUES (?, ?, ?, ?, ?, ?)",
+        "INSERT INTO bookings (id, customer_id, venue_id, status, expires_at, updated_at, doc_seq)
+         VALUES (?, ?, ?, ?, ?, ?, ?)",
     )?
     .execute(params![
         booking_id,
@@ -436,15 +439,21 @@ fn insert_hold(conn: &Connection, booking: &Booking, taken: &[(ResourceId, Claim
         booking.venue_id.to_string(),
         booking.status.as_str(),
         hold_expires_at,
-        booking.updated_at.to_string()
+        booking.updated_at.to_string(),
+        doc_seq
     ])?;
-    conn.prepare_cached("INSERT INTO booking_docs (seq, doc) VALUES (?, ?)")?
-        .execute(params![conn.last_insert_rowid(), doc])?;
     conn.prepare_cached(
-        "INSERT INTO outbox (topic, aggregate_id, payload, created_at) VALUES ('booking.held', ?, ?, ?)",
+        "INSERT INTO outbox (topic, aggregate_id, doc_seq, created_at) VALUES ('booking.held', ?, ?, ?)",
     )?
-    .execute(params![booking_id, doc, now.as_second()])?;
+    .execute(params![booking_id, doc_seq, now.as_second()])?;
     Ok(())
+}
+
+/// Appends a version of a booking's document: its `seq`. Versions are never changed or
+/// deleted, so an event naming one keeps the booking as it was (migration 0011).
+fn insert_doc(conn: &Connection, doc: &str) -> Result<i64> {
+    conn.prepare_cached("INSERT INTO booking_docs (doc) VALUES (?)")?.execute([doc])?;
+    Ok(conn.last_insert_rowid())
 }
 
 /// A status change decided by `decide` on the booking as this transaction sees it.
@@ -651,11 +660,14 @@ fn apply_change(conn: &Connection, before: &Booking, after: &Booking, now: Times
     assert!(!before.status.is_final() || after == before, "a booking in a final status does not change");
     let id = after.id.to_string();
     let expiry = hold_expiry(after);
-    let doc = to_json(after)?;
-    let seq: i64 = conn
-        .prepare_cached("UPDATE bookings SET status = ?, expires_at = ?, updated_at = ? WHERE id = ? RETURNING seq")?
-        .query_row(params![after.status.as_str(), expiry, after.updated_at.to_string(), id], |r| r.get(0))?;
-    conn.prepare_cached("UPDATE booking_docs SET doc = ? WHERE seq = ?")?.execute(params![doc, seq])?;
+    // A new version, not the old one rewritten: an earlier event may name the old one.
+    let doc_seq = insert_doc(conn, &to_json(after)?)?;
+    let updated = conn
+        .prepare_cached("UPDATE bookings SET status = ?, expires_at = ?, updated_at = ?, doc_seq = ? WHERE id = ?")?
+        .execute(params![after.status.as_str(), expiry, after.updated_at.to_string(), doc_seq, id])?;
+    if updated != 1 {
+        return Err(stored_error(format!("booking {id} changed but {updated} rows updated")));
+    }
     if after.status.claims_capacity() {
         conn.prepare_cached("UPDATE claims SET hold_expires_at = ? WHERE booking_id = ?")?
             .execute(params![expiry, id])?;
@@ -664,8 +676,8 @@ fn apply_change(conn: &Connection, before: &Booking, after: &Booking, now: Times
     }
     if before.status != after.status {
         let topic = format!("booking.{}", after.status.as_str());
-        conn.prepare_cached("INSERT INTO outbox (topic, aggregate_id, payload, created_at) VALUES (?, ?, ?, ?)")?
-            .execute(params![topic, id, doc, now.as_second()])?;
+        conn.prepare_cached("INSERT INTO outbox (topic, aggregate_id, doc_seq, created_at) VALUES (?, ?, ?, ?)")?
+            .execute(params![topic, id, doc_seq, now.as_second()])?;
     }
     Ok(())
 }
@@ -855,6 +867,39 @@ mod tests {
             status: "requires_action".into(),
         });
         hold
+    }
+
+    /// A hold's document is stored once, and its `booking.held` event names it; a change
+    /// appends a version, so that event still announces the booking as it was held.
+    #[test]
+    fn a_changed_booking_keeps_its_earlier_events_payloads() {
+        let conn = migrated();
+        let made = Timestamp::from_second(1_800_000_000).unwrap();
+        let hold = awkward_hold(made);
+        let claim = |i: &BookingItem| Claim { span: Span::new(i.start.as_second(), i.end.as_second()), quantity: 2 };
+        let taken: Vec<_> = hold.items.iter().map(|i| (i.resource_id, claim(i))).collect();
+        insert_hold(&conn, &hold, &taken, made).unwrap();
+        assert_eq!(count(&conn, "booking_docs"), 1, "one document for the booking and its event");
+        let payload: Option<String> = conn.query_row("SELECT payload FROM outbox", [], |r| r.get(0)).unwrap();
+        assert_eq!(payload, None, "the event names the document instead of copying it");
+
+        let later = made + SignedDuration::from_secs(30);
+        let mut confirmed = hold.clone();
+        confirmed.status = BookingStatus::Confirmed;
+        confirmed.expires_at = None;
+        confirmed.updated_at = later;
+        apply_change(&conn, &hold, &confirmed, later).unwrap();
+
+        let (status, updated_at, doc): (String, String, String) = conn
+            .query_row(super::super::BOOKING_BY_ID, [hold.id.to_string()], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+            .unwrap();
+        assert_eq!(super::super::stored_booking(&status, &updated_at, &doc).unwrap(), confirmed);
+        let mut stmt = conn.prepare("SELECT topic, payload FROM outbox_events ORDER BY seq").unwrap();
+        let events: Vec<(String, String)> =
+            stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?))).unwrap().collect::<Result<_>>().unwrap();
+        let events: Vec<(&str, Booking)> =
+            events.iter().map(|(t, p)| (t.as_str(), from_json::<Booking>(p).unwrap())).collect();
+        assert_eq!(events, vec![("booking.held", hold), ("booking.confirmed", confirmed)]);
     }
 
     /// The expiry job writes the rows, not the documents: the booking read back, and the
