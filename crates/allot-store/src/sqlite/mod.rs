@@ -99,7 +99,7 @@ impl SqliteStore {
         conn.close().await.map_err(db_error)?;
         let write = tx::open(std::path::Path::new(path), Duration::from_secs(BUSY_TIMEOUT_SECONDS))
             .map_err(SqliteBackend::error)?;
-        let writer = Writer::start_thread(write, SqliteBackend, "allot-sqlite-writer")
+        let writer = Writer::start_thread(write, SqliteBackend::default(), "allot-sqlite-writer")
             .map_err(|e| StoreError::Database(format!("starting the writer thread: {e}")))?;
         let checkpointer =
             checkpoint::Checkpointer::start(std::path::Path::new(path), Duration::from_secs(BUSY_TIMEOUT_SECONDS))

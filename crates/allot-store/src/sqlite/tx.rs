@@ -53,17 +53,57 @@ pub(crate) fn open(path: &Path, busy_timeout: Duration) -> Result<Connection> {
     // Savepoint journals in memory (else a batch's savepoints spill to temporary files); only a
     // rollback within the transaction reads them, durability is the WAL's.
     conn.pragma_update(None, "temp_store", "MEMORY")?;
-    // 64 MiB of page cache (default 2 MiB): the hot indexes stay in memory.
-    conn.pragma_update(None, "cache_size", -65_536)?;
+    size_page_cache(&conn)?;
     // Checkpoints run on their own thread (`checkpoint`); this is only the backstop.
     conn.pragma_update(None, "wal_autocheckpoint", super::checkpoint::WRITER_AUTOCHECKPOINT_PAGES)?;
     conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE_CAPACITY);
     Ok(conn)
 }
 
+/// The writer's page cache while the database is small: 4 MiB (of 4 KiB pages).
+const WRITER_CACHE_PAGES_SMALL: i64 = 1_024;
+/// The writer's page cache once the database is large: 64 MiB, the hot indexes in memory.
+const WRITER_CACHE_PAGES_LARGE: i64 = 16_384;
+/// Batches between two looks at the database's size (one `PRAGMA page_count`).
+const CACHE_CHECK_BATCHES: u32 = 1_024;
+
+/// The writer's page cache for a database of `page_count` pages of `page_size` bytes.
+///
+/// When a B-tree split puts its pages in order, SQLite re-keys one of them for a moment to the
+/// page of the pending byte (1 GiB in), and each COMMIT then truncates the page cache to the
+/// database's size: while the database is smaller than 1 GiB less the cache's hash table, that
+/// walks every bucket and every cached page, at nearly every commit under load (8 % of the
+/// writer's samples with 64 MiB; docs/benchmarks.md). A small cache makes the walk short, a
+/// large one saves reads once the walk is gone.
+fn writer_cache_pages(page_count: i64, page_size: i64) -> i64 {
+    const PENDING_BYTE: i64 = 0x4000_0000;
+    let pending_page = PENDING_BYTE / page_size.max(512) + 1;
+    if page_count + WRITER_CACHE_PAGES_LARGE >= pending_page {
+        WRITER_CACHE_PAGES_LARGE
+    } else {
+        WRITER_CACHE_PAGES_SMALL
+    }
+}
+
+/// Sets the writer's page cache for the database's size now ([`writer_cache_pages`]).
+fn size_page_cache(conn: &Connection) -> Result<()> {
+    let page_count: i64 = conn.pragma_query_value(None, "page_count", |r| r.get(0))?;
+    let page_size: i64 = conn.pragma_query_value(None, "page_size", |r| r.get(0))?;
+    let pages = writer_cache_pages(page_count, page_size);
+    let current: i64 = conn.pragma_query_value(None, "cache_size", |r| r.get(0))?;
+    if current != pages {
+        conn.pragma_update(None, "cache_size", pages)?;
+    }
+    Ok(())
+}
+
 /// SQLite under the writer: `BEGIN IMMEDIATE` takes the database's write lock, so there is
 /// nothing to lock per resource.
-pub(crate) struct SqliteBackend;
+#[derive(Default)]
+pub(crate) struct SqliteBackend {
+    /// Batches begun, to look at the database's size every [`CACHE_CHECK_BATCHES`].
+    batches: std::sync::atomic::AtomicU32,
+}
 
 impl Backend for SqliteBackend {
     type Conn = Connection;
@@ -77,6 +117,12 @@ impl Backend for SqliteBackend {
     }
 
     fn begin<'c>(&'c self, conn: &'c mut Connection) -> BoxFuture<'c, Result<()>> {
+        let batch = self.batches.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if batch % CACHE_CHECK_BATCHES == CACHE_CHECK_BATCHES - 1
+            && let Err(e) = size_page_cache(conn)
+        {
+            return Box::pin(std::future::ready(Err(e)));
+        }
         self.execute(conn, "BEGIN IMMEDIATE")
     }
 
@@ -867,6 +913,28 @@ mod tests {
             status: "requires_action".into(),
         });
         hold
+    }
+
+    /// 4 KiB pages put the pending byte on page 262 145: below it by more than the large
+    /// cache's hash table, a commit would walk that table, so the cache stays small.
+    #[test]
+    fn the_writer_cache_is_small_until_the_database_nears_the_pending_byte_page() {
+        let walk_free = 262_145 - WRITER_CACHE_PAGES_LARGE;
+        assert_eq!(writer_cache_pages(0, 4_096), WRITER_CACHE_PAGES_SMALL);
+        assert_eq!(writer_cache_pages(walk_free - 1, 4_096), WRITER_CACHE_PAGES_SMALL);
+        assert_eq!(writer_cache_pages(walk_free, 4_096), WRITER_CACHE_PAGES_LARGE);
+        assert_eq!(writer_cache_pages(2_000_000, 4_096), WRITER_CACHE_PAGES_LARGE);
+        // 1 KiB pages: the pending byte's page is 1 048 577.
+        assert_eq!(writer_cache_pages(500_000, 1_024), WRITER_CACHE_PAGES_SMALL);
+        assert_eq!(writer_cache_pages(1_048_577 - WRITER_CACHE_PAGES_LARGE, 1_024), WRITER_CACHE_PAGES_LARGE);
+
+        let dir = std::env::temp_dir().join(format!("allot-cache-{}", uuid::Uuid::now_v7().simple()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let conn = open(&dir.join("fresh.db"), std::time::Duration::from_secs(1)).unwrap();
+        let pages: i64 = conn.pragma_query_value(None, "cache_size", |r| r.get(0)).unwrap();
+        assert_eq!(pages, WRITER_CACHE_PAGES_SMALL, "a fresh database starts with the small cache");
+        drop(conn);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     /// A hold's document is stored once, and its `booking.held` event names it; a change
