@@ -708,12 +708,11 @@ fn apply_change(conn: &Connection, before: &Booking, after: &Booking, now: Times
     let expiry = hold_expiry(after);
     // A new version, not the old one rewritten: an earlier event may name the old one.
     let doc_seq = insert_doc(conn, &to_json(after)?)?;
-    let updated = conn
-        .prepare_cached("UPDATE bookings SET status = ?, expires_at = ?, updated_at = ?, doc_seq = ? WHERE id = ?")?
-        .execute(params![after.status.as_str(), expiry, after.updated_at.to_string(), doc_seq, id])?;
-    if updated != 1 {
-        return Err(stored_error(format!("booking {id} changed but {updated} rows updated")));
-    }
+    // `RETURNING` so that a missing row fails the change (no rows), as before versions.
+    conn.prepare_cached(
+        "UPDATE bookings SET status = ?, expires_at = ?, updated_at = ?, doc_seq = ? WHERE id = ? RETURNING seq",
+    )?
+    .query_row(params![after.status.as_str(), expiry, after.updated_at.to_string(), doc_seq, id], |_| Ok(()))?;
     if after.status.claims_capacity() {
         conn.prepare_cached("UPDATE claims SET hold_expires_at = ? WHERE booking_id = ?")?
             .execute(params![expiry, id])?;
