@@ -63,6 +63,22 @@ pub const WRITE_STATEMENT_SECONDS_MAX: u64 = 30;
 /// Ids per `= ANY($1)` array in one read.
 const IDS_PER_QUERY_MAX: usize = 1000;
 
+/// Locks a batch's `resource_clocks` rows and reads the latest `now` decided on them. One index
+/// probe per key, in the keys' order (sorted by the writer: one global order for every node, so
+/// batches cannot deadlock). As `resource_id = ANY($1)` the planner scanned the whole (small)
+/// table comparing every row with every key, a tenth of the write sessions' time under load.
+const LOCK_CLOCKS_SQL: &str = "SELECT max(c.last_now) FROM unnest($1::text[]) AS k(id)
+     CROSS JOIN LATERAL (SELECT last_now FROM resource_clocks WHERE resource_id = k.id FOR UPDATE) c";
+
+/// Stamps the batch clock `$2` on its resources `$1`: rows found by index probe (as in
+/// [`LOCK_CLOCKS_SQL`]) and updated through a join on `ctid` (a TID lookup each), which cannot
+/// change meanwhile, the batch holding their locks. `ctid = ANY(…)` was planned as a scan too.
+const STAMP_CLOCKS_SQL: &str = "UPDATE resource_clocks t SET last_now = $2
+     FROM (SELECT c.ctid AS tid FROM unnest($1::text[]) AS k(id)
+           CROSS JOIN LATERAL (
+             SELECT ctid FROM resource_clocks WHERE resource_id = k.id AND last_now < $2 OFFSET 0) c) x
+     WHERE t.ctid = x.tid";
+
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
 
 type Ctx = WriteCtx<PgConnection>;
@@ -154,15 +170,7 @@ impl Backend for PgBackend {
         keys: &'c [String],
     ) -> BoxFuture<'c, Result<Option<Timestamp>, sqlx::Error>> {
         Box::pin(async move {
-            // Rows are locked in the order the sort returns them: one global order for every node.
-            let last: Option<i64> = sqlx::query_scalar(
-                "SELECT max(last_now) FROM (
-                   SELECT last_now FROM resource_clocks WHERE resource_id = ANY($1) ORDER BY resource_id FOR UPDATE
-                 ) locked",
-            )
-            .bind(keys)
-            .fetch_one(conn)
-            .await?;
+            let last: Option<i64> = sqlx::query_scalar(LOCK_CLOCKS_SQL).bind(keys).fetch_one(conn).await?;
             Ok(last.map(ts))
         })
     }
@@ -174,12 +182,7 @@ impl Backend for PgBackend {
         now: Timestamp,
     ) -> BoxFuture<'c, Result<(), sqlx::Error>> {
         Box::pin(async move {
-            sqlx::query("UPDATE resource_clocks SET last_now = $2 WHERE resource_id = ANY($1) AND last_now < $2")
-                .bind(keys)
-                .bind(now.as_second())
-                .execute(conn)
-                .await
-                .map(|_| ())
+            sqlx::query(STAMP_CLOCKS_SQL).bind(keys).bind(now.as_second()).execute(conn).await.map(|_| ())
         })
     }
 
@@ -1333,5 +1336,49 @@ impl Store for PgStore {
 
     async fn revoke_api_key(&self, id: ApiKeyId, now: Timestamp) -> Result<(), StoreError> {
         access::postgres::revoke_api_key(&self.writer, id, now).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+    use crate::testing::{drop_postgres_database, fresh_postgres_database};
+
+    /// The batch's lock and stamp find `resource_clocks` rows by index whatever the table's
+    /// statistics say: with fresh statistics of a table this small the planner scans it whole
+    /// for `resource_id = ANY($1)` (as it did under load), comparing every row with every key.
+    #[tokio::test]
+    async fn the_batch_lock_and_stamp_probe_the_clocks_by_index() {
+        let Some(url) = fresh_postgres_database().await else { return };
+        let store = PgStore::open(&url).await.unwrap();
+        let mut conn = PgConnection::connect(&url).await.unwrap();
+        sqlx::query(
+            "INSERT INTO resource_clocks (resource_id, venue_id)
+             SELECT md5(i::text), 'venue' FROM generate_series(1, 1000) AS i",
+        )
+        .execute(&mut conn)
+        .await
+        .unwrap();
+        execute_raw(&mut conn, "ANALYZE resource_clocks").await.unwrap();
+        let keys: Vec<String> =
+            sqlx::query_scalar("SELECT resource_id FROM resource_clocks ORDER BY resource_id LIMIT 25")
+                .fetch_all(&mut conn)
+                .await
+                .unwrap();
+        for sql in [LOCK_CLOCKS_SQL, STAMP_CLOCKS_SQL] {
+            let explain = format!("EXPLAIN {sql}");
+            let mut query = sqlx::query_scalar::<_, String>(sqlx::AssertSqlSafe(explain)).bind(&keys);
+            if sql == STAMP_CLOCKS_SQL {
+                query = query.bind(1_i64);
+            }
+            let plan = query.fetch_all(&mut conn).await.unwrap().join("\n");
+            assert!(plan.contains("Index Scan using resource_clocks_pkey"), "{sql}\n{plan}");
+            assert!(!plan.contains("Seq Scan"), "{sql}\n{plan}");
+        }
+        drop(store);
+        conn.close().await.unwrap();
+        drop_postgres_database(&url).await;
     }
 }
