@@ -9,8 +9,9 @@
 //! resources it decides on; a batch locks all of them first, in one global order, through its
 //! [`Backend`]. Batches of different nodes therefore serialize per resource and never deadlock,
 //! and the batch clock starts no earlier than the last `now` any node used on those resources.
-//! On PostgreSQL one node's writer has several lanes ([`Writer::start_lanes`]), a connection and
-//! a batch loop each, related to each other as nodes are; SQLite has one writer thread.
+//! On PostgreSQL one node's writer has several lanes ([`Writer::start_lanes`]), a thread, a
+//! connection and a batch loop each, related to each other as nodes are; SQLite has one writer
+//! thread.
 //!
 //! Holds are the hot path and queue as [`HoldJob`]s: the batch decides all of its holds in one
 //! pass ([`Backend::holds`]), each seeing the claims of those before it, so a database reached
@@ -287,29 +288,36 @@ struct Lane<B: Backend> {
 }
 
 impl<B: Backend> Writer<B> {
-    /// Starts one writer task per connection of `conns` (at most [`LANES_MAX`]) on the current
-    /// tokio runtime, for connections whose statements are awaited (PostgreSQL). Each lane has
-    /// its own queue and batches; a request that names resources goes to the lane of its first
-    /// one (so two lanes never wait on each other's locks for the same resource), others to the
-    /// lane with the fewest requests queued or in its batch. Lanes are to each other what the
-    /// writers of several nodes are: the database serializes them per resource
-    /// ([`Backend::lock`]) and at the audit chain's head, so one lane's batch runs its
-    /// statements while another's waits on a round trip or its commit.
-    pub fn start_lanes(conns: Vec<B::Conn>, backend: B) -> Writer<B>
+    /// Starts `lanes` (at most [`LANES_MAX`]) batch loops, for connections whose statements are
+    /// awaited (PostgreSQL), each on a thread of its own with a single-threaded runtime and a
+    /// connection made there by `connect`. Each lane has its own queue and batches; a request
+    /// that names resources goes to the lane of its first one (so two lanes never wait on each
+    /// other's locks for the same resource), others to the lane with the fewest requests queued
+    /// or in its batch. Lanes are to each other what the writers of several nodes are: the
+    /// database serializes them per resource ([`Backend::lock`]) and at the audit chain's head,
+    /// so one lane's batch runs its statements while another's waits on a round trip or its
+    /// commit.
+    ///
+    /// Why threads: a batch is about ten round trips, and a lane on the shared runtime, woken by
+    /// its connection's answer, waited for a worker behind the request tasks (~150 µs per round
+    /// trip under load). A thread of its own is run by the OS as soon as the answer arrives.
+    pub async fn start_lanes(backend: B, lanes: usize, connect: Connect<B>) -> Result<Writer<B>, StoreError>
     where
         B: Clone,
     {
-        assert!((1..=LANES_MAX).contains(&conns.len()), "1..={LANES_MAX} write lanes");
+        assert!((1..=LANES_MAX).contains(&lanes), "1..={LANES_MAX} write lanes");
         let stats = Arc::new(WriteStats::default());
-        let lanes: Vec<_> = conns
-            .into_iter()
-            .map(|conn| {
-                let (lane, run) = Self::lane(conn, backend.clone(), stats.clone());
-                tokio::spawn(run);
-                lane
-            })
-            .collect();
-        Self::over(lanes, stats)
+        let mut started = Vec::with_capacity(lanes);
+        for index in 0..lanes {
+            let (tx, rx) = oneshot::channel();
+            let (backend, stats) = (backend.clone(), stats.clone());
+            std::thread::Builder::new()
+                .name(format!("allot-write-lane-{index}"))
+                .spawn(move || run_lane_thread(backend, stats, connect, tx))
+                .map_err(|e| StoreError::Database(format!("starting write lane {index}: {e}")))?;
+            started.push(rx.await.map_err(|_| StoreError::Closed)??);
+        }
+        Ok(Self::over(started, stats))
     }
 
     /// Starts the writer on a thread of its own: for a synchronous connection, whose
@@ -454,6 +462,39 @@ impl<B: Backend> Writer<B> {
     {
         self.write(f).await?
     }
+}
+
+/// Makes a write lane's connection, on the lane's own runtime ([`Writer::start_lanes`]).
+pub type Connect<B> = for<'b> fn(&'b B) -> BoxFuture<'b, Result<<B as Backend>::Conn, <B as Backend>::Error>>;
+
+/// The body of a lane's thread: a runtime, the connection, then the batch loop until the last
+/// [`Writer`] handle is dropped. The lane (or why there is none) is sent back on `started`.
+fn run_lane_thread<B: Backend>(
+    backend: B,
+    stats: Arc<WriteStats>,
+    connect: Connect<B>,
+    started: oneshot::Sender<Result<Lane<B>, StoreError>>,
+) {
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            let _ = started.send(Err(StoreError::Database(format!("write lane runtime: {e}"))));
+            return;
+        }
+    };
+    runtime.block_on(async move {
+        let conn = match connect(&backend).await {
+            Ok(conn) => conn,
+            Err(e) => {
+                let _ = started.send(Err(B::error(e)));
+                return;
+            }
+        };
+        let (lane, run) = Writer::lane(conn, backend, stats);
+        if started.send(Ok(lane)).is_ok() {
+            run.await;
+        }
+    });
 }
 
 async fn run<B: Backend>(

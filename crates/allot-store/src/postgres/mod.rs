@@ -148,6 +148,14 @@ pub(crate) struct PgBackend {
     options: PgConnectOptions,
 }
 
+impl PgBackend {
+    /// A new write session ([`write_session`]'s settings), for a lane starting or replacing its
+    /// connection.
+    fn connect(&self) -> BoxFuture<'_, Result<PgConnection, sqlx::Error>> {
+        Box::pin(PgConnection::connect_with(&self.options))
+    }
+}
+
 impl Backend for PgBackend {
     type Conn = PgConnection;
     type Error = sqlx::Error;
@@ -235,7 +243,7 @@ impl Backend for PgBackend {
 
     fn reconnect(&self) -> BoxFuture<'_, Option<PgConnection>> {
         Box::pin(async move {
-            match PgConnection::connect_with(&self.options).await {
+            match self.connect().await {
                 Ok(conn) => Some(conn),
                 Err(e) => {
                     tracing::error!(error = %e, "reconnecting the write connection failed");
@@ -280,16 +288,14 @@ impl PgStore {
         // make this future unusable with `tokio::spawn` (rust-lang/rust#100013).
         MIGRATOR.run(&read).await.map_err(|e| StoreError::Database(format!("migrations: {e}")))?;
         let options = write_session(options);
-        let mut conns = Vec::with_capacity(WRITE_LANES);
-        for _ in 0..WRITE_LANES {
-            conns.push(PgConnection::connect_with(&options).await.map_err(db_error)?);
-        }
+        let writer =
+            Writer::start_lanes(PgBackend { options: options.clone() }, WRITE_LANES, PgBackend::connect).await?;
         let cache = Arc::new(Cache::default());
         let listen_pool = PgPoolOptions::new().max_connections(1).connect_lazy_with(options.clone());
         let listener = connect_listener(&listen_pool).await.map_err(db_error)?;
         cache.set_enabled(true);
         let listener = tokio::spawn(listen(listen_pool, listener, cache.clone()));
-        Ok(PgStore { read, writer: Writer::start_lanes(conns, PgBackend { options }), cache, listener })
+        Ok(PgStore { read, writer, cache, listener })
     }
 
     /// `(transactions, requests)` the writer has committed or attempted since start.
