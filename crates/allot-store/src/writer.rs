@@ -67,21 +67,15 @@ pub trait Backend: Send + Sync + 'static {
         Box::pin(async { Ok(None) })
     }
 
-    /// Records `now` as the latest time the batch decided on `keys` with.
-    fn stamp<'c>(
-        &'c self,
-        _conn: &'c mut Self::Conn,
-        _keys: &'c [String],
-        _now: Timestamp,
-    ) -> BoxFuture<'c, Result<(), Self::Error>> {
-        Box::pin(async { Ok(()) })
-    }
-
-    /// Appends `events` to the audit hash chain, after its current head, in this transaction.
-    /// With several writers the head must be locked first, so chains never fork.
-    fn append_audit<'c>(
+    /// Seals the batch just before COMMIT: records `now` as the latest time it decided on
+    /// `keys` with (a single-writer database needs no clock) and appends `events` to the audit
+    /// hash chain, after its current head (with several writers the head must be locked first,
+    /// so chains never fork). Either may be empty.
+    fn seal<'c>(
         &'c self,
         conn: &'c mut Self::Conn,
+        keys: &'c [String],
+        now: Timestamp,
         events: &'c mut [AuditEvent],
     ) -> BoxFuture<'c, Result<(), Self::Error>>;
 
@@ -711,13 +705,10 @@ fn hold_reply<C>(
     })
 }
 
-/// Stamps the batch clock on its resources and commits.
+/// Stamps the batch clock on its resources, appends its audit events and commits.
 async fn finish<B: Backend>(backend: &B, ctx: &mut WriteCtx<B::Conn>, keys: &[String]) -> Result<(), StoreError> {
-    if !keys.is_empty() {
-        backend.stamp(&mut ctx.conn, keys, ctx.last_now).await.map_err(B::error)?;
-    }
-    if !ctx.audit.is_empty() {
-        backend.append_audit(&mut ctx.conn, &mut ctx.audit).await.map_err(B::error)?;
+    if !keys.is_empty() || !ctx.audit.is_empty() {
+        backend.seal(&mut ctx.conn, keys, ctx.last_now, &mut ctx.audit).await.map_err(B::error)?;
     }
     let started = std::time::Instant::now();
     let committed = backend.execute(&mut ctx.conn, "COMMIT").await.map_err(B::error);

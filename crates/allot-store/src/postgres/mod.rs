@@ -73,11 +73,25 @@ const LOCK_CLOCKS_SQL: &str = "SELECT max(c.last_now) FROM unnest($1::text[]) AS
 /// Stamps the batch clock `$2` on its resources `$1`: rows found by index probe (as in
 /// [`LOCK_CLOCKS_SQL`]) and updated through a join on `ctid` (a TID lookup each), which cannot
 /// change meanwhile, the batch holding their locks. `ctid = ANY(…)` was planned as a scan too.
-const STAMP_CLOCKS_SQL: &str = "UPDATE resource_clocks t SET last_now = $2
-     FROM (SELECT c.ctid AS tid FROM unnest($1::text[]) AS k(id)
-           CROSS JOIN LATERAL (
-             SELECT ctid FROM resource_clocks WHERE resource_id = k.id AND last_now < $2 OFFSET 0) c) x
-     WHERE t.ctid = x.tid";
+macro_rules! stamp_clocks_sql {
+    () => {
+        "UPDATE resource_clocks t SET last_now = $2
+         FROM (SELECT c.ctid AS tid FROM unnest($1::text[]) AS k(id)
+               CROSS JOIN LATERAL (
+                 SELECT ctid FROM resource_clocks WHERE resource_id = k.id AND last_now < $2 OFFSET 0) c) x
+         WHERE t.ctid = x.tid"
+    };
+}
+const STAMP_CLOCKS_SQL: &str = stamp_clocks_sql!();
+/// Locks the audit chain's head and reads it.
+macro_rules! lock_head_sql {
+    () => {
+        "SELECT seq, hash FROM audit_head WHERE id = 1 FOR UPDATE"
+    };
+}
+const LOCK_HEAD_SQL: &str = lock_head_sql!();
+/// [`STAMP_CLOCKS_SQL`] and [`LOCK_HEAD_SQL`] in one statement.
+const STAMP_CLOCKS_LOCK_HEAD_SQL: &str = concat!("WITH stamped AS (", stamp_clocks_sql!(), ") ", lock_head_sql!());
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
 
@@ -183,28 +197,29 @@ impl Backend for PgBackend {
         })
     }
 
-    fn stamp<'c>(
+    fn seal<'c>(
         &'c self,
         conn: &'c mut PgConnection,
         keys: &'c [String],
         now: Timestamp,
-    ) -> BoxFuture<'c, Result<(), sqlx::Error>> {
-        Box::pin(async move {
-            sqlx::query(STAMP_CLOCKS_SQL).bind(keys).bind(now.as_second()).execute(conn).await.map(|_| ())
-        })
-    }
-
-    fn append_audit<'c>(
-        &'c self,
-        conn: &'c mut PgConnection,
         events: &'c mut [AuditEvent],
     ) -> BoxFuture<'c, Result<(), sqlx::Error>> {
         Box::pin(async move {
-            // Locked last, after the batch's resources, and held only until COMMIT: every
-            // node's batches append one after another, so the chain never forks.
-            let (seq, hash): (i64, String) = sqlx::query_as("SELECT seq, hash FROM audit_head WHERE id = 1 FOR UPDATE")
-                .fetch_one(&mut *conn)
-                .await?;
+            if events.is_empty() {
+                return sqlx::query(STAMP_CLOCKS_SQL).bind(keys).bind(now.as_second()).execute(conn).await.map(|_| ());
+            }
+            // The head is locked last, after the batch's resources, and held only until COMMIT:
+            // every node's batches append one after another, so the chain never forks. The
+            // clocks are stamped by the same statement, one round trip less.
+            let (seq, hash): (i64, String) = if keys.is_empty() {
+                sqlx::query_as(LOCK_HEAD_SQL).fetch_one(&mut *conn).await?
+            } else {
+                sqlx::query_as(STAMP_CLOCKS_LOCK_HEAD_SQL)
+                    .bind(keys)
+                    .bind(now.as_second())
+                    .fetch_one(&mut *conn)
+                    .await?
+            };
             let (seq, hash) = chain(events, u64::try_from(seq).unwrap_or(0), hash);
             // The rows and the new head in one statement: one round trip less while the
             // head, which every lane and node appends behind, is locked.
@@ -1373,15 +1388,15 @@ mod tests {
                 .fetch_all(&mut conn)
                 .await
                 .unwrap();
-        for sql in [LOCK_CLOCKS_SQL, STAMP_CLOCKS_SQL] {
+        for sql in [LOCK_CLOCKS_SQL, STAMP_CLOCKS_SQL, STAMP_CLOCKS_LOCK_HEAD_SQL] {
             let explain = format!("EXPLAIN {sql}");
             let mut query = sqlx::query_scalar::<_, String>(sqlx::AssertSqlSafe(explain)).bind(&keys);
-            if sql == STAMP_CLOCKS_SQL {
+            if sql != LOCK_CLOCKS_SQL {
                 query = query.bind(1_i64);
             }
             let plan = query.fetch_all(&mut conn).await.unwrap().join("\n");
             assert!(plan.contains("Index Scan using resource_clocks_pkey"), "{sql}\n{plan}");
-            assert!(!plan.contains("Seq Scan"), "{sql}\n{plan}");
+            assert!(!plan.contains("Seq Scan on resource_clocks"), "{sql}\n{plan}");
         }
         drop(store);
         conn.close().await.unwrap();

@@ -134,8 +134,15 @@ impl Backend for SqliteBackend {
         true // This writer makes every change; each catalogue change drops what it touches.
     }
 
-    fn append_audit<'c>(&'c self, conn: &'c mut Connection, events: &'c mut [AuditEvent]) -> BoxFuture<'c, Result<()>> {
-        Box::pin(std::future::ready(append_audit(conn, events)))
+    fn seal<'c>(
+        &'c self,
+        conn: &'c mut Connection,
+        _keys: &'c [String],
+        _now: Timestamp,
+        events: &'c mut [AuditEvent],
+    ) -> BoxFuture<'c, Result<()>> {
+        // One writer: no clock to stamp.
+        Box::pin(std::future::ready(if events.is_empty() { Ok(()) } else { append_audit(conn, events) }))
     }
 
     fn holds<'c>(&'c self, ctx: &'c mut Ctx, holds: Vec<HoldCommand>) -> BoxFuture<'c, Result<HoldResults>> {
