@@ -291,7 +291,7 @@ macro_rules! insert_holds {
             " RETURNING 1),
              booked AS (
                INSERT INTO bookings (id, customer_id, venue_id, status, expires_at, doc)
-               SELECT id, customer_id, venue_id, status, expires_at, doc::jsonb
+               SELECT id, customer_id, venue_id, status, expires_at, doc::json
                FROM unnest($10::text[], $11::text[], $12::text[], $13::text[], $14::int8[], $15::text[])
                  AS b(id, customer_id, venue_id, status, expires_at, doc)
                RETURNING id, doc),

@@ -495,7 +495,7 @@ async fn outbox(
     payload: &str,
     now: Timestamp,
 ) -> Result<(), sqlx::Error> {
-    sqlx::query("INSERT INTO outbox (topic, aggregate_id, payload, created_at) VALUES ($1, $2, $3::jsonb, $4)")
+    sqlx::query("INSERT INTO outbox (topic, aggregate_id, payload, created_at) VALUES ($1, $2, $3::json, $4)")
         .bind(topic)
         .bind(aggregate)
         .bind(payload)
@@ -540,7 +540,7 @@ async fn apply_change(
     now: Timestamp,
 ) -> Result<(), sqlx::Error> {
     let id = after.id.to_string();
-    sqlx::query("UPDATE bookings SET status = $1, expires_at = $2, doc = $3::jsonb WHERE id = $4")
+    sqlx::query("UPDATE bookings SET status = $1, expires_at = $2, doc = $3::json WHERE id = $4")
         .bind(after.status.as_str())
         .bind(hold_expiry(after))
         .bind(to_json(after)?)
@@ -832,7 +832,7 @@ impl Store for PgStore {
             .collect();
         self.change_catalog(Vec::new(), keys, move |ctx: &mut Ctx| -> BoxFuture<'_, _> {
             Box::pin(async move {
-                let inserted = sqlx::query("INSERT INTO venues (id, doc) VALUES ($1, $2::jsonb)")
+                let inserted = sqlx::query("INSERT INTO venues (id, doc) VALUES ($1, $2::json)")
                     .bind(&id)
                     .bind(doc)
                     .execute(&mut ctx.conn)
@@ -859,7 +859,7 @@ impl Store for PgStore {
             .change_catalog(Vec::new(), vec![cache::key("venue", venue.id)], move |ctx: &mut Ctx| -> BoxFuture<'_, _> {
                 Box::pin(statement(
                     &mut ctx.conn,
-                    "UPDATE venues SET doc = $1::jsonb WHERE id = $2 AND deleted_at IS NULL",
+                    "UPDATE venues SET doc = $1::json WHERE id = $2 AND deleted_at IS NULL",
                     args,
                     "",
                 ))
@@ -922,7 +922,7 @@ impl Store for PgStore {
         let key = cache::key("resource", r.id);
         self.change_catalog(Vec::new(), vec![key], move |ctx: &mut Ctx| -> BoxFuture<'_, Outcome<(), StoreError>> {
             Box::pin(async move {
-                let inserted = sqlx::query("INSERT INTO resources (id, venue_id, doc) VALUES ($1, $2, $3::jsonb)")
+                let inserted = sqlx::query("INSERT INTO resources (id, venue_id, doc) VALUES ($1, $2, $3::json)")
                     .bind(&id)
                     .bind(&venue_id)
                     .bind(&doc)
@@ -956,13 +956,12 @@ impl Store for PgStore {
                 vec![key],
                 move |ctx: &mut Ctx| -> BoxFuture<'_, Outcome<u64, StoreError>> {
                     Box::pin(async move {
-                        let n =
-                            sqlx::query("UPDATE resources SET doc = $1::jsonb WHERE id = $2 AND deleted_at IS NULL")
-                                .bind(&doc)
-                                .bind(&id)
-                                .execute(&mut ctx.conn)
-                                .await?
-                                .rows_affected();
+                        let n = sqlx::query("UPDATE resources SET doc = $1::json WHERE id = $2 AND deleted_at IS NULL")
+                            .bind(&doc)
+                            .bind(&id)
+                            .execute(&mut ctx.conn)
+                            .await?
+                            .rows_affected();
                         Ok(Ok(n))
                     })
                 },
@@ -1053,7 +1052,7 @@ impl Store for PgStore {
                 let id = event.id.to_string();
                 let (start, end) = (event.start.as_second(), event.end.as_second());
                 sqlx::query(
-                    "INSERT INTO events (id, venue_id, start_at, end_at, doc) VALUES ($1, $2, $3, $4, $5::jsonb)",
+                    "INSERT INTO events (id, venue_id, start_at, end_at, doc) VALUES ($1, $2, $3, $4, $5::json)",
                 )
                 .bind(&id)
                 .bind(event.venue_id.to_string())
@@ -1366,6 +1365,51 @@ mod tests {
 
     use super::*;
     use crate::testing::{drop_postgres_database, fresh_postgres_database};
+
+    async fn migrate(conn: &mut PgConnection, versions: std::ops::RangeInclusive<i64>) {
+        for m in MIGRATOR.iter().filter(|m| versions.contains(&m.version)) {
+            sqlx::raw_sql(sqlx::AssertSqlSafe(m.sql.as_str().to_owned())).execute(&mut *conn).await.unwrap();
+        }
+    }
+
+    /// Migration 0010 turns the documents into `json`: what was stored reads back the same,
+    /// through the tables and the events' view alike.
+    #[tokio::test]
+    async fn documents_stored_as_jsonb_read_back_the_same_as_json() {
+        let Some(url) = fresh_postgres_database().await else { return };
+        let mut conn = PgConnection::connect(&url).await.unwrap();
+        migrate(&mut conn, 1..=9).await;
+        let doc = r#"{"id": "b1", "status": "held", "items": [{"seat": "A\"1", "price": 1200}], "note": "é ✓"}"#;
+        sqlx::query(
+            "INSERT INTO bookings (id, customer_id, venue_id, status, doc) VALUES ('b1', 'c', 'v', 'held', $1::jsonb)",
+        )
+        .bind(doc)
+        .execute(&mut conn)
+        .await
+        .unwrap();
+        sqlx::query(
+            "INSERT INTO outbox (topic, aggregate_id, payload, created_at) VALUES ('booking.held', 'b1', $1::jsonb, 1)",
+        )
+        .bind(doc)
+        .execute(&mut conn)
+        .await
+        .unwrap();
+        migrate(&mut conn, 10..=10).await;
+        let read: (String, String) = sqlx::query_as(
+            "SELECT b.doc::text, o.payload::text FROM bookings b JOIN outbox_events o ON o.aggregate_id = b.id",
+        )
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
+        let expected: serde_json::Value = serde_json::from_str(doc).unwrap();
+        assert_eq!(serde_json::from_str::<serde_json::Value>(&read.0).unwrap(), expected);
+        assert_eq!(serde_json::from_str::<serde_json::Value>(&read.1).unwrap(), expected);
+        let kind: String =
+            sqlx::query_scalar("SELECT pg_typeof(doc)::text FROM bookings").fetch_one(&mut conn).await.unwrap();
+        assert_eq!(kind, "json");
+        conn.close().await.unwrap();
+        drop_postgres_database(&url).await;
+    }
 
     /// The batch's lock and stamp find `resource_clocks` rows by index whatever the table's
     /// statistics say: with fresh statistics of a table this small the planner scans it whole
