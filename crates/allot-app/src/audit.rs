@@ -287,6 +287,15 @@ impl AuditScope {
         Some(event)
     }
 
+    /// For the writer, when it refuses this request's write for `reason` (the code the request
+    /// will be answered with): the failed attempt's event to append in the refusing
+    /// transaction, so the answer need not wait for a second one. The first time only.
+    pub fn claim_failure(&self, at: Timestamp, reason: &str) -> Option<AuditEvent> {
+        let mut event = self.claim(at)?;
+        mark_failed(&mut event, Some(reason));
+        Some(event)
+    }
+
     /// For the writer, once the transaction of a claimed event has ended.
     pub fn settle(&self, committed: bool) {
         let mut state = self.lock();
@@ -306,16 +315,21 @@ impl AuditScope {
         let mut event = state.event.clone();
         event.at = at;
         if !succeeded {
-            event.outcome = Outcome::Failure;
-            if event.reason.is_none() {
-                event.reason = reason.map(str::to_owned);
-            }
+            mark_failed(&mut event, reason);
         }
         Some(event)
     }
 
     fn edit(&self, f: impl FnOnce(&mut AuditEvent)) {
         f(&mut self.lock().event);
+    }
+}
+
+/// Marks `event` as a failed attempt, keeping a reason already given.
+fn mark_failed(event: &mut AuditEvent, reason: Option<&str>) {
+    event.outcome = Outcome::Failure;
+    if event.reason.is_none() {
+        event.reason = reason.map(str::to_owned);
     }
 }
 
@@ -544,6 +558,23 @@ mod tests {
         assert!(committed.claim(at).is_some());
         committed.settle(true);
         assert!(committed.finish(true, None, at).is_none(), "already in the change's transaction");
+    }
+
+    #[test]
+    fn a_refusal_is_recorded_by_the_refusing_transaction_once() {
+        let at = Timestamp::UNIX_EPOCH;
+        let refused = AuditScope::new(event("booking.hold"));
+        let recorded = refused.claim_failure(at, "unavailable").expect("claimed");
+        assert_eq!((recorded.outcome, recorded.reason.as_deref()), (Outcome::Failure, Some("unavailable")));
+        assert!(refused.claim_failure(at, "unavailable").is_none(), "the first time only");
+        refused.settle(true);
+        assert!(refused.finish(false, Some("unavailable"), at).is_none(), "the answer adds no second event");
+
+        let rolled_back = AuditScope::new(event("booking.hold"));
+        assert!(rolled_back.claim_failure(at, "unavailable").is_some());
+        rolled_back.settle(false);
+        let standalone = rolled_back.finish(false, Some("internal"), at).expect("recorded by the answer instead");
+        assert_eq!((standalone.outcome, standalone.reason.as_deref()), (Outcome::Failure, Some("internal")));
     }
 
     #[test]

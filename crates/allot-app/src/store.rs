@@ -133,6 +133,20 @@ pub enum HoldRefused {
     Store(StoreError),
 }
 
+impl HoldRefused {
+    /// The stable code a refused hold is answered with (its `AppError`'s, as in
+    /// [`crate::telemetry::outcome`] and the API), recorded as the failed attempt's audit
+    /// reason by the transaction that refused it; `None` for a store failure, whose outcome the
+    /// request settles later.
+    pub fn audit_reason(&self) -> Option<&'static str> {
+        match self {
+            HoldRefused::Unavailable { .. } => Some("unavailable"),
+            HoldRefused::Stale { .. } => Some("conflict"),
+            HoldRefused::Store(_) => None,
+        }
+    }
+}
+
 /// Decides a booking's new state from its current one, inside the store's transaction, at
 /// the transaction's `now` (never earlier than the `now` of any write committed before it).
 pub type Decide = Box<dyn FnOnce(&Booking, Timestamp) -> Result<Booking, AppError> + Send>;

@@ -679,20 +679,23 @@ async fn release_savepoint<B: Backend>(backend: &B, ctx: &mut WriteCtx<B::Conn>)
     backend.execute(&mut ctx.conn, "RELEASE op").await
 }
 
-/// The answer to one decided hold, sent once the batch's outcome is known; a kept hold's audit
-/// event joins the batch's.
+/// The answer to one decided hold, sent once the batch's outcome is known. Its audit event
+/// joins the batch's: a kept hold's, and a refused one's as a failed attempt (so a 409 is not
+/// held back by a second transaction for its event).
 fn hold_reply<C>(
     ctx: &mut WriteCtx<C>,
     audit: Option<AuditScope>,
     tx: oneshot::Sender<Result<Booking, HoldRefused>>,
     result: Result<Booking, HoldRefused>,
 ) -> Reply {
-    let claimed = audit.filter(|_| result.is_ok());
-    if let (Some(scope), Ok(booking)) = (&claimed, &result)
-        && let Some(event) = scope.claim(booking.created_at)
-    {
-        ctx.audit.push(event);
-    }
+    let reason = result.as_ref().err().map(HoldRefused::audit_reason);
+    let claimed = audit.filter(|_| !matches!(reason, Some(None)));
+    let event = match (&claimed, &result) {
+        (Some(scope), Ok(booking)) => scope.claim(booking.created_at),
+        (Some(scope), Err(refused)) => refused.audit_reason().and_then(|r| scope.claim_failure(ctx.last_now, r)),
+        (None, _) => None,
+    };
+    ctx.audit.extend(event);
     Box::new(move |commit: Result<(), StoreError>| {
         if let Some(scope) = claimed {
             scope.settle(commit.is_ok());

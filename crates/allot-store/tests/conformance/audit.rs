@@ -122,13 +122,19 @@ pub async fn an_attempt_is_recorded_in_the_transaction_of_its_change_or_on_its_o
     );
     assert_eq!(b.count("bookings", &format!("id = '{}'", held.id)).await, 1);
 
-    // A refused write changes nothing and records nothing; the caller records the refusal.
+    // A refused hold changes nothing but records the failed attempt in the transaction that
+    // refused it, with the code it is answered with: the answer waits for no second one.
     let refused_scope = AuditScope::new(event("booking.hold", "bob", 7));
     let refused = refused_scope.clone().run(w.store.hold(w.command(&[(seat.id, morning, 1)], at(7), 600))).await;
     assert!(matches!(refused, Err(HoldRefused::Unavailable { .. })), "{refused:?}");
-    assert_eq!(w.store.audit_range(0, 10).await.unwrap().len(), 1);
-    let standalone = refused_scope.finish(false, Some("unavailable"), at(8)).expect("the refusal is still to record");
-    w.store.append_audit(standalone).await.unwrap();
+    let recorded = w.store.audit_range(0, 10).await.unwrap();
+    assert_eq!(recorded.len(), 2);
+    assert_eq!(
+        (recorded[1].outcome, recorded[1].reason.as_deref(), recorded[1].at),
+        (Outcome::Failure, Some("unavailable"), at(7))
+    );
+    assert!(refused_scope.finish(false, Some("unavailable"), at(8)).is_none(), "already recorded");
+    assert_eq!(b.count("bookings", "true").await, 1, "the refusal wrote no booking");
 
     // Two writes of one request: one event.
     let twice = AuditScope::new(event("booking.hold", "carol", 9));
