@@ -688,8 +688,9 @@ fn hold_reply<C>(
     tx: oneshot::Sender<Result<Booking, HoldRefused>>,
     result: Result<Booking, HoldRefused>,
 ) -> Reply {
-    let reason = result.as_ref().err().map(HoldRefused::audit_reason);
-    let claimed = audit.filter(|_| !matches!(reason, Some(None)));
+    // A store failure's outcome is not known yet: the request records it once it is.
+    let decided = result.as_ref().err().is_none_or(|refused| refused.audit_reason().is_some());
+    let claimed = audit.filter(|_| decided);
     let event = match (&claimed, &result) {
         (Some(scope), Ok(booking)) => scope.claim(booking.created_at),
         (Some(scope), Err(refused)) => refused.audit_reason().and_then(|r| scope.claim_failure(ctx.last_now, r)),
