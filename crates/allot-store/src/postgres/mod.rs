@@ -97,7 +97,7 @@ static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres
 
 type Ctx = WriteCtx<PgConnection>;
 
-/// Chained events inserted and the chain's head moved, in one statement (`append_audit`); the
+/// Chained events inserted and the chain's head moved, in one statement (`Backend::seal`); the
 /// arrays are `AuditColumns`' fields, in `AUDIT_COLUMNS` order.
 static AUDIT_APPEND_SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
     format!(
