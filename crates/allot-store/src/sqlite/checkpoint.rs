@@ -12,9 +12,10 @@
 //! starts the WAL over from its beginning only when a write transaction begins with every
 //! frame already copied; this thread copies up to the last commit it saw while the writer,
 //! in a batch nearly all the time, has already appended more, so on its own the WAL never
-//! starts over (4 GB after 25 s of set-up and holds, the hold p99 half as long again). The writer's own
-//! checkpoint at the threshold copies the few frames left and the next batch starts the WAL
-//! over: about twice a second at 12 000 holds/s (docs/benchmarks.md, session of 2026-12-06).
+//! starts over (4 GB after 25 s of set-up and holds, the hold p99 half as long again). Past
+//! the threshold the writer checkpoints after its commit, copying what this thread has not,
+//! and its next batch starts the WAL over: about twice a second at 12 000 holds/s
+//! (docs/benchmarks.md, session of 2026-12-06; the test below).
 //!
 //! Durability is unchanged: a commit is durable once its WAL frames are synced
 //! (`synchronous=FULL`), whenever they are checkpointed.
