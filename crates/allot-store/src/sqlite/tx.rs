@@ -54,7 +54,8 @@ pub(crate) fn open(path: &Path, busy_timeout: Duration) -> Result<Connection> {
     // rollback within the transaction reads them, durability is the WAL's.
     conn.pragma_update(None, "temp_store", "MEMORY")?;
     size_page_cache(&conn)?;
-    // Checkpoints run on their own thread (`checkpoint`); this is only the backstop.
+    // Checkpoints run on their own thread (`checkpoint`); this threshold is the backstop should
+    // it fall behind, and what starts the WAL over under sustained writes (`checkpoint`'s header).
     conn.pragma_update(None, "wal_autocheckpoint", super::checkpoint::WRITER_AUTOCHECKPOINT_PAGES)?;
     conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE_CAPACITY);
     Ok(conn)
