@@ -13,7 +13,7 @@ use jiff::Timestamp;
 use jiff::civil::Date;
 
 use crate::auth::Principal;
-use crate::error::{AppError, AppResult};
+use crate::error::{AppError, AppResult, StoreError};
 use crate::store::{Page, PageRequest, Role, SeatState, SeatVersion};
 use crate::{App, audit};
 
@@ -22,7 +22,15 @@ pub const AVAILABILITY_DAYS_MAX: i64 = 62;
 pub const AVAILABILITY_DAYS_DEFAULT: i64 = 7;
 pub const AVAILABILITY_WINDOWS_MAX: usize = 5_000;
 
-pub type Patch<T> = Box<dyn FnOnce(&mut T) + Send>;
+/// An edit of a catalogue document. It is applied to the stored document and written only if
+/// that is still what is stored; when another change came first it is applied again to the
+/// new version (up to [`EDIT_ATTEMPTS_MAX`] times), so it must not consume what it applies.
+pub type Patch<T> = Box<dyn Fn(&mut T) + Send + Sync>;
+
+/// Reads, edits and compare-and-set writes of one document before a concurrent change is
+/// reported as a conflict: each lost race means another edit was written, so this bounds only
+/// a burst of edits to one document.
+pub const EDIT_ATTEMPTS_MAX: u32 = 3;
 
 /// One end of an availability range as given: a local date or an instant.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -75,13 +83,19 @@ impl App {
 
     pub async fn update_venue(&self, principal: &Principal, id: VenueId, patch: Patch<Venue>) -> AppResult<Venue> {
         audit::set_venue(id);
-        let mut venue = Arc::unwrap_or_clone(self.venue(id).await?);
-        self.require_manager(principal, id)?;
-        patch(&mut venue);
-        assert_eq!(venue.id, id, "a patch cannot change the id");
-        venue.validate().into_result()?;
-        self.store.update_venue(&venue).await?;
-        Ok(venue)
+        let mut attempt = 1;
+        loop {
+            let before = self.venue(id).await?;
+            self.require_manager(principal, id)?;
+            let mut venue = (*before).clone();
+            patch(&mut venue);
+            assert_eq!(venue.id, id, "a patch cannot change the id");
+            venue.validate().into_result()?;
+            match self.store.update_venue(&before, &venue).await {
+                Err(StoreError::Changed(_)) if attempt < EDIT_ATTEMPTS_MAX => attempt += 1,
+                written => return written.map(|()| venue).map_err(AppError::from),
+            }
+        }
     }
 
     pub async fn delete_venue(&self, principal: &Principal, id: VenueId) -> AppResult<()> {
@@ -121,18 +135,23 @@ impl App {
         id: ResourceId,
         patch: Patch<Resource>,
     ) -> AppResult<Resource> {
-        let mut resource = Arc::unwrap_or_clone(self.resource(id).await?);
-        audit::set_venue(resource.venue_id);
-        self.require_manager(principal, resource.venue_id)?;
-        let kind = resource.time_model.kind();
-        patch(&mut resource);
-        assert_eq!(resource.id, id, "a patch cannot change the id");
-        if (kind == "events") != (resource.time_model.kind() == "events") {
-            return Err(ValidationError::field("time_model.kind", "a seat cannot become a non-seat or back").into());
+        let mut attempt = 1;
+        loop {
+            let before = self.resource(id).await?;
+            audit::set_venue(before.venue_id);
+            self.require_manager(principal, before.venue_id)?;
+            let mut resource = (*before).clone();
+            patch(&mut resource);
+            assert_eq!(resource.id, id, "a patch cannot change the id");
+            if (before.time_model.kind() == "events") != (resource.time_model.kind() == "events") {
+                return Err(ValidationError::field("time_model.kind", "a seat cannot become a non-seat or back").into());
+            }
+            resource.validate().into_result()?;
+            match self.store.update_resource(&before, &resource).await {
+                Err(StoreError::Changed(_)) if attempt < EDIT_ATTEMPTS_MAX => attempt += 1,
+                written => return written.map(|()| resource).map_err(AppError::from),
+            }
         }
-        resource.validate().into_result()?;
-        self.store.update_resource(&resource).await?;
-        Ok(resource)
     }
 
     pub async fn delete_resource(&self, principal: &Principal, id: ResourceId) -> AppResult<()> {

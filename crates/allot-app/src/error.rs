@@ -36,6 +36,9 @@ impl From<StoreError> for AppError {
     fn from(e: StoreError) -> Self {
         match e {
             StoreError::Conflict(m) => AppError::Conflict(m),
+            StoreError::Changed(what) => {
+                AppError::Conflict(format!("the {what} was changed by another request meanwhile; try again"))
+            }
             StoreError::NotFound(what) => AppError::NotFound(what),
             StoreError::Overloaded | StoreError::Busy(_) => AppError::Overloaded,
             other => AppError::Internal(other.to_string()),
@@ -48,6 +51,10 @@ impl From<StoreError> for AppError {
 pub enum StoreError {
     #[error("{0}")]
     Conflict(String),
+    /// A compare-and-set write found the document no longer as read: another change came
+    /// first. Read it again and reapply.
+    #[error("the {0} changed since it was read")]
+    Changed(&'static str),
     #[error("{0} not found")]
     NotFound(&'static str),
     #[error("storage overloaded: write queue full")]

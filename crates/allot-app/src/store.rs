@@ -240,14 +240,19 @@ pub trait Store: Send + Sync + 'static {
 
     // Catalogue.
     async fn insert_venue(&self, venue: &Venue) -> Result<(), StoreError>;
-    async fn update_venue(&self, venue: &Venue) -> Result<(), StoreError>;
+    /// Replaces the live venue `before` with `after` (the same id), in one write that first
+    /// checks that what is stored still equals `before`: `Changed` if another change came in
+    /// between (nothing written), `NotFound` if it is gone. Cached copies may be stale
+    /// (another node's change, a concurrent request), so an edit is never written over them.
+    async fn update_venue(&self, before: &Venue, after: &Venue) -> Result<(), StoreError>;
     /// Refuses (Conflict) while the venue has bookings that claim capacity.
     async fn delete_venue(&self, id: VenueId, now: Timestamp) -> Result<(), StoreError>;
     /// Catalogue documents come shared (`Arc`): they are cached, and a hold reads three of them.
     async fn venue(&self, id: VenueId) -> Result<Option<Arc<Venue>>, StoreError>;
     async fn venues(&self, page: PageRequest) -> Result<Page<Venue>, StoreError>;
     async fn insert_resource(&self, resource: &Resource) -> Result<(), StoreError>;
-    async fn update_resource(&self, resource: &Resource) -> Result<(), StoreError>;
+    /// As [`Store::update_venue`], for a resource.
+    async fn update_resource(&self, before: &Resource, after: &Resource) -> Result<(), StoreError>;
     async fn delete_resource(&self, id: ResourceId, now: Timestamp) -> Result<(), StoreError>;
     async fn resource(&self, id: ResourceId) -> Result<Option<Arc<Resource>>, StoreError>;
     /// The live resources among `ids` (missing ones are left out), in no particular order.

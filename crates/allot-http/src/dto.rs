@@ -42,7 +42,7 @@ pub struct RefreshBody {
     pub refresh_token: String,
 }
 
-#[derive(Debug, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PoliciesBody {
     pub hold_ttl_seconds: Option<u32>,
@@ -70,7 +70,7 @@ pub struct VenueBody {
     pub policies: Option<PoliciesBody>,
 }
 
-#[derive(Debug, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct VenuePatch {
     pub name: Option<String>,
@@ -145,7 +145,7 @@ pub struct ResourceBody {
     pub rules: ResourceRules,
 }
 
-#[derive(Debug, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ResourcePatch {
     pub name: Option<String>,

@@ -606,3 +606,48 @@ async fn a_seat_map_read_during_a_sale_shows_every_hold_acknowledged_before_it()
     let statuses = seat_statuses(&t, &event).await;
     assert!(seats.iter().all(|s| statuses[s] == "held"), "{statuses:?}");
 }
+
+// ---------------------------------------------------------------------------------------------
+// Concurrent edits of one resource.
+// ---------------------------------------------------------------------------------------------
+
+/// Three managers' PATCHes of different fields of one resource, sent at once, are all kept:
+/// each edit is written only over the version it was applied to, and reapplied to the newer
+/// one when another came first (before, the last write replaced the whole document as its
+/// request had read it, so a capacity set to close a room could silently come back).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_edits_of_one_resource_are_all_kept() {
+    const ROUNDS: i64 = 12;
+    let t = Arc::new(TestApp::spawn().await);
+    let admin = t.admin().await;
+    let venue = t.venue(&admin, "hotel").await;
+    let room = t.room_type(&admin, &venue, 5, 0).await;
+    let path = format!("/resources/{room}");
+    for round in 1..=ROUNDS {
+        let edits = [
+            json!({"name": format!("Double {round}")}),
+            json!({"capacity": round}),
+            json!({"unit_price": 10_000 + round}),
+        ];
+        let barrier = Arc::new(Barrier::new(edits.len()));
+        let tasks: Vec<_> = edits
+            .into_iter()
+            .map(|edit| {
+                let (t, admin, path, barrier) = (t.clone(), admin.clone(), path.clone(), barrier.clone());
+                tokio::spawn(async move {
+                    barrier.wait().await;
+                    t.patch(Some(&admin), &path, edit).await
+                })
+            })
+            .collect();
+        for task in tasks {
+            let (status, body) = task.await.unwrap();
+            assert_eq!(status, StatusCode::OK, "round {round}: {body}");
+        }
+        let (status, stored) = t.get(None, &path).await;
+        assert_eq!(status, StatusCode::OK, "{stored}");
+        assert_eq!(stored["name"], format!("Double {round}"), "round {round}: {stored}");
+        assert_eq!(stored["capacity"], round, "round {round}: {stored}");
+        assert_eq!(stored["unit_price"], 10_000 + round, "round {round}: {stored}");
+    }
+}

@@ -449,6 +449,12 @@ impl World {
         r
     }
 
+    /// Writes `r` over the stored resource of its id, whatever that is now.
+    pub async fn replace_resource(&self, r: &Resource) {
+        let before = self.store.resource(r.id).await.unwrap().expect("a live resource");
+        self.store.update_resource(&before, r).await.unwrap();
+    }
+
     pub fn command(&self, wants: &[Want], now: Timestamp, ttl: i64) -> HoldCommand {
         hold_command(self.venue.id, self.customer, wants, now, ttl)
     }

@@ -323,6 +323,33 @@ async fn a_claim_the_exclusion_constraint_refuses_refuses_only_its_own_hold() {
     cluster.finish().await;
 }
 
+/// A node's cached copy may be older than another node's acknowledged change; an edit made
+/// from it is refused (`Changed`) rather than written over that change.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_edit_from_a_stale_copy_is_refused() {
+    let Some(cluster) = Cluster::start(2).await else { return };
+    let (first, second) = (cluster.nodes[0].clone(), cluster.nodes[1].clone());
+    let room = cluster.resource(3).await;
+    let stale = second.resource(room.id).await.unwrap().unwrap();
+    let mut closed = room.clone();
+    closed.capacity = 0;
+    first.update_resource(&room, &closed).await.unwrap();
+    let mut renamed = (*stale).clone();
+    renamed.name = "Renamed".into();
+    match second.update_resource(&stale, &renamed).await {
+        Err(StoreError::Changed("resource")) => {}
+        other => panic!("an edit of a stale copy: expected Changed, got {other:?}"),
+    }
+    assert_eq!(first.resource(room.id).await.unwrap().unwrap().capacity, 0, "the closure stands");
+    let fresh = second.resource(room.id).await.unwrap().unwrap();
+    assert_eq!(fresh.capacity, 0, "the refusal dropped the stale copy");
+    let mut renamed = (*fresh).clone();
+    renamed.name = "Renamed".into();
+    second.update_resource(&fresh, &renamed).await.unwrap();
+    assert_eq!(first.resource(room.id).await.unwrap().unwrap().capacity, 0);
+    cluster.finish().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn catalogue_changes_reach_other_nodes_within_a_second() {
     let Some(cluster) = Cluster::start(2).await else { return };
@@ -331,11 +358,12 @@ async fn catalogue_changes_reach_other_nodes_within_a_second() {
     // The reader caches the room and the venue.
     assert_eq!(reader.resource(room.id).await.unwrap().unwrap().capacity, 3);
     assert_eq!(reader.venue(cluster.venue.id).await.unwrap().unwrap().name, "Nodes");
+    let before = room.clone();
     room.capacity = 7;
-    writer.update_resource(&room).await.unwrap();
+    writer.update_resource(&before, &room).await.unwrap();
     let mut venue = cluster.venue.clone();
     venue.name = "Renamed".into();
-    writer.update_venue(&venue).await.unwrap();
+    writer.update_venue(&cluster.venue, &venue).await.unwrap();
     let started = Instant::now();
     loop {
         let seen = reader.resource(room.id).await.unwrap().unwrap().capacity;
@@ -431,8 +459,9 @@ async fn a_node_recovers_when_its_database_connections_are_killed() {
     // when another node changes it.
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(reader.resource(room.id).await.unwrap().unwrap().capacity, 2);
+    let before = room.clone();
     room.capacity = 9;
-    writer.update_resource(&room).await.unwrap();
+    writer.update_resource(&before, &room).await.unwrap();
     let started = Instant::now();
     while reader.resource(room.id).await.unwrap().unwrap().capacity != 9 {
         assert!(started.elapsed() < Duration::from_secs(3), "the reader's cache missed a change after reconnecting");

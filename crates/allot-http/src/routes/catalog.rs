@@ -78,7 +78,7 @@ pub async fn update_venue(
     Path(id): Path<String>,
     Json(patch): Json<VenuePatch>,
 ) -> ApiResult<impl IntoResponse> {
-    let venue = app.update_venue(&principal, path_id(&id, "venue")?, Box::new(|v| patch.apply(v))).await?;
+    let venue = app.update_venue(&principal, path_id(&id, "venue")?, Box::new(move |v| patch.clone().apply(v))).await?;
     Ok(axum::Json(venue_json(&venue)))
 }
 
@@ -155,8 +155,13 @@ pub async fn update_resource(
     Json(mut patch): Json<ResourcePatch>,
 ) -> ApiResult<impl IntoResponse> {
     let time_model = patch.parsed_time_model()?;
-    let resource =
-        app.update_resource(&principal, path_id(&id, "resource")?, Box::new(|r| patch.apply(r, time_model))).await?;
+    let resource = app
+        .update_resource(
+            &principal,
+            path_id(&id, "resource")?,
+            Box::new(move |r| patch.clone().apply(r, time_model.clone())),
+        )
+        .await?;
     Ok(axum::Json(resource_json(&resource)))
 }
 

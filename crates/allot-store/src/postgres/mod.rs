@@ -458,6 +458,44 @@ async fn listen(pool: PgPool, listener: PgListener, cache: Arc<Cache>) {
     }
 }
 
+/// Where a catalogue document lives, for [`replace_doc`].
+struct DocTable {
+    /// Locks the row: a concurrent replace on another node waits, then sees this one's write.
+    select: &'static str,
+    update: &'static str,
+    what: &'static str,
+}
+
+const VENUE_DOCS: DocTable = DocTable {
+    select: "SELECT doc::text FROM venues WHERE id = $1 AND deleted_at IS NULL FOR UPDATE",
+    update: "UPDATE venues SET doc = $1::json WHERE id = $2",
+    what: "venue",
+};
+
+const RESOURCE_DOCS: DocTable = DocTable {
+    select: "SELECT doc::text FROM resources WHERE id = $1 AND deleted_at IS NULL FOR UPDATE",
+    update: "UPDATE resources SET doc = $1::json WHERE id = $2",
+    what: "resource",
+};
+
+/// Writes `after` over the live document `id` if the stored one still equals `before`
+/// (compared as parsed, so a document an older version wrote compares by what it says).
+async fn replace_doc<T: serde::de::DeserializeOwned + PartialEq>(
+    conn: &mut PgConnection,
+    table: &DocTable,
+    id: &str,
+    before: &T,
+    after: &str,
+) -> Outcome<(), StoreError> {
+    let stored: Option<String> = sqlx::query_scalar(table.select).bind(id).fetch_optional(&mut *conn).await?;
+    let Some(stored) = stored else { return Ok(Err(StoreError::NotFound(table.what))) };
+    if from_json_db::<T>(&stored)? != *before {
+        return Ok(Err(StoreError::Changed(table.what)));
+    }
+    sqlx::query(table.update).bind(after).bind(id).execute(&mut *conn).await?;
+    Ok(Ok(()))
+}
+
 async fn statement(
     conn: &mut PgConnection,
     sql: &'static str,
@@ -853,19 +891,13 @@ impl Store for PgStore {
         .await
     }
 
-    async fn update_venue(&self, venue: &Venue) -> Result<(), StoreError> {
-        let args = vec![Arg::Text(venue_doc(venue)?), Arg::Text(venue.id.to_string())];
-        let n = self
-            .change_catalog(Vec::new(), vec![cache::key("venue", venue.id)], move |ctx: &mut Ctx| -> BoxFuture<'_, _> {
-                Box::pin(statement(
-                    &mut ctx.conn,
-                    "UPDATE venues SET doc = $1::json WHERE id = $2 AND deleted_at IS NULL",
-                    args,
-                    "",
-                ))
-            })
-            .await?;
-        if n == 0 { Err(StoreError::NotFound("venue")) } else { Ok(()) }
+    async fn update_venue(&self, before: &Venue, after: &Venue) -> Result<(), StoreError> {
+        assert_eq!(before.id, after.id, "an update keeps the id");
+        let (id, doc, before) = (after.id.to_string(), venue_doc(after)?, before.clone());
+        self.change_catalog(Vec::new(), vec![cache::key("venue", after.id)], move |ctx: &mut Ctx| -> BoxFuture<'_, _> {
+            Box::pin(async move { replace_doc(&mut ctx.conn, &VENUE_DOCS, &id, &before, &doc).await })
+        })
+        .await
     }
 
     async fn delete_venue(&self, id: VenueId, now: Timestamp) -> Result<(), StoreError> {
@@ -947,27 +979,14 @@ impl Store for PgStore {
         Ok(())
     }
 
-    async fn update_resource(&self, r: &Resource) -> Result<(), StoreError> {
-        let (id, doc) = (r.id.to_string(), resource_doc(r)?);
-        let key = cache::key("resource", r.id);
-        let n = self
-            .change_catalog(
-                vec![id.clone()],
-                vec![key],
-                move |ctx: &mut Ctx| -> BoxFuture<'_, Outcome<u64, StoreError>> {
-                    Box::pin(async move {
-                        let n = sqlx::query("UPDATE resources SET doc = $1::json WHERE id = $2 AND deleted_at IS NULL")
-                            .bind(&doc)
-                            .bind(&id)
-                            .execute(&mut ctx.conn)
-                            .await?
-                            .rows_affected();
-                        Ok(Ok(n))
-                    })
-                },
-            )
-            .await?;
-        if n == 0 { Err(StoreError::NotFound("resource")) } else { Ok(()) }
+    async fn update_resource(&self, before: &Resource, after: &Resource) -> Result<(), StoreError> {
+        assert_eq!(before.id, after.id, "an update keeps the id");
+        let (id, doc, before) = (after.id.to_string(), resource_doc(after)?, before.clone());
+        let key = cache::key("resource", after.id);
+        self.change_catalog(vec![id.clone()], vec![key], move |ctx: &mut Ctx| -> BoxFuture<'_, _> {
+            Box::pin(async move { replace_doc(&mut ctx.conn, &RESOURCE_DOCS, &id, &before, &doc).await })
+        })
+        .await
     }
 
     async fn delete_resource(&self, id: ResourceId, now: Timestamp) -> Result<(), StoreError> {

@@ -394,19 +394,20 @@ impl Store for SqliteStore {
         result
     }
 
-    async fn update_venue(&self, venue: &Venue) -> Result<(), StoreError> {
-        let doc = serde_json::to_string(venue).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-        // A venue's zone is memoised with each of its resources: drop them all.
-        let n = self
-            .exec_dropping(
-                "UPDATE venues SET doc = ? WHERE id = ? AND deleted_at IS NULL",
-                vec![Some(doc), Some(venue.id.to_string())],
-                "",
-                Some(INVALIDATE_ALL.to_owned()),
-            )
+    async fn update_venue(&self, before: &Venue, after: &Venue) -> Result<(), StoreError> {
+        assert_eq!(before.id, after.id, "an update keeps the id");
+        let doc = serde_json::to_string(after).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        let (id, before) = (after.id.to_string(), before.clone());
+        let result = self
+            .writer
+            .exec_now(move |ctx: &mut Ctx| {
+                // A venue's zone is memoised with each of its resources: drop them all.
+                ctx.memo.invalidate(INVALIDATE_ALL);
+                tx::replace_doc(ctx, &tx::VENUE_DOCS, &id, &before, &doc)
+            })
             .await;
-        let n = self.invalidating(&cache::key("venue", venue.id), n)?;
-        if n == 0 { Err(StoreError::NotFound("venue")) } else { Ok(()) }
+        // Dropped whatever the outcome: after `Changed` the caller reads the venue again.
+        self.invalidating(&cache::key("venue", after.id), result)
     }
 
     async fn delete_venue(&self, id: VenueId, now: Timestamp) -> Result<(), StoreError> {
@@ -436,18 +437,19 @@ impl Store for SqliteStore {
         .map(|_| ())
     }
 
-    async fn update_resource(&self, r: &Resource) -> Result<(), StoreError> {
-        let doc = serde_json::to_string(r).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-        let n = self
-            .exec_dropping(
-                "UPDATE resources SET doc = ? WHERE id = ? AND deleted_at IS NULL",
-                vec![Some(doc), Some(r.id.to_string())],
-                "",
-                Some(cache::key("resource", r.id)),
-            )
+    async fn update_resource(&self, before: &Resource, after: &Resource) -> Result<(), StoreError> {
+        assert_eq!(before.id, after.id, "an update keeps the id");
+        let doc = serde_json::to_string(after).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        let key = cache::key("resource", after.id);
+        let (id, before, memo_key) = (after.id.to_string(), before.clone(), key.clone());
+        let result = self
+            .writer
+            .exec_now(move |ctx: &mut Ctx| {
+                ctx.memo.invalidate(&memo_key);
+                tx::replace_doc(ctx, &tx::RESOURCE_DOCS, &id, &before, &doc)
+            })
             .await;
-        let n = self.invalidating(&cache::key("resource", r.id), n)?;
-        if n == 0 { Err(StoreError::NotFound("resource")) } else { Ok(()) }
+        self.invalidating(&key, result)
     }
 
     async fn delete_resource(&self, id: ResourceId, now: Timestamp) -> Result<(), StoreError> {

@@ -281,6 +281,43 @@ pub(crate) fn exec(ctx: &mut Ctx, sql: &str, binds: &[Option<String>], conflict:
     refusing_duplicates(written.map(|n| n as u64), conflict)
 }
 
+/// Where a catalogue document lives, for [`replace_doc`].
+pub(crate) struct DocTable {
+    pub select: &'static str,
+    pub update: &'static str,
+    pub what: &'static str,
+}
+
+pub(crate) const VENUE_DOCS: DocTable = DocTable {
+    select: "SELECT doc FROM venues WHERE id = ? AND deleted_at IS NULL",
+    update: "UPDATE venues SET doc = ? WHERE id = ?",
+    what: "venue",
+};
+
+pub(crate) const RESOURCE_DOCS: DocTable = DocTable {
+    select: "SELECT doc FROM resources WHERE id = ? AND deleted_at IS NULL",
+    update: "UPDATE resources SET doc = ? WHERE id = ?",
+    what: "resource",
+};
+
+/// Writes `after` over the live document `id` if the stored one still equals `before`
+/// (compared as parsed, so a document an older version wrote compares by what it says).
+pub(crate) fn replace_doc<T: DeserializeOwned + PartialEq>(
+    ctx: &mut Ctx,
+    table: &DocTable,
+    id: &str,
+    before: &T,
+    after: &str,
+) -> Outcome<(), StoreError> {
+    let stored: Option<String> = ctx.conn.prepare_cached(table.select)?.query_row([id], |r| r.get(0)).optional()?;
+    let Some(stored) = stored else { return Ok(Err(StoreError::NotFound(table.what))) };
+    if from_json::<T>(&stored)? != *before {
+        return Ok(Err(StoreError::Changed(table.what)));
+    }
+    ctx.conn.prepare_cached(table.update)?.execute([after, id])?;
+    Ok(Ok(()))
+}
+
 /// Rotates a refresh token (see [`rotation`]).
 pub(crate) fn rotate_refresh_token(
     ctx: &mut Ctx,

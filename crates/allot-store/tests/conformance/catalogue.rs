@@ -30,15 +30,21 @@ pub async fn venue_insert_get_update(b: &Backend) {
         other => panic!("inserting the same venue id twice: expected Conflict, got {other:?}"),
     }
 
+    let before = v.clone();
     v.name = "Renamed".into();
     v.rating = 3.25;
     v.amenities.push("parking".into());
     v.policies.hold_ttl_seconds = 120;
-    s.update_venue(&v).await.unwrap();
+    s.update_venue(&before, &v).await.unwrap();
     assert_eq!(s.venue(v.id).await.unwrap().as_deref(), Some(&v));
+    match s.update_venue(&before, &v).await {
+        Err(StoreError::Changed("venue")) => {}
+        other => panic!("updating a venue over a version no longer stored: expected Changed, got {other:?}"),
+    }
+    assert_eq!(s.venue(v.id).await.unwrap().as_deref(), Some(&v), "a refused update writes nothing");
 
     let ghost = venue_in("UTC");
-    match s.update_venue(&ghost).await {
+    match s.update_venue(&ghost, &ghost).await {
         Err(StoreError::NotFound(_)) => {}
         other => panic!("updating a missing venue: expected NotFound, got {other:?}"),
     }
@@ -129,13 +135,22 @@ pub async fn resources_paging_per_venue_and_soft_delete(b: &Backend) {
     // Get and update round-trip the whole record.
     let mut r = mine[3].clone();
     assert_eq!(s.resource(r.id).await.unwrap().as_deref(), Some(&r));
+    let before = r.clone();
     r.name = "Renamed".into();
     r.capacity = 42;
     r.rules.buffer_after_minutes = 15;
     r.attributes = r#"{"floor":2,"view":"sea"}"#.into();
-    s.update_resource(&r).await.unwrap();
+    s.update_resource(&before, &r).await.unwrap();
     assert_eq!(s.resource(r.id).await.unwrap().as_deref(), Some(&r));
-    match s.update_resource(&free_resource(w.venue.id, 1)).await {
+    let mut closed = before.clone();
+    closed.capacity = 0;
+    match s.update_resource(&before, &closed).await {
+        Err(StoreError::Changed("resource")) => {}
+        other => panic!("updating a resource over a version no longer stored: expected Changed, got {other:?}"),
+    }
+    assert_eq!(s.resource(r.id).await.unwrap().as_deref(), Some(&r), "a refused update writes nothing");
+    let ghost = free_resource(w.venue.id, 1);
+    match s.update_resource(&ghost, &ghost).await {
         Err(StoreError::NotFound(_)) => {}
         other => panic!("updating a missing resource: expected NotFound, got {other:?}"),
     }
@@ -150,7 +165,7 @@ pub async fn resources_paging_per_venue_and_soft_delete(b: &Backend) {
     assert_eq!(list(5).await.len(), 11);
     assert!(!list(5).await.iter().any(|x| x.id == r.id));
     assert!(s.resources_by_ids(&[r.id]).await.unwrap().is_empty());
-    match s.update_resource(&r).await {
+    match s.update_resource(&r, &r).await {
         Err(StoreError::NotFound(_)) => {}
         other => panic!("updating a deleted resource: expected NotFound, got {other:?}"),
     }

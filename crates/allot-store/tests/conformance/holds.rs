@@ -113,10 +113,10 @@ pub async fn holds_see_catalogue_changes_at_once(b: &Backend) {
     w.held(&[(r.id, span(HOUR, 2 * HOUR), 1)], at(0), 600).await;
     assert_unavailable(w.hold(&[(r.id, span(HOUR, 2 * HOUR), 1)], at(1), 600).await, 0, 0);
     r.capacity = 2;
-    w.store.update_resource(&r).await.unwrap();
+    w.replace_resource(&r).await;
     w.held(&[(r.id, span(HOUR, 2 * HOUR), 1)], at(2), 600).await;
     r.capacity = 1;
-    w.store.update_resource(&r).await.unwrap();
+    w.replace_resource(&r).await;
     assert_unavailable(w.hold(&[(r.id, span(3 * HOUR, 4 * HOUR), 2)], at(3), 600).await, 0, 1);
 
     let gone = w.resource(1).await;
@@ -171,12 +171,12 @@ pub async fn capacity_n_takes_exactly_n_in_quantity(b: &Backend) {
     assert_eq!(w.claimed(r.id, at(3)).await, 5);
     // The capacity read inside the transaction is the current one.
     r.capacity = 6;
-    w.store.update_resource(&r).await.unwrap();
+    w.replace_resource(&r).await;
     w.held(&[(r.id, s, 1)], at(4), 600).await;
     assert_unavailable(w.hold(&[(r.id, s, 1)], at(5), 600).await, 0, 0);
     // Lowering the capacity evicts nobody but admits nothing more.
     r.capacity = 3;
-    w.store.update_resource(&r).await.unwrap();
+    w.replace_resource(&r).await;
     assert_unavailable(w.hold(&[(r.id, span(HOUR + 10 * MINUTE, HOUR + 20 * MINUTE), 1)], at(6), 600).await, 0, 0);
     assert_eq!(w.claimed(r.id, at(6)).await, 6);
     // Outside the busy span the (new) capacity is all there.
@@ -258,11 +258,11 @@ pub async fn capacity_changes_between_one_and_more(b: &Backend) {
     let a = w.held(&[(r.id, s, 1)], at(0), 600).await;
     w.confirm(a.id, at(1)).await;
     r.capacity = 2;
-    w.store.update_resource(&r).await.unwrap();
+    w.replace_resource(&r).await;
     let bb = w.held(&[(r.id, s, 1)], at(2), 600).await;
     assert_unavailable(w.hold(&[(r.id, s, 1)], at(3), 600).await, 0, 0);
     r.capacity = 1;
-    w.store.update_resource(&r).await.unwrap();
+    w.replace_resource(&r).await;
     w.held(&[(r.id, span(3 * HOUR, 4 * HOUR), 1)], at(4), 600).await;
     assert_unavailable(w.hold(&[(r.id, s, 1)], at(5), 600).await, 0, 0);
     w.cancel(a.id, at(6)).await;
@@ -270,7 +270,7 @@ pub async fn capacity_changes_between_one_and_more(b: &Backend) {
     w.cancel(bb.id, at(8)).await;
     let e = w.held(&[(r.id, s, 1)], at(9), 600).await;
     r.capacity = 2;
-    w.store.update_resource(&r).await.unwrap();
+    w.replace_resource(&r).await;
     w.held(&[(r.id, s, 1)], at(10), 600).await;
     assert_unavailable(w.hold(&[(r.id, s, 1)], at(11), 600).await, 0, 0);
     assert_eq!(peak(&w.store.claims(r.id, s, at(11)).await.unwrap()), 2);
@@ -279,13 +279,13 @@ pub async fn capacity_changes_between_one_and_more(b: &Backend) {
     // A lapsed capacity-one hold, then more capacity, then back to one.
     let x = w.held(&[(r.id, span(5 * HOUR, 6 * HOUR), 1)], at(12), 60).await; // capacity 2 now
     r.capacity = 1;
-    w.store.update_resource(&r).await.unwrap();
+    w.replace_resource(&r).await;
     let x1 = w.held(&[(r.id, span(7 * HOUR, 8 * HOUR), 1)], at(13), 60).await; // capacity 1
     r.capacity = 2;
-    w.store.update_resource(&r).await.unwrap();
+    w.replace_resource(&r).await;
     let y = w.held(&[(r.id, span(7 * HOUR, 8 * HOUR), 2)], at(73), 600).await; // x1 lapsed at 73
     r.capacity = 1;
-    w.store.update_resource(&r).await.unwrap();
+    w.replace_resource(&r).await;
     assert_unavailable(w.hold(&[(r.id, span(7 * HOUR, 8 * HOUR), 1)], at(74), 600).await, 0, 0);
     w.cancel(y.id, at(75)).await;
     w.held(&[(r.id, span(7 * HOUR, 8 * HOUR), 1)], at(76), 600).await;

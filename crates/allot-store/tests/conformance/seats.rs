@@ -92,7 +92,7 @@ pub async fn seat_versions_move_with_each_committed_write(b: &Backend) {
     assert_eq!(w.store.seat_version(&all), after_second, "an expiry moves no version");
     let mut renamed = seats[2].clone();
     renamed.name = "V3b".into();
-    w.store.update_resource(&renamed).await.unwrap();
+    w.replace_resource(&renamed).await;
     assert_ne!(w.store.seat_version(&third), other, "a catalogue change");
 }
 
