@@ -187,6 +187,23 @@ impl Booking {
         }
     }
 
+    /// Stamps a new hold, requested at `requested_at` (a whole second, as its expiry), with the
+    /// time the store decided it at, never earlier (the decision clock only moves forward, and
+    /// on PostgreSQL follows the latest clock any node used on the resource): created then,
+    /// and its expiry later by the whole seconds in between, so a hold that queued or met a
+    /// clock ahead of its request's still gets its whole time to live and never starts lapsed
+    /// (I2: its claim would not count, and a second customer could hold the same unit).
+    pub fn decided_at(&mut self, requested_at: Timestamp, decided_at: Timestamp) {
+        let late_seconds = (decided_at.as_second() - requested_at.as_second()).max(0);
+        if let Some(expires_at) = self.expires_at {
+            self.expires_at =
+                Some(expires_at.checked_add(jiff::SignedDuration::from_secs(late_seconds)).unwrap_or(expires_at));
+        }
+        self.created_at = decided_at;
+        self.updated_at = decided_at;
+        debug_assert!(self.expires_at.is_none_or(|e| e > decided_at), "a hold starts live");
+    }
+
     /// Earliest start among the items (what cancellation policies measure from).
     pub fn first_start(&self) -> Option<Timestamp> {
         self.items.iter().map(|i| i.start).min()
@@ -288,5 +305,27 @@ mod tests {
                 assert!(b.next_status(t, now).is_err(), "{status:?} {t:?}");
             }
         }
+    }
+
+    #[test]
+    fn a_hold_decided_late_keeps_its_whole_time_to_live() {
+        let t = |s: i64| Timestamp::from_second(1_800_000_000 + s).expect("ts");
+        let hold = Booking::new_hold(
+            UserId::new(),
+            VenueId::new(),
+            Currency::try_from("EUR".to_owned()).expect("EUR"),
+            Vec::new(),
+            t(0),
+            t(600),
+        );
+        let mut on_time = hold.clone();
+        on_time.decided_at(t(0), t(0) + jiff::SignedDuration::from_millis(300));
+        assert_eq!(on_time.expires_at, Some(t(600)), "within the second it was requested in");
+        let mut queued = hold.clone();
+        queued.decided_at(t(0), t(1) + jiff::SignedDuration::from_millis(10));
+        assert_eq!(queued.expires_at, Some(t(601)));
+        let mut ahead = hold;
+        ahead.decided_at(t(0), t(1_200));
+        assert_eq!((ahead.created_at, ahead.updated_at, ahead.expires_at), (t(1_200), t(1_200), Some(t(1_800))));
     }
 }

@@ -225,6 +225,7 @@ conformance! {
     holds::items_of_one_hold_count_against_each_other,
     holds::hold_on_deleted_or_foreign_resource_is_stale,
     holds::holds_see_catalogue_changes_at_once,
+    holds::a_hold_decided_late_keeps_its_whole_time_to_live,
     holds::capacity_n_takes_exactly_n_in_quantity,
     holds::adjacent_spans_do_not_conflict_buffers_do,
     holds::overbooking_and_capacity_overrides_in_the_venue_zone,

@@ -54,8 +54,7 @@ pub(super) async fn holds_in_tx(ctx: &mut Ctx, commands: Vec<HoldCommand>) -> Re
             }
         };
         let mut booking = command.booking;
-        booking.created_at = now;
-        booking.updated_at = now;
+        booking.decided_at(command.now, now);
         rows.add(index, &booking, &claims, now)?;
         taken.add(&claims);
         results.push(Ok(booking));

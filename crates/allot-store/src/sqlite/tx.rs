@@ -489,8 +489,7 @@ pub(crate) fn hold(ctx: &mut Ctx, command: HoldCommand) -> Outcome<Booking, Hold
         }
         taken.push((item.resource_id, *claim));
     }
-    booking.created_at = now;
-    booking.updated_at = now;
+    booking.decided_at(command.now, now);
     insert_hold(&ctx.conn, &booking, &taken, now)?;
     Ok(Ok(booking))
 }

@@ -105,6 +105,21 @@ pub async fn items_of_one_hold_count_against_each_other(b: &Backend) {
     assert_eq!(peak(&w.store.claims(c.id, everything(), at(3)).await.unwrap()), 3);
 }
 
+/// A hold decided at a later time than its request's (the decision clock never goes back, and
+/// on PostgreSQL follows the latest clock any node used on the resource) still gets its whole
+/// time to live: it does not start lapsed, so its claim counts and the same unit cannot be
+/// held again (I1, I2).
+pub async fn a_hold_decided_late_keeps_its_whole_time_to_live(b: &Backend) {
+    let w = World::new(b).await;
+    let r = w.resource(1).await;
+    w.held(&[(r.id, span(3 * HOUR, 4 * HOUR), 1)], at(1_200), 600).await;
+    let first = w.held(&[(r.id, span(HOUR, 2 * HOUR), 1)], at(0), 600).await;
+    assert!(first.created_at >= at(1_200), "decided on the resource's clock: {first:?}");
+    let expires_at = first.expires_at.expect("a hold expires");
+    assert_eq!(expires_at.as_second(), first.created_at.as_second() + 600, "{first:?}");
+    assert_unavailable(w.hold(&[(r.id, span(HOUR, 2 * HOUR), 1)], at(1), 600).await, 0, 0);
+}
+
 /// A store may keep resources between holds; every change to one (or its venue) applies to
 /// the very next hold.
 pub async fn holds_see_catalogue_changes_at_once(b: &Backend) {
