@@ -219,9 +219,19 @@ impl App {
         });
         match self.store.update_booking(booking.id, self.clock.now(), decide).await {
             Ok(b) => Ok(b),
+            Err(UpdateRefused::Store(e)) => {
+                // The write failed (a busy or overloaded store, a failed batch, a commit whose
+                // answer was lost): the payment may even be recorded. Refunding now would be
+                // wrong either way, since the client's retry sends this attempt's idempotency key
+                // again, the provider replays this very charge, and the booking would be
+                // confirmed with its money given back. The charge stands; the retry records it.
+                tracing::warn!(booking_id = %booking.id, error = %e, "a charged payment could not be recorded yet");
+                Err(update_error(UpdateRefused::Store(e)))
+            }
             Err(refused) => {
-                // The hold ended between the charge and the commit: give the money back, unless
-                // a concurrent confirm of the same attempt recorded this very payment.
+                // The hold ended between the charge and the commit (a retry cannot charge it
+                // again): give the money back, unless a concurrent confirm of the same attempt
+                // recorded this very payment.
                 let current = self.store.booking(booking.id).await.ok().flatten();
                 let recorded = current.and_then(|b| b.payment).is_some_and(|p| p.reference == reference);
                 if !recorded {

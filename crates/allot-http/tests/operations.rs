@@ -481,3 +481,76 @@ async fn a_burst_of_connections_beyond_the_default_backlog_completes_at_once() {
     assert_eq!(completed, connections, "handshakes completed within 500 ms without an accept");
     drop(listener);
 }
+
+/// Charges as the test provider does (a charge is replayed by its idempotency key, as Stripe
+/// does) and keeps every payment reference it is asked to refund.
+#[derive(Default)]
+struct RefundLog {
+    refunded: Mutex<Vec<String>>,
+}
+
+#[async_trait::async_trait]
+impl PaymentProvider for RefundLog {
+    fn name(&self) -> &'static str {
+        "test"
+    }
+
+    async fn charge(&self, request: &ChargeRequest) -> Result<ChargeOutcome, ProviderError> {
+        TestProvider.charge(request).await
+    }
+
+    async fn refund(&self, payment_reference: &str, amount: i64) -> Result<String, ProviderError> {
+        self.refunded.lock().unwrap().push(payment_reference.to_owned());
+        TestProvider.refund(payment_reference, amount).await
+    }
+}
+
+/// Another PostgreSQL session holding `booking`'s row: the writer's update of it gives up
+/// after its lock timeout (3 s) and the request fails as busy.
+struct RowLock(sqlx::PgConnection);
+
+impl RowLock {
+    async fn take(db_url: &str, booking: &str) -> RowLock {
+        use sqlx::Connection;
+        let mut c = sqlx::PgConnection::connect(db_url).await.unwrap();
+        sqlx::query("BEGIN").execute(&mut c).await.unwrap();
+        sqlx::query("SELECT 1 FROM bookings WHERE id = $1 FOR UPDATE").bind(booking).execute(&mut c).await.unwrap();
+        RowLock(c)
+    }
+
+    async fn release(mut self) {
+        use sqlx::Connection;
+        sqlx::query("ROLLBACK").execute(&mut self.0).await.unwrap();
+        self.0.close().await.unwrap();
+    }
+}
+
+/// A charge that succeeded but could not be recorded (the store busy) is not refunded: the
+/// client's retry sends the same idempotency key, the provider replays that very charge, and
+/// the retry records it. (Refunding it, as before, let the retry confirm the booking with its
+/// money given back.) PostgreSQL only: there another session can make the write fail within a
+/// request's time; SQLite's writer waits out a locked file for 10 s per batch, past the
+/// request timeout. CI runs this suite over PostgreSQL too.
+#[tokio::test]
+async fn a_charge_the_store_could_not_record_is_kept_for_the_retry_not_refunded() {
+    if std::env::var("ALLOT_TEST_BACKEND").as_deref() != Ok("postgres") {
+        eprintln!("PostgreSQL only (ALLOT_TEST_BACKEND=postgres); see the test's comment");
+        return;
+    }
+    let payments = Arc::new(RefundLog::default());
+    let (t, _stop, _server) = spawn_with(HttpOptions::default(), payments.clone()).await;
+    let (customer, booking) = t.held_seat().await;
+    let block = RowLock::take(&t.db_url, &booking).await;
+    let (status, body) = common::read(t.confirm(&customer, &booking, "tok_visa").send().await.unwrap()).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "the store was busy: {body}");
+    assert_eq!(body["error"]["code"], "overloaded", "{body}");
+    block.release().await;
+    assert_eq!(*payments.refunded.lock().unwrap(), Vec::<String>::new(), "nothing refunded");
+
+    let (status, confirmed) = common::read(t.confirm(&customer, &booking, "tok_visa").send().await.unwrap()).await;
+    assert_eq!(status, StatusCode::OK, "{confirmed}");
+    assert_eq!(confirmed["status"], "confirmed");
+    let reference = confirmed["payment"]["reference"].as_str().unwrap().to_owned();
+    assert_eq!(reference, format!("pi_test_{booking}_0"), "the first attempt's charge, replayed");
+    assert!(!payments.refunded.lock().unwrap().contains(&reference), "the recorded payment was never refunded");
+}
