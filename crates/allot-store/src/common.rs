@@ -73,6 +73,15 @@ pub fn is_unique_violation(e: &sqlx::Error) -> bool {
 }
 
 /// Why a venue cannot be deleted yet.
+/// Where a catalogue document lives, for each backend's compare-and-set `replace_doc`: a
+/// statement reading the live document (on PostgreSQL locking its row, so a concurrent replace
+/// on another node waits and then sees this one's write), and one writing it.
+pub struct DocTable {
+    pub select: &'static str,
+    pub update: &'static str,
+    pub what: &'static str,
+}
+
 pub const VENUE_IN_USE: &str = "the venue has current or future bookings; cancel them first";
 
 /// Decodes `(id, doc)` rows (`limit + 1` of them) into a page.

@@ -33,13 +33,13 @@ use sqlx::{Connection, PgConnection, Postgres, QueryBuilder};
 
 use crate::access;
 use crate::cache::{self, Cache, INVALIDATE_ALL};
-use crate::common::venue_inserted;
 use crate::common::{
     AUDIT_COLUMNS, AUDIT_HEAD_SQL, AuditRow, KeyRow, Rotation, TokenRow, USER_COLUMNS, UserVenuesRow, VENUE_IN_USE,
     add_seat_states, after_key, audit_events_of, audit_head_of, audit_range_query, audit_rotation, audit_select, chain,
     claims_from_rows, decided, docs_to_page, existing_key, expired, from_json, from_json_db, hold_expiry,
     is_unique_violation, rotation, to_json, ts, user_of_venues_row,
 };
+use crate::common::{DocTable, venue_inserted};
 use crate::writer::{Backend, HoldResults, Outcome, WriteCtx, Writer, db_error};
 
 mod holds;
@@ -456,14 +456,6 @@ async fn listen(pool: PgPool, listener: PgListener, cache: Arc<Cache>) {
             }
         }
     }
-}
-
-/// Where a catalogue document lives, for [`replace_doc`].
-struct DocTable {
-    /// Locks the row: a concurrent replace on another node waits, then sees this one's write.
-    select: &'static str,
-    update: &'static str,
-    what: &'static str,
 }
 
 const VENUE_DOCS: DocTable = DocTable {

@@ -28,8 +28,8 @@ use serde::de::DeserializeOwned;
 use crate::access::{IS_ADMIN, RevokeStep, parse_roles, revoke_step, roles_text, scopes_text, with, without};
 use crate::cache::{self, INVALIDATE_ALL};
 use crate::common::{
-    AUDIT_COLUMNS, AUDIT_HEAD_SQL, Rotation, VENUE_IN_USE, chain, claims_from_rows, decided, existing_key, hold_expiry,
-    rotation,
+    AUDIT_COLUMNS, AUDIT_HEAD_SQL, DocTable, Rotation, VENUE_IN_USE, chain, claims_from_rows, decided, existing_key,
+    hold_expiry, rotation,
 };
 use crate::writer::{Backend, HoldResults, WriteCtx};
 
@@ -279,13 +279,6 @@ fn refusing_duplicates<T>(written: Result<T>, conflict: &str) -> Outcome<T, Stor
 pub(crate) fn exec(ctx: &mut Ctx, sql: &str, binds: &[Option<String>], conflict: &str) -> Outcome<u64, StoreError> {
     let written = ctx.conn.prepare_cached(sql)?.execute(params_from_iter(binds));
     refusing_duplicates(written.map(|n| n as u64), conflict)
-}
-
-/// Where a catalogue document lives, for [`replace_doc`].
-pub(crate) struct DocTable {
-    pub select: &'static str,
-    pub update: &'static str,
-    pub what: &'static str,
 }
 
 pub(crate) const VENUE_DOCS: DocTable = DocTable {
