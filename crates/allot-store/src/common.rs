@@ -72,7 +72,6 @@ pub fn is_unique_violation(e: &sqlx::Error) -> bool {
     e.as_database_error().is_some_and(|d| d.is_unique_violation())
 }
 
-/// Why a venue cannot be deleted yet.
 /// Where a catalogue document lives, for each backend's compare-and-set `replace_doc`: a
 /// statement reading the live document (on PostgreSQL locking its row, so a concurrent replace
 /// on another node waits and then sees this one's write), and one writing it.
@@ -82,6 +81,7 @@ pub struct DocTable {
     pub what: &'static str,
 }
 
+/// Why a venue cannot be deleted yet.
 pub const VENUE_IN_USE: &str = "the venue has current or future bookings; cancel them first";
 
 /// Decodes `(id, doc)` rows (`limit + 1` of them) into a page.

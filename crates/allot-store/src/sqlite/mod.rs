@@ -243,26 +243,7 @@ impl SqliteStore {
         binds: Vec<Option<String>>,
         conflict: &'static str,
     ) -> Result<u64, StoreError> {
-        self.exec_dropping(sql, binds, conflict, None).await
-    }
-
-    /// Like [`SqliteStore::exec_one`] for a catalogue change: drops `memo_key` (a
-    /// [`cache::key`] or [`INVALIDATE_ALL`]) from the writer's memo in the same request.
-    async fn exec_dropping(
-        &self,
-        sql: &'static str,
-        binds: Vec<Option<String>>,
-        conflict: &'static str,
-        memo_key: Option<String>,
-    ) -> Result<u64, StoreError> {
-        self.writer
-            .exec_now(move |ctx: &mut Ctx| {
-                if let Some(key) = memo_key {
-                    ctx.memo.invalidate(&key);
-                }
-                tx::exec(ctx, sql, &binds, conflict)
-            })
-            .await
+        self.writer.exec_now(move |ctx: &mut Ctx| tx::exec(ctx, sql, &binds, conflict)).await
     }
 }
 
