@@ -50,8 +50,16 @@ pub trait Backend: Send + Sync + 'static {
     /// A failure as the app sees it (transient ones as [`StoreError::Busy`]).
     fn error(e: Self::Error) -> StoreError;
 
-    /// Starts the batch transaction.
-    fn begin<'c>(&'c self, conn: &'c mut Self::Conn) -> BoxFuture<'c, Result<(), Self::Error>>;
+    /// Starts the batch transaction. Returns what [`Backend::commit_outcome`] needs to learn
+    /// later whether it committed, where the database can tell.
+    fn begin<'c>(&'c self, conn: &'c mut Self::Conn) -> BoxFuture<'c, Result<Option<TxnRef>, Self::Error>>;
+
+    /// Whether transaction `txn`, whose COMMIT failed, committed after all: `Some(true)` when
+    /// it did (the answer was lost with the connection), `Some(false)` when it did not, `None`
+    /// when that cannot be learned. May replace `conn`, which a lost answer usually leaves dead.
+    fn commit_outcome<'c>(&'c self, _conn: &'c mut Self::Conn, _txn: TxnRef) -> BoxFuture<'c, Option<bool>> {
+        Box::pin(async { None })
+    }
 
     /// Runs statements without results (savepoints, commit, rollback); `sql` may hold several,
     /// `;`-separated.
@@ -101,6 +109,14 @@ pub trait Backend: Send + Sync + 'static {
     }
 }
 
+/// The database's names for a batch's open transaction and for the session running it: with
+/// them [`Backend::commit_outcome`] can learn whether a COMMIT whose answer was lost committed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TxnRef {
+    pub id: i64,
+    pub session: i32,
+}
+
 /// Per hold of a batch, in its order: the booking kept or why it was refused.
 pub type HoldResults = Vec<Result<Booking, HoldRefused>>;
 
@@ -120,6 +136,8 @@ pub struct WriteCtx<C> {
     /// Catalogue documents the backend may keep between requests (see [`Backend::memo`]);
     /// emptied whenever a batch is rolled back, since it may hold what that batch wrote.
     pub memo: crate::cache::Cache,
+    /// The open batch transaction, where the backend names it ([`Backend::begin`]).
+    txn: Option<TxnRef>,
 }
 
 impl<C> WriteCtx<C> {
@@ -340,6 +358,7 @@ impl<B: Backend> Writer<B> {
             audit: Vec::new(),
             savepoint_open: false,
             memo,
+            txn: None,
         };
         (Lane { queue, load: load.clone() }, run(backend, ctx, rx, stats, load))
     }
@@ -520,11 +539,19 @@ fn lane_of(key: &str, lanes: usize) -> usize {
 
 /// Begins the batch transaction, replacing the connection once if it has failed.
 async fn begin<B: Backend>(backend: &B, ctx: &mut WriteCtx<B::Conn>) -> Result<(), B::Error> {
-    let Err(first) = backend.begin(&mut ctx.conn).await else { return Ok(()) };
+    ctx.txn = None;
+    let first = match backend.begin(&mut ctx.conn).await {
+        Ok(txn) => {
+            ctx.txn = txn;
+            return Ok(());
+        }
+        Err(first) => first,
+    };
     let Some(conn) = backend.reconnect().await else { return Err(first) };
     tracing::warn!(error = %first, "write connection replaced");
     ctx.conn = conn;
-    backend.begin(&mut ctx.conn).await
+    ctx.txn = backend.begin(&mut ctx.conn).await?;
+    Ok(())
 }
 
 /// Fails every request of `batch`, lowering the lane's `load` first (as `apply_batch` does
@@ -715,9 +742,35 @@ async fn finish<B: Backend>(backend: &B, ctx: &mut WriteCtx<B::Conn>, keys: &[St
         backend.seal(&mut ctx.conn, keys, ctx.last_now, &mut ctx.audit).await.map_err(B::error)?;
     }
     let started = std::time::Instant::now();
-    let committed = backend.execute(&mut ctx.conn, "COMMIT").await.map_err(B::error);
+    let committed = match backend.execute(&mut ctx.conn, "COMMIT").await {
+        Ok(()) => Ok(()),
+        Err(e) => settle_failed_commit(backend, ctx, B::error(e)).await,
+    };
     metrics::histogram!(telemetry::STORE_COMMIT_DURATION).record(started.elapsed().as_secs_f64());
     committed
+}
+
+/// The outcome of a batch whose COMMIT failed. The answer may have been lost with the
+/// connection after the database committed: failing the batch's requests then would have
+/// clients retry what is done (a second hold, refused the seat the first one holds), so the
+/// database is asked where it can tell.
+async fn settle_failed_commit<B: Backend>(
+    backend: &B,
+    ctx: &mut WriteCtx<B::Conn>,
+    error: StoreError,
+) -> Result<(), StoreError> {
+    let Some(txn) = ctx.txn.take() else { return Err(error) };
+    match backend.commit_outcome(&mut ctx.conn, txn).await {
+        Some(true) => {
+            tracing::warn!(%error, txn = txn.id, "a COMMIT's answer was lost, but the batch committed");
+            Ok(())
+        }
+        Some(false) => Err(error),
+        None => {
+            tracing::error!(%error, txn = txn.id, "a COMMIT failed and whether it committed is unknown");
+            Err(error)
+        }
+    }
 }
 
 #[cfg(test)]

@@ -4,7 +4,8 @@
 //! hold, expiry on every node releases each hold once, the exclusion constraint guards
 //! capacity-one resources on its own, and catalogue caches follow other nodes' changes.
 //! The last tests pause a batch mid-way (a raw session holds an idempotency key it waits on)
-//! to force the interleavings a review found between nodes.
+//! to force the interleavings a review found between nodes. The last one leads a node through
+//! a relay that cuts the connection at a COMMIT, before or after the server gets it.
 #![allow(clippy::unwrap_used)]
 
 use std::sync::Arc;
@@ -44,9 +45,14 @@ impl Cluster {
     /// `n` stores over one fresh database, or `None` when PostgreSQL is absent (outside CI).
     async fn start(n: usize) -> Option<Cluster> {
         let url = fresh_postgres_database().await?;
+        Some(Cluster::over(url.clone(), &vec![url; n]).await)
+    }
+
+    /// A node per URL in `node_urls` (each reaching the fresh database `url`) and a venue.
+    async fn over(url: String, node_urls: &[String]) -> Cluster {
         let mut nodes = Vec::new();
-        for _ in 0..n {
-            nodes.push(Arc::new(PgStore::open(&url).await.unwrap()));
+        for node_url in node_urls {
+            nodes.push(Arc::new(PgStore::open(node_url).await.unwrap()));
         }
         let venue = Venue {
             id: VenueId::new(),
@@ -62,7 +68,7 @@ impl Cluster {
             managers: vec![],
         };
         nodes[0].insert_venue(&venue).await.unwrap();
-        Some(Cluster { url, nodes, venue })
+        Cluster { url, nodes, venue }
     }
 
     async fn resource(&self, capacity: u32) -> Resource {
@@ -731,5 +737,165 @@ async fn a_stuck_lock_holder_delays_another_node_only_for_a_bounded_time() {
     assert!(matches!(first, Err(HoldRefused::Store(StoreError::Busy(_)))), "the blocked hold: {first:?}");
     // Once the holder is gone the resource is writable again.
     node.hold(cluster.hold_command(&[(hot.id, morning())], at(1), 600)).await.unwrap();
+    cluster.finish().await;
+}
+
+/// Where [`CommitCutter`] cuts a connection at its next `COMMIT`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Cut {
+    /// The server gets the COMMIT and commits; its answer is lost with the connection.
+    AnswerLost,
+    /// The COMMIT is lost with the connection: the server sees the client go.
+    CommitLost,
+    /// The COMMIT is lost and the server does not notice (a network partition): its session
+    /// stays idle inside the transaction.
+    CommitLostUnnoticed,
+}
+
+/// `COMMIT` as a simple-protocol query message: 'Q', its length (4 + 7), the text.
+const COMMIT_MESSAGE: &[u8] = b"Q\0\0\0\x0bCOMMIT\0";
+
+/// A TCP relay between the nodes and PostgreSQL that, once armed, cuts the connection that
+/// sends the next `COMMIT`, as a network or a proxy can.
+struct CommitCutter {
+    port: u16,
+    armed: Arc<std::sync::Mutex<Option<Cut>>>,
+    cuts: Arc<std::sync::atomic::AtomicUsize>,
+    /// Server sides of [`Cut::CommitLostUnnoticed`] connections, held open (never read).
+    _stalled: Arc<std::sync::Mutex<Vec<tokio::net::tcp::OwnedWriteHalf>>>,
+    accept: tokio::task::JoinHandle<()>,
+}
+
+impl CommitCutter {
+    async fn start(upstream: String) -> CommitCutter {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let armed = Arc::new(std::sync::Mutex::new(None));
+        let cuts = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let stalled = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (a, c, s) = (armed.clone(), cuts.clone(), stalled.clone());
+        let accept = tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let server = tokio::net::TcpStream::connect(&upstream).await.unwrap();
+                tokio::spawn(relay(client, server, a.clone(), c.clone(), s.clone()));
+            }
+        });
+        CommitCutter { port, armed, cuts, _stalled: stalled, accept }
+    }
+
+    fn arm(&self, cut: Cut) {
+        *self.armed.lock().unwrap() = Some(cut);
+    }
+
+    fn cuts(&self) -> usize {
+        self.cuts.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+impl Drop for CommitCutter {
+    fn drop(&mut self) {
+        self.accept.abort();
+    }
+}
+
+/// Relays one connection both ways until either side closes, or until the armed cut.
+async fn relay(
+    client: tokio::net::TcpStream,
+    server: tokio::net::TcpStream,
+    armed: Arc<std::sync::Mutex<Option<Cut>>>,
+    cuts: Arc<std::sync::atomic::AtomicUsize>,
+    stalled: Arc<std::sync::Mutex<Vec<tokio::net::tcp::OwnedWriteHalf>>>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (mut client_read, mut client_write) = client.into_split();
+    let (mut server_read, mut server_write) = server.into_split();
+    let answers = tokio::spawn(async move { tokio::io::copy(&mut server_read, &mut client_write).await });
+    let mut buf = vec![0_u8; 64 * 1024];
+    // The end of the previous read, so a COMMIT split across two reads is still seen.
+    let mut seen: Vec<u8> = Vec::new();
+    loop {
+        let n = match client_read.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        seen.extend_from_slice(&buf[..n]);
+        let commit = seen.windows(COMMIT_MESSAGE.len()).any(|w| w == COMMIT_MESSAGE);
+        if let Some(cut) = commit.then(|| armed.lock().unwrap().take()).flatten() {
+            // No answer reaches the client from here on.
+            answers.abort();
+            let _ = answers.await;
+            if cut == Cut::AnswerLost {
+                server_write.write_all(&buf[..n]).await.unwrap();
+            }
+            cuts.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            if cut == Cut::CommitLostUnnoticed {
+                // Dropping the write half would send the server an end of stream.
+                stalled.lock().unwrap().push(server_write);
+            }
+            return;
+        }
+        if server_write.write_all(&buf[..n]).await.is_err() {
+            break;
+        }
+        let keep = seen.len().saturating_sub(COMMIT_MESSAGE.len() - 1);
+        seen.drain(..keep);
+    }
+    answers.abort();
+}
+
+/// The server's `host:port` in `url`, and `url` led through a relay on `port` instead, with TLS
+/// off (the relay reads the messages).
+fn through_relay(url: &str, port: u16) -> (String, String) {
+    let (scheme, rest) = url.split_once("://").unwrap();
+    let (authority, path) = rest.split_once('/').unwrap();
+    let (user, host) = authority.rsplit_once('@').map_or(("", authority), |(u, h)| (u, h));
+    let upstream = if host.contains(':') { host.to_owned() } else { format!("{host}:5432") };
+    let user = if user.is_empty() { String::new() } else { format!("{user}@") };
+    let sep = if path.contains('?') { '&' } else { '?' };
+    (upstream, format!("{scheme}://{user}127.0.0.1:{port}/{path}{sep}sslmode=disable"))
+}
+
+/// One node whose every connection passes through a [`CommitCutter`].
+async fn cluster_behind_a_cutter() -> Option<(Cluster, CommitCutter)> {
+    let url = fresh_postgres_database().await?;
+    let (upstream, _) = through_relay(&url, 0);
+    let cutter = CommitCutter::start(upstream).await;
+    let (_, node_url) = through_relay(&url, cutter.port);
+    Some((Cluster::over(url, &[node_url]).await, cutter))
+}
+
+/// A batch whose COMMIT's answer is lost is answered as the database decided it: kept when it
+/// committed (a 5xx would have the client retry a hold that already holds the seat), failed
+/// when it did not. A session left inside the lost transaction is ended, not left holding the
+/// batch's locks until the server's idle timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_whose_commit_answer_is_lost_is_answered_as_the_database_decided_it() {
+    let Some((cluster, cutter)) = cluster_behind_a_cutter().await else { return };
+    let node = cluster.nodes[0].clone();
+    let seat = cluster.resource(1).await;
+    cutter.arm(Cut::AnswerLost);
+    let held = node.hold(cluster.hold_command(&[(seat.id, morning())], at(0), 600)).await.expect("it committed");
+    assert_eq!(cutter.cuts(), 1, "the COMMIT was cut");
+    assert_eq!(node.booking(held.id).await.unwrap().unwrap().id, held.id);
+    let again = node.hold(cluster.hold_command(&[(seat.id, morning())], at(1), 600)).await;
+    assert!(matches!(again, Err(HoldRefused::Unavailable { .. })), "the seat is held once: {again:?}");
+    // A request that is not a hold (a confirm) takes the same way.
+    cutter.arm(Cut::AnswerLost);
+    let confirmed = node.update_booking(held.id, at(2), confirm()).await.expect("it committed");
+    assert_eq!(cutter.cuts(), 2);
+    assert_eq!(confirmed.status, allot_core::booking::BookingStatus::Confirmed);
+    for cut in [Cut::CommitLost, Cut::CommitLostUnnoticed] {
+        let room = cluster.resource(1).await;
+        let cuts = cutter.cuts();
+        cutter.arm(cut);
+        let lost = node.hold(cluster.hold_command(&[(room.id, morning())], at(3), 600)).await;
+        assert_eq!(cutter.cuts(), cuts + 1, "{cut:?}: the COMMIT was cut");
+        assert!(matches!(lost, Err(HoldRefused::Store(_))), "{cut:?}: it did not commit: {lost:?}");
+        // Nothing of it stayed: the room is free, and its lock (taken by the lost batch) is
+        // not held by a forgotten session either, or this would wait and fail as busy.
+        let retried = node.hold(cluster.hold_command(&[(room.id, morning())], at(4), 600)).await;
+        assert!(retried.is_ok(), "{cut:?}: the room was not free: {retried:?}");
+    }
+    drop(cutter);
     cluster.finish().await;
 }

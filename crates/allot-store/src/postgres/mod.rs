@@ -29,7 +29,7 @@ use futures::future::BoxFuture;
 use jiff::Timestamp;
 use serde::de::DeserializeOwned;
 use sqlx::postgres::{PgConnectOptions, PgListener, PgPool, PgPoolOptions};
-use sqlx::{Connection, PgConnection, Postgres, QueryBuilder};
+use sqlx::{Connection, PgConnection, Postgres, QueryBuilder, Row};
 
 use crate::access;
 use crate::cache::{self, Cache, INVALIDATE_ALL};
@@ -40,7 +40,7 @@ use crate::common::{
     is_unique_violation, rotation, to_json, ts, user_of_venues_row,
 };
 use crate::common::{DocTable, venue_inserted};
-use crate::writer::{Backend, HoldResults, Outcome, WriteCtx, Writer, db_error};
+use crate::writer::{Backend, HoldResults, Outcome, TxnRef, WriteCtx, Writer, db_error};
 
 mod holds;
 
@@ -60,6 +60,18 @@ pub const WRITE_LOCK_WAIT_MILLISECONDS_MAX: u64 = 3000;
 pub const WRITE_IDLE_IN_TRANSACTION_SECONDS_MAX: u64 = 10;
 /// Longest one statement of a write may run.
 pub const WRITE_STATEMENT_SECONDS_MAX: u64 = 30;
+/// Longest a lane waits to learn whether a COMMIT whose answer was lost committed
+/// ([`Backend::commit_outcome`]); its other requests wait behind it meanwhile.
+pub const COMMIT_OUTCOME_WAIT_MILLISECONDS_MAX: u64 = 5000;
+/// Pause between two asks of that outcome.
+const COMMIT_OUTCOME_POLL_MILLISECONDS: u64 = 20;
+/// Begins a batch transaction and names it: its transaction id (assigned now rather than at
+/// its first write) and the session's process id. One round trip, as `BEGIN` alone was.
+const BEGIN_SQL: &str = "BEGIN; SELECT pg_current_xact_id()::text::bigint, pg_backend_pid()";
+/// Ends the session that ran transaction `$2` (process `$1`), if it still runs it. The xid
+/// check keeps a process id the server has since given to another session safe.
+const END_TXN_SESSION_SQL: &str = "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+     WHERE pid = $1 AND backend_xid::text = ($2 % 4294967296)::text";
 /// Ids per `= ANY($1)` array in one read.
 const IDS_PER_QUERY_MAX: usize = 1000;
 
@@ -178,8 +190,15 @@ impl Backend for PgBackend {
         db_error(e)
     }
 
-    fn begin<'c>(&'c self, conn: &'c mut PgConnection) -> BoxFuture<'c, Result<(), sqlx::Error>> {
-        self.execute(conn, "BEGIN")
+    fn begin<'c>(&'c self, conn: &'c mut PgConnection) -> BoxFuture<'c, Result<Option<TxnRef>, sqlx::Error>> {
+        Box::pin(async move {
+            let row = sqlx::raw_sql(BEGIN_SQL).fetch_one(conn).await?;
+            Ok(Some(TxnRef { id: row.try_get(0)?, session: row.try_get(1)? }))
+        })
+    }
+
+    fn commit_outcome<'c>(&'c self, conn: &'c mut PgConnection, txn: TxnRef) -> BoxFuture<'c, Option<bool>> {
+        Box::pin(commit_outcome(self, conn, txn))
     }
 
     fn execute<'c>(&'c self, conn: &'c mut PgConnection, sql: &'static str) -> BoxFuture<'c, Result<(), sqlx::Error>> {
@@ -266,6 +285,43 @@ impl Backend for PgBackend {
                 }
             }
         })
+    }
+}
+
+/// Whether `txn` committed, asked until the server knows ([`Backend::commit_outcome`]). While
+/// it is in progress its session has either not read the COMMIT (waiting on a client that is
+/// gone, until `idle_in_transaction_session_timeout`) or is still committing: that session is
+/// ended, which settles it (a commit under way completes first). A dead `conn` is replaced.
+async fn commit_outcome(backend: &PgBackend, conn: &mut PgConnection, txn: TxnRef) -> Option<bool> {
+    let deadline = std::time::Instant::now() + Duration::from_millis(COMMIT_OUTCOME_WAIT_MILLISECONDS_MAX);
+    let mut ended = false;
+    loop {
+        let status: Result<Option<String>, sqlx::Error> = sqlx::query_scalar("SELECT pg_xact_status($1::text::xid8)")
+            .bind(txn.id.to_string())
+            .fetch_one(&mut *conn)
+            .await;
+        match status.as_ref().map(Option::as_deref) {
+            Ok(Some("committed")) => return Some(true),
+            Ok(Some("aborted")) => return Some(false),
+            // Too old for the server to remember, or a question it refuses: no retry helps.
+            Ok(None) | Err(sqlx::Error::Database(_)) => return None,
+            Ok(Some(_in_progress)) if !ended => {
+                ended =
+                    sqlx::query(END_TXN_SESSION_SQL).bind(txn.session).bind(txn.id).execute(&mut *conn).await.is_ok();
+            }
+            Ok(Some(_in_progress)) => {}
+            Err(e) => match backend.connect().await {
+                Ok(fresh) => {
+                    tracing::warn!(error = %e, "write connection replaced to learn a COMMIT's outcome");
+                    *conn = fresh;
+                }
+                Err(e) => tracing::warn!(error = %e, "no connection to learn a COMMIT's outcome"),
+            },
+        }
+        if std::time::Instant::now() >= deadline {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(COMMIT_OUTCOME_POLL_MILLISECONDS)).await;
     }
 }
 

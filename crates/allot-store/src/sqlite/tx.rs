@@ -31,7 +31,7 @@ use crate::common::{
     AUDIT_COLUMNS, AUDIT_HEAD_SQL, DocTable, Rotation, VENUE_IN_USE, chain, claims_from_rows, decided, existing_key,
     hold_expiry, rotation,
 };
-use crate::writer::{Backend, HoldResults, WriteCtx};
+use crate::writer::{Backend, HoldResults, TxnRef, WriteCtx};
 
 pub(crate) type Ctx = WriteCtx<Connection>;
 pub(crate) type Outcome<T, E> = crate::writer::Outcome<T, E, rusqlite::Error>;
@@ -117,14 +117,16 @@ impl Backend for SqliteBackend {
         }
     }
 
-    fn begin<'c>(&'c self, conn: &'c mut Connection) -> BoxFuture<'c, Result<()>> {
+    /// No [`TxnRef`]: the database is a local file, so a COMMIT's answer cannot be lost on
+    /// the way, and one that failed did not commit.
+    fn begin<'c>(&'c self, conn: &'c mut Connection) -> BoxFuture<'c, Result<Option<TxnRef>>> {
         let batch = self.batches.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         if batch % CACHE_CHECK_BATCHES == CACHE_CHECK_BATCHES - 1
             && let Err(e) = size_page_cache(conn)
         {
             return Box::pin(std::future::ready(Err(e)));
         }
-        self.execute(conn, "BEGIN IMMEDIATE")
+        Box::pin(std::future::ready(execute_each(conn, "BEGIN IMMEDIATE").map(|()| None)))
     }
 
     fn execute<'c>(&'c self, conn: &'c mut Connection, sql: &'static str) -> BoxFuture<'c, Result<()>> {
