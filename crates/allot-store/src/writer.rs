@@ -50,9 +50,8 @@ pub trait Backend: Send + Sync + 'static {
     /// A failure as the app sees it (transient ones as [`StoreError::Busy`]).
     fn error(e: Self::Error) -> StoreError;
 
-    /// Starts the batch transaction. Returns what [`Backend::commit_outcome`] needs to learn
-    /// later whether it committed, where the database can tell.
-    fn begin<'c>(&'c self, conn: &'c mut Self::Conn) -> BoxFuture<'c, Result<Option<TxnRef>, Self::Error>>;
+    /// Starts the batch transaction.
+    fn begin<'c>(&'c self, conn: &'c mut Self::Conn) -> BoxFuture<'c, Result<(), Self::Error>>;
 
     /// Whether transaction `txn`, whose COMMIT failed, committed after all: `Some(true)` when
     /// it did (the answer was lost with the connection), `Some(false)` when it did not, `None`
@@ -78,14 +77,15 @@ pub trait Backend: Send + Sync + 'static {
     /// Seals the batch just before COMMIT: records `now` as the latest time it decided on
     /// `keys` with (a single-writer database needs no clock) and appends `events` to the audit
     /// hash chain, after its current head (with several writers the head must be locked first,
-    /// so chains never fork). Either may be empty.
+    /// so chains never fork). Either may be empty. Returns what [`Backend::commit_outcome`]
+    /// needs to learn later whether the transaction committed, where the database can tell.
     fn seal<'c>(
         &'c self,
         conn: &'c mut Self::Conn,
         keys: &'c [String],
         now: Timestamp,
         events: &'c mut [AuditEvent],
-    ) -> BoxFuture<'c, Result<(), Self::Error>>;
+    ) -> BoxFuture<'c, Result<Option<TxnRef>, Self::Error>>;
 
     /// Decides and writes `holds` in the batch transaction, in this order, each as if it ran
     /// alone after those before it (so it sees their claims). A refused hold writes nothing. An
@@ -136,7 +136,7 @@ pub struct WriteCtx<C> {
     /// Catalogue documents the backend may keep between requests (see [`Backend::memo`]);
     /// emptied whenever a batch is rolled back, since it may hold what that batch wrote.
     pub memo: crate::cache::Cache,
-    /// The open batch transaction, where the backend names it ([`Backend::begin`]).
+    /// The batch transaction, where the backend names it ([`Backend::seal`]).
     txn: Option<TxnRef>,
 }
 
@@ -539,19 +539,11 @@ fn lane_of(key: &str, lanes: usize) -> usize {
 
 /// Begins the batch transaction, replacing the connection once if it has failed.
 async fn begin<B: Backend>(backend: &B, ctx: &mut WriteCtx<B::Conn>) -> Result<(), B::Error> {
-    ctx.txn = None;
-    let first = match backend.begin(&mut ctx.conn).await {
-        Ok(txn) => {
-            ctx.txn = txn;
-            return Ok(());
-        }
-        Err(first) => first,
-    };
+    let Err(first) = backend.begin(&mut ctx.conn).await else { return Ok(()) };
     let Some(conn) = backend.reconnect().await else { return Err(first) };
     tracing::warn!(error = %first, "write connection replaced");
     ctx.conn = conn;
-    ctx.txn = backend.begin(&mut ctx.conn).await?;
-    Ok(())
+    backend.begin(&mut ctx.conn).await
 }
 
 /// Fails every request of `batch`, lowering the lane's `load` first (as `apply_batch` does
@@ -738,8 +730,9 @@ fn hold_reply<C>(
 
 /// Stamps the batch clock on its resources, appends its audit events and commits.
 async fn finish<B: Backend>(backend: &B, ctx: &mut WriteCtx<B::Conn>, keys: &[String]) -> Result<(), StoreError> {
+    ctx.txn = None;
     if !keys.is_empty() || !ctx.audit.is_empty() {
-        backend.seal(&mut ctx.conn, keys, ctx.last_now, &mut ctx.audit).await.map_err(B::error)?;
+        ctx.txn = backend.seal(&mut ctx.conn, keys, ctx.last_now, &mut ctx.audit).await.map_err(B::error)?;
     }
     let started = std::time::Instant::now();
     let committed = match backend.execute(&mut ctx.conn, "COMMIT").await {

@@ -117,16 +117,14 @@ impl Backend for SqliteBackend {
         }
     }
 
-    /// No [`TxnRef`]: the database is a local file, so a COMMIT's answer cannot be lost on
-    /// the way, and one that failed did not commit.
-    fn begin<'c>(&'c self, conn: &'c mut Connection) -> BoxFuture<'c, Result<Option<TxnRef>>> {
+    fn begin<'c>(&'c self, conn: &'c mut Connection) -> BoxFuture<'c, Result<()>> {
         let batch = self.batches.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         if batch % CACHE_CHECK_BATCHES == CACHE_CHECK_BATCHES - 1
             && let Err(e) = size_page_cache(conn)
         {
             return Box::pin(std::future::ready(Err(e)));
         }
-        Box::pin(std::future::ready(execute_each(conn, "BEGIN IMMEDIATE").map(|()| None)))
+        self.execute(conn, "BEGIN IMMEDIATE")
     }
 
     fn execute<'c>(&'c self, conn: &'c mut Connection, sql: &'static str) -> BoxFuture<'c, Result<()>> {
@@ -143,9 +141,11 @@ impl Backend for SqliteBackend {
         _keys: &'c [String],
         _now: Timestamp,
         events: &'c mut [AuditEvent],
-    ) -> BoxFuture<'c, Result<()>> {
-        // One writer: no clock to stamp.
-        Box::pin(std::future::ready(if events.is_empty() { Ok(()) } else { append_audit(conn, events) }))
+    ) -> BoxFuture<'c, Result<Option<TxnRef>>> {
+        // One writer: no clock to stamp. No `TxnRef`: the database is a local file, so a
+        // COMMIT's answer cannot be lost on the way, and one that failed did not commit.
+        let appended = if events.is_empty() { Ok(()) } else { append_audit(conn, events) };
+        Box::pin(std::future::ready(appended.map(|()| None)))
     }
 
     fn holds<'c>(&'c self, ctx: &'c mut Ctx, holds: Vec<HoldCommand>) -> BoxFuture<'c, Result<HoldResults>> {
