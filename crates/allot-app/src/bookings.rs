@@ -297,11 +297,34 @@ impl App {
             let refunded = self.payments.refund(&payment.reference, refund.amount).await;
             telemetry::count_refund(&refunded);
             match refunded {
-                Ok(reference) => refund.reference = Some(reference),
+                Ok(reference) => {
+                    refund.reference = Some(reference.clone());
+                    return Ok(self.record_refund(id, reference).await.unwrap_or(cancelled));
+                }
                 Err(e) => tracing::error!(booking_id = %id, error = %e, "refund failed; left for reconciliation"),
             }
         }
         Ok(cancelled)
+    }
+
+    /// Stores the reference of the refund made for cancelled booking `id`, so that what the
+    /// cancel answered is what every later read says. `None` (logged) when it could not be.
+    async fn record_refund(&self, id: BookingId, reference: String) -> Option<Booking> {
+        let decide = Box::new(move |b: &Booking, _now| {
+            let mut next = b.clone();
+            match next.refund.as_mut() {
+                Some(refund) if refund.reference.is_none() => refund.reference = Some(reference),
+                _ => return Err(AppError::Conflict("the refund is already settled".into())),
+            }
+            Ok(next)
+        });
+        match self.store.update_booking(id, self.clock.now(), decide).await {
+            Ok(booking) => Some(booking),
+            Err(e) => {
+                tracing::error!(booking_id = %id, error = ?e, "a refund was made but its reference not recorded");
+                None
+            }
+        }
     }
 
     pub async fn booking_for(&self, principal: &Principal, id: BookingId) -> AppResult<Booking> {

@@ -216,6 +216,20 @@ impl Booking {
         self.status.on_expiry(self.expires_at, now).is_some()
     }
 
+    /// Whether `after` is this booking with only its refund's reference recorded (and its
+    /// `updated_at` moved): the one change a booking in a final status still takes, since the
+    /// money is refunded once the cancellation has committed.
+    pub fn settles_refund(&self, after: &Booking) -> bool {
+        let (Some(refund), Some(settled)) = (&self.refund, &after.refund) else { return false };
+        if refund.reference.is_some() || settled.reference.is_none() {
+            return false;
+        }
+        let mut expected = self.clone();
+        expected.updated_at = after.updated_at;
+        expected.refund = Some(Refund { reference: settled.reference.clone(), ..refund.clone() });
+        expected == *after
+    }
+
     /// The state machine of SPEC §3: the status after `t` at `now`, or why not.
     pub fn next_status(&self, t: Transition, now: Timestamp) -> Result<BookingStatus, TransitionError> {
         use BookingStatus as S;
@@ -285,6 +299,24 @@ mod tests {
         assert_eq!(b.next_status(Transition::Confirm, at(99)), Ok(BookingStatus::Confirmed));
         assert_eq!(b.next_status(Transition::Confirm, at(100)), Err(TransitionError::HoldExpired));
         assert_eq!(b.next_status(Transition::Expire, at(100)), Ok(BookingStatus::Expired));
+    }
+
+    #[test]
+    fn a_final_booking_settles_its_refund_and_nothing_else() {
+        let mut cancelled = booking(BookingStatus::Cancelled, 100);
+        cancelled.refund = Some(Refund { amount: 600, reference: None });
+        let mut settled = cancelled.clone();
+        settled.updated_at = Timestamp::from_second(50).expect("ts");
+        settled.refund = Some(Refund { amount: 600, reference: Some("re_1".into()) });
+        assert!(cancelled.settles_refund(&settled));
+        assert!(!settled.settles_refund(&settled), "settled once");
+        let mut more = settled.clone();
+        more.refund = Some(Refund { amount: 1200, reference: Some("re_1".into()) });
+        assert!(!cancelled.settles_refund(&more), "the amount stays");
+        let mut other = settled.clone();
+        other.cancel_reason = Some("changed".into());
+        assert!(!cancelled.settles_refund(&other), "nothing else changes");
+        assert!(!booking(BookingStatus::Cancelled, 100).settles_refund(&settled), "no refund to settle");
     }
 
     #[test]

@@ -129,6 +129,9 @@ async fn late_cancellation_refunds_per_policy_and_provider_failure_is_503() {
     assert_eq!(status, StatusCode::OK, "{cancelled}");
     assert_eq!(cancelled["refund"]["amount"], 600, "50 % of 1200");
     assert!(cancelled["refund"]["reference"].is_string());
+    // What the cancel answered is what is stored: a later read shows the refund's reference.
+    let (_, stored) = t.get(Some(&customer), &format!("/bookings/{id}")).await;
+    assert_eq!(stored["refund"], cancelled["refund"]);
 
     let (status, again) = t.post(Some(&customer), &format!("/bookings/{id}/cancel"), json!({})).await;
     assert_eq!(status, StatusCode::CONFLICT, "cancelling twice: {again}");
