@@ -5,15 +5,16 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use allot_app::App;
 use allot_app::idempotency::Admission;
 use allot_app::store::IdempotencyKey;
+use allot_app::{App, AppError};
 use axum::body::Body;
 use axum::extract::{ConnectInfo, Request};
 use axum::http::{HeaderValue, Method, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use sha2::{Digest, Sha256};
+use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 use crate::BODY_BYTES_MAX;
@@ -29,13 +30,15 @@ const RESPONSE_BYTES_MAX: usize = 4 * 1024 * 1024;
 /// exists in plain text only in its one response.
 pub(crate) const UNSTORED_PATHS: [&str; 3] = ["/api/v1/auth/login", "/api/v1/auth/refresh", "/api/v1/api-keys"];
 
-/// The middleware's idempotency half, inside the rate limits (see [`crate::guard`]).
-pub async fn keyed(app: Arc<App>, request: Request, next: Next) -> Response {
+/// The middleware's idempotency half, inside the rate limits (see [`crate::guard`]). Every
+/// request that may change something runs detached from its connection, keyed or not.
+/// `detached` tracks those tasks, so that shutdown can wait for them ([`crate::serve`]).
+pub async fn keyed(app: Arc<App>, request: Request, next: Next, detached: TaskTracker) -> Response {
     if request.method() != Method::POST || UNSTORED_PATHS.contains(&request.uri().path()) {
-        return next.run(request).await;
+        return detached_if_writing(&detached, next, request).await;
     }
     let Some(key) = request.headers().get(HEADER).map(|v| v.to_str().map(str::to_owned)) else {
-        return next.run(request).await;
+        return detached_if_writing(&detached, next, request).await;
     };
     let (mut parts, body) = request.into_parts();
     let Ok(key) = key else {
@@ -62,7 +65,11 @@ pub async fn keyed(app: Arc<App>, request: Request, next: Next) -> Response {
                 parts.extensions.insert(p);
                 user
             }
-            Err(_) => return next.run(Request::from_parts(parts, Body::from(bytes))).await,
+            Err(AppError::Unauthenticated) => {
+                return detached_if_writing(&detached, next, Request::from_parts(parts, Body::from(bytes))).await;
+            }
+            // The store could not tell (busy, overloaded): running it unkeyed would drop I4.
+            Err(e) => return refused(&app, &parts, ApiError::from(e)).await,
         },
     };
     let mut hasher = Sha256::new();
@@ -76,30 +83,51 @@ pub async fn keyed(app: Arc<App>, request: Request, next: Next) -> Response {
         Err(e) => refused(&app, &parts, ApiError::from(e)).await,
         Ok(Admission::Replay { status, body }) => replay(status, body),
         Ok(Admission::Run) => {
-            // Run detached: a client that hangs up must not cancel the request half-way, or the
-            // key would stay locked with its outcome unrecorded and a retry could run it twice.
+            // Detached, and the outcome stored in the same task: a client that hangs up must
+            // not leave the key locked with its outcome unrecorded.
             let request = Request::from_parts(parts, Body::from(bytes));
             let (task_app, task_id) = (app.clone(), id.clone());
-            let task = tokio::spawn(
-                async move {
-                    let response = next.run(request).await;
-                    run_and_store(&task_app, &task_id, response).await
-                }
-                // Detached, it still logs under the request's span (its request id).
-                .in_current_span(),
-            );
+            let task = run_detached(&detached, async move {
+                let response = next.run(request).await;
+                run_and_store(&task_app, &task_id, response).await
+            });
             match task.await {
                 Ok(response) => response,
                 Err(e) => {
-                    // The handler panicked: a 5xx is never stored, so the key is free to retry.
-                    tracing::error!(error = %e, "an idempotent request failed to complete");
+                    // A 5xx is never stored, so the key is free to retry.
                     let _ = app.idempotency_abandon(&id).await;
-                    ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "internal server error")
-                        .into_response()
+                    panicked(&e)
                 }
             }
         }
     }
+}
+
+/// [`run_detached`] for a request that may change something (any method but GET, HEAD and
+/// OPTIONS).
+async fn detached_if_writing(tracker: &TaskTracker, next: Next, request: Request) -> Response {
+    if matches!(*request.method(), Method::GET | Method::HEAD | Method::OPTIONS) {
+        return next.run(request).await;
+    }
+    run_detached(tracker, next.run(request)).await.unwrap_or_else(|e| panicked(&e))
+}
+
+/// Runs a request that may change something as a task of its own. A client that hangs up, or
+/// the request timeout, then drops only the wait for the answer, never the request half-way:
+/// a card charged and the booking not confirmed, a cancellation without its refund, a write
+/// that commits while its audit event says it timed out. `Err` when it panicked.
+async fn run_detached(
+    tracker: &TaskTracker,
+    request: impl Future<Output = Response> + Send + 'static,
+) -> Result<Response, tokio::task::JoinError> {
+    // Detached, it still logs under the request's span (its request id).
+    tracker.spawn(request.in_current_span()).await
+}
+
+/// The answer to a request whose task panicked (its audit layer has recorded the attempt).
+fn panicked(e: &tokio::task::JoinError) -> Response {
+    tracing::error!(error = %e, "a request failed to complete");
+    ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "internal server error").into_response()
 }
 
 /// A keyed request refused here never reaches the audit layer: record the attempt now.

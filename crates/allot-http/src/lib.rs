@@ -21,6 +21,7 @@ use axum::extract::DefaultBodyLimit;
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use serde_json::json;
+use tokio_util::task::TaskTracker;
 use utoipa::OpenApi;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
@@ -42,8 +43,14 @@ pub struct HttpOptions {
 }
 
 pub fn router(app: Arc<App>, options: &HttpOptions) -> Router {
+    router_tracking(app, options, TaskTracker::new())
+}
+
+/// [`router`], its detached requests tracked by `detached` ([`serve`] waits for them).
+fn router_tracking(app: Arc<App>, options: &HttpOptions, detached: TaskTracker) -> Router {
     ops::metrics_handle();
     let limiter = Arc::new(ratelimit::Limiter::new(app.clone(), options.rate_limits.clone()));
+    let guarded = Guard { limiter, detached };
     let (routes, spec) = documented_routes().split_for_parts();
     // One `layer` call for every layer: axum boxes each route's service once per call, and
     // every middleware clones the service inside it per request, so ten separate calls cost
@@ -56,7 +63,7 @@ pub fn router(app: Arc<App>, options: &HttpOptions) -> Router {
         .option_layer(ops::cors(&options.ops))
         .layer(tower_http::catch_panic::CatchPanicLayer::custom(panicked))
         .layer(DefaultBodyLimit::max(BODY_BYTES_MAX))
-        .layer(axum::middleware::from_fn_with_state(limiter, guard));
+        .layer(axum::middleware::from_fn_with_state(guarded, guard));
     routes
         // Inside routing, so that the route template is known; after every route.
         .route_layer(axum::middleware::from_fn_with_state(app.clone(), audit::layer))
@@ -70,12 +77,20 @@ pub fn router(app: Arc<App>, options: &HttpOptions) -> Router {
 /// Rate limits, then the `Idempotency-Key`: one `from_fn` layer rather than two, for the
 /// reason the envelope is one ([`ops::envelope`]).
 async fn guard(
-    axum::extract::State(limiter): axum::extract::State<Arc<ratelimit::Limiter>>,
+    axum::extract::State(guard): axum::extract::State<Guard>,
     request: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> axum::response::Response {
-    let app = limiter.app().clone();
-    ratelimit::limit(&limiter, request, |request| idempotency::keyed(app, request, next)).await
+    let app = guard.limiter.app().clone();
+    let detached = guard.detached.clone();
+    ratelimit::limit(&guard.limiter, request, |request| idempotency::keyed(app, request, next, detached)).await
+}
+
+/// What [`guard`] needs: the rate limiter, and the tracker of the requests that run detached.
+#[derive(Clone)]
+struct Guard {
+    limiter: Arc<ratelimit::Limiter>,
+    detached: TaskTracker,
 }
 
 /// Every route with its OpenAPI entry (`routes!` takes both from the handler's
@@ -128,9 +143,22 @@ pub async fn serve(
     options: &HttpOptions,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    let service = router(app, options).into_make_service_with_connect_info::<std::net::SocketAddr>();
-    axum::serve(listener, service).with_graceful_shutdown(shutdown).await
+    let detached = TaskTracker::new();
+    let service =
+        router_tracking(app, options, detached.clone()).into_make_service_with_connect_info::<std::net::SocketAddr>();
+    let served = axum::serve(listener, service).with_graceful_shutdown(shutdown).await;
+    // Requests whose clients are gone still run: a charge taken must be recorded, a write's
+    // idempotency key completed, before the process goes.
+    detached.close();
+    let drain = std::time::Duration::from_secs(SHUTDOWN_DRAIN_SECONDS_MAX);
+    if tokio::time::timeout(drain, detached.wait()).await.is_err() {
+        tracing::error!(running = detached.len(), "shut down with requests still running");
+    }
+    served
 }
+
+/// Longest [`serve`] waits at shutdown for requests still running detached from their clients.
+pub const SHUTDOWN_DRAIN_SECONDS_MAX: u64 = 30;
 
 /// The process is up.
 #[utoipa::path(get, path = "/healthz", tag = "operations", responses((status = 200, description = "Up", body = dto::StatusView)))]

@@ -201,9 +201,9 @@ fn method_label(method: &Method) -> &'static str {
     KNOWN.iter().find(|m| *m == method).map_or("other", Method::as_str)
 }
 
-/// Answers 503 `timeout` when the handler takes longer than the limit. A write may still
-/// commit after that (keyed POSTs run detached and record their outcome): clients retry with
-/// the same `Idempotency-Key`.
+/// Answers 503 `timeout` when the handler takes longer than the limit. A write still runs to
+/// its end after that (every write runs detached and records its outcome): clients retry with
+/// the same `Idempotency-Key`, or read what they changed.
 async fn timeout(limit: Duration, response: impl Future<Output = Response>) -> Response {
     match tokio::time::timeout(limit, response).await {
         Ok(response) => response,
@@ -212,7 +212,8 @@ async fn timeout(limit: Duration, response: impl Future<Output = Response>) -> R
             ApiError::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "timeout",
-                "the request took too long; retry (with the same Idempotency-Key for a POST)",
+                "the request took too long; a write may still complete: retry with the same \
+                 Idempotency-Key, or read before retrying without one",
             )
             .into_response()
         }

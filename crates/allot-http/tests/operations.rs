@@ -13,6 +13,7 @@ use allot_app::audit::{AuditFilter, AuditPage, Outcome};
 use allot_app::clock::ManualClock;
 use allot_app::payments::{ChargeOutcome, ChargeRequest, PaymentProvider, ProviderError, TestProvider};
 use allot_app::store::Role;
+use allot_core::booking::BookingStatus;
 use allot_http::{HttpOptions, OpsOptions};
 use common::{TestApp, TestStore};
 use reqwest::StatusCode;
@@ -404,11 +405,49 @@ async fn a_request_over_the_timeout_answers_503_in_the_error_format() {
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
     assert_eq!(body["error"]["code"], "timeout");
     assert!(body["error"]["message"].is_string() && body["error"]["details"].is_object(), "{body}");
-    // The attempt never finished, and it is in the audit trail all the same.
-    let events = audit_events_of(&t, "booking.confirm").await;
-    let reasons: Vec<_> = events.iter().map(|e| (e.outcome, e.reason.clone())).collect();
-    assert_eq!(reasons, vec![(Outcome::Failure, Some("timeout".to_owned()))]);
+    // The confirm was not cut off: once the provider answers, the charge is recorded and the
+    // booking confirmed, and the audit trail has its real outcome (not a "timeout" failure).
     payments.open();
+    let confirmed = wait_for_status(&t, &booking, BookingStatus::Confirmed).await;
+    assert!(confirmed.payment.is_some());
+    let events = audit_events_of(&t, "booking.confirm").await;
+    let outcomes: Vec<_> = events.iter().map(|e| (e.outcome, e.reason.clone())).collect();
+    assert_eq!(outcomes, vec![(Outcome::Success, None)]);
+}
+
+/// The stored booking `id` once it has `status`, waiting up to 5 s (a request that runs on
+/// after its answer).
+async fn wait_for_status(t: &TestApp, id: &str, status: BookingStatus) -> allot_core::booking::Booking {
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let stored = t.store.booking(id.parse().unwrap()).await.unwrap().unwrap();
+        if stored.status == status || std::time::Instant::now() > deadline {
+            assert_eq!(stored.status, status, "{stored:?}");
+            return stored;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A customer closes the tab while the card is being charged (a confirm without an
+/// `Idempotency-Key`): the request is not cut off with the connection, so the charge is
+/// recorded and the booking confirmed, not left held to lapse with the money taken.
+#[tokio::test]
+async fn a_confirm_whose_client_hangs_up_during_the_charge_still_confirms() {
+    let payments = GatedProvider::new();
+    let (t, _stop, _server) = spawn_with(HttpOptions::default(), payments.clone()).await;
+    let (customer, booking) = t.held_seat().await;
+    let client = tokio::spawn(t.confirm(&customer, &booking, "tok_visa").send());
+    payments.entered.notified().await;
+    client.abort(); // its connection closes with it
+    assert!(client.await.unwrap_err().is_cancelled(), "the client gave up before any answer");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    payments.open();
+    let confirmed = wait_for_status(&t, &booking, BookingStatus::Confirmed).await;
+    assert!(confirmed.payment.is_some(), "the charge is recorded");
+    let events = audit_events_of(&t, "booking.confirm").await;
+    let outcomes: Vec<_> = events.iter().map(|e| (e.outcome, e.reason.clone())).collect();
+    assert_eq!(outcomes, vec![(Outcome::Success, None)]);
 }
 
 /// A bug that panics inside a handler: 500 `internal` in the error format, with the request id
@@ -457,6 +496,25 @@ async fn graceful_shutdown_finishes_the_request_in_flight() {
     assert!(tokio::net::TcpStream::connect(t.addr).await.is_err());
     let stored = t.store.booking(booking.parse().unwrap()).await.unwrap().unwrap();
     assert_eq!(stored.status, allot_core::booking::BookingStatus::Confirmed);
+}
+
+/// Shutdown while a confirm whose client has hung up waits on the payment provider: no
+/// connection is left, but the server still waits for the confirm, which records its charge.
+#[tokio::test]
+async fn graceful_shutdown_waits_for_a_write_whose_client_is_gone() {
+    let payments = GatedProvider::new();
+    let (t, stop, server) = spawn_with(HttpOptions::default(), payments.clone()).await;
+    let (customer, booking) = t.held_seat().await;
+    let client = tokio::spawn(t.confirm(&customer, &booking, "tok_visa").send());
+    payments.entered.notified().await;
+    client.abort();
+    stop.send(()).unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!server.is_finished(), "the server waits for the confirm still running");
+    payments.open();
+    tokio::time::timeout(Duration::from_secs(5), server).await.expect("server stops").unwrap().unwrap();
+    let stored = t.store.booking(booking.parse().unwrap()).await.unwrap().unwrap();
+    assert_eq!(stored.status, BookingStatus::Confirmed);
 }
 
 /// A flash sale's customers connect at once: the kernel must complete every handshake while
