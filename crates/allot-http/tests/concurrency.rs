@@ -651,3 +651,83 @@ async fn concurrent_edits_of_one_resource_are_all_kept() {
         assert_eq!(stored["unit_price"], 10_000 + round, "round {round}: {stored}");
     }
 }
+
+/// Another session holding the write lock a hold's batch needs (SQLite: the database's, with
+/// `BEGIN IMMEDIATE`; PostgreSQL: `resource`'s clock row), as a stalled writer would.
+enum WriteLock {
+    Sqlite(sqlx::SqliteConnection),
+    Postgres(sqlx::PgConnection),
+}
+
+impl WriteLock {
+    async fn take(t: &TestApp, resource: &str) -> WriteLock {
+        use sqlx::Connection;
+        if t.db_url.starts_with("postgres") {
+            let mut conn = sqlx::PgConnection::connect(&t.db_url).await.unwrap();
+            sqlx::raw_sql("BEGIN").execute(&mut conn).await.unwrap();
+            sqlx::query("SELECT 1 FROM resource_clocks WHERE resource_id = $1 FOR UPDATE")
+                .bind(resource)
+                .execute(&mut conn)
+                .await
+                .unwrap();
+            WriteLock::Postgres(conn)
+        } else {
+            let mut conn = sqlx::SqliteConnection::connect(&t.db_url).await.unwrap();
+            sqlx::raw_sql("BEGIN IMMEDIATE").execute(&mut conn).await.unwrap();
+            WriteLock::Sqlite(conn)
+        }
+    }
+
+    async fn release(self) {
+        use sqlx::Connection;
+        match self {
+            WriteLock::Sqlite(mut conn) => {
+                sqlx::raw_sql("ROLLBACK").execute(&mut conn).await.unwrap();
+                conn.close().await.unwrap();
+            }
+            WriteLock::Postgres(mut conn) => {
+                sqlx::raw_sql("ROLLBACK").execute(&mut conn).await.unwrap();
+                conn.close().await.unwrap();
+            }
+        }
+    }
+}
+
+/// Sends `POST /api/v1{path}` with `body` (no `Idempotency-Key`) and hangs up after `after`.
+async fn post_and_hang_up(t: &TestApp, token: &str, path: &str, body: &Value, after: std::time::Duration) {
+    use tokio::io::AsyncWriteExt;
+    let body = body.to_string();
+    let request = format!(
+        "POST /api/v1{path} HTTP/1.1\r\nhost: {}\r\nauthorization: Bearer {token}\r\n\
+         content-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+        t.addr,
+        body.len()
+    );
+    let mut stream = tokio::net::TcpStream::connect(t.addr).await.unwrap();
+    stream.write_all(request.as_bytes()).await.unwrap();
+    tokio::time::sleep(after).await;
+    drop(stream);
+}
+
+/// A hold whose client hangs up while it waits for the writer is not made: nobody would learn
+/// of it, and it would keep the seat from every other customer until it lapsed. Its attempt is
+/// in the audit trail as a failure, and nothing else is.
+#[tokio::test]
+async fn a_hold_whose_client_hangs_up_before_it_is_decided_is_not_made() {
+    let t = TestApp::spawn().await;
+    let manager = t.user_with_role("manager@test.allot", allot_app::store::Role::Manager).await;
+    let venue = t.venue(&manager, "cinema").await;
+    let (seats, event) = t.seats_and_event(&manager, &venue, 1, 48).await;
+    let (gone, waiting) = (t.customer("gone@test.allot").await, t.customer("waiting@test.allot").await);
+    let body = json!({"items": [{"resource_id": seats[0], "event_id": event}]});
+    let lock = WriteLock::take(&t, &seats[0]).await;
+    post_and_hang_up(&t, &gone, "/bookings", &body, std::time::Duration::from_millis(300)).await;
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    lock.release().await;
+    let (status, held) = t.post(Some(&waiting), "/bookings", body).await;
+    assert_eq!(status, StatusCode::CREATED, "the seat is free for the customer still there: {held}");
+    assert_eq!(t.store.count("bookings", "1 = 1").await.unwrap(), 1, "one booking: the second customer's");
+    let events = t.store.count("audit_events", "action = 'booking.hold'").await.unwrap();
+    let failed = t.store.count("audit_events", "action = 'booking.hold' AND outcome = 'failure'").await.unwrap();
+    assert_eq!((events, failed), (2, 1), "the abandoned attempt, then the kept hold");
+}

@@ -436,6 +436,9 @@ impl<B: Backend> Writer<B> {
 
     /// Queues a hold, with `keys` (its resources) locked for the batch, and returns once its
     /// batch is durably committed. Holds are decided together per batch ([`Backend::holds`]).
+    /// A hold whose caller has stopped waiting (its request dropped: the client hung up, the
+    /// request timed out) before its batch decides it is not made: nobody would learn of it,
+    /// and it would keep the capacity from other customers until it lapsed.
     pub async fn hold(&self, keys: Vec<String>, command: HoldCommand) -> Result<Booking, HoldRefused> {
         let (tx, rx) = oneshot::channel();
         let audit = allot_app::audit::current();
@@ -660,8 +663,12 @@ async fn run_holds<B: Backend>(
     holds: Vec<HoldJob>,
     replies: &mut Vec<Reply>,
 ) -> bool {
-    let (commands, waiting): (Vec<_>, Vec<_>) = holds.into_iter().map(|h| (h.command, (h.audit, h.tx))).unzip();
+    let (commands, waiting): (Vec<_>, Vec<_>) =
+        holds.into_iter().filter(|h| !h.tx.is_closed()).map(|h| (h.command, (h.audit, h.tx))).unzip();
     let count = commands.len();
+    if count == 0 {
+        return false;
+    }
     // The holds need no savepoint (a refused hold writes nothing, an error fails the batch),
     // and one left open by an earlier job would copy every page they touch first; a later job
     // that is refused opens its own.
