@@ -627,9 +627,11 @@ async fn apply_batch<B: Backend>(
     }
 }
 
-/// What a request of a batch that was rolled back as a whole fails with.
+/// What a request of a batch that was rolled back as a whole fails with. Another request broke
+/// the batch (a panic, a failed savepoint, the holds' statements): this one did nothing wrong,
+/// so it fails as busy, which clients (503) and the audit trail's own appends retry.
 fn write_aborted() -> StoreError {
-    StoreError::Database("write aborted".into())
+    StoreError::Busy("write aborted: its batch was rolled back".into())
 }
 
 /// Runs `jobs` one after another, each in its own savepoint; true when the batch must be

@@ -717,6 +717,44 @@ impl Store for SqliteStore {
 mod tests {
     use super::*;
 
+    /// A request whose batch is rolled back because another request of it broke (a panic, a
+    /// failed savepoint) did nothing wrong: it fails as busy, which clients and the audit
+    /// trail's own appends retry, not as a database error (500, and an audit event dropped).
+    #[tokio::test]
+    async fn a_request_in_a_batch_another_request_broke_fails_as_busy() {
+        let path = std::env::temp_dir().join(format!("allot-broken-batch-{}.db", uuid::Uuid::now_v7().as_simple()));
+        let store = SqliteStore::open(&format!("sqlite://{}", path.display())).await.unwrap();
+        let writer = store.writer.clone();
+        // The writer waits inside a batch until the next two requests are queued behind it,
+        // so that they share the next one.
+        let (entered_tx, entered_rx) = tokio::sync::oneshot::channel::<()>();
+        let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
+        let w = writer.clone();
+        let blocker = tokio::spawn(async move {
+            w.write_now(move |_| {
+                entered_tx.send(()).unwrap();
+                go_rx.recv().unwrap();
+                Ok(Ok::<(), ()>(()))
+            })
+            .await
+        });
+        entered_rx.await.unwrap();
+        let w = writer.clone();
+        let broken = tokio::spawn(async move {
+            w.write_now(|_| -> crate::writer::Outcome<(), (), rusqlite::Error> { panic!("a bug") }).await
+        });
+        let w = writer.clone();
+        let sibling = tokio::spawn(async move { w.write_now(|_| Ok(Ok::<(), ()>(()))).await });
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        go_tx.send(()).unwrap();
+        assert!(matches!(blocker.await.unwrap(), Ok(Ok(()))));
+        assert!(broken.await.unwrap().is_err());
+        let sibling = sibling.await.unwrap();
+        assert!(matches!(sibling, Err(StoreError::Busy(_))), "{sibling:?}");
+        drop(store);
+        let _ = std::fs::remove_file(&path);
+    }
+
     type TotalRow = (String, i64, i64, i64, i64);
     type ClaimRowDb = (String, String, String, i64, i64, i64, Option<i64>);
 
