@@ -3,7 +3,7 @@
 use jiff::SignedDuration;
 
 use crate::App;
-use crate::error::{AppError, AppResult};
+use crate::error::{AppError, AppResult, StoreError};
 use crate::store::{IdempotencyBegin, IdempotencyKey};
 
 pub const KEY_LEN_MAX: usize = 255;
@@ -11,6 +11,10 @@ pub const RETENTION_SECONDS: i64 = 24 * 3600;
 /// A request that held a key this long without finishing (its node died) releases it.
 pub const LOCK_SECONDS: u32 = 60;
 pub const CLEANUP_BATCH_MAX: u32 = 1000;
+/// Attempts at storing a request's outcome (or releasing its key) while the store is busy or
+/// overloaded, and the backoff before the second.
+pub const STORE_ATTEMPTS_MAX: u32 = 4;
+pub const STORE_BACKOFF_MS: u64 = 50;
 
 /// What to do with a request that carries a key.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -44,12 +48,17 @@ impl App {
         }
     }
 
+    /// Stores the response to `key`'s request, retrying a busy or overloaded store: an outcome
+    /// not stored leaves the key locked for [`LOCK_SECONDS`], after which a retry runs the
+    /// request again.
     pub async fn idempotency_finish(&self, key: &IdempotencyKey, status: u16, body: &[u8]) -> AppResult<()> {
-        Ok(self.store.idempotency_complete(key, status, body).await?)
+        Ok(with_retries(|| self.store.idempotency_complete(key, status, body)).await?)
     }
 
+    /// Releases `key` for a retry (its request failed in a way worth retrying), retrying a busy
+    /// or overloaded store.
     pub async fn idempotency_abandon(&self, key: &IdempotencyKey) -> AppResult<()> {
-        Ok(self.store.idempotency_abandon(key).await?)
+        Ok(with_retries(|| self.store.idempotency_abandon(key)).await?)
     }
 
     /// Deletes keys older than the retention period; returns how many went.
@@ -62,6 +71,25 @@ impl App {
             if n < u64::from(CLEANUP_BATCH_MAX) {
                 return Ok(total);
             }
+        }
+    }
+}
+
+/// Runs `write` until it succeeds, fails for good, or has been busy or overloaded
+/// [`STORE_ATTEMPTS_MAX`] times.
+async fn with_retries<F, Fut>(mut write: F) -> Result<(), StoreError>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<(), StoreError>>,
+{
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        match write().await {
+            Err(StoreError::Busy(_) | StoreError::Overloaded) if attempt < STORE_ATTEMPTS_MAX => {
+                tokio::time::sleep(std::time::Duration::from_millis(STORE_BACKOFF_MS << attempt)).await;
+            }
+            done => return done,
         }
     }
 }

@@ -569,10 +569,15 @@ struct RowLock(sqlx::PgConnection);
 
 impl RowLock {
     async fn take(db_url: &str, booking: &str) -> RowLock {
+        RowLock::of(db_url, "SELECT 1 FROM bookings WHERE id = $1 FOR UPDATE", booking).await
+    }
+
+    /// Another session holding the rows `select` (`… FOR UPDATE`, one parameter) locks.
+    async fn of(db_url: &str, select: &'static str, param: &str) -> RowLock {
         use sqlx::Connection;
         let mut c = sqlx::PgConnection::connect(db_url).await.unwrap();
         sqlx::query("BEGIN").execute(&mut c).await.unwrap();
-        sqlx::query("SELECT 1 FROM bookings WHERE id = $1 FOR UPDATE").bind(booking).execute(&mut c).await.unwrap();
+        sqlx::query(select).bind(param).execute(&mut c).await.unwrap();
         RowLock(c)
     }
 
@@ -611,4 +616,34 @@ async fn a_charge_the_store_could_not_record_is_kept_for_the_retry_not_refunded(
     let reference = confirmed["payment"]["reference"].as_str().unwrap().to_owned();
     assert_eq!(reference, format!("pi_test_{booking}_0"), "the first attempt's charge, replayed");
     assert!(!payments.refunded.lock().unwrap().contains(&reference), "the recorded payment was never refunded");
+}
+
+/// A keyed confirm whose outcome cannot be stored at first (another session holds the key's
+/// row past the write's lock timeout: the store answers busy) still has it stored: a retry
+/// with the same key replays the answer instead of finding the key in use for a minute and
+/// then running the request again. PostgreSQL only, as the test above.
+#[tokio::test]
+async fn a_keyed_requests_outcome_is_stored_though_the_store_is_busy_at_first() {
+    if std::env::var("ALLOT_TEST_BACKEND").as_deref() != Ok("postgres") {
+        eprintln!("PostgreSQL only (ALLOT_TEST_BACKEND=postgres); see the test's comment");
+        return;
+    }
+    let payments = GatedProvider::new();
+    let (t, _stop, _server) = spawn_with(HttpOptions::default(), payments.clone()).await;
+    let (customer, booking) = t.held_seat().await;
+    let keyed = || t.confirm(&customer, &booking, "tok_visa").header("Idempotency-Key", "pay-1");
+    let first = tokio::spawn(keyed().send());
+    payments.entered.notified().await;
+    let lock = RowLock::of(&t.db_url, "SELECT 1 FROM idempotency_keys WHERE key = $1 FOR UPDATE", "pay-1").await;
+    payments.open();
+    let lock_wait = Duration::from_millis(allot_store::postgres::WRITE_LOCK_WAIT_MILLISECONDS_MAX);
+    tokio::time::sleep(lock_wait + Duration::from_millis(300)).await;
+    lock.release().await;
+    let (status, confirmed) = common::read(first.await.unwrap().unwrap()).await;
+    assert_eq!(status, StatusCode::OK, "{confirmed}");
+    let again = keyed().send().await.unwrap();
+    let replayed = again.headers().get("idempotent-replayed").is_some_and(|v| v == "true");
+    let (status, body) = common::read(again).await;
+    assert_eq!((status, replayed), (StatusCode::OK, true), "{body}");
+    assert_eq!(body, confirmed);
 }
