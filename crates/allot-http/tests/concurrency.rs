@@ -721,7 +721,9 @@ async fn a_hold_whose_client_hangs_up_before_it_is_decided_is_not_made() {
     let (gone, waiting) = (t.customer("gone@test.allot").await, t.customer("waiting@test.allot").await);
     let body = json!({"items": [{"resource_id": seats[0], "event_id": event}]});
     let lock = WriteLock::take(&t, &seats[0]).await;
-    post_and_hang_up(&t, &gone, "/bookings", &body, std::time::Duration::from_millis(300)).await;
+    // Long enough for the hold to reach the writer (which waits on the lock) on a loaded
+    // machine, short of the PostgreSQL writer's 3 s lock timeout.
+    post_and_hang_up(&t, &gone, "/bookings", &body, std::time::Duration::from_millis(1000)).await;
     tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     lock.release().await;
     let (status, held) = t.post(Some(&waiting), "/bookings", body).await;
