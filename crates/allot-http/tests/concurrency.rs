@@ -693,22 +693,6 @@ impl WriteLock {
     }
 }
 
-/// Sends `POST /api/v1{path}` with `body` (no `Idempotency-Key`) and hangs up after `after`.
-async fn post_and_hang_up(t: &TestApp, token: &str, path: &str, body: &Value, after: std::time::Duration) {
-    use tokio::io::AsyncWriteExt;
-    let body = body.to_string();
-    let request = format!(
-        "POST /api/v1{path} HTTP/1.1\r\nhost: {}\r\nauthorization: Bearer {token}\r\n\
-         content-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
-        t.addr,
-        body.len()
-    );
-    let mut stream = tokio::net::TcpStream::connect(t.addr).await.unwrap();
-    stream.write_all(request.as_bytes()).await.unwrap();
-    tokio::time::sleep(after).await;
-    drop(stream);
-}
-
 /// A hold whose client hangs up while it waits for the writer is not made: nobody would learn
 /// of it, and it would keep the seat from every other customer until it lapsed. Its attempt is
 /// in the audit trail as a failure, and nothing else is.
@@ -723,7 +707,7 @@ async fn a_hold_whose_client_hangs_up_before_it_is_decided_is_not_made() {
     let lock = WriteLock::take(&t, &seats[0]).await;
     // Long enough for the hold to reach the writer (which waits on the lock) on a loaded
     // machine, short of the PostgreSQL writer's 3 s lock timeout.
-    post_and_hang_up(&t, &gone, "/bookings", &body, std::time::Duration::from_millis(1000)).await;
+    t.post_and_hang_up(&gone, "/bookings", &body, &[], std::time::Duration::from_millis(1000)).await;
     tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     lock.release().await;
     let (status, held) = t.post(Some(&waiting), "/bookings", body).await;

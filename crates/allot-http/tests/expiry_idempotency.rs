@@ -544,7 +544,6 @@ async fn keys_older_than_24_hours_are_cleaned_up_and_can_be_used_again() {
 
 #[tokio::test]
 async fn a_client_that_hangs_up_does_not_leave_its_key_locked() {
-    use tokio::io::AsyncWriteExt;
     let t = TestApp::spawn().await;
     let admin = t.admin().await;
     let venue = t.venue(&admin, "cinema").await;
@@ -552,28 +551,13 @@ async fn a_client_that_hangs_up_does_not_leave_its_key_locked() {
     let customer = t.customer("hangup@test.allot").await;
     let id = hold(&t, &customer, &seats[0], &event).await;
     // A failing provider is retried with back-off (about 300 ms): long enough to hang up mid-way.
-    let body = json!({"payment": {"method": "card", "token": "tok_processing_error"}}).to_string();
-    let raw = format!(
-        "POST /api/v1/bookings/{id}/confirm HTTP/1.1\r\nhost: {}\r\nauthorization: Bearer {customer}\r\n\
-         content-type: application/json\r\nidempotency-key: hangup-1\r\ncontent-length: {}\r\n\r\n{body}",
-        t.addr,
-        body.len()
-    );
-    let mut stream = tokio::net::TcpStream::connect(t.addr).await.unwrap();
-    stream.write_all(raw.as_bytes()).await.unwrap();
-    tokio::time::sleep(Duration::from_millis(50)).await;
-    drop(stream);
+    let body = json!({"payment": {"method": "card", "token": "tok_processing_error"}});
+    let path = format!("/bookings/{id}/confirm");
+    t.post_and_hang_up(&customer, &path, &body, &[("idempotency-key", "hangup-1")], Duration::from_millis(50)).await;
     tokio::time::sleep(Duration::from_millis(1500)).await;
     // The first attempt finished (503, not stored), so the retry runs instead of finding the key
     // locked by a request nobody is running any more.
-    let (status, _, response) = post_keyed(
-        &t,
-        Some(&customer),
-        &format!("/bookings/{id}/confirm"),
-        &serde_json::from_str(&body).unwrap(),
-        "hangup-1",
-    )
-    .await;
+    let (status, _, response) = post_keyed(&t, Some(&customer), &path, &body, "hangup-1").await;
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{}", String::from_utf8_lossy(&response));
 }
 

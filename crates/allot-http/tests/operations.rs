@@ -71,15 +71,15 @@ impl PaymentProvider for PanickingProvider {
     }
 }
 
-/// Audit events of `action`, waiting up to 5 s for one to appear (events of requests that did
-/// not finish are appended by a task of their own).
-async fn audit_events_of(t: &TestApp, action: &str) -> Vec<allot_app::audit::AuditEvent> {
+/// (outcome, reason) of each audit event of `action`, waiting up to 5 s for one to appear
+/// (events of requests that did not finish are appended by a task of their own).
+async fn audit_outcomes_of(t: &TestApp, action: &str) -> Vec<(Outcome, Option<String>)> {
     let filter = AuditFilter { action: Some(action.into()), ..AuditFilter::default() };
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
     loop {
         let events = t.store.audit_events(&filter, AuditPage { before: None, limit: 10 }).await.unwrap();
         if !events.is_empty() || std::time::Instant::now() > deadline {
-            return events;
+            return events.iter().map(|e| (e.outcome, e.reason.clone())).collect();
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
@@ -410,8 +410,7 @@ async fn a_request_over_the_timeout_answers_503_in_the_error_format() {
     payments.open();
     let confirmed = wait_for_status(&t, &booking, BookingStatus::Confirmed).await;
     assert!(confirmed.payment.is_some());
-    let events = audit_events_of(&t, "booking.confirm").await;
-    let outcomes: Vec<_> = events.iter().map(|e| (e.outcome, e.reason.clone())).collect();
+    let outcomes = audit_outcomes_of(&t, "booking.confirm").await;
     assert_eq!(outcomes, vec![(Outcome::Success, None)]);
 }
 
@@ -445,8 +444,7 @@ async fn a_confirm_whose_client_hangs_up_during_the_charge_still_confirms() {
     payments.open();
     let confirmed = wait_for_status(&t, &booking, BookingStatus::Confirmed).await;
     assert!(confirmed.payment.is_some(), "the charge is recorded");
-    let events = audit_events_of(&t, "booking.confirm").await;
-    let outcomes: Vec<_> = events.iter().map(|e| (e.outcome, e.reason.clone())).collect();
+    let outcomes = audit_outcomes_of(&t, "booking.confirm").await;
     assert_eq!(outcomes, vec![(Outcome::Success, None)]);
 }
 
@@ -463,8 +461,7 @@ async fn a_panicking_handler_answers_500_and_is_audited() {
     assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR, "{body}");
     assert_eq!(body["error"]["code"], "internal");
     assert!(!body.to_string().contains("payment provider"), "nothing about the bug leaks: {body}");
-    let events = audit_events_of(&t, "booking.confirm").await;
-    let reasons: Vec<_> = events.iter().map(|e| (e.outcome, e.reason.clone())).collect();
+    let reasons = audit_outcomes_of(&t, "booking.confirm").await;
     assert_eq!(reasons, vec![(Outcome::Failure, Some("internal".to_owned()))]);
     let (status, _) = t.get(None, "/venues").await;
     assert_eq!(status, StatusCode::OK, "still serving");

@@ -230,6 +230,31 @@ impl TestApp {
         .await
     }
 
+    /// Sends `POST /api/v1{path}` with `body` and `headers` over a connection of its own, then
+    /// hangs up after `after` without reading the answer.
+    pub async fn post_and_hang_up(
+        &self,
+        token: &str,
+        path: &str,
+        body: &Value,
+        headers: &[(&str, &str)],
+        after: std::time::Duration,
+    ) {
+        use tokio::io::AsyncWriteExt;
+        let body = body.to_string();
+        let extra: String = headers.iter().map(|(name, value)| format!("{name}: {value}\r\n")).collect();
+        let request = format!(
+            "POST /api/v1{path} HTTP/1.1\r\nhost: {}\r\nauthorization: Bearer {token}\r\n\
+             content-type: application/json\r\n{extra}content-length: {}\r\n\r\n{body}",
+            self.addr,
+            body.len()
+        );
+        let mut stream = tokio::net::TcpStream::connect(self.addr).await.unwrap();
+        stream.write_all(request.as_bytes()).await.unwrap();
+        tokio::time::sleep(after).await;
+        drop(stream);
+    }
+
     pub fn clock_now(&self) -> Timestamp {
         use allot_app::clock::Clock;
         self.clock.now()
