@@ -23,7 +23,7 @@ use sha2::{Digest, Sha256};
 use crate::App;
 use crate::auth::Principal;
 use crate::error::{AppError, AppResult, StoreError};
-use crate::store::{PAGE_LIMIT_MAX, Role, Store};
+use crate::store::{IdempotencyMark, PAGE_LIMIT_MAX, Role, Store};
 
 /// The `prev_hash` of the first event.
 pub const GENESIS_HASH: &str = "0000000000000000000000000000000000000000000000000000000000000000";
@@ -244,6 +244,8 @@ enum Stage {
 struct ScopeState {
     event: AuditEvent,
     stage: Stage,
+    /// The request's `Idempotency-Key` (principal, key), if it carries one.
+    idempotency_key: Option<(String, String)>,
 }
 
 /// The audit event of one request in the making. Cloning shares it.
@@ -262,7 +264,27 @@ tokio::task_local! {
 
 impl AuditScope {
     pub fn new(event: AuditEvent) -> Self {
-        AuditScope(Arc::new(Mutex::new(ScopeState { event, stage: Stage::Open })))
+        AuditScope(Arc::new(Mutex::new(ScopeState { event, stage: Stage::Open, idempotency_key: None })))
+    }
+
+    /// This scope for a request that carries `Idempotency-Key` `key` of `principal`: its kept
+    /// change then marks the key in the same transaction ([`AuditScope::mark`]).
+    #[must_use]
+    pub fn with_idempotency_key(self, principal: String, key: String) -> Self {
+        self.lock().idempotency_key = Some((principal, key));
+        self
+    }
+
+    /// For the writer, with a claimed event that succeeded: the mark to write in the same
+    /// transaction, so that the key's retry answers from what this request changed instead of
+    /// running it again, even if the request's own answer is never stored. `None` for a
+    /// request without a key or a target, or an attempt that failed (a declined payment
+    /// changed nothing a retry would repeat harmfully).
+    pub fn mark(&self) -> Option<IdempotencyMark> {
+        let state = self.lock();
+        let (principal, key) = state.idempotency_key.clone()?;
+        let target = state.event.target_id.clone().filter(|_| state.event.outcome == Outcome::Success)?;
+        Some(IdempotencyMark { principal, key, target })
     }
 
     fn lock(&self) -> MutexGuard<'_, ScopeState> {

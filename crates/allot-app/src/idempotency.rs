@@ -1,15 +1,28 @@
 //! Idempotent POSTs (I4): the first response to a key is stored and replayed for 24 h.
+//!
+//! An attempt holds its key on a lease ([`LOCK_SECONDS`]) that it renews while it runs
+//! ([`App::idempotency_renew`]), so only a dead attempt loses it. Its first kept change marks
+//! the key in the same transaction (`IdempotencyMark`): if its answer is then never stored,
+//! the retry that takes the key over answers from what was changed ([`Admission::Recover`])
+//! instead of changing it a second time.
 
+use std::sync::Arc;
+
+use allot_core::booking::Booking;
+use allot_core::inventory::{Event, Resource, Venue};
 use jiff::SignedDuration;
 
 use crate::App;
 use crate::error::{AppError, AppResult, StoreError};
-use crate::store::{IdempotencyBegin, IdempotencyKey};
+use crate::store::{IdempotencyBegin, IdempotencyKey, User};
 
 pub const KEY_LEN_MAX: usize = 255;
 pub const RETENTION_SECONDS: i64 = 24 * 3600;
-/// A request that held a key this long without finishing (its node died) releases it.
+/// A request that held a key this long without finishing or renewing it (its node died)
+/// releases it.
 pub const LOCK_SECONDS: u32 = 60;
+/// A running request renews its lease once this much of it has passed.
+pub const RENEW_AFTER_SECONDS: i64 = LOCK_SECONDS as i64 / 3;
 pub const CLEANUP_BATCH_MAX: u32 = 1000;
 /// Attempts at storing a request's outcome (or releasing its key) while the store is busy or
 /// overloaded, and the backoff before the second.
@@ -23,9 +36,54 @@ pub enum Admission {
     Run,
     /// Answer with the stored response.
     Replay { status: u16, body: Vec<u8> },
+    /// Do not run it: an earlier attempt changed `target` and its answer was lost. Answer from
+    /// `target` as it now is, then call `finish` (or `abandon` if that cannot be done now).
+    Recover { target: String },
+}
+
+/// What a keyed request changes, by its route: where a retry finds it ([`Admission::Recover`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChangedKind {
+    Booking,
+    Venue,
+    Resource,
+    Event,
+    User,
+}
+
+/// What a keyed request changed, as it now is.
+#[derive(Debug, Clone)]
+pub enum Changed {
+    Booking(Booking),
+    Venue(Arc<Venue>),
+    Resource(Arc<Resource>),
+    Event(Arc<Event>),
+    User(User),
 }
 
 impl App {
+    /// The `target` (a [`ChangedKind`]) that an earlier attempt under the caller's key changed,
+    /// as it now is: the answer to [`Admission::Recover`]. No access check: the key is the
+    /// caller's own, and the caller's request made the change.
+    pub async fn idempotency_recover(&self, kind: ChangedKind, target: &str) -> AppResult<Changed> {
+        fn id<T: std::str::FromStr>(kind: ChangedKind, target: &str) -> AppResult<T> {
+            target.parse().map_err(|_| AppError::Internal(format!("an idempotency mark names no {kind:?}: {target}")))
+        }
+        Ok(match kind {
+            ChangedKind::Booking => {
+                let booking = self.store.booking(id(kind, target)?).await?;
+                Changed::Booking(booking.ok_or(AppError::NotFound("booking"))?)
+            }
+            ChangedKind::Venue => Changed::Venue(self.venue(id(kind, target)?).await?),
+            ChangedKind::Resource => Changed::Resource(self.resource(id(kind, target)?).await?),
+            ChangedKind::Event => Changed::Event(self.event(id(kind, target)?).await?),
+            ChangedKind::User => {
+                let user = self.store.user_by_id(id(kind, target)?).await?;
+                Changed::User(user.ok_or(AppError::NotFound("user"))?)
+            }
+        })
+    }
+
     pub async fn idempotency_admit(&self, key: &IdempotencyKey) -> AppResult<Admission> {
         if key.key.is_empty() || key.key.len() > KEY_LEN_MAX || !key.key.is_ascii() {
             return Err(allot_core::ValidationError::field(
@@ -38,14 +96,22 @@ impl App {
             IdempotencyBegin::Started => Ok(Admission::Run),
             IdempotencyBegin::InProgress => Err(AppError::IdempotencyKeyInUse),
             IdempotencyBegin::Mismatch => Err(AppError::IdempotencyKeyReused),
-            IdempotencyBegin::Completed { request_hash, status, body } => {
-                if request_hash == key.request_hash {
-                    Ok(Admission::Replay { status, body })
-                } else {
-                    Err(AppError::IdempotencyKeyReused)
-                }
+            IdempotencyBegin::Completed { request_hash, .. } | IdempotencyBegin::Recover { request_hash, .. }
+                if request_hash != key.request_hash =>
+            {
+                Err(AppError::IdempotencyKeyReused)
             }
+            IdempotencyBegin::Completed { status, body, .. } => Ok(Admission::Replay { status, body }),
+            IdempotencyBegin::Recover { target, .. } => Ok(Admission::Recover { target }),
         }
+    }
+
+    /// Extends the lease of the attempt `key.owner` on `key` by [`LOCK_SECONDS`] from now;
+    /// false when the attempt no longer holds the key (its lease ran out and a retry took it).
+    pub async fn idempotency_renew(&self, key: &IdempotencyKey) -> AppResult<bool> {
+        let until = self.clock.now().checked_add(SignedDuration::from_secs(i64::from(LOCK_SECONDS)));
+        let until = until.map_err(|e| AppError::Internal(e.to_string()))?;
+        Ok(self.store.idempotency_renew(key, until).await?)
     }
 
     /// Stores the response to `key`'s request, retrying a busy or overloaded store: an outcome

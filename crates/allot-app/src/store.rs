@@ -195,13 +195,21 @@ pub type SeatVersion = (u64, u64);
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum IdempotencyBegin {
-    /// The key is new: it is now locked for this request.
+    /// The key is new, or its last attempt died before changing anything: it is now locked for
+    /// this attempt ([`IdempotencyKey::owner`]).
     Started,
     InProgress,
     Completed {
         request_hash: String,
         status: u16,
         body: Vec<u8>,
+    },
+    /// An earlier attempt's change committed ([`IdempotencyMark`]) but its answer was never
+    /// stored (its node died, or the store refused the answer for good): the key is now locked
+    /// for this attempt, which must answer from `target` as it now is instead of running again.
+    Recover {
+        request_hash: String,
+        target: String,
     },
     /// Same key, different request.
     Mismatch,
@@ -212,6 +220,19 @@ pub struct IdempotencyKey {
     pub principal: String,
     pub key: String,
     pub request_hash: String,
+    /// Which attempt holds the key: a token of its own per request. Only the holder renews,
+    /// completes or releases it, so an attempt whose lease ran out cannot overwrite the
+    /// outcome of the one that took over.
+    pub owner: String,
+}
+
+/// Written in the transaction of a keyed request's first kept, successful change: the key's
+/// request has changed `target`, so a retry must never run it again ([`IdempotencyBegin::Recover`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IdempotencyMark {
+    pub principal: String,
+    pub key: String,
+    pub target: String,
 }
 
 #[async_trait]
@@ -306,8 +327,13 @@ pub trait Store: Send + Sync + 'static {
         now: Timestamp,
         lock_seconds: u32,
     ) -> Result<IdempotencyBegin, StoreError>;
+    /// Stores the answer to `key`'s request, if `key.owner` still holds the key.
     async fn idempotency_complete(&self, key: &IdempotencyKey, status: u16, body: &[u8]) -> Result<(), StoreError>;
+    /// Releases `key` for a retry, if `key.owner` still holds it: deleted when its request
+    /// changed nothing, unlocked (to be recovered) when it did.
     async fn idempotency_abandon(&self, key: &IdempotencyKey) -> Result<(), StoreError>;
+    /// Extends `key.owner`'s lease on `key` to `locked_until`; false when it no longer holds it.
+    async fn idempotency_renew(&self, key: &IdempotencyKey, locked_until: Timestamp) -> Result<bool, StoreError>;
     /// Deletes keys created before `before`; returns how many.
     async fn idempotency_cleanup(&self, before: Timestamp, limit: u32) -> Result<u64, StoreError>;
 

@@ -84,7 +84,10 @@ pub async fn layer(State(app): State<Arc<App>>, request: Request, next: Next) ->
         // The handler's `Auth` extractor takes it from here instead of verifying again.
         parts.extensions.insert(p);
     }
-    let scope = AuditScope::new(event);
+    let scope = match parts.extensions.get::<crate::idempotency::Keyed>() {
+        Some(keyed) => AuditScope::new(event).with_idempotency_key(keyed.principal.clone(), keyed.key.clone()),
+        None => AuditScope::new(event),
+    };
     let mut unfinished = Unfinished { app: app.clone(), scope: Some(scope.clone()) };
     let response = scope.clone().run(next.run(Request::from_parts(parts, body))).await;
     unfinished.scope = None;

@@ -1,11 +1,13 @@
 //! The `Idempotency-Key` layer (I4) for every POST: the first response to a key is stored and
 //! replayed to the same principal for the same body; a different body gets 422, a concurrent
-//! duplicate 409. Server errors are not stored, so they can be retried.
+//! duplicate 409. Server errors are not stored, so they can be retried, unless the request's
+//! change committed: then a retry is answered from what it changed ([`recover`]), never run
+//! again. A running request renews its hold on the key ([`renewing`]).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use allot_app::idempotency::Admission;
+use allot_app::idempotency::{Admission, Changed, ChangedKind, RENEW_AFTER_SECONDS};
 use allot_app::store::IdempotencyKey;
 use allot_app::{App, AppError};
 use axum::body::Body;
@@ -26,6 +28,16 @@ pub const HEADER: &str = "idempotency-key";
 const HOLD_PATH: &str = "/api/v1/bookings";
 /// Largest response body stored for replay.
 const RESPONSE_BYTES_MAX: usize = 4 * 1024 * 1024;
+/// How often a running keyed request checks whether its lease is due for renewal.
+const LEASE_CHECK_MILLISECONDS: u64 = 1000;
+
+/// A keyed request's key, for the audit layer: its scope marks the key when the request's
+/// change is kept ([`allot_app::audit::AuditScope::with_idempotency_key`]).
+#[derive(Debug, Clone)]
+pub(crate) struct Keyed {
+    pub principal: String,
+    pub key: String,
+}
 
 /// Responses that carry live credentials are never stored: a replayed login would hand out a
 /// token kept in plain text, and each login is a new session anyway. A new API key likewise
@@ -80,17 +92,20 @@ pub async fn keyed(app: Arc<App>, request: Request, next: Next, detached: TaskTr
     hasher.update(parts.uri.path());
     hasher.update(b"\n");
     hasher.update(&bytes);
-    let id = IdempotencyKey { principal, key, request_hash: hex::encode(hasher.finalize()) };
+    let owner = uuid::Uuid::now_v7().simple().to_string();
+    let id = IdempotencyKey { principal, key, request_hash: hex::encode(hasher.finalize()), owner };
     match app.idempotency_admit(&id).await {
         Err(e) => refused(&app, &parts, ApiError::from(e)).await,
         Ok(Admission::Replay { status, body }) => replay(status, body),
+        Ok(Admission::Recover { target }) => recover(&app, &id, parts.uri.path(), &target).await,
         Ok(Admission::Run) => {
+            parts.extensions.insert(Keyed { principal: id.principal.clone(), key: id.key.clone() });
             // Detached, and the outcome stored in the same task: a client that hangs up must
             // not leave the key locked with its outcome unrecorded.
             let request = Request::from_parts(parts, Body::from(bytes));
             let (task_app, task_id) = (app.clone(), id.clone());
             let task = run_detached(&detached, async move {
-                let response = next.run(request).await;
+                let response = renewing(&task_app, &task_id, next.run(request)).await;
                 run_and_store(&task_app, &task_id, response).await
             });
             match task.await {
@@ -103,6 +118,77 @@ pub async fn keyed(app: Arc<App>, request: Request, next: Next, detached: TaskTr
             }
         }
     }
+}
+
+/// Runs `request` while renewing its lease on key `id` ([`RENEW_AFTER_SECONDS`]): a request
+/// still running (a slow payment provider) must not have a retry take its key over and run a
+/// second time. Only a dead attempt stops renewing.
+async fn renewing(app: &App, id: &IdempotencyKey, request: impl Future<Output = Response>) -> Response {
+    let mut request = std::pin::pin!(request);
+    let mut renewed_at = app.clock.now();
+    loop {
+        tokio::select! {
+            biased;
+            response = &mut request => return response,
+            () = tokio::time::sleep(std::time::Duration::from_millis(LEASE_CHECK_MILLISECONDS)) => {}
+        }
+        let now = app.clock.now();
+        if now.duration_since(renewed_at).as_secs() < RENEW_AFTER_SECONDS {
+            continue;
+        }
+        match app.idempotency_renew(id).await {
+            Ok(true) => renewed_at = now,
+            Ok(false) => tracing::warn!("a running request's idempotency key was taken over"),
+            Err(e) => tracing::warn!(error = %e, "renewing an idempotency key's lease failed; retrying"),
+        }
+    }
+}
+
+/// Where a keyed POST to `path` keeps what it changes, and the status it answers with.
+/// `None`: the route marks nothing a retry could not run again (logout has no target).
+fn changed_by(path: &str) -> Option<(ChangedKind, StatusCode)> {
+    let segments: Vec<&str> = path.trim_start_matches("/api/v1/").split('/').collect();
+    Some(match segments.as_slice() {
+        ["bookings"] => (ChangedKind::Booking, StatusCode::CREATED),
+        ["bookings", _, "confirm" | "cancel"] => (ChangedKind::Booking, StatusCode::OK),
+        ["venues"] => (ChangedKind::Venue, StatusCode::CREATED),
+        ["venues", _, "resources"] => (ChangedKind::Resource, StatusCode::CREATED),
+        ["venues", _, "events"] => (ChangedKind::Event, StatusCode::CREATED),
+        ["auth", "register"] => (ChangedKind::User, StatusCode::CREATED),
+        ["users", _, "roles"] => (ChangedKind::User, StatusCode::OK),
+        _ => return None,
+    })
+}
+
+/// Answers a retry whose earlier attempt changed `target` and died before its answer was
+/// stored: with `target` as it now is, in the route's success status, stored as the key's
+/// answer from then on.
+async fn recover(app: &App, id: &IdempotencyKey, path: &str, target: &str) -> Response {
+    let recovered = match changed_by(path) {
+        Some((kind, status)) => app.idempotency_recover(kind, target).await.map(|changed| (status, changed)),
+        None => Err(AppError::Internal(format!("{path} marked {target} but cannot be recovered"))),
+    };
+    let (status, changed) = match recovered {
+        Ok(found) => found,
+        Err(e) => {
+            // Unlocked, still marked: the next retry tries again; it never runs the request.
+            let _ = app.idempotency_abandon(id).await;
+            return ApiError::from(e).into_response();
+        }
+    };
+    let body = match changed {
+        Changed::Booking(b) => serde_json::to_vec(&crate::dto::booking_json(&b)),
+        Changed::Venue(v) => serde_json::to_vec(&crate::dto::venue_json(&v)),
+        Changed::Resource(r) => serde_json::to_vec(&crate::dto::resource_json(&r)),
+        Changed::Event(e) => serde_json::to_vec(&crate::dto::event_json(&e)),
+        Changed::User(u) => serde_json::to_vec(&crate::dto::user_json(&u)),
+    };
+    let body = body.unwrap_or_default();
+    tracing::info!(target_id = target, "a keyed request whose answer was lost is answered from what it changed");
+    if let Err(e) = app.idempotency_finish(id, status.as_u16(), &body).await {
+        tracing::error!(error = %e, "storing the recovered idempotent response failed");
+    }
+    replay(status.as_u16(), body)
 }
 
 /// [`run_detached`] for a request that may change something (any method but GET, HEAD and

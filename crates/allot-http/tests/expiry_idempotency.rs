@@ -401,7 +401,12 @@ async fn a_key_still_in_flight_gets_409_until_its_lock_lapses() {
     let principal = user_id(&t, &customer).await;
 
     // Simulate a first request with this key that is still running.
-    let running = IdempotencyKey { principal: principal.clone(), key: "busy".into(), request_hash: "whatever".into() };
+    let running = IdempotencyKey {
+        principal: principal.clone(),
+        key: "busy".into(),
+        request_hash: "whatever".into(),
+        owner: "first".into(),
+    };
     let begun = t.store.idempotency_begin(&running, t.clock_now(), 60).await.unwrap();
     assert_eq!(begun, IdempotencyBegin::Started);
 

@@ -151,20 +151,49 @@ pub fn rotation(row: Option<TokenRow>, now: i64) -> Rotation {
     }
 }
 
-/// A stored idempotency key: request_hash, status, body, locked_until.
-pub type KeyRow = (String, Option<i64>, Option<Vec<u8>>, Option<i64>);
+/// A stored idempotency key: request_hash, status, body, locked_until, committed_target.
+pub type KeyRow = (String, Option<i64>, Option<Vec<u8>>, Option<i64>, Option<String>);
+/// The columns of a [`KeyRow`], in order.
+pub const KEY_ROW_COLUMNS: &str = "request_hash, status, body, locked_until, committed_target";
 
-/// What a request finds under an existing key at `now`; `None`: the key is free to (re)start.
-pub fn existing_key(row: Option<KeyRow>, now: i64) -> Option<IdempotencyBegin> {
-    match row? {
-        (hash, Some(status), body, _) => Some(IdempotencyBegin::Completed {
+/// The rows `Store::idempotency_abandon` deletes (parameters: principal, key, owner): the
+/// key's holder changed nothing.
+pub const ABANDONED_UNCHANGED: &str =
+    "WHERE principal = $1 AND key = $2 AND owner = $3 AND status IS NULL AND committed_target IS NULL";
+/// The rows it unlocks instead, for the next retry to recover: the holder changed something.
+pub const ABANDONED_CHANGED: &str =
+    "WHERE principal = $1 AND key = $2 AND owner = $3 AND status IS NULL AND committed_target IS NOT NULL";
+
+/// What a request with `request_hash` finds under a key at `now`.
+#[derive(Debug, PartialEq, Eq)]
+pub enum KeyFound {
+    /// The answer, with nothing to write.
+    Answer(IdempotencyBegin),
+    /// The key is new, or its holder died: take it over (new owner, new lease), then answer.
+    TakeOver(IdempotencyBegin),
+}
+
+pub fn existing_key(row: Option<KeyRow>, request_hash: &str, now: i64) -> KeyFound {
+    let Some((hash, status, body, locked_until, committed)) = row else {
+        return KeyFound::TakeOver(IdempotencyBegin::Started);
+    };
+    if let Some(status) = status {
+        let status = u16::try_from(status).unwrap_or(500);
+        return KeyFound::Answer(IdempotencyBegin::Completed {
             request_hash: hash,
-            status: u16::try_from(status).unwrap_or(500),
+            status,
             body: body.unwrap_or_default(),
-        }),
-        (_, None, _, Some(until)) if until > now => Some(IdempotencyBegin::InProgress),
-        // The request that locked it died without finishing: take it over.
-        _ => None,
+        });
+    }
+    if locked_until.is_some_and(|until| until > now) {
+        return KeyFound::Answer(IdempotencyBegin::InProgress);
+    }
+    match committed {
+        // Its holder changed something and died before answering: the change is this key's.
+        Some(_) if hash != request_hash => KeyFound::Answer(IdempotencyBegin::Mismatch),
+        Some(target) => KeyFound::TakeOver(IdempotencyBegin::Recover { request_hash: hash, target }),
+        // Its holder died having changed nothing: any request may run under it now.
+        None => KeyFound::TakeOver(IdempotencyBegin::Started),
     }
 }
 

@@ -27,7 +27,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use allot_app::StoreError;
 use allot_app::audit::{AuditEvent, AuditScope};
-use allot_app::store::{HoldCommand, HoldRefused};
+use allot_app::store::{HoldCommand, HoldRefused, IdempotencyMark};
 use allot_app::telemetry;
 use allot_core::booking::Booking;
 use futures::FutureExt;
@@ -75,16 +75,19 @@ pub trait Backend: Send + Sync + 'static {
     }
 
     /// Seals the batch just before COMMIT: records `now` as the latest time it decided on
-    /// `keys` with (a single-writer database needs no clock) and appends `events` to the audit
-    /// hash chain, after its current head (with several writers the head must be locked first,
-    /// so chains never fork). Either may be empty. Returns what [`Backend::commit_outcome`]
-    /// needs to learn later whether the transaction committed, where the database can tell.
+    /// `keys` with (a single-writer database needs no clock), writes the idempotency `marks`,
+    /// and appends `events` to the audit hash chain, after its current head (with several
+    /// writers the head must be locked first, so chains never fork, and last: a mark locks its
+    /// key's row, which another batch may hold until it appends its own events). Any may be
+    /// empty; a mark comes with an event. Returns what [`Backend::commit_outcome`] needs to
+    /// learn later whether the transaction committed, where the database can tell.
     fn seal<'c>(
         &'c self,
         conn: &'c mut Self::Conn,
         keys: &'c [String],
         now: Timestamp,
         events: &'c mut [AuditEvent],
+        marks: &'c [IdempotencyMark],
     ) -> BoxFuture<'c, Result<Option<TxnRef>, Self::Error>>;
 
     /// Decides and writes `holds` in the batch transaction, in this order, each as if it ran
@@ -129,6 +132,8 @@ pub struct WriteCtx<C> {
     poisoned: bool,
     /// Audit events of the batch's kept requests, appended before COMMIT.
     audit: Vec<AuditEvent>,
+    /// Idempotency marks of the batch's kept keyed requests, written before COMMIT.
+    marks: Vec<IdempotencyMark>,
     /// Whether savepoint `op` is open for the next request. On PostgreSQL each statement is a
     /// round trip, so a kept request releases its savepoint and opens the next one in one call,
     /// and a refused one rolls back to it and leaves it open.
@@ -203,8 +208,11 @@ where
                 ctx.savepoint_open = false;
             }
             let claimed = audit.filter(|_| keep && failure.is_none());
-            if let Some(event) = claimed.as_ref().and_then(|scope| scope.claim(ctx.last_now)) {
+            if let Some(scope) = &claimed
+                && let Some(event) = scope.claim(ctx.last_now)
+            {
                 ctx.audit.push(event);
+                ctx.marks.extend(scope.mark());
             }
             Box::new(move |commit: Result<(), StoreError>| {
                 if let Some(scope) = claimed {
@@ -356,6 +364,7 @@ impl<B: Backend> Writer<B> {
             last_now: Timestamp::UNIX_EPOCH,
             poisoned: false,
             audit: Vec::new(),
+            marks: Vec::new(),
             savepoint_open: false,
             memo,
             txn: None,
@@ -605,6 +614,7 @@ async fn apply_batch<B: Backend>(
     ctx.poisoned = false;
     ctx.savepoint_open = false;
     ctx.audit.clear();
+    ctx.marks.clear();
     let mut aborted = run_jobs(backend, ctx, jobs.by_ref().take(first_hold), &mut replies).await;
     if !aborted && !holds.is_empty() {
         aborted = run_holds(backend, ctx, std::mem::take(&mut holds), &mut replies).await;
@@ -720,7 +730,11 @@ fn hold_reply<C>(
     let decided = result.as_ref().err().is_none_or(|refused| refused.audit_reason().is_some());
     let claimed = audit.filter(|_| decided);
     let event = match (&claimed, &result) {
-        (Some(scope), Ok(booking)) => scope.claim(booking.created_at),
+        (Some(scope), Ok(booking)) => {
+            let event = scope.claim(booking.created_at);
+            ctx.marks.extend(event.as_ref().and_then(|_| scope.mark()));
+            event
+        }
         (Some(scope), Err(refused)) => refused.audit_reason().and_then(|r| scope.claim_failure(ctx.last_now, r)),
         (None, _) => None,
     };
@@ -740,8 +754,10 @@ fn hold_reply<C>(
 /// Stamps the batch clock on its resources, appends its audit events and commits.
 async fn finish<B: Backend>(backend: &B, ctx: &mut WriteCtx<B::Conn>, keys: &[String]) -> Result<(), StoreError> {
     ctx.txn = None;
+    assert!(ctx.marks.len() <= ctx.audit.len(), "every idempotency mark comes with its audit event");
     if !keys.is_empty() || !ctx.audit.is_empty() {
-        ctx.txn = backend.seal(&mut ctx.conn, keys, ctx.last_now, &mut ctx.audit).await.map_err(B::error)?;
+        let sealed = backend.seal(&mut ctx.conn, keys, ctx.last_now, &mut ctx.audit, &ctx.marks).await;
+        ctx.txn = sealed.map_err(B::error)?;
     }
     let started = std::time::Instant::now();
     let committed = match backend.execute(&mut ctx.conn, "COMMIT").await {

@@ -259,6 +259,9 @@ conformance! {
     idempotency::idempotency_lock_lease_expiry_allows_takeover,
     idempotency::idempotency_abandon_releases_only_unfinished_keys,
     idempotency::idempotency_cleanup_deletes_old_keys_only,
+    idempotency::only_the_attempt_holding_a_key_renews_completes_or_releases_it,
+    idempotency::a_kept_change_marks_its_key_and_a_retry_recovers_it_instead_of_running,
+    idempotency::a_refused_failed_or_unkeyed_attempt_marks_nothing,
     model::random_operations_agree_with_reference_model,
 }
 

@@ -497,7 +497,7 @@ async fn nodes_starting_together_apply_the_migrations_once() {
 }
 
 fn key(k: &str) -> IdempotencyKey {
-    IdempotencyKey { principal: "review".into(), key: k.into(), request_hash: "h".into() }
+    IdempotencyKey { principal: "review".into(), key: k.into(), request_hash: "h".into(), owner: "node".into() }
 }
 
 /// A raw session holding an uncommitted idempotency key: a node's writer that begins the same

@@ -17,8 +17,8 @@ use allot_app::StoreError;
 use allot_app::access::{ApiKey, RoleGrant, RoleRevoke};
 use allot_app::audit::{AuditEvent, AuditFilter, AuditPage};
 use allot_app::store::{
-    BookingFilter, Decide, HoldCommand, HoldRefused, IdempotencyBegin, IdempotencyKey, Page, PageRequest, RefreshToken,
-    RotateOutcome, SeatStates, Store, UpdateRefused, User,
+    BookingFilter, Decide, HoldCommand, HoldRefused, IdempotencyBegin, IdempotencyKey, IdempotencyMark, Page,
+    PageRequest, RefreshToken, RotateOutcome, SeatStates, Store, UpdateRefused, User,
 };
 use allot_core::booking::Booking;
 use allot_core::capacity::{Claim, Span};
@@ -33,13 +33,13 @@ use sqlx::{Connection, PgConnection, Postgres, QueryBuilder};
 
 use crate::access;
 use crate::cache::{self, Cache, INVALIDATE_ALL};
+use crate::common::{ABANDONED_CHANGED, ABANDONED_UNCHANGED, DocTable, KEY_ROW_COLUMNS, KeyFound, venue_inserted};
 use crate::common::{
     AUDIT_COLUMNS, AUDIT_HEAD_SQL, AuditRow, KeyRow, Rotation, TokenRow, USER_COLUMNS, UserVenuesRow, VENUE_IN_USE,
     add_seat_states, after_key, audit_events_of, audit_head_of, audit_range_query, audit_rotation, audit_select, chain,
     claims_from_rows, decided, docs_to_page, existing_key, expired, from_json, from_json_db, hold_expiry,
     is_unique_violation, rotation, to_json, ts, user_of_venues_row,
 };
-use crate::common::{DocTable, venue_inserted};
 use crate::writer::{Backend, HoldResults, Outcome, TxnRef, WriteCtx, Writer, db_error};
 
 mod holds;
@@ -225,8 +225,13 @@ impl Backend for PgBackend {
         keys: &'c [String],
         now: Timestamp,
         events: &'c mut [AuditEvent],
+        marks: &'c [IdempotencyMark],
     ) -> BoxFuture<'c, Result<Option<TxnRef>, sqlx::Error>> {
         Box::pin(async move {
+            // Before the head's lock (see `Backend::seal`); only batches of keyed requests.
+            if !marks.is_empty() {
+                mark_idempotency_keys(&mut *conn, marks).await?;
+            }
             if events.is_empty() {
                 let (id, session) =
                     sqlx::query_as(STAMP_CLOCKS_SQL).bind(keys).bind(now.as_second()).fetch_one(conn).await?;
@@ -744,45 +749,72 @@ async fn idempotency_begin_in_tx(
     let lock_until = now + i64::from(lock_seconds);
     // Another node inserting the same key makes this wait for its commit, then do nothing.
     let inserted = sqlx::query(
-        "INSERT INTO idempotency_keys (principal, key, request_hash, created_at, locked_until)
-         VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING",
+        "INSERT INTO idempotency_keys (principal, key, request_hash, created_at, locked_until, owner)
+         VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT DO NOTHING",
     )
     .bind(&key.principal)
     .bind(&key.key)
     .bind(&key.request_hash)
     .bind(now)
     .bind(lock_until)
+    .bind(&key.owner)
     .execute(&mut ctx.conn)
     .await?;
     if inserted.rows_affected() == 1 {
         return Ok(Ok(IdempotencyBegin::Started));
     }
-    let row: Option<KeyRow> = sqlx::query_as(
-        "SELECT request_hash, status, body, locked_until FROM idempotency_keys
-         WHERE principal = $1 AND key = $2 FOR UPDATE",
-    )
+    let row: Option<KeyRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "SELECT {KEY_ROW_COLUMNS} FROM idempotency_keys WHERE principal = $1 AND key = $2 FOR UPDATE"
+    )))
     .bind(&key.principal)
     .bind(&key.key)
     .fetch_optional(&mut ctx.conn)
     .await?;
-    if let Some(found) = existing_key(row, now) {
-        return Ok(Ok(found));
-    }
-    // The request that locked it died without finishing (or the key was just deleted): take over.
+    let begun = match existing_key(row, &key.request_hash, now) {
+        KeyFound::Answer(found) => return Ok(Ok(found)),
+        KeyFound::TakeOver(begun) => begun,
+    };
+    // The request that locked it died (or the key was just deleted): take over.
     sqlx::query(
-        "INSERT INTO idempotency_keys (principal, key, request_hash, created_at, locked_until)
-         VALUES ($1, $2, $3, $4, $5)
+        "INSERT INTO idempotency_keys (principal, key, request_hash, created_at, locked_until, owner)
+         VALUES ($1, $2, $3, $4, $5, $6)
          ON CONFLICT (principal, key) DO UPDATE
-         SET request_hash = excluded.request_hash, locked_until = excluded.locked_until, created_at = excluded.created_at",
+         SET request_hash = excluded.request_hash, locked_until = excluded.locked_until,
+             created_at = excluded.created_at, owner = excluded.owner",
     )
     .bind(&key.principal)
     .bind(&key.key)
     .bind(&key.request_hash)
     .bind(now)
     .bind(lock_until)
+    .bind(&key.owner)
     .execute(&mut ctx.conn)
     .await?;
-    Ok(Ok(IdempotencyBegin::Started))
+    Ok(Ok(begun))
+}
+
+/// `Store::idempotency_abandon`'s statements (see [`ABANDONED_UNCHANGED`], [`ABANDONED_CHANGED`]).
+static ABANDON_UNCHANGED_SQL: std::sync::LazyLock<String> =
+    std::sync::LazyLock::new(|| format!("DELETE FROM idempotency_keys {ABANDONED_UNCHANGED}"));
+static ABANDON_CHANGED_SQL: std::sync::LazyLock<String> =
+    std::sync::LazyLock::new(|| format!("UPDATE idempotency_keys SET locked_until = NULL {ABANDONED_CHANGED}"));
+
+/// Writes a batch's idempotency marks, in the transaction of the changes they stand for.
+async fn mark_idempotency_keys(conn: &mut PgConnection, marks: &[IdempotencyMark]) -> Result<(), sqlx::Error> {
+    let principals: Vec<&str> = marks.iter().map(|m| m.principal.as_str()).collect();
+    let keys: Vec<&str> = marks.iter().map(|m| m.key.as_str()).collect();
+    let targets: Vec<&str> = marks.iter().map(|m| m.target.as_str()).collect();
+    sqlx::query(
+        "UPDATE idempotency_keys k SET committed_target = m.target
+         FROM unnest($1::text[], $2::text[], $3::text[]) AS m(principal, key, target)
+         WHERE k.principal = m.principal AND k.key = m.key AND k.status IS NULL",
+    )
+    .bind(principals)
+    .bind(keys)
+    .bind(targets)
+    .execute(conn)
+    .await
+    .map(|_| ())
 }
 
 fn venue_doc(venue: &Venue) -> Result<String, StoreError> {
@@ -1344,13 +1376,13 @@ impl Store for PgStore {
                 Box::pin(async move {
                     sqlx::query(
                         "UPDATE idempotency_keys SET status = $1, body = $2, locked_until = NULL
-                         WHERE principal = $3 AND key = $4 AND request_hash = $5",
+                         WHERE principal = $3 AND key = $4 AND owner = $5 AND status IS NULL",
                     )
                     .bind(i64::from(status))
                     .bind(body)
                     .bind(&key.principal)
                     .bind(&key.key)
-                    .bind(&key.request_hash)
+                    .bind(&key.owner)
                     .execute(&mut ctx.conn)
                     .await?;
                     Ok(Ok(()))
@@ -1360,13 +1392,26 @@ impl Store for PgStore {
     }
 
     async fn idempotency_abandon(&self, key: &IdempotencyKey) -> Result<(), StoreError> {
-        self.exec_one(
-            "DELETE FROM idempotency_keys WHERE principal = $1 AND key = $2 AND status IS NULL",
-            vec![Arg::Text(key.principal.clone()), Arg::Text(key.key.clone())],
-            "",
-        )
-        .await
-        .map(|_| ())
+        let args = || vec![Arg::Text(key.principal.clone()), Arg::Text(key.key.clone()), Arg::Text(key.owner.clone())];
+        self.exec_one(ABANDON_UNCHANGED_SQL.as_str(), args(), "").await?;
+        self.exec_one(ABANDON_CHANGED_SQL.as_str(), args(), "").await.map(|_| ())
+    }
+
+    async fn idempotency_renew(&self, key: &IdempotencyKey, locked_until: Timestamp) -> Result<bool, StoreError> {
+        let renewed = self
+            .exec_one(
+                "UPDATE idempotency_keys SET locked_until = $4
+                 WHERE principal = $1 AND key = $2 AND owner = $3 AND status IS NULL",
+                vec![
+                    Arg::Text(key.principal.clone()),
+                    Arg::Text(key.key.clone()),
+                    Arg::Text(key.owner.clone()),
+                    Arg::Int(locked_until.as_second()),
+                ],
+                "",
+            )
+            .await?;
+        Ok(renewed == 1)
     }
 
     async fn idempotency_cleanup(&self, before: Timestamp, limit: u32) -> Result<u64, StoreError> {

@@ -642,13 +642,13 @@ impl Store for SqliteStore {
     }
 
     async fn idempotency_abandon(&self, key: &IdempotencyKey) -> Result<(), StoreError> {
-        self.exec_one(
-            "DELETE FROM idempotency_keys WHERE principal = ? AND key = ? AND status IS NULL",
-            vec![Some(key.principal.clone()), Some(key.key.clone())],
-            "",
-        )
-        .await
-        .map(|_| ())
+        let key = key.clone();
+        self.writer.exec_now(move |ctx: &mut Ctx| tx::idempotency_abandon(ctx, &key)).await
+    }
+
+    async fn idempotency_renew(&self, key: &IdempotencyKey, locked_until: Timestamp) -> Result<bool, StoreError> {
+        let key = key.clone();
+        self.writer.exec_now(move |ctx: &mut Ctx| tx::idempotency_renew(ctx, &key, locked_until)).await
     }
 
     async fn idempotency_cleanup(&self, before: Timestamp, limit: u32) -> Result<u64, StoreError> {

@@ -13,7 +13,9 @@ use std::time::Duration;
 use allot_app::StoreError;
 use allot_app::access::{ApiKey, LAST_ADMIN, RoleGrant, RoleRevoke};
 use allot_app::audit::AuditEvent;
-use allot_app::store::{Decide, HoldCommand, HoldRefused, IdempotencyBegin, IdempotencyKey, Role, RotateOutcome};
+use allot_app::store::{
+    Decide, HoldCommand, HoldRefused, IdempotencyBegin, IdempotencyKey, IdempotencyMark, Role, RotateOutcome,
+};
 use allot_core::booking::{Booking, BookingStatus};
 use allot_core::capacity::{self, Claim, Span};
 use allot_core::ids::{ApiKeyId, BookingId, ResourceId, UserId};
@@ -28,8 +30,8 @@ use serde::de::DeserializeOwned;
 use crate::access::{IS_ADMIN, RevokeStep, parse_roles, revoke_step, roles_text, scopes_text, with, without};
 use crate::cache::{self, INVALIDATE_ALL};
 use crate::common::{
-    AUDIT_COLUMNS, AUDIT_HEAD_SQL, DocTable, Rotation, VENUE_IN_USE, chain, claims_from_rows, decided, existing_key,
-    hold_expiry, rotation,
+    ABANDONED_CHANGED, ABANDONED_UNCHANGED, AUDIT_COLUMNS, AUDIT_HEAD_SQL, DocTable, KEY_ROW_COLUMNS, KeyFound,
+    Rotation, VENUE_IN_USE, chain, claims_from_rows, decided, existing_key, hold_expiry, rotation,
 };
 use crate::writer::{Backend, HoldResults, TxnRef, WriteCtx};
 
@@ -141,10 +143,12 @@ impl Backend for SqliteBackend {
         _keys: &'c [String],
         _now: Timestamp,
         events: &'c mut [AuditEvent],
+        marks: &'c [IdempotencyMark],
     ) -> BoxFuture<'c, Result<Option<TxnRef>>> {
         // One writer: no clock to stamp. No `TxnRef`: the database is a local file, so a
         // COMMIT's answer cannot be lost on the way, and one that failed did not commit.
-        let appended = if events.is_empty() { Ok(()) } else { append_audit(conn, events) };
+        let marked = if marks.is_empty() { Ok(()) } else { mark_idempotency_keys(conn, marks) };
+        let appended = marked.and_then(|()| if events.is_empty() { Ok(()) } else { append_audit(conn, events) });
         Box::pin(std::future::ready(appended.map(|()| None)))
     }
 
@@ -785,23 +789,22 @@ pub(crate) fn idempotency_begin(
     let now = ctx.now(now).as_second();
     let row = ctx
         .conn
-        .prepare_cached(
-            "SELECT request_hash, status, body, locked_until FROM idempotency_keys WHERE principal = ? AND key = ?",
-        )?
-        .query_row([&key.principal, &key.key], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
+        .prepare_cached(&format!("SELECT {KEY_ROW_COLUMNS} FROM idempotency_keys WHERE principal = ? AND key = ?"))?
+        .query_row([&key.principal, &key.key], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)))
         .optional()?;
-    if let Some(found) = existing_key(row, now) {
-        return Ok(Ok(found));
-    }
+    let begun = match existing_key(row, &key.request_hash, now) {
+        KeyFound::Answer(found) => return Ok(Ok(found)),
+        KeyFound::TakeOver(begun) => begun,
+    };
     ctx.conn
         .prepare_cached(
-            "INSERT INTO idempotency_keys (principal, key, request_hash, created_at, locked_until)
-             VALUES (?, ?, ?, ?, ?)
+            "INSERT INTO idempotency_keys (principal, key, request_hash, created_at, locked_until, owner)
+             VALUES (?, ?, ?, ?, ?, ?)
              ON CONFLICT (principal, key) DO UPDATE SET request_hash = excluded.request_hash,
-               locked_until = excluded.locked_until, created_at = excluded.created_at",
+               locked_until = excluded.locked_until, created_at = excluded.created_at, owner = excluded.owner",
         )?
-        .execute(params![key.principal, key.key, key.request_hash, now, now + i64::from(lock_seconds)])?;
-    Ok(Ok(IdempotencyBegin::Started))
+        .execute(params![key.principal, key.key, key.request_hash, now, now + i64::from(lock_seconds), key.owner])?;
+    Ok(Ok(begun))
 }
 
 pub(crate) fn idempotency_complete(
@@ -813,10 +816,45 @@ pub(crate) fn idempotency_complete(
     ctx.conn
         .prepare_cached(
             "UPDATE idempotency_keys SET status = ?, body = ?, locked_until = NULL
-             WHERE principal = ? AND key = ? AND request_hash = ?",
+             WHERE principal = ? AND key = ? AND owner = ? AND status IS NULL",
         )?
-        .execute(params![i64::from(status), body, key.principal, key.key, key.request_hash])?;
+        .execute(params![i64::from(status), body, key.principal, key.key, key.owner])?;
     Ok(Ok(()))
+}
+
+pub(crate) fn idempotency_abandon(ctx: &mut Ctx, key: &IdempotencyKey) -> Outcome<(), StoreError> {
+    let args = params![key.principal, key.key, key.owner];
+    ctx.conn.prepare_cached(&format!("DELETE FROM idempotency_keys {ABANDONED_UNCHANGED}"))?.execute(args)?;
+    ctx.conn
+        .prepare_cached(&format!("UPDATE idempotency_keys SET locked_until = NULL {ABANDONED_CHANGED}"))?
+        .execute(args)?;
+    Ok(Ok(()))
+}
+
+pub(crate) fn idempotency_renew(
+    ctx: &mut Ctx,
+    key: &IdempotencyKey,
+    locked_until: Timestamp,
+) -> Outcome<bool, StoreError> {
+    let renewed = ctx
+        .conn
+        .prepare_cached(
+            "UPDATE idempotency_keys SET locked_until = ?
+             WHERE principal = ? AND key = ? AND owner = ? AND status IS NULL",
+        )?
+        .execute(params![locked_until.as_second(), key.principal, key.key, key.owner])?;
+    Ok(Ok(renewed == 1))
+}
+
+/// Writes a batch's idempotency marks, in the transaction of the changes they stand for.
+pub(crate) fn mark_idempotency_keys(conn: &Connection, marks: &[IdempotencyMark]) -> Result<()> {
+    let mut statement = conn.prepare_cached(
+        "UPDATE idempotency_keys SET committed_target = ? WHERE principal = ? AND key = ? AND status IS NULL",
+    )?;
+    for mark in marks {
+        statement.execute(params![mark.target, mark.principal, mark.key])?;
+    }
+    Ok(())
 }
 
 fn roles_of(conn: &Connection, user: &str) -> Result<Option<Vec<Role>>> {

@@ -1,11 +1,26 @@
-//! Idempotency keys (I4): lock, replay, mismatch, lease take-over, abandon, clean-up.
+//! Idempotency keys (I4): lock, replay, mismatch, lease take-over and renewal, the holder's
+//! rights, marks written with a keyed request's change and recovery, abandon, clean-up.
 
-use allot_app::store::{IdempotencyBegin, IdempotencyKey};
+use allot_app::audit::{self, AuditEvent, AuditScope};
+use allot_app::store::{HoldRefused, IdempotencyBegin, IdempotencyKey, Role};
 
-use crate::{Backend, at};
+use crate::{Backend, HOUR, World, at, span, user};
 
+/// An attempt at `key` with request `hash`; attempts with one hash share an owner here, the
+/// tests of ownership use [`attempt`].
 fn key(principal: &str, key: &str, hash: &str) -> IdempotencyKey {
-    IdempotencyKey { principal: principal.into(), key: key.into(), request_hash: hash.into() }
+    attempt(principal, key, hash, &format!("owner-{hash}"))
+}
+
+fn attempt(principal: &str, key: &str, hash: &str, owner: &str) -> IdempotencyKey {
+    IdempotencyKey { principal: principal.into(), key: key.into(), request_hash: hash.into(), owner: owner.into() }
+}
+
+/// The audit scope of a request carrying `key`, its event naming `target`.
+fn keyed_scope(key: &IdempotencyKey, target: Option<String>) -> AuditScope {
+    let mut event = AuditEvent::new("booking.hold", "customer", at(0));
+    event.target_id = target;
+    AuditScope::new(event).with_idempotency_key(key.principal.clone(), key.key.clone())
 }
 
 fn completed(hash: &str, status: u16, body: &[u8]) -> IdempotencyBegin {
@@ -152,4 +167,110 @@ pub async fn idempotency_cleanup_deletes_old_keys_only(b: &Backend) {
     assert_eq!(s.idempotency_begin(&key("p", "e3", "h"), at(210), 30).await.unwrap(), IdempotencyBegin::InProgress);
     // A deleted key is new again.
     assert_eq!(s.idempotency_begin(&ka, at(211), 30).await.unwrap(), IdempotencyBegin::Started);
+}
+
+pub async fn only_the_attempt_holding_a_key_renews_completes_or_releases_it(b: &Backend) {
+    let s = b.store();
+    let first = attempt("user:1", "slow", "h1", "first");
+    let retry = attempt("user:1", "slow", "h1", "retry");
+    assert_eq!(s.idempotency_begin(&first, at(0), 30).await.unwrap(), IdempotencyBegin::Started);
+    // A renewed lease keeps a retry out past the first lease's end.
+    assert!(s.idempotency_renew(&first, at(40)).await.unwrap());
+    assert_eq!(s.idempotency_begin(&retry, at(35), 30).await.unwrap(), IdempotencyBegin::InProgress);
+    // Not renewed again, it lapses: the retry takes the key over.
+    assert_eq!(s.idempotency_begin(&retry, at(40), 30).await.unwrap(), IdempotencyBegin::Started);
+    // The first attempt, still running after all, can no longer touch the key.
+    assert!(!s.idempotency_renew(&first, at(100)).await.unwrap());
+    s.idempotency_complete(&first, 500, b"stale").await.unwrap();
+    s.idempotency_abandon(&first).await.unwrap();
+    assert_eq!(
+        s.idempotency_begin(&key("user:1", "slow", "h1"), at(41), 30).await.unwrap(),
+        IdempotencyBegin::InProgress
+    );
+    // The holder's answer is the one kept.
+    s.idempotency_complete(&retry, 201, b"fresh").await.unwrap();
+    assert_eq!(s.idempotency_begin(&first, at(42), 30).await.unwrap(), completed("h1", 201, b"fresh"));
+    // Nothing renews a completed key.
+    assert!(!s.idempotency_renew(&retry, at(500)).await.unwrap());
+}
+
+pub async fn a_kept_change_marks_its_key_and_a_retry_recovers_it_instead_of_running(b: &Backend) {
+    let w = World::new(b).await;
+    let s = w.store.clone();
+    let seat = w.resource(1).await;
+    let first = attempt("user:1", "hold-1", "h1", "first");
+    assert_eq!(s.idempotency_begin(&first, at(0), 30).await.unwrap(), IdempotencyBegin::Started);
+    let command = w.command(&[(seat.id, span(HOUR, 2 * HOUR), 1)], at(1), 600);
+    let target = command.booking.id.to_string();
+    let held = keyed_scope(&first, Some(target.clone())).run(s.hold(command)).await.unwrap();
+    // The attempt dies here: its answer is never stored.
+    assert_eq!(
+        s.idempotency_begin(&key("user:1", "hold-1", "h1"), at(29), 30).await.unwrap(),
+        IdempotencyBegin::InProgress
+    );
+    let retry = attempt("user:1", "hold-1", "h1", "retry");
+    let recover = IdempotencyBegin::Recover { request_hash: "h1".into(), target: held.id.to_string() };
+    assert_eq!(s.idempotency_begin(&retry, at(30), 30).await.unwrap(), recover);
+    // The recovering attempt holds the key; another body under it is refused.
+    assert_eq!(
+        s.idempotency_begin(&key("user:1", "hold-1", "h1"), at(31), 30).await.unwrap(),
+        IdempotencyBegin::InProgress
+    );
+    assert_eq!(
+        s.idempotency_begin(&key("user:1", "hold-1", "h2"), at(60), 30).await.unwrap(),
+        IdempotencyBegin::Mismatch
+    );
+    // Released (it could not answer now), the key stays marked: the next retry recovers too.
+    s.idempotency_abandon(&retry).await.unwrap();
+    let again = attempt("user:1", "hold-1", "h1", "again");
+    assert_eq!(s.idempotency_begin(&again, at(61), 30).await.unwrap(), recover);
+    s.idempotency_complete(&again, 201, b"recovered").await.unwrap();
+    assert_eq!(s.idempotency_begin(&first, at(62), 30).await.unwrap(), completed("h1", 201, b"recovered"));
+    assert_eq!(b.count("bookings", "true").await, 1);
+
+    // A write outside a hold (a user) marks its key too.
+    let signup = attempt("anonymous:1", "signup", "hs", "first");
+    assert_eq!(s.idempotency_begin(&signup, at(70), 30).await.unwrap(), IdempotencyBegin::Started);
+    let new_user = user("keyed@test.allot", vec![Role::Customer]);
+    keyed_scope(&signup, Some(new_user.id.to_string())).run(s.insert_user(&new_user)).await.unwrap();
+    let recovered = s.idempotency_begin(&attempt("anonymous:1", "signup", "hs", "retry"), at(100), 30).await.unwrap();
+    assert_eq!(recovered, IdempotencyBegin::Recover { request_hash: "hs".into(), target: new_user.id.to_string() });
+}
+
+pub async fn a_refused_failed_or_unkeyed_attempt_marks_nothing(b: &Backend) {
+    let w = World::new(b).await;
+    let s = w.store.clone();
+    let seat = w.resource(1).await;
+    let morning = span(HOUR, 2 * HOUR);
+    let taken = w.command(&[(seat.id, morning, 1)], at(1), 600);
+    let target = Some(taken.booking.id.to_string());
+    let unkeyed = AuditScope::new(AuditEvent::new("booking.hold", "customer", at(0)));
+    unkeyed.run(s.hold(taken)).await.unwrap();
+
+    // Refused: the seat is taken.
+    let refused = attempt("user:1", "refused", "h1", "first");
+    assert_eq!(s.idempotency_begin(&refused, at(2), 30).await.unwrap(), IdempotencyBegin::Started);
+    let command = w.command(&[(seat.id, morning, 1)], at(3), 600);
+    let outcome = keyed_scope(&refused, Some(command.booking.id.to_string())).run(s.hold(command)).await;
+    assert!(matches!(outcome, Err(HoldRefused::Unavailable { .. })), "{outcome:?}");
+    // Kept but failed (a declined payment is written, yet the attempt failed).
+    let failed = attempt("user:1", "failed", "h1", "first");
+    assert_eq!(s.idempotency_begin(&failed, at(4), 30).await.unwrap(), IdempotencyBegin::Started);
+    let scope = keyed_scope(&failed, target.clone());
+    audit::fail_scope(&scope, "payment_declined");
+    let other = w.command(&[(seat.id, span(3 * HOUR, 4 * HOUR), 1)], at(5), 600);
+    scope.run(s.hold(other)).await.unwrap();
+    // Kept, without a target to answer from.
+    let untargeted = attempt("user:1", "untargeted", "h1", "first");
+    assert_eq!(s.idempotency_begin(&untargeted, at(6), 30).await.unwrap(), IdempotencyBegin::Started);
+    let third = w.command(&[(seat.id, span(5 * HOUR, 6 * HOUR), 1)], at(7), 600);
+    keyed_scope(&untargeted, None).run(s.hold(third)).await.unwrap();
+
+    // Each, once its attempt died, runs again, and an abandoned one is deleted.
+    for k in [&refused, &failed, &untargeted] {
+        let retry = attempt("user:1", &k.key, "h1", "retry");
+        assert_eq!(s.idempotency_begin(&retry, at(100), 30).await.unwrap(), IdempotencyBegin::Started, "{}", k.key);
+        s.idempotency_abandon(&retry).await.unwrap();
+    }
+    assert_eq!(b.count("idempotency_keys", "1=1").await, 0);
 }
