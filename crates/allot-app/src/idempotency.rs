@@ -118,13 +118,13 @@ impl App {
     /// not stored leaves the key locked for [`LOCK_SECONDS`], after which a retry runs the
     /// request again.
     pub async fn idempotency_finish(&self, key: &IdempotencyKey, status: u16, body: &[u8]) -> AppResult<()> {
-        Ok(with_retries(|| self.store.idempotency_complete(key, status, body)).await?)
+        Ok(with_retries(STORE_BACKOFF_MS, || self.store.idempotency_complete(key, status, body)).await?)
     }
 
     /// Releases `key` for a retry (its request failed in a way worth retrying), retrying a busy
     /// or overloaded store.
     pub async fn idempotency_abandon(&self, key: &IdempotencyKey) -> AppResult<()> {
-        Ok(with_retries(|| self.store.idempotency_abandon(key)).await?)
+        Ok(with_retries(STORE_BACKOFF_MS, || self.store.idempotency_abandon(key)).await?)
     }
 
     /// Deletes keys older than the retention period; returns how many went.
@@ -142,8 +142,8 @@ impl App {
 }
 
 /// Runs `write` until it succeeds, fails for good, or has been busy or overloaded
-/// [`STORE_ATTEMPTS_MAX`] times.
-async fn with_retries<F, Fut>(mut write: F) -> Result<(), StoreError>
+/// [`STORE_ATTEMPTS_MAX`] times, waiting `backoff_ms` doubled before each retry.
+async fn with_retries<F, Fut>(backoff_ms: u64, mut write: F) -> Result<(), StoreError>
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Result<(), StoreError>>,
@@ -153,9 +153,50 @@ where
         attempt += 1;
         match write().await {
             Err(StoreError::Busy(_) | StoreError::Overloaded) if attempt < STORE_ATTEMPTS_MAX => {
-                tokio::time::sleep(std::time::Duration::from_millis(STORE_BACKOFF_MS << attempt)).await;
+                tokio::time::sleep(std::time::Duration::from_millis(backoff_ms << attempt)).await;
             }
             done => return done,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    use super::*;
+
+    /// `with_retries` over a store that answers `failures` busy/overloaded, then succeeds:
+    /// (result, attempts made).
+    async fn attempts_against(failures: u32, error: StoreError) -> (Result<(), StoreError>, u32) {
+        let calls = AtomicU32::new(0);
+        let result = with_retries(0, || {
+            let call = calls.fetch_add(1, Ordering::Relaxed) + 1;
+            let answer = if call <= failures { Err(error.clone()) } else { Ok(()) };
+            std::future::ready(answer)
+        })
+        .await;
+        (result, calls.load(Ordering::Relaxed))
+    }
+
+    #[tokio::test]
+    async fn a_busy_or_overloaded_store_is_retried_up_to_the_limit_and_no_further() {
+        let busy = StoreError::Busy("lock timeout".into());
+        for (failures, error, attempts) in [
+            (0, busy.clone(), 1),
+            (3, busy.clone(), STORE_ATTEMPTS_MAX),
+            (3, StoreError::Overloaded, STORE_ATTEMPTS_MAX),
+        ] {
+            let (result, made) = attempts_against(failures, error).await;
+            assert!(result.is_ok(), "{result:?}");
+            assert_eq!(made, attempts);
+        }
+        let (result, attempts) = attempts_against(STORE_ATTEMPTS_MAX, busy).await;
+        assert!(matches!(result, Err(StoreError::Busy(_))), "{result:?}");
+        assert_eq!(attempts, STORE_ATTEMPTS_MAX);
+        // Any other failure is final at once.
+        let (result, attempts) = attempts_against(1, StoreError::Database("broken".into())).await;
+        assert!(matches!(result, Err(StoreError::Database(_))), "{result:?}");
+        assert_eq!(attempts, 1);
     }
 }

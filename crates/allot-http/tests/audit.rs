@@ -39,19 +39,6 @@ async fn head(t: &TestApp) -> u64 {
     t.store.audit_head().await.unwrap().0
 }
 
-/// Runs `sql` on a connection of its own, as someone with database access could.
-async fn raw(t: &TestApp, sql: &str) {
-    use sqlx::{Connection, Executor};
-    let sql = sqlx::AssertSqlSafe(sql.to_owned());
-    if t.db_url.starts_with("postgres") {
-        let mut conn = sqlx::PgConnection::connect(&t.db_url).await.unwrap();
-        conn.execute(sql).await.unwrap();
-    } else {
-        let mut conn = sqlx::SqliteConnection::connect(&t.db_url).await.unwrap();
-        conn.execute(sql).await.unwrap();
-    }
-}
-
 fn s(action: &str, outcome: &str, reason: Option<&str>) -> (String, String, Option<String>) {
     (action.to_owned(), outcome.to_owned(), reason.map(str::to_owned))
 }
@@ -140,8 +127,8 @@ async fn a_scripted_session_leaves_one_event_per_attempt_and_a_chain_that_verifi
     } else {
         "DROP TRIGGER audit_events_no_update"
     };
-    raw(&t, unguard).await;
-    raw(&t, &format!("UPDATE audit_events SET outcome = 'success', reason = NULL WHERE seq = {tampered}")).await;
+    t.raw_sql(unguard).await;
+    t.raw_sql(&format!("UPDATE audit_events SET outcome = 'success', reason = NULL WHERE seq = {tampered}")).await;
     match t.app.audit_verify().await.unwrap() {
         Verdict::Broken { seq, id, .. } => {
             assert_eq!(seq, tampered);

@@ -1,5 +1,6 @@
 //! Hold expiry (I2) driven by the injected clock, including the catch-up pass at start-up, and
-//! idempotent POSTs (I4): replay, reuse with another body, per-principal scope, in-flight keys.
+//! idempotent POSTs (I4): replay, reuse with another body, per-principal scope, in-flight keys,
+//! and answers lost after their change committed.
 #![allow(clippy::unwrap_used)]
 
 mod common;
@@ -569,6 +570,85 @@ async fn a_client_that_hangs_up_does_not_leave_its_key_locked() {
 /// More lapsed holds than one expiry job releases (the SQLite writer slices a storm): the
 /// scheduler keeps asking until none is left, instead of leaving the rest to the next sweep
 /// (five seconds later).
+/// Leaves `key` as a node that died after its request's change committed, but before it stored
+/// the answer, would: unanswered, locked for the lease from now.
+async fn forget_the_answer(t: &TestApp, key: &str) {
+    let until = t.clock_now().as_second() + i64::from(allot_app::idempotency::LOCK_SECONDS);
+    t.raw_sql(&format!(
+        "UPDATE idempotency_keys SET status = NULL, body = NULL, locked_until = {until} WHERE key = '{key}'"
+    ))
+    .await;
+}
+
+#[tokio::test]
+async fn a_hold_whose_answer_was_lost_is_answered_from_the_booking_not_made_again() {
+    let t = TestApp::spawn().await;
+    let admin = t.admin().await;
+    let venue = t.venue(&admin, "cinema").await;
+    let (seats, event) = t.seats_and_event(&admin, &venue, 1, 48).await;
+    let customer = t.customer("lost-answer@test.allot").await;
+    let body = seat(&seats[0], &event);
+    let (s1, _, b1) = post_keyed(&t, Some(&customer), "/bookings", &body, "lost-1").await;
+    assert_eq!(s1, StatusCode::CREATED, "{}", String::from_utf8_lossy(&b1));
+    forget_the_answer(&t, "lost-1").await;
+
+    // While the dead attempt's lease lasts, the key is in use.
+    let (s, _, b) = post_keyed(&t, Some(&customer), "/bookings", &body, "lost-1").await;
+    assert_eq!(s, StatusCode::CONFLICT, "{}", String::from_utf8_lossy(&b));
+    assert_eq!(json_of(&b)["error"]["code"], "idempotency_key_in_use");
+    // Then the retry gets the booking the first attempt made: not a second hold (which the
+    // seat, held by the first, would refuse).
+    t.clock.advance(SignedDuration::from_secs(61));
+    let (s2, replayed, b2) = post_keyed(&t, Some(&customer), "/bookings", &body, "lost-1").await;
+    assert_eq!(s2, StatusCode::CREATED, "{}", String::from_utf8_lossy(&b2));
+    assert!(replayed, "answered from what was changed, not run");
+    assert_eq!(json_of(&b2), json_of(&b1), "the booking as it is, which is as it was made");
+    assert_eq!(bookings_of(&t, &customer).await.len(), 1);
+    assert_eq!(seat_status(&t, &event, &seats[0]).await, "held");
+    // The recovered answer is the key's answer from now on.
+    let (s3, _, b3) = post_keyed(&t, Some(&customer), "/bookings", &body, "lost-1").await;
+    assert_eq!((s3, &b3), (StatusCode::CREATED, &b2));
+    // Another body under the key is still refused.
+    let (s, _, b) = post_keyed(&t, Some(&customer), "/bookings", &json!({"items": []}), "lost-1").await;
+    assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{}", String::from_utf8_lossy(&b));
+}
+
+#[tokio::test]
+async fn a_confirm_or_a_new_venue_whose_answer_was_lost_is_answered_as_it_now_is() {
+    let t = TestApp::spawn().await;
+    let admin = t.admin().await;
+    let venue = t.venue(&admin, "cinema").await;
+    let (seats, event) = t.seats_and_event(&admin, &venue, 1, 48).await;
+    let customer = t.customer("lost-confirm@test.allot").await;
+    let id = hold(&t, &customer, &seats[0], &event).await;
+    let pay = json!({"payment": {"method": "card", "token": VISA}});
+    let path = format!("/bookings/{id}/confirm");
+    let (s1, _, b1) = post_keyed(&t, Some(&customer), &path, &pay, "pay-lost").await;
+    assert_eq!(s1, StatusCode::OK, "{}", String::from_utf8_lossy(&b1));
+    forget_the_answer(&t, "pay-lost").await;
+    t.clock.advance(SignedDuration::from_secs(61));
+    // Run again, the confirm would be refused (the booking is no longer held).
+    let (s2, replayed, b2) = post_keyed(&t, Some(&customer), &path, &pay, "pay-lost").await;
+    assert_eq!(s2, StatusCode::OK, "{}", String::from_utf8_lossy(&b2));
+    assert!(replayed);
+    assert_eq!(json_of(&b2)["status"], "confirmed");
+    assert_eq!(json_of(&b2)["payment"], json_of(&b1)["payment"], "the one charge");
+
+    let venue_body = json!({"name": "Lost Hall", "category": "cinema", "location": {"lat": 52.52, "lon": 13.40},
+                             "timezone": "Europe/Berlin", "currency": "EUR"});
+    let (s1, _, b1) = post_keyed(&t, Some(&admin), "/venues", &venue_body, "venue-lost").await;
+    assert_eq!(s1, StatusCode::CREATED, "{}", String::from_utf8_lossy(&b1));
+    forget_the_answer(&t, "venue-lost").await;
+    t.clock.advance(SignedDuration::from_secs(61));
+    let (s2, replayed, b2) = post_keyed(&t, Some(&admin), "/venues", &venue_body, "venue-lost").await;
+    assert_eq!(s2, StatusCode::CREATED, "{}", String::from_utf8_lossy(&b2));
+    assert!(replayed);
+    assert_eq!(json_of(&b2), json_of(&b1));
+    let (_, venues) = t.get(None, "/venues?limit=100").await;
+    let named = venues["data"].as_array().unwrap().iter().filter(|v| v["name"] == "Lost Hall").count();
+    assert_eq!(named, 1, "one venue, not two: {venues}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_storm_of_lapsed_holds_is_released_at_once_not_by_the_next_sweep() {
     const HOLDS: usize = 400;

@@ -302,18 +302,6 @@ async fn metrics_count_payments_and_unmatched_routes() {
     assert!(!text.contains("/no/such/route"), "raw paths never become labels");
 }
 
-/// Runs `sql` on the test's database behind the store's back.
-async fn tamper(t: &TestApp, sql: &str) {
-    use sqlx::Connection;
-    if t.db_url.starts_with("postgres") {
-        let mut conn = sqlx::PgConnection::connect(&t.db_url).await.unwrap();
-        sqlx::raw_sql(sqlx::AssertSqlSafe(sql.to_owned())).execute(&mut conn).await.unwrap();
-    } else {
-        let mut conn = sqlx::SqliteConnection::connect(&t.db_url).await.unwrap();
-        sqlx::raw_sql(sqlx::AssertSqlSafe(sql.to_owned())).execute(&mut conn).await.unwrap();
-    }
-}
-
 #[tokio::test]
 async fn readyz_needs_every_migration_applied() {
     let t = TestApp::spawn().await;
@@ -322,7 +310,7 @@ async fn readyz_needs_every_migration_applied() {
 
     // A database one migration behind this build (as when a node runs newer code than the
     // database it was pointed at) is not ready, though it answers queries.
-    tamper(&t, "DELETE FROM _sqlx_migrations WHERE version = (SELECT MAX(version) FROM _sqlx_migrations)").await;
+    t.raw_sql("DELETE FROM _sqlx_migrations WHERE version = (SELECT MAX(version) FROM _sqlx_migrations)").await;
     let (status, body) = common::read(t.client.get(t.root("/readyz")).send().await.unwrap()).await;
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
     assert_eq!(body["error"]["code"], "not_ready");
@@ -615,12 +603,13 @@ async fn a_charge_the_store_could_not_record_is_kept_for_the_retry_not_refunded(
     assert!(!payments.refunded.lock().unwrap().contains(&reference), "the recorded payment was never refunded");
 }
 
-/// A keyed confirm whose outcome cannot be stored at first (another session holds the key's
-/// row past the write's lock timeout: the store answers busy) still has it stored: a retry
-/// with the same key replays the answer instead of finding the key in use for a minute and
-/// then running the request again. PostgreSQL only, as the test above.
+/// A keyed confirm whose write finds the store busy (another session holds the key's row,
+/// which the write marks in its transaction, past the write's lock timeout) answers 503 having
+/// recorded nothing, and releases its key: the retry with the same key runs, is charged the
+/// same attempt again (the provider replays it), and confirms. PostgreSQL only, as the test
+/// above.
 #[tokio::test]
-async fn a_keyed_requests_outcome_is_stored_though_the_store_is_busy_at_first() {
+async fn a_keyed_confirm_the_store_was_too_busy_to_record_confirms_on_retry_with_its_one_charge() {
     if std::env::var("ALLOT_TEST_BACKEND").as_deref() != Ok("postgres") {
         eprintln!("PostgreSQL only (ALLOT_TEST_BACKEND=postgres); see the test's comment");
         return;
@@ -636,11 +625,46 @@ async fn a_keyed_requests_outcome_is_stored_though_the_store_is_busy_at_first() 
     let lock_wait = Duration::from_millis(allot_store::postgres::WRITE_LOCK_WAIT_MILLISECONDS_MAX);
     tokio::time::sleep(lock_wait + Duration::from_millis(300)).await;
     lock.release().await;
+    let (status, busy) = common::read(first.await.unwrap().unwrap()).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{busy}");
+    assert_eq!(wait_for_status(&t, &booking, BookingStatus::Held).await.payment, None, "nothing recorded");
+
+    payments.open();
+    let again = keyed().send().await.unwrap();
+    let (status, confirmed) = common::read(again).await;
+    assert_eq!(status, StatusCode::OK, "{confirmed}");
+    assert_eq!(confirmed["payment"]["reference"], format!("pi_test_{booking}_0"), "the first attempt's charge");
+    let replay = keyed().send().await.unwrap();
+    assert_eq!(replay.headers()["idempotent-replayed"], "true");
+    assert_eq!(common::read(replay).await, (StatusCode::OK, confirmed));
+}
+
+/// A keyed confirm still running past its key's first lease (a slow payment provider) renews
+/// the lease while it runs: a retry meanwhile is told the key is in use, never run a second
+/// time alongside it.
+#[tokio::test]
+async fn a_keyed_request_still_running_keeps_its_key_past_its_first_lease() {
+    let payments = GatedProvider::new();
+    let (t, _stop, _server) = spawn_with(HttpOptions::default(), payments.clone()).await;
+    let (customer, booking) = t.held_seat().await;
+    let keyed = || t.confirm(&customer, &booking, "tok_visa").header("Idempotency-Key", "slow-1");
+    let first = tokio::spawn(keyed().send());
+    payments.entered.notified().await;
+    // A third of the lease passes while the charge waits; the request checks its lease every
+    // second and renews it. Then the first lease (from its start) runs out.
+    t.clock.advance(jiff::SignedDuration::from_secs(30));
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    t.clock.advance(jiff::SignedDuration::from_secs(31));
+    // Run a second time, the retry would wait at the provider's closed gate too.
+    let retry = tokio::time::timeout(Duration::from_secs(5), keyed().send()).await;
+    let (status, body) = common::read(retry.expect("the retry is answered, not run").unwrap()).await;
+    assert_eq!(status, StatusCode::CONFLICT, "{body}");
+    assert_eq!(body["error"]["code"], "idempotency_key_in_use");
+
+    payments.open();
     let (status, confirmed) = common::read(first.await.unwrap().unwrap()).await;
     assert_eq!(status, StatusCode::OK, "{confirmed}");
-    let again = keyed().send().await.unwrap();
-    let replayed = again.headers().get("idempotent-replayed").is_some_and(|v| v == "true");
-    let (status, body) = common::read(again).await;
-    assert_eq!((status, replayed), (StatusCode::OK, true), "{body}");
-    assert_eq!(body, confirmed);
+    let replay = keyed().send().await.unwrap();
+    assert_eq!(replay.headers()["idempotent-replayed"], "true");
+    assert_eq!(common::read(replay).await, (StatusCode::OK, confirmed));
 }

@@ -255,6 +255,20 @@ impl TestApp {
         drop(stream);
     }
 
+    /// Runs `sql` on the test's database behind the store's back, over a connection of its
+    /// own, as someone with database access (or a node that died mid-way) could leave it.
+    pub async fn raw_sql(&self, sql: &str) {
+        use sqlx::Connection;
+        let sql = sqlx::AssertSqlSafe(sql.to_owned());
+        if self.db_url.starts_with("postgres") {
+            let mut conn = sqlx::PgConnection::connect(&self.db_url).await.unwrap();
+            sqlx::raw_sql(sql).execute(&mut conn).await.unwrap();
+        } else {
+            let mut conn = sqlx::SqliteConnection::connect(&self.db_url).await.unwrap();
+            sqlx::raw_sql(sql).execute(&mut conn).await.unwrap();
+        }
+    }
+
     pub fn clock_now(&self) -> Timestamp {
         use allot_app::clock::Clock;
         self.clock.now()
