@@ -11,6 +11,8 @@ use std::sync::Arc;
 use allot_core::booking::Booking;
 use allot_core::inventory::{Event, Resource, Venue};
 use jiff::SignedDuration;
+use ring::aead::{Aad, CHACHA20_POLY1305, LessSafeKey, NONCE_LEN, Nonce, UnboundKey};
+use ring::hmac;
 
 use crate::App;
 use crate::error::{AppError, AppResult, StoreError};
@@ -28,6 +30,54 @@ pub const CLEANUP_BATCH_MAX: u32 = 1000;
 /// overloaded, and the backoff before the second.
 pub const STORE_ATTEMPTS_MAX: u32 = 4;
 pub const STORE_BACKOFF_MS: u64 = 50;
+
+/// What starts a stored answer that is sealed ([`ReplaySeal`]); a plain one is JSON or empty.
+const SEALED_PREFIX: &[u8] = b"allot-sealed-v1\0";
+
+/// Seals stored answers that carry live credentials (a login's tokens, a new API key), so
+/// that the replay table alone (a partial dump, a log of its rows) gives none away:
+/// ChaCha20-Poly1305 under a key derived from the token secret, bound to its key's principal
+/// and name. Someone who can read the token secret could mint tokens anyway.
+pub struct ReplaySeal(LessSafeKey);
+
+impl std::fmt::Debug for ReplaySeal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ReplaySeal")
+    }
+}
+
+impl ReplaySeal {
+    pub fn from_secret(secret: &[u8]) -> ReplaySeal {
+        let derived = hmac::sign(&hmac::Key::new(hmac::HMAC_SHA256, secret), b"allot idempotent replay seal v1");
+        let key = UnboundKey::new(&CHACHA20_POLY1305, derived.as_ref()).expect("an HMAC-SHA256 tag is a 32-byte key");
+        ReplaySeal(LessSafeKey::new(key))
+    }
+
+    fn aad(key: &IdempotencyKey) -> Aad<Vec<u8>> {
+        Aad::from([key.principal.as_bytes(), b"\n", key.key.as_bytes()].concat())
+    }
+
+    fn seal(&self, key: &IdempotencyKey, body: &[u8]) -> AppResult<Vec<u8>> {
+        let mut nonce = [0u8; NONCE_LEN];
+        rand::fill(&mut nonce);
+        let mut sealed = body.to_vec();
+        self.0
+            .seal_in_place_append_tag(Nonce::assume_unique_for_key(nonce), Self::aad(key), &mut sealed)
+            .map_err(|_| AppError::Internal("sealing a stored answer failed".into()))?;
+        Ok([SEALED_PREFIX, &nonce, &sealed].concat())
+    }
+
+    /// The stored answer as sent: opened if sealed.
+    fn open(&self, key: &IdempotencyKey, stored: Vec<u8>) -> AppResult<Vec<u8>> {
+        let Some(rest) = stored.strip_prefix(SEALED_PREFIX) else { return Ok(stored) };
+        let unreadable = || AppError::Internal("a sealed stored answer cannot be opened".into());
+        let (nonce, sealed) = rest.split_at_checked(NONCE_LEN).ok_or_else(unreadable)?;
+        let nonce = Nonce::try_assume_unique_for_key(nonce).map_err(|_| unreadable())?;
+        let mut opened = sealed.to_vec();
+        let body = self.0.open_in_place(nonce, Self::aad(key), &mut opened).map_err(|_| unreadable())?;
+        Ok(body.to_vec())
+    }
+}
 
 /// What to do with a request that carries a key.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -101,7 +151,9 @@ impl App {
             {
                 Err(AppError::IdempotencyKeyReused)
             }
-            IdempotencyBegin::Completed { status, body, .. } => Ok(Admission::Replay { status, body }),
+            IdempotencyBegin::Completed { status, body, .. } => {
+                Ok(Admission::Replay { status, body: self.replay_seal.open(key, body)? })
+            }
             IdempotencyBegin::Recover { target, .. } => Ok(Admission::Recover { target }),
         }
     }
@@ -119,6 +171,13 @@ impl App {
     /// request again.
     pub async fn idempotency_finish(&self, key: &IdempotencyKey, status: u16, body: &[u8]) -> AppResult<()> {
         Ok(with_retries(STORE_BACKOFF_MS, || self.store.idempotency_complete(key, status, body)).await?)
+    }
+
+    /// [`App::idempotency_finish`] for an answer that carries live credentials: stored sealed
+    /// ([`ReplaySeal`]), replayed as sent.
+    pub async fn idempotency_finish_sealed(&self, key: &IdempotencyKey, status: u16, body: &[u8]) -> AppResult<()> {
+        let sealed = self.replay_seal.seal(key, body)?;
+        self.idempotency_finish(key, status, &sealed).await
     }
 
     /// Releases `key` for a retry (its request failed in a way worth retrying), retrying a busy
@@ -161,10 +220,38 @@ where
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use std::sync::atomic::{AtomicU32, Ordering};
 
     use super::*;
+
+    fn key(principal: &str, name: &str) -> IdempotencyKey {
+        IdempotencyKey { principal: principal.into(), key: name.into(), request_hash: "h".into(), owner: "o".into() }
+    }
+
+    #[test]
+    fn a_sealed_answer_opens_only_under_its_own_key_and_secret() {
+        let seal = ReplaySeal::from_secret(&[7; 32]);
+        let body = br#"{"access_token":"eyJ.secret","refresh_token":"r"}"#;
+        let mine = key("anonymous:127.0.0.1", "login-1");
+        let sealed = seal.seal(&mine, body).unwrap();
+        assert!(sealed.starts_with(SEALED_PREFIX));
+        assert!(!sealed.windows(10).any(|w| w == b"eyJ.secret"), "the credentials are not stored readable");
+        assert_ne!(seal.seal(&mine, body).unwrap(), sealed, "a fresh nonce each time");
+        assert_eq!(seal.open(&mine, sealed.clone()).unwrap(), body);
+        // Moved to another key's row, or read under another secret, it does not open.
+        assert!(seal.open(&key("anonymous:127.0.0.1", "login-2"), sealed.clone()).is_err());
+        assert!(seal.open(&key("user:1", "login-1"), sealed.clone()).is_err());
+        assert!(ReplaySeal::from_secret(&[8; 32]).open(&mine, sealed.clone()).is_err());
+        let mut tampered = sealed;
+        let last = tampered.len() - 1;
+        tampered[last] ^= 1;
+        assert!(seal.open(&mine, tampered).is_err());
+        // Plain answers pass through; a cut-off sealed one is refused, not panicked on.
+        assert_eq!(seal.open(&mine, b"{}".to_vec()).unwrap(), b"{}");
+        assert!(seal.open(&mine, [SEALED_PREFIX, b"short"].concat()).is_err());
+    }
 
     /// `with_retries` over a store that answers `failures` busy/overloaded, then succeeds:
     /// (result, attempts made).

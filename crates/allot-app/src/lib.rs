@@ -36,6 +36,7 @@ pub struct App {
     pub clock: Arc<dyn Clock>,
     pub payments: Arc<dyn PaymentProvider>,
     keys: TokenKeys,
+    replay_seal: idempotency::ReplaySeal,
     /// Verified against when a login names an unknown account (constant work either way).
     dummy_hash: String,
     expiry: ExpiryHandle,
@@ -53,10 +54,11 @@ impl App {
         // every node of a cluster.
         let secret = store.setting_or_insert("token_secret", &auth::random_token()).await?;
         let keys = TokenKeys::from_secret(secret.as_bytes());
+        let replay_seal = idempotency::ReplaySeal::from_secret(secret.as_bytes());
         let dummy_hash = auth::hash_password(auth::random_token()).await?;
         let (expiry, expiry_rx) = ExpiryHandle::channel();
         let seat_maps = seat_maps::SeatMapCache::default();
-        let app = Arc::new(App { store, clock, payments, keys, dummy_hash, expiry, seat_maps });
+        let app = Arc::new(App { store, clock, payments, keys, replay_seal, dummy_hash, expiry, seat_maps });
         tokio::spawn(expiry::run(app.clone(), expiry_rx));
         tokio::spawn(cleanup_loop(Arc::downgrade(&app)));
         Ok(app)

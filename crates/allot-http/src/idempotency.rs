@@ -39,16 +39,17 @@ pub(crate) struct Keyed {
     pub key: String,
 }
 
-/// Responses that carry live credentials are never stored: a replayed login would hand out a
-/// token kept in plain text, and each login is a new session anyway. A new API key likewise
-/// exists in plain text only in its one response.
-pub(crate) const UNSTORED_PATHS: [&str; 3] = ["/api/v1/auth/login", "/api/v1/auth/refresh", "/api/v1/api-keys"];
+/// Responses that carry live credentials (tokens, a new API key): stored sealed
+/// (`App::idempotency_finish_sealed`), never readable in the replay table.
+pub(crate) const SEALED_PATHS: [&str; 3] = ["/api/v1/auth/login", "/api/v1/auth/refresh", "/api/v1/api-keys"];
+/// The one that creates something whose secret is shown only in its answer.
+const API_KEYS_PATH: &str = "/api/v1/api-keys";
 
 /// The middleware's idempotency half, inside the rate limits (see [`crate::guard`]). Every
 /// request that may change something runs detached from its connection, keyed or not.
 /// `detached` tracks those tasks, so that shutdown can wait for them ([`crate::serve`]).
 pub async fn keyed(app: Arc<App>, request: Request, next: Next, detached: TaskTracker) -> Response {
-    if request.method() != Method::POST || UNSTORED_PATHS.contains(&request.uri().path()) {
+    if request.method() != Method::POST {
         return detached_if_writing(&detached, next, request).await;
     }
     let Some(key) = request.headers().get(HEADER).map(|v| v.to_str().map(str::to_owned)) else {
@@ -104,9 +105,10 @@ pub async fn keyed(app: Arc<App>, request: Request, next: Next, detached: TaskTr
             // not leave the key locked with its outcome unrecorded.
             let request = Request::from_parts(parts, Body::from(bytes));
             let (task_app, task_id) = (app.clone(), id.clone());
+            let sealed = SEALED_PATHS.contains(&request.uri().path());
             let task = run_detached(&detached, async move {
                 let response = renewing(&task_app, &task_id, next.run(request)).await;
-                run_and_store(&task_app, &task_id, response).await
+                run_and_store(&task_app, &task_id, response, sealed).await
             });
             match task.await {
                 Ok(response) => response,
@@ -144,11 +146,24 @@ async fn renewing(app: &App, id: &IdempotencyKey, request: impl Future<Output = 
     }
 }
 
-/// Where a keyed POST to `path` keeps what it changes, and the status it answers with.
-/// `None`: the route marks nothing a retry could not run again (logout has no target).
-fn changed_by(path: &str) -> Option<(ChangedKind, StatusCode)> {
+/// How a retry of a POST to `path` is answered once its key is marked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Recovery {
+    /// With what it changed (`ChangedKind`) as it now is, in this status.
+    Answer(ChangedKind, StatusCode),
+    /// It created an API key, whose secret exists only in the lost answer: 409, naming the key
+    /// to revoke. Never a second key.
+    SecretShownOnce,
+}
+
+/// `None`: the route marks nothing (logout, login and refresh have no target), so a retry
+/// after its attempt died runs it again.
+fn recovery_of(path: &str) -> Option<Recovery> {
+    if path == API_KEYS_PATH {
+        return Some(Recovery::SecretShownOnce);
+    }
     let segments: Vec<&str> = path.trim_start_matches("/api/v1/").split('/').collect();
-    Some(match segments.as_slice() {
+    let (kind, status) = match segments.as_slice() {
         ["bookings"] => (ChangedKind::Booking, StatusCode::CREATED),
         ["bookings", _, "confirm" | "cancel"] => (ChangedKind::Booking, StatusCode::OK),
         ["venues"] => (ChangedKind::Venue, StatusCode::CREATED),
@@ -157,15 +172,17 @@ fn changed_by(path: &str) -> Option<(ChangedKind, StatusCode)> {
         ["auth", "register"] => (ChangedKind::User, StatusCode::CREATED),
         ["users", _, "roles"] => (ChangedKind::User, StatusCode::OK),
         _ => return None,
-    })
+    };
+    Some(Recovery::Answer(kind, status))
 }
 
 /// Answers a retry whose earlier attempt changed `target` and died before its answer was
-/// stored: with `target` as it now is, in the route's success status, stored as the key's
+/// stored: with `target` as it now is (see [`Recovery`]), in the route's success status, stored as the key's
 /// answer from then on.
 async fn recover(app: &App, id: &IdempotencyKey, path: &str, target: &str) -> Response {
-    let recovered = match changed_by(path) {
-        Some((kind, status)) => app.idempotency_recover(kind, target).await.map(|changed| (status, changed)),
+    let recovered = match recovery_of(path) {
+        Some(Recovery::Answer(kind, status)) => app.idempotency_recover(kind, target).await.map(|c| (status, c)),
+        Some(Recovery::SecretShownOnce) => return secret_lost(app, id, target).await,
         None => Err(AppError::Internal(format!("{path} marked {target} but cannot be recovered"))),
     };
     let (status, changed) = match recovered {
@@ -189,6 +206,23 @@ async fn recover(app: &App, id: &IdempotencyKey, path: &str, target: &str) -> Re
         tracing::error!(error = %e, "storing the recovered idempotent response failed");
     }
     replay(status.as_u16(), body)
+}
+
+/// [`recover`] for a new API key: its secret was in the lost answer only (the store keeps its
+/// digest), so the retry learns which key to revoke, stored as the key's answer.
+async fn secret_lost(app: &App, id: &IdempotencyKey, api_key_id: &str) -> Response {
+    let message = format!(
+        "this request created API key {api_key_id}, but its answer was lost and the key is shown only once: \
+         revoke it and create another"
+    );
+    let details = serde_json::json!({ "api_key_id": api_key_id });
+    let error = ApiError { details, ..ApiError::new(StatusCode::CONFLICT, "conflict", message) };
+    let body = axum::body::to_bytes(error.into_response().into_body(), RESPONSE_BYTES_MAX).await;
+    let body = body.map(|b| b.to_vec()).unwrap_or_default();
+    if let Err(e) = app.idempotency_finish(id, StatusCode::CONFLICT.as_u16(), &body).await {
+        tracing::error!(error = %e, "storing the recovered idempotent response failed");
+    }
+    replay(StatusCode::CONFLICT.as_u16(), body)
 }
 
 /// [`run_detached`] for a request that may change something (any method but GET, HEAD and
@@ -235,7 +269,9 @@ fn replay(status: u16, body: Vec<u8>) -> Response {
     response
 }
 
-async fn run_and_store(app: &App, id: &IdempotencyKey, response: Response) -> Response {
+/// Stores `response` as the answer to `id` (sealed when it carries credentials), or releases
+/// the key for a 5xx.
+async fn run_and_store(app: &App, id: &IdempotencyKey, response: Response, sealed: bool) -> Response {
     let (parts, body) = response.into_parts();
     let Ok(bytes) = axum::body::to_bytes(body, RESPONSE_BYTES_MAX).await else {
         let _ = app.idempotency_abandon(id).await;
@@ -243,6 +279,8 @@ async fn run_and_store(app: &App, id: &IdempotencyKey, response: Response) -> Re
     };
     let outcome = if parts.status.is_server_error() {
         app.idempotency_abandon(id).await
+    } else if sealed {
+        app.idempotency_finish_sealed(id, parts.status.as_u16(), &bytes).await
     } else {
         app.idempotency_finish(id, parts.status.as_u16(), &bytes).await
     };
@@ -257,23 +295,28 @@ mod tests {
     use super::*;
 
     /// POSTs whose change names no target, so that nothing marks their key: run again, they
-    /// repeat no harm (a revoked token stays revoked).
-    const UNMARKED_PATHS: [&str; 1] = ["/api/v1/auth/logout"];
+    /// repeat no harm (a revoked token stays revoked, a login or refresh is one more session;
+    /// a refresh whose token was rotated is refused as reuse).
+    const UNMARKED_PATHS: [&str; 3] = ["/api/v1/auth/logout", "/api/v1/auth/login", "/api/v1/auth/refresh"];
 
     #[test]
     fn every_stored_post_that_changes_something_can_be_answered_from_what_it_changed() {
         let document = crate::openapi_document();
         for (path, item) in &document.paths.paths {
             let Some(post) = &item.post else { continue };
-            if UNSTORED_PATHS.contains(&path.as_str()) || UNMARKED_PATHS.contains(&path.as_str()) {
+            if UNMARKED_PATHS.contains(&path.as_str()) {
                 continue;
             }
             let concrete = path.replace("{id}", "0190a5e0-0000-7000-8000-000000000000");
-            let (_, status) = changed_by(&concrete).unwrap_or_else(|| panic!("{path}: no way to recover its answer"));
+            let status = match recovery_of(&concrete) {
+                Some(Recovery::Answer(_, status)) => status,
+                Some(Recovery::SecretShownOnce) => StatusCode::CONFLICT,
+                None => panic!("{path}: no way to recover its answer"),
+            };
             let documented = post.responses.responses.contains_key(status.as_str());
             assert!(documented, "{path}: recovered as {status}, which it does not answer");
         }
-        assert_eq!(changed_by("/api/v1/bookings/x/refund"), None);
-        assert_eq!(changed_by("/api/v1/auth/logout"), None);
+        assert_eq!(recovery_of("/api/v1/bookings/x/refund"), None);
+        assert_eq!(recovery_of("/api/v1/auth/logout"), None);
     }
 }

@@ -122,7 +122,7 @@ pub fn add_shared(spec: &mut OpenApi) {
                 add_response(op, "429", "`rate_limited`: wait for `Retry-After` seconds");
                 add_response(op, "503", "`overloaded`: the store is busy; retry after `Retry-After`");
             }
-            if method == HttpMethod::Post && !crate::idempotency::UNSTORED_PATHS.contains(&path.as_str()) {
+            if method == HttpMethod::Post {
                 add_idempotency(op);
             }
         }
@@ -148,7 +148,7 @@ fn add_idempotency(op: &mut Operation) {
         .name("Idempotency-Key")
         .parameter_in(ParameterIn::Header)
         .required(Required::False)
-        .description(Some("Replays the first response to this key (24 h); a different body gets 422"))
+        .description(Some("Replays the first response to this key (24 h); a different body gets 422, a retry while the first runs 409"))
         .schema(Some(
             ObjectBuilder::new()
                 .schema_type(Type::String)

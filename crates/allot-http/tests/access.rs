@@ -152,8 +152,9 @@ async fn api_keys_are_shown_once_stored_hashed_and_revocable() {
     assert!(body["error"]["details"]["fields"]["name"].is_string(), "{body}");
     assert!(body["error"]["details"]["fields"]["scopes"].is_string(), "{body}");
 
-    // An Idempotency-Key never replays a key: each request makes its own.
-    let mut keys = Vec::new();
+    // A retry under the same Idempotency-Key gets the same key back (one key is made); the
+    // stored answer holds no readable secret.
+    let mut answers = Vec::new();
     for _ in 0..2 {
         let response = t
             .client
@@ -164,11 +165,26 @@ async fn api_keys_are_shown_once_stored_hashed_and_revocable() {
             .send()
             .await
             .unwrap();
+        let replayed = response.headers().get("idempotent-replayed").is_some();
         let (status, body) = common::read(response).await;
         assert_eq!(status, StatusCode::CREATED, "{body}");
-        keys.push(body["key"].as_str().unwrap().to_owned());
+        answers.push((replayed, body));
     }
-    assert_ne!(keys[0], keys[1]);
+    assert_eq!((answers[0].0, answers[1].0), (false, true));
+    assert_eq!(answers[0].1, answers[1].1);
+    let retried = answers[0].1["key"].as_str().unwrap();
+    let secret_part = retried.trim_start_matches("allot_pk_");
+    assert_eq!(stored_answers_containing(&t, secret_part).await, 0, "stored sealed");
+    // (The same look-up finds what a plain stored answer holds.)
+    let venue = json!({"name": "Plainly Stored", "category": "cinema", "location": {"lat": 52.5, "lon": 13.4},
+                       "timezone": "Europe/Berlin", "currency": "EUR"});
+    let response =
+        t.client.post(t.url("/venues")).bearer_auth(&admin).header("Idempotency-Key", "plain").json(&venue).send();
+    assert_eq!(response.await.unwrap().status(), StatusCode::CREATED);
+    assert_eq!(stored_answers_containing(&t, "Plainly Stored").await, 1);
+    let (_, list) = t.get(Some(&admin), "/api-keys?limit=100").await;
+    let made = list["data"].as_array().unwrap().iter().filter(|k| k["name"] == "retry").count();
+    assert_eq!(made, 1, "{list}");
 
     // The key works until revoked, then it is 401 like any bad token.
     let (status, body) = t.get(Some(key), "/bookings").await;
@@ -261,4 +277,10 @@ async fn a_partner_books_within_its_scopes_and_sees_only_its_own_bookings() {
     let (status, body) =
         t.get(Some(&writer), &format!("/resources/{room}/availability?from=2026-12-01&to=2026-12-03")).await;
     assert_eq!(status, StatusCode::OK, "{body}");
+}
+
+/// How many stored idempotent answers contain `text` as it would be readable in the table.
+async fn stored_answers_containing(t: &TestApp, text: &str) -> i64 {
+    let readable = if t.db_url.starts_with("postgres") { "encode(body, 'escape')" } else { "CAST(body AS TEXT)" };
+    t.store.count("idempotency_keys", &format!("{readable} LIKE '%{text}%'")).await.unwrap()
 }

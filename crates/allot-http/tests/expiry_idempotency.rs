@@ -649,6 +649,51 @@ async fn a_confirm_or_a_new_venue_whose_answer_was_lost_is_answered_as_it_now_is
     assert_eq!(named, 1, "one venue, not two: {venues}");
 }
 
+#[tokio::test]
+async fn a_retried_login_or_refresh_gets_the_same_session_and_revokes_nothing() {
+    let t = TestApp::spawn().await;
+    t.customer("retry-session@test.allot").await;
+    let login = json!({"email": "retry-session@test.allot", "password": "password-123"});
+    let (s1, _, b1) = post_keyed(&t, None, "/auth/login", &login, "login-1").await;
+    assert_eq!(s1, StatusCode::OK, "{}", String::from_utf8_lossy(&b1));
+    let (s2, replayed, b2) = post_keyed(&t, None, "/auth/login", &login, "login-1").await;
+    assert_eq!((s2, replayed), (StatusCode::OK, true));
+    assert_eq!(b1, b2, "the same session, not a second one");
+
+    // A refresh whose answer was lost, retried: the rotated session again, not a token reuse
+    // that would revoke the whole family.
+    let refresh = json!({"refresh_token": json_of(&b1)["refresh_token"]});
+    let (s1, _, r1) = post_keyed(&t, None, "/auth/refresh", &refresh, "refresh-1").await;
+    assert_eq!(s1, StatusCode::OK, "{}", String::from_utf8_lossy(&r1));
+    let (s2, replayed, r2) = post_keyed(&t, None, "/auth/refresh", &refresh, "refresh-1").await;
+    assert_eq!((s2, replayed), (StatusCode::OK, true), "{}", String::from_utf8_lossy(&r2));
+    assert_eq!(r1, r2);
+    let rotated = json!({"refresh_token": json_of(&r1)["refresh_token"]});
+    let (status, next) = t.post(None, "/auth/refresh", rotated).await;
+    assert_eq!(status, StatusCode::OK, "the family still lives: {next}");
+}
+
+#[tokio::test]
+async fn an_api_key_whose_answer_was_lost_is_named_for_revocation_not_made_again() {
+    let t = TestApp::spawn().await;
+    let admin = t.admin().await;
+    let body = json!({"name": "Lost OTA", "scopes": ["bookings:read"]});
+    let (s1, _, b1) = post_keyed(&t, Some(&admin), "/api-keys", &body, "key-lost").await;
+    assert_eq!(s1, StatusCode::CREATED, "{}", String::from_utf8_lossy(&b1));
+    forget_the_answer(&t, "key-lost").await;
+    t.clock.advance(SignedDuration::from_secs(61));
+    let (s2, replayed, b2) = post_keyed(&t, Some(&admin), "/api-keys", &body, "key-lost").await;
+    assert_eq!((s2, replayed), (StatusCode::CONFLICT, true), "{}", String::from_utf8_lossy(&b2));
+    let answer = json_of(&b2);
+    assert_eq!(answer["error"]["code"], "conflict");
+    assert_eq!(answer["error"]["details"]["api_key_id"], json_of(&b1)["id"], "{answer}");
+    let (_, list) = t.get(Some(&admin), "/api-keys?limit=100").await;
+    let made = list["data"].as_array().unwrap().iter().filter(|k| k["name"] == "Lost OTA").count();
+    assert_eq!(made, 1, "one key, not two: {list}");
+    let (s3, _, b3) = post_keyed(&t, Some(&admin), "/api-keys", &body, "key-lost").await;
+    assert_eq!((s3, b3), (StatusCode::CONFLICT, b2), "the same answer from now on");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_storm_of_lapsed_holds_is_released_at_once_not_by_the_next_sweep() {
     const HOLDS: usize = 400;
