@@ -140,7 +140,12 @@ async fn renewing(app: &App, id: &IdempotencyKey, request: impl Future<Output = 
         }
         match app.idempotency_renew(id).await {
             Ok(true) => renewed_at = now,
-            Ok(false) => tracing::warn!("a running request's idempotency key was taken over"),
+            Ok(false) => {
+                // Its lease ran out before a renewal got through (a store down that long): the
+                // outcome this attempt stores will not be kept, its holder's will.
+                tracing::warn!("a running request's idempotency key was taken over");
+                return request.await;
+            }
             Err(e) => tracing::warn!(error = %e, "renewing an idempotency key's lease failed; retrying"),
         }
     }
@@ -200,8 +205,12 @@ async fn recover(app: &App, id: &IdempotencyKey, path: &str, target: &str) -> Re
         Changed::Event(e) => serde_json::to_vec(&crate::dto::event_json(&e)),
         Changed::User(u) => serde_json::to_vec(&crate::dto::user_json(&u)),
     };
-    let body = body.unwrap_or_default();
     tracing::info!(target_id = target, "a keyed request whose answer was lost is answered from what it changed");
+    recovered_answer(app, id, status, body.unwrap_or_default()).await
+}
+
+/// Stores a recovered answer as `id`'s answer from now on, and sends it as a replay.
+async fn recovered_answer(app: &App, id: &IdempotencyKey, status: StatusCode, body: Vec<u8>) -> Response {
     if let Err(e) = app.idempotency_finish(id, status.as_u16(), &body).await {
         tracing::error!(error = %e, "storing the recovered idempotent response failed");
     }
@@ -218,11 +227,7 @@ async fn secret_lost(app: &App, id: &IdempotencyKey, api_key_id: &str) -> Respon
     let details = serde_json::json!({ "api_key_id": api_key_id });
     let error = ApiError { details, ..ApiError::new(StatusCode::CONFLICT, "conflict", message) };
     let body = axum::body::to_bytes(error.into_response().into_body(), RESPONSE_BYTES_MAX).await;
-    let body = body.map(|b| b.to_vec()).unwrap_or_default();
-    if let Err(e) = app.idempotency_finish(id, StatusCode::CONFLICT.as_u16(), &body).await {
-        tracing::error!(error = %e, "storing the recovered idempotent response failed");
-    }
-    replay(StatusCode::CONFLICT.as_u16(), body)
+    recovered_answer(app, id, StatusCode::CONFLICT, body.map(|b| b.to_vec()).unwrap_or_default()).await
 }
 
 /// [`run_detached`] for a request that may change something (any method but GET, HEAD and

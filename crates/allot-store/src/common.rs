@@ -153,16 +153,22 @@ pub fn rotation(row: Option<TokenRow>, now: i64) -> Rotation {
 
 /// A stored idempotency key: request_hash, status, body, locked_until, committed_target.
 pub type KeyRow = (String, Option<i64>, Option<Vec<u8>>, Option<i64>, Option<String>);
-/// The columns of a [`KeyRow`], in order.
-pub const KEY_ROW_COLUMNS: &str = "request_hash, status, body, locked_until, committed_target";
+/// Selects a key's [`KeyRow`] (parameters: principal, key).
+macro_rules! key_row_sql {
+    () => {
+        "SELECT request_hash, status, body, locked_until, committed_target FROM idempotency_keys
+         WHERE principal = $1 AND key = $2"
+    };
+}
+pub(crate) use key_row_sql;
 
-/// The rows `Store::idempotency_abandon` deletes (parameters: principal, key, owner): the
-/// key's holder changed nothing.
-pub const ABANDONED_UNCHANGED: &str =
-    "WHERE principal = $1 AND key = $2 AND owner = $3 AND status IS NULL AND committed_target IS NULL";
-/// The rows it unlocks instead, for the next retry to recover: the holder changed something.
-pub const ABANDONED_CHANGED: &str =
-    "WHERE principal = $1 AND key = $2 AND owner = $3 AND status IS NULL AND committed_target IS NOT NULL";
+/// `Store::idempotency_abandon` (parameters: principal, key, owner), two statements whose rows
+/// exclude each other: a key whose holder changed nothing is deleted; one whose holder changed
+/// something is unlocked, for the next retry to recover.
+pub const ABANDON_UNCHANGED_SQL: &str = "DELETE FROM idempotency_keys
+     WHERE principal = $1 AND key = $2 AND owner = $3 AND status IS NULL AND committed_target IS NULL";
+pub const ABANDON_CHANGED_SQL: &str = "UPDATE idempotency_keys SET locked_until = NULL
+     WHERE principal = $1 AND key = $2 AND owner = $3 AND status IS NULL AND committed_target IS NOT NULL";
 
 /// What a request with `request_hash` finds under a key at `now`.
 #[derive(Debug, PartialEq, Eq)]

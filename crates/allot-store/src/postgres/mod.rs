@@ -33,7 +33,7 @@ use sqlx::{Connection, PgConnection, Postgres, QueryBuilder};
 
 use crate::access;
 use crate::cache::{self, Cache, INVALIDATE_ALL};
-use crate::common::{ABANDONED_CHANGED, ABANDONED_UNCHANGED, DocTable, KEY_ROW_COLUMNS, KeyFound, venue_inserted};
+use crate::common::{ABANDON_CHANGED_SQL, ABANDON_UNCHANGED_SQL, DocTable, KeyFound, venue_inserted};
 use crate::common::{
     AUDIT_COLUMNS, AUDIT_HEAD_SQL, AuditRow, KeyRow, Rotation, TokenRow, USER_COLUMNS, UserVenuesRow, VENUE_IN_USE,
     add_seat_states, after_key, audit_events_of, audit_head_of, audit_range_query, audit_rotation, audit_select, chain,
@@ -816,13 +816,11 @@ async fn idempotency_begin_in_tx(
     if inserted.rows_affected() == 1 {
         return Ok(Ok(IdempotencyBegin::Started));
     }
-    let row: Option<KeyRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-        "SELECT {KEY_ROW_COLUMNS} FROM idempotency_keys WHERE principal = $1 AND key = $2 FOR UPDATE"
-    )))
-    .bind(&key.principal)
-    .bind(&key.key)
-    .fetch_optional(&mut ctx.conn)
-    .await?;
+    let row: Option<KeyRow> = sqlx::query_as(concat!(crate::common::key_row_sql!(), " FOR UPDATE"))
+        .bind(&key.principal)
+        .bind(&key.key)
+        .fetch_optional(&mut ctx.conn)
+        .await?;
     let begun = match existing_key(row, &key.request_hash, now) {
         KeyFound::Answer(found) => return Ok(Ok(found)),
         KeyFound::TakeOver(begun) => begun,
@@ -845,12 +843,6 @@ async fn idempotency_begin_in_tx(
     .await?;
     Ok(Ok(begun))
 }
-
-/// `Store::idempotency_abandon`'s statements (see [`ABANDONED_UNCHANGED`], [`ABANDONED_CHANGED`]).
-static ABANDON_UNCHANGED_SQL: std::sync::LazyLock<String> =
-    std::sync::LazyLock::new(|| format!("DELETE FROM idempotency_keys {ABANDONED_UNCHANGED}"));
-static ABANDON_CHANGED_SQL: std::sync::LazyLock<String> =
-    std::sync::LazyLock::new(|| format!("UPDATE idempotency_keys SET locked_until = NULL {ABANDONED_CHANGED}"));
 
 /// A batch's idempotency marks as column arrays for `unnest` ([`MARK_LOCK_HEAD_SQL`]).
 fn mark_columns(marks: &[IdempotencyMark]) -> (Vec<&str>, Vec<&str>, Vec<&str>) {
@@ -1435,9 +1427,18 @@ impl Store for PgStore {
     }
 
     async fn idempotency_abandon(&self, key: &IdempotencyKey) -> Result<(), StoreError> {
-        let args = || vec![Arg::Text(key.principal.clone()), Arg::Text(key.key.clone()), Arg::Text(key.owner.clone())];
-        self.exec_one(ABANDON_UNCHANGED_SQL.as_str(), args(), "").await?;
-        self.exec_one(ABANDON_CHANGED_SQL.as_str(), args(), "").await.map(|_| ())
+        let key = key.clone();
+        self.writer
+            .exec(move |ctx: &mut Ctx| -> BoxFuture<'_, Outcome<(), StoreError>> {
+                Box::pin(async move {
+                    for sql in [ABANDON_UNCHANGED_SQL, ABANDON_CHANGED_SQL] {
+                        let query = sqlx::query(sql).bind(&key.principal).bind(&key.key).bind(&key.owner);
+                        query.execute(&mut ctx.conn).await?;
+                    }
+                    Ok(Ok(()))
+                })
+            })
+            .await
     }
 
     async fn idempotency_renew(&self, key: &IdempotencyKey, locked_until: Timestamp) -> Result<bool, StoreError> {

@@ -30,8 +30,8 @@ use serde::de::DeserializeOwned;
 use crate::access::{IS_ADMIN, RevokeStep, parse_roles, revoke_step, roles_text, scopes_text, with, without};
 use crate::cache::{self, INVALIDATE_ALL};
 use crate::common::{
-    ABANDONED_CHANGED, ABANDONED_UNCHANGED, AUDIT_COLUMNS, AUDIT_HEAD_SQL, DocTable, KEY_ROW_COLUMNS, KeyFound,
-    Rotation, VENUE_IN_USE, chain, claims_from_rows, decided, existing_key, hold_expiry, rotation,
+    ABANDON_CHANGED_SQL, ABANDON_UNCHANGED_SQL, AUDIT_COLUMNS, AUDIT_HEAD_SQL, DocTable, KeyFound, Rotation,
+    VENUE_IN_USE, chain, claims_from_rows, decided, existing_key, hold_expiry, rotation,
 };
 use crate::writer::{Backend, HoldResults, TxnRef, WriteCtx};
 
@@ -789,7 +789,7 @@ pub(crate) fn idempotency_begin(
     let now = ctx.now(now).as_second();
     let row = ctx
         .conn
-        .prepare_cached(&format!("SELECT {KEY_ROW_COLUMNS} FROM idempotency_keys WHERE principal = ? AND key = ?"))?
+        .prepare_cached(crate::common::key_row_sql!())?
         .query_row([&key.principal, &key.key], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)))
         .optional()?;
     let begun = match existing_key(row, &key.request_hash, now) {
@@ -824,10 +824,9 @@ pub(crate) fn idempotency_complete(
 
 pub(crate) fn idempotency_abandon(ctx: &mut Ctx, key: &IdempotencyKey) -> Outcome<(), StoreError> {
     let args = params![key.principal, key.key, key.owner];
-    ctx.conn.prepare_cached(&format!("DELETE FROM idempotency_keys {ABANDONED_UNCHANGED}"))?.execute(args)?;
-    ctx.conn
-        .prepare_cached(&format!("UPDATE idempotency_keys SET locked_until = NULL {ABANDONED_CHANGED}"))?
-        .execute(args)?;
+    for sql in [ABANDON_UNCHANGED_SQL, ABANDON_CHANGED_SQL] {
+        ctx.conn.prepare_cached(sql)?.execute(args)?;
+    }
     Ok(Ok(()))
 }
 
