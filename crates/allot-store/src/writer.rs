@@ -153,6 +153,15 @@ impl<C> WriteCtx<C> {
         self.last_now = self.last_now.max(requested);
         self.last_now
     }
+
+    /// A kept write of `scope`'s request: its event (the first time only, at `at`) and, for a
+    /// keyed request that succeeded, its idempotency mark, both written when the batch seals.
+    fn claim(&mut self, scope: &AuditScope, at: Timestamp) {
+        if let Some(event) = scope.claim(at) {
+            self.audit.push(event);
+            self.marks.extend(scope.mark());
+        }
+    }
 }
 
 type Reply = Box<dyn FnOnce(Result<(), StoreError>) + Send>;
@@ -208,11 +217,8 @@ where
                 ctx.savepoint_open = false;
             }
             let claimed = audit.filter(|_| keep && failure.is_none());
-            if let Some(scope) = &claimed
-                && let Some(event) = scope.claim(ctx.last_now)
-            {
-                ctx.audit.push(event);
-                ctx.marks.extend(scope.mark());
+            if let Some(scope) = &claimed {
+                ctx.claim(scope, ctx.last_now);
             }
             Box::new(move |commit: Result<(), StoreError>| {
                 if let Some(scope) = claimed {
@@ -729,16 +735,14 @@ fn hold_reply<C>(
     // A store failure's outcome is not known yet: the request records it once it is.
     let decided = result.as_ref().err().is_none_or(|refused| refused.audit_reason().is_some());
     let claimed = audit.filter(|_| decided);
-    let event = match (&claimed, &result) {
-        (Some(scope), Ok(booking)) => {
-            let event = scope.claim(booking.created_at);
-            ctx.marks.extend(event.as_ref().and_then(|_| scope.mark()));
-            event
+    match (&claimed, &result) {
+        (Some(scope), Ok(booking)) => ctx.claim(scope, booking.created_at),
+        (Some(scope), Err(refused)) => {
+            let failed = refused.audit_reason().and_then(|r| scope.claim_failure(ctx.last_now, r));
+            ctx.audit.extend(failed);
         }
-        (Some(scope), Err(refused)) => refused.audit_reason().and_then(|r| scope.claim_failure(ctx.last_now, r)),
-        (None, _) => None,
-    };
-    ctx.audit.extend(event);
+        (None, _) => {}
+    }
     Box::new(move |commit: Result<(), StoreError>| {
         if let Some(scope) = claimed {
             scope.settle(commit.is_ok());
