@@ -23,7 +23,7 @@ use sha2::{Digest, Sha256};
 use crate::App;
 use crate::auth::Principal;
 use crate::error::{AppError, AppResult, StoreError};
-use crate::store::{IdempotencyMark, PAGE_LIMIT_MAX, Role, Store};
+use crate::store::{IdempotencyKey, IdempotencyMark, PAGE_LIMIT_MAX, Role, Store};
 
 /// The `prev_hash` of the first event.
 pub const GENESIS_HASH: &str = "0000000000000000000000000000000000000000000000000000000000000000";
@@ -245,7 +245,7 @@ struct ScopeState {
     event: AuditEvent,
     stage: Stage,
     /// The request's `Idempotency-Key` (principal, key), if it carries one.
-    idempotency_key: Option<(String, String)>,
+    idempotency_key: Option<IdempotencyKey>,
 }
 
 /// The audit event of one request in the making. Cloning shares it.
@@ -267,11 +267,12 @@ impl AuditScope {
         AuditScope(Arc::new(Mutex::new(ScopeState { event, stage: Stage::Open, idempotency_key: None })))
     }
 
-    /// This scope for a request that carries `Idempotency-Key` `key` of `principal`: its kept
-    /// change then marks the key in the same transaction ([`AuditScope::mark`]).
+    /// This scope for a request that runs as attempt `key` (its `Idempotency-Key`): its kept
+    /// change then marks the key in the same transaction ([`AuditScope::mark`]), if the
+    /// attempt still holds it.
     #[must_use]
-    pub fn with_idempotency_key(self, principal: String, key: String) -> Self {
-        self.lock().idempotency_key = Some((principal, key));
+    pub fn with_idempotency_key(self, key: IdempotencyKey) -> Self {
+        self.lock().idempotency_key = Some(key);
         self
     }
 
@@ -282,9 +283,10 @@ impl AuditScope {
     /// changed nothing a retry would repeat harmfully).
     pub fn mark(&self) -> Option<IdempotencyMark> {
         let state = self.lock();
-        let (principal, key) = state.idempotency_key.clone()?;
+        let key = state.idempotency_key.as_ref()?;
         let target = state.event.target_id.clone().filter(|_| state.event.outcome == Outcome::Success)?;
-        Some(IdempotencyMark { principal, key, target })
+        let (principal, owner) = (key.principal.clone(), key.owner.clone());
+        Some(IdempotencyMark { principal, key: key.key.clone(), owner, target })
     }
 
     fn lock(&self) -> MutexGuard<'_, ScopeState> {

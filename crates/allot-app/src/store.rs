@@ -228,10 +228,14 @@ pub struct IdempotencyKey {
 
 /// Written in the transaction of a keyed request's first kept, successful change: the key's
 /// request has changed `target`, so a retry must never run it again ([`IdempotencyBegin::Recover`]).
+/// Only while attempt `owner` still holds the key: an attempt whose key was taken over (it
+/// stalled past its lease, and a retry ran the request) must not commit its change as well,
+/// so a mark that finds another owner fails its whole batch as busy ([`StoreError::Busy`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct IdempotencyMark {
     pub principal: String,
     pub key: String,
+    pub owner: String,
     pub target: String,
 }
 

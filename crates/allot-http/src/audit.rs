@@ -85,7 +85,7 @@ pub async fn layer(State(app): State<Arc<App>>, request: Request, next: Next) ->
         parts.extensions.insert(p);
     }
     let scope = match parts.extensions.get::<crate::idempotency::Keyed>() {
-        Some(keyed) => AuditScope::new(event).with_idempotency_key(keyed.principal.clone(), keyed.key.clone()),
+        Some(keyed) => AuditScope::new(event).with_idempotency_key(keyed.0.clone()),
         None => AuditScope::new(event),
     };
     let mut unfinished = Unfinished { app: app.clone(), scope: Some(scope.clone()) };

@@ -31,13 +31,10 @@ const RESPONSE_BYTES_MAX: usize = 4 * 1024 * 1024;
 /// How often a running keyed request checks whether its lease is due for renewal.
 const LEASE_CHECK_MILLISECONDS: u64 = 1000;
 
-/// A keyed request's key, for the audit layer: its scope marks the key when the request's
+/// A keyed request's attempt, for the audit layer: its scope marks the key when the request's
 /// change is kept ([`allot_app::audit::AuditScope::with_idempotency_key`]).
 #[derive(Debug, Clone)]
-pub(crate) struct Keyed {
-    pub principal: String,
-    pub key: String,
-}
+pub(crate) struct Keyed(pub IdempotencyKey);
 
 /// Responses that carry live credentials (tokens, a new API key): stored sealed
 /// (`App::idempotency_finish_sealed`), never readable in the replay table.
@@ -100,7 +97,7 @@ pub async fn keyed(app: Arc<App>, request: Request, next: Next, detached: TaskTr
         Ok(Admission::Replay { status, body }) => replay(status, body),
         Ok(Admission::Recover { target }) => recover(&app, &id, parts.uri.path(), &target).await,
         Ok(Admission::Run) => {
-            parts.extensions.insert(Keyed { principal: id.principal.clone(), key: id.key.clone() });
+            parts.extensions.insert(Keyed(id.clone()));
             // Detached, and the outcome stored in the same task: a client that hangs up must
             // not leave the key locked with its outcome unrecorded.
             let request = Request::from_parts(parts, Body::from(bytes));

@@ -80,7 +80,9 @@ pub trait Backend: Send + Sync + 'static {
     /// writers the head must be locked first, so chains never fork, and last: a mark locks its
     /// key's row, which another batch may hold until it appends its own events). Any may be
     /// empty; a mark comes with an event. Returns what [`Backend::commit_outcome`] needs to
-    /// learn later whether the transaction committed, where the database can tell.
+    /// learn later whether the transaction committed, where the database can tell, or
+    /// [`marks_fenced`]'s error when a mark found its key held by another attempt: the batch
+    /// is then rolled back.
     fn seal<'c>(
         &'c self,
         conn: &'c mut Self::Conn,
@@ -88,7 +90,7 @@ pub trait Backend: Send + Sync + 'static {
         now: Timestamp,
         events: &'c mut [AuditEvent],
         marks: &'c [IdempotencyMark],
-    ) -> BoxFuture<'c, Result<Option<TxnRef>, Self::Error>>;
+    ) -> BoxFuture<'c, Outcome<Option<TxnRef>, StoreError, Self::Error>>;
 
     /// Decides and writes `holds` in the batch transaction, in this order, each as if it ran
     /// alone after those before it (so it sees their claims). A refused hold writes nothing. An
@@ -650,6 +652,22 @@ fn write_aborted() -> StoreError {
     StoreError::Busy("write aborted: its batch was rolled back".into())
 }
 
+/// Whether all of a batch's `marks` were written (`marked` of them): each only where its
+/// attempt still holds the key ([`IdempotencyMark`]). One that was not belongs to an attempt
+/// whose key was taken over: its change must not commit, and a batch's changes cannot be
+/// undone one by one after they ran (its holds have no savepoints), so the batch is rolled
+/// back and each of its requests fails as busy: retried, the stale attempt's is answered as
+/// the attempt that took over answered, the others run again. Only an attempt stalled past
+/// its lease (60 s without a renewal) is ever taken over, so this is rare.
+pub fn marks_fenced(marks: &[IdempotencyMark], marked: u64) -> Result<(), StoreError> {
+    assert!(marked <= marks.len() as u64, "a mark writes at most its own key's row");
+    if marked == marks.len() as u64 {
+        return Ok(());
+    }
+    tracing::warn!(marks = marks.len(), marked, "an idempotency key of this batch was taken over; rolling it back");
+    Err(StoreError::Busy("write aborted: an attempt in its batch no longer holds its idempotency key".into()))
+}
+
 /// Runs `jobs` one after another, each in its own savepoint; true when the batch must be
 /// rolled back (a job panicked or a savepoint failed). Jobs after that one are left in `jobs`.
 async fn run_jobs<B: Backend>(
@@ -761,7 +779,7 @@ async fn finish<B: Backend>(backend: &B, ctx: &mut WriteCtx<B::Conn>, keys: &[St
     assert!(ctx.marks.len() <= ctx.audit.len(), "every idempotency mark comes with its audit event");
     if !keys.is_empty() || !ctx.audit.is_empty() {
         let sealed = backend.seal(&mut ctx.conn, keys, ctx.last_now, &mut ctx.audit, &ctx.marks).await;
-        ctx.txn = sealed.map_err(B::error)?;
+        ctx.txn = sealed.map_err(B::error)??;
     }
     let started = std::time::Instant::now();
     let committed = match backend.execute(&mut ctx.conn, "COMMIT").await {

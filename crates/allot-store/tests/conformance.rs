@@ -262,6 +262,7 @@ conformance! {
     idempotency::only_the_attempt_holding_a_key_renews_completes_or_releases_it,
     idempotency::a_kept_change_marks_its_key_and_a_retry_recovers_it_instead_of_running,
     idempotency::a_refused_failed_or_unkeyed_attempt_marks_nothing,
+    idempotency::an_attempt_whose_key_was_taken_over_commits_nothing,
     model::random_operations_agree_with_reference_model,
 }
 

@@ -40,7 +40,7 @@ use crate::common::{
     claims_from_rows, decided, docs_to_page, existing_key, expired, from_json, from_json_db, hold_expiry,
     is_unique_violation, rotation, to_json, ts, user_of_venues_row,
 };
-use crate::writer::{Backend, HoldResults, Outcome, TxnRef, WriteCtx, Writer, db_error};
+use crate::writer::{Backend, HoldResults, Outcome, TxnRef, WriteCtx, Writer, db_error, marks_fenced};
 
 mod holds;
 
@@ -101,19 +101,20 @@ macro_rules! stamp_clocks_sql {
 }
 /// [`STAMP_CLOCKS_SQL`] returning the [`TxnRef`].
 const STAMP_CLOCKS_SQL: &str = concat!("WITH stamped AS (", stamp_clocks_sql!(), ") SELECT ", txn_ref_columns!());
-/// Locks the audit chain's head and reads it, with the [`TxnRef`].
+/// Locks the audit chain's head and reads it, with the [`TxnRef`] and how many idempotency
+/// marks were written (none here).
 macro_rules! lock_head_sql {
     () => {
-        concat!("SELECT seq, hash, ", txn_ref_columns!(), " FROM audit_head WHERE id = 1 FOR UPDATE")
+        concat!("SELECT seq, hash, ", txn_ref_columns!(), ", 0::int8 FROM audit_head WHERE id = 1 FOR UPDATE")
     };
 }
 const LOCK_HEAD_SQL: &str = lock_head_sql!();
 /// [`STAMP_CLOCKS_SQL`] and [`LOCK_HEAD_SQL`] in one statement.
 const STAMP_CLOCKS_LOCK_HEAD_SQL: &str = concat!("WITH stamped AS (", stamp_clocks_sql!(), ") ", lock_head_sql!());
-/// Writes a batch's idempotency marks (arrays of principals, keys and targets at the three
-/// parameters given), as a CTE `marked`.
+/// Writes a batch's idempotency marks (arrays of principals, keys, owners and targets at the
+/// four parameters given), each only where its attempt still holds the key, as a CTE `marked`.
 macro_rules! mark_keys_sql {
-    ($principals:literal, $keys:literal, $targets:literal) => {
+    ($principals:literal, $keys:literal, $owners:literal, $targets:literal) => {
         concat!(
             "marked AS (UPDATE idempotency_keys k SET committed_target = m.target
                FROM unnest(",
@@ -121,16 +122,19 @@ macro_rules! mark_keys_sql {
             "::text[], ",
             $keys,
             "::text[], ",
+            $owners,
+            "::text[], ",
             $targets,
             "::text[])
-                 AS m(principal, key, target)
-               WHERE k.principal = m.principal AND k.key = m.key AND k.status IS NULL RETURNING 1) "
+                 AS m(principal, key, owner, target)
+               WHERE k.principal = m.principal AND k.key = m.key AND k.owner = m.owner AND k.status IS NULL
+               RETURNING 1) "
         )
     };
 }
 /// [`LOCK_HEAD_SQL`] after `marked` has run to the end (its count, a one-time filter, is
 /// evaluated before the head is scanned): key rows are locked before the head, never after
-/// (see `Backend::seal`). In the same statement, not one of their own: as a statement of its
+/// (see `Backend::seal`); the last column is how many marks were written. In the same statement, not one of their own: as a statement of its
 /// own (a round trip more per batch with keyed requests) keyed holds ran 32 % below the build
 /// without marks, folded in here 21 % (docs/benchmarks.md); the rest is the rows' update.
 macro_rules! lock_head_after_marks_sql {
@@ -138,18 +142,19 @@ macro_rules! lock_head_after_marks_sql {
         concat!(
             "SELECT seq, hash, ",
             txn_ref_columns!(),
-            " FROM audit_head WHERE id = 1 AND (SELECT count(*) FROM marked) >= 0 FOR UPDATE"
+            ", (SELECT count(*) FROM marked) FROM audit_head WHERE id = 1 AND (SELECT count(*) FROM marked) >= 0
+             FOR UPDATE"
         )
     };
 }
 /// [`LOCK_HEAD_SQL`] with the batch's marks written first.
-const MARK_LOCK_HEAD_SQL: &str = concat!("WITH ", mark_keys_sql!("$1", "$2", "$3"), lock_head_after_marks_sql!());
+const MARK_LOCK_HEAD_SQL: &str = concat!("WITH ", mark_keys_sql!("$1", "$2", "$3", "$4"), lock_head_after_marks_sql!());
 /// [`STAMP_CLOCKS_LOCK_HEAD_SQL`] with the batch's marks written before the head's lock.
 const STAMP_CLOCKS_MARK_LOCK_HEAD_SQL: &str = concat!(
     "WITH stamped AS (",
     stamp_clocks_sql!(),
     "), ",
-    mark_keys_sql!("$3", "$4", "$5"),
+    mark_keys_sql!("$3", "$4", "$5", "$6"),
     lock_head_after_marks_sql!()
 );
 
@@ -268,23 +273,27 @@ impl Backend for PgBackend {
         now: Timestamp,
         events: &'c mut [AuditEvent],
         marks: &'c [IdempotencyMark],
-    ) -> BoxFuture<'c, Result<Option<TxnRef>, sqlx::Error>> {
+    ) -> BoxFuture<'c, Outcome<Option<TxnRef>, StoreError, sqlx::Error>> {
         Box::pin(async move {
             if events.is_empty() {
                 // Nothing to append, so nothing marked either (a mark comes with its event).
                 let (id, session) =
                     sqlx::query_as(STAMP_CLOCKS_SQL).bind(keys).bind(now.as_second()).fetch_one(conn).await?;
-                return Ok(Some(TxnRef { id, session }));
+                return Ok(Ok(Some(TxnRef { id, session })));
             }
             // The head is locked last, after the batch's resources and the key rows its marks
             // write, and held only until COMMIT: every node's batches append one after another,
             // so the chain never forks. The clocks are stamped and the marks written by the same
             // statement, one round trip less each.
-            let (principals, keys_marked, targets) = mark_columns(marks);
-            let head: (i64, String, i64, i32) = match (keys.is_empty(), marks.is_empty()) {
+            let (principals, keys_marked, owners, targets) = mark_columns(marks);
+            let head: (i64, String, i64, i32, i64) = match (keys.is_empty(), marks.is_empty()) {
                 (true, true) => sqlx::query_as(LOCK_HEAD_SQL).fetch_one(&mut *conn).await?,
                 (true, false) => {
-                    let query = sqlx::query_as(MARK_LOCK_HEAD_SQL).bind(principals).bind(keys_marked).bind(targets);
+                    let query = sqlx::query_as(MARK_LOCK_HEAD_SQL)
+                        .bind(principals)
+                        .bind(keys_marked)
+                        .bind(owners)
+                        .bind(targets);
                     query.fetch_one(&mut *conn).await?
                 }
                 (false, true) => {
@@ -297,11 +306,15 @@ impl Backend for PgBackend {
                         .bind(now.as_second())
                         .bind(principals)
                         .bind(keys_marked)
+                        .bind(owners)
                         .bind(targets);
                     query.fetch_one(&mut *conn).await?
                 }
             };
-            let (seq, hash, id, session) = head;
+            let (seq, hash, id, session, marked) = head;
+            if let Err(taken_over) = marks_fenced(marks, u64::try_from(marked).unwrap_or(0)) {
+                return Ok(Err(taken_over));
+            }
             let (seq, hash) = chain(events, u64::try_from(seq).unwrap_or(0), hash);
             // The rows and the new head in one statement: one round trip less while the
             // head, which every lane and node appends behind, is locked.
@@ -326,7 +339,7 @@ impl Backend for PgBackend {
                 .bind(hash)
                 .execute(conn)
                 .await?;
-            Ok(Some(TxnRef { id, session }))
+            Ok(Ok(Some(TxnRef { id, session })))
         })
     }
 
@@ -845,11 +858,9 @@ async fn idempotency_begin_in_tx(
 }
 
 /// A batch's idempotency marks as column arrays for `unnest` ([`MARK_LOCK_HEAD_SQL`]).
-fn mark_columns(marks: &[IdempotencyMark]) -> (Vec<&str>, Vec<&str>, Vec<&str>) {
-    let principals = marks.iter().map(|m| m.principal.as_str()).collect();
-    let keys = marks.iter().map(|m| m.key.as_str()).collect();
-    let targets = marks.iter().map(|m| m.target.as_str()).collect();
-    (principals, keys, targets)
+fn mark_columns(marks: &[IdempotencyMark]) -> (Vec<&str>, Vec<&str>, Vec<&str>, Vec<&str>) {
+    let column = |field: fn(&IdempotencyMark) -> &str| marks.iter().map(field).collect();
+    (column(|m| &m.principal), column(|m| &m.key), column(|m| &m.owner), column(|m| &m.target))
 }
 
 fn venue_doc(venue: &Venue) -> Result<String, StoreError> {

@@ -33,7 +33,7 @@ use crate::common::{
     ABANDON_CHANGED_SQL, ABANDON_UNCHANGED_SQL, AUDIT_COLUMNS, AUDIT_HEAD_SQL, DocTable, KeyFound, Rotation,
     VENUE_IN_USE, chain, claims_from_rows, decided, existing_key, hold_expiry, rotation,
 };
-use crate::writer::{Backend, HoldResults, TxnRef, WriteCtx};
+use crate::writer::{Backend, HoldResults, TxnRef, WriteCtx, marks_fenced};
 
 pub(crate) type Ctx = WriteCtx<Connection>;
 pub(crate) type Outcome<T, E> = crate::writer::Outcome<T, E, rusqlite::Error>;
@@ -144,12 +144,18 @@ impl Backend for SqliteBackend {
         _now: Timestamp,
         events: &'c mut [AuditEvent],
         marks: &'c [IdempotencyMark],
-    ) -> BoxFuture<'c, Result<Option<TxnRef>>> {
+    ) -> BoxFuture<'c, Outcome<Option<TxnRef>, StoreError>> {
         // One writer: no clock to stamp. No `TxnRef`: the database is a local file, so a
         // COMMIT's answer cannot be lost on the way, and one that failed did not commit.
-        let marked = if marks.is_empty() { Ok(()) } else { mark_idempotency_keys(conn, marks) };
-        let appended = marked.and_then(|()| if events.is_empty() { Ok(()) } else { append_audit(conn, events) });
-        Box::pin(std::future::ready(appended.map(|()| None)))
+        Box::pin(std::future::ready((|| {
+            if let Err(taken_over) = marks_fenced(marks, mark_idempotency_keys(conn, marks)?) {
+                return Ok(Err(taken_over));
+            }
+            if !events.is_empty() {
+                append_audit(conn, events)?;
+            }
+            Ok(Ok(None))
+        })()))
     }
 
     fn holds<'c>(&'c self, ctx: &'c mut Ctx, holds: Vec<HoldCommand>) -> BoxFuture<'c, Result<HoldResults>> {
@@ -845,15 +851,21 @@ pub(crate) fn idempotency_renew(
     Ok(Ok(renewed == 1))
 }
 
-/// Writes a batch's idempotency marks, in the transaction of the changes they stand for.
-pub(crate) fn mark_idempotency_keys(conn: &Connection, marks: &[IdempotencyMark]) -> Result<()> {
-    let mut statement = conn.prepare_cached(
-        "UPDATE idempotency_keys SET committed_target = ? WHERE principal = ? AND key = ? AND status IS NULL",
-    )?;
-    for mark in marks {
-        statement.execute(params![mark.target, mark.principal, mark.key])?;
+/// Writes a batch's idempotency marks, in the transaction of the changes they stand for, each
+/// only where its attempt still holds the key: how many were written.
+pub(crate) fn mark_idempotency_keys(conn: &Connection, marks: &[IdempotencyMark]) -> Result<u64> {
+    if marks.is_empty() {
+        return Ok(0);
     }
-    Ok(())
+    let mut statement = conn.prepare_cached(
+        "UPDATE idempotency_keys SET committed_target = ?
+         WHERE principal = ? AND key = ? AND owner = ? AND status IS NULL",
+    )?;
+    let mut marked = 0;
+    for mark in marks {
+        marked += statement.execute(params![mark.target, mark.principal, mark.key, mark.owner])? as u64;
+    }
+    Ok(marked)
 }
 
 fn roles_of(conn: &Connection, user: &str) -> Result<Option<Vec<Role>>> {

@@ -1,6 +1,7 @@
 //! Idempotency keys (I4): lock, replay, mismatch, lease take-over and renewal, the holder's
 //! rights, marks written with a keyed request's change and recovery, abandon, clean-up.
 
+use allot_app::StoreError;
 use allot_app::audit::{self, AuditEvent, AuditScope};
 use allot_app::store::{HoldRefused, IdempotencyBegin, IdempotencyKey, Role};
 
@@ -20,7 +21,7 @@ fn attempt(principal: &str, key: &str, hash: &str, owner: &str) -> IdempotencyKe
 fn keyed_scope(key: &IdempotencyKey, target: Option<String>) -> AuditScope {
     let mut event = AuditEvent::new("booking.hold", "customer", at(0));
     event.target_id = target;
-    AuditScope::new(event).with_idempotency_key(key.principal.clone(), key.key.clone())
+    AuditScope::new(event).with_idempotency_key(key.clone())
 }
 
 fn completed(hash: &str, status: u16, body: &[u8]) -> IdempotencyBegin {
@@ -273,4 +274,34 @@ pub async fn a_refused_failed_or_unkeyed_attempt_marks_nothing(b: &Backend) {
         s.idempotency_abandon(&retry).await.unwrap();
     }
     assert_eq!(b.count("idempotency_keys", "1=1").await, 0);
+}
+
+/// An attempt that stalled past its lease and was taken over (a retry ran the request) cannot
+/// commit its change as well: its batch fails as busy and keeps nothing, before and after the
+/// attempt that took over answered.
+pub async fn an_attempt_whose_key_was_taken_over_commits_nothing(b: &Backend) {
+    let w = World::new(b).await;
+    let s = w.store.clone();
+    let seat = w.resource(1).await;
+    let stale = attempt("user:1", "hold-1", "h1", "stale");
+    assert_eq!(s.idempotency_begin(&stale, at(0), 30).await.unwrap(), IdempotencyBegin::Started);
+    let retry = attempt("user:1", "hold-1", "h1", "retry");
+    assert_eq!(s.idempotency_begin(&retry, at(31), 30).await.unwrap(), IdempotencyBegin::Started);
+
+    let late = w.command(&[(seat.id, span(HOUR, 2 * HOUR), 1)], at(32), 600);
+    let outcome = keyed_scope(&stale, Some(late.booking.id.to_string())).run(s.hold(late)).await;
+    assert!(matches!(outcome, Err(HoldRefused::Store(StoreError::Busy(_)))), "{outcome:?}");
+    assert_eq!(b.count("bookings", "true").await, 0, "the stale attempt's hold was rolled back");
+
+    let command = w.command(&[(seat.id, span(HOUR, 2 * HOUR), 1)], at(33), 600);
+    let target = command.booking.id.to_string();
+    keyed_scope(&retry, Some(target.clone())).run(s.hold(command)).await.unwrap();
+    s.idempotency_complete(&retry, 201, b"held").await.unwrap();
+    // After the answer is stored too, and for a write other than a hold.
+    let new_user = user("stale@test.allot", vec![Role::Customer]);
+    let outcome = keyed_scope(&stale, Some(new_user.id.to_string())).run(s.insert_user(&new_user)).await;
+    assert!(matches!(outcome, Err(StoreError::Busy(_))), "{outcome:?}");
+    assert_eq!(b.count("users", &format!("id = '{}'", new_user.id)).await, 0);
+    assert_eq!(b.count("bookings", "true").await, 1, "the hold of the attempt that took over");
+    assert_eq!(s.idempotency_begin(&stale, at(40), 30).await.unwrap(), completed("h1", 201, b"held"));
 }
