@@ -17,6 +17,11 @@
 //! pass ([`Backend::holds`]), each seeing the claims of those before it, so a database reached
 //! over the network is asked a few statements per batch instead of a few per hold.
 //!
+//! Idempotency keys are taken and answered as [`KeyBegin`]s and [`KeyCompletion`]s, for the
+//! same reason: each batch begins all of its keys first and stores all of its answers last
+//! ([`Backend::begin_keys`], [`Backend::complete_keys`]), a statement or two per batch on
+//! PostgreSQL instead of two round trips per key.
+//!
 //! The audit trail rides along: a request that runs inside an [`AuditScope`] and whose write
 //! is kept contributes its audit event, and the batch appends all of them to the hash chain
 //! just before COMMIT — in the transaction of the changes they record (I6).
@@ -27,7 +32,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use allot_app::StoreError;
 use allot_app::audit::{AuditEvent, AuditScope};
-use allot_app::store::{HoldCommand, HoldRefused, IdempotencyMark};
+use allot_app::store::{HoldCommand, HoldRefused, IdempotencyBegin, IdempotencyKey, IdempotencyMark};
 use allot_app::telemetry;
 use allot_core::booking::Booking;
 use futures::FutureExt;
@@ -101,6 +106,23 @@ pub trait Backend: Send + Sync + 'static {
         holds: Vec<HoldCommand>,
     ) -> BoxFuture<'c, Result<HoldResults, Self::Error>>;
 
+    /// Takes or reads the keys of `begins` in the batch transaction, before its other requests,
+    /// in this order, each as if it ran alone after those before it (the same key twice: the
+    /// second finds it taken). An `Err` fails the whole batch.
+    fn begin_keys<'c>(
+        &'c self,
+        ctx: &'c mut WriteCtx<Self::Conn>,
+        begins: Vec<KeyBegin>,
+    ) -> BoxFuture<'c, Result<Vec<IdempotencyBegin>, Self::Error>>;
+
+    /// Stores the answers of `completions` in the batch transaction, after its other requests,
+    /// each only where its attempt still holds the key. An `Err` fails the whole batch.
+    fn complete_keys<'c>(
+        &'c self,
+        conn: &'c mut Self::Conn,
+        completions: Vec<KeyCompletion>,
+    ) -> BoxFuture<'c, Result<(), Self::Error>>;
+
     /// Whether requests may keep catalogue documents in [`WriteCtx::memo`] across batches: only
     /// where this writer makes every change to the database (SQLite), and every change drops
     /// what it touches.
@@ -124,6 +146,22 @@ pub struct TxnRef {
 
 /// Per hold of a batch, in its order: the booking kept or why it was refused.
 pub type HoldResults = Vec<Result<Booking, HoldRefused>>;
+
+/// Attempt `key` asking for its key at `now`, to hold it for `lock_seconds` ([`Writer::begin_key`]).
+#[derive(Debug, Clone)]
+pub struct KeyBegin {
+    pub key: IdempotencyKey,
+    pub now: Timestamp,
+    pub lock_seconds: u32,
+}
+
+/// Attempt `key`'s answer, to store for replay ([`Writer::complete_key`]).
+#[derive(Debug, Clone)]
+pub struct KeyCompletion {
+    pub key: IdempotencyKey,
+    pub status: u16,
+    pub body: Vec<u8>,
+}
 
 /// What a write request sees: the connection (inside the batch transaction) and the batch clock.
 pub struct WriteCtx<C> {
@@ -251,10 +289,18 @@ struct HoldJob {
     tx: oneshot::Sender<Result<Booking, HoldRefused>>,
 }
 
+/// A key's begin or completion waiting for its batch, which runs all of them together.
+struct KeyJob<T, A> {
+    request: T,
+    tx: oneshot::Sender<Result<A, StoreError>>,
+}
+
 /// What waits on the writer's queue.
 enum Queued<B: Backend> {
     Job(Box<dyn Job<B>>),
     Hold(Box<HoldJob>),
+    Begin(Box<KeyJob<KeyBegin, IdempotencyBegin>>),
+    Complete(Box<KeyJob<KeyCompletion, ()>>),
 }
 
 impl<B: Backend> Queued<B> {
@@ -262,6 +308,7 @@ impl<B: Backend> Queued<B> {
         match self {
             Queued::Job(job) => job.keys(),
             Queued::Hold(hold) => &hold.keys,
+            Queued::Begin(_) | Queued::Complete(_) => &[],
         }
     }
 
@@ -270,6 +317,12 @@ impl<B: Backend> Queued<B> {
             Queued::Job(job) => job.fail(error),
             Queued::Hold(hold) => {
                 let _ = hold.tx.send(Err(HoldRefused::Store(error)));
+            }
+            Queued::Begin(begin) => {
+                let _ = begin.tx.send(Err(error));
+            }
+            Queued::Complete(complete) => {
+                let _ = complete.tx.send(Err(error));
             }
         }
     }
@@ -463,6 +516,22 @@ impl<B: Backend> Writer<B> {
         rx.await.unwrap_or(Err(HoldRefused::Store(StoreError::Closed)))
     }
 
+    /// Queues attempt `begin.key`'s ask for its key and returns the answer once its batch is
+    /// durably committed: the key is taken only then ([`Backend::begin_keys`]).
+    pub async fn begin_key(&self, begin: KeyBegin) -> Result<IdempotencyBegin, StoreError> {
+        let (tx, rx) = oneshot::channel();
+        self.enqueue(Queued::Begin(Box::new(KeyJob { request: begin, tx })))?;
+        rx.await.map_err(|_| StoreError::Closed)?
+    }
+
+    /// Queues an attempt's answer for replay and returns once its batch is durably committed
+    /// ([`Backend::complete_keys`]).
+    pub async fn complete_key(&self, completion: KeyCompletion) -> Result<(), StoreError> {
+        let (tx, rx) = oneshot::channel();
+        self.enqueue(Queued::Complete(Box::new(KeyJob { request: completion, tx })))?;
+        rx.await.map_err(|_| StoreError::Closed)?
+    }
+
     fn enqueue(&self, entry: Queued<B>) -> Result<(), StoreError> {
         let lane = match (self.lanes.len(), entry.keys().first()) {
             (1, _) => &self.lanes[0],
@@ -606,29 +675,42 @@ async fn apply_batch<B: Backend>(
             }
         }
     }
-    // All of the batch's holds run together where the first one stood. Nothing in a batch is
-    // answered before it commits, so any order of its requests is one they could have had.
-    let first_hold = batch.iter().position(|entry| matches!(entry, Queued::Hold(_))).unwrap_or(batch.len());
+    // All of the batch's holds run together where the first one stood, its keys' begins before
+    // everything and their completions after. Nothing in a batch is answered before it
+    // commits, so any order of its requests is one they could have had.
+    let jobs_before_holds = batch
+        .iter()
+        .take_while(|entry| !matches!(entry, Queued::Hold(_)))
+        .filter(|entry| matches!(entry, Queued::Job(_)))
+        .count();
     let mut jobs = Vec::with_capacity(batch.len());
-    let mut holds = Vec::new();
+    let (mut holds, mut begins, mut completions) = (Vec::new(), Vec::new(), Vec::new());
     for entry in batch.drain(..) {
         match entry {
             Queued::Job(job) => jobs.push(job),
             Queued::Hold(hold) => holds.push(*hold),
+            Queued::Begin(begin) => begins.push(*begin),
+            Queued::Complete(completion) => completions.push(*completion),
         }
     }
-    let mut replies: Vec<Reply> = Vec::with_capacity(jobs.len() + holds.len());
+    let mut replies: Vec<Reply> = Vec::with_capacity(size);
     let mut jobs = jobs.into_iter();
     ctx.poisoned = false;
     ctx.savepoint_open = false;
     ctx.audit.clear();
     ctx.marks.clear();
-    let mut aborted = run_jobs(backend, ctx, jobs.by_ref().take(first_hold), &mut replies).await;
+    let mut aborted = !begins.is_empty() && run_begins(backend, ctx, std::mem::take(&mut begins), &mut replies).await;
+    if !aborted {
+        aborted = run_jobs(backend, ctx, jobs.by_ref().take(jobs_before_holds), &mut replies).await;
+    }
     if !aborted && !holds.is_empty() {
         aborted = run_holds(backend, ctx, std::mem::take(&mut holds), &mut replies).await;
     }
     if !aborted {
         aborted = run_jobs(backend, ctx, jobs.by_ref(), &mut replies).await;
+    }
+    if !aborted && !completions.is_empty() {
+        aborted = run_completions(backend, ctx, std::mem::take(&mut completions), &mut replies).await;
     }
     let commit = if aborted { Err(write_aborted()) } else { finish(backend, ctx, &keys).await };
     if commit.is_err() {
@@ -636,7 +718,11 @@ async fn apply_batch<B: Backend>(
         ctx.memo.invalidate(crate::cache::INVALIDATE_ALL);
     }
     load.fetch_sub(size, Ordering::Relaxed);
-    let not_run = jobs.map(Queued::Job).chain(holds.into_iter().map(|hold| Queued::Hold(Box::new(hold))));
+    let not_run = jobs
+        .map(Queued::Job)
+        .chain(holds.into_iter().map(|hold| Queued::Hold(Box::new(hold))))
+        .chain(begins.into_iter().map(|begin| Queued::Begin(Box::new(begin))))
+        .chain(completions.into_iter().map(|completion| Queued::Complete(Box::new(completion))));
     for entry in not_run {
         entry.fail(write_aborted());
     }
@@ -728,6 +814,69 @@ async fn run_holds<B: Backend>(
     tracing::error!(error = %failure, "the batch's holds failed; rolling back its batch");
     for (_, tx) in waiting {
         let _ = tx.send(Err(HoldRefused::Store(failure.clone())));
+    }
+    true
+}
+
+/// Takes or reads the batch's keys, before anything else runs; true when the batch must be
+/// rolled back. An attempt that no longer waits is still begun: its answer is only known once
+/// the batch commits, and a key taken for nobody lapses with its lease.
+async fn run_begins<B: Backend>(
+    backend: &B,
+    ctx: &mut WriteCtx<B::Conn>,
+    begins: Vec<KeyJob<KeyBegin, IdempotencyBegin>>,
+    replies: &mut Vec<Reply>,
+) -> bool {
+    let (requests, waiting): (Vec<_>, Vec<_>) = begins.into_iter().map(|b| (b.request, b.tx)).unzip();
+    let count = requests.len();
+    let failure = match AssertUnwindSafe(async { backend.begin_keys(ctx, requests).await }).catch_unwind().await {
+        Ok(Ok(answers)) => {
+            assert_eq!(answers.len(), count, "one answer per begin");
+            for (tx, answer) in waiting.into_iter().zip(answers) {
+                replies.push(Box::new(move |commit: Result<(), StoreError>| {
+                    let _ = tx.send(commit.map(|()| answer));
+                }));
+            }
+            return false;
+        }
+        Ok(Err(e)) => B::error(e),
+        Err(_) => write_aborted(),
+    };
+    tracing::error!(error = %failure, "the batch's idempotency keys failed; rolling back its batch");
+    for tx in waiting {
+        let _ = tx.send(Err(failure.clone()));
+    }
+    true
+}
+
+/// Stores the batch's answers, after its other requests; true when the batch must be rolled
+/// back.
+async fn run_completions<B: Backend>(
+    backend: &B,
+    ctx: &mut WriteCtx<B::Conn>,
+    completions: Vec<KeyJob<KeyCompletion, ()>>,
+    replies: &mut Vec<Reply>,
+) -> bool {
+    let (requests, waiting): (Vec<_>, Vec<_>) = completions.into_iter().map(|c| (c.request, c.tx)).unzip();
+    let stored = match release_savepoint(backend, ctx).await {
+        Err(e) => Ok(Err(e)),
+        Ok(()) => AssertUnwindSafe(async { backend.complete_keys(&mut ctx.conn, requests).await }).catch_unwind().await,
+    };
+    let failure = match stored {
+        Ok(Ok(())) => {
+            for tx in waiting {
+                replies.push(Box::new(move |commit: Result<(), StoreError>| {
+                    let _ = tx.send(commit);
+                }));
+            }
+            return false;
+        }
+        Ok(Err(e)) => B::error(e),
+        Err(_) => write_aborted(),
+    };
+    tracing::error!(error = %failure, "the batch's idempotency answers failed; rolling back its batch");
+    for tx in waiting {
+        let _ = tx.send(Err(failure.clone()));
     }
     true
 }

@@ -263,6 +263,7 @@ conformance! {
     idempotency::a_kept_change_marks_its_key_and_a_retry_recovers_it_instead_of_running,
     idempotency::a_refused_failed_or_unkeyed_attempt_marks_nothing,
     idempotency::an_attempt_whose_key_was_taken_over_commits_nothing,
+    idempotency::keys_begun_and_answered_together_come_out_as_one_by_one,
     model::random_operations_agree_with_reference_model,
 }
 

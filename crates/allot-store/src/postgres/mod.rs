@@ -40,7 +40,9 @@ use crate::common::{
     claims_from_rows, decided, docs_to_page, existing_key, expired, from_json, from_json_db, hold_expiry,
     is_unique_violation, rotation, to_json, ts, user_of_venues_row,
 };
-use crate::writer::{Backend, HoldResults, Outcome, TxnRef, WriteCtx, Writer, db_error, marks_fenced};
+use crate::writer::{
+    Backend, HoldResults, KeyBegin, KeyCompletion, Outcome, TxnRef, WriteCtx, Writer, db_error, marks_fenced,
+};
 
 mod holds;
 
@@ -147,6 +149,13 @@ macro_rules! lock_head_after_marks_sql {
         )
     };
 }
+/// Whether the statements that join a batch's keys to `idempotency_keys` are kept prepared.
+/// They are not: a kept statement's plan is made for the table as it was then, and one made
+/// while it was nearly empty (a new database) hashes the batch's keys and scans the whole
+/// table, milliseconds per batch once it holds a few thousand keys, until an `ANALYZE`
+/// happens to replan it (seen under load: `docs/benchmarks.md`). Planned afresh each time
+/// they probe its key (a round trip more, to parse).
+const KEY_JOINS_PERSISTENT: bool = false;
 /// [`LOCK_HEAD_SQL`] with the batch's marks written first.
 const MARK_LOCK_HEAD_SQL: &str = concat!("WITH ", mark_keys_sql!("$1", "$2", "$3", "$4"), lock_head_after_marks_sql!());
 /// [`STAMP_CLOCKS_LOCK_HEAD_SQL`] with the batch's marks written before the head's lock.
@@ -290,6 +299,7 @@ impl Backend for PgBackend {
                 (true, true) => sqlx::query_as(LOCK_HEAD_SQL).fetch_one(&mut *conn).await?,
                 (true, false) => {
                     let query = sqlx::query_as(MARK_LOCK_HEAD_SQL)
+                        .persistent(KEY_JOINS_PERSISTENT)
                         .bind(principals)
                         .bind(keys_marked)
                         .bind(owners)
@@ -302,6 +312,7 @@ impl Backend for PgBackend {
                 }
                 (false, false) => {
                     let query = sqlx::query_as(STAMP_CLOCKS_MARK_LOCK_HEAD_SQL)
+                        .persistent(KEY_JOINS_PERSISTENT)
                         .bind(keys)
                         .bind(now.as_second())
                         .bind(principals)
@@ -349,6 +360,22 @@ impl Backend for PgBackend {
         holds: Vec<HoldCommand>,
     ) -> BoxFuture<'c, Result<HoldResults, sqlx::Error>> {
         Box::pin(holds::holds_in_tx(ctx, holds))
+    }
+
+    fn begin_keys<'c>(
+        &'c self,
+        ctx: &'c mut Ctx,
+        begins: Vec<KeyBegin>,
+    ) -> BoxFuture<'c, Result<Vec<IdempotencyBegin>, sqlx::Error>> {
+        Box::pin(idempotency_begin_in_tx(ctx, begins))
+    }
+
+    fn complete_keys<'c>(
+        &'c self,
+        conn: &'c mut PgConnection,
+        completions: Vec<KeyCompletion>,
+    ) -> BoxFuture<'c, Result<(), sqlx::Error>> {
+        Box::pin(idempotency_complete_in_tx(conn, completions))
     }
 
     fn reconnect(&self) -> BoxFuture<'_, Option<PgConnection>> {
@@ -805,37 +832,95 @@ async fn revoke_family(conn: &mut PgConnection, family: &str, now: i64) -> Resul
         .map(|_| ())
 }
 
-async fn idempotency_begin_in_tx(
-    ctx: &mut Ctx,
-    key: IdempotencyKey,
-    now: Timestamp,
-    lock_seconds: u32,
-) -> Outcome<IdempotencyBegin, StoreError> {
-    let now = ctx.now(now).as_second();
-    let lock_until = now + i64::from(lock_seconds);
-    // Another node inserting the same key makes this wait for its commit, then do nothing.
-    let inserted = sqlx::query(
-        "INSERT INTO idempotency_keys (principal, key, request_hash, created_at, locked_until, owner)
-         VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT DO NOTHING",
-    )
-    .bind(&key.principal)
-    .bind(&key.key)
-    .bind(&key.request_hash)
-    .bind(now)
-    .bind(lock_until)
-    .bind(&key.owner)
-    .execute(&mut ctx.conn)
-    .await?;
-    if inserted.rows_affected() == 1 {
-        return Ok(Ok(IdempotencyBegin::Started));
+/// Takes the new keys of `begins` in one statement, then reads each key that was already there
+/// (a replay, a retry while in flight, a take-over) on its own ([`Backend::begin_keys`]).
+async fn idempotency_begin_in_tx(ctx: &mut Ctx, begins: Vec<KeyBegin>) -> Result<Vec<IdempotencyBegin>, sqlx::Error> {
+    let leases: Vec<(i64, i64)> = begins
+        .iter()
+        .map(|begin| {
+            let now = ctx.now(begin.now).as_second();
+            (now, now + i64::from(begin.lock_seconds))
+        })
+        .collect();
+    // Inserted in the keys' order, one order for every lane and node: two batches inserting
+    // the same two keys cannot each wait for the other's.
+    let mut order: Vec<usize> = (0..begins.len()).collect();
+    order.sort_by_key(|&i| (&begins[i].key.principal, &begins[i].key.key));
+    let mut rows = KeyRows::default();
+    for &i in &order {
+        rows.push(&begins[i].key, leases[i]);
     }
+    // Another node inserting the same key makes this wait for its commit, then skip it; the
+    // same key twice here inserts the first one.
+    let mut inserted: std::collections::HashSet<(String, String)> = sqlx::query_as(
+        "INSERT INTO idempotency_keys (principal, key, request_hash, created_at, locked_until, owner)
+         SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::int8[], $5::int8[], $6::text[])
+         ON CONFLICT DO NOTHING RETURNING principal, key",
+    )
+    .bind(&rows.principal)
+    .bind(&rows.key)
+    .bind(&rows.request_hash)
+    .bind(&rows.created_at)
+    .bind(&rows.locked_until)
+    .bind(&rows.owner)
+    .fetch_all(&mut ctx.conn)
+    .await?
+    .into_iter()
+    .collect();
+    // Of one key's begins, the first in the insertion order was inserted.
+    let mut started = vec![false; begins.len()];
+    for i in order {
+        let key = &begins[i].key;
+        started[i] = inserted.remove(&(key.principal.clone(), key.key.clone()));
+    }
+    let mut answers = Vec::with_capacity(begins.len());
+    for ((begin, (now, lock_until)), started) in begins.iter().zip(leases).zip(started) {
+        let answer = match started {
+            true => IdempotencyBegin::Started,
+            false => begin_existing(ctx, &begin.key, now, lock_until).await?,
+        };
+        answers.push(answer);
+    }
+    Ok(answers)
+}
+
+/// New key rows as column arrays for `unnest`.
+#[derive(Default)]
+struct KeyRows<'k> {
+    principal: Vec<&'k str>,
+    key: Vec<&'k str>,
+    request_hash: Vec<&'k str>,
+    created_at: Vec<i64>,
+    locked_until: Vec<i64>,
+    owner: Vec<&'k str>,
+}
+
+impl<'k> KeyRows<'k> {
+    fn push(&mut self, key: &'k IdempotencyKey, (now, lock_until): (i64, i64)) {
+        self.principal.push(&key.principal);
+        self.key.push(&key.key);
+        self.request_hash.push(&key.request_hash);
+        self.created_at.push(now);
+        self.locked_until.push(lock_until);
+        self.owner.push(&key.owner);
+    }
+}
+
+/// Attempt `key`'s answer when its key already existed: locked, read, and taken over if its
+/// holder died.
+async fn begin_existing(
+    ctx: &mut Ctx,
+    key: &IdempotencyKey,
+    now: i64,
+    lock_until: i64,
+) -> Result<IdempotencyBegin, sqlx::Error> {
     let row: Option<KeyRow> = sqlx::query_as(concat!(crate::common::key_row_sql!(), " FOR UPDATE"))
         .bind(&key.principal)
         .bind(&key.key)
         .fetch_optional(&mut ctx.conn)
         .await?;
     let begun = match existing_key(row, &key.request_hash, now) {
-        KeyFound::Answer(found) => return Ok(Ok(found)),
+        KeyFound::Answer(found) => return Ok(found),
         KeyFound::TakeOver(begun) => begun,
     };
     // The request that locked it died (or the key was just deleted): take over.
@@ -854,7 +939,31 @@ async fn idempotency_begin_in_tx(
     .bind(&key.owner)
     .execute(&mut ctx.conn)
     .await?;
-    Ok(Ok(begun))
+    Ok(begun)
+}
+
+/// Stores the answers of `completions` in one statement ([`Backend::complete_keys`]).
+async fn idempotency_complete_in_tx(
+    conn: &mut PgConnection,
+    completions: Vec<KeyCompletion>,
+) -> Result<(), sqlx::Error> {
+    let column = |field: fn(&KeyCompletion) -> &str| completions.iter().map(field).collect::<Vec<_>>();
+    let statuses: Vec<i64> = completions.iter().map(|c| i64::from(c.status)).collect();
+    let bodies: Vec<&[u8]> = completions.iter().map(|c| c.body.as_slice()).collect();
+    sqlx::query(
+        "UPDATE idempotency_keys k SET status = c.status, body = c.body, locked_until = NULL
+         FROM unnest($1::text[], $2::text[], $3::text[], $4::int8[], $5::bytea[]) AS c(principal, key, owner, status, body)
+         WHERE k.principal = c.principal AND k.key = c.key AND k.owner = c.owner AND k.status IS NULL",
+    )
+    .persistent(KEY_JOINS_PERSISTENT)
+    .bind(column(|c| &c.key.principal))
+    .bind(column(|c| &c.key.key))
+    .bind(column(|c| &c.key.owner))
+    .bind(statuses)
+    .bind(bodies)
+    .execute(conn)
+    .await?;
+    Ok(())
 }
 
 /// A batch's idempotency marks as column arrays for `unnest` ([`MARK_LOCK_HEAD_SQL`]).
@@ -1407,34 +1516,11 @@ impl Store for PgStore {
         now: Timestamp,
         lock_seconds: u32,
     ) -> Result<IdempotencyBegin, StoreError> {
-        let key = key.clone();
-        self.writer
-            .exec(move |ctx: &mut Ctx| -> BoxFuture<'_, Outcome<IdempotencyBegin, StoreError>> {
-                Box::pin(idempotency_begin_in_tx(ctx, key, now, lock_seconds))
-            })
-            .await
+        self.writer.begin_key(KeyBegin { key: key.clone(), now, lock_seconds }).await
     }
 
     async fn idempotency_complete(&self, key: &IdempotencyKey, status: u16, body: &[u8]) -> Result<(), StoreError> {
-        let (key, body) = (key.clone(), body.to_vec());
-        self.writer
-            .exec(move |ctx: &mut Ctx| -> BoxFuture<'_, Outcome<(), StoreError>> {
-                Box::pin(async move {
-                    sqlx::query(
-                        "UPDATE idempotency_keys SET status = $1, body = $2, locked_until = NULL
-                         WHERE principal = $3 AND key = $4 AND owner = $5 AND status IS NULL",
-                    )
-                    .bind(i64::from(status))
-                    .bind(body)
-                    .bind(&key.principal)
-                    .bind(&key.key)
-                    .bind(&key.owner)
-                    .execute(&mut ctx.conn)
-                    .await?;
-                    Ok(Ok(()))
-                })
-            })
-            .await
+        self.writer.complete_key(KeyCompletion { key: key.clone(), status, body: body.to_vec() }).await
     }
 
     async fn idempotency_abandon(&self, key: &IdempotencyKey) -> Result<(), StoreError> {
@@ -1614,6 +1700,84 @@ mod tests {
             assert!(plan.contains("Index Scan using resource_clocks_pkey"), "{sql}\n{plan}");
             assert!(!plan.contains("Seq Scan on resource_clocks"), "{sql}\n{plan}");
         }
+        drop(store);
+        conn.close().await.unwrap();
+        drop_postgres_database(&url).await;
+    }
+
+    /// A batch's marks and answers reach their key rows by index however small the table was
+    /// when the session first ran them: a statement kept prepared from a new database went on
+    /// scanning the whole table for every batch (milliseconds each under load).
+    #[tokio::test]
+    async fn key_marks_and_answers_probe_the_keys_by_index_as_the_table_grows() {
+        let Some(url) = fresh_postgres_database().await else { return };
+        let store = PgStore::open(&url).await.unwrap();
+        let mut conn = PgConnection::connect(&url).await.unwrap();
+        let backend = PgBackend { options: url.parse().unwrap() };
+        let key = |i: usize| IdempotencyKey {
+            principal: "user:1".into(),
+            key: format!("key-{i}"),
+            request_hash: "h".into(),
+            owner: format!("owner-{i}"),
+        };
+        let seal = async |conn: &mut PgConnection, keys: &[IdempotencyKey]| {
+            let mut events = vec![AuditEvent::new("booking.hold", "customer", Timestamp::UNIX_EPOCH)];
+            let marks: Vec<IdempotencyMark> = keys
+                .iter()
+                .map(|k| IdempotencyMark {
+                    principal: k.principal.clone(),
+                    key: k.key.clone(),
+                    owner: k.owner.clone(),
+                    target: "booking".into(),
+                })
+                .collect();
+            backend.seal(conn, &[], Timestamp::UNIX_EPOCH, &mut events, &marks).await.unwrap().unwrap();
+        };
+        let complete = |keys: &[IdempotencyKey]| {
+            keys.iter().map(|k| KeyCompletion { key: k.clone(), status: 201, body: b"done".to_vec() }).collect()
+        };
+        // Run often enough on a table of one key for a kept statement to settle on one plan.
+        sqlx::query(
+            "INSERT INTO idempotency_keys (principal, key, request_hash, created_at, locked_until, owner)
+             VALUES ('user:1', 'key-0', 'h', 0, 60, 'owner-0')",
+        )
+        .execute(&mut conn)
+        .await
+        .unwrap();
+        for _ in 0..8 {
+            execute_raw(&mut conn, "BEGIN").await.unwrap();
+            seal(&mut conn, &[key(0)]).await;
+            idempotency_complete_in_tx(&mut conn, complete(&[key(0)])).await.unwrap();
+            execute_raw(&mut conn, "ROLLBACK").await.unwrap();
+        }
+        sqlx::query(
+            "INSERT INTO idempotency_keys (principal, key, request_hash, created_at, locked_until, owner)
+             SELECT 'user:1', 'key-' || i, 'h', 0, 60, 'owner-' || i FROM generate_series(1, 20000) AS i",
+        )
+        .execute(&mut conn)
+        .await
+        .unwrap();
+        let keys: Vec<IdempotencyKey> = (1..=20).map(key).collect();
+        let scans = async |conn: &mut PgConnection| -> (i64, i64) {
+            let sql = "SELECT seq_scan, idx_scan FROM pg_stat_xact_user_tables WHERE relname = 'idempotency_keys'";
+            sqlx::query_as(sql).fetch_one(conn).await.unwrap()
+        };
+        execute_raw(&mut conn, "BEGIN").await.unwrap();
+        seal(&mut conn, &keys).await;
+        let (seq_scans, marked_by_index) = scans(&mut conn).await;
+        assert_eq!(seq_scans, 0, "a batch's marks probe its keys, never scan the table");
+        idempotency_complete_in_tx(&mut conn, complete(&keys)).await.unwrap();
+        let (seq_scans, answered_by_index) = scans(&mut conn).await;
+        assert_eq!(seq_scans, 0, "a batch's answers probe its keys, never scan the table");
+        assert!(answered_by_index > marked_by_index && marked_by_index > 0);
+        let done: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM idempotency_keys WHERE committed_target = 'booking' AND status = 201",
+        )
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
+        assert_eq!(done, 20);
+        execute_raw(&mut conn, "ROLLBACK").await.unwrap();
         drop(store);
         conn.close().await.unwrap();
         drop_postgres_database(&url).await;

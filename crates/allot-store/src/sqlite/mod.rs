@@ -33,7 +33,7 @@ use crate::common::{
     audit_range_query, audit_rotation, audit_select, claims_from_rows, docs_to_page, from_json, page_of, ts,
     user_of_venues_row,
 };
-use crate::writer::{Backend, Writer, db_error};
+use crate::writer::{Backend, KeyBegin, KeyCompletion, Writer, db_error};
 use tx::Ctx;
 pub(crate) use tx::SqliteBackend;
 
@@ -632,13 +632,11 @@ impl Store for SqliteStore {
         now: Timestamp,
         lock_seconds: u32,
     ) -> Result<IdempotencyBegin, StoreError> {
-        let key = key.clone();
-        self.writer.exec_now(move |ctx: &mut Ctx| tx::idempotency_begin(ctx, &key, now, lock_seconds)).await
+        self.writer.begin_key(KeyBegin { key: key.clone(), now, lock_seconds }).await
     }
 
     async fn idempotency_complete(&self, key: &IdempotencyKey, status: u16, body: &[u8]) -> Result<(), StoreError> {
-        let (key, body) = (key.clone(), body.to_vec());
-        self.writer.exec_now(move |ctx: &mut Ctx| tx::idempotency_complete(ctx, &key, status, &body)).await
+        self.writer.complete_key(KeyCompletion { key: key.clone(), status, body: body.to_vec() }).await
     }
 
     async fn idempotency_abandon(&self, key: &IdempotencyKey) -> Result<(), StoreError> {

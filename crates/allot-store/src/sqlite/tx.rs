@@ -33,7 +33,7 @@ use crate::common::{
     ABANDON_CHANGED_SQL, ABANDON_UNCHANGED_SQL, AUDIT_COLUMNS, AUDIT_HEAD_SQL, DocTable, KeyFound, Rotation,
     VENUE_IN_USE, chain, claims_from_rows, decided, existing_key, hold_expiry, rotation,
 };
-use crate::writer::{Backend, HoldResults, TxnRef, WriteCtx, marks_fenced};
+use crate::writer::{Backend, HoldResults, KeyBegin, KeyCompletion, TxnRef, WriteCtx, marks_fenced};
 
 pub(crate) type Ctx = WriteCtx<Connection>;
 pub(crate) type Outcome<T, E> = crate::writer::Outcome<T, E, rusqlite::Error>;
@@ -162,6 +162,22 @@ impl Backend for SqliteBackend {
         // Statements here are calls, not round trips: each hold runs on its own, without a
         // savepoint, since a refused one has written nothing (an error fails the batch).
         Box::pin(async move { holds.into_iter().map(|command| hold(ctx, command)).collect() })
+    }
+
+    fn begin_keys<'c>(
+        &'c self,
+        ctx: &'c mut Ctx,
+        begins: Vec<KeyBegin>,
+    ) -> BoxFuture<'c, Result<Vec<IdempotencyBegin>>> {
+        Box::pin(async move { begins.into_iter().map(|begin| idempotency_begin(ctx, begin)).collect() })
+    }
+
+    fn complete_keys<'c>(
+        &'c self,
+        conn: &'c mut Connection,
+        completions: Vec<KeyCompletion>,
+    ) -> BoxFuture<'c, Result<()>> {
+        Box::pin(async move { idempotency_complete(conn, &completions) })
     }
 }
 
@@ -786,12 +802,9 @@ fn repeats(rows: usize) -> bool {
     rows == 1 || rows == EXPIRY_CHUNK_ROWS as usize
 }
 
-pub(crate) fn idempotency_begin(
-    ctx: &mut Ctx,
-    key: &IdempotencyKey,
-    now: Timestamp,
-    lock_seconds: u32,
-) -> Outcome<IdempotencyBegin, StoreError> {
+/// Takes or reads attempt `begin.key`'s key ([`Backend::begin_keys`]).
+fn idempotency_begin(ctx: &mut Ctx, begin: KeyBegin) -> Result<IdempotencyBegin> {
+    let KeyBegin { key, now, lock_seconds } = begin;
     let now = ctx.now(now).as_second();
     let row = ctx
         .conn
@@ -799,7 +812,7 @@ pub(crate) fn idempotency_begin(
         .query_row([&key.principal, &key.key], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)))
         .optional()?;
     let begun = match existing_key(row, &key.request_hash, now) {
-        KeyFound::Answer(found) => return Ok(Ok(found)),
+        KeyFound::Answer(found) => return Ok(found),
         KeyFound::TakeOver(begun) => begun,
     };
     ctx.conn
@@ -810,22 +823,19 @@ pub(crate) fn idempotency_begin(
                locked_until = excluded.locked_until, created_at = excluded.created_at, owner = excluded.owner",
         )?
         .execute(params![key.principal, key.key, key.request_hash, now, now + i64::from(lock_seconds), key.owner])?;
-    Ok(Ok(begun))
+    Ok(begun)
 }
 
-pub(crate) fn idempotency_complete(
-    ctx: &mut Ctx,
-    key: &IdempotencyKey,
-    status: u16,
-    body: &[u8],
-) -> Outcome<(), StoreError> {
-    ctx.conn
-        .prepare_cached(
-            "UPDATE idempotency_keys SET status = ?, body = ?, locked_until = NULL
-             WHERE principal = ? AND key = ? AND owner = ? AND status IS NULL",
-        )?
-        .execute(params![i64::from(status), body, key.principal, key.key, key.owner])?;
-    Ok(Ok(()))
+/// Stores the answers of `completions` ([`Backend::complete_keys`]).
+fn idempotency_complete(conn: &Connection, completions: &[KeyCompletion]) -> Result<()> {
+    let mut statement = conn.prepare_cached(
+        "UPDATE idempotency_keys SET status = ?, body = ?, locked_until = NULL
+         WHERE principal = ? AND key = ? AND owner = ? AND status IS NULL",
+    )?;
+    for KeyCompletion { key, status, body } in completions {
+        statement.execute(params![i64::from(*status), body, key.principal, key.key, key.owner])?;
+    }
+    Ok(())
 }
 
 pub(crate) fn idempotency_abandon(ctx: &mut Ctx, key: &IdempotencyKey) -> Outcome<(), StoreError> {

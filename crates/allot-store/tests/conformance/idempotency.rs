@@ -4,6 +4,7 @@
 use allot_app::StoreError;
 use allot_app::audit::{self, AuditEvent, AuditScope};
 use allot_app::store::{HoldRefused, IdempotencyBegin, IdempotencyKey, Role};
+use futures::future::join_all;
 
 use crate::{Backend, HOUR, World, at, span, user};
 
@@ -304,4 +305,28 @@ pub async fn an_attempt_whose_key_was_taken_over_commits_nothing(b: &Backend) {
     assert_eq!(b.count("users", &format!("id = '{}'", new_user.id)).await, 0);
     assert_eq!(b.count("bookings", "true").await, 1, "the hold of the attempt that took over");
     assert_eq!(s.idempotency_begin(&stale, at(40), 30).await.unwrap(), completed("h1", 201, b"held"));
+}
+
+/// Keys asked for and answered at the same moment (one batch: the writer takes them together)
+/// come out as they would one by one: of twenty attempts at one key one takes it, and twenty
+/// keys each get their own answer back.
+pub async fn keys_begun_and_answered_together_come_out_as_one_by_one(b: &Backend) {
+    let s = World::new(b).await.store;
+    let shared: Vec<IdempotencyKey> = (0..20).map(|i| attempt("user:1", "shared", "h1", &format!("a{i}"))).collect();
+    let begun = join_all(shared.iter().map(|k| s.idempotency_begin(k, at(0), 30))).await;
+    let started = begun.iter().filter(|r| matches!(r, Ok(IdempotencyBegin::Started))).count();
+    let in_flight = begun.iter().filter(|r| matches!(r, Ok(IdempotencyBegin::InProgress))).count();
+    assert_eq!((started, in_flight), (1, 19), "{begun:?}");
+
+    let keys: Vec<IdempotencyKey> = (0..20).map(|i| attempt("user:1", &format!("k{i}"), "h1", "first")).collect();
+    for begun in join_all(keys.iter().map(|k| s.idempotency_begin(k, at(1), 30))).await {
+        assert_eq!(begun.unwrap(), IdempotencyBegin::Started);
+    }
+    let answers: Vec<Vec<u8>> = (0..20).map(|i| format!("answer {i}").into_bytes()).collect();
+    let stored = join_all(keys.iter().zip(&answers).map(|(k, body)| s.idempotency_complete(k, 201, body))).await;
+    assert!(stored.iter().all(Result::is_ok), "{stored:?}");
+    for (k, body) in keys.iter().zip(&answers) {
+        let replay = s.idempotency_begin(&attempt("user:1", &k.key, "h1", "retry"), at(2), 30).await.unwrap();
+        assert_eq!(replay, completed("h1", 201, body));
+    }
 }
