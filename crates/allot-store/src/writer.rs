@@ -107,13 +107,14 @@ pub trait Backend: Send + Sync + 'static {
     ) -> BoxFuture<'c, Result<HoldResults, Self::Error>>;
 
     /// Takes or reads the keys of `begins` in the batch transaction, before its other requests,
-    /// in this order, each as if it ran alone after those before it (the same key twice: the
-    /// second finds it taken). An `Err` fails the whole batch.
+    /// each as if it ran alone after those before it (the same key twice: the second finds it
+    /// taken): an answer per begin, in their order, which may be an error of that begin alone.
+    /// An `Err` fails the whole batch.
     fn begin_keys<'c>(
         &'c self,
         ctx: &'c mut WriteCtx<Self::Conn>,
         begins: Vec<KeyBegin>,
-    ) -> BoxFuture<'c, Result<Vec<IdempotencyBegin>, Self::Error>>;
+    ) -> BoxFuture<'c, Result<KeyBegun, Self::Error>>;
 
     /// Stores the answers of `completions` in the batch transaction, after its other requests,
     /// each only where its attempt still holds the key. An `Err` fails the whole batch.
@@ -146,6 +147,9 @@ pub struct TxnRef {
 
 /// Per hold of a batch, in its order: the booking kept or why it was refused.
 pub type HoldResults = Vec<Result<Booking, HoldRefused>>;
+
+/// Per begin of a batch, in its order: its answer, or why that begin alone failed.
+pub type KeyBegun = Vec<Result<IdempotencyBegin, StoreError>>;
 
 /// Attempt `key` asking for its key at `now`, to hold it for `lock_seconds` ([`Writer::begin_key`]).
 #[derive(Debug, Clone)]
@@ -834,7 +838,7 @@ async fn run_begins<B: Backend>(
             assert_eq!(answers.len(), count, "one answer per begin");
             for (tx, answer) in waiting.into_iter().zip(answers) {
                 replies.push(Box::new(move |commit: Result<(), StoreError>| {
-                    let _ = tx.send(commit.map(|()| answer));
+                    let _ = tx.send(commit.and(answer));
                 }));
             }
             return false;

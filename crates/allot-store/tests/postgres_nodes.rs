@@ -13,7 +13,8 @@ use std::time::{Duration, Instant};
 
 use allot_app::access::{RoleGrant, RoleRevoke};
 use allot_app::store::{
-    Decide, HoldCommand, HoldRefused, IdempotencyKey, RefreshToken, Role, RotateOutcome, Store, UpdateRefused, User,
+    Decide, HoldCommand, HoldRefused, IdempotencyBegin, IdempotencyKey, RefreshToken, Role, RotateOutcome, Store,
+    UpdateRefused, User,
 };
 use allot_app::{AppError, StoreError};
 use allot_core::booking::{Booking, BookingItem, Transition};
@@ -897,5 +898,33 @@ async fn a_batch_whose_commit_answer_is_lost_is_answered_as_the_database_decided
         assert!(retried.is_ok(), "{cut:?}: the room was not free: {retried:?}");
     }
     drop(cutter);
+    cluster.finish().await;
+}
+
+/// A begin that waits on another session's lock on its key (a retry racing its own first
+/// attempt on another node) past the lock timeout fails alone, as busy: the other keys begun
+/// with it, in its batch or not, are taken.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_key_locked_elsewhere_fails_only_its_own_begin() {
+    let Some(cluster) = Cluster::start(1).await else { return };
+    let node = cluster.nodes[0].clone();
+    let attempt = |k: &str, owner: &str| IdempotencyKey { owner: owner.into(), ..key(k) };
+    assert_eq!(node.idempotency_begin(&attempt("held", "first"), at(0), 30).await.unwrap(), IdempotencyBegin::Started);
+    let mut stuck = PgConnection::connect(&cluster.url).await.unwrap();
+    sqlx::query("BEGIN").execute(&mut stuck).await.unwrap();
+    sqlx::query("SELECT 1 FROM idempotency_keys WHERE key = 'held' FOR UPDATE").execute(&mut stuck).await.unwrap();
+    let retry = attempt("held", "retry");
+    let fresh: Vec<IdempotencyKey> = (0..8).map(|i| attempt(&format!("fresh-{i}"), "other")).collect();
+    // join_all polls in order: all are queued at once, half of them on the locked key's lane.
+    let (held, others) = tokio::join!(
+        node.idempotency_begin(&retry, at(1), 30),
+        futures::future::join_all(fresh.iter().map(|k| node.idempotency_begin(k, at(1), 30)))
+    );
+    sqlx::query("ROLLBACK").execute(&mut stuck).await.unwrap();
+    assert!(matches!(held, Err(StoreError::Busy(_))), "the locked key: {held:?}");
+    for other in others {
+        assert_eq!(other.unwrap(), IdempotencyBegin::Started);
+    }
+    assert_eq!(node.idempotency_begin(&retry, at(2), 30).await.unwrap(), IdempotencyBegin::InProgress);
     cluster.finish().await;
 }

@@ -41,7 +41,7 @@ use crate::common::{
     is_unique_violation, rotation, to_json, ts, user_of_venues_row,
 };
 use crate::writer::{
-    Backend, HoldResults, KeyBegin, KeyCompletion, Outcome, TxnRef, WriteCtx, Writer, db_error, marks_fenced,
+    Backend, HoldResults, KeyBegin, KeyBegun, KeyCompletion, Outcome, TxnRef, WriteCtx, Writer, db_error, marks_fenced,
 };
 
 mod holds;
@@ -366,7 +366,7 @@ impl Backend for PgBackend {
         &'c self,
         ctx: &'c mut Ctx,
         begins: Vec<KeyBegin>,
-    ) -> BoxFuture<'c, Result<Vec<IdempotencyBegin>, sqlx::Error>> {
+    ) -> BoxFuture<'c, Result<KeyBegun, sqlx::Error>> {
         Box::pin(idempotency_begin_in_tx(ctx, begins))
     }
 
@@ -834,7 +834,7 @@ async fn revoke_family(conn: &mut PgConnection, family: &str, now: i64) -> Resul
 
 /// Takes the new keys of `begins` in one statement, then reads each key that was already there
 /// (a replay, a retry while in flight, a take-over) on its own ([`Backend::begin_keys`]).
-async fn idempotency_begin_in_tx(ctx: &mut Ctx, begins: Vec<KeyBegin>) -> Result<Vec<IdempotencyBegin>, sqlx::Error> {
+async fn idempotency_begin_in_tx(ctx: &mut Ctx, begins: Vec<KeyBegin>) -> Result<KeyBegun, sqlx::Error> {
     let leases: Vec<(i64, i64)> = begins
         .iter()
         .map(|begin| {
@@ -842,8 +842,8 @@ async fn idempotency_begin_in_tx(ctx: &mut Ctx, begins: Vec<KeyBegin>) -> Result
             (now, now + i64::from(begin.lock_seconds))
         })
         .collect();
-    // Inserted in the keys' order, one order for every lane and node: two batches inserting
-    // the same two keys cannot each wait for the other's.
+    // Inserted and then read in the keys' order, one order for every lane and node: two
+    // batches taking the same two keys cannot each wait for the other's.
     let mut order: Vec<usize> = (0..begins.len()).collect();
     order.sort_by_key(|&i| (&begins[i].key.principal, &begins[i].key.key));
     let mut rows = KeyRows::default();
@@ -868,20 +868,31 @@ async fn idempotency_begin_in_tx(ctx: &mut Ctx, begins: Vec<KeyBegin>) -> Result
     .into_iter()
     .collect();
     // Of one key's begins, the first in the insertion order was inserted.
-    let mut started = vec![false; begins.len()];
+    let mut answers: KeyBegun = vec![Ok(IdempotencyBegin::Started); begins.len()];
     for i in order {
         let key = &begins[i].key;
-        started[i] = inserted.remove(&(key.principal.clone(), key.key.clone()));
-    }
-    let mut answers = Vec::with_capacity(begins.len());
-    for ((begin, (now, lock_until)), started) in begins.iter().zip(leases).zip(started) {
-        let answer = match started {
-            true => IdempotencyBegin::Started,
-            false => begin_existing(ctx, &begin.key, now, lock_until).await?,
-        };
-        answers.push(answer);
+        if !inserted.remove(&(key.principal.clone(), key.key.clone())) {
+            let (now, lock_until) = leases[i];
+            answers[i] = begin_existing_alone(ctx, key, now, lock_until).await?;
+        }
     }
     Ok(answers)
+}
+
+/// [`begin_existing`] in a savepoint of its own: waiting on another batch's lock on the key
+/// (a retry racing its own first attempt on another node) fails this begin only, not the
+/// batch it shares. An `Err` is a savepoint that failed: the batch must be rolled back.
+async fn begin_existing_alone(
+    ctx: &mut Ctx,
+    key: &IdempotencyKey,
+    now: i64,
+    lock_until: i64,
+) -> Result<Result<IdempotencyBegin, StoreError>, sqlx::Error> {
+    execute_raw(&mut ctx.conn, "SAVEPOINT key_begin").await?;
+    let begun = begin_existing(ctx, key, now, lock_until).await;
+    let end = if begun.is_ok() { "RELEASE key_begin" } else { "ROLLBACK TO key_begin; RELEASE key_begin" };
+    execute_raw(&mut ctx.conn, end).await?;
+    Ok(begun.map_err(db_error))
 }
 
 /// New key rows as column arrays for `unnest`.

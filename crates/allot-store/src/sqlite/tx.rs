@@ -33,7 +33,7 @@ use crate::common::{
     ABANDON_CHANGED_SQL, ABANDON_UNCHANGED_SQL, AUDIT_COLUMNS, AUDIT_HEAD_SQL, DocTable, KeyFound, Rotation,
     VENUE_IN_USE, chain, claims_from_rows, decided, existing_key, hold_expiry, rotation,
 };
-use crate::writer::{Backend, HoldResults, KeyBegin, KeyCompletion, TxnRef, WriteCtx, marks_fenced};
+use crate::writer::{Backend, HoldResults, KeyBegin, KeyBegun, KeyCompletion, TxnRef, WriteCtx, marks_fenced};
 
 pub(crate) type Ctx = WriteCtx<Connection>;
 pub(crate) type Outcome<T, E> = crate::writer::Outcome<T, E, rusqlite::Error>;
@@ -164,12 +164,9 @@ impl Backend for SqliteBackend {
         Box::pin(async move { holds.into_iter().map(|command| hold(ctx, command)).collect() })
     }
 
-    fn begin_keys<'c>(
-        &'c self,
-        ctx: &'c mut Ctx,
-        begins: Vec<KeyBegin>,
-    ) -> BoxFuture<'c, Result<Vec<IdempotencyBegin>>> {
-        Box::pin(async move { begins.into_iter().map(|begin| idempotency_begin(ctx, begin)).collect() })
+    fn begin_keys<'c>(&'c self, ctx: &'c mut Ctx, begins: Vec<KeyBegin>) -> BoxFuture<'c, Result<KeyBegun>> {
+        // One writer: no other batch holds a key's row, so a begin fails only with its batch.
+        Box::pin(async move { begins.into_iter().map(|begin| idempotency_begin(ctx, begin).map(Ok)).collect() })
     }
 
     fn complete_keys<'c>(
