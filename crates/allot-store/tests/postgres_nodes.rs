@@ -3,8 +3,9 @@
 //! concerned refused), nodes with different clocks cannot both re-sell and confirm an expiring
 //! hold, expiry on every node releases each hold once, the exclusion constraint guards
 //! capacity-one resources on its own, and catalogue caches follow other nodes' changes.
-//! The last tests pause a batch mid-way (a raw session holds an idempotency key it waits on)
-//! to force the interleavings a review found between nodes. The last one leads a node through
+//! The last tests pause a batch mid-way (on nodes of one write lane, a raw session holds an
+//! uncommitted user whose email the batch's last request inserts too) to force the
+//! interleavings a review found between nodes. The last one leads a node through
 //! a relay that cuts the connection at a COMMIT, before or after the server gets it.
 #![allow(clippy::unwrap_used)]
 
@@ -45,15 +46,21 @@ struct Cluster {
 impl Cluster {
     /// `n` stores over one fresh database, or `None` when PostgreSQL is absent (outside CI).
     async fn start(n: usize) -> Option<Cluster> {
-        let url = fresh_postgres_database().await?;
-        Some(Cluster::over(url.clone(), &vec![url; n]).await)
+        Cluster::start_with_lanes(n, allot_store::postgres::WRITE_LANES).await
     }
 
-    /// A node per URL in `node_urls` (each reaching the fresh database `url`) and a venue.
-    async fn over(url: String, node_urls: &[String]) -> Cluster {
+    /// [`Cluster::start`] with nodes of `lanes` write lanes each.
+    async fn start_with_lanes(n: usize, lanes: usize) -> Option<Cluster> {
+        let url = fresh_postgres_database().await?;
+        Some(Cluster::over(url.clone(), &vec![url; n], lanes).await)
+    }
+
+    /// A node per URL in `node_urls` (each reaching the fresh database `url`, with `lanes` write
+    /// lanes) and a venue.
+    async fn over(url: String, node_urls: &[String], lanes: usize) -> Cluster {
         let mut nodes = Vec::new();
         for node_url in node_urls {
-            nodes.push(Arc::new(PgStore::open(node_url).await.unwrap()));
+            nodes.push(Arc::new(PgStore::open_with_lanes(node_url, lanes).await.unwrap()));
         }
         let venue = Venue {
             id: VenueId::new(),
@@ -501,20 +508,32 @@ fn key(k: &str) -> IdempotencyKey {
     IdempotencyKey { principal: "review".into(), key: k.into(), request_hash: "h".into(), owner: "node".into() }
 }
 
-/// A raw session holding an uncommitted idempotency key: a node's writer that begins the same
-/// key waits on it, mid-batch, until [`release`] (rollback). Lets a test pause a batch between
-/// two of its jobs.
-async fn blocker(url: &str, k: &str) -> PgConnection {
+/// A raw session holding an uncommitted user whose email [`pause`] inserts too: that insert
+/// waits on it, mid-batch, until [`release`] (rollback), then goes ahead. On a node of one write
+/// lane, requests queued together run in one batch in their order, so a test can pause a batch
+/// right after the requests queued before its [`pause`].
+async fn blocker(url: &str, tag: &str) -> PgConnection {
     let mut conn = PgConnection::connect(url).await.unwrap();
     sqlx::query("BEGIN").execute(&mut conn).await.unwrap();
     sqlx::query(
-        "INSERT INTO idempotency_keys (principal, key, request_hash, created_at, locked_until) VALUES ('review', $1, 'x', 0, 0)",
+        "INSERT INTO users (id, email, name, password_hash, roles, created_at) VALUES ($1, $2, 'Pause', 'x', '', 0)",
     )
-    .bind(k)
+    .bind(format!("blocker-{tag}"))
+    .bind(pause_email(tag))
     .execute(&mut conn)
     .await
     .unwrap();
     conn
+}
+
+fn pause_email(tag: &str) -> String {
+    format!("pause-{tag}@example.test")
+}
+
+/// A request that waits on [`blocker`] `tag` in its batch.
+async fn pause(node: &PgStore, tag: &str) -> Result<(), StoreError> {
+    let user = User { email: pause_email(tag), roles: vec![Role::Customer], ..admin("pause@example.test") };
+    node.insert_user(&user).await
 }
 
 async fn release(mut conn: PgConnection) {
@@ -522,13 +541,13 @@ async fn release(mut conn: PgConnection) {
 }
 
 /// Two cinema customers each held two seats and walked away. On two nodes, other customers
-/// take those seats crosswise, two holds per batch. A hold steps over lapsed claims only on
-/// the seat it has locked: were it to expire the abandoned booking (and delete its claim on the
-/// other seat, locked by the other node), each node's second insert would wait on the other's
-/// transaction, a deadlock that fails an ordinary hold.
+/// take those seats crosswise, two holds per batch, both batches open at once. A hold steps
+/// over lapsed claims only on the seat it has locked: were it to expire the abandoned booking
+/// (and delete its claim on the other seat, locked by the other node), each node's batch would
+/// wait on the other's transaction, a deadlock that fails ordinary holds.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn holds_over_lapsed_claims_on_two_nodes_do_not_deadlock() {
-    let Some(cluster) = Cluster::start(2).await else { return };
+    let Some(cluster) = Cluster::start_with_lanes(2, 1).await else { return };
     let (a, c) = (cluster.nodes[0].clone(), cluster.nodes[1].clone());
     let s: Vec<Resource> = {
         let mut v = Vec::new();
@@ -548,11 +567,11 @@ async fn holds_over_lapsed_claims_on_two_nodes_do_not_deadlock() {
     let x1c = blocker(&cluster.url, "c1").await;
     let p0a = tokio::spawn({
         let a = a.clone();
-        async move { a.idempotency_begin(&key("a0"), at(61), 30).await }
+        async move { pause(&a, "a0").await }
     });
     let p0c = tokio::spawn({
         let c = c.clone();
-        async move { c.idempotency_begin(&key("c0"), at(61), 30).await }
+        async move { pause(&c, "c0").await }
     });
     tokio::time::sleep(Duration::from_millis(300)).await;
 
@@ -568,26 +587,21 @@ async fn holds_over_lapsed_claims_on_two_nodes_do_not_deadlock() {
     // join! polls in order: each future queues its request on its first poll.
     let batch_a = tokio::spawn({
         let a = a.clone();
-        async move {
-            let k = key("a1");
-            tokio::join!(a.hold(h1a), a.idempotency_begin(&k, now, 30), a.hold(h2a))
-        }
+        async move { tokio::join!(a.hold(h1a), pause(&a, "a1"), a.hold(h2a)) }
     });
     let batch_c = tokio::spawn({
         let c = c.clone();
-        async move {
-            let k = key("c1");
-            tokio::join!(c.hold(h1c), c.idempotency_begin(&k, now, 30), c.hold(h2c))
-        }
+        async move { tokio::join!(c.hold(h1c), pause(&c, "c1"), c.hold(h2c)) }
     });
     tokio::time::sleep(Duration::from_millis(300)).await;
-    // Batch 0 of each node ends; batch 1 (three requests) runs up to the middle request.
+    // Batch 0 of each node ends; batch 1 decides its two holds together (where the first one
+    // stood), then waits at its pause with its transaction open: both nodes' at once.
     release(x0a).await;
     release(x0c).await;
     p0a.await.unwrap().unwrap();
     p0c.await.unwrap().unwrap();
     tokio::time::sleep(Duration::from_millis(500)).await;
-    // Both first holds have expired an abandoned booking; now let both second holds run.
+    // Both batches have held over the abandoned bookings' lapsed claims; now let them commit.
     release(x1a).await;
     release(x1c).await;
     let (r1a, _, r2a) = batch_a.await.unwrap();
@@ -606,7 +620,7 @@ async fn holds_over_lapsed_claims_on_two_nodes_do_not_deadlock() {
 /// the logout commits after the rotation, and the successor still rotates.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn logout_after_a_concurrent_rotation_leaves_the_successor_valid() {
-    let Some(cluster) = Cluster::start(2).await else { return };
+    let Some(cluster) = Cluster::start_with_lanes(2, 1).await else { return };
     let (a, b) = (cluster.nodes[0].clone(), cluster.nodes[1].clone());
     let user = UserId::new();
     let t = RefreshToken { token_hash: "t0".into(), user_id: user, family_id: "fam".into(), expires_at: at(86_400) };
@@ -618,15 +632,12 @@ async fn logout_after_a_concurrent_rotation_leaves_the_successor_valid() {
     let x1 = blocker(&cluster.url, "r1").await;
     let p0 = tokio::spawn({
         let a = a.clone();
-        async move { a.idempotency_begin(&key("r0"), at(1), 30).await }
+        async move { pause(&a, "r0").await }
     });
     tokio::time::sleep(Duration::from_millis(300)).await;
     let rotating = tokio::spawn({
         let a = a.clone();
-        async move {
-            let k = key("r1");
-            tokio::join!(a.rotate_refresh_token("t0", "t1", at(86_400), at(1)), a.idempotency_begin(&k, at(1), 30))
-        }
+        async move { tokio::join!(a.rotate_refresh_token("t0", "t1", at(86_400), at(1)), pause(&a, "r1")) }
     });
     tokio::time::sleep(Duration::from_millis(300)).await;
     release(x0).await;
@@ -638,6 +649,7 @@ async fn logout_after_a_concurrent_rotation_leaves_the_successor_valid() {
         async move { b.revoke_refresh_token("t0", at(2)).await }
     });
     tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!logout.is_finished(), "the logout waits for the paused rotation");
     release(x1).await;
     let (rotated, _) = rotating.await.unwrap();
     assert!(matches!(rotated, Ok(RotateOutcome::Rotated { .. })), "{rotated:?}");
@@ -668,7 +680,7 @@ fn admin(email: &str) -> User {
 /// locks, then finds Y the only admin and refuses: never zero admins.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn admins_revoking_each_other_on_two_nodes_leave_one() {
-    let Some(cluster) = Cluster::start(2).await else { return };
+    let Some(cluster) = Cluster::start_with_lanes(2, 1).await else { return };
     let (a, b) = (cluster.nodes[0].clone(), cluster.nodes[1].clone());
     let (x, y) = (admin("x@example.test"), admin("y@example.test"));
     a.insert_user(&x).await.unwrap();
@@ -678,16 +690,13 @@ async fn admins_revoking_each_other_on_two_nodes_leave_one() {
     let x1 = blocker(&cluster.url, "a1").await;
     let p0 = tokio::spawn({
         let a = a.clone();
-        async move { a.idempotency_begin(&key("a0"), at(1), 30).await }
+        async move { pause(&a, "a0").await }
     });
     tokio::time::sleep(Duration::from_millis(300)).await;
     // Node A's next batch: [revoke X's admin role, (paused request)].
     let revoking = tokio::spawn({
         let a = a.clone();
-        async move {
-            let k = key("a1");
-            tokio::join!(a.revoke_role(x.id, RoleRevoke::Admin), a.idempotency_begin(&k, at(1), 30))
-        }
+        async move { tokio::join!(a.revoke_role(x.id, RoleRevoke::Admin), pause(&a, "a1")) }
     });
     tokio::time::sleep(Duration::from_millis(300)).await;
     release(x0).await;
@@ -698,6 +707,7 @@ async fn admins_revoking_each_other_on_two_nodes_leave_one() {
         async move { b.revoke_role(y.id, RoleRevoke::Admin).await }
     });
     tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!other.is_finished(), "the revocation waits for the paused one");
     release(x1).await;
     let (demoted, _) = revoking.await.unwrap();
     assert_eq!(demoted.unwrap().roles, Vec::<Role>::new(), "X is no admin any more");
@@ -862,7 +872,7 @@ async fn cluster_behind_a_cutter() -> Option<(Cluster, CommitCutter)> {
     let (upstream, _) = through_relay(&url, 0);
     let cutter = CommitCutter::start(upstream).await;
     let (_, node_url) = through_relay(&url, cutter.port);
-    Some((Cluster::over(url, &[node_url]).await, cutter))
+    Some((Cluster::over(url, &[node_url], allot_store::postgres::WRITE_LANES).await, cutter))
 }
 
 /// A batch whose COMMIT's answer is lost is answered as the database decided it: kept when it

@@ -449,8 +449,16 @@ enum Arg {
 
 impl PgStore {
     /// Connects to `url` (`postgres://…`), applies migrations (under sqlx's advisory lock, so
-    /// nodes starting together are safe), starts the writer and the cache listener.
+    /// nodes starting together are safe), starts the writer ([`WRITE_LANES`] lanes) and the
+    /// cache listener.
     pub async fn open(url: &str) -> Result<PgStore, StoreError> {
+        PgStore::open_with_lanes(url, WRITE_LANES).await
+    }
+
+    /// [`PgStore::open`] with a writer of `lanes` lanes (1..=[`crate::writer::LANES_MAX`]): one
+    /// lane puts requests queued together into one batch, in their order (tests that stage
+    /// interleavings between nodes rely on it).
+    pub async fn open_with_lanes(url: &str, lanes: usize) -> Result<PgStore, StoreError> {
         let options = PgConnectOptions::from_str(url).map_err(db_error)?.application_name("allot");
         let read = PgPoolOptions::new()
             .max_connections(READ_POOL_CONNECTIONS_MAX)
@@ -462,8 +470,7 @@ impl PgStore {
         // make this future unusable with `tokio::spawn` (rust-lang/rust#100013).
         MIGRATOR.run(&read).await.map_err(|e| StoreError::Database(format!("migrations: {e}")))?;
         let options = write_session(options);
-        let writer =
-            Writer::start_lanes(PgBackend { options: options.clone() }, WRITE_LANES, PgBackend::connect).await?;
+        let writer = Writer::start_lanes(PgBackend { options: options.clone() }, lanes, PgBackend::connect).await?;
         let cache = Arc::new(Cache::default());
         let listen_pool = PgPoolOptions::new().max_connections(1).connect_lazy_with(options.clone());
         let listener = connect_listener(&listen_pool).await.map_err(db_error)?;
