@@ -831,26 +831,7 @@ async fn run_begins<B: Backend>(
     begins: Vec<KeyJob<KeyBegin, IdempotencyBegin>>,
     replies: &mut Vec<Reply>,
 ) -> bool {
-    let (requests, waiting): (Vec<_>, Vec<_>) = begins.into_iter().map(|b| (b.request, b.tx)).unzip();
-    let count = requests.len();
-    let failure = match AssertUnwindSafe(async { backend.begin_keys(ctx, requests).await }).catch_unwind().await {
-        Ok(Ok(answers)) => {
-            assert_eq!(answers.len(), count, "one answer per begin");
-            for (tx, answer) in waiting.into_iter().zip(answers) {
-                replies.push(Box::new(move |commit: Result<(), StoreError>| {
-                    let _ = tx.send(commit.and(answer));
-                }));
-            }
-            return false;
-        }
-        Ok(Err(e)) => B::error(e),
-        Err(_) => write_aborted(),
-    };
-    tracing::error!(error = %failure, "the batch's idempotency keys failed; rolling back its batch");
-    for tx in waiting {
-        let _ = tx.send(Err(failure.clone()));
-    }
-    true
+    run_key_jobs::<B, _, _>(begins, replies, "begins", async |requests| backend.begin_keys(ctx, requests).await).await
 }
 
 /// Stores the batch's answers, after its other requests; true when the batch must be rolled
@@ -861,16 +842,32 @@ async fn run_completions<B: Backend>(
     completions: Vec<KeyJob<KeyCompletion, ()>>,
     replies: &mut Vec<Reply>,
 ) -> bool {
-    let (requests, waiting): (Vec<_>, Vec<_>) = completions.into_iter().map(|c| (c.request, c.tx)).unzip();
-    let stored = match release_savepoint(backend, ctx).await {
-        Err(e) => Ok(Err(e)),
-        Ok(()) => AssertUnwindSafe(async { backend.complete_keys(&mut ctx.conn, requests).await }).catch_unwind().await,
-    };
-    let failure = match stored {
-        Ok(Ok(())) => {
-            for tx in waiting {
+    run_key_jobs::<B, _, _>(completions, replies, "answers", async |requests| {
+        let stored = vec![Ok(()); requests.len()];
+        release_savepoint(backend, ctx).await?;
+        backend.complete_keys(&mut ctx.conn, requests).await.map(|()| stored)
+    })
+    .await
+}
+
+/// Runs a batch's idempotency `jobs` (`what` they are) together through `run`, which answers
+/// each in their order, and queues each answer to be sent once the batch's outcome is known;
+/// true when the batch must be rolled back (`run` failed or panicked: every job fails with it).
+async fn run_key_jobs<B: Backend, T, A: Send + 'static>(
+    jobs: Vec<KeyJob<T, A>>,
+    replies: &mut Vec<Reply>,
+    what: &'static str,
+    run: impl AsyncFnOnce(Vec<T>) -> Result<Vec<Result<A, StoreError>>, B::Error>,
+) -> bool {
+    let (requests, waiting): (Vec<_>, Vec<_>) = jobs.into_iter().map(|job| (job.request, job.tx)).unzip();
+    let count = requests.len();
+    // Called inside the caught future, as the holds are (`run_holds`).
+    let failure = match AssertUnwindSafe(async { run(requests).await }).catch_unwind().await {
+        Ok(Ok(answers)) => {
+            assert_eq!(answers.len(), count, "one answer per request");
+            for (tx, answer) in waiting.into_iter().zip(answers) {
                 replies.push(Box::new(move |commit: Result<(), StoreError>| {
-                    let _ = tx.send(commit);
+                    let _ = tx.send(commit.and(answer));
                 }));
             }
             return false;
@@ -878,7 +875,7 @@ async fn run_completions<B: Backend>(
         Ok(Err(e)) => B::error(e),
         Err(_) => write_aborted(),
     };
-    tracing::error!(error = %failure, "the batch's idempotency answers failed; rolling back its batch");
+    tracing::error!(error = %failure, what, "the batch's idempotency keys failed; rolling back its batch");
     for tx in waiting {
         let _ = tx.send(Err(failure.clone()));
     }
