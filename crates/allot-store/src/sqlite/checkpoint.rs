@@ -14,8 +14,9 @@
 //! in a batch nearly all the time, has already appended more, so on its own the WAL never
 //! starts over (4 GB after 25 s of set-up and holds, the hold p99 half as long again). Past
 //! the threshold the writer checkpoints after its commit, copying what this thread has not,
-//! and its next batch starts the WAL over: about twice a second at 12 000 holds/s
-//! (docs/benchmarks.md, session of 2026-12-06; the test below).
+//! and its next batch starts the WAL over: about once a second at 19 000 holds/s with the
+//! threshold at 256 MiB (docs/benchmarks.md, sessions of 2026-12-06 and 2026-12-07; the test
+//! below).
 //!
 //! Durability is unchanged: a commit is durable once its WAL frames are synced
 //! (`synchronous=FULL`), whenever they are checkpointed.
@@ -30,9 +31,13 @@ use rusqlite::Connection;
 
 /// Pause between checkpoints.
 const CHECKPOINT_INTERVAL_MILLIS: u64 = 20;
-/// The writer's own threshold (pages of WAL, 4 KiB each; SQLite's default is 1 000), and what
-/// starts the WAL over under sustained writes (see the module header; 2 000 measured no better).
-pub(crate) const WRITER_AUTOCHECKPOINT_PAGES: i64 = 16_384;
+/// The writer's own threshold (pages of WAL, 4 KiB each: 256 MiB; SQLite's default is 1 000),
+/// and what starts the WAL over under sustained writes (see the module header). Each start
+/// over is a checkpoint inside one of the writer's commits, a stall every batch queued behind
+/// it waits for: at 16 384 pages, twice a second at 19 000 holds/s, it was what set the hold
+/// p99 (37 ms; 30 ms at this size, 28 ms at four times it; docs/benchmarks.md, session of
+/// 2026-12-07). The WAL file stays near twice this at most (262 MiB measured under load).
+pub(crate) const WRITER_AUTOCHECKPOINT_PAGES: i64 = 65_536;
 
 /// Stops and joins its thread when dropped.
 pub(crate) struct Checkpointer {
@@ -88,7 +93,8 @@ mod tests {
     /// Commits back to back, as the writer's batches under load, with the checkpoint thread
     /// running: the WAL starts over once it reaches the writer's threshold, so its file stays
     /// near that size however much is written (the module header; without the threshold it
-    /// grew to 4 GB in 25 s of a load run's set-up and holds).
+    /// grew to 4 GB in 25 s of a load run's set-up and holds). At a quarter of the threshold
+    /// the writer sets, which it checks, so as to write a quarter of the bytes.
     #[test]
     fn the_wal_file_stays_near_the_writers_threshold_under_sustained_commits() {
         let dir = std::env::temp_dir().join(format!("allot-wal-{}", uuid::Uuid::now_v7().simple()));
@@ -97,10 +103,12 @@ mod tests {
         let conn = super::super::tx::open(&path, Duration::from_secs(5)).unwrap();
         let threshold: i64 = conn.pragma_query_value(None, "wal_autocheckpoint", |r| r.get(0)).unwrap();
         assert_eq!(threshold, WRITER_AUTOCHECKPOINT_PAGES, "the writer's connection sets its threshold");
+        let threshold = WRITER_AUTOCHECKPOINT_PAGES / 4;
+        conn.pragma_update(None, "wal_autocheckpoint", threshold).unwrap();
         conn.execute_batch("CREATE TABLE filler (n INTEGER PRIMARY KEY, body BLOB NOT NULL)").unwrap();
         let _checkpointer = Checkpointer::start(&path, Duration::from_secs(5)).unwrap();
         let wal = dir.join("wal.db-wal");
-        let commits = 3 * WRITER_AUTOCHECKPOINT_PAGES / ROWS_PER_COMMIT;
+        let commits = 3 * threshold / ROWS_PER_COMMIT;
         let mut largest = 0;
         for _ in 0..commits {
             conn.execute(
@@ -112,7 +120,7 @@ mod tests {
             largest = largest.max(std::fs::metadata(&wal).unwrap().len());
         }
         let written = u64::try_from(commits * ROWS_PER_COMMIT).unwrap() * FRAME_BYTES;
-        let bound = 2 * u64::try_from(WRITER_AUTOCHECKPOINT_PAGES).unwrap() * FRAME_BYTES;
+        let bound = 2 * u64::try_from(threshold).unwrap() * FRAME_BYTES;
         assert!(largest < bound, "the WAL reached {largest} bytes of {written} written (bound {bound})");
         drop(conn);
         std::fs::remove_dir_all(&dir).unwrap();
