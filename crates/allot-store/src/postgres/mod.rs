@@ -136,9 +136,9 @@ macro_rules! mark_keys_sql {
 }
 /// [`LOCK_HEAD_SQL`] after `marked` has run to the end (its count, a one-time filter, is
 /// evaluated before the head is scanned): key rows are locked before the head, never after
-/// (see `Backend::seal`); the last column is how many marks were written. In the same statement, not one of their own: as a statement of its
-/// own (a round trip more per batch with keyed requests) keyed holds ran 32 % below the build
-/// without marks, folded in here 21 % (docs/benchmarks.md); the rest is the rows' update.
+/// (see `Backend::seal`); the last column is how many marks were written. In the same
+/// statement, not one of their own: a round trip less per batch with keyed requests
+/// (docs/benchmarks.md, sessions of 2026-12-06, fourth, and 2026-12-07).
 macro_rules! lock_head_after_marks_sql {
     () => {
         concat!(
