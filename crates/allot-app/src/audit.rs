@@ -402,6 +402,12 @@ pub fn fail(reason: &str) {
     }
 }
 
+/// [`set_target`] on a scope captured earlier (inside a store transaction, off the request's
+/// task), for a target known only once the change is decided.
+pub fn set_scope_target(scope: &AuditScope, id: impl std::fmt::Display) {
+    scope.edit(|e| e.target_id = Some(id.to_string()));
+}
+
 /// [`fail`] on a scope captured earlier (inside a store transaction, off the request's task).
 pub fn fail_scope(scope: &AuditScope, reason: &str) {
     scope.edit(|e| {

@@ -240,6 +240,8 @@ impl App {
 
     async fn new_session(&self, user_id: UserId, family_id: &str) -> AppResult<Session> {
         let (refresh_token, record) = self.refresh_record(user_id, family_id);
+        // A keyed login's mark names it: a retry whose answer was lost reissues it.
+        audit::set_target(&record.token_hash);
         self.store.insert_refresh_token(&record).await?;
         Ok(Session { access_token: self.access_token(user_id)?, expires_in: ACCESS_TOKEN_TTL_SECONDS, refresh_token })
     }
@@ -275,6 +277,25 @@ impl App {
                 refresh_token: token,
             }),
             RotateOutcome::Reused | RotateOutcome::Invalid => Err(AppError::Unauthenticated),
+        }
+    }
+
+    /// A fresh session in place of the one a login or refresh opened (refresh token
+    /// `lost_hash`) whose answer, the only copy of its secrets, was lost: the lost token is
+    /// revoked and another issued in its family. A conflict if that session is no longer live
+    /// (refreshed since, so its secret did reach someone; ended; expired): nothing changes.
+    pub async fn reissue_session(&self, lost_hash: &str) -> AppResult<Session> {
+        let (token, record) = self.refresh_record(UserId::new(), "");
+        let now = self.clock.now();
+        match self.store.reissue_refresh_token(lost_hash, &record.token_hash, record.expires_at, now).await? {
+            RotateOutcome::Rotated { user_id } => Ok(Session {
+                access_token: self.access_token(user_id)?,
+                expires_in: ACCESS_TOKEN_TTL_SECONDS,
+                refresh_token: token,
+            }),
+            RotateOutcome::Reused | RotateOutcome::Invalid => Err(AppError::Conflict(
+                "the session this request opened is no longer live and its answer was lost: sign in again".into(),
+            )),
         }
     }
 

@@ -258,6 +258,18 @@ pub trait Store: Send + Sync + 'static {
         new_expires_at: Timestamp,
         now: Timestamp,
     ) -> Result<RotateOutcome, StoreError>;
+    /// Replaces `lost_hash`, a live token whose secret never reached its client (the answer
+    /// of the request that issued it was lost), with `new_hash` in its family, for the same
+    /// user. The lost token is revoked, not marked used: presented later, it is refused
+    /// without revoking the family. `Invalid` if it is no longer live (used, revoked,
+    /// expired, unknown): then nothing changes.
+    async fn reissue_refresh_token(
+        &self,
+        lost_hash: &str,
+        new_hash: &str,
+        new_expires_at: Timestamp,
+        now: Timestamp,
+    ) -> Result<RotateOutcome, StoreError>;
     async fn revoke_refresh_token(&self, token_hash: &str, now: Timestamp) -> Result<(), StoreError>;
     /// Returns the stored value of `key`, storing `value` first if there was none.
     async fn setting_or_insert(&self, key: &str, value: &str) -> Result<String, StoreError>;

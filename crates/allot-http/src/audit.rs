@@ -14,6 +14,7 @@ use std::sync::Arc;
 use allot_app::App;
 use allot_app::audit::{AuditEvent, AuditScope};
 use allot_app::auth::Principal;
+use allot_app::store::IdempotencyKey;
 use axum::extract::{ConnectInfo, FromRequestParts, MatchedPath, RawPathParams, Request, State};
 use axum::http::Method;
 use axum::http::request::Parts;
@@ -88,14 +89,35 @@ pub async fn layer(State(app): State<Arc<App>>, request: Request, next: Next) ->
         Some(keyed) => AuditScope::new(event).with_idempotency_key(keyed.0.clone()),
         None => AuditScope::new(event),
     };
+    run_in(&app, scope, next.run(Request::from_parts(parts, body))).await
+}
+
+/// A keyed request answered by recovering what its lost attempt did, when that changes
+/// something (`crate::idempotency`): an attempt of its route like any other, though no
+/// handler runs, recorded as a recovery. Its kept change marks `key` like the handler's would.
+pub(crate) async fn recovery(
+    app: &Arc<App>,
+    parts: &Parts,
+    key: IdempotencyKey,
+    recover: impl Future<Output = Response>,
+) -> Response {
+    let (action, target) = match_path(&parts.method, parts.uri.path())
+        .unwrap_or_else(|| (action_of(&parts.method, parts.uri.path()), None));
+    let (mut event, _) = draft(app, parts, action, target).await;
+    event.details.insert("recovery".to_owned(), "answer_lost".to_owned());
+    run_in(app, AuditScope::new(event).with_idempotency_key(key), recover).await
+}
+
+/// Runs `request` inside `scope`, then records its event unless a write it made already did.
+async fn run_in(app: &Arc<App>, scope: AuditScope, request: impl Future<Output = Response>) -> Response {
     let mut unfinished = Unfinished { app: app.clone(), scope: Some(scope.clone()) };
-    let response = scope.clone().run(next.run(Request::from_parts(parts, body))).await;
+    let response = scope.clone().run(request).await;
     unfinished.scope = None;
     let status = response.status();
     let code = response.extensions().get::<ErrorCode>().map(|c| c.0);
     let succeeded = status.is_success() || status.is_redirection();
     if let Some(event) = scope.finish(succeeded, code.or(Some("error")), app.clock.now()) {
-        append(&app, event).await;
+        append(app, event).await;
     }
     response
 }

@@ -41,6 +41,8 @@ pub(crate) struct Keyed(pub IdempotencyKey);
 pub(crate) const SEALED_PATHS: [&str; 3] = ["/api/v1/auth/login", "/api/v1/auth/refresh", "/api/v1/api-keys"];
 /// The one that creates something whose secret is shown only in its answer.
 const API_KEYS_PATH: &str = "/api/v1/api-keys";
+/// Those that open a session.
+const SESSION_PATHS: [&str; 2] = ["/api/v1/auth/login", "/api/v1/auth/refresh"];
 
 /// The middleware's idempotency half, inside the rate limits (see [`crate::guard`]). Every
 /// request that may change something runs detached from its connection, keyed or not.
@@ -95,7 +97,7 @@ pub async fn keyed(app: Arc<App>, request: Request, next: Next, detached: TaskTr
     match app.idempotency_admit(&id).await {
         Err(e) => refused(&app, &parts, ApiError::from(e)).await,
         Ok(Admission::Replay { status, body }) => replay(status, body),
-        Ok(Admission::Recover { target }) => recover(&app, &id, parts.uri.path(), &target).await,
+        Ok(Admission::Recover { target }) => recover(&app, &id, &parts, &target).await,
         Ok(Admission::Run) => {
             parts.extensions.insert(Keyed(id.clone()));
             // Detached, and the outcome stored in the same task: a client that hangs up must
@@ -156,13 +158,20 @@ enum Recovery {
     /// It created an API key, whose secret exists only in the lost answer: 409, naming the key
     /// to revoke. Never a second key.
     SecretShownOnce,
+    /// It opened a session (a login, a refresh), whose secrets existed only in the lost
+    /// answer: a fresh one in its place ([`reissued`]). Run again, a refresh would present
+    /// a token already rotated, and be taken for a stolen copy.
+    Session,
 }
 
-/// `None`: the route marks nothing (logout, login and refresh have no target), so a retry
-/// after its attempt died runs it again.
+/// `None`: the route marks nothing (a logout has no target), so a retry after its attempt
+/// died runs it again.
 fn recovery_of(path: &str) -> Option<Recovery> {
     if path == API_KEYS_PATH {
         return Some(Recovery::SecretShownOnce);
+    }
+    if SESSION_PATHS.contains(&path) {
+        return Some(Recovery::Session);
     }
     let segments: Vec<&str> = path.trim_start_matches("/api/v1/").split('/').collect();
     let (kind, status) = match segments.as_slice() {
@@ -181,10 +190,12 @@ fn recovery_of(path: &str) -> Option<Recovery> {
 /// Answers a retry whose earlier attempt changed `target` and died before its answer was
 /// stored: with `target` as it now is (see [`Recovery`]), in the route's success status, stored as the key's
 /// answer from then on.
-async fn recover(app: &App, id: &IdempotencyKey, path: &str, target: &str) -> Response {
+async fn recover(app: &Arc<App>, id: &IdempotencyKey, parts: &axum::http::request::Parts, target: &str) -> Response {
+    let path = parts.uri.path();
     let recovered = match recovery_of(path) {
         Some(Recovery::Answer(kind, status)) => app.idempotency_recover(kind, target).await.map(|c| (status, c)),
         Some(Recovery::SecretShownOnce) => return secret_lost(app, id, target).await,
+        Some(Recovery::Session) => return reissued(app, id, parts, target).await,
         None => Err(AppError::Internal(format!("{path} marked {target} but cannot be recovered"))),
     };
     let (status, changed) = match recovered {
@@ -225,6 +236,27 @@ async fn secret_lost(app: &App, id: &IdempotencyKey, api_key_id: &str) -> Respon
     let error = ApiError { details, ..ApiError::new(StatusCode::CONFLICT, "conflict", message) };
     let body = axum::body::to_bytes(error.into_response().into_body(), RESPONSE_BYTES_MAX).await;
     recovered_answer(app, id, StatusCode::CONFLICT, body.map(|b| b.to_vec()).unwrap_or_default()).await
+}
+
+/// [`recover`] for a login or refresh that opened the session of refresh token `lost` (its
+/// digest): that session is replaced by a fresh one, the answer stored sealed. An attempt of
+/// its own, audited, whose change marks the key afresh: if this answer is lost too, the next
+/// retry replaces the session this one opened. A conflict, stored, if the lost session is no
+/// longer live (refreshed since: its answer did reach someone).
+async fn reissued(app: &Arc<App>, id: &IdempotencyKey, parts: &axum::http::request::Parts, lost: &str) -> Response {
+    let reissue = async {
+        match app.reissue_session(lost).await {
+            Ok(session) => axum::Json(crate::dto::session_json(session)).into_response(),
+            Err(e) => ApiError::from(e).into_response(),
+        }
+    };
+    let response = crate::audit::recovery(app, parts, id.clone(), reissue).await;
+    let mut response = run_and_store(app, id, response, true).await;
+    if !response.status().is_server_error() {
+        tracing::info!("a keyed login or refresh whose answer was lost is answered with a fresh session");
+        response.headers_mut().insert("idempotent-replayed", HeaderValue::from_static("true"));
+    }
+    response
 }
 
 /// [`run_detached`] for a request that may change something (any method but GET, HEAD and
@@ -297,9 +329,8 @@ mod tests {
     use super::*;
 
     /// POSTs whose change names no target, so that nothing marks their key: run again, they
-    /// repeat no harm (a revoked token stays revoked, a login or refresh is one more session;
-    /// a refresh whose token was rotated is refused as reuse).
-    const UNMARKED_PATHS: [&str; 3] = ["/api/v1/auth/logout", "/api/v1/auth/login", "/api/v1/auth/refresh"];
+    /// repeat no harm (a revoked token stays revoked).
+    const UNMARKED_PATHS: [&str; 1] = ["/api/v1/auth/logout"];
 
     #[test]
     fn every_stored_post_that_changes_something_can_be_answered_from_what_it_changed() {
@@ -313,6 +344,7 @@ mod tests {
             let status = match recovery_of(&concrete) {
                 Some(Recovery::Answer(_, status)) => status,
                 Some(Recovery::SecretShownOnce) => StatusCode::CONFLICT,
+                Some(Recovery::Session) => StatusCode::OK,
                 None => panic!("{path}: no way to recover its answer"),
             };
             let documented = post.responses.responses.contains_key(status.as_str());

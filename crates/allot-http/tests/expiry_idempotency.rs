@@ -673,6 +673,81 @@ async fn a_retried_login_or_refresh_gets_the_same_session_and_revokes_nothing() 
     assert_eq!(status, StatusCode::OK, "the family still lives: {next}");
 }
 
+/// A login or refresh whose node died after its session was stored, before its answer was:
+/// the answer held the session's only copy of its secrets, so the retry gets a fresh session
+/// in its place, and the lost one is revoked without ending the family (run again, the refresh
+/// would present a rotated token and be taken for a stolen copy).
+#[tokio::test]
+async fn a_login_or_refresh_whose_answer_was_lost_is_answered_with_a_fresh_session() {
+    let t = TestApp::spawn().await;
+    let admin = t.admin().await;
+    t.customer("lost-session@test.allot").await;
+    let refresh_of = |answer: &[u8]| json!({"refresh_token": json_of(answer)["refresh_token"]});
+    let login = json!({"email": "lost-session@test.allot", "password": "password-123"});
+    let (s1, _, lost) = post_keyed(&t, None, "/auth/login", &login, "login-lost").await;
+    assert_eq!(s1, StatusCode::OK, "{}", String::from_utf8_lossy(&lost));
+    forget_the_answer(&t, "login-lost").await;
+    t.clock.advance(SignedDuration::from_secs(61));
+    let (s2, replayed, fresh) = post_keyed(&t, None, "/auth/login", &login, "login-lost").await;
+    assert_eq!((s2, replayed), (StatusCode::OK, true), "{}", String::from_utf8_lossy(&fresh));
+    assert_ne!(json_of(&fresh)["refresh_token"], json_of(&lost)["refresh_token"]);
+    let (s3, _, again) = post_keyed(&t, None, "/auth/login", &login, "login-lost").await;
+    assert_eq!((s3, &again), (StatusCode::OK, &fresh), "the key's answer from now on");
+    let refresh_token = json_of(&fresh)["refresh_token"].as_str().unwrap().to_owned();
+    let sealed = if t.db_url.starts_with("postgres") { "encode(body, 'escape')" } else { "CAST(body AS TEXT)" };
+    let readable = t.store.count("idempotency_keys", &format!("{sealed} LIKE '%{refresh_token}%'")).await.unwrap();
+    assert_eq!(readable, 0, "stored sealed");
+    // The lost session is revoked, not used: refused, and its family lives on.
+    let (status, _) = t.post(None, "/auth/refresh", refresh_of(&lost)).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+
+    // A refresh of the fresh session, lost twice over: each retry replaces the session the
+    // one before it opened (each marks the key afresh).
+    let refresh = refresh_of(&fresh);
+    let (s1, _, lost) = post_keyed(&t, None, "/auth/refresh", &refresh, "refresh-lost").await;
+    assert_eq!(s1, StatusCode::OK, "{}", String::from_utf8_lossy(&lost));
+    let mut answers = vec![lost];
+    for _ in 0..2 {
+        forget_the_answer(&t, "refresh-lost").await;
+        t.clock.advance(SignedDuration::from_secs(61));
+        let (status, replayed, answer) = post_keyed(&t, None, "/auth/refresh", &refresh, "refresh-lost").await;
+        assert_eq!((status, replayed), (StatusCode::OK, true), "{}", String::from_utf8_lossy(&answer));
+        answers.push(answer);
+    }
+    for lost in &answers[..2] {
+        let (status, body) = t.post(None, "/auth/refresh", refresh_of(lost)).await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED, "{body}");
+    }
+    let (status, body) = t.post(None, "/auth/refresh", refresh_of(&answers[2])).await;
+    assert_eq!(status, StatusCode::OK, "the family still lives: {body}");
+
+    // A session refreshed since its answer was lost did reach someone: not replaced.
+    let (_, _, used) = post_keyed(&t, None, "/auth/login", &login, "login-used").await;
+    let (status, next) = t.post(None, "/auth/refresh", refresh_of(&used)).await;
+    assert_eq!(status, StatusCode::OK, "{next}");
+    forget_the_answer(&t, "login-used").await;
+    t.clock.advance(SignedDuration::from_secs(61));
+    let (status, replayed, refused) = post_keyed(&t, None, "/auth/login", &login, "login-used").await;
+    assert_eq!((status, replayed), (StatusCode::CONFLICT, true), "{}", String::from_utf8_lossy(&refused));
+    let (status, _) = t.post(None, "/auth/refresh", json!({"refresh_token": next["refresh_token"]})).await;
+    assert_eq!(status, StatusCode::OK, "its family lives on");
+
+    let (_, events) = t.get(Some(&admin), "/audit?limit=100").await;
+    let recoveries: Vec<_> = events["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["details"]["recovery"] == "answer_lost")
+        .map(|e| (e["action"].as_str().unwrap(), e["outcome"].as_str().unwrap(), e["target_id"].is_string()))
+        .collect();
+    let want = [("auth.login", "success", true), ("auth.refresh", "success", true), ("auth.refresh", "success", true)];
+    let mut want: Vec<_> = want.into_iter().chain([("auth.login", "failure", false)]).collect();
+    let mut found = recoveries.clone();
+    want.sort_unstable();
+    found.sort_unstable();
+    assert_eq!(found, want, "{events}");
+}
+
 #[tokio::test]
 async fn an_api_key_whose_answer_was_lost_is_named_for_revocation_not_made_again() {
     let t = TestApp::spawn().await;

@@ -142,10 +142,33 @@ pub enum Rotation {
     },
 }
 
-pub fn rotation(row: Option<TokenRow>, now: i64) -> Rotation {
+/// How a live refresh token gets its successor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Succession {
+    /// Its holder presents it (`Store::rotate_refresh_token`): it is marked used, and coming
+    /// back again it revokes its family.
+    Rotate,
+    /// Its secret never reached its client (`Store::reissue_refresh_token`): it is revoked, so
+    /// that it can never pass for a reuse. One already used is not reissued (its secret did
+    /// reach someone), nor is its family revoked.
+    Reissue,
+}
+
+impl Succession {
+    /// The column that retires the token it succeeds.
+    pub fn retiring_column(self) -> &'static str {
+        match self {
+            Succession::Rotate => "used_at",
+            Succession::Reissue => "revoked_at",
+        }
+    }
+}
+
+pub fn rotation(row: Option<TokenRow>, now: i64, succession: Succession) -> Rotation {
     match row {
         None => Rotation::Invalid,
         Some((_, _, expires_at, _, revoked_at)) if revoked_at.is_some() || expires_at <= now => Rotation::Invalid,
+        Some((_, _, _, Some(_), _)) if succession == Succession::Reissue => Rotation::Invalid,
         Some((_, family, _, Some(_), _)) => Rotation::RevokeFamily(family),
         Some((user_id, family, _, None, _)) => Rotation::Rotate { user_id, family },
     }
@@ -364,15 +387,23 @@ where
 
 /// A refused rotation is a failed attempt, although its transaction is kept (a reused token
 /// revokes its family): the request's audit event must say so before the writer takes it.
-pub fn audit_rotation(scope: Option<&AuditScope>, outcome: &Result<RotateOutcome, StoreError>) {
+/// A successful one names the token it issued (`new_hash`) as its target, so that a keyed
+/// request's mark points a retry at it if the answer carrying its secret is lost.
+pub fn audit_rotation(
+    scope: Option<&AuditScope>,
+    succession: Succession,
+    new_hash: &str,
+    outcome: &Result<RotateOutcome, StoreError>,
+) {
+    let Some(scope) = scope else { return };
     let reason = match outcome {
+        Ok(RotateOutcome::Rotated { .. }) => return allot_app::audit::set_scope_target(scope, new_hash),
+        Ok(RotateOutcome::Invalid) if succession == Succession::Reissue => "session_not_live",
         Ok(RotateOutcome::Invalid) => "unauthenticated",
         Ok(RotateOutcome::Reused) => "refresh_token_reused",
-        Ok(RotateOutcome::Rotated { .. }) | Err(_) => return,
+        Err(_) => return,
     };
-    if let Some(scope) = scope {
-        allot_app::audit::fail_scope(scope, reason);
-    }
+    allot_app::audit::fail_scope(scope, reason);
 }
 
 /// A venue `INSERT` whose id exists already is a conflict, not a database failure.

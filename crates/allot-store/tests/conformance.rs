@@ -201,6 +201,7 @@ conformance! {
     users::user_reads_see_each_committed_change,
     users::refresh_token_rotation_and_reuse_revokes_the_family,
     users::refresh_token_expiry_and_unknown_are_invalid,
+    users::a_lost_refresh_token_is_reissued_once_and_never_passes_for_reuse,
     users::revoke_ends_the_whole_family,
     users::setting_or_insert_keeps_the_first_value_under_concurrency,
     users::set_setting_overwrites,

@@ -35,10 +35,10 @@ use crate::access;
 use crate::cache::{self, Cache, INVALIDATE_ALL};
 use crate::common::{ABANDON_CHANGED_SQL, ABANDON_UNCHANGED_SQL, DocTable, KeyFound, venue_inserted};
 use crate::common::{
-    AUDIT_COLUMNS, AUDIT_HEAD_SQL, AuditRow, KeyRow, Rotation, TokenRow, USER_COLUMNS, UserVenuesRow, VENUE_IN_USE,
-    add_seat_states, after_key, audit_events_of, audit_head_of, audit_range_query, audit_rotation, audit_select, chain,
-    claims_from_rows, decided, docs_to_page, existing_key, expired, from_json, from_json_db, hold_expiry,
-    is_unique_violation, rotation, to_json, ts, user_of_venues_row,
+    AUDIT_COLUMNS, AUDIT_HEAD_SQL, AuditRow, KeyRow, Rotation, Succession, TokenRow, USER_COLUMNS, UserVenuesRow,
+    VENUE_IN_USE, add_seat_states, after_key, audit_events_of, audit_head_of, audit_range_query, audit_rotation,
+    audit_select, chain, claims_from_rows, decided, docs_to_page, existing_key, expired, from_json, from_json_db,
+    hold_expiry, is_unique_violation, rotation, to_json, ts, user_of_venues_row,
 };
 use crate::writer::{
     Backend, HoldResults, KeyBegin, KeyBegun, KeyCompletion, Outcome, TxnRef, WriteCtx, Writer, db_error, marks_fenced,
@@ -530,6 +530,29 @@ impl PgStore {
         row.map(user_of_venues_row).transpose()
     }
 
+    /// `Store::rotate_refresh_token` and `Store::reissue_refresh_token`.
+    async fn succeed_refresh_token(
+        &self,
+        succession: Succession,
+        old_hash: &str,
+        new_hash: &str,
+        new_expires_at: Timestamp,
+        now: Timestamp,
+    ) -> Result<RotateOutcome, StoreError> {
+        let (old_hash, new_hash) = (old_hash.to_owned(), new_hash.to_owned());
+        let audit = allot_app::audit::current();
+        self.writer
+            .exec(move |ctx: &mut Ctx| -> BoxFuture<'_, Outcome<RotateOutcome, StoreError>> {
+                Box::pin(async move {
+                    let outcome =
+                        succeed_in_tx(ctx, succession, old_hash, new_hash.clone(), new_expires_at, now).await?;
+                    audit_rotation(audit.as_ref(), succession, &new_hash, &outcome);
+                    Ok(outcome)
+                })
+            })
+            .await
+    }
+
     /// Writes one statement through the writer, mapping a unique violation to `Conflict`.
     async fn exec_one(&self, sql: &'static str, args: Vec<Arg>, conflict: &'static str) -> Result<u64, StoreError> {
         self.writer
@@ -777,8 +800,9 @@ async fn expire_one(conn: &mut PgConnection, id: &str, now: Timestamp) -> Result
     Ok(true)
 }
 
-async fn rotate_in_tx(
+async fn succeed_in_tx(
     ctx: &mut Ctx,
+    succession: Succession,
     old_hash: String,
     new_hash: String,
     new_expires_at: Timestamp,
@@ -791,7 +815,7 @@ async fn rotate_in_tx(
     .bind(&old_hash)
     .fetch_optional(&mut ctx.conn)
     .await?;
-    let (user_id, family) = match rotation(row, now) {
+    let (user_id, family) = match rotation(row, now, succession) {
         Rotation::Invalid => return Ok(Ok(RotateOutcome::Invalid)),
         Rotation::RevokeFamily(family) => {
             revoke_family(&mut ctx.conn, &family, now).await?;
@@ -799,11 +823,8 @@ async fn rotate_in_tx(
         }
         Rotation::Rotate { user_id, family } => (user_id, family),
     };
-    sqlx::query("UPDATE refresh_tokens SET used_at = $1 WHERE token_hash = $2")
-        .bind(now)
-        .bind(&old_hash)
-        .execute(&mut ctx.conn)
-        .await?;
+    let retire = format!("UPDATE refresh_tokens SET {} = $1 WHERE token_hash = $2", succession.retiring_column());
+    sqlx::query(sqlx::AssertSqlSafe(retire)).bind(now).bind(&old_hash).execute(&mut ctx.conn).await?;
     sqlx::query("INSERT INTO refresh_tokens (token_hash, user_id, family_id, expires_at) VALUES ($1, $2, $3, $4)")
         .bind(&new_hash)
         .bind(&user_id)
@@ -1073,17 +1094,17 @@ impl Store for PgStore {
         new_expires_at: Timestamp,
         now: Timestamp,
     ) -> Result<RotateOutcome, StoreError> {
-        let (old_hash, new_hash) = (old_hash.to_owned(), new_hash.to_owned());
-        let audit = allot_app::audit::current();
-        self.writer
-            .exec(move |ctx: &mut Ctx| -> BoxFuture<'_, Outcome<RotateOutcome, StoreError>> {
-                Box::pin(async move {
-                    let outcome = rotate_in_tx(ctx, old_hash, new_hash, new_expires_at, now).await?;
-                    audit_rotation(audit.as_ref(), &outcome);
-                    Ok(outcome)
-                })
-            })
-            .await
+        self.succeed_refresh_token(Succession::Rotate, old_hash, new_hash, new_expires_at, now).await
+    }
+
+    async fn reissue_refresh_token(
+        &self,
+        lost_hash: &str,
+        new_hash: &str,
+        new_expires_at: Timestamp,
+        now: Timestamp,
+    ) -> Result<RotateOutcome, StoreError> {
+        self.succeed_refresh_token(Succession::Reissue, lost_hash, new_hash, new_expires_at, now).await
     }
 
     async fn revoke_refresh_token(&self, token_hash: &str, now: Timestamp) -> Result<(), StoreError> {

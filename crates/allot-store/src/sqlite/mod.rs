@@ -29,7 +29,7 @@ use sqlx::{Connection, QueryBuilder, Sqlite, SqliteConnection};
 use crate::access;
 use crate::cache::{self, Cache, INVALIDATE_ALL, ResourceVersions};
 use crate::common::{
-    AUDIT_HEAD_SQL, AuditRow, USER_COLUMNS, UserVenuesRow, after_key, audit_events_of, audit_head_of,
+    AUDIT_HEAD_SQL, AuditRow, Succession, USER_COLUMNS, UserVenuesRow, after_key, audit_events_of, audit_head_of,
     audit_range_query, audit_rotation, audit_select, claims_from_rows, docs_to_page, from_json, page_of, ts,
     user_of_venues_row,
 };
@@ -236,6 +236,26 @@ impl SqliteStore {
         docs_to_page(rows, page.limit)
     }
 
+    /// `Store::rotate_refresh_token` and `Store::reissue_refresh_token`.
+    async fn succeed_refresh_token(
+        &self,
+        succession: Succession,
+        old_hash: &str,
+        new_hash: &str,
+        new_expires_at: Timestamp,
+        now: Timestamp,
+    ) -> Result<RotateOutcome, StoreError> {
+        let (old_hash, new_hash) = (old_hash.to_owned(), new_hash.to_owned());
+        let audit = allot_app::audit::current();
+        self.writer
+            .exec_now(move |ctx: &mut Ctx| {
+                let outcome = tx::succeed_refresh_token(ctx, succession, &old_hash, &new_hash, new_expires_at, now)?;
+                audit_rotation(audit.as_ref(), succession, &new_hash, &outcome);
+                Ok(outcome)
+            })
+            .await
+    }
+
     /// Writes one statement through the writer, mapping a unique violation to `Conflict`.
     async fn exec_one(
         &self,
@@ -318,15 +338,17 @@ impl Store for SqliteStore {
         new_expires_at: Timestamp,
         now: Timestamp,
     ) -> Result<RotateOutcome, StoreError> {
-        let (old_hash, new_hash) = (old_hash.to_owned(), new_hash.to_owned());
-        let audit = allot_app::audit::current();
-        self.writer
-            .exec_now(move |ctx: &mut Ctx| {
-                let outcome = tx::rotate_refresh_token(ctx, &old_hash, &new_hash, new_expires_at, now)?;
-                audit_rotation(audit.as_ref(), &outcome);
-                Ok(outcome)
-            })
-            .await
+        self.succeed_refresh_token(Succession::Rotate, old_hash, new_hash, new_expires_at, now).await
+    }
+
+    async fn reissue_refresh_token(
+        &self,
+        lost_hash: &str,
+        new_hash: &str,
+        new_expires_at: Timestamp,
+        now: Timestamp,
+    ) -> Result<RotateOutcome, StoreError> {
+        self.succeed_refresh_token(Succession::Reissue, lost_hash, new_hash, new_expires_at, now).await
     }
 
     async fn revoke_refresh_token(&self, token_hash: &str, now: Timestamp) -> Result<(), StoreError> {

@@ -31,7 +31,7 @@ use crate::access::{IS_ADMIN, RevokeStep, parse_roles, revoke_step, roles_text, 
 use crate::cache::{self, INVALIDATE_ALL};
 use crate::common::{
     ABANDON_CHANGED_SQL, ABANDON_UNCHANGED_SQL, AUDIT_COLUMNS, AUDIT_HEAD_SQL, DocTable, KeyFound, Rotation,
-    VENUE_IN_USE, chain, claims_from_rows, decided, existing_key, hold_expiry, rotation,
+    Succession, VENUE_IN_USE, chain, claims_from_rows, decided, existing_key, hold_expiry, rotation,
 };
 use crate::writer::{Backend, HoldResults, KeyBegin, KeyBegun, KeyCompletion, TxnRef, WriteCtx, marks_fenced};
 
@@ -336,9 +336,10 @@ pub(crate) fn replace_doc<T: DeserializeOwned + PartialEq>(
     Ok(Ok(()))
 }
 
-/// Rotates a refresh token (see [`rotation`]).
-pub(crate) fn rotate_refresh_token(
+/// Rotates or reissues a refresh token (see [`rotation`]).
+pub(crate) fn succeed_refresh_token(
     ctx: &mut Ctx,
+    succession: Succession,
     old_hash: &str,
     new_hash: &str,
     new_expires_at: Timestamp,
@@ -352,7 +353,7 @@ pub(crate) fn rotate_refresh_token(
         )?
         .query_row([old_hash], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)))
         .optional()?;
-    let (user_id, family) = match rotation(row, now) {
+    let (user_id, family) = match rotation(row, now, succession) {
         Rotation::Invalid => return Ok(Ok(RotateOutcome::Invalid)),
         Rotation::RevokeFamily(family) => {
             conn.prepare_cached("UPDATE refresh_tokens SET revoked_at = ? WHERE family_id = ? AND revoked_at IS NULL")?
@@ -361,8 +362,8 @@ pub(crate) fn rotate_refresh_token(
         }
         Rotation::Rotate { user_id, family } => (user_id, family),
     };
-    conn.prepare_cached("UPDATE refresh_tokens SET used_at = ? WHERE token_hash = ?")?
-        .execute(params![now, old_hash])?;
+    let retire = format!("UPDATE refresh_tokens SET {} = ? WHERE token_hash = ?", succession.retiring_column());
+    conn.prepare_cached(&retire)?.execute(params![now, old_hash])?;
     conn.prepare_cached("INSERT INTO refresh_tokens (token_hash, user_id, family_id, expires_at) VALUES (?, ?, ?, ?)")?
         .execute(params![new_hash, user_id, family, new_expires_at.as_second()])?;
     let user_id = user_id.parse().map_err(encode_error)?;
