@@ -147,15 +147,7 @@ impl Backend for SqliteBackend {
     ) -> BoxFuture<'c, Outcome<Option<TxnRef>, StoreError>> {
         // One writer: no clock to stamp. No `TxnRef`: the database is a local file, so a
         // COMMIT's answer cannot be lost on the way, and one that failed did not commit.
-        Box::pin(std::future::ready((|| {
-            if let Err(taken_over) = marks_fenced(marks, mark_idempotency_keys(conn, marks)?) {
-                return Ok(Err(taken_over));
-            }
-            if !events.is_empty() {
-                append_audit(conn, events)?;
-            }
-            Ok(Ok(None))
-        })()))
+        Box::pin(std::future::ready(seal(conn, events, marks).map(|sealed| sealed.map(|()| None))))
     }
 
     fn holds<'c>(&'c self, ctx: &'c mut Ctx, holds: Vec<HoldCommand>) -> BoxFuture<'c, Result<HoldResults>> {
@@ -176,6 +168,18 @@ impl Backend for SqliteBackend {
     ) -> BoxFuture<'c, Result<()>> {
         Box::pin(async move { idempotency_complete(conn, &completions) })
     }
+}
+
+/// A batch's marks, then its audit events; a mark whose key another attempt took over fails
+/// the batch ([`marks_fenced`]).
+fn seal(conn: &mut Connection, events: &mut [AuditEvent], marks: &[IdempotencyMark]) -> Outcome<(), StoreError> {
+    if let Err(taken_over) = marks_fenced(marks, mark_idempotency_keys(conn, marks)?) {
+        return Ok(Err(taken_over));
+    }
+    if !events.is_empty() {
+        append_audit(conn, events)?;
+    }
+    Ok(Ok(()))
 }
 
 /// Runs `;`-separated statements, each prepared once per connection: a savepoint's end and the
