@@ -282,9 +282,11 @@ impl App {
 
     /// A fresh session in place of the one a login or refresh opened (refresh token
     /// `lost_hash`) whose answer, the only copy of its secrets, was lost: the lost token is
-    /// revoked and another issued in its family. A conflict if that session is no longer live
-    /// (refreshed since, so its secret did reach someone; ended; expired): nothing changes.
+    /// retired as if rotated and another issued in its family. A conflict if that session is
+    /// no longer live (refreshed since, so its secret did reach someone; ended; expired):
+    /// nothing changes.
     pub async fn reissue_session(&self, lost_hash: &str) -> AppResult<Session> {
+        audit::detail("replaces", lost_hash);
         let (token, record) = self.refresh_record(UserId::new(), "");
         let now = self.clock.now();
         match self.store.reissue_refresh_token(lost_hash, &record.token_hash, record.expires_at, now).await? {

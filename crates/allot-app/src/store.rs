@@ -258,11 +258,12 @@ pub trait Store: Send + Sync + 'static {
         new_expires_at: Timestamp,
         now: Timestamp,
     ) -> Result<RotateOutcome, StoreError>;
-    /// Replaces `lost_hash`, a live token whose secret never reached its client (the answer
-    /// of the request that issued it was lost), with `new_hash` in its family, for the same
-    /// user. The lost token is revoked, not marked used: presented later, it is refused
-    /// without revoking the family. `Invalid` if it is no longer live (used, revoked,
-    /// expired, unknown): then nothing changes.
+    /// Replaces `lost_hash`, a live token whose secret should never have reached anyone (the
+    /// answer of the request that issued it was lost), with `new_hash` in its family, for the
+    /// same user. The lost token is marked used, as by a rotation: if it did reach someone
+    /// after all (an answer sent but not stored), presenting it revokes the family, the new
+    /// token too. `Invalid` if it is no longer live (used, revoked, expired, unknown): then
+    /// nothing changes.
     async fn reissue_refresh_token(
         &self,
         lost_hash: &str,

@@ -97,7 +97,7 @@ pub async fn keyed(app: Arc<App>, request: Request, next: Next, detached: TaskTr
     match app.idempotency_admit(&id).await {
         Err(e) => refused(&app, &parts, ApiError::from(e)).await,
         Ok(Admission::Replay { status, body }) => replay(status, body),
-        Ok(Admission::Recover { target }) => recover(&app, &id, &parts, &target).await,
+        Ok(Admission::Recover { target }) => recover(&app, &id, &parts, &target, &detached).await,
         Ok(Admission::Run) => {
             parts.extensions.insert(Keyed(id.clone()));
             // Detached, and the outcome stored in the same task: a client that hangs up must
@@ -190,12 +190,18 @@ fn recovery_of(path: &str) -> Option<Recovery> {
 /// Answers a retry whose earlier attempt changed `target` and died before its answer was
 /// stored: with `target` as it now is (see [`Recovery`]), in the route's success status, stored as the key's
 /// answer from then on.
-async fn recover(app: &Arc<App>, id: &IdempotencyKey, parts: &axum::http::request::Parts, target: &str) -> Response {
+async fn recover(
+    app: &Arc<App>,
+    id: &IdempotencyKey,
+    parts: &axum::http::request::Parts,
+    target: &str,
+    detached: &TaskTracker,
+) -> Response {
     let path = parts.uri.path();
     let recovered = match recovery_of(path) {
         Some(Recovery::Answer(kind, status)) => app.idempotency_recover(kind, target).await.map(|c| (status, c)),
         Some(Recovery::SecretShownOnce) => return secret_lost(app, id, target).await,
-        Some(Recovery::Session) => return reissued(app, id, parts, target).await,
+        Some(Recovery::Session) => return reissued(app, id, parts, target, detached).await,
         None => Err(AppError::Internal(format!("{path} marked {target} but cannot be recovered"))),
     };
     let (status, changed) = match recovered {
@@ -242,16 +248,33 @@ async fn secret_lost(app: &App, id: &IdempotencyKey, api_key_id: &str) -> Respon
 /// digest): that session is replaced by a fresh one, the answer stored sealed. An attempt of
 /// its own, audited, whose change marks the key afresh: if this answer is lost too, the next
 /// retry replaces the session this one opened. A conflict, stored, if the lost session is no
-/// longer live (refreshed since: its answer did reach someone).
-async fn reissued(app: &Arc<App>, id: &IdempotencyKey, parts: &axum::http::request::Parts, lost: &str) -> Response {
-    let reissue = async {
-        match app.reissue_session(lost).await {
-            Ok(session) => axum::Json(crate::dto::session_json(session)).into_response(),
-            Err(e) => ApiError::from(e).into_response(),
+/// longer live (refreshed since: its answer did reach someone). Detached like any write, so
+/// that a client hanging up cannot leave the new session made and its answer unstored.
+async fn reissued(
+    app: &Arc<App>,
+    id: &IdempotencyKey,
+    parts: &axum::http::request::Parts,
+    lost: &str,
+    detached: &TaskTracker,
+) -> Response {
+    let (task_app, task_id, task_parts, lost) = (app.clone(), id.clone(), parts.clone(), lost.to_owned());
+    let task = run_detached(detached, async move {
+        let reissue = async {
+            match task_app.reissue_session(&lost).await {
+                Ok(session) => axum::Json(crate::dto::session_json(session)).into_response(),
+                Err(e) => ApiError::from(e).into_response(),
+            }
+        };
+        let response = crate::audit::recovery(&task_app, &task_parts, task_id.clone(), reissue).await;
+        run_and_store(&task_app, &task_id, response, true).await
+    });
+    let mut response = match task.await {
+        Ok(response) => response,
+        Err(e) => {
+            let _ = app.idempotency_abandon(id).await;
+            return panicked(&e);
         }
     };
-    let response = crate::audit::recovery(app, parts, id.clone(), reissue).await;
-    let mut response = run_and_store(app, id, response, true).await;
     if !response.status().is_server_error() {
         tracing::info!("a keyed login or refresh whose answer was lost is answered with a fresh session");
         response.headers_mut().insert("idempotent-replayed", HeaderValue::from_static("true"));

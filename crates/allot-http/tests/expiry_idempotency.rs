@@ -675,14 +675,17 @@ async fn a_retried_login_or_refresh_gets_the_same_session_and_revokes_nothing() 
 
 /// A login or refresh whose node died after its session was stored, before its answer was:
 /// the answer held the session's only copy of its secrets, so the retry gets a fresh session
-/// in its place, and the lost one is revoked without ending the family (run again, the refresh
-/// would present a rotated token and be taken for a stolen copy).
+/// in its place (run again, the refresh would present a rotated token and be taken for a
+/// stolen copy). The lost token is retired as if rotated: should the answer have reached
+/// someone after all, presenting it ends the family.
 #[tokio::test]
 async fn a_login_or_refresh_whose_answer_was_lost_is_answered_with_a_fresh_session() {
     let t = TestApp::spawn().await;
     let admin = t.admin().await;
     t.customer("lost-session@test.allot").await;
-    let refresh_of = |answer: &[u8]| json!({"refresh_token": json_of(answer)["refresh_token"]});
+    let token_of = |answer: &[u8]| json_of(answer)["refresh_token"].as_str().unwrap().to_owned();
+    let digest_of = |answer: &[u8]| allot_app::auth::sha256_hex(token_of(answer).as_bytes());
+    let refresh_of = |answer: &[u8]| json!({"refresh_token": token_of(answer)});
     let login = json!({"email": "lost-session@test.allot", "password": "password-123"});
     let (s1, _, lost) = post_keyed(&t, None, "/auth/login", &login, "login-lost").await;
     assert_eq!(s1, StatusCode::OK, "{}", String::from_utf8_lossy(&lost));
@@ -690,16 +693,14 @@ async fn a_login_or_refresh_whose_answer_was_lost_is_answered_with_a_fresh_sessi
     t.clock.advance(SignedDuration::from_secs(61));
     let (s2, replayed, fresh) = post_keyed(&t, None, "/auth/login", &login, "login-lost").await;
     assert_eq!((s2, replayed), (StatusCode::OK, true), "{}", String::from_utf8_lossy(&fresh));
-    assert_ne!(json_of(&fresh)["refresh_token"], json_of(&lost)["refresh_token"]);
+    assert_ne!(token_of(&fresh), token_of(&lost));
     let (s3, _, again) = post_keyed(&t, None, "/auth/login", &login, "login-lost").await;
     assert_eq!((s3, &again), (StatusCode::OK, &fresh), "the key's answer from now on");
-    let refresh_token = json_of(&fresh)["refresh_token"].as_str().unwrap().to_owned();
     let sealed = if t.db_url.starts_with("postgres") { "encode(body, 'escape')" } else { "CAST(body AS TEXT)" };
-    let readable = t.store.count("idempotency_keys", &format!("{sealed} LIKE '%{refresh_token}%'")).await.unwrap();
-    assert_eq!(readable, 0, "stored sealed");
-    // The lost session is revoked, not used: refused, and its family lives on.
-    let (status, _) = t.post(None, "/auth/refresh", refresh_of(&lost)).await;
-    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    let readable = format!("{sealed} LIKE '%{}%'", token_of(&fresh));
+    assert_eq!(t.store.count("idempotency_keys", &readable).await.unwrap(), 0, "stored sealed");
+    let retired = format!("token_hash = '{}' AND used_at IS NOT NULL AND revoked_at IS NULL", digest_of(&lost));
+    assert_eq!(t.store.count("refresh_tokens", &retired).await.unwrap(), 1, "retired as if rotated");
 
     // A refresh of the fresh session, lost twice over: each retry replaces the session the
     // one before it opened (each marks the key afresh).
@@ -714,12 +715,14 @@ async fn a_login_or_refresh_whose_answer_was_lost_is_answered_with_a_fresh_sessi
         assert_eq!((status, replayed), (StatusCode::OK, true), "{}", String::from_utf8_lossy(&answer));
         answers.push(answer);
     }
-    for lost in &answers[..2] {
-        let (status, body) = t.post(None, "/auth/refresh", refresh_of(lost)).await;
-        assert_eq!(status, StatusCode::UNAUTHORIZED, "{body}");
-    }
-    let (status, body) = t.post(None, "/auth/refresh", refresh_of(&answers[2])).await;
-    assert_eq!(status, StatusCode::OK, "the family still lives: {body}");
+    let (status, next) = t.post(None, "/auth/refresh", refresh_of(&answers[2])).await;
+    assert_eq!(status, StatusCode::OK, "the family lives on: {next}");
+    // The first lost answer had reached someone after all (sent, then not stored): its token
+    // presented is a copy, and the family ends, the sessions made since included.
+    let (status, body) = t.post(None, "/auth/refresh", refresh_of(&answers[0])).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED, "{body}");
+    let (status, body) = t.post(None, "/auth/refresh", json!({"refresh_token": next["refresh_token"]})).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED, "the family is revoked: {body}");
 
     // A session refreshed since its answer was lost did reach someone: not replaced.
     let (_, _, used) = post_keyed(&t, None, "/auth/login", &login, "login-used").await;
@@ -732,20 +735,30 @@ async fn a_login_or_refresh_whose_answer_was_lost_is_answered_with_a_fresh_sessi
     let (status, _) = t.post(None, "/auth/refresh", json!({"refresh_token": next["refresh_token"]})).await;
     assert_eq!(status, StatusCode::OK, "its family lives on");
 
+    // Each recovery is an attempt of its own: the session it opened, the one it replaced.
     let (_, events) = t.get(Some(&admin), "/audit?limit=100").await;
-    let recoveries: Vec<_> = events["data"]
+    let mut recoveries: Vec<_> = events["data"]
         .as_array()
         .unwrap()
         .iter()
         .filter(|e| e["details"]["recovery"] == "answer_lost")
-        .map(|e| (e["action"].as_str().unwrap(), e["outcome"].as_str().unwrap(), e["target_id"].is_string()))
+        .map(|e| (e["action"].clone(), e["outcome"].clone(), e["reason"].clone(), e["target_id"].clone()))
         .collect();
-    let want = [("auth.login", "success", true), ("auth.refresh", "success", true), ("auth.refresh", "success", true)];
-    let mut want: Vec<_> = want.into_iter().chain([("auth.login", "failure", false)]).collect();
-    let mut found = recoveries.clone();
-    want.sort_unstable();
-    found.sort_unstable();
-    assert_eq!(found, want, "{events}");
+    let mut want = vec![
+        (json!("auth.login"), json!("success"), Value::Null, json!(digest_of(&fresh))),
+        (json!("auth.refresh"), json!("success"), Value::Null, json!(digest_of(&answers[1]))),
+        (json!("auth.refresh"), json!("success"), Value::Null, json!(digest_of(&answers[2]))),
+        (json!("auth.login"), json!("failure"), json!("session_not_live"), Value::Null),
+    ];
+    let key = |e: &(Value, Value, Value, Value)| format!("{e:?}");
+    recoveries.sort_by_key(key);
+    want.sort_by_key(key);
+    assert_eq!(recoveries, want, "{events}");
+    let replaced: Vec<_> =
+        events["data"].as_array().unwrap().iter().filter_map(|e| e["details"]["replaces"].as_str()).collect();
+    for answer in [&answers[0], &answers[1], &used] {
+        assert!(replaced.contains(&digest_of(answer).as_str()), "{events}");
+    }
 }
 
 #[tokio::test]

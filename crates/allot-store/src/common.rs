@@ -142,26 +142,17 @@ pub enum Rotation {
     },
 }
 
-/// How a live refresh token gets its successor.
+/// How a live refresh token gets its successor. Either way it is marked used, so that
+/// presented again it revokes its family.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Succession {
-    /// Its holder presents it (`Store::rotate_refresh_token`): it is marked used, and coming
-    /// back again it revokes its family.
+    /// Its holder presents it (`Store::rotate_refresh_token`); a used one coming back is a
+    /// copy someone else has, and ends its family.
     Rotate,
-    /// Its secret never reached its client (`Store::reissue_refresh_token`): it is revoked, so
-    /// that it can never pass for a reuse. One already used is not reissued (its secret did
-    /// reach someone), nor is its family revoked.
+    /// Its secret should never have reached anyone (`Store::reissue_refresh_token`: the
+    /// answer carrying it was lost). One already used did reach someone: it is not reissued,
+    /// and nothing else changes.
     Reissue,
-}
-
-impl Succession {
-    /// The column that retires the token it succeeds.
-    pub fn retiring_column(self) -> &'static str {
-        match self {
-            Succession::Rotate => "used_at",
-            Succession::Reissue => "revoked_at",
-        }
-    }
 }
 
 pub fn rotation(row: Option<TokenRow>, now: i64, succession: Succession) -> Rotation {

@@ -614,12 +614,12 @@ async fn holds_over_lapsed_claims_on_two_nodes_do_not_deadlock() {
     cluster.finish().await;
 }
 
-/// Logout on one node while another node rotates the same refresh token: the logout's UPDATE
-/// waits for the rotation's row lock, then re-checks only the rows its snapshot saw, so the
-/// freshly issued successor (inserted by the rotation) is not revoked. Both requests succeed,
-/// the logout commits after the rotation, and the successor still rotates.
+/// Logout on one node while another node rotates the same refresh token: were the logout's
+/// UPDATE to wait for the rotation's row lock and then re-check only the rows its snapshot
+/// saw, the freshly issued successor (inserted by the rotation) would stay valid. The logout
+/// waits, commits after the rotation, and the successor is revoked with its family.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn logout_after_a_concurrent_rotation_leaves_the_successor_valid() {
+async fn logout_during_a_concurrent_rotation_revokes_the_successor_too() {
     let Some(cluster) = Cluster::start_with_lanes(2, 1).await else { return };
     let (a, b) = (cluster.nodes[0].clone(), cluster.nodes[1].clone());
     let user = UserId::new();
@@ -660,6 +660,65 @@ async fn logout_after_a_concurrent_rotation_leaves_the_successor_valid() {
         !matches!(again, RotateOutcome::Rotated { .. }),
         "the successor of a logged-out token still rotates after logout: {again:?}"
     );
+    cluster.finish().await;
+}
+
+/// The same race through another token of the family: a logout with an older, already
+/// rotated token, and a rotated token presented again (a stolen copy, which ends the family),
+/// each on one node while the other rotates the family's live token. They lock different
+/// rows, so only a lock on the family makes the revocation see the successor the rotation
+/// inserts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn revoking_a_family_through_an_older_token_catches_a_concurrent_rotation() {
+    let Some(cluster) = Cluster::start_with_lanes(2, 1).await else { return };
+    let (a, b) = (cluster.nodes[0].clone(), cluster.nodes[1].clone());
+    for (family, revoke_by_reuse) in [("fam-logout", false), ("fam-reuse", true)] {
+        let t = |n: u32| format!("{family}-t{n}");
+        let first =
+            RefreshToken { token_hash: t(0), user_id: UserId::new(), family_id: family.into(), expires_at: at(86_400) };
+        a.insert_refresh_token(&first).await.unwrap();
+        assert!(matches!(
+            a.rotate_refresh_token(&t(0), &t(1), at(86_400), at(1)).await,
+            Ok(RotateOutcome::Rotated { .. })
+        ));
+
+        // Node A: a batch [rotate t1 -> t2, (paused request)] keeps its transaction open.
+        let (x0, x1) =
+            (blocker(&cluster.url, &format!("{family}-0")).await, blocker(&cluster.url, &format!("{family}-1")).await);
+        let p0 = tokio::spawn({
+            let (a, tag) = (a.clone(), format!("{family}-0"));
+            async move { pause(&a, &tag).await }
+        });
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let rotating = tokio::spawn({
+            let (a, old, new, tag) = (a.clone(), t(1), t(2), format!("{family}-1"));
+            async move { tokio::join!(a.rotate_refresh_token(&old, &new, at(86_400), at(2)), pause(&a, &tag)) }
+        });
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        release(x0).await;
+        p0.await.unwrap().unwrap();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        // Node B: the family revoked through t0 while A's rotation is uncommitted.
+        let revoking = tokio::spawn({
+            let (b, t0, tx) = (b.clone(), t(0), t(9));
+            async move {
+                if revoke_by_reuse {
+                    let reused = b.rotate_refresh_token(&t0, &tx, at(86_400), at(3)).await?;
+                    assert_eq!(reused, RotateOutcome::Reused);
+                    Ok(())
+                } else {
+                    b.revoke_refresh_token(&t0, at(3)).await
+                }
+            }
+        });
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        release(x1).await;
+        let (rotated, _) = rotating.await.unwrap();
+        assert!(matches!(rotated, Ok(RotateOutcome::Rotated { .. })), "{rotated:?}");
+        revoking.await.unwrap().unwrap();
+        let again = b.rotate_refresh_token(&t(2), &t(3), at(86_400), at(4)).await.unwrap();
+        assert_eq!(again, RotateOutcome::Invalid, "{family}: the rotation's successor outlived its family");
+    }
     cluster.finish().await;
 }
 

@@ -809,6 +809,7 @@ async fn succeed_in_tx(
     now: Timestamp,
 ) -> Outcome<RotateOutcome, StoreError> {
     let now = ctx.now(now).as_second();
+    lock_family_of(&mut ctx.conn, &old_hash).await?;
     let row: Option<TokenRow> = sqlx::query_as(
         "SELECT user_id, family_id, expires_at, used_at, revoked_at FROM refresh_tokens WHERE token_hash = $1 FOR UPDATE",
     )
@@ -823,8 +824,11 @@ async fn succeed_in_tx(
         }
         Rotation::Rotate { user_id, family } => (user_id, family),
     };
-    let retire = format!("UPDATE refresh_tokens SET {} = $1 WHERE token_hash = $2", succession.retiring_column());
-    sqlx::query(sqlx::AssertSqlSafe(retire)).bind(now).bind(&old_hash).execute(&mut ctx.conn).await?;
+    sqlx::query("UPDATE refresh_tokens SET used_at = $1 WHERE token_hash = $2")
+        .bind(now)
+        .bind(&old_hash)
+        .execute(&mut ctx.conn)
+        .await?;
     sqlx::query("INSERT INTO refresh_tokens (token_hash, user_id, family_id, expires_at) VALUES ($1, $2, $3, $4)")
         .bind(&new_hash)
         .bind(&user_id)
@@ -836,19 +840,30 @@ async fn succeed_in_tx(
     Ok(Ok(RotateOutcome::Rotated { user_id }))
 }
 
-/// Logout ends the token's whole family: no rotated descendant stays valid. The token's row is
-/// locked first, so a rotation of it on another node commits before the family is read, and
-/// the family update (a later statement, a later snapshot) sees the successor it inserted.
+/// Logout ends the token's whole family: no rotated descendant stays valid, the successor of
+/// a rotation still uncommitted on another node included ([`lock_family_of`]).
 async fn revoke_in_tx(ctx: &mut Ctx, token_hash: String, now: Timestamp) -> Outcome<(), StoreError> {
     let now = ctx.now(now).as_second();
-    let family: Option<String> =
-        sqlx::query_scalar("SELECT family_id FROM refresh_tokens WHERE token_hash = $1 FOR UPDATE")
-            .bind(&token_hash)
-            .fetch_optional(&mut ctx.conn)
-            .await?;
-    let Some(family) = family else { return Ok(Ok(())) };
+    let Some(family) = lock_family_of(&mut ctx.conn, &token_hash).await? else { return Ok(Ok(())) };
     revoke_family(&mut ctx.conn, &family, now).await?;
     Ok(Ok(()))
+}
+
+/// Locks the family of refresh token `token_hash` until the transaction ends, and names it
+/// (`None` for an unknown token). Every change to a family's tokens takes it first: a
+/// revocation (a logout, a stolen copy presented) must see the successor that a rotation on
+/// another node inserts, and a lock on the token it came through cannot give that (a logout
+/// may come through an older token than the one being rotated, and the successor is a new
+/// row, outside the revoking statement's snapshot). Family first, then rows: no two of these
+/// changes wait on each other in opposite orders.
+async fn lock_family_of(conn: &mut PgConnection, token_hash: &str) -> Result<Option<String>, sqlx::Error> {
+    sqlx::query_scalar(
+        "SELECT family_id FROM (SELECT family_id, pg_advisory_xact_lock(hashtextextended('refresh-family:' || family_id, 0))
+         FROM refresh_tokens WHERE token_hash = $1) AS locked",
+    )
+    .bind(token_hash)
+    .fetch_optional(conn)
+    .await
 }
 
 async fn revoke_family(conn: &mut PgConnection, family: &str, now: i64) -> Result<(), sqlx::Error> {

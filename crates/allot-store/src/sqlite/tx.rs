@@ -366,8 +366,8 @@ pub(crate) fn succeed_refresh_token(
         }
         Rotation::Rotate { user_id, family } => (user_id, family),
     };
-    let retire = format!("UPDATE refresh_tokens SET {} = ? WHERE token_hash = ?", succession.retiring_column());
-    conn.prepare_cached(&retire)?.execute(params![now, old_hash])?;
+    conn.prepare_cached("UPDATE refresh_tokens SET used_at = ? WHERE token_hash = ?")?
+        .execute(params![now, old_hash])?;
     conn.prepare_cached("INSERT INTO refresh_tokens (token_hash, user_id, family_id, expires_at) VALUES (?, ?, ?, ?)")?
         .execute(params![new_hash, user_id, family, new_expires_at.as_second()])?;
     let user_id = user_id.parse().map_err(encode_error)?;
