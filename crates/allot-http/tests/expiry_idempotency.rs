@@ -13,6 +13,7 @@ use allot_app::clock::ManualClock;
 use allot_app::payments::TestProvider;
 use allot_app::store::{IdempotencyBegin, IdempotencyKey};
 
+use common::faulty::{Faults, FaultyStore};
 use common::{TestApp, TestStore, test_now};
 use jiff::SignedDuration;
 use reqwest::StatusCode;
@@ -546,6 +547,33 @@ async fn keys_older_than_24_hours_are_cleaned_up_and_can_be_used_again() {
     assert_eq!(s, StatusCode::CREATED, "{}", String::from_utf8_lossy(&second));
     assert!(!replayed);
     assert_ne!(json_of(&first)["id"], json_of(&second)["id"]);
+}
+
+/// A keyed request whose caller cannot be loaded (the store busy) is refused as busy, never
+/// run without its key: a retry of a request run unkeyed would run it a second time.
+#[tokio::test]
+async fn a_keyed_request_whose_caller_cannot_be_loaded_is_refused_not_run_unkeyed() {
+    let faults = Arc::new(Faults::default());
+    let off = allot_http::HttpOptions::default().with_rate_limits(allot_http::ratelimit::RateLimits::off());
+    let store_faults = faults.clone();
+    let t = TestApp::spawn_wrapped(off, |inner| Arc::new(FaultyStore { inner, faults: store_faults })).await;
+    let admin = t.admin().await;
+    let venue = t.venue(&admin, "cinema").await;
+    let (seats, event) = t.seats_and_event(&admin, &venue, 1, 48).await;
+    let customer = t.customer("busy-caller@test.allot").await;
+    let body = seat(&seats[0], &event);
+    // The key's layer loads the caller first; once that read fails, the audit layer's and the
+    // handler's own would succeed, and run the hold without its key.
+    faults.fail_user_reads(1);
+    let (status, _, refused) = post_keyed(&t, Some(&customer), "/bookings", &body, "busy-1").await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{}", String::from_utf8_lossy(&refused));
+    assert!(bookings_of(&t, &customer).await.is_empty(), "nothing held");
+    assert_eq!(t.store.count("idempotency_keys", "key = 'busy-1'").await.unwrap(), 0, "the key is not taken");
+    let (status, replayed, held) = post_keyed(&t, Some(&customer), "/bookings", &body, "busy-1").await;
+    assert_eq!((status, replayed), (StatusCode::CREATED, false), "{}", String::from_utf8_lossy(&held));
+    let (status, replayed, again) = post_keyed(&t, Some(&customer), "/bookings", &body, "busy-1").await;
+    assert_eq!((status, replayed, &again), (StatusCode::CREATED, true, &held));
+    assert_eq!(bookings_of(&t, &customer).await.len(), 1);
 }
 
 #[tokio::test]

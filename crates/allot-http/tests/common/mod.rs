@@ -5,6 +5,8 @@
 //! `ALLOT_TEST_BACKEND=postgres` (CI runs every suite both ways).
 #![allow(dead_code, clippy::unwrap_used)]
 
+pub mod faulty;
+
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -94,12 +96,21 @@ impl TestApp {
     }
 
     pub async fn spawn_with(options: allot_http::HttpOptions) -> TestApp {
+        TestApp::spawn_wrapped(options, |store| store).await
+    }
+
+    /// [`TestApp::spawn_with`], the app's store wrapped by `wrap` (to fail on demand:
+    /// [`faulty::FaultyStore`]); `store` stays the unwrapped one, for the test's checks.
+    pub async fn spawn_wrapped(
+        options: allot_http::HttpOptions,
+        wrap: impl FnOnce(Arc<dyn Store>) -> Arc<dyn Store>,
+    ) -> TestApp {
         let dir = std::env::temp_dir().join(format!("allot-test-{}", uuid::Uuid::now_v7().as_simple()));
         std::fs::create_dir_all(&dir).unwrap();
         let db_url = fresh_database_url(&dir).await;
         let store = TestStore::open(&db_url).await;
         let clock = Arc::new(ManualClock::new(test_now()));
-        let app = App::start(store.port(), clock.clone(), Arc::new(TestProvider)).await.expect("start app");
+        let app = App::start(wrap(store.port()), clock.clone(), Arc::new(TestProvider)).await.expect("start app");
         let listener = allot_http::listen("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let served = app.clone();
