@@ -997,3 +997,146 @@ async fn a_key_locked_elsewhere_fails_only_its_own_begin() {
     assert_eq!(node.idempotency_begin(&retry, at(2), 30).await.unwrap(), IdempotencyBegin::InProgress);
     cluster.finish().await;
 }
+
+/// A bookable room of `venue_id`, by the minute.
+fn room(venue_id: VenueId) -> Resource {
+    let time_model = TimeModel::Free(FreeModel { step_minutes: 1, min_minutes: 1, max_minutes: 1440, schedule: None });
+    let rules = ResourceRules::default();
+    let (attributes, price_category) = ("{}".into(), None);
+    Resource {
+        id: ResourceId::new(),
+        venue_id,
+        name: "Room".into(),
+        capacity: 1,
+        unit_price: 100,
+        attributes,
+        price_category,
+        time_model,
+        rules,
+    }
+}
+
+/// Node A's `delete_venue` reads the venue's resource ids (the clocks it locks) before its
+/// batch; a room added after that read is held on node B, uncommitted when A's batch runs.
+/// Were A to go on with the clocks it read, it would neither lock that room nor see its claim,
+/// and both would commit: a live hold on a deleted venue. A finds the room's clock unlocked,
+/// starts over with it, waits for the hold, and refuses (`VENUE_IN_USE`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_venue_is_not_deleted_under_a_hold_on_a_resource_added_since_its_delete_began() {
+    let Some(cluster) = Cluster::start_with_lanes(2, 1).await else { return };
+    let (a, b) = (cluster.nodes[0].clone(), cluster.nodes[1].clone());
+    cluster.resource(1).await;
+    let xa = blocker(&cluster.url, "da").await; // A's lane busy: the deletion reads its keys, then queues
+    let pa = tokio::spawn({
+        let a = a.clone();
+        async move { pause(&a, "da").await }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let v = cluster.venue.id;
+    let deleting = tokio::spawn({
+        let a = a.clone();
+        async move { a.delete_venue(v, at(1)).await }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let new_room = room(v);
+    b.insert_resource(&new_room).await.unwrap();
+    let (x0, x1) = (blocker(&cluster.url, "h0").await, blocker(&cluster.url, "h1").await);
+    let p0 = tokio::spawn({
+        let b = b.clone();
+        async move { pause(&b, "h0").await }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let cmd = cluster.hold_command(&[(new_room.id, morning())], at(1), 600);
+    let holding = tokio::spawn({
+        let b = b.clone();
+        async move { tokio::join!(b.hold(cmd), pause(&b, "h1")) }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    release(x0).await;
+    p0.await.unwrap().unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await; // B's hold is written, uncommitted
+    release(xa).await;
+    pa.await.unwrap().unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    release(x1).await;
+    let (deleted, (held, _)) = (deleting.await.unwrap(), holding.await.unwrap());
+    assert!(!(deleted.is_ok() && held.is_ok()), "venue deleted ({deleted:?}) with a live hold on it ({held:?})");
+    cluster.finish().await;
+}
+
+/// A resource inserted on node B (uncommitted) while node A deletes its venue would escape
+/// the deletion's `UPDATE resources … WHERE venue_id` (a row outside its snapshot): a live
+/// resource under a deleted venue. The creation holds its venue's row (`FOR KEY SHARE`), the
+/// deletion waits for it and then sees the resource.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_resource_created_during_its_venues_deletion_does_not_outlive_it() {
+    let Some(cluster) = Cluster::start_with_lanes(2, 1).await else { return };
+    let (a, b, v) = (cluster.nodes[0].clone(), cluster.nodes[1].clone(), cluster.venue.id);
+    let (x0, x1) = (blocker(&cluster.url, "c0").await, blocker(&cluster.url, "c1").await);
+    let p0 = tokio::spawn({
+        let b = b.clone();
+        async move { pause(&b, "c0").await }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (late, b2) = (room(v), b.clone());
+    let creating = tokio::spawn(async move { tokio::join!(b2.insert_resource(&late), pause(&b2, "c1")) });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    release(x0).await;
+    p0.await.unwrap().unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let deleting = tokio::spawn({
+        let a = a.clone();
+        async move { a.delete_venue(v, at(1)).await }
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    release(x1).await;
+    let (deleted, (created, _)) = (deleting.await.unwrap(), creating.await.unwrap());
+    let live = a.count("resources", &format!("venue_id = '{v}' AND deleted_at IS NULL")).await.unwrap();
+    assert!(!(deleted.is_ok() && created.is_ok() && live > 0), "venue deleted, {live} resource(s) of it live");
+    cluster.finish().await;
+}
+
+/// Node A revokes a manager's only venue (the role goes with the last one) while node B creates
+/// a venue naming that manager, uncommitted. Were the revocation's count of their venues to
+/// miss the new one, it would drop the role and leave them a venue they cannot manage; the
+/// creation locks its managers' rows as a role change does, so one waits for the other.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn revoking_a_managers_last_venue_during_a_venue_creation_for_them_keeps_their_role() {
+    let Some(cluster) = Cluster::start_with_lanes(2, 1).await else { return };
+    let (a, b) = (cluster.nodes[0].clone(), cluster.nodes[1].clone());
+    let manager = User { roles: vec![Role::Manager], ..admin("m@example.test") };
+    a.insert_user(&manager).await.unwrap();
+    a.set_manager(cluster.venue.id, manager.id).await.unwrap();
+    let second = Venue { id: VenueId::new(), managers: vec![manager.id], ..cluster.venue.clone() };
+    let (x0, x1) = (blocker(&cluster.url, "m0").await, blocker(&cluster.url, "m1").await);
+    let p0 = tokio::spawn({
+        let b = b.clone();
+        async move { pause(&b, "m0").await }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let creating = tokio::spawn({
+        let b = b.clone();
+        async move { tokio::join!(b.insert_venue(&second), pause(&b, "m1")) }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    release(x0).await;
+    p0.await.unwrap().unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let revoke = RoleRevoke::Manager(Some(cluster.venue.id));
+    let revoking = tokio::spawn({
+        let a = a.clone();
+        async move { a.revoke_role(manager.id, revoke).await }
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    release(x1).await;
+    creating.await.unwrap().0.unwrap();
+    revoking.await.unwrap().unwrap();
+    let user = b.user_by_id(manager.id).await.unwrap().unwrap();
+    assert!(
+        user.venues.is_empty() || user.roles.contains(&Role::Manager),
+        "venues {:?}, roles {:?}",
+        user.venues,
+        user.roles
+    );
+    cluster.finish().await;
+}

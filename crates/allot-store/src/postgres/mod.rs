@@ -849,6 +849,70 @@ async fn revoke_in_tx(ctx: &mut Ctx, token_hash: String, now: Timestamp) -> Outc
     Ok(Ok(()))
 }
 
+/// Whether venue `id` is live, holding its row (`FOR KEY SHARE`) until the transaction ends
+/// if so: what a resource or event created under it takes, so that a deletion of the venue
+/// waits for the creation and then sees what it created (`delete_venue_in_tx`).
+async fn hold_live_venue(conn: &mut PgConnection, id: &str) -> Result<bool, sqlx::Error> {
+    let live: Option<i32> =
+        sqlx::query_scalar("SELECT 1 FROM venues WHERE id = $1 AND deleted_at IS NULL FOR KEY SHARE")
+            .bind(id)
+            .fetch_optional(conn)
+            .await?;
+    Ok(live.is_some())
+}
+
+/// Attempts at deleting a venue whose resources keep changing under it (`delete_venue_in_tx`).
+const VENUE_DELETE_ATTEMPTS_MAX: u32 = 3;
+
+/// Deletes venue `id` (its resources and events with it) unless a current or future claim
+/// keeps it, in a batch that locked the clocks of the resources `locked` names: the ones it had
+/// when the deletion was queued. `Changed` if it has another since (created on any node
+/// before this batch took the venue's row): the caller starts over with it, so that a hold on
+/// it is waited for and seen.
+async fn delete_venue_in_tx(
+    ctx: &mut Ctx,
+    id: String,
+    locked: BTreeSet<String>,
+    now: Timestamp,
+) -> Outcome<(), StoreError> {
+    let at = ctx.now(now).as_second();
+    // Resource and event creations hold the venue's row (`FOR KEY SHARE`) until they commit:
+    // this waits for those under way, and none starts until this commits.
+    sqlx::query("SELECT 1 FROM venues WHERE id = $1 FOR UPDATE").bind(&id).fetch_optional(&mut ctx.conn).await?;
+    let resources: Vec<String> = sqlx::query_scalar("SELECT resource_id FROM resource_clocks WHERE venue_id = $1")
+        .bind(&id)
+        .fetch_all(&mut ctx.conn)
+        .await?;
+    if resources.iter().any(|r| !locked.contains(r)) {
+        return Ok(Err(StoreError::Changed("venue")));
+    }
+    // Bookings in the past do not keep a venue alive; current and future ones do.
+    let active: Option<i32> = sqlx::query_scalar("SELECT 1 FROM claims WHERE venue_id = $1 AND block_end > $2 LIMIT 1")
+        .bind(&id)
+        .bind(at)
+        .fetch_optional(&mut ctx.conn)
+        .await?;
+    if active.is_some() {
+        return Ok(Err(StoreError::Conflict(VENUE_IN_USE.into())));
+    }
+    for sql in [
+        "UPDATE venues SET deleted_at = $1 WHERE id = $2 AND deleted_at IS NULL",
+        "UPDATE resources SET deleted_at = $1 WHERE venue_id = $2 AND deleted_at IS NULL",
+        "UPDATE events SET deleted_at = $1 WHERE venue_id = $2 AND deleted_at IS NULL",
+    ] {
+        sqlx::query(sql).bind(at).bind(&id).execute(&mut ctx.conn).await?;
+    }
+    Ok(Ok(()))
+}
+
+/// Locks the rows of users about to manage a venue, as a change of their roles does: a
+/// revocation of a manager's last venue, which drops the role, must count the venue being
+/// assigned (a row its count cannot see until it commits), or wait for it.
+async fn lock_managers(conn: &mut PgConnection, managers: &[String]) -> Result<(), sqlx::Error> {
+    sqlx::query("SELECT 1 FROM users WHERE id = ANY($1) ORDER BY id FOR UPDATE").bind(managers).execute(conn).await?;
+    Ok(())
+}
+
 /// Locks the family of refresh token `token_hash` until the transaction ends, and names it
 /// (`None` for an unknown token). Every change to a family's tokens takes it first: a
 /// revocation (a logout, a stolen copy presented) must see the successor that a rotation on
@@ -1075,13 +1139,18 @@ impl Store for PgStore {
 
     async fn set_manager(&self, venue_id: VenueId, user_id: UserId) -> Result<(), StoreError> {
         let args = vec![Arg::Text(venue_id.to_string()), Arg::Text(user_id.to_string())];
+        let manager = [user_id.to_string()];
         self.change_catalog(Vec::new(), vec![cache::key("user", user_id)], move |ctx: &mut Ctx| -> BoxFuture<'_, _> {
-            Box::pin(statement(
-                &mut ctx.conn,
-                "INSERT INTO venue_managers (venue_id, user_id) VALUES ($1, $2) ON CONFLICT DO NOTHING",
-                args,
-                "already a manager",
-            ))
+            Box::pin(async move {
+                lock_managers(&mut ctx.conn, &manager).await?;
+                statement(
+                    &mut ctx.conn,
+                    "INSERT INTO venue_managers (venue_id, user_id) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+                    args,
+                    "already a manager",
+                )
+                .await
+            })
         })
         .await
         .map(|_| ())
@@ -1172,6 +1241,7 @@ impl Store for PgStore {
                 if let Err(refused) = venue_inserted(inserted)? {
                     return Ok(Err(refused));
                 }
+                lock_managers(&mut ctx.conn, &managers).await?;
                 sqlx::query(
                     "INSERT INTO venue_managers (venue_id, user_id) SELECT $1, unnest($2::text[]) ON CONFLICT DO NOTHING",
                 )
@@ -1195,38 +1265,26 @@ impl Store for PgStore {
     }
 
     async fn delete_venue(&self, id: VenueId, now: Timestamp) -> Result<(), StoreError> {
-        let keys: Vec<String> = sqlx::query_scalar("SELECT resource_id FROM resource_clocks WHERE venue_id = $1")
-            .bind(id.to_string())
-            .fetch_all(&self.read)
-            .await
-            .map_err(db_error)?;
-        let id = id.to_string();
-        let everything = INVALIDATE_ALL.to_owned();
-        self.change_catalog(keys, vec![everything], move |ctx: &mut Ctx| -> BoxFuture<'_, Outcome<(), StoreError>> {
-            Box::pin(async move {
-                let at = ctx.now(now).as_second();
-                // Bookings in the past do not keep a venue alive; current and future ones do.
-                let active: Option<i32> =
-                    sqlx::query_scalar("SELECT 1 FROM claims WHERE venue_id = $1 AND block_end > $2 LIMIT 1")
-                        .bind(&id)
-                        .bind(at)
-                        .fetch_optional(&mut ctx.conn)
-                        .await?;
-                if active.is_some() {
-                    return Ok(Err(StoreError::Conflict(VENUE_IN_USE.into())));
-                }
-                for sql in [
-                    "UPDATE venues SET deleted_at = $1 WHERE id = $2 AND deleted_at IS NULL",
-                    "UPDATE resources SET deleted_at = $1 WHERE venue_id = $2 AND deleted_at IS NULL",
-                    "UPDATE events SET deleted_at = $1 WHERE venue_id = $2 AND deleted_at IS NULL",
-                ] {
-                    sqlx::query(sql).bind(at).bind(&id).execute(&mut ctx.conn).await?;
-                }
-                Ok(Ok(()))
-            })
-        })
-        .await?;
-        Ok(())
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let keys: Vec<String> = sqlx::query_scalar("SELECT resource_id FROM resource_clocks WHERE venue_id = $1")
+                .bind(id.to_string())
+                .fetch_all(&self.read)
+                .await
+                .map_err(db_error)?;
+            let locked: BTreeSet<String> = keys.iter().cloned().collect();
+            let (venue, everything) = (id.to_string(), INVALIDATE_ALL.to_owned());
+            let deleted = self
+                .change_catalog(keys, vec![everything], move |ctx: &mut Ctx| -> BoxFuture<'_, _> {
+                    Box::pin(delete_venue_in_tx(ctx, venue, locked, now))
+                })
+                .await;
+            match deleted {
+                Err(StoreError::Changed(_)) if attempt < VENUE_DELETE_ATTEMPTS_MAX => continue,
+                other => return other,
+            }
+        }
     }
 
     async fn venue(&self, id: VenueId) -> Result<Option<Arc<Venue>>, StoreError> {
@@ -1248,6 +1306,9 @@ impl Store for PgStore {
         let key = cache::key("resource", r.id);
         self.change_catalog(Vec::new(), vec![key], move |ctx: &mut Ctx| -> BoxFuture<'_, Outcome<(), StoreError>> {
             Box::pin(async move {
+                if !hold_live_venue(&mut ctx.conn, &venue_id).await? {
+                    return Ok(Err(StoreError::NotFound("venue")));
+                }
                 let inserted = sqlx::query("INSERT INTO resources (id, venue_id, doc) VALUES ($1, $2, $3::json)")
                     .bind(&id)
                     .bind(&venue_id)
@@ -1364,6 +1425,9 @@ impl Store for PgStore {
             Box::pin(async move {
                 let id = event.id.to_string();
                 let (start, end) = (event.start.as_second(), event.end.as_second());
+                if !hold_live_venue(&mut ctx.conn, &event.venue_id.to_string()).await? {
+                    return Ok(Err(StoreError::NotFound("venue")));
+                }
                 sqlx::query(
                     "INSERT INTO events (id, venue_id, start_at, end_at, doc) VALUES ($1, $2, $3, $4, $5::json)",
                 )

@@ -431,13 +431,8 @@ impl Store for SqliteStore {
 
     async fn insert_resource(&self, r: &Resource) -> Result<(), StoreError> {
         let doc = serde_json::to_string(r).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-        self.exec_one(
-            "INSERT INTO resources (id, venue_id, doc) VALUES (?, ?, ?)",
-            vec![Some(r.id.to_string()), Some(r.venue_id.to_string()), Some(doc)],
-            "resource exists",
-        )
-        .await
-        .map(|_| ())
+        let resource = r.clone();
+        self.writer.exec_now(move |ctx: &mut Ctx| tx::insert_resource(ctx, &resource, &doc)).await
     }
 
     async fn update_resource(&self, before: &Resource, after: &Resource) -> Result<(), StoreError> {

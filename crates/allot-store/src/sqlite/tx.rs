@@ -433,7 +433,28 @@ pub(crate) fn delete_resource(ctx: &mut Ctx, id: &str, now: Timestamp) -> Outcom
     Ok(if n == 0 { Err(StoreError::NotFound("resource")) } else { Ok(()) })
 }
 
+/// Whether venue `id` is live: nothing is created under a deleted one, whatever the request
+/// read before its write.
+fn venue_is_live(conn: &Connection, id: &str) -> Result<bool> {
+    conn.prepare_cached("SELECT 1 FROM venues WHERE id = ? AND deleted_at IS NULL")?.exists([id])
+}
+
+pub(crate) fn insert_resource(ctx: &mut Ctx, resource: &Resource, doc: &str) -> Outcome<(), StoreError> {
+    let venue = resource.venue_id.to_string();
+    if !venue_is_live(&ctx.conn, &venue)? {
+        return Ok(Err(StoreError::NotFound("venue")));
+    }
+    let inserted = ctx
+        .conn
+        .prepare_cached("INSERT INTO resources (id, venue_id, doc) VALUES (?, ?, ?)")?
+        .execute(params![resource.id.to_string(), venue, doc]);
+    refusing_duplicates(inserted.map(|_| ()), "resource exists")
+}
+
 pub(crate) fn insert_event(ctx: &mut Ctx, event: &Event) -> Outcome<(), StoreError> {
+    if !venue_is_live(&ctx.conn, &event.venue_id.to_string())? {
+        return Ok(Err(StoreError::NotFound("venue")));
+    }
     let id = event.id.to_string();
     let (start, end) = (event.start.as_second(), event.end.as_second());
     ctx.conn

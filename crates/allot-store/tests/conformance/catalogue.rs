@@ -319,6 +319,25 @@ pub async fn delete_venue_refuses_while_claimed_and_hides_everything(b: &Backend
     ));
 }
 
+/// Nothing is created under a deleted venue: a resource or event whose request checked its
+/// venue before a deletion committed is refused by the write itself.
+pub async fn nothing_is_created_under_a_deleted_venue(b: &Backend) {
+    let w = World::new(b).await;
+    w.store.delete_venue(w.venue.id, at(1)).await.unwrap();
+    let late = seat(w.venue.id, "S9");
+    match w.store.insert_resource(&late).await {
+        Err(StoreError::NotFound(_)) => {}
+        other => panic!("a resource under a deleted venue: expected NotFound, got {other:?}"),
+    }
+    assert_eq!(w.store.resource(late.id).await.unwrap(), None);
+    let show = event(w.venue.id, 5 * HOUR, 6 * HOUR, &[]);
+    match w.store.insert_event(&show).await {
+        Err(StoreError::NotFound(_)) => {}
+        other => panic!("an event under a deleted venue: expected NotFound, got {other:?}"),
+    }
+    assert_eq!(w.store.event(show.id).await.unwrap(), None);
+}
+
 /// Only current and future bookings keep a venue (or a resource) from being deleted: a
 /// confirmed booking that is over does not.
 pub async fn bookings_in_the_past_do_not_block_deletion(b: &Backend) {
