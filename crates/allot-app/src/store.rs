@@ -283,11 +283,13 @@ pub trait Store: Send + Sync + 'static {
     /// between (nothing written), `NotFound` if it is gone. Cached copies may be stale
     /// (another node's change, a concurrent request), so an edit is never written over them.
     async fn update_venue(&self, before: &Venue, after: &Venue) -> Result<(), StoreError>;
-    /// Refuses (Conflict) while the venue has bookings that claim capacity.
+    /// Refuses (Conflict) while the venue has bookings that claim capacity. `Changed` if its
+    /// resources kept changing while it tried (several nodes creating them): try again.
     async fn delete_venue(&self, id: VenueId, now: Timestamp) -> Result<(), StoreError>;
     /// Catalogue documents come shared (`Arc`): they are cached, and a hold reads three of them.
     async fn venue(&self, id: VenueId) -> Result<Option<Arc<Venue>>, StoreError>;
     async fn venues(&self, page: PageRequest) -> Result<Page<Venue>, StoreError>;
+    /// `NotFound` if its venue is deleted (whatever the caller read before), as for an event.
     async fn insert_resource(&self, resource: &Resource) -> Result<(), StoreError>;
     /// As [`Store::update_venue`], for a resource.
     async fn update_resource(&self, before: &Resource, after: &Resource) -> Result<(), StoreError>;

@@ -8,8 +8,9 @@
 //! With several writers on one database (PostgreSQL, many nodes) each request names the
 //! resources it decides on; a batch locks all of them first, in one global order, through its
 //! [`Backend`]. Batches of different nodes therefore serialize per resource and never deadlock
-//! over resources (the few other rows a job may lock, users and venues, are locked job by job;
-//! a deadlock over those fails one request as busy), and the batch clock starts no earlier than the last `now` any node used on those resources.
+//! over resources (the few other locks a job may take, on users, venues and refresh-token
+//! families, are taken job by job; a deadlock over those fails one request as busy), and the
+//! batch clock starts no earlier than the last `now` any node used on those resources.
 //! On PostgreSQL one node's writer has several lanes ([`Writer::start_lanes`]), a thread, a
 //! connection and a batch loop each, related to each other as nodes are; SQLite has one writer
 //! thread.

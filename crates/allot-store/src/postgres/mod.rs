@@ -648,7 +648,9 @@ async fn listen(pool: PgPool, listener: PgListener, cache: Arc<Cache>) {
 }
 
 const VENUE_DOCS: DocTable = DocTable {
-    select: "SELECT doc::text FROM venues WHERE id = $1 AND deleted_at IS NULL FOR UPDATE",
+    // Not `FOR UPDATE`: edits must not wait for (or deadlock with) the resources and events
+    // being created under the venue, which hold its row `FOR KEY SHARE` (`hold_live_venue`).
+    select: "SELECT doc::text FROM venues WHERE id = $1 AND deleted_at IS NULL FOR NO KEY UPDATE",
     update: "UPDATE venues SET doc = $1::json WHERE id = $2",
     what: "venue",
 };
