@@ -319,6 +319,28 @@ pub async fn delete_venue_refuses_while_claimed_and_hides_everything(b: &Backend
     ));
 }
 
+/// A hold that has lapsed keeps nothing from being deleted, swept or not yet: it claims no
+/// capacity any more (I2), and the sweep that expires it may come a moment later.
+pub async fn lapsed_holds_do_not_block_deletion(b: &Backend) {
+    let w = World::new(b).await;
+    let (r1, r2) = (w.resource(1).await, w.resource(1).await);
+    w.held(&[(r1.id, span(HOUR, 2 * HOUR), 1)], at(0), 600).await;
+    w.held(&[(r2.id, span(HOUR, 2 * HOUR), 1)], at(0), 600).await;
+    // A store's clock never runs back (`WriteCtx::now`): both refusals first.
+    match w.store.delete_resource(r1.id, at(599)).await {
+        Err(StoreError::Conflict(_)) => {}
+        other => panic!("deleting a resource under a live hold: expected Conflict, got {other:?}"),
+    }
+    match w.store.delete_venue(w.venue.id, at(599)).await {
+        Err(StoreError::Conflict(_)) => {}
+        other => panic!("deleting a venue under a live hold: expected Conflict, got {other:?}"),
+    }
+    w.store.delete_resource(r1.id, at(600)).await.unwrap();
+    assert_eq!(w.store.resource(r1.id).await.unwrap(), None);
+    w.store.delete_venue(w.venue.id, at(600)).await.unwrap();
+    assert_eq!(w.store.venue(w.venue.id).await.unwrap(), None);
+}
+
 /// Nothing is created under a deleted venue: a resource or event whose request checked its
 /// venue before a deletion committed is refused by the write itself.
 pub async fn nothing_is_created_under_a_deleted_venue(b: &Backend) {
