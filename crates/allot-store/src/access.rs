@@ -201,7 +201,7 @@ pub mod postgres {
 
     pub async fn grant_role(writer: &Writer<PgBackend>, user: UserId, grant: RoleGrant) -> Result<(), StoreError> {
         writer
-            .exec(move |ctx: &mut Ctx| -> BoxFuture<'_, Outcome<(), StoreError>> {
+            .exec_retrying(move |ctx: &mut Ctx| -> BoxFuture<'_, Outcome<(), StoreError>> {
                 Box::pin(async move {
                     let user = user.to_string();
                     let Some(roles) = roles_of(&mut ctx.conn, &user).await? else {
@@ -240,7 +240,7 @@ pub mod postgres {
 
     pub async fn revoke_role(writer: &Writer<PgBackend>, user: UserId, revoke: RoleRevoke) -> Result<(), StoreError> {
         writer
-            .exec(move |ctx: &mut Ctx| -> BoxFuture<'_, Outcome<(), StoreError>> {
+            .exec_retrying(move |ctx: &mut Ctx| -> BoxFuture<'_, Outcome<(), StoreError>> {
                 Box::pin(async move {
                     let user = user.to_string();
                     let conn = &mut ctx.conn;

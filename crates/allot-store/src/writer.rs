@@ -9,8 +9,8 @@
 //! resources it decides on; a batch locks all of them first, in one global order, through its
 //! [`Backend`]. Batches of different nodes therefore serialize per resource and never deadlock
 //! over resources (the few other locks a job may take, on users, venues and refresh-token
-//! families, are taken job by job; a deadlock over those fails one request as busy), and the
-//! batch clock starts no earlier than the last `now` any node used on those resources.
+//! families, are taken job by job; a job that loses a deadlock over those runs again in a
+//! later batch: [`Writer::write_locked_retrying`]), and the batch clock starts no earlier than the last `now` any node used on those resources.
 //! On PostgreSQL one node's writer has several lanes ([`Writer::start_lanes`]), a thread, a
 //! connection and a batch loop each, related to each other as nodes are; SQLite has one writer
 //! thread.
@@ -338,8 +338,24 @@ impl<B: Backend> Queued<B> {
 /// deadlock victim, a serialization failure, a cancelled statement. The request may be retried.
 const TRANSIENT_SQLSTATES: [&str; 4] = ["55P03", "40P01", "40001", "57014"];
 
+/// SQLSTATE of a deadlock victim, and what starts its [`StoreError::Busy`] ([`is_deadlock`]).
+const DEADLOCK_SQLSTATE: &str = "40P01";
+const DEADLOCK_PREFIX: &str = "deadlock with another session";
+
+/// Attempts at a write whose job lost a deadlock ([`Writer::write_locked_retrying`]).
+pub const DEADLOCK_ATTEMPTS_MAX: u32 = 3;
+
+/// Whether `e` is a job's loss of a deadlock: rolled back to its savepoint, nothing of it kept.
+pub fn is_deadlock(e: &StoreError) -> bool {
+    matches!(e, StoreError::Busy(why) if why.starts_with(DEADLOCK_PREFIX))
+}
+
 pub fn db_error(e: sqlx::Error) -> StoreError {
     let code = e.as_database_error().and_then(|d| d.code());
+    if code.as_deref() == Some(DEADLOCK_SQLSTATE) {
+        tracing::warn!(error = %e, "deadlock with another session; the request may be retried");
+        return StoreError::Busy(format!("{DEADLOCK_PREFIX}: {e}"));
+    }
     if code.is_some_and(|c| TRANSIENT_SQLSTATES.contains(&c.as_ref())) {
         tracing::warn!(error = %e, "transient database conflict; the request may be retried");
         return StoreError::Busy(e.to_string());
@@ -479,6 +495,41 @@ impl<B: Backend> Writer<B> {
         E: Send + 'static,
     {
         self.submit(keys, allot_app::audit::current(), f).await
+    }
+
+    /// [`Writer::write_locked`] for a job that takes row locks of its own, one job at a time
+    /// (users, venues, refresh-token families: ARCHITECTURE.md, Invariants), and so can lose a
+    /// deadlock to another node's batch that took the same ones in the other order. Its
+    /// savepoint was rolled back, nothing of it kept: it runs again in a later batch, up to
+    /// [`DEADLOCK_ATTEMPTS_MAX`] times, instead of failing as busy.
+    pub async fn write_locked_retrying<T, E, F>(&self, keys: Vec<String>, f: F) -> Result<Result<T, E>, StoreError>
+    where
+        F: for<'c> FnOnce(&'c mut WriteCtx<B::Conn>) -> BoxFuture<'c, Outcome<T, E, B::Error>> + Clone + Send + 'static,
+        T: Send + 'static,
+        E: Send + 'static,
+    {
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            match self.write_locked(keys.clone(), f.clone()).await {
+                Err(e) if is_deadlock(&e) && attempt < DEADLOCK_ATTEMPTS_MAX => {
+                    tracing::info!(attempt, "a write lost a deadlock; running it again");
+                }
+                written => return written,
+            }
+        }
+    }
+
+    /// [`Writer::exec`] through [`Writer::write_locked_retrying`].
+    pub async fn exec_retrying<T, F>(&self, f: F) -> Result<T, StoreError>
+    where
+        F: for<'c> FnOnce(&'c mut WriteCtx<B::Conn>) -> BoxFuture<'c, Outcome<T, StoreError, B::Error>>
+            + Clone
+            + Send
+            + 'static,
+        T: Send + 'static,
+    {
+        self.write_locked_retrying(Vec::new(), f).await?
     }
 
     /// Appends an audit event on its own: an attempt that changed nothing.

@@ -1147,3 +1147,55 @@ async fn revoking_a_managers_last_venue_during_a_venue_creation_for_them_keeps_t
     );
     cluster.finish().await;
 }
+
+/// Two nodes' batches grant roles to the same two users in opposite orders, both batches open
+/// at once: each holds one user's row and waits for the other's, a deadlock PostgreSQL ends by
+/// failing one job. That job's savepoint is rolled back and it runs again in a later batch
+/// (`Writer::write_locked_retrying`): every grant succeeds, none fails as busy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn crosswise_role_grants_on_two_nodes_all_succeed_though_they_deadlock() {
+    let Some(cluster) = Cluster::start_with_lanes(2, 1).await else { return };
+    let (a, c) = (cluster.nodes[0].clone(), cluster.nodes[1].clone());
+    let (u1, u2) = (admin("u1@example.test").id, admin("u2@example.test").id);
+    for (id, email) in [(u1, "u1@example.test"), (u2, "u2@example.test")] {
+        a.insert_user(&User { id, roles: vec![], ..admin(email) }).await.unwrap();
+    }
+    let (x0a, x0c) = (blocker(&cluster.url, "ga0").await, blocker(&cluster.url, "gc0").await);
+    let (x1a, x1c) = (blocker(&cluster.url, "ga1").await, blocker(&cluster.url, "gc1").await);
+    let p0a = tokio::spawn({
+        let a = a.clone();
+        async move { pause(&a, "ga0").await }
+    });
+    let p0c = tokio::spawn({
+        let c = c.clone();
+        async move { pause(&c, "gc0").await }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Each node's next batch: [grant first, (paused request), grant second].
+    let crosswise = |node: Arc<PgStore>, first, second, tag: &'static str| {
+        tokio::spawn(async move {
+            tokio::join!(
+                node.grant_role(first, RoleGrant::Customer),
+                pause(&node, tag),
+                node.grant_role(second, RoleGrant::Customer)
+            )
+        })
+    };
+    let (batch_a, batch_c) = (crosswise(a.clone(), u1, u2, "ga1"), crosswise(c.clone(), u2, u1, "gc1"));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    release(x0a).await;
+    release(x0c).await;
+    p0a.await.unwrap().unwrap();
+    p0c.await.unwrap().unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    release(x1a).await;
+    release(x1c).await;
+    let ((a1, _, a2), (c1, _, c2)) = (batch_a.await.unwrap(), batch_c.await.unwrap());
+    for granted in [a1, a2, c1, c2] {
+        assert!(granted.is_ok(), "a role grant failed: {:?}", granted.err());
+    }
+    for user in [u1, u2] {
+        assert_eq!(a.user_by_id(user).await.unwrap().unwrap().roles, vec![Role::Customer]);
+    }
+    cluster.finish().await;
+}

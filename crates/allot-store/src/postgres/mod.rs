@@ -442,6 +442,7 @@ impl Drop for PgStore {
 }
 
 /// A bind parameter of [`PgStore::exec_one`].
+#[derive(Clone)]
 enum Arg {
     Text(String),
     Int(i64),
@@ -542,7 +543,7 @@ impl PgStore {
         let (old_hash, new_hash) = (old_hash.to_owned(), new_hash.to_owned());
         let audit = allot_app::audit::current();
         self.writer
-            .exec(move |ctx: &mut Ctx| -> BoxFuture<'_, Outcome<RotateOutcome, StoreError>> {
+            .exec_retrying(move |ctx: &mut Ctx| -> BoxFuture<'_, Outcome<RotateOutcome, StoreError>> {
                 Box::pin(async move {
                     let outcome =
                         succeed_in_tx(ctx, succession, old_hash, new_hash.clone(), new_expires_at, now).await?;
@@ -566,13 +567,13 @@ impl PgStore {
     /// node in the same transaction and dropped from this node's cache at once.
     async fn change_catalog<T, F>(&self, locks: Vec<String>, keys: Vec<String>, change: F) -> Result<T, StoreError>
     where
-        F: for<'c> FnOnce(&'c mut Ctx) -> BoxFuture<'c, Outcome<T, StoreError>> + Send + 'static,
+        F: for<'c> FnOnce(&'c mut Ctx) -> BoxFuture<'c, Outcome<T, StoreError>> + Clone + Send + 'static,
         T: Send + 'static,
     {
         let announced = keys.clone();
         let result = self
             .writer
-            .write_locked(locks, move |ctx: &mut Ctx| -> BoxFuture<'_, Outcome<T, StoreError>> {
+            .write_locked_retrying(locks, move |ctx: &mut Ctx| -> BoxFuture<'_, Outcome<T, StoreError>> {
                 Box::pin(async move {
                     let outcome = change(&mut *ctx).await?;
                     if outcome.is_ok() {
@@ -1200,7 +1201,7 @@ impl Store for PgStore {
     async fn revoke_refresh_token(&self, token_hash: &str, now: Timestamp) -> Result<(), StoreError> {
         let token_hash = token_hash.to_owned();
         self.writer
-            .exec(move |ctx: &mut Ctx| -> BoxFuture<'_, Outcome<(), StoreError>> {
+            .exec_retrying(move |ctx: &mut Ctx| -> BoxFuture<'_, Outcome<(), StoreError>> {
                 Box::pin(revoke_in_tx(ctx, token_hash, now))
             })
             .await
