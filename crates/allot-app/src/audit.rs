@@ -402,10 +402,16 @@ pub fn fail(reason: &str) {
     }
 }
 
-/// [`set_target`] on a scope captured earlier (inside a store transaction, off the request's
-/// task), for a target known only once the change is decided.
-pub fn set_scope_target(scope: &AuditScope, id: impl std::fmt::Display) {
-    scope.edit(|e| e.target_id = Some(id.to_string()));
+/// Decides a scope captured earlier (inside a store transaction, off the request's task) for
+/// a change whose target and outcome are known only once it is decided: its target, and
+/// `failure`'s reason or success. Both are set whatever an earlier run of the same write left
+/// (one rolled back and run again, `Writer::write_locked_retrying`).
+pub fn decide_scope(scope: &AuditScope, target: Option<&str>, failure: Option<&str>) {
+    scope.edit(|e| {
+        e.target_id = target.map(str::to_owned);
+        e.outcome = if failure.is_some() { Outcome::Failure } else { Outcome::Success };
+        e.reason = failure.map(str::to_owned);
+    });
 }
 
 /// [`fail`] on a scope captured earlier (inside a store transaction, off the request's task).

@@ -387,14 +387,14 @@ pub fn audit_rotation(
     outcome: &Result<RotateOutcome, StoreError>,
 ) {
     let Some(scope) = scope else { return };
-    let reason = match outcome {
-        Ok(RotateOutcome::Rotated { .. }) => return allot_app::audit::set_scope_target(scope, new_hash),
-        Ok(RotateOutcome::Invalid) if succession == Succession::Reissue => "session_not_live",
-        Ok(RotateOutcome::Invalid) => "unauthenticated",
-        Ok(RotateOutcome::Reused) => "refresh_token_reused",
+    let (target, failure) = match outcome {
+        Ok(RotateOutcome::Rotated { .. }) => (Some(new_hash), None),
+        Ok(RotateOutcome::Invalid) if succession == Succession::Reissue => (None, Some("session_not_live")),
+        Ok(RotateOutcome::Invalid) => (None, Some("unauthenticated")),
+        Ok(RotateOutcome::Reused) => (None, Some("refresh_token_reused")),
         Err(_) => return,
     };
-    allot_app::audit::fail_scope(scope, reason);
+    allot_app::audit::decide_scope(scope, target, failure);
 }
 
 /// A venue `INSERT` whose id exists already is a conflict, not a database failure.

@@ -10,7 +10,8 @@
 //! [`Backend`]. Batches of different nodes therefore serialize per resource and never deadlock
 //! over resources (the few other locks a job may take, on users, venues and refresh-token
 //! families, are taken job by job; a job that loses a deadlock over those runs again in a
-//! later batch: [`Writer::write_locked_retrying`]), and the batch clock starts no earlier than the last `now` any node used on those resources.
+//! later batch: [`Writer::write_locked_retrying`]), and the batch clock starts no earlier
+//! than the last `now` any node used on those resources.
 //! On PostgreSQL one node's writer has several lanes ([`Writer::start_lanes`]), a thread, a
 //! connection and a batch loop each, related to each other as nodes are; SQLite has one writer
 //! thread.
