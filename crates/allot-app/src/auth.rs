@@ -243,6 +243,11 @@ impl App {
         // A keyed login's mark names it: a retry whose answer was lost reissues it.
         audit::set_target(&record.token_hash);
         self.store.insert_refresh_token(&record).await?;
+        self.session(user_id, refresh_token)
+    }
+
+    /// The tokens of a session of `user_id` whose refresh token is `refresh_token`.
+    fn session(&self, user_id: UserId, refresh_token: String) -> AppResult<Session> {
         Ok(Session { access_token: self.access_token(user_id)?, expires_in: ACCESS_TOKEN_TTL_SECONDS, refresh_token })
     }
 
@@ -271,11 +276,7 @@ impl App {
         let (token, record) = self.refresh_record(UserId::new(), "");
         let now = self.clock.now();
         match self.store.rotate_refresh_token(&old_hash, &record.token_hash, record.expires_at, now).await? {
-            RotateOutcome::Rotated { user_id } => Ok(Session {
-                access_token: self.access_token(user_id)?,
-                expires_in: ACCESS_TOKEN_TTL_SECONDS,
-                refresh_token: token,
-            }),
+            RotateOutcome::Rotated { user_id } => self.session(user_id, token),
             RotateOutcome::Reused | RotateOutcome::Invalid => Err(AppError::Unauthenticated),
         }
     }
@@ -290,11 +291,7 @@ impl App {
         let (token, record) = self.refresh_record(UserId::new(), "");
         let now = self.clock.now();
         match self.store.reissue_refresh_token(lost_hash, &record.token_hash, record.expires_at, now).await? {
-            RotateOutcome::Rotated { user_id } => Ok(Session {
-                access_token: self.access_token(user_id)?,
-                expires_in: ACCESS_TOKEN_TTL_SECONDS,
-                refresh_token: token,
-            }),
+            RotateOutcome::Rotated { user_id } => self.session(user_id, token),
             RotateOutcome::Reused | RotateOutcome::Invalid => Err(AppError::Conflict(
                 "the session this request opened is no longer live and its answer was lost: sign in again".into(),
             )),

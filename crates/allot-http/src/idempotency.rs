@@ -100,23 +100,36 @@ pub async fn keyed(app: Arc<App>, request: Request, next: Next, detached: TaskTr
         Ok(Admission::Recover { target }) => recover(&app, &id, &parts, &target, &detached).await,
         Ok(Admission::Run) => {
             parts.extensions.insert(Keyed(id.clone()));
-            // Detached, and the outcome stored in the same task: a client that hangs up must
-            // not leave the key locked with its outcome unrecorded.
             let request = Request::from_parts(parts, Body::from(bytes));
-            let (task_app, task_id) = (app.clone(), id.clone());
             let sealed = SEALED_PATHS.contains(&request.uri().path());
-            let task = run_detached(&detached, async move {
-                let response = renewing(&task_app, &task_id, next.run(request)).await;
-                run_and_store(&task_app, &task_id, response, sealed).await
-            });
-            match task.await {
-                Ok(response) => response,
-                Err(e) => {
-                    // A 5xx is never stored, so the key is free to retry.
-                    let _ = app.idempotency_abandon(&id).await;
-                    panicked(&e)
-                }
-            }
+            let (task_app, task_id) = (app.clone(), id.clone());
+            let run = async move { renewing(&task_app, &task_id, next.run(request)).await };
+            run_keyed(&app, &id, &detached, sealed, run).await
+        }
+    }
+}
+
+/// Runs attempt `id`'s `request` as a task of its own and stores its outcome (sealed when it
+/// carries credentials) in the same task: a client that hangs up must not leave the key
+/// locked with its outcome unrecorded.
+async fn run_keyed(
+    app: &Arc<App>,
+    id: &IdempotencyKey,
+    detached: &TaskTracker,
+    sealed: bool,
+    request: impl Future<Output = Response> + Send + 'static,
+) -> Response {
+    let (task_app, task_id) = (app.clone(), id.clone());
+    let task = run_detached(detached, async move {
+        let response = request.await;
+        run_and_store(&task_app, &task_id, response, sealed).await
+    });
+    match task.await {
+        Ok(response) => response,
+        Err(e) => {
+            // A 5xx is never stored, so the key is free to retry.
+            let _ = app.idempotency_abandon(id).await;
+            panicked(&e)
         }
     }
 }
@@ -258,23 +271,16 @@ async fn reissued(
     detached: &TaskTracker,
 ) -> Response {
     let (task_app, task_id, task_parts, lost) = (app.clone(), id.clone(), parts.clone(), lost.to_owned());
-    let task = run_detached(detached, async move {
+    let run = async move {
         let reissue = async {
             match task_app.reissue_session(&lost).await {
                 Ok(session) => axum::Json(crate::dto::session_json(session)).into_response(),
                 Err(e) => ApiError::from(e).into_response(),
             }
         };
-        let response = crate::audit::recovery(&task_app, &task_parts, task_id.clone(), reissue).await;
-        run_and_store(&task_app, &task_id, response, true).await
-    });
-    let mut response = match task.await {
-        Ok(response) => response,
-        Err(e) => {
-            let _ = app.idempotency_abandon(id).await;
-            return panicked(&e);
-        }
+        crate::audit::recovery(&task_app, &task_parts, task_id, reissue).await
     };
+    let mut response = run_keyed(app, id, detached, true, run).await;
     if !response.status().is_server_error() {
         tracing::info!("a keyed login or refresh whose answer was lost is answered with a fresh session");
         response.headers_mut().insert("idempotent-replayed", HeaderValue::from_static("true"));

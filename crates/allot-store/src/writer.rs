@@ -353,12 +353,12 @@ pub fn is_deadlock(e: &StoreError) -> bool {
 
 pub fn db_error(e: sqlx::Error) -> StoreError {
     let code = e.as_database_error().and_then(|d| d.code());
-    if code.as_deref() == Some(DEADLOCK_SQLSTATE) {
-        tracing::warn!(error = %e, "deadlock with another session; the request may be retried");
-        return StoreError::Busy(format!("{DEADLOCK_PREFIX}: {e}"));
-    }
-    if code.is_some_and(|c| TRANSIENT_SQLSTATES.contains(&c.as_ref())) {
+    let code = code.as_deref();
+    if code.is_some_and(|c| TRANSIENT_SQLSTATES.contains(&c)) {
         tracing::warn!(error = %e, "transient database conflict; the request may be retried");
+        if code == Some(DEADLOCK_SQLSTATE) {
+            return StoreError::Busy(format!("{DEADLOCK_PREFIX}: {e}"));
+        }
         return StoreError::Busy(e.to_string());
     }
     StoreError::Database(e.to_string())

@@ -431,8 +431,8 @@ impl Store for SqliteStore {
 
     async fn insert_resource(&self, r: &Resource) -> Result<(), StoreError> {
         let doc = serde_json::to_string(r).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-        let resource = r.clone();
-        self.writer.exec_now(move |ctx: &mut Ctx| tx::insert_resource(ctx, &resource, &doc)).await
+        let (id, venue) = (r.id.to_string(), r.venue_id.to_string());
+        self.writer.exec_now(move |ctx: &mut Ctx| tx::insert_resource(ctx, &id, &venue, &doc)).await
     }
 
     async fn update_resource(&self, before: &Resource, after: &Resource) -> Result<(), StoreError> {

@@ -439,15 +439,14 @@ fn venue_is_live(conn: &Connection, id: &str) -> Result<bool> {
     conn.prepare_cached("SELECT 1 FROM venues WHERE id = ? AND deleted_at IS NULL")?.exists([id])
 }
 
-pub(crate) fn insert_resource(ctx: &mut Ctx, resource: &Resource, doc: &str) -> Outcome<(), StoreError> {
-    let venue = resource.venue_id.to_string();
-    if !venue_is_live(&ctx.conn, &venue)? {
+pub(crate) fn insert_resource(ctx: &mut Ctx, id: &str, venue: &str, doc: &str) -> Outcome<(), StoreError> {
+    if !venue_is_live(&ctx.conn, venue)? {
         return Ok(Err(StoreError::NotFound("venue")));
     }
     let inserted = ctx
         .conn
         .prepare_cached("INSERT INTO resources (id, venue_id, doc) VALUES (?, ?, ?)")?
-        .execute(params![resource.id.to_string(), venue, doc]);
+        .execute(params![id, venue, doc]);
     refusing_duplicates(inserted.map(|_| ()), "resource exists")
 }
 
