@@ -328,6 +328,16 @@ impl AuditScope {
         }
     }
 
+    /// For the writer, when the request's write did not run because its idempotency key was
+    /// not free: nothing is recorded for it here (a replay is the attempt that ran; the
+    /// idempotency layer records a refusal of the key, as for a request it never ran).
+    pub fn discard(&self) {
+        let mut state = self.lock();
+        if state.stage == Stage::Open {
+            state.stage = Stage::Written;
+        }
+    }
+
     /// For the HTTP layer once the response is known: the event still to append on its own (an
     /// attempt that changed nothing), or `None` when a transaction already recorded it.
     pub fn finish(&self, succeeded: bool, reason: Option<&str>, at: Timestamp) -> Option<AuditEvent> {

@@ -16,8 +16,12 @@ use crate::access::Scope;
 use crate::audit;
 use crate::auth::Principal;
 use crate::error::{AppError, AppResult, StoreError};
+use crate::idempotency::{Admission, LOCK_SECONDS, check_key};
 use crate::payments::{ChargeOutcome, ChargeRequest, ProviderError};
-use crate::store::{BookingFilter, HoldCommand, HoldRefused, Page, PageRequest, Role, UpdateRefused};
+use crate::store::{
+    BookingFilter, HoldAnswer, HoldCommand, HoldKey, HoldRefused, IdempotencyKey, KeyedHoldOutcome, Page, PageRequest,
+    Role, StoredAnswer, UpdateRefused,
+};
 use crate::telemetry;
 
 /// Attempts at a provider that is failing before answering 503.
@@ -46,6 +50,69 @@ impl App {
     }
 
     async fn try_hold(&self, principal: &Principal, request: HoldRequest) -> AppResult<Booking> {
+        let PreparedHold { command, refusals } = self.prepare_hold(principal, request).await?;
+        let result = self.store.hold(command).await;
+        self.held(result.map_err(|refused| refusals.error(&refused)))
+    }
+
+    /// [`App::hold`] under the request's idempotency `key`, taken and answered in the hold's
+    /// own transaction ([`HoldKey`]): `render` makes the answer stored for replay, the one the
+    /// request is then answered with. `Err` when the hold was refused before that transaction
+    /// (invalid, forbidden) or it failed: nothing was written under the key then, and the
+    /// caller settles the key as for any request.
+    pub async fn hold_keyed(
+        &self,
+        principal: &Principal,
+        request: HoldRequest,
+        key: IdempotencyKey,
+        render: RenderHold,
+    ) -> AppResult<KeyedHold> {
+        let outcome = self.try_hold_keyed(principal, request, key, render).await;
+        let counted = match &outcome {
+            Ok(KeyedHold::Ran { result, .. }) => Some(telemetry::outcome(result)),
+            // A replay, or a refusal of the key: the hold was counted when it ran.
+            Ok(KeyedHold::NotRun(_)) => None,
+            Err(e) => Some(telemetry::failure(e)),
+        };
+        if let Some(label) = counted {
+            metrics::counter!(telemetry::HOLDS, "outcome" => label).increment(1);
+        }
+        outcome
+    }
+
+    async fn try_hold_keyed(
+        &self,
+        principal: &Principal,
+        request: HoldRequest,
+        key: IdempotencyKey,
+        render: RenderHold,
+    ) -> AppResult<KeyedHold> {
+        check_key(&key)?;
+        let PreparedHold { command, refusals } = self.prepare_hold(principal, request).await?;
+        let answer_refusals = refusals.clone();
+        let answer: HoldAnswer = Box::new(move |decided| match decided {
+            Ok(booking) => render(Ok(booking)),
+            Err(refused) => render(Err(answer_refusals.error(refused))),
+        });
+        let hold_key = HoldKey { key: key.clone(), now: self.clock.now(), lock_seconds: LOCK_SECONDS, answer };
+        Ok(match self.store.hold_keyed(command, hold_key).await? {
+            KeyedHoldOutcome::Ran { result, answer } => {
+                KeyedHold::Ran { result: self.held(result.map_err(|refused| refusals.error(&refused))), answer }
+            }
+            KeyedHoldOutcome::NotRun(begun) => KeyedHold::NotRun(self.admission(&key, begun)),
+        })
+    }
+
+    /// A decided hold: a kept one's expiry scheduled.
+    fn held(&self, result: AppResult<Booking>) -> AppResult<Booking> {
+        if let Ok(Booking { id, expires_at: Some(expires_at), .. }) = &result {
+            self.expiry.schedule(*id, *expires_at);
+        }
+        result
+    }
+
+    /// Checks, prices and builds the hold of `request` for the store.
+    async fn prepare_hold(&self, principal: &Principal, request: HoldRequest) -> AppResult<PreparedHold> {
         principal.require_scope(Scope::BookingsWrite)?;
         if request.items.is_empty() || request.items.len() > ITEMS_MAX {
             return Err(allot_core::ValidationError::field("items", format!("must hold 1 to {ITEMS_MAX} items")).into());
@@ -77,22 +144,8 @@ impl App {
         let booking = Booking::new_hold(principal.user_id, venue.id, venue.currency, items, now, expires_at);
         audit::set_target(booking.id);
         let claims = priced.iter().map(|p| p.claim).collect();
-        match self.store.hold(HoldCommand { booking, claims, now }).await {
-            Ok(booking) => {
-                if let Some(expires_at) = booking.expires_at {
-                    self.expiry.schedule(booking.id, expires_at);
-                }
-                Ok(booking)
-            }
-            Err(HoldRefused::Unavailable { item_index, remaining }) => {
-                let item = &request.items[item_index];
-                Err(unavailable(item_index, &resources[&item.resource_id], remaining))
-            }
-            Err(HoldRefused::Stale { item_index }) => {
-                Err(AppError::Conflict(format!("items[{item_index}]: the resource changed while holding; try again")))
-            }
-            Err(HoldRefused::Store(e)) => Err(e.into()),
-        }
+        let refusals = Arc::new(Refusals { items: request.items, resources });
+        Ok(PreparedHold { command: HoldCommand { booking, claims, now }, refusals })
     }
 
     /// Loads the venue, resources and events a hold refers to; all must be at one venue.
@@ -400,6 +453,49 @@ impl App {
         }
     }
 }
+
+/// A hold ready for the store, with what its refusal is reported against.
+struct PreparedHold {
+    command: HoldCommand,
+    refusals: Arc<Refusals>,
+}
+
+/// A hold's items and their resources: what a refusal names.
+struct Refusals {
+    items: Vec<ItemRequest>,
+    resources: HashMap<ResourceId, Arc<Resource>>,
+}
+
+impl Refusals {
+    fn error(&self, refused: &HoldRefused) -> AppError {
+        match refused {
+            HoldRefused::Unavailable { item_index, remaining } => {
+                let item = &self.items[*item_index];
+                unavailable(*item_index, &self.resources[&item.resource_id], *remaining)
+            }
+            HoldRefused::Stale { item_index } => {
+                AppError::Conflict(format!("items[{item_index}]: the resource changed while holding; try again"))
+            }
+            HoldRefused::Store(e) => e.clone().into(),
+        }
+    }
+}
+
+/// What [`App::hold_keyed`] did.
+// Moved a few times per hold; boxing the common variant would cost an allocation each.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug)]
+pub enum KeyedHold {
+    /// The hold ran under its key: `result`, answered with `answer`, which its transaction
+    /// stored as the key's.
+    Ran { result: AppResult<Booking>, answer: StoredAnswer },
+    /// It did not run: the key was not free. How to answer, as [`App::idempotency_admit`]
+    /// would have said (never [`Admission::Run`]).
+    NotRun(AppResult<Admission>),
+}
+
+/// Renders a hold's outcome as its response (the HTTP layer's, which knows the format).
+pub type RenderHold = fn(Result<&Booking, AppError>) -> StoredAnswer;
 
 fn unavailable(item_index: usize, resource: &Resource, remaining: u32) -> AppError {
     let message = if resource.capacity == 1 {

@@ -135,14 +135,14 @@ impl App {
     }
 
     pub async fn idempotency_admit(&self, key: &IdempotencyKey) -> AppResult<Admission> {
-        if key.key.is_empty() || key.key.len() > KEY_LEN_MAX || !key.key.is_ascii() {
-            return Err(allot_core::ValidationError::field(
-                "Idempotency-Key",
-                format!("must be 1 to {KEY_LEN_MAX} ASCII characters"),
-            )
-            .into());
-        }
-        match self.store.idempotency_begin(key, self.clock.now(), LOCK_SECONDS).await? {
+        check_key(key)?;
+        let begun = self.store.idempotency_begin(key, self.clock.now(), LOCK_SECONDS).await?;
+        self.admission(key, begun)
+    }
+
+    /// What to do with attempt `key`, given what taking its key found.
+    pub(crate) fn admission(&self, key: &IdempotencyKey, begun: IdempotencyBegin) -> AppResult<Admission> {
+        match begun {
             IdempotencyBegin::Started => Ok(Admission::Run),
             IdempotencyBegin::InProgress => Err(AppError::IdempotencyKeyInUse),
             IdempotencyBegin::Mismatch => Err(AppError::IdempotencyKeyReused),
@@ -198,6 +198,15 @@ impl App {
             }
         }
     }
+}
+
+/// Refuses a key no store keeps: empty, longer than [`KEY_LEN_MAX`], or not ASCII.
+pub fn check_key(key: &IdempotencyKey) -> AppResult<()> {
+    if key.key.is_empty() || key.key.len() > KEY_LEN_MAX || !key.key.is_ascii() {
+        let message = format!("must be 1 to {KEY_LEN_MAX} ASCII characters");
+        return Err(allot_core::ValidationError::field("Idempotency-Key", message).into());
+    }
+    Ok(())
 }
 
 /// Runs `write` until it succeeds, fails for good, or has been busy or overloaded

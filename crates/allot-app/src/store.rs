@@ -147,6 +147,45 @@ impl HoldRefused {
     }
 }
 
+/// A hold run under its request's `Idempotency-Key` ([`Store::hold_keyed`]): the key is taken,
+/// the hold decided and `answer`'s rendering of it stored as the key's answer, all in one
+/// transaction, so a keyed hold costs one commit where admitting, running and answering it
+/// cost three, and a retry always finds the answer of a hold that was kept.
+pub struct HoldKey {
+    pub key: IdempotencyKey,
+    pub now: Timestamp,
+    pub lock_seconds: u32,
+    pub answer: HoldAnswer,
+}
+
+impl std::fmt::Debug for HoldKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HoldKey").field("key", &self.key).field("now", &self.now).finish_non_exhaustive()
+    }
+}
+
+/// Renders a decided hold (kept, or refused for want of capacity) as the answer its request
+/// gets, inside the store's transaction. Never called with [`HoldRefused::Store`].
+pub type HoldAnswer = Box<dyn FnOnce(Result<&Booking, &HoldRefused>) -> StoredAnswer + Send>;
+
+/// A response as stored for replay: its status and body.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredAnswer {
+    pub status: u16,
+    pub body: Vec<u8>,
+}
+
+/// What [`Store::hold_keyed`] did.
+// Moved a few times per hold; boxing the common variant would cost an allocation each.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug)]
+pub enum KeyedHoldOutcome {
+    /// The key was taken and the hold decided: `result`, whose `answer` is stored as the key's.
+    Ran { result: Result<Booking, HoldRefused>, answer: StoredAnswer },
+    /// The key was not free (answered, running, or another request's): nothing was written.
+    NotRun(IdempotencyBegin),
+}
+
 /// Decides a booking's new state from its current one, inside the store's transaction, at
 /// the transaction's `now` (never earlier than the `now` of any write committed before it).
 pub type Decide = Box<dyn FnOnce(&Booking, Timestamp) -> Result<Booking, AppError> + Send>;
@@ -321,6 +360,11 @@ pub trait Store: Send + Sync + 'static {
 
     // Bookings.
     async fn hold(&self, command: HoldCommand) -> Result<Booking, HoldRefused>;
+    /// [`Store::hold`] under an idempotency key, taken and answered in the hold's transaction
+    /// ([`HoldKey`]). `Err` when that transaction failed: then nothing of it was kept, the key
+    /// included. The hold is made even if the caller stops waiting once its key is taken: a
+    /// retry is answered with it.
+    async fn hold_keyed(&self, command: HoldCommand, key: HoldKey) -> Result<KeyedHoldOutcome, StoreError>;
     async fn update_booking(&self, id: BookingId, now: Timestamp, decide: Decide) -> Result<Booking, UpdateRefused>;
     async fn booking(&self, id: BookingId) -> Result<Option<Booking>, StoreError>;
     async fn bookings(&self, filter: &BookingFilter, page: PageRequest) -> Result<Page<Booking>, StoreError>;

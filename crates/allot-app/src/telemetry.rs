@@ -56,7 +56,11 @@ pub fn count<T>(name: &'static str, result: &AppResult<T>) {
 
 /// `ok`, or a stable code for the kind of failure (a bounded label set).
 pub fn outcome<T>(result: &AppResult<T>) -> &'static str {
-    let Err(e) = result else { return "ok" };
+    result.as_ref().err().map_or("ok", failure)
+}
+
+/// The stable code of a failure, as [`outcome`] labels it.
+pub fn failure(e: &AppError) -> &'static str {
     match e {
         AppError::Invalid(_) => "invalid",
         AppError::Unauthenticated => "unauthenticated",

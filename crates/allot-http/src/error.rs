@@ -9,7 +9,7 @@ use serde::Serialize;
 use serde_json::{Value, json};
 use utoipa::ToSchema;
 
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct ApiError {
     pub status: StatusCode,
     pub code: &'static str,
@@ -126,10 +126,20 @@ pub struct ErrorDetail {
     pub details: Value,
 }
 
+impl ApiError {
+    /// The response's JSON body (SPEC §4).
+    pub fn body(&self) -> Vec<u8> {
+        let detail = ErrorDetail { code: self.code, message: self.message.clone(), details: self.details.clone() };
+        // Serializing plain strings and a JSON value cannot fail.
+        serde_json::to_vec(&ErrorBody { error: detail }).unwrap_or_default()
+    }
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let body = ErrorBody { error: ErrorDetail { code: self.code, message: self.message, details: self.details } };
-        let mut response = (self.status, axum::Json(body)).into_response();
+        let body = self.body();
+        let json = HeaderValue::from_static("application/json");
+        let mut response = (self.status, [(header::CONTENT_TYPE, json)], body).into_response();
         response.extensions_mut().insert(crate::audit::ErrorCode(self.code));
         if self.status == StatusCode::SERVICE_UNAVAILABLE {
             response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));

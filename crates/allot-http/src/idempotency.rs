@@ -7,9 +7,11 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use allot_app::idempotency::{Admission, Changed, ChangedKind, RENEW_AFTER_SECONDS};
-use allot_app::store::IdempotencyKey;
+use allot_app::bookings::KeyedHold;
+use allot_app::idempotency::{Admission, Changed, ChangedKind, RENEW_AFTER_SECONDS, check_key};
+use allot_app::store::{IdempotencyKey, StoredAnswer};
 use allot_app::{App, AppError};
+use allot_core::booking::Booking;
 use axum::body::Body;
 use axum::extract::{ConnectInfo, Request};
 use axum::http::{HeaderValue, Method, StatusCode, header};
@@ -66,6 +68,7 @@ pub async fn keyed(app: Arc<App>, request: Request, next: Next, detached: TaskTr
     // Keys are scoped to the verified principal (anonymous callers to their address, as the
     // rate limits see it behind a trusted proxy); a bad token goes through unkeyed and gets
     // its 401.
+    let mut verified = false;
     let principal = match bearer(&parts) {
         None => {
             let client = parts.extensions.get::<crate::ratelimit::ClientAddr>().map(|a| a.0);
@@ -77,6 +80,7 @@ pub async fn keyed(app: Arc<App>, request: Request, next: Next, detached: TaskTr
                 let user = p.user_id.to_string();
                 // The handler's `Auth` extractor takes it from here instead of verifying again.
                 parts.extensions.insert(p);
+                verified = true;
                 user
             }
             Err(AppError::Unauthenticated) => {
@@ -94,6 +98,9 @@ pub async fn keyed(app: Arc<App>, request: Request, next: Next, detached: TaskTr
     hasher.update(&bytes);
     let owner = uuid::Uuid::now_v7().simple().to_string();
     let id = IdempotencyKey { principal, key, request_hash: hex::encode(hasher.finalize()), owner };
+    if verified && parts.uri.path() == HOLD_PATH && check_key(&id).is_ok() {
+        return keyed_hold(&app, id, parts, bytes, next, &detached).await;
+    }
     match app.idempotency_admit(&id).await {
         Err(e) => refused(&app, &parts, ApiError::from(e)).await,
         Ok(Admission::Replay { status, body }) => replay(status, body),
@@ -105,6 +112,119 @@ pub async fn keyed(app: Arc<App>, request: Request, next: Next, detached: TaskTr
             let (task_app, task_id) = (app.clone(), id.clone());
             let run = async move { renewing(&task_app, &task_id, next.run(request)).await };
             run_keyed(&app, &id, &detached, sealed, run).await
+        }
+    }
+}
+
+/// A keyed hold, the hot path: its key is taken, the hold decided and its answer stored in one
+/// transaction (`App::hold_keyed`), not three. Its handler leaves on the response what became
+/// of the key: answered ([`KeyAnswered`]), or not free ([`KeyNotFree`]: answered here as an
+/// admission would have been). Neither when the hold never reached its write (invalid,
+/// forbidden, the store failing): the key is settled then as for any request ([`settle_after`]).
+/// Not detached: a hold whose request is dropped before its batch is not made nor its key
+/// taken, and one decided is kept with its answer.
+async fn keyed_hold(
+    app: &Arc<App>,
+    id: IdempotencyKey,
+    mut parts: axum::http::request::Parts,
+    bytes: axum::body::Bytes,
+    next: Next,
+    detached: &TaskTracker,
+) -> Response {
+    let kept = parts.clone();
+    parts.extensions.insert(HoldUnderKey(id.clone()));
+    let mut response = next.run(Request::from_parts(parts, Body::from(bytes))).await;
+    if response.extensions_mut().remove::<KeyAnswered>().is_some() {
+        return response;
+    }
+    if let Some(KeyNotFree(admission)) = response.extensions_mut().remove::<KeyNotFree>() {
+        return match admission {
+            Ok(Admission::Replay { status, body }) => replay(status, body),
+            Ok(Admission::Recover { target }) => recover(app, &id, &kept, &target, detached).await,
+            Ok(Admission::Run) => {
+                let cause = "a keyed hold that did not run was admitted".into();
+                refused(app, &kept, ApiError::from(AppError::Internal(cause))).await
+            }
+            Err(e) => refused(app, &kept, e).await,
+        };
+    }
+    if response.status().is_server_error() {
+        // Its write failed whole, the key with it: free for a retry.
+        return response;
+    }
+    let (task_app, task_detached) = (app.clone(), detached.clone());
+    let settle = async move { settle_after(&task_app, &id, &kept, response, &task_detached).await };
+    run_detached(detached, settle).await.unwrap_or_else(|e| panicked(&e))
+}
+
+/// Settles key `id` for a request answered `response` without having taken it (a keyed hold
+/// refused before its write, which changed nothing): as if the key had been taken first. If it
+/// is free, `response` is stored as its answer; if not, the request is answered as an
+/// admission says (the stored answer, a recovery, or a refusal of the key).
+async fn settle_after(
+    app: &Arc<App>,
+    id: &IdempotencyKey,
+    parts: &axum::http::request::Parts,
+    response: Response,
+    detached: &TaskTracker,
+) -> Response {
+    match app.idempotency_admit(id).await {
+        Err(e) => refused(app, parts, ApiError::from(e)).await,
+        Ok(Admission::Replay { status, body }) => replay(status, body),
+        Ok(Admission::Recover { target }) => recover(app, id, parts, &target, detached).await,
+        Ok(Admission::Run) => run_and_store(app, id, response, false).await,
+    }
+}
+
+/// A keyed hold's request, for its handler: take the key in the hold's own transaction
+/// ([`keyed_hold`]).
+#[derive(Debug, Clone)]
+pub struct HoldUnderKey(pub IdempotencyKey);
+
+/// Left by a keyed hold's handler on its response: the hold ran, and this response was stored
+/// as its key's answer in the same transaction.
+#[derive(Debug, Clone, Copy)]
+struct KeyAnswered;
+
+/// Left by a keyed hold's handler on its response: the hold did not run, its key not free;
+/// answer as this admission says instead.
+#[derive(Debug, Clone)]
+struct KeyNotFree(Result<Admission, ApiError>);
+
+/// A keyed hold's answer, as stored for replay (`App::hold_keyed`).
+pub(crate) fn render_hold(decided: Result<&Booking, AppError>) -> StoredAnswer {
+    match decided {
+        Ok(booking) => StoredAnswer {
+            status: StatusCode::CREATED.as_u16(),
+            // Serializing a booking's view cannot fail.
+            body: serde_json::to_vec(&crate::dto::booking_json(booking)).unwrap_or_default(),
+        },
+        Err(e) => {
+            let error = ApiError::from(e);
+            StoredAnswer { status: error.status.as_u16(), body: error.body() }
+        }
+    }
+}
+
+/// The response of a keyed hold's handler ([`keyed_hold`]): a hold that ran is answered with
+/// what was stored for it, byte for byte.
+pub(crate) fn keyed_hold_response(outcome: KeyedHold) -> Response {
+    match outcome {
+        KeyedHold::Ran { result, answer } => {
+            let status = StatusCode::from_u16(answer.status).unwrap_or(StatusCode::OK);
+            let json = HeaderValue::from_static("application/json");
+            let mut response = (status, [(header::CONTENT_TYPE, json)], answer.body).into_response();
+            if let Err(e) = result {
+                response.extensions_mut().insert(crate::audit::ErrorCode(ApiError::from(e).code));
+            }
+            response.extensions_mut().insert(KeyAnswered);
+            response
+        }
+        KeyedHold::NotRun(admission) => {
+            // The body is never sent: the idempotency layer answers in its place.
+            let mut response = StatusCode::CONFLICT.into_response();
+            response.extensions_mut().insert(KeyNotFree(admission.map_err(ApiError::from)));
+            response
         }
     }
 }

@@ -717,3 +717,89 @@ async fn a_hold_whose_client_hangs_up_before_it_is_decided_is_not_made() {
     let failed = t.store.count("audit_events", "action = 'booking.hold' AND outcome = 'failure'").await.unwrap();
     assert_eq!((events, failed), (2, 1), "the abandoned attempt, then the kept hold");
 }
+
+/// Posts a hold of `seat` at `event` with `Idempotency-Key: key`: status, whether replayed, body.
+async fn keyed_hold(t: &TestApp, token: &str, seat: &str, event: &str, key: &str) -> (StatusCode, bool, Vec<u8>) {
+    let body = json!({"items": [{"resource_id": seat, "event_id": event}]});
+    let request = t.client.post(t.url("/bookings")).bearer_auth(token).header("Idempotency-Key", key).json(&body);
+    let response = request.send().await.unwrap();
+    let replayed = response.headers().contains_key("idempotent-replayed");
+    (response.status(), replayed, response.bytes().await.unwrap().to_vec())
+}
+
+#[tokio::test]
+async fn keyed_holds_sent_at_once_are_each_made_at_most_once_and_answered_as_stored() {
+    const RETRIES: usize = 40;
+    const RACERS: usize = 30;
+    let t = Arc::new(TestApp::spawn().await);
+    let admin = t.admin().await;
+    let venue = t.venue(&admin, "cinema").await;
+    let (seats, event) = t.seats_and_event(&admin, &venue, 2, 48).await;
+    let tokens = customers(&t, "keyed", RACERS).await;
+
+    // One customer's hold sent by many tasks at once under one key: one booking, and every
+    // answer is that booking's (first or replayed) or "in use".
+    let barrier = Arc::new(Barrier::new(RETRIES));
+    let tasks: Vec<_> = (0..RETRIES)
+        .map(|_| {
+            let (t, barrier, token, seat, event) =
+                (t.clone(), barrier.clone(), tokens[0].clone(), seats[0].clone(), event.clone());
+            tokio::spawn(async move {
+                barrier.wait().await;
+                keyed_hold(&t, &token, &seat, &event, "same-key").await
+            })
+        })
+        .collect();
+    let mut answers = BTreeSet::new();
+    let mut first = 0;
+    for task in tasks {
+        let (status, replayed, body) = task.await.unwrap();
+        match status {
+            StatusCode::CREATED => {
+                first += usize::from(!replayed);
+                answers.insert(body);
+            }
+            StatusCode::CONFLICT => {
+                let body: Value = serde_json::from_slice(&body).unwrap();
+                assert_eq!(body["error"]["code"], "idempotency_key_in_use", "{body}");
+            }
+            other => panic!("{other}: {}", String::from_utf8_lossy(&body)),
+        }
+    }
+    assert_eq!((first, answers.len()), (1, 1), "one hold made, one answer: {answers:?}");
+    assert_eq!(t.store.count("bookings", "1 = 1").await.unwrap(), 1);
+    assert_eq!(claims_on(&t, &seats[0]).await, 1);
+
+    // Customers racing for one seat, each under a key of their own: one wins, and each key's
+    // stored answer is the one its request got.
+    let barrier = Arc::new(Barrier::new(RACERS));
+    let tasks: Vec<_> = tokens
+        .iter()
+        .enumerate()
+        .map(|(i, token)| {
+            let (t, barrier, token, seat, event) =
+                (t.clone(), barrier.clone(), token.clone(), seats[1].clone(), event.clone());
+            tokio::spawn(async move {
+                barrier.wait().await;
+                let key = format!("race-{i}");
+                let (status, _, body) = keyed_hold(&t, &token, &seat, &event, &key).await;
+                let (again, replayed, replay) = keyed_hold(&t, &token, &seat, &event, &key).await;
+                assert_eq!((again, replayed, &replay), (status, true, &body), "{}", String::from_utf8_lossy(&body));
+                (status, body)
+            })
+        })
+        .collect();
+    let mut won = 0;
+    for task in tasks {
+        let (status, body) = task.await.unwrap();
+        let body: Value = serde_json::from_slice(&body).unwrap();
+        if status == StatusCode::CREATED {
+            won += 1;
+        } else {
+            assert_eq!(unavailable_index(status, &body), 0, "{body}");
+        }
+    }
+    assert_eq!(won, 1);
+    assert_eq!(claims_on(&t, &seats[1]).await, 1);
+    assert_eq!(t.store.count("bookings", "1 = 1").await.unwrap(), 2);
+}

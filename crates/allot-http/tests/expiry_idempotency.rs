@@ -608,6 +608,79 @@ async fn forget_the_answer(t: &TestApp, key: &str) {
     .await;
 }
 
+/// What an attempt that marked its key and died before storing its answer leaves: the mark
+/// (`committed_target`), no answer, the lease running. A keyed hold no longer can (it stores
+/// its answer in its own transaction), but an attempt of an earlier version could, in a
+/// rolling upgrade.
+async fn lose_the_answer_after_marking(t: &TestApp, key: &str, target: &str) {
+    forget_the_answer(t, key).await;
+    t.raw_sql(&format!("UPDATE idempotency_keys SET committed_target = '{target}' WHERE key = '{key}'")).await;
+}
+
+/// The key's stored row: (status, body, committed_target).
+async fn key_row(t: &TestApp, key: &str) -> (Option<i64>, Option<Vec<u8>>, Option<String>) {
+    use sqlx::Connection;
+    let sql = "SELECT status, body, committed_target FROM idempotency_keys WHERE key = $1";
+    if t.db_url.starts_with("postgres") {
+        let mut conn = sqlx::PgConnection::connect(&t.db_url).await.unwrap();
+        sqlx::query_as(sql).bind(key).fetch_one(&mut conn).await.unwrap()
+    } else {
+        let mut conn = sqlx::SqliteConnection::connect(&t.db_url).await.unwrap();
+        sqlx::query_as(sql).bind(key).fetch_one(&mut conn).await.unwrap()
+    }
+}
+
+#[tokio::test]
+async fn a_keyed_hold_takes_its_key_and_stores_its_answer_in_its_own_transaction() {
+    let t = TestApp::spawn().await;
+    let admin = t.admin().await;
+    let venue = t.venue(&admin, "cinema").await;
+    let (seats, event) = t.seats_and_event(&admin, &venue, 2, 48).await;
+    let customer = t.customer("one-write@test.allot").await;
+    let body = seat(&seats[0], &event);
+    let before = t.store.write_stats();
+    let (s1, replayed, b1) = post_keyed(&t, Some(&customer), "/bookings", &body, "one-write").await;
+    assert_eq!(s1, StatusCode::CREATED, "{}", String::from_utf8_lossy(&b1));
+    assert!(!replayed);
+    let after = t.store.write_stats();
+    assert_eq!((after.0 - before.0, after.1 - before.1), (1, 1), "one request, one transaction (were three)");
+    // Stored as sent, byte for byte, with no mark: no moment in which the hold is kept and
+    // its answer is not.
+    assert_eq!(key_row(&t, "one-write").await, (Some(201), Some(b1.to_vec()), None));
+    let (s2, replayed, b2) = post_keyed(&t, Some(&customer), "/bookings", &body, "one-write").await;
+    assert_eq!((s2, replayed, &b2), (StatusCode::CREATED, true, &b1));
+
+    // A refused keyed hold too: its 409 is stored in the transaction that refused it, and
+    // replayed after the seat is free again.
+    let rival = t.customer("one-write-rival@test.allot").await;
+    let (s3, _, b3) = post_keyed(&t, Some(&rival), "/bookings", &body, "rival-1").await;
+    assert_eq!(s3, StatusCode::CONFLICT, "{}", String::from_utf8_lossy(&b3));
+    assert_eq!(json_of(&b3)["error"]["code"], "unavailable");
+    assert_eq!(key_row(&t, "rival-1").await, (Some(409), Some(b3.to_vec()), None));
+    let id = json_of(&b1)["id"].as_str().unwrap().to_owned();
+    let (s, b) = t.post(Some(&customer), &format!("/bookings/{id}/cancel"), json!({})).await;
+    assert_eq!(s, StatusCode::OK, "{b}");
+    let (s4, replayed, b4) = post_keyed(&t, Some(&rival), "/bookings", &body, "rival-1").await;
+    assert_eq!((s4, replayed, &b4), (StatusCode::CONFLICT, true, &b3), "the answer it got, not a new hold");
+    let (s5, _, b5) = post_keyed(&t, Some(&rival), "/bookings", &body, "rival-2").await;
+    assert_eq!(s5, StatusCode::CREATED, "a new key holds the freed seat: {}", String::from_utf8_lossy(&b5));
+
+    // A hold refused before its write (no such seat) settles its key as any request does:
+    // its answer stored, replayed.
+    let missing = seat("0190a5e0-0000-7000-8000-000000000000", &event);
+    let (s6, _, b6) = post_keyed(&t, Some(&customer), "/bookings", &missing, "no-seat").await;
+    assert_eq!(s6, StatusCode::UNPROCESSABLE_ENTITY, "{}", String::from_utf8_lossy(&b6));
+    assert_eq!(key_row(&t, "no-seat").await.0, Some(422));
+    let (s7, replayed, b7) = post_keyed(&t, Some(&customer), "/bookings", &missing, "no-seat").await;
+    assert_eq!((s7, replayed, &b7), (StatusCode::UNPROCESSABLE_ENTITY, true, &b6));
+    // Another request under a key a hold answered is refused, by either path.
+    let (s, _, b) = post_keyed(&t, Some(&customer), "/bookings", &seat(&seats[1], &event), "one-write").await;
+    assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{}", String::from_utf8_lossy(&b));
+    assert_eq!(json_of(&b)["error"]["code"], "idempotency_key_reused");
+    let (s, _, b) = post_keyed(&t, Some(&customer), "/bookings", &missing, "one-write").await;
+    assert_eq!(json_of(&b)["error"]["code"], "idempotency_key_reused", "{s}");
+}
+
 #[tokio::test]
 async fn a_hold_whose_answer_was_lost_is_answered_from_the_booking_not_made_again() {
     let t = TestApp::spawn().await;
@@ -618,7 +691,7 @@ async fn a_hold_whose_answer_was_lost_is_answered_from_the_booking_not_made_agai
     let body = seat(&seats[0], &event);
     let (s1, _, b1) = post_keyed(&t, Some(&customer), "/bookings", &body, "lost-1").await;
     assert_eq!(s1, StatusCode::CREATED, "{}", String::from_utf8_lossy(&b1));
-    forget_the_answer(&t, "lost-1").await;
+    lose_the_answer_after_marking(&t, "lost-1", json_of(&b1)["id"].as_str().unwrap()).await;
 
     // While the dead attempt's lease lasts, the key is in use.
     let (s, _, b) = post_keyed(&t, Some(&customer), "/bookings", &body, "lost-1").await;

@@ -35,7 +35,9 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use allot_app::StoreError;
 use allot_app::audit::{AuditEvent, AuditScope};
-use allot_app::store::{HoldCommand, HoldRefused, IdempotencyBegin, IdempotencyKey, IdempotencyMark};
+use allot_app::store::{
+    HoldCommand, HoldKey, HoldRefused, IdempotencyBegin, IdempotencyKey, IdempotencyMark, KeyedHoldOutcome,
+};
 use allot_app::telemetry;
 use allot_core::booking::Booking;
 use futures::FutureExt;
@@ -293,7 +295,53 @@ struct HoldJob {
     command: HoldCommand,
     keys: Vec<String>,
     audit: Option<AuditScope>,
-    tx: oneshot::Sender<Result<Booking, HoldRefused>>,
+    waiter: HoldWaiter,
+}
+
+/// Who waits for a hold's answer, and how.
+enum HoldWaiter {
+    Plain(oneshot::Sender<Result<Booking, HoldRefused>>),
+    /// A hold under an idempotency key ([`Writer::hold_keyed`]): the batch takes its key with
+    /// the other begins, decides it only if the key was free, and stores its answer with the
+    /// other completions.
+    Keyed(Box<HoldKey>, oneshot::Sender<Result<KeyedHoldOutcome, StoreError>>),
+}
+
+impl HoldJob {
+    /// Whether nobody waits for the answer any more (the request was dropped).
+    fn abandoned(&self) -> bool {
+        match &self.waiter {
+            HoldWaiter::Plain(tx) => tx.is_closed(),
+            HoldWaiter::Keyed(_, tx) => tx.is_closed(),
+        }
+    }
+
+    fn keyed(&self) -> bool {
+        matches!(self.waiter, HoldWaiter::Keyed(..))
+    }
+
+    /// The begin of a keyed hold's key.
+    fn key_begin(&self) -> Option<KeyBegin> {
+        let HoldWaiter::Keyed(key, _) = &self.waiter else { return None };
+        Some(KeyBegin { key: key.key.clone(), now: key.now, lock_seconds: key.lock_seconds })
+    }
+
+    fn fail(self, error: StoreError) {
+        self.waiter.fail(error);
+    }
+}
+
+impl HoldWaiter {
+    fn fail(self, error: StoreError) {
+        match self {
+            HoldWaiter::Plain(tx) => {
+                let _ = tx.send(Err(HoldRefused::Store(error)));
+            }
+            HoldWaiter::Keyed(_, tx) => {
+                let _ = tx.send(Err(error));
+            }
+        }
+    }
 }
 
 /// A key's begin or completion waiting for its batch, which runs all of them together.
@@ -322,9 +370,7 @@ impl<B: Backend> Queued<B> {
     fn fail(self, error: StoreError) {
         match self {
             Queued::Job(job) => job.fail(error),
-            Queued::Hold(hold) => {
-                let _ = hold.tx.send(Err(HoldRefused::Store(error)));
-            }
+            Queued::Hold(hold) => hold.fail(error),
             Queued::Begin(begin) => {
                 let _ = begin.tx.send(Err(error));
             }
@@ -570,8 +616,25 @@ impl<B: Backend> Writer<B> {
     pub async fn hold(&self, keys: Vec<String>, command: HoldCommand) -> Result<Booking, HoldRefused> {
         let (tx, rx) = oneshot::channel();
         let audit = allot_app::audit::current();
-        self.enqueue(Queued::Hold(Box::new(HoldJob { command, keys, audit, tx }))).map_err(HoldRefused::Store)?;
+        let waiter = HoldWaiter::Plain(tx);
+        self.enqueue(Queued::Hold(Box::new(HoldJob { command, keys, audit, waiter }))).map_err(HoldRefused::Store)?;
         rx.await.unwrap_or(Err(HoldRefused::Store(StoreError::Closed)))
+    }
+
+    /// [`Writer::hold`] under an idempotency key, taken, decided on and answered in one batch
+    /// ([`HoldKey`]). Once its key is taken the hold is made even if its caller stops waiting:
+    /// its answer is stored, and a retry is answered with it.
+    pub async fn hold_keyed(
+        &self,
+        keys: Vec<String>,
+        command: HoldCommand,
+        key: HoldKey,
+    ) -> Result<KeyedHoldOutcome, StoreError> {
+        let (tx, rx) = oneshot::channel();
+        let audit = allot_app::audit::current();
+        let waiter = HoldWaiter::Keyed(Box::new(key), tx);
+        self.enqueue(Queued::Hold(Box::new(HoldJob { command, keys, audit, waiter })))?;
+        rx.await.map_err(|_| StoreError::Closed)?
     }
 
     /// Queues attempt `begin.key`'s ask for its key and returns the answer once its batch is
@@ -746,6 +809,8 @@ async fn apply_batch<B: Backend>(
     for entry in batch.drain(..) {
         match entry {
             Queued::Job(job) => jobs.push(job),
+            // A hold whose caller left is not made, nor its key taken.
+            Queued::Hold(hold) if hold.abandoned() => {}
             Queued::Hold(hold) => holds.push(*hold),
             Queued::Begin(begin) => begins.push(*begin),
             Queued::Complete(completion) => completions.push(*completion),
@@ -757,18 +822,19 @@ async fn apply_batch<B: Backend>(
     ctx.savepoint_open = false;
     ctx.audit.clear();
     ctx.marks.clear();
-    let mut aborted = !begins.is_empty() && run_begins(backend, ctx, std::mem::take(&mut begins), &mut replies).await;
+    let mut aborted = run_begins(backend, ctx, std::mem::take(&mut begins), &mut holds, &mut replies).await;
     if !aborted {
         aborted = run_jobs(backend, ctx, jobs.by_ref().take(jobs_before_holds), &mut replies).await;
     }
+    let mut answered = Vec::new();
     if !aborted && !holds.is_empty() {
-        aborted = run_holds(backend, ctx, std::mem::take(&mut holds), &mut replies).await;
+        aborted = run_holds(backend, ctx, std::mem::take(&mut holds), &mut answered, &mut replies).await;
     }
     if !aborted {
         aborted = run_jobs(backend, ctx, jobs.by_ref(), &mut replies).await;
     }
-    if !aborted && !completions.is_empty() {
-        aborted = run_completions(backend, ctx, std::mem::take(&mut completions), &mut replies).await;
+    if !aborted && (!completions.is_empty() || !answered.is_empty()) {
+        aborted = run_completions(backend, ctx, std::mem::take(&mut completions), answered, &mut replies).await;
     }
     let commit = if aborted { Err(write_aborted()) } else { finish(backend, ctx, &keys).await };
     if commit.is_err() {
@@ -836,15 +902,19 @@ async fn run_jobs<B: Backend>(
     false
 }
 
-/// Decides and writes the batch's holds in one pass; true when the batch must be rolled back.
+/// Decides and writes the batch's holds in one pass, and adds the answers of the keyed ones to
+/// `answered`, to store with the batch's completions; true when the batch must be rolled back.
+/// A keyed hold is made even if its caller left since its key was taken (a retry is answered
+/// with it); another is not.
 async fn run_holds<B: Backend>(
     backend: &B,
     ctx: &mut WriteCtx<B::Conn>,
     holds: Vec<HoldJob>,
+    answered: &mut Vec<KeyCompletion>,
     replies: &mut Vec<Reply>,
 ) -> bool {
     let (commands, waiting): (Vec<_>, Vec<_>) =
-        holds.into_iter().filter(|h| !h.tx.is_closed()).map(|h| (h.command, (h.audit, h.tx))).unzip();
+        holds.into_iter().filter(|h| h.keyed() || !h.abandoned()).map(|h| (h.command, (h.audit, h.waiter))).unzip();
     let count = commands.len();
     if count == 0 {
         return false;
@@ -861,8 +931,8 @@ async fn run_holds<B: Backend>(
     let failure = match decided {
         Ok(Ok(results)) => {
             assert_eq!(results.len(), count, "one result per hold");
-            for ((audit, tx), result) in waiting.into_iter().zip(results) {
-                replies.push(hold_reply(ctx, audit, tx, result));
+            for ((audit, waiter), result) in waiting.into_iter().zip(results) {
+                replies.push(hold_reply(ctx, audit, waiter, result, answered));
             }
             return false;
         }
@@ -870,34 +940,87 @@ async fn run_holds<B: Backend>(
         Err(_) => write_aborted(),
     };
     tracing::error!(error = %failure, "the batch's holds failed; rolling back its batch");
-    for (_, tx) in waiting {
-        let _ = tx.send(Err(HoldRefused::Store(failure.clone())));
+    for (_, waiter) in waiting {
+        waiter.fail(failure.clone());
     }
     true
 }
 
-/// Takes or reads the batch's keys, before anything else runs; true when the batch must be
-/// rolled back. An attempt that no longer waits is still begun: its answer is only known once
-/// the batch commits, and a key taken for nobody lapses with its lease.
+/// Takes or reads the batch's keys, before anything else runs: those of `begins` and of its
+/// keyed `holds`. A keyed hold whose key was not free leaves `holds`, answered with what was
+/// found instead; true when the batch must be rolled back. An attempt that no longer waits is
+/// still begun: its answer is only known once the batch commits, and a key taken for nobody
+/// lapses with its lease.
 async fn run_begins<B: Backend>(
     backend: &B,
     ctx: &mut WriteCtx<B::Conn>,
     begins: Vec<KeyJob<KeyBegin, IdempotencyBegin>>,
+    holds: &mut Vec<HoldJob>,
     replies: &mut Vec<Reply>,
 ) -> bool {
-    run_key_jobs::<B, _, _>(begins, replies, "begins", async |requests| backend.begin_keys(ctx, requests).await).await
+    let held: Vec<KeyBegin> = holds.iter().filter_map(HoldJob::key_begin).collect();
+    if begins.is_empty() && held.is_empty() {
+        return false;
+    }
+    let mut for_holds = Vec::new();
+    let aborted = run_key_jobs::<B, _, _>(begins, replies, "begins", async |mut requests| {
+        let plain = requests.len();
+        requests.extend(held);
+        let mut answers = backend.begin_keys(ctx, requests).await?;
+        for_holds = answers.split_off(plain.min(answers.len()));
+        Ok(answers)
+    })
+    .await;
+    if aborted {
+        return true;
+    }
+    let mut found = for_holds.into_iter();
+    *holds = std::mem::take(holds)
+        .into_iter()
+        .filter_map(|hold| {
+            if !hold.keyed() {
+                return Some(hold);
+            }
+            match found.next().expect("one answer per keyed hold") {
+                Ok(IdempotencyBegin::Started) => Some(hold),
+                begun => {
+                    replies.push(not_run_reply(hold.audit, hold.waiter, begun));
+                    None
+                }
+            }
+        })
+        .collect();
+    assert!(found.next().is_none(), "one answer per keyed hold");
+    false
 }
 
-/// Stores the batch's answers, after its other requests; true when the batch must be rolled
+/// The answer to a keyed hold whose key was not free, sent once the batch's outcome is known:
+/// the hold did not run, so its request records no event of its own (a replay is the attempt
+/// that ran; a refusal of the key is recorded by the idempotency layer).
+fn not_run_reply(audit: Option<AuditScope>, waiter: HoldWaiter, begun: Result<IdempotencyBegin, StoreError>) -> Reply {
+    let HoldWaiter::Keyed(_, tx) = waiter else { unreachable!("only a keyed hold has a key to begin") };
+    Box::new(move |commit: Result<(), StoreError>| {
+        let outcome = commit.and(begun).map(KeyedHoldOutcome::NotRun);
+        if let (Ok(_), Some(scope)) = (&outcome, audit) {
+            scope.discard();
+        }
+        let _ = tx.send(outcome);
+    })
+}
+
+/// Stores the batch's answers, after its other requests: those of `completions` and of its
+/// keyed holds (`answered`, which nobody waits for apart); true when the batch must be rolled
 /// back.
 async fn run_completions<B: Backend>(
     backend: &B,
     ctx: &mut WriteCtx<B::Conn>,
     completions: Vec<KeyJob<KeyCompletion, ()>>,
+    answered: Vec<KeyCompletion>,
     replies: &mut Vec<Reply>,
 ) -> bool {
-    run_key_jobs::<B, _, _>(completions, replies, "answers", async |requests| {
+    run_key_jobs::<B, _, _>(completions, replies, "answers", async |mut requests| {
         let stored = vec![Ok(()); requests.len()];
+        requests.extend(answered);
         release_savepoint(backend, ctx).await?;
         backend.complete_keys(&mut ctx.conn, requests).await.map(|()| stored)
     })
@@ -947,16 +1070,16 @@ async fn release_savepoint<B: Backend>(backend: &B, ctx: &mut WriteCtx<B::Conn>)
 
 /// The answer to one decided hold, sent once the batch's outcome is known. Its audit event
 /// joins the batch's: a kept hold's, and a refused one's as a failed attempt (so a 409 is not
-/// held back by a second transaction for its event).
+/// held back by a second transaction for its event). A keyed hold's rendered answer joins
+/// `answered`, stored in the same transaction.
 fn hold_reply<C>(
     ctx: &mut WriteCtx<C>,
     audit: Option<AuditScope>,
-    tx: oneshot::Sender<Result<Booking, HoldRefused>>,
+    waiter: HoldWaiter,
     result: Result<Booking, HoldRefused>,
+    answered: &mut Vec<KeyCompletion>,
 ) -> Reply {
-    // A store failure's outcome is not known yet: the request records it once it is.
-    let decided = result.as_ref().err().is_none_or(|refused| refused.audit_reason().is_some());
-    let claimed = audit.filter(|_| decided);
+    let claimed = audit.filter(|_| result.as_ref().err().is_none_or(|refused| refused.audit_reason().is_some()));
     match (&claimed, &result) {
         (Some(scope), Ok(booking)) => ctx.claim(scope, booking.created_at),
         (Some(scope), Err(refused)) => {
@@ -965,16 +1088,40 @@ fn hold_reply<C>(
         }
         (None, _) => {}
     }
-    Box::new(move |commit: Result<(), StoreError>| {
+    let settle = move |commit: &Result<(), StoreError>| {
         if let Some(scope) = claimed {
             scope.settle(commit.is_ok());
         }
-        let answer = match (result, commit) {
-            (Ok(_), Err(e)) => Err(HoldRefused::Store(e)),
-            (result, _) => result,
-        };
-        let _ = tx.send(answer);
-    })
+    };
+    match waiter {
+        HoldWaiter::Plain(tx) => Box::new(move |commit: Result<(), StoreError>| {
+            settle(&commit);
+            let answer = match (result, commit) {
+                (Ok(_), Err(e)) => Err(HoldRefused::Store(e)),
+                (result, _) => result,
+            };
+            let _ = tx.send(answer);
+        }),
+        HoldWaiter::Keyed(key, tx) => {
+            let HoldKey { key, answer, .. } = *key;
+            let answer = answer(result.as_ref());
+            // A decided hold is kept or refused, never a server error (a store failure fails
+            // the batch), and a server error is never stored: its key lapses with its lease.
+            debug_assert!(answer.status < 500, "a decided hold answered {}", answer.status);
+            if answer.status < 500 {
+                answered.push(KeyCompletion { key, status: answer.status, body: answer.body.clone() });
+            } else {
+                tracing::error!(
+                    status = answer.status,
+                    "a decided hold rendered a server error; its answer is not stored"
+                );
+            }
+            Box::new(move |commit: Result<(), StoreError>| {
+                settle(&commit);
+                let _ = tx.send(commit.map(|()| KeyedHoldOutcome::Ran { result, answer }));
+            })
+        }
+    }
 }
 
 /// Stamps the batch clock on its resources, appends its audit events and commits.

@@ -267,6 +267,8 @@ conformance! {
     idempotency::a_refused_failed_or_unkeyed_attempt_marks_nothing,
     idempotency::an_attempt_whose_key_was_taken_over_commits_nothing,
     idempotency::keys_begun_and_answered_together_come_out_as_one_by_one,
+    idempotency::a_keyed_hold_takes_its_key_and_stores_its_answer_with_it,
+    idempotency::a_keyed_hold_sent_many_times_at_once_is_made_once,
     model::random_operations_agree_with_reference_model,
 }
 

@@ -9,15 +9,17 @@ use allot_core::FieldErrors;
 use allot_core::booking::BookingStatus;
 use allot_core::inventory::ItemRequest;
 use allot_core::time_model::ClaimRequest;
+use axum::Extension;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
-use axum::response::IntoResponse;
+use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use utoipa::IntoParams;
 
 use crate::dto::{BookingView, CancelBody, ConfirmBody, HoldBody, HoldItemBody, PageView, booking_json, page_json};
 use crate::error::{ApiError, ApiResult};
 use crate::extract::{Auth, Json, PageQuery, Query, path_id};
+use crate::idempotency::{self, HoldUnderKey};
 use crate::openapi::{
     BadRequest, Conflict, Forbidden, Gone, NotFound, PaymentDeclined, ProviderUnavailable, Unauthenticated,
     Unprocessable,
@@ -80,16 +82,22 @@ fn item_request(i: usize, item: &HoldItemBody, errors: &mut FieldErrors) -> Opti
 pub async fn hold(
     State(app): State<Arc<App>>,
     Auth(principal): Auth,
+    keyed: Option<Extension<HoldUnderKey>>,
     Json(body): Json<HoldBody>,
-) -> ApiResult<impl IntoResponse> {
+) -> ApiResult<Response> {
     let mut errors = FieldErrors::new();
     let items: Vec<ItemRequest> =
         body.items.iter().enumerate().filter_map(|(i, item)| item_request(i, item, &mut errors)).collect();
     if !errors.is_empty() {
         return Err(ApiError::invalid(errors));
     }
-    let booking = app.hold(&principal, HoldRequest { items, coupon_code: body.coupon_code }).await?;
-    Ok((StatusCode::CREATED, axum::Json(booking_json(&booking))))
+    let request = HoldRequest { items, coupon_code: body.coupon_code };
+    if let Some(Extension(HoldUnderKey(key))) = keyed {
+        let outcome = app.hold_keyed(&principal, request, key, idempotency::render_hold).await?;
+        return Ok(idempotency::keyed_hold_response(outcome));
+    }
+    let booking = app.hold(&principal, request).await?;
+    Ok((StatusCode::CREATED, axum::Json(booking_json(&booking))).into_response())
 }
 
 #[derive(Debug, Deserialize, IntoParams)]

@@ -177,6 +177,10 @@ impl Store for FaultyStore {
         self.inner.hold(command).await
     }
 
+    async fn hold_keyed(&self, command: HoldCommand, key: HoldKey) -> Result<KeyedHoldOutcome, StoreError> {
+        self.inner.hold_keyed(command, key).await
+    }
+
     async fn update_booking(&self, id: BookingId, now: Timestamp, decide: Decide) -> Result<Booking, UpdateRefused> {
         self.inner.update_booking(id, now, decide).await
     }

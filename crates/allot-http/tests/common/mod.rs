@@ -63,6 +63,16 @@ impl TestStore {
     }
 }
 
+impl TestStore {
+    /// The writer's (transactions, requests) since the store opened.
+    pub fn write_stats(&self) -> (u64, u64) {
+        match self {
+            TestStore::Sqlite(s) => s.write_stats(),
+            TestStore::Postgres(s) => s.write_stats(),
+        }
+    }
+}
+
 impl std::ops::Deref for TestStore {
     type Target = dyn Store;
     fn deref(&self) -> &Self::Target {

@@ -17,8 +17,8 @@ use allot_app::StoreError;
 use allot_app::access::{ApiKey, RoleGrant, RoleRevoke};
 use allot_app::audit::{AuditEvent, AuditFilter, AuditPage};
 use allot_app::store::{
-    BookingFilter, Decide, HoldCommand, HoldRefused, IdempotencyBegin, IdempotencyKey, IdempotencyMark, Page,
-    PageRequest, RefreshToken, RotateOutcome, SeatStates, Store, UpdateRefused, User,
+    BookingFilter, Decide, HoldCommand, HoldKey, HoldRefused, IdempotencyBegin, IdempotencyKey, IdempotencyMark,
+    KeyedHoldOutcome, Page, PageRequest, RefreshToken, RotateOutcome, SeatStates, Store, UpdateRefused, User,
 };
 use allot_core::booking::Booking;
 use allot_core::capacity::{Claim, Span};
@@ -1525,6 +1525,12 @@ impl Store for PgStore {
         assert_eq!(command.booking.items.len(), command.claims.len(), "one claim per item");
         let keys = resource_keys(command.booking.items.iter().map(|i| i.resource_id));
         self.writer.hold(keys, command).await
+    }
+
+    async fn hold_keyed(&self, command: HoldCommand, key: HoldKey) -> Result<KeyedHoldOutcome, StoreError> {
+        assert_eq!(command.booking.items.len(), command.claims.len(), "one claim per item");
+        let keys = resource_keys(command.booking.items.iter().map(|i| i.resource_id));
+        self.writer.hold_keyed(keys, command, key).await
     }
 
     async fn update_booking(&self, id: BookingId, now: Timestamp, decide: Decide) -> Result<Booking, UpdateRefused> {

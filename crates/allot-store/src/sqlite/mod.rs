@@ -13,8 +13,8 @@ use allot_app::StoreError;
 use allot_app::access::{ApiKey, RoleGrant, RoleRevoke};
 use allot_app::audit::{AuditEvent, AuditFilter, AuditPage};
 use allot_app::store::{
-    BookingFilter, Decide, HoldCommand, HoldRefused, IdempotencyBegin, IdempotencyKey, Page, PageRequest, RefreshToken,
-    RotateOutcome, SeatStates, SeatVersion, Store, UpdateRefused, User,
+    BookingFilter, Decide, HoldCommand, HoldKey, HoldRefused, IdempotencyBegin, IdempotencyKey, KeyedHoldOutcome, Page,
+    PageRequest, RefreshToken, RotateOutcome, SeatStates, SeatVersion, Store, UpdateRefused, User,
 };
 use allot_core::booking::{Booking, BookingStatus};
 use allot_core::capacity::{Claim, Span};
@@ -568,6 +568,16 @@ impl Store for SqliteStore {
     async fn hold(&self, command: HoldCommand) -> Result<Booking, HoldRefused> {
         assert_eq!(command.booking.items.len(), command.claims.len(), "one claim per item");
         self.writer.hold(Vec::new(), command).await.map(|b| self.bumped(b))
+    }
+
+    async fn hold_keyed(&self, command: HoldCommand, key: HoldKey) -> Result<KeyedHoldOutcome, StoreError> {
+        assert_eq!(command.booking.items.len(), command.claims.len(), "one claim per item");
+        Ok(match self.writer.hold_keyed(Vec::new(), command, key).await? {
+            KeyedHoldOutcome::Ran { result, answer } => {
+                KeyedHoldOutcome::Ran { result: result.map(|b| self.bumped(b)), answer }
+            }
+            not_run @ KeyedHoldOutcome::NotRun(_) => not_run,
+        })
     }
 
     async fn update_booking(&self, id: BookingId, now: Timestamp, decide: Decide) -> Result<Booking, UpdateRefused> {

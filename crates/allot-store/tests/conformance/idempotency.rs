@@ -3,8 +3,10 @@
 
 use allot_app::StoreError;
 use allot_app::audit::{self, AuditEvent, AuditScope};
-use allot_app::store::{HoldRefused, IdempotencyBegin, IdempotencyKey, Role};
+use allot_app::store::{HoldKey, HoldRefused, IdempotencyBegin, IdempotencyKey, KeyedHoldOutcome, Role, StoredAnswer};
+use allot_core::booking::Booking;
 use futures::future::join_all;
+use jiff::Timestamp;
 
 use crate::{Backend, HOUR, World, at, span, user};
 
@@ -329,4 +331,77 @@ pub async fn keys_begun_and_answered_together_come_out_as_one_by_one(b: &Backend
         let replay = s.idempotency_begin(&attempt("user:1", &k.key, "h1", "retry"), at(2), 30).await.unwrap();
         assert_eq!(replay, completed("h1", 201, body));
     }
+}
+
+/// The answer a keyed hold stores in these tests: 201 and the booking's id, or 409.
+fn answer_of(decided: Result<&Booking, &HoldRefused>) -> StoredAnswer {
+    match decided {
+        Ok(booking) => StoredAnswer { status: 201, body: booking.id.to_string().into_bytes() },
+        Err(refused) => StoredAnswer { status: 409, body: format!("{refused:?}").into_bytes() },
+    }
+}
+
+fn hold_key(key: &IdempotencyKey, now: Timestamp) -> HoldKey {
+    HoldKey { key: key.clone(), now, lock_seconds: 30, answer: Box::new(answer_of) }
+}
+
+pub async fn a_keyed_hold_takes_its_key_and_stores_its_answer_with_it(b: &Backend) {
+    let w = World::new(b).await;
+    let r = w.resource(1).await;
+    let want = [(r.id, span(0, HOUR), 1)];
+    let principal = w.customer.to_string();
+    let first = attempt(&principal, "hold-1", "h1", "a1");
+    let ran = w.store.hold_keyed(w.command(&want, at(0), 600), hold_key(&first, at(0))).await.unwrap();
+    let KeyedHoldOutcome::Ran { result: Ok(booking), answer } = ran else { panic!("{ran:?}") };
+    assert_eq!(answer, answer_of(Ok(&booking)));
+    // Its answer is the key's, with the hold: a retry is a replay, never a second hold.
+    let retry = attempt(&principal, "hold-1", "h1", "a2");
+    assert_eq!(w.store.idempotency_begin(&retry, at(1), 30).await.unwrap(), completed("h1", 201, &answer.body));
+    let again = w.store.hold_keyed(w.command(&want, at(1), 600), hold_key(&retry, at(1))).await.unwrap();
+    assert!(matches!(&again, KeyedHoldOutcome::NotRun(found) if *found == completed("h1", 201, &answer.body)));
+    assert_eq!(w.claimed(r.id, at(1)).await, 1);
+
+    // A refusal is stored as the key's answer too.
+    let rival = attempt(&principal, "hold-2", "h2", "b1");
+    let ran = w.store.hold_keyed(w.command(&want, at(2), 600), hold_key(&rival, at(2))).await.unwrap();
+    let KeyedHoldOutcome::Ran { result: Err(HoldRefused::Unavailable { .. }), answer } = ran else { panic!("{ran:?}") };
+    assert_eq!(answer.status, 409);
+    let replay = w.store.idempotency_begin(&attempt(&principal, "hold-2", "h2", "b2"), at(3), 30).await.unwrap();
+    assert_eq!(replay, completed("h2", 409, &answer.body));
+
+    // A key another attempt holds: nothing is held, nothing stored.
+    let other = w.resource(1).await;
+    let running = attempt(&principal, "hold-3", "h3", "c1");
+    assert_eq!(w.store.idempotency_begin(&running, at(4), 30).await.unwrap(), IdempotencyBegin::Started);
+    let late = attempt(&principal, "hold-3", "h3", "c2");
+    let other_want = [(other.id, span(0, HOUR), 1)];
+    let refused = w.store.hold_keyed(w.command(&other_want, at(5), 600), hold_key(&late, at(5))).await.unwrap();
+    assert!(matches!(refused, KeyedHoldOutcome::NotRun(IdempotencyBegin::InProgress)), "{refused:?}");
+    assert_eq!(w.claimed(other.id, at(5)).await, 0);
+}
+
+pub async fn a_keyed_hold_sent_many_times_at_once_is_made_once(b: &Backend) {
+    let w = World::new(b).await;
+    let r = w.resource(100).await;
+    let want = [(r.id, span(0, HOUR), 1)];
+    let principal = w.customer.to_string();
+    let attempts: Vec<IdempotencyKey> = (0..16).map(|i| attempt(&principal, "burst", "h1", &format!("a{i}"))).collect();
+    let outcomes =
+        join_all(attempts.iter().map(|k| w.store.hold_keyed(w.command(&want, at(0), 600), hold_key(k, at(0))))).await;
+    let ran: Vec<&StoredAnswer> = outcomes
+        .iter()
+        .filter_map(|o| match o {
+            Ok(KeyedHoldOutcome::Ran { result: Ok(_), answer }) => Some(answer),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(ran.len(), 1, "{outcomes:?}");
+    for outcome in &outcomes {
+        match outcome {
+            Ok(KeyedHoldOutcome::Ran { .. } | KeyedHoldOutcome::NotRun(IdempotencyBegin::InProgress)) => {}
+            Ok(KeyedHoldOutcome::NotRun(found)) => assert_eq!(*found, completed("h1", 201, &ran[0].body)),
+            Err(e) => panic!("{e:?}"),
+        }
+    }
+    assert_eq!(w.claimed(r.id, at(0)).await, 1, "held once");
 }
