@@ -361,9 +361,10 @@ pub trait Store: Send + Sync + 'static {
     // Bookings.
     async fn hold(&self, command: HoldCommand) -> Result<Booking, HoldRefused>;
     /// [`Store::hold`] under an idempotency key, taken and answered in the hold's transaction
-    /// ([`HoldKey`]). `Err` when that transaction failed: then nothing of it was kept, the key
-    /// included. The hold is made even if the caller stops waiting once its key is taken: a
-    /// retry is answered with it.
+    /// ([`HoldKey`]). `Err` when that transaction failed (nothing of it kept, the key included)
+    /// or its outcome is unknown (a COMMIT whose answer was lost: the hold and its answer may
+    /// be kept): what the key holds afterwards tells. The hold is made even if the caller
+    /// stops waiting once its key is taken: a retry is answered with it.
     async fn hold_keyed(&self, command: HoldCommand, key: HoldKey) -> Result<KeyedHoldOutcome, StoreError>;
     async fn update_booking(&self, id: BookingId, now: Timestamp, decide: Decide) -> Result<Booking, UpdateRefused>;
     async fn booking(&self, id: BookingId) -> Result<Option<Booking>, StoreError>;

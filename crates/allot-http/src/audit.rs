@@ -6,7 +6,11 @@
 //! response is known, with the response's error code as the reason.
 //!
 //! A replayed idempotent response never reaches this layer: it is the same attempt, already
-//! recorded when it first ran.
+//! recorded when it first ran. A keyed hold does (its key is taken in its own write): its
+//! write records it, or the writer drops its event when its key was not free; when it never
+//! reached its write, its event is handed back on the response ([`DeferredAudit`]) for the
+//! idempotency layer, which records it only if the request was not a replay or a refusal of
+//! its key.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -26,6 +30,11 @@ use crate::extract::bearer;
 /// The stable error code of a response, left by [`crate::error::ApiError`] for this layer.
 #[derive(Debug, Clone, Copy)]
 pub struct ErrorCode(pub &'static str);
+
+/// The event of a keyed hold that never reached its write, left on its response for the
+/// idempotency layer to record, or not ([`crate::idempotency`]).
+#[derive(Debug, Clone)]
+pub(crate) struct DeferredAudit(pub AuditEvent);
 
 /// Audit names of the state-changing routes, by method and route template.
 const ACTIONS: &[(&str, &str, &str)] = &[
@@ -89,7 +98,12 @@ pub async fn layer(State(app): State<Arc<App>>, request: Request, next: Next) ->
         Some(keyed) => AuditScope::new(event).with_idempotency_key(keyed.0.clone()),
         None => AuditScope::new(event),
     };
-    run_in(&app, scope, next.run(Request::from_parts(parts, body))).await
+    let deferred = parts.extensions.get::<crate::idempotency::HoldUnderKey>().is_some();
+    let mut response = run_in(&app, scope.clone(), next.run(Request::from_parts(parts, body)), deferred).await;
+    if deferred && let Some(event) = finish(&app, &scope, &response) {
+        response.extensions_mut().insert(DeferredAudit(event));
+    }
+    response
 }
 
 /// A keyed request answered by recovering what its lost attempt did, when that changes
@@ -105,21 +119,33 @@ pub(crate) async fn recovery(
         .unwrap_or_else(|| (action_of(&parts.method, parts.uri.path()), None));
     let (mut event, _) = draft(app, parts, action, target).await;
     event.details.insert("recovery".to_owned(), "answer_lost".to_owned());
-    run_in(app, AuditScope::new(event).with_idempotency_key(key), recover).await
+    run_in(app, AuditScope::new(event).with_idempotency_key(key), recover, false).await
 }
 
-/// Runs `request` inside `scope`, then records its event unless a write it made already did.
-async fn run_in(app: &Arc<App>, scope: AuditScope, request: impl Future<Output = Response>) -> Response {
+/// Runs `request` inside `scope`, then records its event unless a write it made already did,
+/// or, `deferred`, leaves that to the caller ([`DeferredAudit`]).
+async fn run_in(
+    app: &Arc<App>,
+    scope: AuditScope,
+    request: impl Future<Output = Response>,
+    deferred: bool,
+) -> Response {
     let mut unfinished = Unfinished { app: app.clone(), scope: Some(scope.clone()) };
     let response = scope.clone().run(request).await;
     unfinished.scope = None;
-    let status = response.status();
-    let code = response.extensions().get::<ErrorCode>().map(|c| c.0);
-    let succeeded = status.is_success() || status.is_redirection();
-    if let Some(event) = scope.finish(succeeded, code.or(Some("error")), app.clock.now()) {
+    if !deferred && let Some(event) = finish(app, &scope, &response) {
         append(app, event).await;
     }
     response
+}
+
+/// The event of `scope`'s request, answered `response`, still to append on its own (no write
+/// recorded it).
+fn finish(app: &App, scope: &AuditScope, response: &Response) -> Option<AuditEvent> {
+    let status = response.status();
+    let code = response.extensions().get::<ErrorCode>().map(|c| c.0);
+    let succeeded = status.is_success() || status.is_redirection();
+    scope.finish(succeeded, code.or(Some("error")), app.clock.now())
 }
 
 /// The event of a request, before its outcome: who, from where, which request, what, on what.
@@ -146,7 +172,7 @@ pub const APPEND_BACKOFF_MS: u64 = 100;
 /// Appends an event of an attempt that changed nothing. A full write queue or a busy database
 /// is retried with backoff; if the event still cannot be stored it is logged whole at error
 /// level, so that it is not lost without a trace.
-async fn append(app: &App, event: AuditEvent) {
+pub(crate) async fn append(app: &App, event: AuditEvent) {
     let mut attempt = 0;
     loop {
         attempt += 1;

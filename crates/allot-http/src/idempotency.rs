@@ -26,7 +26,8 @@ use crate::error::ApiError;
 use crate::extract::bearer;
 
 pub const HEADER: &str = "idempotency-key";
-/// The hold's path, run inline unless keyed ([`detached_if_writing`]).
+/// The hold's path: an unkeyed hold runs inline ([`detached_if_writing`]), a keyed one as one
+/// write ([`keyed_hold`]).
 const HOLD_PATH: &str = "/api/v1/bookings";
 /// Largest response body stored for replay.
 const RESPONSE_BYTES_MAX: usize = 4 * 1024 * 1024;
@@ -120,10 +121,32 @@ pub async fn keyed(app: Arc<App>, request: Request, next: Next, detached: TaskTr
 /// transaction (`App::hold_keyed`), not three. Its handler leaves on the response what became
 /// of the key: answered ([`KeyAnswered`]), or not free ([`KeyNotFree`]: answered here as an
 /// admission would have been). Neither when the hold never reached its write (invalid,
-/// forbidden, the store failing): the key is settled then as for any request ([`settle_after`]).
-/// Not detached: a hold whose request is dropped before its batch is not made nor its key
-/// taken, and one decided is kept with its answer.
+/// forbidden, its write failed): the key is settled then as if it had been taken first
+/// ([`settle_after`]). Detached like any keyed request: once its key is taken, the hold is
+/// made and its answer stored, and the request is recorded as what it did, whether or not
+/// the client still waits.
 async fn keyed_hold(
+    app: &Arc<App>,
+    id: IdempotencyKey,
+    parts: axum::http::request::Parts,
+    bytes: axum::body::Bytes,
+    next: Next,
+    detached: &TaskTracker,
+) -> Response {
+    let (task_app, task_id, task_detached) = (app.clone(), id.clone(), detached.clone());
+    let run = async move { held_under_key(&task_app, task_id, parts, bytes, next, &task_detached).await };
+    match run_detached(detached, run).await {
+        Ok(response) => response,
+        Err(e) => {
+            // Whatever it had begun is released; a key its hold answered stays answered.
+            let _ = app.idempotency_abandon(&id).await;
+            panicked(&e)
+        }
+    }
+}
+
+/// [`keyed_hold`]'s task.
+async fn held_under_key(
     app: &Arc<App>,
     id: IdempotencyKey,
     mut parts: axum::http::request::Parts,
@@ -148,36 +171,39 @@ async fn keyed_hold(
             Err(e) => refused(app, &kept, e).await,
         };
     }
-    if response.status().is_server_error() {
-        // Its write failed whole, the key with it: free for a retry.
-        return response;
-    }
-    let (task_app, task_detached) = (app.clone(), detached.clone());
-    let settle = async move { settle_after(&task_app, &id, &kept, response, &task_detached).await };
-    run_detached(detached, settle).await.unwrap_or_else(|e| panicked(&e))
+    settle_after(app, &id, &kept, response, detached).await
 }
 
-/// Settles key `id` for a request answered `response` without having taken it (a keyed hold
-/// refused before its write, which changed nothing): as if the key had been taken first. If it
-/// is free, `response` is stored as its answer; if not, the request is answered as an
-/// admission says (the stored answer, a recovery, or a refusal of the key).
+/// Settles key `id` for a keyed hold answered `response` without its write having taken the
+/// key (refused before it, or the write failed, which changed nothing or, its outcome unknown,
+/// committed with its answer), as if the key had been taken first: if it is free, `response`
+/// is stored as its answer (a 5xx releases it) and its audit event, which the audit layer
+/// left on it, recorded; if not, the request is answered as an admission says (the stored
+/// answer, a recovery, or a refusal of the key, recorded as such).
 async fn settle_after(
     app: &Arc<App>,
     id: &IdempotencyKey,
     parts: &axum::http::request::Parts,
-    response: Response,
+    mut response: Response,
     detached: &TaskTracker,
 ) -> Response {
+    let deferred = response.extensions_mut().remove::<crate::audit::DeferredAudit>();
     match app.idempotency_admit(id).await {
         Err(e) => refused(app, parts, ApiError::from(e)).await,
         Ok(Admission::Replay { status, body }) => replay(status, body),
         Ok(Admission::Recover { target }) => recover(app, id, parts, &target, detached).await,
-        Ok(Admission::Run) => run_and_store(app, id, response, false).await,
+        Ok(Admission::Run) => {
+            if let Some(crate::audit::DeferredAudit(event)) = deferred {
+                crate::audit::append(app, event).await;
+            }
+            run_and_store(app, id, response, false).await
+        }
     }
 }
 
-/// A keyed hold's request, for its handler: take the key in the hold's own transaction
-/// ([`keyed_hold`]).
+/// A keyed hold's request, for its handler (take the key in the hold's own transaction) and
+/// the audit layer (leave the event of a hold that never reached its write to
+/// [`settle_after`]): [`keyed_hold`].
 #[derive(Debug, Clone)]
 pub struct HoldUnderKey(pub IdempotencyKey);
 

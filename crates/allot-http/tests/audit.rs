@@ -287,6 +287,43 @@ async fn refusals_of_the_idempotency_layer_are_recorded() {
 }
 
 #[tokio::test]
+async fn a_keyed_hold_refused_before_its_write_is_recorded_once_as_its_key_says() {
+    let t = TestApp::spawn().await;
+    let admin = t.admin().await;
+    let venue = t.venue(&admin, "cinema").await;
+    let (seats, event) = t.seats_and_event(&admin, &venue, 1, 48).await;
+    let ann = t.customer("ann@test.allot").await;
+    let start = head(&t).await;
+    let post = |key: &str, body: &str| {
+        let request = t.client.post(t.url("/bookings")).bearer_auth(&ann).header("idempotency-key", key);
+        request.header("content-type", "application/json").body(body.to_owned()).send()
+    };
+    let hold = json!({"items": [{"resource_id": seats[0], "event_id": event}]}).to_string();
+    assert_eq!(post("k-1", &hold).await.unwrap().status(), StatusCode::CREATED);
+    // Invalid, under a key another request answered: refused as a reuse, and only that.
+    assert_eq!(post("k-1", r#"{"items": []}"#).await.unwrap().status(), StatusCode::UNPROCESSABLE_ENTITY);
+    // Invalid under a new key: recorded; its retry is a replay, not another attempt.
+    for _ in 0..2 {
+        assert_eq!(post("k-2", r#"{"items": []}"#).await.unwrap().status(), StatusCode::UNPROCESSABLE_ENTITY);
+    }
+    // Not even JSON: the same.
+    for _ in 0..2 {
+        assert_eq!(post("k-3", "{not json").await.unwrap().status(), StatusCode::BAD_REQUEST);
+    }
+    let events = events_after(&t, &admin, start).await;
+    assert_eq!(
+        summary(&events),
+        vec![
+            s("booking.hold", "success", None),
+            s("booking.hold", "failure", Some("idempotency_key_reused")),
+            s("booking.hold", "failure", Some("invalid_request")),
+            s("booking.hold", "failure", Some("invalid_request")),
+        ],
+        "each attempt once, as its answer says"
+    );
+}
+
+#[tokio::test]
 async fn behind_a_trusted_proxy_the_client_address_is_recorded() {
     let limits = allot_http::ratelimit::RateLimits {
         enabled: false,

@@ -803,3 +803,34 @@ async fn keyed_holds_sent_at_once_are_each_made_at_most_once_and_answered_as_sto
     assert_eq!(claims_on(&t, &seats[1]).await, 1);
     assert_eq!(t.store.count("bookings", "1 = 1").await.unwrap(), 2);
 }
+
+#[tokio::test]
+async fn a_keyed_hold_whose_client_hangs_up_is_made_answered_and_recorded_as_kept() {
+    let t = TestApp::spawn().await;
+    let manager = t.user_with_role("manager@test.allot", allot_app::store::Role::Manager).await;
+    let venue = t.venue(&manager, "cinema").await;
+    let (seats, event) = t.seats_and_event(&manager, &venue, 1, 48).await;
+    let gone = t.customer("keyed-gone@test.allot").await;
+    let body = json!({"items": [{"resource_id": seats[0], "event_id": event}]});
+    let lock = WriteLock::take(&t, &seats[0]).await;
+    let key = [("Idempotency-Key", "gone-1")];
+    t.post_and_hang_up(&gone, "/bookings", &body, &key, std::time::Duration::from_millis(1000)).await;
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    lock.release().await;
+    // The request goes on without its client: its answer is stored with the hold.
+    let mut stored = 0;
+    for _ in 0..100 {
+        stored = t.store.count("idempotency_keys", "key = 'gone-1' AND status = 201").await.unwrap();
+        if stored == 1 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert_eq!(stored, 1, "the hold's answer is stored");
+    assert_eq!(t.store.count("bookings", "1 = 1").await.unwrap(), 1);
+    let (retry, replayed, answer) = keyed_hold(&t, &gone, &seats[0], &event, "gone-1").await;
+    assert_eq!((retry, replayed), (StatusCode::CREATED, true), "{}", String::from_utf8_lossy(&answer));
+    let events = t.store.count("audit_events", "action = 'booking.hold'").await.unwrap();
+    let failed = t.store.count("audit_events", "action = 'booking.hold' AND outcome = 'failure'").await.unwrap();
+    assert_eq!((events, failed), (1, 0), "recorded as the hold it made, once");
+}

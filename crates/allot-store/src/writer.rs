@@ -37,6 +37,7 @@ use allot_app::StoreError;
 use allot_app::audit::{AuditEvent, AuditScope};
 use allot_app::store::{
     HoldCommand, HoldKey, HoldRefused, IdempotencyBegin, IdempotencyKey, IdempotencyMark, KeyedHoldOutcome,
+    StoredAnswer,
 };
 use allot_app::telemetry;
 use allot_core::booking::Booking;
@@ -304,7 +305,7 @@ enum HoldWaiter {
     /// A hold under an idempotency key ([`Writer::hold_keyed`]): the batch takes its key with
     /// the other begins, decides it only if the key was free, and stores its answer with the
     /// other completions.
-    Keyed(Box<HoldKey>, oneshot::Sender<Result<KeyedHoldOutcome, StoreError>>),
+    Keyed(Box<HoldKey>, KeyedTx),
 }
 
 impl HoldJob {
@@ -931,10 +932,19 @@ async fn run_holds<B: Backend>(
     let failure = match decided {
         Ok(Ok(results)) => {
             assert_eq!(results.len(), count, "one result per hold");
+            let mut unanswerable = false;
             for ((audit, waiter), result) in waiting.into_iter().zip(results) {
-                replies.push(hold_reply(ctx, audit, waiter, result, answered));
+                match hold_reply(ctx, audit, waiter, result, answered) {
+                    Ok(reply) => replies.push(reply),
+                    Err(tx) => {
+                        unanswerable = true;
+                        let _ = tx.send(Err(write_aborted()));
+                    }
+                }
             }
-            return false;
+            // A keyed hold kept without its answer would be made again by a retry once its
+            // key's lease lapsed: the batch is rolled back instead.
+            return unanswerable;
         }
         Ok(Err(e)) => B::error(e),
         Err(_) => write_aborted(),
@@ -948,9 +958,10 @@ async fn run_holds<B: Backend>(
 
 /// Takes or reads the batch's keys, before anything else runs: those of `begins` and of its
 /// keyed `holds`. A keyed hold whose key was not free leaves `holds`, answered with what was
-/// found instead; true when the batch must be rolled back. An attempt that no longer waits is
-/// still begun: its answer is only known once the batch commits, and a key taken for nobody
-/// lapses with its lease.
+/// found instead; true when the batch must be rolled back. A begun attempt that no longer
+/// waits is still begun (its answer is only known once the batch commits, and a key taken
+/// for nobody lapses with its lease); a keyed hold whose caller left before its batch began
+/// is neither begun nor made (`apply_batch`).
 async fn run_begins<B: Backend>(
     backend: &B,
     ctx: &mut WriteCtx<B::Conn>,
@@ -1071,14 +1082,25 @@ async fn release_savepoint<B: Backend>(backend: &B, ctx: &mut WriteCtx<B::Conn>)
 /// The answer to one decided hold, sent once the batch's outcome is known. Its audit event
 /// joins the batch's: a kept hold's, and a refused one's as a failed attempt (so a 409 is not
 /// held back by a second transaction for its event). A keyed hold's rendered answer joins
-/// `answered`, stored in the same transaction.
+/// `answered`, stored in the same transaction; `Err` (its waiter) when it has none to store
+/// ([`render`]): the batch must then be rolled back.
 fn hold_reply<C>(
     ctx: &mut WriteCtx<C>,
     audit: Option<AuditScope>,
     waiter: HoldWaiter,
     result: Result<Booking, HoldRefused>,
     answered: &mut Vec<KeyCompletion>,
-) -> Reply {
+) -> Result<Reply, KeyedTx> {
+    let keyed = match waiter {
+        HoldWaiter::Plain(tx) => Err(tx),
+        HoldWaiter::Keyed(key, tx) => match render(*key, &result) {
+            Some((completion, answer)) => {
+                answered.push(completion);
+                Ok((answer, tx))
+            }
+            None => return Err(tx),
+        },
+    };
     let claimed = audit.filter(|_| result.as_ref().err().is_none_or(|refused| refused.audit_reason().is_some()));
     match (&claimed, &result) {
         (Some(scope), Ok(booking)) => ctx.claim(scope, booking.created_at),
@@ -1093,8 +1115,8 @@ fn hold_reply<C>(
             scope.settle(commit.is_ok());
         }
     };
-    match waiter {
-        HoldWaiter::Plain(tx) => Box::new(move |commit: Result<(), StoreError>| {
+    Ok(match keyed {
+        Err(tx) => Box::new(move |commit: Result<(), StoreError>| {
             settle(&commit);
             let answer = match (result, commit) {
                 (Ok(_), Err(e)) => Err(HoldRefused::Store(e)),
@@ -1102,24 +1124,32 @@ fn hold_reply<C>(
             };
             let _ = tx.send(answer);
         }),
-        HoldWaiter::Keyed(key, tx) => {
-            let HoldKey { key, answer, .. } = *key;
-            let answer = answer(result.as_ref());
-            // A decided hold is kept or refused, never a server error (a store failure fails
-            // the batch), and a server error is never stored: its key lapses with its lease.
-            debug_assert!(answer.status < 500, "a decided hold answered {}", answer.status);
-            if answer.status < 500 {
-                answered.push(KeyCompletion { key, status: answer.status, body: answer.body.clone() });
-            } else {
-                tracing::error!(
-                    status = answer.status,
-                    "a decided hold rendered a server error; its answer is not stored"
-                );
-            }
-            Box::new(move |commit: Result<(), StoreError>| {
-                settle(&commit);
-                let _ = tx.send(commit.map(|()| KeyedHoldOutcome::Ran { result, answer }));
-            })
+        Ok((answer, tx)) => Box::new(move |commit: Result<(), StoreError>| {
+            settle(&commit);
+            let _ = tx.send(commit.map(|()| KeyedHoldOutcome::Ran { result, answer }));
+        }),
+    })
+}
+
+/// Where a keyed hold's outcome goes.
+type KeyedTx = oneshot::Sender<Result<KeyedHoldOutcome, StoreError>>;
+
+/// A keyed hold's answer to `result`, rendered by its request's [`HoldKey::answer`], and its
+/// completion; `None` when there is none to store: the rendering panicked or made a server
+/// error, which is never stored (none is expected of a decided hold, kept or refused).
+fn render(key: HoldKey, result: &Result<Booking, HoldRefused>) -> Option<(KeyCompletion, StoredAnswer)> {
+    let HoldKey { key, answer, .. } = key;
+    match std::panic::catch_unwind(AssertUnwindSafe(|| answer(result.as_ref()))) {
+        Ok(answer) if answer.status < 500 => {
+            Some((KeyCompletion { key, status: answer.status, body: answer.body.clone() }, answer))
+        }
+        Ok(answer) => {
+            tracing::error!(status = answer.status, "a decided hold rendered a server error; rolling back its batch");
+            None
+        }
+        Err(_) => {
+            tracing::error!("rendering a decided hold's answer panicked; rolling back its batch");
+            None
         }
     }
 }
