@@ -40,6 +40,7 @@ impl From<StoreError> for AppError {
                 AppError::Conflict(format!("the {what} was changed by another request meanwhile; try again"))
             }
             StoreError::NotFound(what) => AppError::NotFound(what),
+            StoreError::Forbidden(why) => AppError::Forbidden(why),
             StoreError::Overloaded | StoreError::Busy(_) => AppError::Overloaded,
             other => AppError::Internal(other.to_string()),
         }
@@ -57,6 +58,9 @@ pub enum StoreError {
     Changed(&'static str),
     #[error("{0} not found")]
     NotFound(&'static str),
+    /// The write's caller lost, since its request was authorized, the right it needs.
+    #[error("forbidden: {0}")]
+    Forbidden(&'static str),
     #[error("storage overloaded: write queue full")]
     Overloaded,
     #[error("storage is shutting down")]

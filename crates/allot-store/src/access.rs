@@ -19,6 +19,18 @@ pub const API_KEY_COLUMNS: &str = "id, name, key_hash, scopes, created_by, creat
 /// Matches the rows of admins (roles are stored comma-separated).
 pub(crate) const IS_ADMIN: &str = "(',' || roles || ',') LIKE '%,admin,%'";
 
+/// Why a venue is not created for a manager whose role was revoked after the request creating
+/// it was authorized: its row in `venue_managers` would make them its manager again the day
+/// the role is granted back for another venue.
+pub(crate) const NOT_A_MANAGER: &str = "the manager role was revoked; only managers create venues";
+
+/// Whether every user of `ids` exists and holds the manager role, given the stored `roles` of
+/// those that exist.
+pub(crate) fn all_managers(ids: &[String], roles: &[String]) -> bool {
+    let distinct: BTreeSet<&String> = ids.iter().collect();
+    roles.len() == distinct.len() && roles.iter().all(|r| parse_roles(r).contains(&Role::Manager))
+}
+
 pub(crate) fn scopes_text(scopes: &BTreeSet<Scope>) -> String {
     scopes.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(",")
 }

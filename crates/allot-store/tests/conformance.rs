@@ -221,6 +221,7 @@ conformance! {
     catalogue::delete_venue_refuses_while_claimed_and_hides_everything,
     catalogue::bookings_in_the_past_do_not_block_deletion,
     catalogue::nothing_is_created_under_a_deleted_venue,
+    catalogue::a_venue_is_created_only_for_managers_who_still_hold_the_role,
     catalogue::lapsed_holds_do_not_block_deletion,
     holds::hold_inserts_claims_booking_and_outbox,
     holds::overlapping_hold_on_capacity_one_is_unavailable,

@@ -1105,8 +1105,8 @@ async fn a_resource_created_during_its_venues_deletion_does_not_outlive_it() {
 /// a venue naming that manager, uncommitted. Were the revocation's count of their venues to
 /// miss the new one, it would drop the role and leave them a venue they cannot manage; the
 /// creation locks its managers' rows as a role change does, so the revocation waits and sees
-/// it. (Had the revocation committed first, the creation would still be written: its
-/// manager's role was checked when the request began, not in its write.)
+/// it. (Had the revocation of the role committed first, the creation would read the roles it
+/// left and be refused: conformance, `a_venue_is_created_only_for_managers_who_still_hold_the_role`.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn revoking_a_managers_last_venue_during_a_venue_creation_for_them_keeps_their_role() {
     let Some(cluster) = Cluster::start_with_lanes(2, 1).await else { return };

@@ -31,7 +31,7 @@ use serde::de::DeserializeOwned;
 use sqlx::postgres::{PgConnectOptions, PgListener, PgPool, PgPoolOptions};
 use sqlx::{Connection, PgConnection, Postgres, QueryBuilder};
 
-use crate::access;
+use crate::access::{self, NOT_A_MANAGER, all_managers};
 use crate::cache::{self, Cache, INVALIDATE_ALL};
 use crate::common::{ABANDON_CHANGED_SQL, ABANDON_UNCHANGED_SQL, DocTable, KeyFound, venue_inserted};
 use crate::common::{
@@ -912,12 +912,15 @@ async fn delete_venue_in_tx(
     Ok(Ok(()))
 }
 
-/// Locks the rows of users about to manage a venue, as a change of their roles does: a
-/// revocation of a manager's last venue, which drops the role, must count the venue being
-/// assigned (a row its count cannot see until it commits), or wait for it.
-async fn lock_managers(conn: &mut PgConnection, managers: &[String]) -> Result<(), sqlx::Error> {
-    sqlx::query("SELECT 1 FROM users WHERE id = ANY($1) ORDER BY id FOR UPDATE").bind(managers).execute(conn).await?;
-    Ok(())
+/// Locks the rows of users about to manage a venue, as a change of their roles does, and
+/// returns the roles of those that exist: a revocation of a manager's last venue, which drops
+/// the role, must count the venue being assigned (a row its count cannot see until it
+/// commits), or wait for it; a revocation of the role that came first is seen.
+async fn lock_managers(conn: &mut PgConnection, managers: &[String]) -> Result<Vec<String>, sqlx::Error> {
+    sqlx::query_scalar("SELECT roles FROM users WHERE id = ANY($1) ORDER BY id FOR UPDATE")
+        .bind(managers)
+        .fetch_all(conn)
+        .await
 }
 
 /// Locks the family of refresh token `token_hash` until the transaction ends, and names it
@@ -1149,6 +1152,7 @@ impl Store for PgStore {
         let manager = [user_id.to_string()];
         self.change_catalog(Vec::new(), vec![cache::key("user", user_id)], move |ctx: &mut Ctx| -> BoxFuture<'_, _> {
             Box::pin(async move {
+                // Assigned by an admin: the role may come later.
                 lock_managers(&mut ctx.conn, &manager).await?;
                 statement(
                     &mut ctx.conn,
@@ -1248,7 +1252,10 @@ impl Store for PgStore {
                 if let Err(refused) = venue_inserted(inserted)? {
                     return Ok(Err(refused));
                 }
-                lock_managers(&mut ctx.conn, &managers).await?;
+                let roles = lock_managers(&mut ctx.conn, &managers).await?;
+                if !all_managers(&managers, &roles) {
+                    return Ok(Err(StoreError::Forbidden(NOT_A_MANAGER)));
+                }
                 sqlx::query(
                     "INSERT INTO venue_managers (venue_id, user_id) SELECT $1, unnest($2::text[]) ON CONFLICT DO NOTHING",
                 )

@@ -27,7 +27,9 @@ use rusqlite::{Connection, ErrorCode, OptionalExtension, params, params_from_ite
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use crate::access::{IS_ADMIN, RevokeStep, parse_roles, revoke_step, roles_text, scopes_text, with, without};
+use crate::access::{
+    IS_ADMIN, NOT_A_MANAGER, RevokeStep, all_managers, parse_roles, revoke_step, roles_text, scopes_text, with, without,
+};
 use crate::cache::{self, INVALIDATE_ALL};
 use crate::common::{
     ABANDON_CHANGED_SQL, ABANDON_UNCHANGED_SQL, AUDIT_COLUMNS, AUDIT_HEAD_SQL, DocTable, KeyFound, Rotation,
@@ -375,6 +377,18 @@ pub(crate) fn succeed_refresh_token(
 }
 
 pub(crate) fn insert_venue(ctx: &mut Ctx, id: &str, doc: &str, managers: &[String]) -> Outcome<(), StoreError> {
+    let mut roles = Vec::with_capacity(managers.len());
+    for user in managers.iter().collect::<std::collections::BTreeSet<_>>() {
+        let stored: Option<String> = ctx
+            .conn
+            .prepare_cached("SELECT roles FROM users WHERE id = ?")?
+            .query_row([user], |r| r.get(0))
+            .optional()?;
+        roles.extend(stored);
+    }
+    if !all_managers(managers, &roles) {
+        return Ok(Err(StoreError::Forbidden(NOT_A_MANAGER)));
+    }
     let inserted = ctx.conn.prepare_cached("INSERT INTO venues (id, doc) VALUES (?, ?)")?.execute([id, doc]);
     if let Err(refused) = refusing_duplicates(inserted, "venue exists")? {
         return Ok(Err(refused));

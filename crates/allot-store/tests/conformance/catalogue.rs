@@ -4,7 +4,7 @@
 use std::collections::HashSet;
 
 use allot_app::StoreError;
-use allot_app::store::PageRequest;
+use allot_app::store::{PageRequest, Role};
 use allot_core::ids::{EventId, ResourceId, VenueId};
 use allot_core::inventory::Venue;
 
@@ -392,4 +392,31 @@ pub async fn venue_insert_records_its_managers_with_it(b: &Backend) {
     venue.managers = vec![other.id];
     assert!(matches!(s.insert_venue(&venue).await, Err(allot_app::StoreError::Conflict(_))));
     assert!(s.user_by_id(other.id).await.unwrap().unwrap().venues.is_empty());
+}
+
+/// A venue is created for a manager only while they hold the role, checked in its write: a
+/// revocation that commits between the request's check and its write must not leave them
+/// managing it (their row would count again the day the role is granted back).
+pub async fn a_venue_is_created_only_for_managers_who_still_hold_the_role(b: &Backend) {
+    let s = b.store();
+    let manager = crate::user("still-manager@test.allot", vec![Role::Manager]);
+    let revoked = crate::user("revoked-manager@test.allot", vec![Role::Customer]);
+    s.insert_user(&manager).await.unwrap();
+    s.insert_user(&revoked).await.unwrap();
+    let mut refused = venue_in("UTC");
+    refused.managers = vec![revoked.id];
+    assert!(matches!(s.insert_venue(&refused).await, Err(StoreError::Forbidden(_))));
+    assert!(s.venue(refused.id).await.unwrap().is_none(), "nothing of it kept");
+    let user = s.user_by_id(revoked.id).await.unwrap().unwrap();
+    assert!(user.venues.is_empty(), "{:?}", user.venues);
+    let mut unknown = venue_in("UTC");
+    unknown.managers = vec![allot_core::ids::UserId::new()];
+    assert!(matches!(s.insert_venue(&unknown).await, Err(StoreError::Forbidden(_))));
+
+    let mut kept = venue_in("UTC");
+    kept.managers = vec![manager.id, manager.id];
+    s.insert_venue(&kept).await.unwrap();
+    assert_eq!(s.user_by_id(manager.id).await.unwrap().unwrap().venues, vec![kept.id]);
+    // A venue with no managers (an admin's) needs none.
+    s.insert_venue(&venue_in("UTC")).await.unwrap();
 }

@@ -35,7 +35,7 @@ pub async fn users_insert_lookup_and_duplicate_email(b: &Backend) {
 /// its roles and venues: the venue it manages from creation, a granted role.
 pub async fn user_reads_see_each_committed_change(b: &Backend) {
     let s = b.store();
-    let u = user("reread@example.test", vec![Role::Customer]);
+    let u = user("reread@example.test", vec![Role::Customer, Role::Manager]);
     s.insert_user(&u).await.unwrap();
     assert!(s.user_by_id(u.id).await.unwrap().unwrap().venues.is_empty());
     let mut v = venue_in("UTC");
