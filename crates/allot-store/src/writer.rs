@@ -937,8 +937,11 @@ async fn run_holds<B: Backend>(
                 match hold_reply(ctx, audit, waiter, result, answered) {
                     Ok(reply) => replies.push(reply),
                     Err(tx) => {
+                        // Answered with the others, once the rollback is done.
                         unanswerable = true;
-                        let _ = tx.send(Err(write_aborted()));
+                        replies.push(Box::new(move |_| {
+                            let _ = tx.send(Err(write_aborted()));
+                        }));
                     }
                 }
             }

@@ -377,6 +377,11 @@ pub(crate) fn succeed_refresh_token(
 }
 
 pub(crate) fn insert_venue(ctx: &mut Ctx, id: &str, doc: &str, managers: &[String]) -> Outcome<(), StoreError> {
+    let inserted = ctx.conn.prepare_cached("INSERT INTO venues (id, doc) VALUES (?, ?)")?.execute([id, doc]);
+    if let Err(refused) = refusing_duplicates(inserted, "venue exists")? {
+        return Ok(Err(refused));
+    }
+    // After the insert, as on PostgreSQL (whose check follows its managers' lock).
     let mut roles = Vec::with_capacity(managers.len());
     for user in managers.iter().collect::<std::collections::BTreeSet<_>>() {
         let stored: Option<String> = ctx
@@ -388,10 +393,6 @@ pub(crate) fn insert_venue(ctx: &mut Ctx, id: &str, doc: &str, managers: &[Strin
     }
     if !all_managers(managers, &roles) {
         return Ok(Err(StoreError::Forbidden(NOT_A_MANAGER)));
-    }
-    let inserted = ctx.conn.prepare_cached("INSERT INTO venues (id, doc) VALUES (?, ?)")?.execute([id, doc]);
-    if let Err(refused) = refusing_duplicates(inserted, "venue exists")? {
-        return Ok(Err(refused));
     }
     let mut manage =
         ctx.conn.prepare_cached("INSERT OR IGNORE INTO venue_managers (venue_id, user_id) VALUES (?, ?)")?;
