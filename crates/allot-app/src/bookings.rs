@@ -75,7 +75,7 @@ impl App {
             Err(e) => Some(telemetry::failure(e)),
         };
         if let Some(label) = counted {
-            metrics::counter!(telemetry::HOLDS, "outcome" => label).increment(1);
+            telemetry::count_outcome(telemetry::HOLDS, label);
         }
         outcome
     }

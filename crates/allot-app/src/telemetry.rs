@@ -51,7 +51,12 @@ pub fn describe() {
 
 /// Counts one use-case call under `name`, labelled with its outcome.
 pub fn count<T>(name: &'static str, result: &AppResult<T>) {
-    metrics::counter!(name, "outcome" => outcome(result)).increment(1);
+    count_outcome(name, outcome(result));
+}
+
+/// Counts one use-case call under `name` whose outcome label is already known.
+pub fn count_outcome(name: &'static str, label: &'static str) {
+    metrics::counter!(name, "outcome" => label).increment(1);
 }
 
 /// `ok`, or a stable code for the kind of failure (a bounded label set).

@@ -102,19 +102,33 @@ pub async fn keyed(app: Arc<App>, request: Request, next: Next, detached: TaskTr
     if verified && parts.uri.path() == HOLD_PATH && check_key(&id).is_ok() {
         return keyed_hold(&app, id, parts, bytes, next, &detached).await;
     }
-    match app.idempotency_admit(&id).await {
-        Err(e) => refused(&app, &parts, ApiError::from(e)).await,
-        Ok(Admission::Replay { status, body }) => replay(status, body),
-        Ok(Admission::Recover { target }) => recover(&app, &id, &parts, &target, &detached).await,
-        Ok(Admission::Run) => {
-            parts.extensions.insert(Keyed(id.clone()));
-            let request = Request::from_parts(parts, Body::from(bytes));
-            let sealed = SEALED_PATHS.contains(&request.uri().path());
-            let (task_app, task_id) = (app.clone(), id.clone());
-            let run = async move { renewing(&task_app, &task_id, next.run(request)).await };
-            run_keyed(&app, &id, &detached, sealed, run).await
-        }
+    let admission = app.idempotency_admit(&id).await.map_err(ApiError::from);
+    if let Some(answer) = answer_unless_run(&app, &id, &parts, admission, &detached).await {
+        return answer;
     }
+    parts.extensions.insert(Keyed(id.clone()));
+    let request = Request::from_parts(parts, Body::from(bytes));
+    let sealed = SEALED_PATHS.contains(&request.uri().path());
+    let (task_app, task_id) = (app.clone(), id.clone());
+    let run = async move { renewing(&task_app, &task_id, next.run(request)).await };
+    run_keyed(&app, &id, &detached, sealed, run).await
+}
+
+/// The answer to attempt `id` whose key `admission` says is not to run: the stored answer, a
+/// recovery, or a refusal of the key (recorded as such); `None` when it is to run.
+async fn answer_unless_run(
+    app: &Arc<App>,
+    id: &IdempotencyKey,
+    parts: &axum::http::request::Parts,
+    admission: Result<Admission, ApiError>,
+    detached: &TaskTracker,
+) -> Option<Response> {
+    Some(match admission {
+        Ok(Admission::Run) => return None,
+        Ok(Admission::Replay { status, body }) => replay(status, body),
+        Ok(Admission::Recover { target }) => recover(app, id, parts, &target, detached).await,
+        Err(e) => refused(app, parts, e).await,
+    })
 }
 
 /// A keyed hold, the hot path: its key is taken, the hold decided and its answer stored in one
@@ -135,14 +149,8 @@ async fn keyed_hold(
 ) -> Response {
     let (task_app, task_id, task_detached) = (app.clone(), id.clone(), detached.clone());
     let run = async move { held_under_key(&task_app, task_id, parts, bytes, next, &task_detached).await };
-    match run_detached(detached, run).await {
-        Ok(response) => response,
-        Err(e) => {
-            // Whatever it had begun is released; a key its hold answered stays answered.
-            let _ = app.idempotency_abandon(&id).await;
-            panicked(&e)
-        }
-    }
+    // A key its hold answered stays answered; one `settle_after` took is released.
+    detached_releasing(app, &id, detached, run).await
 }
 
 /// [`keyed_hold`]'s task.
@@ -161,15 +169,11 @@ async fn held_under_key(
         return response;
     }
     if let Some(KeyNotFree(admission)) = response.extensions_mut().remove::<KeyNotFree>() {
-        return match admission {
-            Ok(Admission::Replay { status, body }) => replay(status, body),
-            Ok(Admission::Recover { target }) => recover(app, &id, &kept, &target, detached).await,
-            Ok(Admission::Run) => {
-                let cause = "a keyed hold that did not run was admitted".into();
-                refused(app, &kept, ApiError::from(AppError::Internal(cause))).await
-            }
-            Err(e) => refused(app, &kept, e).await,
-        };
+        if let Some(answer) = answer_unless_run(app, &id, &kept, admission, detached).await {
+            return answer;
+        }
+        let cause = "a keyed hold that did not run was admitted".into();
+        return refused(app, &kept, ApiError::from(AppError::Internal(cause))).await;
     }
     settle_after(app, &id, &kept, response, detached).await
 }
@@ -188,17 +192,14 @@ async fn settle_after(
     detached: &TaskTracker,
 ) -> Response {
     let deferred = response.extensions_mut().remove::<crate::audit::DeferredAudit>();
-    match app.idempotency_admit(id).await {
-        Err(e) => refused(app, parts, ApiError::from(e)).await,
-        Ok(Admission::Replay { status, body }) => replay(status, body),
-        Ok(Admission::Recover { target }) => recover(app, id, parts, &target, detached).await,
-        Ok(Admission::Run) => {
-            if let Some(crate::audit::DeferredAudit(event)) = deferred {
-                crate::audit::append(app, event).await;
-            }
-            run_and_store(app, id, response, false).await
-        }
+    let admission = app.idempotency_admit(id).await.map_err(ApiError::from);
+    if let Some(answer) = answer_unless_run(app, id, parts, admission, detached).await {
+        return answer;
     }
+    if let Some(crate::audit::DeferredAudit(event)) = deferred {
+        crate::audit::append(app, event).await;
+    }
+    run_and_store(app, id, response, false).await
 }
 
 /// A keyed hold's request, for its handler (take the key in the hold's own transaction) and
@@ -237,9 +238,7 @@ pub(crate) fn render_hold(decided: Result<&Booking, AppError>) -> StoredAnswer {
 pub(crate) fn keyed_hold_response(outcome: KeyedHold) -> Response {
     match outcome {
         KeyedHold::Ran { result, answer } => {
-            let status = StatusCode::from_u16(answer.status).unwrap_or(StatusCode::OK);
-            let json = HeaderValue::from_static("application/json");
-            let mut response = (status, [(header::CONTENT_TYPE, json)], answer.body).into_response();
+            let mut response = stored_response(answer.status, answer.body);
             if let Err(e) = result {
                 response.extensions_mut().insert(crate::audit::ErrorCode(ApiError::from(e).code));
             }
@@ -266,14 +265,24 @@ async fn run_keyed(
     request: impl Future<Output = Response> + Send + 'static,
 ) -> Response {
     let (task_app, task_id) = (app.clone(), id.clone());
-    let task = run_detached(detached, async move {
+    let task = async move {
         let response = request.await;
         run_and_store(&task_app, &task_id, response, sealed).await
-    });
-    match task.await {
+    };
+    detached_releasing(app, id, detached, task).await
+}
+
+/// Runs `task`, attempt `id`'s, detached ([`run_detached`]); if it panics, the key is released
+/// for a retry (a 5xx is never stored) and the request answered 500.
+async fn detached_releasing(
+    app: &App,
+    id: &IdempotencyKey,
+    detached: &TaskTracker,
+    task: impl Future<Output = Response> + Send + 'static,
+) -> Response {
+    match run_detached(detached, task).await {
         Ok(response) => response,
         Err(e) => {
-            // A 5xx is never stored, so the key is free to retry.
             let _ = app.idempotency_abandon(id).await;
             panicked(&e)
         }
@@ -470,11 +479,16 @@ async fn refused(app: &App, parts: &axum::http::request::Parts, error: ApiError)
 }
 
 fn replay(status: u16, body: Vec<u8>) -> Response {
+    let mut response = stored_response(status, body);
+    response.headers_mut().insert("idempotent-replayed", HeaderValue::from_static("true"));
+    response
+}
+
+/// A stored answer (JSON or empty) as a response.
+fn stored_response(status: u16, body: Vec<u8>) -> Response {
     let status = StatusCode::from_u16(status).unwrap_or(StatusCode::OK);
     let mut response = (status, body).into_response();
-    let headers = response.headers_mut();
-    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
-    headers.insert("idempotent-replayed", HeaderValue::from_static("true"));
+    response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
     response
 }
 

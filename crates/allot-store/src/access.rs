@@ -24,11 +24,11 @@ pub(crate) const IS_ADMIN: &str = "(',' || roles || ',') LIKE '%,admin,%'";
 /// the role is granted back for another venue.
 pub(crate) const NOT_A_MANAGER: &str = "the manager role was revoked; only managers create venues";
 
-/// Whether every user of `ids` exists and holds the manager role, given the stored `roles` of
-/// those that exist.
-pub(crate) fn all_managers(ids: &[String], roles: &[String]) -> bool {
+/// Whether every user of `ids` exists and holds the manager role, given the `roles` of those
+/// that exist.
+pub(crate) fn all_managers(ids: &[String], roles: &[Vec<Role>]) -> bool {
     let distinct: BTreeSet<&String> = ids.iter().collect();
-    roles.len() == distinct.len() && roles.iter().all(|r| parse_roles(r).contains(&Role::Manager))
+    roles.len() == distinct.len() && roles.iter().all(|r| r.contains(&Role::Manager))
 }
 
 pub(crate) fn scopes_text(scopes: &BTreeSet<Scope>) -> String {

@@ -18,7 +18,7 @@ use allot_app::access::{ApiKey, RoleGrant, RoleRevoke};
 use allot_app::audit::{AuditEvent, AuditFilter, AuditPage};
 use allot_app::store::{
     BookingFilter, Decide, HoldCommand, HoldKey, HoldRefused, IdempotencyBegin, IdempotencyKey, IdempotencyMark,
-    KeyedHoldOutcome, Page, PageRequest, RefreshToken, RotateOutcome, SeatStates, Store, UpdateRefused, User,
+    KeyedHoldOutcome, Page, PageRequest, RefreshToken, Role, RotateOutcome, SeatStates, Store, UpdateRefused, User,
 };
 use allot_core::booking::Booking;
 use allot_core::capacity::{Claim, Span};
@@ -916,11 +916,12 @@ async fn delete_venue_in_tx(
 /// returns the roles of those that exist: a revocation of a manager's last venue, which drops
 /// the role, must count the venue being assigned (a row its count cannot see until it
 /// commits), or wait for it; a revocation of the role that came first is seen.
-async fn lock_managers(conn: &mut PgConnection, managers: &[String]) -> Result<Vec<String>, sqlx::Error> {
-    sqlx::query_scalar("SELECT roles FROM users WHERE id = ANY($1) ORDER BY id FOR UPDATE")
+async fn lock_managers(conn: &mut PgConnection, managers: &[String]) -> Result<Vec<Vec<Role>>, sqlx::Error> {
+    let roles: Vec<String> = sqlx::query_scalar("SELECT roles FROM users WHERE id = ANY($1) ORDER BY id FOR UPDATE")
         .bind(managers)
         .fetch_all(conn)
-        .await
+        .await?;
+    Ok(roles.iter().map(|r| access::parse_roles(r)).collect())
 }
 
 /// Locks the family of refresh token `token_hash` until the transaction ends, and names it

@@ -384,12 +384,7 @@ pub(crate) fn insert_venue(ctx: &mut Ctx, id: &str, doc: &str, managers: &[Strin
     // After the insert, as on PostgreSQL (whose check follows its managers' lock).
     let mut roles = Vec::with_capacity(managers.len());
     for user in managers.iter().collect::<std::collections::BTreeSet<_>>() {
-        let stored: Option<String> = ctx
-            .conn
-            .prepare_cached("SELECT roles FROM users WHERE id = ?")?
-            .query_row([user], |r| r.get(0))
-            .optional()?;
-        roles.extend(stored);
+        roles.extend(roles_of(&ctx.conn, user)?);
     }
     if !all_managers(managers, &roles) {
         return Ok(Err(StoreError::Forbidden(NOT_A_MANAGER)));
