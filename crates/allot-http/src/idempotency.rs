@@ -57,6 +57,19 @@ pub async fn keyed(app: Arc<App>, request: Request, next: Next, detached: TaskTr
     let Some(key) = request.headers().get(HEADER).map(|v| v.to_str().map(str::to_owned)) else {
         return detached_if_writing(&detached, next, request).await;
     };
+    // Boxed: its state is several times an unkeyed request's, and would otherwise be in every
+    // request's (moved and copied with it, docs/benchmarks.md).
+    Box::pin(keyed_request(app, key, request, next, detached)).await
+}
+
+/// [`keyed`] for a request that names its key (`Err` when the header is not ASCII).
+async fn keyed_request(
+    app: Arc<App>,
+    key: Result<String, axum::http::header::ToStrError>,
+    request: Request,
+    next: Next,
+    detached: TaskTracker,
+) -> Response {
     let (mut parts, body) = request.into_parts();
     let Ok(key) = key else {
         return refused(&app, &parts, ApiError::field(StatusCode::BAD_REQUEST, "Idempotency-Key", "must be ASCII"))
@@ -274,17 +287,23 @@ async fn run_keyed(
 
 /// Runs `task`, attempt `id`'s, detached ([`run_detached`]); if it panics, the key is released
 /// for a retry (a 5xx is never stored) and the request answered 500.
-async fn detached_releasing(
-    app: &App,
-    id: &IdempotencyKey,
+/// Spawned when called, not when first polled: a task's future passed into an `async fn` is
+/// kept in its state, and in every caller's, until spawned, and moved (copied) at each level
+/// (docs/benchmarks.md, "Every request copied a 34 KiB future").
+fn detached_releasing<'a>(
+    app: &'a App,
+    id: &'a IdempotencyKey,
     detached: &TaskTracker,
     task: impl Future<Output = Response> + Send + 'static,
-) -> Response {
-    match run_detached(detached, task).await {
-        Ok(response) => response,
-        Err(e) => {
-            let _ = app.idempotency_abandon(id).await;
-            panicked(&e)
+) -> impl Future<Output = Response> + Send + 'a {
+    let running = run_detached(detached, task);
+    async move {
+        match running.await {
+            Ok(response) => response,
+            Err(e) => {
+                let _ = app.idempotency_abandon(id).await;
+                panicked(&e)
+            }
         }
     }
 }
@@ -457,13 +476,14 @@ async fn detached_if_writing(tracker: &TaskTracker, next: Next, request: Request
 /// Runs a request that may change something as a task of its own. A client that hangs up, or
 /// the request timeout, then drops only the wait for the answer, never the request half-way:
 /// a card charged and the booking not confirmed, a cancellation without its refund, a write
-/// that commits while its audit event says it timed out. `Err` when it panicked.
-async fn run_detached(
+/// that commits while its audit event says it timed out. Its answer is `Err` when it panicked.
+/// Spawned when called, as [`detached_releasing`] is.
+fn run_detached(
     tracker: &TaskTracker,
     request: impl Future<Output = Response> + Send + 'static,
-) -> Result<Response, tokio::task::JoinError> {
+) -> tokio::task::JoinHandle<Response> {
     // Detached, it still logs under the request's span (its request id).
-    tracker.spawn(request.in_current_span()).await
+    tracker.spawn(request.in_current_span())
 }
 
 /// The answer to a request whose task panicked (its audit layer has recorded the attempt).

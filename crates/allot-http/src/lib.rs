@@ -179,3 +179,32 @@ async fn not_found() -> ApiError {
 async fn method_not_allowed() -> ApiError {
     ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "method not allowed on this route")
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The size of the future `f` returns: every request's middleware future is allocated and
+    /// copied whole, whichever of its paths the request takes.
+    fn future_bytes<F, A, B, C, R>(_: &F) -> usize
+    where
+        F: Fn(A, B, C) -> R,
+    {
+        std::mem::size_of::<R>()
+    }
+
+    /// The middleware's rare paths (a keyed request, a detached task) are boxed or spawned when
+    /// called, not nested in every request's future: nested, `guard`'s was 34 KiB, copied per
+    /// request, a fifth of a hold's request-thread time (docs/benchmarks.md).
+    #[test]
+    fn every_request_s_middleware_future_stays_small() {
+        let limits = [
+            ("guard", future_bytes(&guard), 4 * 1024),
+            ("audit::layer", future_bytes(&audit::layer), 4 * 1024),
+            ("ops::envelope", future_bytes(&ops::envelope), 4 * 1024),
+        ];
+        for (name, bytes, bytes_max) in limits {
+            assert!(bytes <= bytes_max, "{name}'s future is {bytes} bytes, more than {bytes_max}");
+        }
+    }
+}
