@@ -7,7 +7,7 @@
 #   1. builds `allot` and `allot-load` (release);
 #   2. SQLite: starts `allot serve` on a fresh database file, and runs allot-load scenarios
 #      against it: the HTTP ceiling (`ping`: GET /healthz through the same server and middleware),
-#      holds over many resources, a flash sale, one hot counter, seat maps, availability; every
+#      holds over many resources, a flash sale (three), one hot counter, seat maps, availability; every
 #      booking scenario ends with allot-load's database check (nothing oversold, every
 #      acknowledged write stored);
 #   3. PostgreSQL: the same server over a fresh database, holds and the hot counter, then the
@@ -101,6 +101,13 @@ load sqlite-ping "$port_sqlite" "$sqlite_url" --scenario ping --clients "$client
 load sqlite-holds "$port_sqlite" "$sqlite_url" --scenario holds --clients "$clients" --shows 2000 "${d[@]}"
 load sqlite-flash-sale "$port_sqlite" "$sqlite_url" --scenario flash-sale --clients 1000 --hot-seats 120 \
     --duration-seconds 60
+# Two more sales the same way: one sale is a burst of ~0.2 s, and on two shared cores its p99
+# moved from 46 to 173 ms between runs of the same build; the summary also gives the median of
+# the three (each sale has a show of its own).
+for n in 2 3; do
+    load "sqlite-flash-sale-$n" "$port_sqlite" "$sqlite_url" --scenario flash-sale --clients 1000 --hot-seats 120 \
+        --duration-seconds 60
+done
 # The same sale with every customer's connection open before it starts (already on the page).
 load sqlite-flash-sale-connected "$port_sqlite" "$sqlite_url" --scenario flash-sale --clients 1000 \
     --hot-seats 120 --duration-seconds 60 --connect-first
@@ -175,6 +182,13 @@ if fs:
     burst = get("sqlite-ping-burst")
     row("flash sale hold p99", fs["ops"]["hold-hot"]["latency_ms"]["p99"], "ms",
         burst["all"]["latency_ms"]["p99"] if burst else None, "ping burst p99", "target <= 50 ms")
+sales = [r for r in (fs, get("sqlite-flash-sale-2"), get("sqlite-flash-sale-3")) if r]
+if len(sales) == 3:
+    p99s = sorted(r["ops"]["hold-hot"]["latency_ms"]["p99"] for r in sales)
+    sold = [r["verification"]["hot_seats_taken"] or 0 for r in sales]
+    ok = all(r["verification"]["ok"] for r in sales)
+    row("flash sale hold p99, median of 3 sales", p99s[1], "ms",
+        check=f"range {p99s[0]:.1f}-{p99s[2]:.1f}; sold {'/'.join(map(str, sold))}; {'db check OK' if ok else 'db check FAILED'}")
 fsc = get("sqlite-flash-sale-connected")
 if fsc:
     row("flash sale hold p99, connections open first", fsc["ops"]["hold-hot"]["latency_ms"]["p99"], "ms",
