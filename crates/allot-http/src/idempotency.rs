@@ -48,8 +48,8 @@ const API_KEYS_PATH: &str = "/api/v1/api-keys";
 const SESSION_PATHS: [&str; 2] = ["/api/v1/auth/login", "/api/v1/auth/refresh"];
 
 /// The middleware's idempotency half, inside the rate limits (see [`crate::guard`]). Every
-/// request that may change something runs detached from its connection, keyed or not, but an
-/// unkeyed hold ([`detached_if_writing`]).
+/// request that may change something runs detached from its connection, keyed or not, except
+/// an unkeyed hold ([`detached_if_writing`]).
 /// `detached` tracks those tasks, so that shutdown can wait for them ([`crate::serve`]).
 pub async fn keyed(app: Arc<App>, request: Request, next: Next, detached: TaskTracker) -> Response {
     if request.method() != Method::POST {
