@@ -33,7 +33,7 @@ pub const EXPIRY_BATCH_MAX: u32 = 2_000;
 /// Expiry jobs kept queued at the store at once. With one, the job waits behind the batch that
 /// was already queued when the previous one committed, so a storm of lapsed holds got a slice
 /// of every other batch; with two, one job is always queued and every batch has a slice
-/// (`docs/benchmarks.md`). More would only queue more slices behind one another.
+/// (`docs/benchmarks-history.md`). More would only queue more slices behind one another.
 pub const EXPIRY_JOBS_IN_FLIGHT: usize = 2;
 
 pub struct HoldRequest {

@@ -59,7 +59,7 @@ pub async fn keyed(app: Arc<App>, request: Request, next: Next, detached: TaskTr
         return detached_if_writing(&detached, next, request).await;
     };
     // Boxed: its state is several times an unkeyed request's, and would otherwise be in every
-    // request's (moved and copied with it, docs/benchmarks.md).
+    // request's (moved and copied with it, docs/benchmarks-history.md).
     Box::pin(keyed_request(app, key, request, next, detached)).await
 }
 
@@ -290,7 +290,7 @@ fn run_keyed<'a>(
 /// for a retry (a 5xx is never stored) and the request answered 500.
 /// Spawned when called, not when first polled: a task's future passed into an `async fn` is
 /// kept in its state, and in every caller's, until spawned, and moved (copied) at each level
-/// (docs/benchmarks.md, "Every request copied a 34 KiB future").
+/// (docs/benchmarks-history.md, "Every request copied a 34 KiB future").
 fn detached_releasing<'a>(
     app: &'a App,
     id: &'a IdempotencyKey,

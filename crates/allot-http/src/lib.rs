@@ -195,7 +195,7 @@ mod tests {
 
     /// The middleware's rare paths (a keyed request, a detached task) are boxed or spawned when
     /// called, not nested in every request's future: nested, `guard`'s was 34 KiB, copied per
-    /// request, a fifth of a hold's request-thread time (docs/benchmarks.md).
+    /// request, a fifth of a hold's request-thread time (docs/benchmarks-history.md).
     #[test]
     fn every_request_s_middleware_future_stays_small() {
         let limits = [

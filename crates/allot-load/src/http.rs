@@ -153,7 +153,7 @@ impl Conn {
 /// it is made there and then: the client's request goes out in the same poll, as a customer's
 /// browser sends its request as soon as it is connected. Awaiting the reactor instead put every
 /// new connection's request behind the other clients' first polls: in a flash sale's burst of
-/// a thousand, a customer who started at 5 ms sent at ~40 ms (docs/benchmarks.md).
+/// a thousand, a customer who started at 5 ms sent at ~40 ms (docs/benchmarks-history.md).
 async fn open(addr: SocketAddr) -> std::io::Result<TcpStream> {
     if addr.ip().is_loopback() {
         let inline = Duration::from_millis(CONNECT_INLINE_MILLISECONDS);

@@ -138,7 +138,7 @@ macro_rules! mark_keys_sql {
 /// evaluated before the head is scanned): key rows are locked before the head, never after
 /// (see `Backend::seal`); the last column is how many marks were written. In the same
 /// statement, not one of their own: a round trip less per batch with keyed requests
-/// (docs/benchmarks.md, sessions of 2026-12-06, fourth, and 2026-12-07).
+/// (docs/benchmarks-history.md, sessions of 2026-12-06, fourth, and 2026-12-07).
 macro_rules! lock_head_after_marks_sql {
     () => {
         concat!(
@@ -153,7 +153,7 @@ macro_rules! lock_head_after_marks_sql {
 /// They are not: a kept statement's plan is made for the table as it was then, and one made
 /// while it was nearly empty (a new database) hashes the batch's keys and scans the whole
 /// table, milliseconds per batch once it holds a few thousand keys, until an `ANALYZE`
-/// happens to replan it (seen under load: `docs/benchmarks.md`). Planned afresh each time
+/// happens to replan it (seen under load: `docs/benchmarks-history.md`). Planned afresh each time
 /// they probe its key (a round trip more, to parse).
 const KEY_JOINS_PERSISTENT: bool = false;
 /// [`LOCK_HEAD_SQL`] with the batch's marks written first.

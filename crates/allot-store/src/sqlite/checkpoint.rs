@@ -15,7 +15,7 @@
 //! starts over (4 GB after 25 s of set-up and holds, the hold p99 half as long again). Past
 //! the threshold the writer checkpoints after its commit, copying what this thread has not,
 //! and its next batch starts the WAL over: about once a second at 19 000 holds/s with the
-//! threshold at 256 MiB (docs/benchmarks.md, sessions of 2026-12-06 and 2026-12-07; the test
+//! threshold at 256 MiB (docs/benchmarks-history.md, sessions of 2026-12-06 and 2026-12-07; the test
 //! below).
 //!
 //! Durability is unchanged: a commit is durable once its WAL frames are synced
@@ -35,7 +35,7 @@ const CHECKPOINT_INTERVAL_MILLIS: u64 = 20;
 /// and what starts the WAL over under sustained writes (see the module header). Each start
 /// over is a checkpoint inside one of the writer's commits, a stall every batch queued behind
 /// it waits for: at 16 384 pages, twice a second at 19 000 holds/s, it was what set the hold
-/// p99 (37 ms; 30 ms at this size, 28 ms at four times it; docs/benchmarks.md, session of
+/// p99 (37 ms; 30 ms at this size, 28 ms at four times it; docs/benchmarks-history.md, session of
 /// 2026-12-07). The WAL file stays near twice this at most (262 MiB measured under load).
 pub(crate) const WRITER_AUTOCHECKPOINT_PAGES: i64 = 65_536;
 

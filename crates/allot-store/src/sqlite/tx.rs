@@ -78,7 +78,7 @@ const CACHE_CHECK_BATCHES: u32 = 1_024;
 /// page of the pending byte (1 GiB in), and each COMMIT then truncates the page cache to the
 /// database's size: while the database is smaller than 1 GiB less the cache's hash table, that
 /// walks every bucket and every cached page, at nearly every commit under load (8 % of the
-/// writer's samples with 64 MiB; docs/benchmarks.md). A small cache makes the walk short, a
+/// writer's samples with 64 MiB; docs/benchmarks-history.md). A small cache makes the walk short, a
 /// large one saves reads once the walk is gone.
 fn writer_cache_pages(page_count: i64, page_size: i64) -> i64 {
     const PENDING_BYTE: i64 = 0x4000_0000;
@@ -629,7 +629,7 @@ const EXPIRY_CHUNK_ROWS: u32 = 100;
 /// How long one expiry job may keep the writer: every request of its batch and every one
 /// queued behind it waits for it, so a storm of lapsed holds is released in slices that keep
 /// hold latency bounded. The app keeps two jobs queued, so every batch of a storm has one
-/// slice: its length trades release time for hold p99 (`docs/benchmarks.md`, expiry).
+/// slice: its length trades release time for hold p99 (`docs/benchmarks-history.md`, expiry).
 pub(crate) const EXPIRY_JOB_MILLIS_MAX: u64 = 2;
 
 /// Releases up to `limit` holds whose time ran out by `now`, in chunks, stopping early once
@@ -679,7 +679,7 @@ fn in_chunks(
 /// The core decides each from the status and expiry columns; the statements then change the
 /// rows, write the outbox rows and queue the claims for a purge, so no document is read or
 /// written (parsing and re-writing each one was 13 % of the writer's time in a storm of
-/// lapsed holds, and writing them back most of its WAL: `docs/benchmarks.md`).
+/// lapsed holds, and writing them back most of its WAL: `docs/benchmarks-history.md`).
 fn expire_chunk(conn: &Connection, now: Timestamp, chunk: u32, ids: &mut Vec<BookingId>) -> Result<usize> {
     let mut stmt = conn.prepare_cached(
         "SELECT id, status, expires_at FROM bookings
