@@ -542,11 +542,18 @@ mod tests {
     /// repeat no harm (a revoked token stays revoked).
     const UNMARKED_PATHS: [&str; 1] = ["/api/v1/auth/logout"];
 
+    fn future_bytes<F, A, B, C, D, E, R>(_: &F) -> usize
+    where
+        F: Fn(A, B, C, D, E) -> R,
+    {
+        std::mem::size_of::<R>()
+    }
+
     /// A keyed request's future (boxed once, [`keyed`]) holds no detached task's future: each
     /// is spawned when called. Held by value at each level, it was 32 KiB.
     #[test]
     fn a_keyed_request_s_future_holds_no_detached_task() {
-        let bytes = crate::tests::future_bytes(&keyed_request);
+        let bytes = future_bytes(&keyed_request);
         assert!(bytes <= 8 * 1024, "keyed_request's future is {bytes} bytes, more than 8 KiB");
     }
 

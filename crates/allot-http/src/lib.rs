@@ -184,28 +184,13 @@ async fn method_not_allowed() -> ApiError {
 mod tests {
     use super::*;
 
-    /// What an `async fn` of any of the arities below returns, for [`future_bytes`].
-    pub(crate) trait Returns<Args> {
-        type Output;
-    }
-
-    macro_rules! returns_for_arity {
-        ($($arg:ident),+) => {
-            impl<F, R, $($arg),+> Returns<($($arg,)+)> for F
-            where
-                F: Fn($($arg),+) -> R,
-            {
-                type Output = R;
-            }
-        };
-    }
-    returns_for_arity!(A, B, C);
-    returns_for_arity!(A, B, C, D, E);
-
     /// The size of the future `f` returns: every request's middleware future is allocated and
     /// copied whole, whichever of its paths the request takes.
-    pub(crate) fn future_bytes<Args, F: Returns<Args>>(_: &F) -> usize {
-        std::mem::size_of::<F::Output>()
+    fn future_bytes<F, A, B, C, R>(_: &F) -> usize
+    where
+        F: Fn(A, B, C) -> R,
+    {
+        std::mem::size_of::<R>()
     }
 
     /// The middleware's rare paths (a keyed request, a detached task) are boxed or spawned when
