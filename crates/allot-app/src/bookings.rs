@@ -17,7 +17,7 @@ use crate::audit;
 use crate::auth::Principal;
 use crate::error::{AppError, AppResult, StoreError};
 use crate::idempotency::{Admission, LOCK_SECONDS, check_key};
-use crate::payments::{ChargeOutcome, ChargeRequest, ProviderError};
+use crate::payments::{ChargeOutcome, ChargeRequest, ProviderError, RefundRequest};
 use crate::store::{
     BookingFilter, HoldAnswer, HoldCommand, HoldKey, HoldRefused, IdempotencyKey, KeyedHoldOutcome, Page, PageRequest,
     Role, StoredAnswer, UpdateRefused,
@@ -278,7 +278,10 @@ impl App {
                 // wrong either way, since the client's retry sends this attempt's idempotency key
                 // again, the provider replays this very charge, and the booking would be
                 // confirmed with its money given back. The charge stands; the retry records it.
+                // Queued all the same: if no retry records it before the hold ends, the
+                // reconciler refunds it then (`refunds`).
                 tracing::warn!(booking_id = %booking.id, error = %e, "a charged payment could not be recorded yet");
+                self.queue_unrecorded(booking, &reference).await;
                 Err(update_error(UpdateRefused::Store(e)))
             }
             Err(refused) => {
@@ -288,10 +291,11 @@ impl App {
                 let current = self.store.booking(booking.id).await.ok().flatten();
                 let recorded = current.and_then(|b| b.payment).is_some_and(|p| p.reference == reference);
                 if !recorded {
-                    let refunded = self.payments.refund(&reference, booking.total).await;
+                    let refunded = self.payments.refund(&RefundRequest::of(&reference, booking.total)).await;
                     telemetry::count_refund(&refunded);
                     if let Err(e) = refunded {
-                        tracing::error!(booking_id = %booking.id, error = %e, "refund after failed confirm failed");
+                        tracing::warn!(booking_id = %booking.id, error = %e, "refund after failed confirm failed; queued");
+                        self.queue_unrecorded(booking, &reference).await;
                     }
                 }
                 Err(update_error(refused))
@@ -347,14 +351,16 @@ impl App {
         {
             // Recorded refund first, then money moves: a crash here leaves a refund to reconcile,
             // never a refund without a cancellation.
-            let refunded = self.payments.refund(&payment.reference, refund.amount).await;
+            // The cancellation's write queued the refund (`RefundKind::Cancellation`): if it
+            // fails here, or its reference is not recorded, the reconciler makes it later.
+            let refunded = self.payments.refund(&RefundRequest::of(&payment.reference, refund.amount)).await;
             telemetry::count_refund(&refunded);
             match refunded {
                 Ok(reference) => {
                     refund.reference = Some(reference.clone());
                     return Ok(self.record_refund(id, reference).await.unwrap_or(cancelled));
                 }
-                Err(e) => tracing::error!(booking_id = %id, error = %e, "refund failed; left for reconciliation"),
+                Err(e) => tracing::warn!(booking_id = %id, error = %e, "refund failed; queued for the reconciler"),
             }
         }
         Ok(cancelled)
@@ -362,7 +368,7 @@ impl App {
 
     /// Stores the reference of the refund made for cancelled booking `id`, so that what the
     /// cancel answered is what every later read says. `None` (logged) when it could not be.
-    async fn record_refund(&self, id: BookingId, reference: String) -> Option<Booking> {
+    pub(crate) async fn record_refund(&self, id: BookingId, reference: String) -> Option<Booking> {
         let decide = Box::new(move |b: &Booking, _now| {
             let mut next = b.clone();
             match next.refund.as_mut() {

@@ -1,6 +1,6 @@
 //! Allot's use cases. [`App`] is the one entry point the HTTP layer and the binary call: it
 //! owns the store (a [`store::Store`]), the injected [`clock::Clock`], the payment provider
-//! and the background jobs (hold expiry, idempotency clean-up).
+//! and the background jobs (hold expiry, idempotency clean-up, refunds owed).
 
 pub mod access;
 pub mod audit;
@@ -13,6 +13,7 @@ pub mod error;
 pub mod expiry;
 pub mod idempotency;
 pub mod payments;
+pub mod refunds;
 pub mod seat_maps;
 pub mod store;
 pub mod telemetry;
@@ -61,6 +62,7 @@ impl App {
         let app = Arc::new(App { store, clock, payments, keys, replay_seal, dummy_hash, expiry, seat_maps });
         tokio::spawn(expiry::run(app.clone(), expiry_rx));
         tokio::spawn(cleanup_loop(Arc::downgrade(&app)));
+        tokio::spawn(refunds::run(Arc::downgrade(&app)));
         Ok(app)
     }
 }

@@ -15,6 +15,28 @@ pub struct ChargeRequest {
     pub idempotency_key: String,
 }
 
+/// Money given back on a payment, in part or whole.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RefundRequest {
+    pub payment_reference: String,
+    pub amount: i64,
+    /// Stable per payment ([`RefundRequest::of`]), so the refund made when a booking is
+    /// cancelled, its retries and the reconciler's ([`crate::refunds`]) are one refund.
+    pub idempotency_key: String,
+}
+
+impl RefundRequest {
+    /// The refund of `amount` on payment `payment_reference`. A payment is refunded at most
+    /// once (a cancellation's refund, or whole when its booking does not record it).
+    pub fn of(payment_reference: &str, amount: i64) -> RefundRequest {
+        RefundRequest {
+            payment_reference: payment_reference.to_owned(),
+            amount,
+            idempotency_key: format!("refund_{payment_reference}"),
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ChargeOutcome {
     Succeeded {
@@ -41,8 +63,8 @@ pub enum ProviderError {
 pub trait PaymentProvider: Send + Sync + 'static {
     fn name(&self) -> &'static str;
     async fn charge(&self, request: &ChargeRequest) -> Result<ChargeOutcome, ProviderError>;
-    /// Returns the refund's reference.
-    async fn refund(&self, payment_reference: &str, amount: i64) -> Result<String, ProviderError>;
+    /// Returns the refund's reference; the same for a request with the same idempotency key.
+    async fn refund(&self, request: &RefundRequest) -> Result<String, ProviderError>;
 }
 
 /// The default provider: `tok_visa` succeeds, `tok_chargeDeclined` is declined,
@@ -67,7 +89,7 @@ impl PaymentProvider for TestProvider {
         }
     }
 
-    async fn refund(&self, payment_reference: &str, _amount: i64) -> Result<String, ProviderError> {
-        Ok(format!("re_{payment_reference}"))
+    async fn refund(&self, request: &RefundRequest) -> Result<String, ProviderError> {
+        Ok(format!("re_{}", request.payment_reference))
     }
 }

@@ -110,6 +110,51 @@ pub struct BookingFilter {
     pub status: Option<BookingStatus>,
 }
 
+/// How long a refund owed waits before the reconciler ([`crate::refunds`]) first makes it: the
+/// request that owes it is making it meanwhile, and the provider's idempotency key makes a race
+/// harmless, not free.
+pub const REFUND_GRACE_SECONDS: i64 = 60;
+
+/// Why money may be owed back on a payment ([`RefundDue`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum RefundKind {
+    /// A cancelled booking's refund ([`Booking::refund_owed`]), not yet made. A store queues it
+    /// in the transaction that records the cancellation and drops it in the one that records
+    /// the refund's reference, so one is queued exactly while it is owed.
+    Cancellation,
+    /// A charge its booking may not record: the write that records it failed, or the hold ended
+    /// first and the refund made there failed. Owed whole unless the booking records it.
+    Unrecorded,
+}
+
+impl RefundKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RefundKind::Cancellation => "cancellation",
+            RefundKind::Unrecorded => "unrecorded",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<RefundKind> {
+        [RefundKind::Cancellation, RefundKind::Unrecorded].into_iter().find(|k| k.as_str() == s)
+    }
+}
+
+/// A refund that may be owed, kept until it is made or found not owed: one per payment
+/// reference and kind.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RefundDue {
+    pub kind: RefundKind,
+    pub payment_reference: String,
+    pub booking_id: BookingId,
+    /// In the booking's currency's minor units, as the payment's.
+    pub amount: i64,
+    /// Attempts made and failed at the provider.
+    pub attempts: u32,
+    /// Not tried before then.
+    pub next_at: Timestamp,
+}
+
 /// A fully priced hold, ready to be claimed atomically (I3).
 #[derive(Debug, Clone)]
 pub struct HoldCommand {
@@ -383,6 +428,23 @@ pub trait Store: Send + Sync + 'static {
     }
     /// The soonest `limit` hold expiries, for the expiry scheduler.
     async fn upcoming_expiries(&self, limit: u32) -> Result<Vec<(BookingId, Timestamp)>, StoreError>;
+
+    // Refunds owed ([`RefundDue`]; cancellations' are queued by `update_booking`).
+    /// Queues `due`, unless one of its kind is queued for its payment already.
+    async fn queue_refund(&self, due: &RefundDue) -> Result<(), StoreError>;
+    /// Up to `limit` refunds whose `next_at` has come by `now`, with fewer than `attempts_max`
+    /// attempts, soonest first.
+    async fn refunds_due(&self, now: Timestamp, attempts_max: u32, limit: u32) -> Result<Vec<RefundDue>, StoreError>;
+    /// Sets the attempts and the next time of a queued refund.
+    async fn reschedule_refund(
+        &self,
+        kind: RefundKind,
+        payment_reference: &str,
+        attempts: u32,
+        next_at: Timestamp,
+    ) -> Result<(), StoreError>;
+    /// Drops a queued refund (made, or found not owed).
+    async fn drop_refund(&self, kind: RefundKind, payment_reference: &str) -> Result<(), StoreError>;
 
     // Idempotency (I4).
     async fn idempotency_begin(

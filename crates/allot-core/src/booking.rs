@@ -216,6 +216,14 @@ impl Booking {
         self.status.on_expiry(self.expires_at, now).is_some()
     }
 
+    /// The refund this booking still owes: the payment it gives money back on and the amount,
+    /// while the refund has not been made (its reference not recorded). A refund of nothing is
+    /// not owed.
+    pub fn refund_owed(&self) -> Option<(&str, i64)> {
+        let (Some(payment), Some(refund)) = (&self.payment, &self.refund) else { return None };
+        (refund.amount > 0 && refund.reference.is_none()).then_some((payment.reference.as_str(), refund.amount))
+    }
+
     /// Whether `after` is this booking with only its refund's reference recorded (and its
     /// `updated_at` moved): the one change a booking in a final status still takes, since the
     /// money is refunded once the cancellation has committed.
@@ -317,6 +325,26 @@ mod tests {
         other.cancel_reason = Some("changed".into());
         assert!(!cancelled.settles_refund(&other), "nothing else changes");
         assert!(!booking(BookingStatus::Cancelled, 100).settles_refund(&settled), "no refund to settle");
+    }
+
+    #[test]
+    fn a_refund_is_owed_until_made_and_only_of_money_paid() {
+        let mut cancelled = booking(BookingStatus::Cancelled, 100);
+        cancelled.refund = Some(Refund { amount: 600, reference: None });
+        assert_eq!(cancelled.refund_owed(), None, "nothing was paid");
+        cancelled.payment = Some(Payment {
+            provider: "test".into(),
+            reference: "pi_1".into(),
+            amount: 1200,
+            status: "succeeded".into(),
+        });
+        assert_eq!(cancelled.refund_owed(), Some(("pi_1", 600)));
+        let mut settled = cancelled.clone();
+        settled.refund = Some(Refund { amount: 600, reference: Some("re_1".into()) });
+        assert_eq!(settled.refund_owed(), None, "made");
+        let mut nothing = cancelled.clone();
+        nothing.refund = Some(Refund { amount: 0, reference: None });
+        assert_eq!(nothing.refund_owed(), None, "a refund of nothing");
     }
 
     #[test]

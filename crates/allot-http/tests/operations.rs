@@ -11,7 +11,7 @@ use std::time::Duration;
 use allot_app::App;
 use allot_app::audit::{AuditFilter, AuditPage, Outcome};
 use allot_app::clock::ManualClock;
-use allot_app::payments::{ChargeOutcome, ChargeRequest, PaymentProvider, ProviderError, TestProvider};
+use allot_app::payments::{ChargeOutcome, ChargeRequest, PaymentProvider, ProviderError, RefundRequest, TestProvider};
 use allot_app::store::Role;
 use allot_core::booking::BookingStatus;
 use allot_http::{HttpOptions, OpsOptions};
@@ -48,8 +48,8 @@ impl PaymentProvider for GatedProvider {
         TestProvider.charge(request).await
     }
 
-    async fn refund(&self, payment_reference: &str, amount: i64) -> Result<String, ProviderError> {
-        TestProvider.refund(payment_reference, amount).await
+    async fn refund(&self, request: &RefundRequest) -> Result<String, ProviderError> {
+        TestProvider.refund(request).await
     }
 }
 
@@ -66,8 +66,8 @@ impl PaymentProvider for PanickingProvider {
         panic!("a bug in the payment provider")
     }
 
-    async fn refund(&self, payment_reference: &str, amount: i64) -> Result<String, ProviderError> {
-        TestProvider.refund(payment_reference, amount).await
+    async fn refund(&self, request: &RefundRequest) -> Result<String, ProviderError> {
+        TestProvider.refund(request).await
     }
 }
 
@@ -542,9 +542,9 @@ impl PaymentProvider for RefundLog {
         TestProvider.charge(request).await
     }
 
-    async fn refund(&self, payment_reference: &str, amount: i64) -> Result<String, ProviderError> {
-        self.refunded.lock().unwrap().push(payment_reference.to_owned());
-        TestProvider.refund(payment_reference, amount).await
+    async fn refund(&self, request: &RefundRequest) -> Result<String, ProviderError> {
+        self.refunded.lock().unwrap().push(request.payment_reference.clone());
+        TestProvider.refund(request).await
     }
 }
 

@@ -4,7 +4,8 @@
 use allot_app::StoreError;
 use allot_app::audit::{AuditEvent, AuditFilter, AuditPage, AuditScope, Outcome};
 use allot_app::store::{
-    Decide, IdempotencyBegin, Page, PageRequest, Role, RotateOutcome, SeatStates, UpdateRefused, User,
+    Decide, IdempotencyBegin, Page, PageRequest, RefundDue, RefundKind, Role, RotateOutcome, SeatStates, UpdateRefused,
+    User,
 };
 use allot_core::booking::{Booking, BookingStatus, Transition};
 use allot_core::capacity::{Claim, Span};
@@ -330,6 +331,37 @@ where
     let after = if after == 0 { i64::MIN } else { i64::try_from(after).unwrap_or(i64::MAX) };
     qb.push_bind(after).push(" ORDER BY seq LIMIT ").push_bind(i64::from(limit));
     qb
+}
+
+/// Refunds queued (`refunds_due`) whose time has come by `now`, with fewer than `attempts_max`
+/// attempts, soonest first, at most `limit`.
+pub fn refunds_due_query<DB: sqlx::Database>(now: Timestamp, attempts_max: u32, limit: u32) -> QueryBuilder<DB>
+where
+    i64: for<'q> sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+{
+    let mut qb = QueryBuilder::new(
+        "SELECT kind, payment_reference, booking_id, amount, attempts, next_at FROM refunds_due WHERE next_at <= ",
+    );
+    qb.push_bind(now.as_second()).push(" AND attempts < ").push_bind(i64::from(attempts_max));
+    qb.push(" ORDER BY next_at LIMIT ").push_bind(i64::from(limit));
+    qb
+}
+
+/// A row of [`refunds_due_query`]: kind, payment reference, booking, amount, attempts, next.
+pub type RefundRow = (String, String, String, i64, i64, i64);
+
+pub fn refund_due_of(
+    (kind, payment_reference, booking_id, amount, attempts, next_at): RefundRow,
+) -> Result<RefundDue, StoreError> {
+    let corrupt = |what: &str| StoreError::Corrupt(format!("refunds_due of {payment_reference}: {what}"));
+    Ok(RefundDue {
+        kind: RefundKind::parse(&kind).ok_or_else(|| corrupt("kind"))?,
+        booking_id: booking_id.parse().map_err(|_| corrupt("booking_id"))?,
+        amount,
+        attempts: u32::try_from(attempts).map_err(|_| corrupt("attempts"))?,
+        next_at: ts(next_at),
+        payment_reference,
+    })
 }
 
 /// The audit list: `filter` and `page` as one `SELECT`, newest first.

@@ -248,6 +248,8 @@ conformance! {
     bookings::update_without_status_change_writes_no_event,
     bookings::confirm_at_or_after_expiry_is_rejected,
     bookings::bookings_filter_and_paging,
+    bookings::a_cancellations_refund_is_queued_until_its_reference_is_recorded,
+    bookings::queued_refunds_are_listed_when_due_rescheduled_and_dropped,
     expiry::expired_hold_stops_counting_before_the_sweep,
     expiry::a_swept_hold_is_stored_and_announced_as_the_transition_makes_it,
     expiry::expire_due_flips_only_due_holds_in_order_and_respects_limit,

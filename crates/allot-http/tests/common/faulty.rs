@@ -20,6 +20,8 @@ use jiff::Timestamp;
 pub struct Faults {
     /// `user_by_id` calls still to fail as busy (how a request's principal is loaded).
     user_by_id_failures: AtomicU32,
+    /// `update_booking` calls still to fail as busy (a payment's or a refund's record).
+    update_booking_failures: AtomicU32,
 }
 
 impl Faults {
@@ -28,12 +30,21 @@ impl Faults {
         self.user_by_id_failures.store(n, Ordering::SeqCst);
     }
 
+    /// The next `n` booking updates fail as busy, changing nothing.
+    pub fn fail_booking_updates(&self, n: u32) {
+        self.update_booking_failures.store(n, Ordering::SeqCst);
+    }
+
     fn user_by_id(&self) -> Result<(), StoreError> {
-        let armed = self.user_by_id_failures.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1));
-        match armed {
-            Ok(_) => Err(StoreError::Busy("injected: the database is busy".into())),
-            Err(_) => Ok(()),
-        }
+        take_failure(&self.user_by_id_failures)
+    }
+}
+
+/// Busy if `armed` counts a failure still to inject (one less then).
+fn take_failure(armed: &AtomicU32) -> Result<(), StoreError> {
+    match armed.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1)) {
+        Ok(_) => Err(StoreError::Busy("injected: the database is busy".into())),
+        Err(_) => Ok(()),
     }
 }
 
@@ -182,6 +193,7 @@ impl Store for FaultyStore {
     }
 
     async fn update_booking(&self, id: BookingId, now: Timestamp, decide: Decide) -> Result<Booking, UpdateRefused> {
+        take_failure(&self.faults.update_booking_failures).map_err(UpdateRefused::Store)?;
         self.inner.update_booking(id, now, decide).await
     }
 
@@ -228,6 +240,28 @@ impl Store for FaultyStore {
 
     async fn idempotency_cleanup(&self, before: Timestamp, limit: u32) -> Result<u64, StoreError> {
         self.inner.idempotency_cleanup(before, limit).await
+    }
+
+    async fn queue_refund(&self, due: &RefundDue) -> Result<(), StoreError> {
+        self.inner.queue_refund(due).await
+    }
+
+    async fn refunds_due(&self, now: Timestamp, attempts_max: u32, limit: u32) -> Result<Vec<RefundDue>, StoreError> {
+        self.inner.refunds_due(now, attempts_max, limit).await
+    }
+
+    async fn reschedule_refund(
+        &self,
+        kind: RefundKind,
+        payment_reference: &str,
+        attempts: u32,
+        next_at: Timestamp,
+    ) -> Result<(), StoreError> {
+        self.inner.reschedule_refund(kind, payment_reference, attempts, next_at).await
+    }
+
+    async fn drop_refund(&self, kind: RefundKind, payment_reference: &str) -> Result<(), StoreError> {
+        self.inner.drop_refund(kind, payment_reference).await
     }
 
     async fn grant_role(&self, user_id: UserId, grant: RoleGrant) -> Result<User, StoreError> {

@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 use allot_app::App;
 use allot_app::clock::ManualClock;
-use allot_app::payments::TestProvider;
+use allot_app::payments::{PaymentProvider, TestProvider};
 use allot_app::store::Role;
 use allot_app::store::Store;
 use allot_store::{PgStore, SqliteStore};
@@ -115,12 +115,21 @@ impl TestApp {
         options: allot_http::HttpOptions,
         wrap: impl FnOnce(Arc<dyn Store>) -> Arc<dyn Store>,
     ) -> TestApp {
+        TestApp::spawn_paying(options, wrap, Arc::new(TestProvider)).await
+    }
+
+    /// [`TestApp::spawn_wrapped`] with `payments` as the payment provider.
+    pub async fn spawn_paying(
+        options: allot_http::HttpOptions,
+        wrap: impl FnOnce(Arc<dyn Store>) -> Arc<dyn Store>,
+        payments: Arc<dyn PaymentProvider>,
+    ) -> TestApp {
         let dir = std::env::temp_dir().join(format!("allot-test-{}", uuid::Uuid::now_v7().as_simple()));
         std::fs::create_dir_all(&dir).unwrap();
         let db_url = fresh_database_url(&dir).await;
         let store = TestStore::open(&db_url).await;
         let clock = Arc::new(ManualClock::new(test_now()));
-        let app = App::start(wrap(store.port()), clock.clone(), Arc::new(TestProvider)).await.expect("start app");
+        let app = App::start(wrap(store.port()), clock.clone(), payments).await.expect("start app");
         let listener = allot_http::listen("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let served = app.clone();

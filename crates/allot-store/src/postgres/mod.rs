@@ -18,7 +18,8 @@ use allot_app::access::{ApiKey, RoleGrant, RoleRevoke};
 use allot_app::audit::{AuditEvent, AuditFilter, AuditPage};
 use allot_app::store::{
     BookingFilter, Decide, HoldCommand, HoldKey, HoldRefused, IdempotencyBegin, IdempotencyKey, IdempotencyMark,
-    KeyedHoldOutcome, Page, PageRequest, RefreshToken, Role, RotateOutcome, SeatStates, Store, UpdateRefused, User,
+    KeyedHoldOutcome, Page, PageRequest, REFUND_GRACE_SECONDS, RefreshToken, RefundDue, RefundKind, Role,
+    RotateOutcome, SeatStates, Store, UpdateRefused, User,
 };
 use allot_core::booking::Booking;
 use allot_core::capacity::{Claim, Span};
@@ -35,10 +36,11 @@ use crate::access::{self, NOT_A_MANAGER, all_managers};
 use crate::cache::{self, Cache, INVALIDATE_ALL};
 use crate::common::{ABANDON_CHANGED_SQL, ABANDON_UNCHANGED_SQL, DocTable, KeyFound, venue_inserted};
 use crate::common::{
-    AUDIT_COLUMNS, AUDIT_HEAD_SQL, AuditRow, KeyRow, Rotation, Succession, TokenRow, USER_COLUMNS, UserVenuesRow,
-    VENUE_IN_USE, add_seat_states, after_key, audit_events_of, audit_head_of, audit_range_query, audit_rotation,
-    audit_select, chain, claims_from_rows, decided, docs_to_page, existing_key, expired, from_json, from_json_db,
-    hold_expiry, is_unique_violation, rotation, to_json, ts, user_of_venues_row,
+    AUDIT_COLUMNS, AUDIT_HEAD_SQL, AuditRow, KeyRow, RefundRow, Rotation, Succession, TokenRow, USER_COLUMNS,
+    UserVenuesRow, VENUE_IN_USE, add_seat_states, after_key, audit_events_of, audit_head_of, audit_range_query,
+    audit_rotation, audit_select, chain, claims_from_rows, decided, docs_to_page, existing_key, expired, from_json,
+    from_json_db, hold_expiry, is_unique_violation, refund_due_of, refunds_due_query, rotation, to_json, ts,
+    user_of_venues_row,
 };
 use crate::writer::{
     Backend, HoldResults, KeyBegin, KeyBegun, KeyCompletion, Outcome, TxnRef, WriteCtx, Writer, db_error, marks_fenced,
@@ -781,6 +783,41 @@ async fn apply_change(
     if before.status != after.status {
         let topic = format!("booking.{}", after.status.as_str());
         outbox(conn, &topic, &id, &to_json(after)?, now).await?;
+    }
+    queue_refund_owed(conn, before, after, now).await
+}
+
+/// Keeps a cancellation's refund queued exactly while the booking owes it
+/// (`RefundKind::Cancellation`): from the change that owes it to the one that records it made.
+async fn queue_refund_owed(
+    conn: &mut PgConnection,
+    before: &Booking,
+    after: &Booking,
+    now: Timestamp,
+) -> Result<(), sqlx::Error> {
+    let kind = RefundKind::Cancellation.as_str();
+    match (before.refund_owed(), after.refund_owed()) {
+        (None, Some((reference, amount))) => {
+            sqlx::query(
+                "INSERT INTO refunds_due (payment_reference, kind, booking_id, amount, next_at) VALUES ($1, $2, $3, $4, $5)
+                 ON CONFLICT DO NOTHING",
+            )
+            .bind(reference)
+            .bind(kind)
+            .bind(after.id.to_string())
+            .bind(amount)
+            .bind(now.as_second() + REFUND_GRACE_SECONDS)
+            .execute(&mut *conn)
+            .await?;
+        }
+        (Some((reference, _)), None) => {
+            sqlx::query("DELETE FROM refunds_due WHERE payment_reference = $1 AND kind = $2")
+                .bind(reference)
+                .bind(kind)
+                .execute(&mut *conn)
+                .await?;
+        }
+        _ => {}
     }
     Ok(())
 }
@@ -1705,6 +1742,61 @@ impl Store for PgStore {
             "",
         )
         .await
+    }
+
+    async fn queue_refund(&self, due: &RefundDue) -> Result<(), StoreError> {
+        self.exec_one(
+            "INSERT INTO refunds_due (payment_reference, kind, booking_id, amount, attempts, next_at)
+             VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT DO NOTHING",
+            vec![
+                Arg::Text(due.payment_reference.clone()),
+                Arg::Text(due.kind.as_str().to_owned()),
+                Arg::Text(due.booking_id.to_string()),
+                Arg::Int(due.amount),
+                Arg::Int(i64::from(due.attempts)),
+                Arg::Int(due.next_at.as_second()),
+            ],
+            "",
+        )
+        .await
+        .map(|_| ())
+    }
+
+    async fn refunds_due(&self, now: Timestamp, attempts_max: u32, limit: u32) -> Result<Vec<RefundDue>, StoreError> {
+        let mut query = refunds_due_query::<Postgres>(now, attempts_max, limit);
+        let rows: Vec<RefundRow> = query.build_query_as().fetch_all(&self.read).await.map_err(db_error)?;
+        rows.into_iter().map(refund_due_of).collect()
+    }
+
+    async fn reschedule_refund(
+        &self,
+        kind: RefundKind,
+        payment_reference: &str,
+        attempts: u32,
+        next_at: Timestamp,
+    ) -> Result<(), StoreError> {
+        self.exec_one(
+            "UPDATE refunds_due SET attempts = $1, next_at = $2 WHERE payment_reference = $3 AND kind = $4",
+            vec![
+                Arg::Int(i64::from(attempts)),
+                Arg::Int(next_at.as_second()),
+                Arg::Text(payment_reference.to_owned()),
+                Arg::Text(kind.as_str().to_owned()),
+            ],
+            "",
+        )
+        .await
+        .map(|_| ())
+    }
+
+    async fn drop_refund(&self, kind: RefundKind, payment_reference: &str) -> Result<(), StoreError> {
+        self.exec_one(
+            "DELETE FROM refunds_due WHERE payment_reference = $1 AND kind = $2",
+            vec![Arg::Text(payment_reference.to_owned()), Arg::Text(kind.as_str().to_owned())],
+            "",
+        )
+        .await
+        .map(|_| ())
     }
 
     async fn append_audit(&self, event: AuditEvent) -> Result<(), StoreError> {

@@ -14,7 +14,8 @@ use allot_app::access::{ApiKey, RoleGrant, RoleRevoke};
 use allot_app::audit::{AuditEvent, AuditFilter, AuditPage};
 use allot_app::store::{
     BookingFilter, Decide, HoldCommand, HoldKey, HoldRefused, IdempotencyBegin, IdempotencyKey, KeyedHoldOutcome, Page,
-    PageRequest, RefreshToken, RotateOutcome, SeatStates, SeatVersion, Store, UpdateRefused, User,
+    PageRequest, RefreshToken, RefundDue, RefundKind, RotateOutcome, SeatStates, SeatVersion, Store, UpdateRefused,
+    User,
 };
 use allot_core::booking::{Booking, BookingStatus};
 use allot_core::capacity::{Claim, Span};
@@ -29,9 +30,9 @@ use sqlx::{Connection, QueryBuilder, Sqlite, SqliteConnection};
 use crate::access;
 use crate::cache::{self, Cache, INVALIDATE_ALL, ResourceVersions};
 use crate::common::{
-    AUDIT_HEAD_SQL, AuditRow, Succession, USER_COLUMNS, UserVenuesRow, after_key, audit_events_of, audit_head_of,
-    audit_range_query, audit_rotation, audit_select, claims_from_rows, docs_to_page, from_json, page_of, ts,
-    user_of_venues_row,
+    AUDIT_HEAD_SQL, AuditRow, RefundRow, Succession, USER_COLUMNS, UserVenuesRow, after_key, audit_events_of,
+    audit_head_of, audit_range_query, audit_rotation, audit_select, claims_from_rows, docs_to_page, from_json, page_of,
+    refund_due_of, refunds_due_query, ts, user_of_venues_row,
 };
 use crate::writer::{Backend, KeyBegin, KeyCompletion, Writer, db_error};
 use tx::Ctx;
@@ -684,6 +685,62 @@ impl Store for SqliteStore {
             "",
         )
         .await
+    }
+
+    async fn queue_refund(&self, due: &RefundDue) -> Result<(), StoreError> {
+        self.exec_one(
+            "INSERT INTO refunds_due (payment_reference, kind, booking_id, amount, attempts, next_at)
+             VALUES (?, ?, ?, CAST(? AS INTEGER), CAST(? AS INTEGER), CAST(? AS INTEGER)) ON CONFLICT DO NOTHING",
+            vec![
+                Some(due.payment_reference.clone()),
+                Some(due.kind.as_str().to_owned()),
+                Some(due.booking_id.to_string()),
+                Some(due.amount.to_string()),
+                Some(due.attempts.to_string()),
+                Some(due.next_at.as_second().to_string()),
+            ],
+            "",
+        )
+        .await
+        .map(|_| ())
+    }
+
+    async fn refunds_due(&self, now: Timestamp, attempts_max: u32, limit: u32) -> Result<Vec<RefundDue>, StoreError> {
+        let mut query = refunds_due_query::<Sqlite>(now, attempts_max, limit);
+        let rows: Vec<RefundRow> = query.build_query_as().fetch_all(&self.read).await.map_err(db_error)?;
+        rows.into_iter().map(refund_due_of).collect()
+    }
+
+    async fn reschedule_refund(
+        &self,
+        kind: RefundKind,
+        payment_reference: &str,
+        attempts: u32,
+        next_at: Timestamp,
+    ) -> Result<(), StoreError> {
+        self.exec_one(
+            "UPDATE refunds_due SET attempts = CAST(? AS INTEGER), next_at = CAST(? AS INTEGER)
+             WHERE payment_reference = ? AND kind = ?",
+            vec![
+                Some(attempts.to_string()),
+                Some(next_at.as_second().to_string()),
+                Some(payment_reference.to_owned()),
+                Some(kind.as_str().to_owned()),
+            ],
+            "",
+        )
+        .await
+        .map(|_| ())
+    }
+
+    async fn drop_refund(&self, kind: RefundKind, payment_reference: &str) -> Result<(), StoreError> {
+        self.exec_one(
+            "DELETE FROM refunds_due WHERE payment_reference = ? AND kind = ?",
+            vec![Some(payment_reference.to_owned()), Some(kind.as_str().to_owned())],
+            "",
+        )
+        .await
+        .map(|_| ())
     }
 
     async fn append_audit(&self, event: AuditEvent) -> Result<(), StoreError> {

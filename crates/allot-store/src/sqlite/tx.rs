@@ -14,7 +14,8 @@ use allot_app::StoreError;
 use allot_app::access::{ApiKey, LAST_ADMIN, RoleGrant, RoleRevoke};
 use allot_app::audit::AuditEvent;
 use allot_app::store::{
-    Decide, HoldCommand, HoldRefused, IdempotencyBegin, IdempotencyKey, IdempotencyMark, Role, RotateOutcome,
+    Decide, HoldCommand, HoldRefused, IdempotencyBegin, IdempotencyKey, IdempotencyMark, REFUND_GRACE_SECONDS,
+    RefundKind, Role, RotateOutcome,
 };
 use allot_core::booking::{Booking, BookingStatus};
 use allot_core::capacity::{self, Claim, Span};
@@ -823,6 +824,33 @@ fn apply_change(conn: &Connection, before: &Booking, after: &Booking, now: Times
         let topic = format!("booking.{}", after.status.as_str());
         conn.prepare_cached("INSERT INTO outbox (topic, aggregate_id, doc_seq, created_at) VALUES (?, ?, ?, ?)")?
             .execute(params![topic, id, doc_seq, now.as_second()])?;
+    }
+    queue_refund_owed(conn, before, after, now)
+}
+
+/// Keeps a cancellation's refund queued exactly while the booking owes it
+/// (`RefundKind::Cancellation`): from the change that owes it to the one that records it made.
+fn queue_refund_owed(conn: &Connection, before: &Booking, after: &Booking, now: Timestamp) -> Result<()> {
+    let kind = RefundKind::Cancellation.as_str();
+    match (before.refund_owed(), after.refund_owed()) {
+        (None, Some((reference, amount))) => {
+            conn.prepare_cached(
+                "INSERT INTO refunds_due (payment_reference, kind, booking_id, amount, next_at) VALUES (?, ?, ?, ?, ?)
+                 ON CONFLICT DO NOTHING",
+            )?
+            .execute(params![
+                reference,
+                kind,
+                after.id.to_string(),
+                amount,
+                now.as_second() + REFUND_GRACE_SECONDS
+            ])?;
+        }
+        (Some((reference, _)), None) => {
+            conn.prepare_cached("DELETE FROM refunds_due WHERE payment_reference = ? AND kind = ?")?
+                .execute(params![reference, kind])?;
+        }
+        _ => {}
     }
     Ok(())
 }

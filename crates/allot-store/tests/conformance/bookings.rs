@@ -1,11 +1,14 @@
 //! `update_booking` (decisions inside the transaction, claims kept in step, one outbox row per
-//! status change) and the booking list.
+//! status change, a cancellation's refund queued while owed), the booking list, and the queue
+//! of refunds owed.
 
 use std::collections::BTreeSet;
 
 use allot_app::AppError;
-use allot_app::store::{BookingFilter, Decide, HoldRefused, UpdateRefused};
-use allot_core::booking::{Booking, BookingStatus, Transition};
+use allot_app::store::{
+    BookingFilter, Decide, HoldRefused, REFUND_GRACE_SECONDS, RefundDue, RefundKind, UpdateRefused,
+};
+use allot_core::booking::{Booking, BookingStatus, Payment, Refund, Transition};
 use allot_core::ids::{BookingId, UserId, VenueId};
 
 use crate::{Backend, HOUR, World, all_pages, at, span, user};
@@ -235,4 +238,101 @@ pub async fn bookings_filter_and_paging(b: &Backend) {
     for booking in w1.store.bookings(&BookingFilter::default(), everything).await.unwrap().items {
         assert_eq!(w1.store.booking(booking.id).await.unwrap(), Some(booking));
     }
+}
+
+/// A decision that records `payment` (a confirm with the card charged).
+fn paid(reference: &'static str) -> Decide {
+    Box::new(move |b: &Booking, now| {
+        let mut next = b.clone();
+        next.status = b.next_status(Transition::Confirm, now).map_err(|e| AppError::Conflict(e.to_string()))?;
+        next.expires_at = None;
+        next.payment = Some(Payment {
+            provider: "test".into(),
+            reference: reference.into(),
+            amount: b.total,
+            status: "succeeded".into(),
+        });
+        Ok(next)
+    })
+}
+
+/// A decision that cancels, owing `amount` back.
+fn cancelled_owing(amount: i64) -> Decide {
+    Box::new(move |b: &Booking, now| {
+        let mut next = b.clone();
+        next.status = b.next_status(Transition::Cancel, now).map_err(|e| AppError::Conflict(e.to_string()))?;
+        next.refund = Some(Refund { amount, reference: None });
+        Ok(next)
+    })
+}
+
+/// A decision that records the refund made.
+fn refunded(reference: &'static str) -> Decide {
+    Box::new(move |b: &Booking, _now| {
+        let mut next = b.clone();
+        next.refund.as_mut().expect("a refund owed").reference = Some(reference.into());
+        Ok(next)
+    })
+}
+
+pub async fn a_cancellations_refund_is_queued_until_its_reference_is_recorded(b: &Backend) {
+    let w = World::new(b).await;
+    let r = w.resource(2).await;
+    let s = span(HOUR, 2 * HOUR);
+    let owing = w.held(&[(r.id, s, 1)], at(0), 600).await;
+    w.store.update_booking(owing.id, at(1), paid("pi_owing")).await.unwrap();
+    w.store.update_booking(owing.id, at(2), cancelled_owing(600)).await.unwrap();
+    let free = w.held(&[(r.id, s, 1)], at(3), 600).await;
+    w.store.update_booking(free.id, at(4), paid("pi_free")).await.unwrap();
+    w.store.update_booking(free.id, at(5), cancelled_owing(0)).await.unwrap();
+
+    let grace = REFUND_GRACE_SECONDS;
+    assert_eq!(w.store.refunds_due(at(1 + grace), 10, 10).await.unwrap(), vec![], "the request's own try first");
+    let queued = RefundDue {
+        kind: RefundKind::Cancellation,
+        payment_reference: "pi_owing".into(),
+        booking_id: owing.id,
+        amount: 600,
+        attempts: 0,
+        next_at: at(2 + grace),
+    };
+    assert_eq!(w.store.refunds_due(at(10_000), 10, 10).await.unwrap(), vec![queued], "a refund of nothing is not owed");
+
+    w.store.update_booking(owing.id, at(6), refunded("re_owing")).await.unwrap();
+    assert_eq!(w.store.refunds_due(at(10_000), 10, 10).await.unwrap(), vec![], "recorded made, dropped with it");
+    assert_eq!(b.count("refunds_due", "1=1").await, 0);
+}
+
+pub async fn queued_refunds_are_listed_when_due_rescheduled_and_dropped(b: &Backend) {
+    let w = World::new(b).await;
+    let due = |reference: &str, next_at: i64| RefundDue {
+        kind: RefundKind::Unrecorded,
+        payment_reference: reference.into(),
+        booking_id: BookingId::new(),
+        amount: 1200,
+        attempts: 0,
+        next_at: at(next_at),
+    };
+    let (late, soon) = (due("pi_late", 200), due("pi_soon", 100));
+    w.store.queue_refund(&late).await.unwrap();
+    w.store.queue_refund(&soon).await.unwrap();
+    w.store.queue_refund(&RefundDue { amount: 1, ..soon.clone() }).await.unwrap();
+    assert_eq!(b.count("refunds_due", "1=1").await, 2, "one per payment and kind: the first kept");
+
+    assert_eq!(w.store.refunds_due(at(99), 10, 10).await.unwrap(), vec![]);
+    assert_eq!(w.store.refunds_due(at(100), 10, 10).await.unwrap(), vec![soon.clone()]);
+    assert_eq!(w.store.refunds_due(at(300), 10, 10).await.unwrap(), vec![soon.clone(), late.clone()], "soonest first");
+    assert_eq!(w.store.refunds_due(at(300), 10, 1).await.unwrap(), vec![soon.clone()], "at most `limit`");
+
+    w.store.reschedule_refund(RefundKind::Unrecorded, "pi_soon", 3, at(400)).await.unwrap();
+    let rescheduled = RefundDue { attempts: 3, next_at: at(400), ..soon.clone() };
+    assert_eq!(w.store.refunds_due(at(300), 10, 10).await.unwrap(), vec![late.clone()]);
+    assert_eq!(w.store.refunds_due(at(400), 10, 10).await.unwrap(), vec![late.clone(), rescheduled]);
+    assert_eq!(w.store.refunds_due(at(400), 3, 10).await.unwrap(), vec![late.clone()], "out of attempts");
+
+    w.store.drop_refund(RefundKind::Cancellation, "pi_late").await.unwrap();
+    assert_eq!(b.count("refunds_due", "1=1").await, 2, "another kind is another refund");
+    w.store.drop_refund(RefundKind::Unrecorded, "pi_late").await.unwrap();
+    w.store.drop_refund(RefundKind::Unrecorded, "pi_soon").await.unwrap();
+    assert_eq!(b.count("refunds_due", "1=1").await, 0);
 }

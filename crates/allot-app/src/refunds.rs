@@ -1,0 +1,246 @@
+//! Refunds owed and not yet made, made later (the reconciler): a cancelled booking's refund
+//! the provider failed to make when it was cancelled, and a charge its booking may not record
+//! (the write that records it failed, or the hold ended first and the refund made then
+//! failed). Each waits in the store as a [`RefundDue`] and is retried, with backoff, until it
+//! is made or found not owed. The provider's idempotency key, one per payment
+//! ([`RefundRequest::of`]), makes the request's own attempt, a retry and two nodes
+//! reconciling at once one refund.
+
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use allot_core::booking::{Booking, BookingStatus};
+use jiff::{SignedDuration, Timestamp};
+
+use crate::payments::RefundRequest;
+use crate::store::{REFUND_GRACE_SECONDS, RefundDue, RefundKind};
+use crate::{App, AppResult, telemetry};
+
+/// How often the reconciler looks for refunds whose time has come.
+pub const REFUND_SWEEP_INTERVAL_SECONDS: u64 = 30;
+/// Refunds tried per sweep; the rest wait for the next.
+pub const REFUND_BATCH_MAX: u32 = 100;
+/// Failed attempts after which a refund is left to an operator (logged at error level).
+pub const REFUND_ATTEMPTS_MAX: u32 = 12;
+/// The longest wait between two attempts (doubling from [`REFUND_GRACE_SECONDS`]).
+pub const REFUND_BACKOFF_SECONDS_MAX: i64 = 6 * 3600;
+
+/// What a sweep did with the refunds whose time had come.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct RefundSweep {
+    /// Made at the provider (and recorded, for a cancellation).
+    pub refunded: u32,
+    /// Dropped: made already, or the booking records the payment.
+    pub not_owed: u32,
+    /// Left for later: the booking may still record the charge (its hold is live).
+    pub waiting: u32,
+    /// Failed at the provider or the store; tried again later.
+    pub failed: u32,
+}
+
+/// Whether a queued refund is owed, decided on the booking as stored now.
+#[derive(Debug, PartialEq, Eq)]
+enum Owed {
+    /// This much, now.
+    Now(i64),
+    /// Perhaps later: the booking is held, and a retried confirm may still record the charge.
+    NotYet,
+    No,
+}
+
+fn owed(due: &RefundDue, booking: Option<&Booking>) -> Owed {
+    match due.kind {
+        RefundKind::Cancellation => match booking.and_then(Booking::refund_owed) {
+            Some((reference, amount)) if reference == due.payment_reference => Owed::Now(amount),
+            _ => Owed::No,
+        },
+        RefundKind::Unrecorded => {
+            let Some(booking) = booking else { return Owed::Now(due.amount) };
+            if booking.payment.as_ref().is_some_and(|p| p.reference == due.payment_reference) {
+                // Recorded: the booking's own lifecycle (a cancellation) refunds it if owed.
+                Owed::No
+            } else if booking.status == BookingStatus::Held {
+                Owed::NotYet
+            } else {
+                Owed::Now(due.amount)
+            }
+        }
+    }
+}
+
+/// When attempt `attempts + 1` is made, after `attempts` failed ones.
+fn next_attempt_at(now: Timestamp, attempts: u32) -> Timestamp {
+    let wait = REFUND_GRACE_SECONDS.saturating_mul(1_i64 << attempts.min(20)).min(REFUND_BACKOFF_SECONDS_MAX);
+    now.saturating_add(SignedDuration::from_secs(wait)).unwrap_or(now)
+}
+
+impl App {
+    /// Makes, or drops as not owed, every queued refund whose time has come (at most
+    /// [`REFUND_BATCH_MAX`]). Safe to run on several nodes at once.
+    pub async fn settle_refunds(&self) -> AppResult<RefundSweep> {
+        let now = self.clock.now();
+        let due = self.store.refunds_due(now, REFUND_ATTEMPTS_MAX, REFUND_BATCH_MAX).await?;
+        let mut sweep = RefundSweep::default();
+        for refund in &due {
+            let tally = match self.settle_refund(refund, now).await {
+                Ok(Owed::Now(_)) => &mut sweep.refunded,
+                Ok(Owed::NotYet) => &mut sweep.waiting,
+                Ok(Owed::No) => &mut sweep.not_owed,
+                Err(e) => {
+                    self.retry_refund_later(refund, now, &e).await;
+                    &mut sweep.failed
+                }
+            };
+            *tally += 1;
+        }
+        Ok(sweep)
+    }
+
+    /// Decides `due` on its booking and acts on it: what was owed, once done.
+    async fn settle_refund(&self, due: &RefundDue, now: Timestamp) -> AppResult<Owed> {
+        let booking = self.store.booking(due.booking_id).await?;
+        let owed = owed(due, booking.as_ref());
+        match owed {
+            Owed::No => self.store.drop_refund(due.kind, &due.payment_reference).await?,
+            Owed::NotYet => {
+                let later = now.saturating_add(SignedDuration::from_secs(REFUND_GRACE_SECONDS)).unwrap_or(now);
+                self.store.reschedule_refund(due.kind, &due.payment_reference, due.attempts, later).await?;
+            }
+            Owed::Now(amount) => {
+                let refunded = self.payments.refund(&RefundRequest::of(&due.payment_reference, amount)).await;
+                telemetry::count_refund(&refunded);
+                let reference = refunded.map_err(|e| crate::AppError::Internal(format!("refund: {e}")))?;
+                match due.kind {
+                    // Recording the reference drops the queued refund in the same write.
+                    RefundKind::Cancellation => {
+                        self.record_refund(due.booking_id, reference).await.ok_or_else(|| {
+                            crate::AppError::Internal("the refund's reference was not recorded".into())
+                        })?;
+                    }
+                    RefundKind::Unrecorded => self.store.drop_refund(due.kind, &due.payment_reference).await?,
+                }
+                tracing::info!(booking_id = %due.booking_id, kind = due.kind.as_str(), amount, "a refund owed was made");
+            }
+        }
+        Ok(owed)
+    }
+
+    async fn retry_refund_later(&self, due: &RefundDue, now: Timestamp, error: &crate::AppError) {
+        let attempts = due.attempts.saturating_add(1);
+        let kind = due.kind.as_str();
+        if attempts >= REFUND_ATTEMPTS_MAX {
+            tracing::error!(booking_id = %due.booking_id, kind, attempts, %error, "a refund owed failed every attempt; left to an operator");
+        } else {
+            tracing::warn!(booking_id = %due.booking_id, kind, attempts, %error, "a refund owed failed; tried again later");
+        }
+        let next = next_attempt_at(now, attempts);
+        if let Err(e) = self.store.reschedule_refund(due.kind, &due.payment_reference, attempts, next).await {
+            tracing::error!(booking_id = %due.booking_id, error = %e, "a failed refund could not be rescheduled");
+        }
+    }
+
+    /// Queues the refund of `reference`, a charge for `booking` that its booking may not
+    /// record ([`RefundKind::Unrecorded`]); logged when even that fails.
+    pub(crate) async fn queue_unrecorded(&self, booking: &Booking, reference: &str) {
+        let due = RefundDue {
+            kind: RefundKind::Unrecorded,
+            payment_reference: reference.to_owned(),
+            booking_id: booking.id,
+            amount: booking.total,
+            attempts: 0,
+            next_at: next_attempt_at(self.clock.now(), 0),
+        };
+        if let Err(e) = self.store.queue_refund(&due).await {
+            tracing::error!(booking_id = %booking.id, payment = reference, error = %e, "a charge that may be unrecorded could not be queued for refund");
+        }
+    }
+}
+
+/// Runs [`App::settle_refunds`] every [`REFUND_SWEEP_INTERVAL_SECONDS`] until the app is dropped.
+pub async fn run(app: Weak<App>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(REFUND_SWEEP_INTERVAL_SECONDS));
+    loop {
+        tick.tick().await;
+        let Some(app) = app.upgrade() else { return };
+        sweep_once(&app).await;
+    }
+}
+
+async fn sweep_once(app: &Arc<App>) {
+    match app.settle_refunds().await {
+        Ok(sweep) if sweep != RefundSweep::default() => tracing::info!(?sweep, "refunds owed reconciled"),
+        Ok(_) => {}
+        Err(e) => tracing::error!(error = %e, "reconciling refunds owed failed; the next sweep retries"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use allot_core::booking::{Payment, Refund};
+    use allot_core::ids::{UserId, VenueId};
+    use allot_core::inventory::Currency;
+
+    use super::*;
+
+    fn at(second: i64) -> Timestamp {
+        Timestamp::from_second(second).expect("ts")
+    }
+
+    fn booking(status: BookingStatus, paid: Option<&str>) -> Booking {
+        let currency = Currency::try_from("EUR".to_owned()).expect("currency");
+        let mut b = Booking::new_hold(UserId::new(), VenueId::new(), currency, Vec::new(), at(0), at(600));
+        b.status = status;
+        b.total = 1200;
+        b.payment = paid.map(|reference| Payment {
+            provider: "test".into(),
+            reference: reference.into(),
+            amount: 1200,
+            status: "succeeded".into(),
+        });
+        b
+    }
+
+    fn due(kind: RefundKind, b: &Booking) -> RefundDue {
+        RefundDue {
+            kind,
+            payment_reference: "pi_1".into(),
+            booking_id: b.id,
+            amount: 1200,
+            attempts: 0,
+            next_at: at(0),
+        }
+    }
+
+    #[test]
+    fn a_cancellations_refund_is_owed_while_the_booking_owes_it() {
+        let mut b = booking(BookingStatus::Cancelled, Some("pi_1"));
+        b.refund = Some(Refund { amount: 600, reference: None });
+        let due = due(RefundKind::Cancellation, &b);
+        assert_eq!(owed(&due, Some(&b)), Owed::Now(600), "the policy's amount, not the payment's");
+        b.refund = Some(Refund { amount: 600, reference: Some("re_pi_1".into()) });
+        assert_eq!(owed(&due, Some(&b)), Owed::No, "made");
+        assert_eq!(owed(&due, None), Owed::No, "no booking, nothing recorded to refund");
+    }
+
+    #[test]
+    fn an_unrecorded_charge_is_owed_whole_once_its_booking_cannot_record_it() {
+        let held = booking(BookingStatus::Held, None);
+        let due = due(RefundKind::Unrecorded, &held);
+        assert_eq!(owed(&due, Some(&held)), Owed::NotYet, "a retried confirm may still record it");
+        assert_eq!(owed(&due, Some(&booking(BookingStatus::Confirmed, Some("pi_1")))), Owed::No);
+        assert_eq!(owed(&due, Some(&booking(BookingStatus::Cancelled, Some("pi_1")))), Owed::No, "the cancel's");
+        assert_eq!(owed(&due, Some(&booking(BookingStatus::Expired, None))), Owed::Now(1200));
+        assert_eq!(owed(&due, Some(&booking(BookingStatus::Confirmed, Some("pi_2")))), Owed::Now(1200), "another paid");
+        assert_eq!(owed(&due, Some(&booking(BookingStatus::PendingPayment, Some("pi_2")))), Owed::Now(1200));
+        assert_eq!(owed(&due, None), Owed::Now(1200));
+    }
+
+    #[test]
+    fn attempts_back_off_doubling_up_to_the_cap() {
+        assert_eq!(next_attempt_at(at(0), 0), at(REFUND_GRACE_SECONDS));
+        assert_eq!(next_attempt_at(at(0), 1), at(2 * REFUND_GRACE_SECONDS));
+        assert_eq!(next_attempt_at(at(0), 3), at(8 * REFUND_GRACE_SECONDS));
+        assert_eq!(next_attempt_at(at(0), REFUND_ATTEMPTS_MAX), at(REFUND_BACKOFF_SECONDS_MAX));
+        assert_eq!(next_attempt_at(at(0), u32::MAX), at(REFUND_BACKOFF_SECONDS_MAX));
+    }
+}

@@ -1,0 +1,247 @@
+//! Refunds owed and made later (`allot_app::refunds`), over real HTTP and the real store: a
+//! cancellation's refund the provider failed to make, and a charge whose record failed and
+//! that no retry recorded. The reconciler is run by hand (`App::settle_refunds`) with the
+//! manual clock moved, so nothing here waits for its timer.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use allot_app::payments::{ChargeOutcome, ChargeRequest, PaymentProvider, ProviderError, RefundRequest, TestProvider};
+use allot_app::refunds::{REFUND_ATTEMPTS_MAX, RefundSweep};
+use allot_app::store::{REFUND_GRACE_SECONDS, Role};
+use allot_core::booking::BookingStatus;
+use common::TestApp;
+use common::faulty::{Faults, FaultyStore};
+use jiff::SignedDuration;
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+use tokio::sync::{Notify, Semaphore};
+
+/// Charges as the test provider does, each waiting for `gate` while `charges_gated` is set;
+/// refunds fail while `refunds_fail` is set, and every refund asked for is kept (made or not).
+struct Provider {
+    charges_gated: AtomicBool,
+    charging: Notify,
+    gate: Semaphore,
+    refunds_fail: AtomicBool,
+    asked: Mutex<Vec<RefundRequest>>,
+}
+
+impl Default for Provider {
+    fn default() -> Self {
+        Provider {
+            charges_gated: AtomicBool::new(false),
+            charging: Notify::new(),
+            gate: Semaphore::new(0),
+            refunds_fail: AtomicBool::new(false),
+            asked: Mutex::default(),
+        }
+    }
+}
+
+impl Provider {
+    fn asked(&self) -> Vec<RefundRequest> {
+        self.asked.lock().unwrap().clone()
+    }
+}
+
+#[async_trait::async_trait]
+impl PaymentProvider for Provider {
+    fn name(&self) -> &'static str {
+        "test"
+    }
+
+    async fn charge(&self, request: &ChargeRequest) -> Result<ChargeOutcome, ProviderError> {
+        if self.charges_gated.load(Ordering::SeqCst) {
+            self.charging.notify_one();
+            self.gate.acquire().await.unwrap().forget();
+        }
+        TestProvider.charge(request).await
+    }
+
+    async fn refund(&self, request: &RefundRequest) -> Result<String, ProviderError> {
+        self.asked.lock().unwrap().push(request.clone());
+        if self.refunds_fail.load(Ordering::SeqCst) {
+            return Err(ProviderError::Unavailable("processing_error".into()));
+        }
+        TestProvider.refund(request).await
+    }
+}
+
+struct Setup {
+    t: TestApp,
+    provider: Arc<Provider>,
+    faults: Arc<Faults>,
+    customer: String,
+    booking: String,
+}
+
+/// The app over a store that fails on demand, and a customer's hold of one seat of a show two
+/// days ahead (a cancellation then refunds all of it).
+async fn setup() -> Setup {
+    let provider = Arc::new(Provider::default());
+    let faults = Arc::new(Faults::default());
+    let wrap_faults = faults.clone();
+    let t = TestApp::spawn_paying(
+        allot_http::HttpOptions::default().with_rate_limits(allot_http::ratelimit::RateLimits::off()),
+        move |inner| Arc::new(FaultyStore { inner, faults: wrap_faults }),
+        provider.clone(),
+    )
+    .await;
+    let manager = t.user_with_role("manager@test.allot", Role::Manager).await;
+    let venue = t.venue(&manager, "cinema").await;
+    let (seats, event) = t.seats_and_event(&manager, &venue, 1, 48).await;
+    let customer = t.customer("refunds@test.allot").await;
+    let (status, held) =
+        t.post(Some(&customer), "/bookings", json!({"items": [{"resource_id": seats[0], "event_id": event}]})).await;
+    assert_eq!(status, StatusCode::CREATED, "{held}");
+    let booking = held["id"].as_str().unwrap().to_owned();
+    Setup { t, provider, faults, customer, booking }
+}
+
+impl Setup {
+    async fn confirm(&self) -> (StatusCode, Value) {
+        let body = json!({"payment": {"method": "card", "token": "tok_visa"}});
+        self.t.post(Some(&self.customer), &format!("/bookings/{}/confirm", self.booking), body).await
+    }
+
+    async fn stored(&self) -> Value {
+        let (status, body) = self.t.get(Some(&self.customer), &format!("/bookings/{}", self.booking)).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        body
+    }
+
+    async fn settle_after(&self, seconds: i64) -> RefundSweep {
+        self.t.clock.advance(SignedDuration::from_secs(seconds));
+        self.t.app.settle_refunds().await.unwrap()
+    }
+}
+
+#[tokio::test]
+async fn a_cancellations_refund_the_provider_failed_to_make_is_made_later_once() {
+    let s = setup().await;
+    let (status, confirmed) = s.confirm().await;
+    assert_eq!(status, StatusCode::OK, "{confirmed}");
+    let payment = confirmed["payment"]["reference"].as_str().unwrap().to_owned();
+
+    s.provider.refunds_fail.store(true, Ordering::SeqCst);
+    let (status, cancelled) = s.t.post(Some(&s.customer), &format!("/bookings/{}/cancel", s.booking), json!({})).await;
+    assert_eq!(status, StatusCode::OK, "the cancellation stands: {cancelled}");
+    assert_eq!(cancelled["refund"], json!({"amount": 1200, "reference": null}), "owed, not made");
+    assert_eq!(s.t.store.count("refunds_due", "kind = 'cancellation'").await.unwrap(), 1, "queued with the cancel");
+
+    assert_eq!(s.settle_after(0).await, RefundSweep::default(), "the request's own attempt is given its time");
+    assert_eq!(s.settle_after(REFUND_GRACE_SECONDS).await, RefundSweep { failed: 1, ..RefundSweep::default() });
+    assert_eq!(s.settle_after(REFUND_GRACE_SECONDS).await, RefundSweep::default(), "backs off: twice the wait");
+
+    s.provider.refunds_fail.store(false, Ordering::SeqCst);
+    assert_eq!(s.settle_after(REFUND_GRACE_SECONDS).await, RefundSweep { refunded: 1, ..RefundSweep::default() });
+    let refund = s.stored().await["refund"].clone();
+    assert_eq!(refund, json!({"amount": 1200, "reference": format!("re_{payment}")}), "recorded made");
+    assert_eq!(s.t.store.count("refunds_due", "1=1").await.unwrap(), 0, "dropped with the record");
+    assert_eq!(s.settle_after(24 * 3600).await, RefundSweep::default(), "made once");
+
+    let asked = s.provider.asked();
+    assert_eq!(asked.len(), 3, "the cancel's, the failed retry, the one made: {asked:?}");
+    for request in &asked {
+        assert_eq!((request.amount, request.payment_reference.as_str()), (1200, payment.as_str()));
+        assert_eq!(
+            request.idempotency_key,
+            format!("refund_{payment}"),
+            "one refund at the provider, however often asked"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_charge_whose_record_failed_and_no_retry_recorded_is_refunded_once_its_hold_ends() {
+    let s = setup().await;
+    s.faults.fail_booking_updates(1);
+    let (status, busy) = s.confirm().await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "the payment's record failed: {busy}");
+    assert_eq!(s.stored().await["payment"], Value::Null);
+    assert_eq!(s.t.store.count("refunds_due", "kind = 'unrecorded'").await.unwrap(), 1);
+
+    let sweep = s.settle_after(REFUND_GRACE_SECONDS).await;
+    assert_eq!(sweep, RefundSweep { waiting: 1, ..RefundSweep::default() }, "a retried confirm may still record it");
+    assert!(s.provider.asked().is_empty());
+
+    // The customer never retries: the hold (10 minutes) lapses.
+    s.t.clock.advance(SignedDuration::from_secs(600));
+    s.t.app.expire_due().await.unwrap();
+    assert_eq!(s.stored().await["status"], "expired");
+    assert_eq!(s.settle_after(REFUND_GRACE_SECONDS).await, RefundSweep { refunded: 1, ..RefundSweep::default() });
+    let asked = s.provider.asked();
+    let charge = format!("pi_test_{}_0", s.booking);
+    assert_eq!(asked.len(), 1, "{asked:?}");
+    assert_eq!((asked[0].payment_reference.as_str(), asked[0].amount), (charge.as_str(), 1200), "the whole charge");
+    assert_eq!(asked[0].idempotency_key, format!("refund_{charge}"));
+    assert_eq!(s.t.store.count("refunds_due", "1=1").await.unwrap(), 0);
+    assert_eq!(s.settle_after(24 * 3600).await, RefundSweep::default(), "refunded once");
+}
+
+#[tokio::test]
+async fn a_charge_made_as_its_hold_ended_is_refunded_later_when_the_provider_failed_to_then() {
+    let s = setup().await;
+    s.provider.charges_gated.store(true, Ordering::SeqCst);
+    let confirming = {
+        let body = json!({"payment": {"method": "card", "token": "tok_visa"}});
+        let request = s.t.client.post(s.t.url(&format!("/bookings/{}/confirm", s.booking))).bearer_auth(&s.customer);
+        tokio::spawn(request.json(&body).send())
+    };
+    s.provider.charging.notified().await;
+    // The hold lapses while the card is being charged; the provider then fails to refund.
+    s.t.clock.advance(SignedDuration::from_secs(600));
+    s.t.app.expire_due().await.unwrap();
+    s.provider.refunds_fail.store(true, Ordering::SeqCst);
+    s.provider.gate.add_permits(1);
+    let (status, body) = common::read(confirming.await.unwrap().unwrap()).await;
+    assert_eq!(status, StatusCode::GONE, "{body}");
+    let charge = format!("pi_test_{}_0", s.booking);
+    assert_eq!(s.provider.asked().len(), 1, "refunded at once, and that failed");
+    assert_eq!(s.t.store.count("refunds_due", &format!("payment_reference = '{charge}'")).await.unwrap(), 1);
+
+    s.provider.refunds_fail.store(false, Ordering::SeqCst);
+    assert_eq!(s.settle_after(REFUND_GRACE_SECONDS).await, RefundSweep { refunded: 1, ..RefundSweep::default() });
+    let asked = s.provider.asked();
+    assert_eq!(asked.len(), 2, "{asked:?}");
+    assert_eq!(asked[0], asked[1], "the same refund, by the same idempotency key");
+    assert_eq!((asked[1].payment_reference.as_str(), asked[1].amount), (charge.as_str(), 1200));
+    assert_eq!(s.t.store.count("refunds_due", "1=1").await.unwrap(), 0);
+}
+
+#[tokio::test]
+async fn a_charge_whose_record_failed_and_a_retry_recorded_is_kept() {
+    let s = setup().await;
+    s.faults.fail_booking_updates(1);
+    assert_eq!(s.confirm().await.0, StatusCode::SERVICE_UNAVAILABLE);
+    let (status, confirmed) = s.confirm().await;
+    assert_eq!(status, StatusCode::OK, "the retry records the same charge: {confirmed}");
+    assert_eq!(confirmed["payment"]["reference"], format!("pi_test_{}_0", s.booking));
+
+    let sweep = s.settle_after(REFUND_GRACE_SECONDS).await;
+    assert_eq!(sweep, RefundSweep { not_owed: 1, ..RefundSweep::default() });
+    assert!(s.provider.asked().is_empty(), "the recorded payment is never refunded");
+    assert_eq!(s.t.store.count("refunds_due", "1=1").await.unwrap(), 0);
+    assert_eq!(s.stored().await["status"], "confirmed");
+}
+
+#[tokio::test]
+async fn a_refund_that_fails_every_attempt_is_left_to_an_operator() {
+    let s = setup().await;
+    assert_eq!(s.confirm().await.0, StatusCode::OK);
+    s.provider.refunds_fail.store(true, Ordering::SeqCst);
+    let (status, _) = s.t.post(Some(&s.customer), &format!("/bookings/{}/cancel", s.booking), json!({})).await;
+    assert_eq!(status, StatusCode::OK);
+    let mut failed = 0;
+    for _ in 0..REFUND_ATTEMPTS_MAX + 3 {
+        failed += s.settle_after(7 * 3600).await.failed;
+    }
+    assert_eq!(failed, REFUND_ATTEMPTS_MAX, "retried a bounded number of times");
+    assert_eq!(s.t.store.count("refunds_due", "1=1").await.unwrap(), 1, "kept, for an operator to see");
+    let stored = s.t.store.booking(s.booking.parse().unwrap()).await.unwrap().unwrap();
+    assert_eq!((stored.status, stored.refund.unwrap().reference), (BookingStatus::Cancelled, None));
+}

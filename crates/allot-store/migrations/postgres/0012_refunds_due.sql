@@ -1,0 +1,22 @@
+-- Refunds that may be owed (`allot_app::store::RefundDue`), kept until the reconciler makes
+-- them or finds them not owed: a cancellation's refund the provider failed to make, a charge
+-- its booking may not record.
+CREATE TABLE refunds_due (
+    payment_reference TEXT NOT NULL,
+    kind              TEXT NOT NULL,
+    booking_id        TEXT NOT NULL,
+    amount            BIGINT NOT NULL,
+    attempts          BIGINT NOT NULL DEFAULT 0,
+    next_at           BIGINT NOT NULL,
+    PRIMARY KEY (payment_reference, kind)
+);
+CREATE INDEX refunds_due_next ON refunds_due (next_at);
+
+-- Cancellations whose refund was never made (before this migration nothing made it later).
+INSERT INTO refunds_due (payment_reference, kind, booking_id, amount, next_at)
+SELECT doc->'payment'->>'reference', 'cancellation', id, (doc->'refund'->>'amount')::BIGINT, 0
+FROM bookings
+WHERE status = 'cancelled'
+  AND doc->'payment'->>'reference' IS NOT NULL
+  AND (doc->'refund'->>'amount')::BIGINT > 0
+  AND doc->'refund'->>'reference' IS NULL;
