@@ -379,8 +379,13 @@ impl App {
         });
         match self.store.update_booking(id, self.clock.now(), decide).await {
             Ok(booking) => Some(booking),
+            Err(UpdateRefused::Rejected(e)) => {
+                // Recorded already: by the reconciler of another node, making the same refund.
+                tracing::info!(booking_id = %id, error = %e, "a refund's reference was recorded already");
+                None
+            }
             Err(e) => {
-                tracing::error!(booking_id = %id, error = ?e, "a refund was made but its reference not recorded");
+                tracing::error!(booking_id = %id, error = ?e, "a refund was made but its reference not recorded; queued");
                 None
             }
         }

@@ -14,7 +14,7 @@ use jiff::{SignedDuration, Timestamp};
 
 use crate::payments::RefundRequest;
 use crate::store::{REFUND_GRACE_SECONDS, RefundDue, RefundKind};
-use crate::{App, AppResult, telemetry};
+use crate::{App, AppError, AppResult, telemetry};
 
 /// How often the reconciler looks for refunds whose time has come.
 pub const REFUND_SWEEP_INTERVAL_SECONDS: u64 = 30;
@@ -99,8 +99,8 @@ impl App {
     /// Decides `due` on its booking and acts on it: what was owed, once done.
     async fn settle_refund(&self, due: &RefundDue, now: Timestamp) -> AppResult<Owed> {
         let booking = self.store.booking(due.booking_id).await?;
-        let owed = owed(due, booking.as_ref());
-        match owed {
+        let decided = owed(due, booking.as_ref());
+        match decided {
             Owed::No => self.store.drop_refund(due.kind, &due.payment_reference).await?,
             Owed::NotYet => {
                 let later = now.saturating_add(SignedDuration::from_secs(REFUND_GRACE_SECONDS)).unwrap_or(now);
@@ -109,23 +109,28 @@ impl App {
             Owed::Now(amount) => {
                 let refunded = self.payments.refund(&RefundRequest::of(&due.payment_reference, amount)).await;
                 telemetry::count_refund(&refunded);
-                let reference = refunded.map_err(|e| crate::AppError::Internal(format!("refund: {e}")))?;
+                let reference = refunded.map_err(|e| AppError::Internal(format!("refund: {e}")))?;
                 match due.kind {
                     // Recording the reference drops the queued refund in the same write.
                     RefundKind::Cancellation => {
-                        self.record_refund(due.booking_id, reference).await.ok_or_else(|| {
-                            crate::AppError::Internal("the refund's reference was not recorded".into())
-                        })?;
+                        if self.record_refund(due.booking_id, reference).await.is_none() {
+                            // Another node may have recorded the same refund first: the
+                            // booking as stored decides whether it is still owed.
+                            let stored = self.store.booking(due.booking_id).await?;
+                            if owed(due, stored.as_ref()) != Owed::No {
+                                return Err(AppError::Internal("the refund's reference was not recorded".into()));
+                            }
+                        }
                     }
                     RefundKind::Unrecorded => self.store.drop_refund(due.kind, &due.payment_reference).await?,
                 }
                 tracing::info!(booking_id = %due.booking_id, kind = due.kind.as_str(), amount, "a refund owed was made");
             }
         }
-        Ok(owed)
+        Ok(decided)
     }
 
-    async fn retry_refund_later(&self, due: &RefundDue, now: Timestamp, error: &crate::AppError) {
+    async fn retry_refund_later(&self, due: &RefundDue, now: Timestamp, error: &AppError) {
         let attempts = due.attempts.saturating_add(1);
         let kind = due.kind.as_str();
         if attempts >= REFUND_ATTEMPTS_MAX {

@@ -21,11 +21,14 @@ use serde_json::{Value, json};
 use tokio::sync::{Notify, Semaphore};
 
 /// Charges as the test provider does, each waiting for `gate` while `charges_gated` is set;
-/// refunds fail while `refunds_fail` is set, and every refund asked for is kept (made or not).
+/// refunds fail while `refunds_fail` is set, the next one waits for `gate` once
+/// `next_refund_gated` is set, and every refund asked for is kept (made or not).
 struct Provider {
     charges_gated: AtomicBool,
     charging: Notify,
     gate: Semaphore,
+    next_refund_gated: AtomicBool,
+    refunding: Notify,
     refunds_fail: AtomicBool,
     asked: Mutex<Vec<RefundRequest>>,
 }
@@ -36,6 +39,8 @@ impl Default for Provider {
             charges_gated: AtomicBool::new(false),
             charging: Notify::new(),
             gate: Semaphore::new(0),
+            next_refund_gated: AtomicBool::new(false),
+            refunding: Notify::new(),
             refunds_fail: AtomicBool::new(false),
             asked: Mutex::default(),
         }
@@ -64,6 +69,10 @@ impl PaymentProvider for Provider {
 
     async fn refund(&self, request: &RefundRequest) -> Result<String, ProviderError> {
         self.asked.lock().unwrap().push(request.clone());
+        if self.next_refund_gated.swap(false, Ordering::SeqCst) {
+            self.refunding.notify_one();
+            self.gate.acquire().await.unwrap().forget();
+        }
         if self.refunds_fail.load(Ordering::SeqCst) {
             return Err(ProviderError::Unavailable("processing_error".into()));
         }
@@ -154,6 +163,38 @@ async fn a_cancellations_refund_the_provider_failed_to_make_is_made_later_once()
             "one refund at the provider, however often asked"
         );
     }
+}
+
+/// Two reconcilers (two nodes) make the same refund at once: the provider is asked twice with
+/// one idempotency key (one refund), the first to record it wins, and the second finds it
+/// recorded and neither fails nor retries it.
+#[tokio::test]
+async fn two_reconcilers_making_one_refund_at_once_record_it_once_and_neither_fails() {
+    let s = setup().await;
+    assert_eq!(s.confirm().await.0, StatusCode::OK);
+    s.provider.refunds_fail.store(true, Ordering::SeqCst);
+    let (status, _) = s.t.post(Some(&s.customer), &format!("/bookings/{}/cancel", s.booking), json!({})).await;
+    assert_eq!(status, StatusCode::OK);
+    s.provider.refunds_fail.store(false, Ordering::SeqCst);
+    s.t.clock.advance(SignedDuration::from_secs(REFUND_GRACE_SECONDS));
+
+    s.provider.next_refund_gated.store(true, Ordering::SeqCst);
+    let first = tokio::spawn({
+        let app = s.t.app.clone();
+        async move { app.settle_refunds().await.unwrap() }
+    });
+    s.provider.refunding.notified().await;
+    let second = s.t.app.settle_refunds().await.unwrap();
+    assert_eq!(second, RefundSweep { refunded: 1, ..RefundSweep::default() }, "recorded first");
+    s.provider.gate.add_permits(1);
+    assert_eq!(first.await.unwrap(), RefundSweep { refunded: 1, ..RefundSweep::default() }, "found it recorded");
+
+    let asked = s.provider.asked();
+    assert_eq!(asked.len(), 3, "the cancel's, then one per reconciler: {asked:?}");
+    assert!(asked.iter().all(|r| *r == asked[0]), "one idempotency key: one refund at the provider");
+    assert!(s.stored().await["refund"]["reference"].is_string());
+    assert_eq!(s.t.store.count("refunds_due", "1=1").await.unwrap(), 0);
+    assert_eq!(s.settle_after(24 * 3600).await, RefundSweep::default());
 }
 
 #[tokio::test]
