@@ -437,3 +437,23 @@ pub fn venue_inserted<T>(result: Result<T, sqlx::Error>) -> WriteOutcome<(), Sto
         Err(e) => Err(e),
     }
 }
+
+/// The refund backfill's cases, for both backends' migration tests: bookings as the migration
+/// reads them (id, status, document with only the payment and the refund), and the one row
+/// of `refunds_due` they make (reference, kind, booking, amount, attempts, next).
+#[cfg(test)]
+pub fn refund_backfill_cases() -> (Vec<(&'static str, &'static str, String)>, RefundRow) {
+    let doc = |payment: Option<&str>, refund: Option<(i64, Option<&str>)>| {
+        let payment = payment.map(|p| serde_json::json!({"reference": p, "amount": 1200}));
+        let refund = refund.map(|(amount, reference)| serde_json::json!({"amount": amount, "reference": reference}));
+        serde_json::json!({"payment": payment, "refund": refund}).to_string()
+    };
+    let bookings = vec![
+        ("b1", "cancelled", doc(Some("pi_1"), Some((600, None)))),
+        ("b2", "cancelled", doc(Some("pi_2"), Some((600, Some("re_2"))))),
+        ("b3", "cancelled", doc(Some("pi_3"), Some((0, None)))),
+        ("b4", "cancelled", doc(None, None)),
+        ("b5", "confirmed", doc(Some("pi_5"), None)),
+    ];
+    (bookings, ("cancellation".into(), "pi_1".into(), "b1".into(), 600, 0, 0))
+}

@@ -1863,6 +1863,36 @@ mod tests {
         }
     }
 
+    /// Migration 0012 queues the refunds that cancellations before it owe (nothing made them
+    /// later): those of money paid, not yet made, of more than nothing.
+    #[tokio::test]
+    async fn refunds_owed_before_the_reconciler_are_queued_for_it() {
+        let Some(url) = fresh_postgres_database().await else { return };
+        let mut conn = PgConnection::connect(&url).await.unwrap();
+        migrate(&mut conn, 1..=11).await;
+        let (bookings, owed) = crate::common::refund_backfill_cases();
+        for (id, status, doc) in bookings {
+            sqlx::query(
+                "INSERT INTO bookings (id, customer_id, venue_id, status, doc) VALUES ($1, 'c', 'v', $2, $3::json)",
+            )
+            .bind(id)
+            .bind(status)
+            .bind(doc)
+            .execute(&mut conn)
+            .await
+            .unwrap();
+        }
+        migrate(&mut conn, 12..=12).await;
+        let queued: Vec<crate::common::RefundRow> =
+            sqlx::query_as("SELECT kind, payment_reference, booking_id, amount, attempts, next_at FROM refunds_due")
+                .fetch_all(&mut conn)
+                .await
+                .unwrap();
+        assert_eq!(queued, vec![owed]);
+        conn.close().await.unwrap();
+        drop_postgres_database(&url).await;
+    }
+
     /// Migration 0010 turns the documents into `json`: what was stored reads back the same,
     /// through the tables and the events' view alike.
     #[tokio::test]

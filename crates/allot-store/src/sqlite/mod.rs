@@ -958,6 +958,28 @@ mod tests {
         assert_eq!(payload, serde_json::from_str::<serde_json::Value>(&doc("b2", "expired")).unwrap());
     }
 
+    /// Migration 0013 queues the refunds that cancellations before it owe (nothing made them
+    /// later): those of money paid, not yet made, of more than nothing.
+    #[test]
+    fn refunds_owed_before_the_reconciler_are_queued_for_it() {
+        let conn = rusqlite::Connection::open_in_memory().unwrap();
+        migrate(&conn, 1..=12);
+        let (bookings, owed) = crate::common::refund_backfill_cases();
+        for (seq, (id, status, doc)) in (1_i64..).zip(bookings) {
+            conn.execute("INSERT INTO booking_docs (seq, doc) VALUES (?, ?)", rusqlite::params![seq, doc]).unwrap();
+            conn.execute(
+                "INSERT INTO bookings (seq, id, customer_id, venue_id, status, updated_at, doc_seq)
+                 VALUES (?1, ?2, 'c', 'v', ?3, 'u', ?1)",
+                rusqlite::params![seq, id, status],
+            )
+            .unwrap();
+        }
+        migrate(&conn, 13..=13);
+        let sql = "SELECT kind, payment_reference, booking_id, amount, attempts, next_at FROM refunds_due";
+        let queued = rows(&conn, sql, |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?)));
+        assert_eq!(queued, vec![owed]);
+    }
+
     /// Migration 0011 makes documents versions: the documents already stored stay each
     /// booking's current one, events written before it keep their own payloads, and a
     /// payload-less event of a final status still shows the booking as it is.
