@@ -155,9 +155,17 @@ impl App {
             attempts: 0,
             next_at: next_attempt_at(self.clock.now(), 0),
         };
-        if let Err(e) = self.store.queue_refund(&due).await {
-            tracing::error!(booking_id = %booking.id, payment = reference, error = %e, "a charge that may be unrecorded could not be queued for refund");
-        }
+        // From a task of its own, outside the request's audit scope: this write is not the
+        // request's change, so it must neither carry the request's audit event nor mark its
+        // idempotency key (a retry with the key must run the confirm again, not answer from it).
+        let store = self.store.clone();
+        let queued = tokio::spawn(async move { store.queue_refund(&due).await }).await;
+        let failed = match queued {
+            Ok(Ok(())) => return,
+            Ok(Err(e)) => e.to_string(),
+            Err(e) => e.to_string(),
+        };
+        tracing::error!(booking_id = %booking.id, payment = reference, error = failed, "a charge that may be unrecorded could not be queued for refund");
     }
 }
 

@@ -270,6 +270,29 @@ async fn a_charge_whose_record_failed_and_a_retry_recorded_is_kept() {
     assert_eq!(s.stored().await["status"], "confirmed");
 }
 
+/// The queued refund is not the keyed request's change: a retry with the same key runs the
+/// confirm again (and records the same charge), instead of answering from the queue's write.
+#[tokio::test]
+async fn a_keyed_confirm_whose_record_failed_runs_again_on_retry_and_keeps_its_charge() {
+    let s = setup().await;
+    let keyed = || {
+        let body = json!({"payment": {"method": "card", "token": "tok_visa"}});
+        let url = s.t.url(&format!("/bookings/{}/confirm", s.booking));
+        s.t.client.post(url).bearer_auth(&s.customer).header("Idempotency-Key", "pay-1").json(&body)
+    };
+    s.faults.fail_booking_updates(1);
+    let (status, busy) = common::read(keyed().send().await.unwrap()).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{busy}");
+    assert_eq!(s.t.store.count("refunds_due", "kind = 'unrecorded'").await.unwrap(), 1);
+
+    let (status, confirmed) = common::read(keyed().send().await.unwrap()).await;
+    assert_eq!(status, StatusCode::OK, "{confirmed}");
+    assert_eq!(confirmed["status"], "confirmed");
+    assert_eq!(confirmed["payment"]["reference"], format!("pi_test_{}_0", s.booking), "the same charge, recorded");
+    assert_eq!(s.settle_after(REFUND_GRACE_SECONDS).await, RefundSweep { not_owed: 1, ..RefundSweep::default() });
+    assert!(s.provider.asked().is_empty(), "the recorded charge is kept");
+}
+
 #[tokio::test]
 async fn a_refund_that_fails_every_attempt_is_left_to_an_operator() {
     let s = setup().await;
