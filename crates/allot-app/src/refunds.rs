@@ -134,6 +134,7 @@ impl App {
         let attempts = due.attempts.saturating_add(1);
         let kind = due.kind.as_str();
         if attempts >= REFUND_ATTEMPTS_MAX {
+            metrics::counter!(telemetry::REFUNDS_ABANDONED).increment(1);
             tracing::error!(booking_id = %due.booking_id, kind, attempts, %error, "a refund owed failed every attempt; left to an operator");
         } else {
             tracing::warn!(booking_id = %due.booking_id, kind, attempts, %error, "a refund owed failed; tried again later");

@@ -22,8 +22,10 @@ pub const HOLDS_EXPIRED: &str = "allot_holds_expired_total";
 pub const EXPIRY_RUNS: &str = "allot_expiry_runs_total";
 /// Label `outcome`: `succeeded`, `pending`, `declined`, `provider_unavailable`, `invalid_token`.
 pub const PAYMENTS: &str = "allot_payments_total";
-/// Label `outcome`: `succeeded`, `failed` (left for reconciliation).
+/// Label `outcome`: `succeeded`, `failed` (queued for the reconciler, `refunds`).
 pub const REFUNDS: &str = "allot_refunds_total";
+/// Refunds owed that failed their last attempt and are left to an operator (`refunds`).
+pub const REFUNDS_ABANDONED: &str = "allot_refunds_abandoned_total";
 /// Requests answered 429 by the rate limiter.
 pub const RATE_LIMITED_REQUESTS: &str = "allot_rate_limited_requests_total";
 /// Requests per group-commit transaction.
@@ -42,6 +44,7 @@ pub fn describe() {
     describe_counter!(EXPIRY_RUNS, Unit::Count, "Runs of the hold-expiry job, by outcome");
     describe_counter!(PAYMENTS, Unit::Count, "Charges at the payment provider, by outcome");
     describe_counter!(REFUNDS, Unit::Count, "Refunds at the payment provider, by outcome");
+    describe_counter!(REFUNDS_ABANDONED, Unit::Count, "Refunds owed left to an operator after their last attempt");
     describe_counter!(RATE_LIMITED_REQUESTS, Unit::Count, "Requests refused with 429 by the rate limiter");
     describe_histogram!(STORE_BATCH_SIZE, Unit::Count, "Write requests per group-commit transaction");
     describe_histogram!(STORE_COMMIT_DURATION, Unit::Seconds, "Time to commit one group-commit transaction");

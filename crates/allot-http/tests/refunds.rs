@@ -306,6 +306,9 @@ async fn a_refund_that_fails_every_attempt_is_left_to_an_operator() {
     }
     assert_eq!(failed, REFUND_ATTEMPTS_MAX, "retried a bounded number of times");
     assert_eq!(s.t.store.count("refunds_due", "1=1").await.unwrap(), 1, "kept, for an operator to see");
+    let metrics = s.t.client.get(format!("http://{}/metrics", s.t.addr)).send().await.unwrap().text().await.unwrap();
+    let abandoned = metrics.lines().find_map(|l| l.strip_prefix("allot_refunds_abandoned_total "));
+    assert!(abandoned.and_then(|n| n.parse::<f64>().ok()) >= Some(1.0), "counted for an alert: {metrics}");
     let stored = s.t.store.booking(s.booking.parse().unwrap()).await.unwrap().unwrap();
     assert_eq!((stored.status, stored.refund.unwrap().reference), (BookingStatus::Cancelled, None));
 }
