@@ -149,7 +149,7 @@ pub struct RefundDue {
     pub booking_id: BookingId,
     /// In the booking's currency's minor units, as the payment's.
     pub amount: i64,
-    /// Attempts made and failed at the provider.
+    /// Attempts that failed (at the provider, or recording what it did).
     pub attempts: u32,
     /// Not tried before then.
     pub next_at: Timestamp,

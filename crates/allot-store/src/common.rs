@@ -440,7 +440,7 @@ pub fn venue_inserted<T>(result: Result<T, sqlx::Error>) -> WriteOutcome<(), Sto
 
 /// The refund backfill's cases, for both backends' migration tests: bookings as the migration
 /// reads them (id, status, document with only the payment and the refund), and the one row
-/// of `refunds_due` they make (reference, kind, booking, amount, attempts, next).
+/// of `refunds_due` they make (kind, reference, booking, amount, attempts, next).
 #[cfg(test)]
 pub fn refund_backfill_cases() -> (Vec<(&'static str, &'static str, String)>, RefundRow) {
     let doc = |payment: Option<&str>, refund: Option<(i64, Option<&str>)>| {
