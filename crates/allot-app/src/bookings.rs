@@ -288,8 +288,17 @@ impl App {
                 // The hold ended between the charge and the commit (a retry cannot charge it
                 // again): give the money back, unless a concurrent confirm of the same attempt
                 // recorded this very payment.
-                let current = self.store.booking(booking.id).await.ok().flatten();
-                let recorded = current.and_then(|b| b.payment).is_some_and(|p| p.reference == reference);
+                // A booking that cannot be read now is left to the reconciler, which decides on
+                // the booking as stored (refunding on a failed read could give back the money
+                // of a confirm that recorded this very charge).
+                let recorded = match self.store.booking(booking.id).await {
+                    Ok(current) => current.and_then(|b| b.payment).is_some_and(|p| p.reference == reference),
+                    Err(e) => {
+                        tracing::warn!(booking_id = %booking.id, error = %e, "a charge's booking could not be read; queued");
+                        self.queue_unrecorded(booking, &reference).await;
+                        true
+                    }
+                };
                 if !recorded {
                     let refunded = self.payments.refund(&RefundRequest::of(&reference, booking.total)).await;
                     telemetry::count_refund(&refunded);

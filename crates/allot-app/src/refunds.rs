@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use allot_core::booking::{Booking, BookingStatus};
 use jiff::{SignedDuration, Timestamp};
+use tracing::Instrument;
 
 use crate::payments::RefundRequest;
 use crate::store::{REFUND_GRACE_SECONDS, RefundDue, RefundKind};
@@ -20,10 +21,20 @@ use crate::{App, AppError, AppResult, telemetry};
 pub const REFUND_SWEEP_INTERVAL_SECONDS: u64 = 30;
 /// Refunds tried per sweep; the rest wait for the next.
 pub const REFUND_BATCH_MAX: u32 = 100;
-/// Failed attempts after which a refund is left to an operator (logged at error level).
+/// Failed attempts after which a refund is left to an operator (logged at error level and
+/// counted in `allot_refunds_abandoned_total`; the row stays). The refunds owed before the
+/// reconciler existed are queued parked above it (the migrations' backfill, at 1 000).
 pub const REFUND_ATTEMPTS_MAX: u32 = 12;
 /// The longest wait between two attempts (doubling from [`REFUND_GRACE_SECONDS`]).
-pub const REFUND_BACKOFF_SECONDS_MAX: i64 = 6 * 3600;
+pub const REFUND_BACKOFF_SECONDS_MAX: i64 = 3600;
+/// How long a payment provider keeps an idempotency key (Stripe: 24 h). Every attempt at one
+/// refund must fall inside it: a late retry of an attempt whose answer was lost, after the key
+/// is gone, would refund a second time.
+pub const PROVIDER_KEY_RETENTION_SECONDS: i64 = 24 * 3600;
+/// Tries at queueing an unrecorded charge (the first in the request, the rest from a task of
+/// their own, a second apart and doubling): the write that failed to record the charge may
+/// have failed for the same reason, a store busy or overloaded for a moment.
+pub const QUEUE_ATTEMPTS_MAX: u32 = 8;
 
 /// What a sweep did with the refunds whose time had come.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -57,7 +68,9 @@ fn owed(due: &RefundDue, booking: Option<&Booking>) -> Owed {
         RefundKind::Unrecorded => {
             let Some(booking) = booking else { return Owed::Now(due.amount) };
             if booking.payment.as_ref().is_some_and(|p| p.reference == due.payment_reference) {
-                // Recorded: the booking's own lifecycle (a cancellation) refunds it if owed.
+                // Recorded: a confirmed booking keeps it, and its cancellation owes a refund of
+                // its own. (A pending one, `tok_async`, waits for the payment webhooks that
+                // would settle it, not built: its charge is left as it is.)
                 Owed::No
             } else if booking.status == BookingStatus::Held {
                 Owed::NotYet
@@ -68,10 +81,16 @@ fn owed(due: &RefundDue, booking: Option<&Booking>) -> Owed {
     }
 }
 
+/// How long after `attempts` failed attempts the next one waits: doubling from the grace,
+/// at most [`REFUND_BACKOFF_SECONDS_MAX`].
+fn backoff_seconds(attempts: u32) -> i64 {
+    let doubled = 1_i64.checked_shl(attempts).and_then(|factor| REFUND_GRACE_SECONDS.checked_mul(factor));
+    doubled.filter(|wait| *wait > 0).map_or(REFUND_BACKOFF_SECONDS_MAX, |wait| wait.min(REFUND_BACKOFF_SECONDS_MAX))
+}
+
 /// When attempt `attempts + 1` is made, after `attempts` failed ones.
 fn next_attempt_at(now: Timestamp, attempts: u32) -> Timestamp {
-    let wait = REFUND_GRACE_SECONDS.saturating_mul(1_i64 << attempts.min(20)).min(REFUND_BACKOFF_SECONDS_MAX);
-    now.saturating_add(SignedDuration::from_secs(wait)).unwrap_or(now)
+    now.saturating_add(SignedDuration::from_secs(backoff_seconds(attempts))).unwrap_or(now)
 }
 
 impl App {
@@ -159,20 +178,43 @@ impl App {
         // From a task of its own, outside the request's audit scope: this write is not the
         // request's change, so it must neither carry the request's audit event nor mark its
         // idempotency key (a retry with the key must run the confirm again, not answer from it).
+        // The request waits for the first try only; the others run after it has answered.
         let store = self.store.clone();
-        let queued = tokio::spawn(async move { store.queue_refund(&due).await }).await;
-        let failed = match queued {
-            Ok(Ok(())) => return,
-            Ok(Err(e)) => e.to_string(),
-            Err(e) => e.to_string(),
-        };
-        tracing::error!(booking_id = %booking.id, payment = reference, error = failed, "a charge that may be unrecorded could not be queued for refund");
+        let first = tokio::spawn(queue_once(store.clone(), due.clone()).in_current_span()).await;
+        if !matches!(first, Ok(true)) {
+            tokio::spawn(queue_retrying(store, due).in_current_span());
+        }
     }
+}
+
+/// One try at queueing `due`: whether it is queued.
+async fn queue_once(store: Arc<dyn crate::store::Store>, due: RefundDue) -> bool {
+    match store.queue_refund(&due).await {
+        Ok(()) => true,
+        Err(e) => {
+            tracing::warn!(booking_id = %due.booking_id, payment = due.payment_reference, error = %e, "queueing an unrecorded charge failed");
+            false
+        }
+    }
+}
+
+/// The tries after the first, a second apart and doubling; an error log when all failed.
+async fn queue_retrying(store: Arc<dyn crate::store::Store>, due: RefundDue) {
+    for attempt in 1..QUEUE_ATTEMPTS_MAX {
+        tokio::time::sleep(Duration::from_secs(1 << attempt.min(16))).await;
+        if queue_once(store.clone(), due.clone()).await {
+            return;
+        }
+    }
+    tracing::error!(booking_id = %due.booking_id, payment = due.payment_reference, amount = due.amount, "a charge that may be unrecorded could not be queued for refund: refund it by hand unless the booking records it");
 }
 
 /// Runs [`App::settle_refunds`] every [`REFUND_SWEEP_INTERVAL_SECONDS`] until the app is dropped.
 pub async fn run(app: Weak<App>) {
-    let mut tick = tokio::time::interval(Duration::from_secs(REFUND_SWEEP_INTERVAL_SECONDS));
+    // The first sweep one interval after start, not at once: nothing queued is due sooner than
+    // the grace, and a test that drives `settle_refunds` by hand has that long to itself.
+    let period = Duration::from_secs(REFUND_SWEEP_INTERVAL_SECONDS);
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
     loop {
         tick.tick().await;
         let Some(app) = app.upgrade() else { return };
@@ -254,7 +296,18 @@ mod tests {
         assert_eq!(next_attempt_at(at(0), 0), at(REFUND_GRACE_SECONDS));
         assert_eq!(next_attempt_at(at(0), 1), at(2 * REFUND_GRACE_SECONDS));
         assert_eq!(next_attempt_at(at(0), 3), at(8 * REFUND_GRACE_SECONDS));
-        assert_eq!(next_attempt_at(at(0), REFUND_ATTEMPTS_MAX), at(REFUND_BACKOFF_SECONDS_MAX));
-        assert_eq!(next_attempt_at(at(0), u32::MAX), at(REFUND_BACKOFF_SECONDS_MAX));
+        for attempts in [REFUND_ATTEMPTS_MAX, 62, 63, 64, u32::MAX] {
+            assert_eq!(next_attempt_at(at(0), attempts), at(REFUND_BACKOFF_SECONDS_MAX), "{attempts}");
+        }
+    }
+
+    /// From the request's own attempt (when the refund is queued) to the last retry, each
+    /// retry up to a sweep late: inside the provider's idempotency key, so no retry of an
+    /// attempt whose answer was lost refunds twice.
+    #[test]
+    fn the_retry_schedule_ends_while_the_providers_key_is_kept() {
+        let late = i64::try_from(REFUND_SWEEP_INTERVAL_SECONDS).expect("small");
+        let last: i64 = (0..REFUND_ATTEMPTS_MAX).map(|failed| backoff_seconds(failed) + late).sum();
+        assert!(last < PROVIDER_KEY_RETENTION_SECONDS / 2, "{last} s");
     }
 }

@@ -254,6 +254,33 @@ async fn a_charge_made_as_its_hold_ended_is_refunded_later_when_the_provider_fai
     assert_eq!(s.t.store.count("refunds_due", "1=1").await.unwrap(), 0);
 }
 
+/// The same, but the booking cannot be read when the confirm finds its hold ended: the charge
+/// is not refunded blind (a concurrent confirm may have recorded it), it is queued, and the
+/// reconciler refunds it on the booking as stored.
+#[tokio::test]
+async fn a_charge_made_as_its_hold_ended_whose_booking_cannot_be_read_then_is_left_to_the_reconciler() {
+    let s = setup().await;
+    s.provider.charges_gated.store(true, Ordering::SeqCst);
+    let confirming = {
+        let body = json!({"payment": {"method": "card", "token": "tok_visa"}});
+        let request = s.t.client.post(s.t.url(&format!("/bookings/{}/confirm", s.booking))).bearer_auth(&s.customer);
+        tokio::spawn(request.json(&body).send())
+    };
+    s.provider.charging.notified().await;
+    s.t.clock.advance(SignedDuration::from_secs(600));
+    s.t.app.expire_due().await.unwrap();
+    s.faults.fail_booking_reads(1);
+    s.provider.gate.add_permits(1);
+    let (status, body) = common::read(confirming.await.unwrap().unwrap()).await;
+    assert_eq!(status, StatusCode::GONE, "{body}");
+    assert!(s.provider.asked().is_empty(), "not refunded without reading the booking");
+    assert_eq!(s.t.store.count("refunds_due", "kind = 'unrecorded'").await.unwrap(), 1);
+
+    assert_eq!(s.settle_after(REFUND_GRACE_SECONDS).await, RefundSweep { refunded: 1, ..RefundSweep::default() });
+    let charge = format!("pi_test_{}_0", s.booking);
+    assert_eq!(s.provider.asked().iter().map(|r| r.payment_reference.clone()).collect::<Vec<_>>(), vec![charge]);
+}
+
 #[tokio::test]
 async fn a_charge_whose_record_failed_and_a_retry_recorded_is_kept() {
     let s = setup().await;

@@ -440,7 +440,8 @@ pub fn venue_inserted<T>(result: Result<T, sqlx::Error>) -> WriteOutcome<(), Sto
 
 /// The refund backfill's cases, for both backends' migration tests: bookings as the migration
 /// reads them (id, status, document with only the payment and the refund), and the one row
-/// of `refunds_due` they make (kind, reference, booking, amount, attempts, next).
+/// of `refunds_due` they make (kind, reference, booking, amount, attempts, next), parked for
+/// an operator.
 #[cfg(test)]
 pub fn refund_backfill_cases() -> (Vec<(&'static str, &'static str, String)>, RefundRow) {
     let doc = |payment: Option<&str>, refund: Option<(i64, Option<&str>)>| {
@@ -455,5 +456,5 @@ pub fn refund_backfill_cases() -> (Vec<(&'static str, &'static str, String)>, Re
         ("b4", "cancelled", doc(None, None)),
         ("b5", "confirmed", doc(Some("pi_5"), None)),
     ];
-    (bookings, ("cancellation".into(), "pi_1".into(), "b1".into(), 600, 0, 0))
+    (bookings, ("cancellation".into(), "pi_1".into(), "b1".into(), 600, 1000, 0))
 }

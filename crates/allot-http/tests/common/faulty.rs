@@ -22,6 +22,8 @@ pub struct Faults {
     user_by_id_failures: AtomicU32,
     /// `update_booking` calls still to fail as busy (a payment's or a refund's record).
     update_booking_failures: AtomicU32,
+    /// `booking` reads still to fail as busy.
+    booking_read_failures: AtomicU32,
 }
 
 impl Faults {
@@ -33,6 +35,11 @@ impl Faults {
     /// The next `n` booking updates fail as busy, changing nothing.
     pub fn fail_booking_updates(&self, n: u32) {
         self.update_booking_failures.store(n, Ordering::SeqCst);
+    }
+
+    /// The next `n` reads of a booking by id fail as busy.
+    pub fn fail_booking_reads(&self, n: u32) {
+        self.booking_read_failures.store(n, Ordering::SeqCst);
     }
 
     fn user_by_id(&self) -> Result<(), StoreError> {
@@ -198,6 +205,7 @@ impl Store for FaultyStore {
     }
 
     async fn booking(&self, id: BookingId) -> Result<Option<Booking>, StoreError> {
+        take_failure(&self.faults.booking_read_failures)?;
         self.inner.booking(id).await
     }
 

@@ -12,11 +12,15 @@ CREATE TABLE refunds_due (
 ) WITHOUT ROWID;
 CREATE INDEX refunds_due_next ON refunds_due (next_at);
 
--- Cancellations whose refund was never made (before this migration nothing made it later).
-INSERT INTO refunds_due (payment_reference, kind, booking_id, amount, next_at)
-SELECT json_extract(d.doc, '$.payment.reference'), 'cancellation', b.id, json_extract(d.doc, '$.refund.amount'), 0
+-- Cancellations whose refund was never made (before this migration nothing made it later),
+-- queued parked: 1 000 attempts, above any attempt limit, so the reconciler leaves them to an
+-- operator. Refunds were asked for without an idempotency key until now, so one whose answer
+-- was lost may have been made, and some may have been made by hand since their error log.
+INSERT INTO refunds_due (payment_reference, kind, booking_id, amount, attempts, next_at)
+SELECT json_extract(d.doc, '$.payment.reference'), 'cancellation', b.id, json_extract(d.doc, '$.refund.amount'), 1000, 0
 FROM bookings AS b JOIN booking_docs AS d ON d.seq = b.doc_seq
 WHERE b.status = 'cancelled'
   AND json_extract(d.doc, '$.payment.reference') IS NOT NULL
   AND json_extract(d.doc, '$.refund.amount') > 0
-  AND json_extract(d.doc, '$.refund.reference') IS NULL;
+  AND json_extract(d.doc, '$.refund.reference') IS NULL
+ON CONFLICT DO NOTHING;

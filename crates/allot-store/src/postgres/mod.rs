@@ -1864,7 +1864,7 @@ mod tests {
     }
 
     /// Migration 0012 queues the refunds that cancellations before it owe (nothing made them
-    /// later): those of money paid, not yet made, of more than nothing.
+    /// later), parked for an operator: those of money paid, not yet made, of more than nothing.
     #[tokio::test]
     async fn refunds_owed_before_the_reconciler_are_queued_for_it() {
         let Some(url) = fresh_postgres_database().await else { return };

@@ -959,7 +959,7 @@ mod tests {
     }
 
     /// Migration 0013 queues the refunds that cancellations before it owe (nothing made them
-    /// later): those of money paid, not yet made, of more than nothing.
+    /// later), parked for an operator: those of money paid, not yet made, of more than nothing.
     #[test]
     fn refunds_owed_before_the_reconciler_are_queued_for_it() {
         let conn = rusqlite::Connection::open_in_memory().unwrap();
