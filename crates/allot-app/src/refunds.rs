@@ -32,7 +32,7 @@ pub const REFUND_BACKOFF_SECONDS_MAX: i64 = 3600;
 /// is gone, would refund a second time.
 pub const PROVIDER_KEY_RETENTION_SECONDS: i64 = 24 * 3600;
 /// Tries at queueing an unrecorded charge (the first in the request, the rest from a task of
-/// their own, a second apart and doubling): the write that failed to record the charge may
+/// their own, 2 s apart and doubling): the write that failed to record the charge may
 /// have failed for the same reason, a store busy or overloaded for a moment.
 pub const QUEUE_ATTEMPTS_MAX: u32 = 8;
 
@@ -198,10 +198,11 @@ async fn queue_once(store: Arc<dyn crate::store::Store>, due: RefundDue) -> bool
     }
 }
 
-/// The tries after the first, a second apart and doubling; an error log when all failed.
+/// The tries after the first, 2 s apart and doubling (4 min in all); an error log when all
+/// failed.
 async fn queue_retrying(store: Arc<dyn crate::store::Store>, due: RefundDue) {
     for attempt in 1..QUEUE_ATTEMPTS_MAX {
-        tokio::time::sleep(Duration::from_secs(1 << attempt.min(16))).await;
+        tokio::time::sleep(Duration::from_secs(1 << attempt)).await;
         if queue_once(store.clone(), due.clone()).await {
             return;
         }
