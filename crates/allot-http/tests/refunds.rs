@@ -1,7 +1,8 @@
 //! Refunds owed and made later (`allot_app::refunds`), over real HTTP and the real store: a
 //! cancellation's refund the provider failed to make, and a charge whose record failed and
 //! that no retry recorded. The reconciler is run by hand (`App::settle_refunds`) with the
-//! manual clock moved, so nothing here waits for its timer.
+//! manual clock moved, so nothing here waits for its timer (the app's own sweep first runs 30 s
+//! of real time after start, and would find only what is due at the manual clock's time).
 #![allow(clippy::unwrap_used)]
 
 mod common;
@@ -112,9 +113,30 @@ async fn setup() -> Setup {
 }
 
 impl Setup {
-    async fn confirm(&self) -> (StatusCode, Value) {
+    /// The customer's confirm of the booking with `tok_visa`, to send.
+    fn confirm_request(&self) -> reqwest::RequestBuilder {
         let body = json!({"payment": {"method": "card", "token": "tok_visa"}});
-        self.t.post(Some(&self.customer), &format!("/bookings/{}/confirm", self.booking), body).await
+        let url = self.t.url(&format!("/bookings/{}/confirm", self.booking));
+        self.t.client.post(url).bearer_auth(&self.customer).json(&body)
+    }
+
+    async fn confirm(&self) -> (StatusCode, Value) {
+        common::read(self.confirm_request().send().await.unwrap()).await
+    }
+
+    async fn cancel(&self) -> (StatusCode, Value) {
+        self.t.post(Some(&self.customer), &format!("/bookings/{}/cancel", self.booking), json!({})).await
+    }
+
+    /// A confirm whose card is being charged while the hold lapses (released by expiry): it
+    /// goes on, with the charge made, once the provider's gate opens.
+    async fn confirm_as_the_hold_lapses(&self) -> tokio::task::JoinHandle<reqwest::Result<reqwest::Response>> {
+        self.provider.charges_gated.store(true, Ordering::SeqCst);
+        let confirming = tokio::spawn(self.confirm_request().send());
+        self.provider.charging.notified().await;
+        self.t.clock.advance(SignedDuration::from_secs(600));
+        self.t.app.expire_due().await.unwrap();
+        confirming
     }
 
     async fn stored(&self) -> Value {
@@ -137,7 +159,7 @@ async fn a_cancellations_refund_the_provider_failed_to_make_is_made_later_once()
     let payment = confirmed["payment"]["reference"].as_str().unwrap().to_owned();
 
     s.provider.refunds_fail.store(true, Ordering::SeqCst);
-    let (status, cancelled) = s.t.post(Some(&s.customer), &format!("/bookings/{}/cancel", s.booking), json!({})).await;
+    let (status, cancelled) = s.cancel().await;
     assert_eq!(status, StatusCode::OK, "the cancellation stands: {cancelled}");
     assert_eq!(cancelled["refund"], json!({"amount": 1200, "reference": null}), "owed, not made");
     assert_eq!(s.t.store.count("refunds_due", "kind = 'cancellation'").await.unwrap(), 1, "queued with the cancel");
@@ -173,7 +195,7 @@ async fn two_reconcilers_making_one_refund_at_once_record_it_once_and_neither_fa
     let s = setup().await;
     assert_eq!(s.confirm().await.0, StatusCode::OK);
     s.provider.refunds_fail.store(true, Ordering::SeqCst);
-    let (status, _) = s.t.post(Some(&s.customer), &format!("/bookings/{}/cancel", s.booking), json!({})).await;
+    let (status, _) = s.cancel().await;
     assert_eq!(status, StatusCode::OK);
     s.provider.refunds_fail.store(false, Ordering::SeqCst);
     s.t.clock.advance(SignedDuration::from_secs(REFUND_GRACE_SECONDS));
@@ -227,16 +249,7 @@ async fn a_charge_whose_record_failed_and_no_retry_recorded_is_refunded_once_its
 #[tokio::test]
 async fn a_charge_made_as_its_hold_ended_is_refunded_later_when_the_provider_failed_to_then() {
     let s = setup().await;
-    s.provider.charges_gated.store(true, Ordering::SeqCst);
-    let confirming = {
-        let body = json!({"payment": {"method": "card", "token": "tok_visa"}});
-        let request = s.t.client.post(s.t.url(&format!("/bookings/{}/confirm", s.booking))).bearer_auth(&s.customer);
-        tokio::spawn(request.json(&body).send())
-    };
-    s.provider.charging.notified().await;
-    // The hold lapses while the card is being charged; the provider then fails to refund.
-    s.t.clock.advance(SignedDuration::from_secs(600));
-    s.t.app.expire_due().await.unwrap();
+    let confirming = s.confirm_as_the_hold_lapses().await;
     s.provider.refunds_fail.store(true, Ordering::SeqCst);
     s.provider.gate.add_permits(1);
     let (status, body) = common::read(confirming.await.unwrap().unwrap()).await;
@@ -260,15 +273,7 @@ async fn a_charge_made_as_its_hold_ended_is_refunded_later_when_the_provider_fai
 #[tokio::test]
 async fn a_charge_made_as_its_hold_ended_whose_booking_cannot_be_read_then_is_left_to_the_reconciler() {
     let s = setup().await;
-    s.provider.charges_gated.store(true, Ordering::SeqCst);
-    let confirming = {
-        let body = json!({"payment": {"method": "card", "token": "tok_visa"}});
-        let request = s.t.client.post(s.t.url(&format!("/bookings/{}/confirm", s.booking))).bearer_auth(&s.customer);
-        tokio::spawn(request.json(&body).send())
-    };
-    s.provider.charging.notified().await;
-    s.t.clock.advance(SignedDuration::from_secs(600));
-    s.t.app.expire_due().await.unwrap();
+    let confirming = s.confirm_as_the_hold_lapses().await;
     s.faults.fail_booking_reads(1);
     s.provider.gate.add_permits(1);
     let (status, body) = common::read(confirming.await.unwrap().unwrap()).await;
@@ -302,11 +307,7 @@ async fn a_charge_whose_record_failed_and_a_retry_recorded_is_kept() {
 #[tokio::test]
 async fn a_keyed_confirm_whose_record_failed_runs_again_on_retry_and_keeps_its_charge() {
     let s = setup().await;
-    let keyed = || {
-        let body = json!({"payment": {"method": "card", "token": "tok_visa"}});
-        let url = s.t.url(&format!("/bookings/{}/confirm", s.booking));
-        s.t.client.post(url).bearer_auth(&s.customer).header("Idempotency-Key", "pay-1").json(&body)
-    };
+    let keyed = || s.confirm_request().header("Idempotency-Key", "pay-1");
     s.faults.fail_booking_updates(1);
     let (status, busy) = common::read(keyed().send().await.unwrap()).await;
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{busy}");
@@ -325,7 +326,7 @@ async fn a_refund_that_fails_every_attempt_is_left_to_an_operator() {
     let s = setup().await;
     assert_eq!(s.confirm().await.0, StatusCode::OK);
     s.provider.refunds_fail.store(true, Ordering::SeqCst);
-    let (status, _) = s.t.post(Some(&s.customer), &format!("/bookings/{}/cancel", s.booking), json!({})).await;
+    let (status, _) = s.cancel().await;
     assert_eq!(status, StatusCode::OK);
     let mut failed = 0;
     for _ in 0..REFUND_ATTEMPTS_MAX + 3 {
