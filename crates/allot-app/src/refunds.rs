@@ -152,7 +152,7 @@ impl App {
     async fn retry_refund_later(&self, due: &RefundDue, now: Timestamp, error: &AppError) {
         let attempts = due.attempts.saturating_add(1);
         let kind = due.kind.as_str();
-        if attempts >= REFUND_ATTEMPTS_MAX {
+        if left_to_operator(attempts) {
             metrics::counter!(telemetry::REFUNDS_ABANDONED).increment(1);
             tracing::error!(booking_id = %due.booking_id, kind, attempts, %error, "a refund owed failed every attempt; left to an operator");
         } else {
@@ -185,6 +185,30 @@ impl App {
             tokio::spawn(queue_retrying(store, due).in_current_span());
         }
     }
+}
+
+/// Refunds an operator command lists at most.
+pub const QUEUED_LIST_MAX: u32 = 10_000;
+
+/// Every refund queued (at most [`QUEUED_LIST_MAX`]), soonest first, whatever its attempts.
+pub async fn queued(store: &dyn crate::store::Store) -> AppResult<Vec<RefundDue>> {
+    Ok(store.refunds_due(Timestamp::MAX, u32::MAX, QUEUED_LIST_MAX).await?)
+}
+
+/// Whether a refund with `attempts` failed ones is left to an operator.
+pub fn left_to_operator(attempts: u32) -> bool {
+    attempts >= REFUND_ATTEMPTS_MAX
+}
+
+/// Re-arms the refunds queued for `payment_reference` (an operator's retry): no attempts, due
+/// at `now`. How many there were.
+pub async fn rearm(store: &dyn crate::store::Store, payment_reference: &str, now: Timestamp) -> AppResult<usize> {
+    let found: Vec<RefundDue> =
+        queued(store).await?.into_iter().filter(|due| due.payment_reference == payment_reference).collect();
+    for due in &found {
+        store.reschedule_refund(due.kind, &due.payment_reference, 0, now).await?;
+    }
+    Ok(found.len())
 }
 
 /// One try at queueing `due`: whether it is queued.

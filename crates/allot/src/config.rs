@@ -24,6 +24,30 @@ pub enum Command {
     /// Work with the audit trail.
     #[command(subcommand)]
     Audit(AuditCommand),
+    /// Work with the refunds owed that the reconciler keeps (`refunds_due`).
+    #[command(subcommand)]
+    Refunds(RefundsCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum RefundsCommand {
+    /// List every refund owed and queued: due, waiting, or left to an operator.
+    List {
+        /// `sqlite://PATH` (default) or `postgres://…`.
+        #[arg(long, env = "ALLOT_DATABASE_URL", default_value = DEFAULT_DATABASE_URL)]
+        database_url: String,
+    },
+    /// Re-arm a refund left to an operator (or any queued one): its attempts start again, and
+    /// the next sweep of a running server makes it. Check at the provider first that it was not
+    /// made: past a day the provider no longer knows the refund's idempotency key. Exits 1 when
+    /// none is queued for the payment.
+    Retry {
+        /// The payment reference the refund gives money back on.
+        payment_reference: String,
+        /// `sqlite://PATH` (default) or `postgres://…`.
+        #[arg(long, env = "ALLOT_DATABASE_URL", default_value = DEFAULT_DATABASE_URL)]
+        database_url: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]

@@ -1,5 +1,6 @@
 //! The `allot` binary: `allot serve [--demo]` runs the booking engine over SQLite (one
-//! process) or PostgreSQL (any number of stateless nodes sharing one database).
+//! process) or PostgreSQL (any number of stateless nodes sharing one database); `allot audit
+//! verify` and `allot refunds list|retry` are an operator's tools over the same database.
 
 mod config;
 
@@ -12,7 +13,7 @@ use allot_app::store::Store;
 use allot_store::{PgStore, SqliteStore};
 use clap::Parser;
 
-use crate::config::{AuditCommand, Cli, Command};
+use crate::config::{AuditCommand, Cli, Command, RefundsCommand};
 use allot_app::audit::Verdict;
 
 /// mimalloc: the request path allocates small short-lived buffers on every thread, where
@@ -35,6 +36,10 @@ async fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Serve(args) => serve(args.resolve()?).await,
         Command::Audit(AuditCommand::Verify { database_url }) => audit_verify(&database_url).await,
+        Command::Refunds(RefundsCommand::List { database_url }) => refunds_list(&database_url).await,
+        Command::Refunds(RefundsCommand::Retry { payment_reference, database_url }) => {
+            refunds_retry(&database_url, &payment_reference).await
+        }
     }
 }
 
@@ -62,6 +67,38 @@ async fn audit_verify(database_url: &str) -> anyhow::Result<()> {
             std::process::exit(1);
         }
     }
+}
+
+/// `allot refunds list`: one line per refund queued, then a count.
+async fn refunds_list(database_url: &str) -> anyhow::Result<()> {
+    let store = open_store(database_url).await?;
+    let queued = allot_app::refunds::queued(store.as_ref()).await?;
+    for due in &queued {
+        let state = if allot_app::refunds::left_to_operator(due.attempts) { "left to an operator" } else { "queued" };
+        println!(
+            "{} {} booking {} amount {} attempts {} next {}: {state}",
+            due.kind.as_str(),
+            due.payment_reference,
+            due.booking_id,
+            due.amount,
+            due.attempts,
+            due.next_at
+        );
+    }
+    println!("refunds owed: {}", queued.len());
+    Ok(())
+}
+
+/// `allot refunds retry REFERENCE`: re-arms it for the reconciler; none queued is status 1.
+async fn refunds_retry(database_url: &str, payment_reference: &str) -> anyhow::Result<()> {
+    let store = open_store(database_url).await?;
+    let rearmed = allot_app::refunds::rearm(store.as_ref(), payment_reference, jiff::Timestamp::now()).await?;
+    if rearmed == 0 {
+        println!("no refund queued for payment {payment_reference}");
+        std::process::exit(1);
+    }
+    println!("{rearmed} refund(s) of payment {payment_reference} re-armed: the next sweep makes them");
+    Ok(())
 }
 
 async fn serve(settings: config::Settings) -> anyhow::Result<()> {
