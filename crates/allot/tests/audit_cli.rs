@@ -4,20 +4,13 @@
 
 mod common;
 
-use std::process::Command;
 use std::time::Duration;
 
-use common::{http_client, login, now_nanos, register, scratch_dir, start_node};
+use common::{http_client, login, now_nanos, register, run_command, scratch_dir, start_node};
 use sqlx::{Connection, Executor};
 
 fn verify(db_url: &str) -> (i32, String) {
-    let output = Command::new(env!("CARGO_BIN_EXE_allot"))
-        .args(["audit", "verify", "--database-url", db_url])
-        .env("ALLOT_LOG", "warn")
-        .env_remove("ALLOT_DATABASE_URL")
-        .output()
-        .unwrap();
-    (output.status.code().unwrap_or(-1), String::from_utf8_lossy(&output.stdout).into_owned())
+    run_command(&["audit", "verify"], db_url)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -5,25 +5,15 @@
 
 mod common;
 
-use std::process::Command;
-
 use allot_app::refunds::REFUND_ATTEMPTS_MAX;
 use allot_app::store::{RefundDue, RefundKind, Store};
 use allot_core::ids::BookingId;
 use allot_store::SqliteStore;
-use common::{now_nanos, scratch_dir};
+use common::{now_nanos, run_command, scratch_dir};
 use jiff::Timestamp;
 
 fn refunds(db_url: &str, args: &[&str]) -> (i32, String) {
-    let output = Command::new(env!("CARGO_BIN_EXE_allot"))
-        .arg("refunds")
-        .args(args)
-        .args(["--database-url", db_url])
-        .env("ALLOT_LOG", "warn")
-        .env_remove("ALLOT_DATABASE_URL")
-        .output()
-        .unwrap();
-    (output.status.code().unwrap_or(-1), String::from_utf8_lossy(&output.stdout).into_owned())
+    run_command(&[&["refunds"], args].concat(), db_url)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

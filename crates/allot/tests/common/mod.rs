@@ -1,6 +1,7 @@
-//! Test helper shared by the end-to-end tests of the `allot` binary (`durability`, `multinode`):
-//! real `allot serve` processes killed on drop, HTTP helpers, the demo catalogue, and the random
-//! contended holds of cinema seats and hotel nights with what the clients were acknowledged.
+//! Test helper shared by the end-to-end tests of the `allot` binary (`durability`, `multinode`,
+//! the operator commands'): real `allot serve` processes killed on drop, one-shot commands
+//! ([`run_command`]), HTTP helpers, the demo catalogue, and the random contended holds of cinema
+//! seats and hotel nights with what the clients were acknowledged.
 #![allow(dead_code, clippy::unwrap_used)]
 
 use std::collections::{BTreeMap, HashMap};
@@ -131,6 +132,18 @@ pub async fn start_node(name: &str, db_url: &str, demo: bool, stderr_path: PathB
 }
 
 /// Nanoseconds since the Unix epoch: a unique name, and a seed.
+/// Runs `allot ARGS --database-url DB_URL` to its end: its exit status and standard output.
+pub fn run_command(args: &[&str], db_url: &str) -> (i32, String) {
+    let output = Command::new(env!("CARGO_BIN_EXE_allot"))
+        .args(args)
+        .args(["--database-url", db_url])
+        .env("ALLOT_LOG", "warn")
+        .env_remove("ALLOT_DATABASE_URL")
+        .output()
+        .unwrap();
+    (output.status.code().unwrap_or(-1), String::from_utf8_lossy(&output.stdout).into_owned())
+}
+
 pub fn now_nanos() -> u128 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos()
 }
