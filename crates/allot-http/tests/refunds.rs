@@ -128,6 +128,17 @@ impl Setup {
         self.t.post(Some(&self.customer), &format!("/bookings/{}/cancel", self.booking), json!({})).await
     }
 
+    /// Confirms the booking, then cancels it while the provider fails every refund: the
+    /// cancellation stands, owing its refund. Its answer.
+    async fn cancel_confirmed_while_refunds_fail(&self) -> Value {
+        let (status, confirmed) = self.confirm().await;
+        assert_eq!(status, StatusCode::OK, "{confirmed}");
+        self.provider.refunds_fail.store(true, Ordering::SeqCst);
+        let (status, cancelled) = self.cancel().await;
+        assert_eq!(status, StatusCode::OK, "the cancellation stands: {cancelled}");
+        cancelled
+    }
+
     /// A confirm whose card is being charged while the hold lapses (released by expiry): it
     /// goes on, with the charge made, once the provider's gate opens.
     async fn confirm_as_the_hold_lapses(&self) -> tokio::task::JoinHandle<reqwest::Result<reqwest::Response>> {
@@ -154,13 +165,8 @@ impl Setup {
 #[tokio::test]
 async fn a_cancellations_refund_the_provider_failed_to_make_is_made_later_once() {
     let s = setup().await;
-    let (status, confirmed) = s.confirm().await;
-    assert_eq!(status, StatusCode::OK, "{confirmed}");
-    let payment = confirmed["payment"]["reference"].as_str().unwrap().to_owned();
-
-    s.provider.refunds_fail.store(true, Ordering::SeqCst);
-    let (status, cancelled) = s.cancel().await;
-    assert_eq!(status, StatusCode::OK, "the cancellation stands: {cancelled}");
+    let cancelled = s.cancel_confirmed_while_refunds_fail().await;
+    let payment = cancelled["payment"]["reference"].as_str().unwrap().to_owned();
     assert_eq!(cancelled["refund"], json!({"amount": 1200, "reference": null}), "owed, not made");
     assert_eq!(s.t.store.count("refunds_due", "kind = 'cancellation'").await.unwrap(), 1, "queued with the cancel");
 
@@ -193,10 +199,7 @@ async fn a_cancellations_refund_the_provider_failed_to_make_is_made_later_once()
 #[tokio::test]
 async fn two_reconcilers_making_one_refund_at_once_record_it_once_and_neither_fails() {
     let s = setup().await;
-    assert_eq!(s.confirm().await.0, StatusCode::OK);
-    s.provider.refunds_fail.store(true, Ordering::SeqCst);
-    let (status, _) = s.cancel().await;
-    assert_eq!(status, StatusCode::OK);
+    s.cancel_confirmed_while_refunds_fail().await;
     s.provider.refunds_fail.store(false, Ordering::SeqCst);
     s.t.clock.advance(SignedDuration::from_secs(REFUND_GRACE_SECONDS));
 
@@ -324,10 +327,7 @@ async fn a_keyed_confirm_whose_record_failed_runs_again_on_retry_and_keeps_its_c
 #[tokio::test]
 async fn a_refund_that_fails_every_attempt_is_left_to_an_operator() {
     let s = setup().await;
-    assert_eq!(s.confirm().await.0, StatusCode::OK);
-    s.provider.refunds_fail.store(true, Ordering::SeqCst);
-    let (status, _) = s.cancel().await;
-    assert_eq!(status, StatusCode::OK);
+    s.cancel_confirmed_while_refunds_fail().await;
     let mut failed = 0;
     for _ in 0..REFUND_ATTEMPTS_MAX + 3 {
         failed += s.settle_after(7 * 3600).await.failed;
