@@ -25,6 +25,8 @@ use crate::auth::Principal;
 use crate::error::{AppError, AppResult, StoreError};
 use crate::store::{IdempotencyKey, IdempotencyMark, PAGE_LIMIT_MAX, Role, Store};
 
+/// The actor role of the server's own work (a refund owed, made later by the reconciler).
+pub const SYSTEM_ROLE: &str = "system";
 /// The `prev_hash` of the first event.
 pub const GENESIS_HASH: &str = "0000000000000000000000000000000000000000000000000000000000000000";
 /// Events read per query while verifying the chain.
@@ -164,7 +166,8 @@ impl AuditEvent {
         }
     }
 
-    fn add_detail(&mut self, key: &str, value: &str) {
+    /// Adds detail `key` (at most [`DETAILS_MAX`] details; longer values cut).
+    pub fn add_detail(&mut self, key: &str, value: &str) {
         if self.details.len() >= DETAILS_MAX && !self.details.contains_key(key) {
             return;
         }
@@ -432,7 +435,32 @@ pub fn fail_scope(scope: &AuditScope, reason: &str) {
     });
 }
 
+/// Attempts at appending an event on its own before giving up on the database.
+pub const APPEND_ATTEMPTS_MAX: u32 = 3;
+pub const APPEND_BACKOFF_MS: u64 = 100;
+
 impl App {
+    /// Appends the event of an attempt that changed nothing (or whose change was written
+    /// without it). A full write queue or a busy database is retried with backoff; if the event
+    /// still cannot be stored it is logged whole at error level, so that it is not lost without
+    /// a trace.
+    pub async fn append_audit(&self, event: AuditEvent) {
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let error = match self.store.append_audit(event.clone()).await {
+                Ok(()) => return,
+                Err(e) => e,
+            };
+            let transient = matches!(error, StoreError::Overloaded | StoreError::Busy(_));
+            if !transient || attempt >= APPEND_ATTEMPTS_MAX {
+                tracing::error!(error = %error, event = ?event, "an audit event could not be stored");
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(APPEND_BACKOFF_MS << attempt)).await;
+        }
+    }
+
     /// The audit list: admins read everything; managers the events of the venues they manage
     /// (all of them, or the one `filter` names); nobody else.
     pub async fn audit_list(

@@ -13,10 +13,13 @@ use allot_core::booking::{Booking, BookingStatus};
 use jiff::{SignedDuration, Timestamp};
 use tracing::Instrument;
 
+use crate::audit::{self, AuditEvent, AuditScope};
 use crate::payments::RefundRequest;
 use crate::store::{REFUND_GRACE_SECONDS, RefundDue, RefundKind};
 use crate::{App, AppError, AppResult, telemetry};
 
+/// The audit action of a refund owed, made later.
+pub const REFUND_ACTION: &str = "booking.refund";
 /// How often the reconciler looks for refunds whose time has come.
 pub const REFUND_SWEEP_INTERVAL_SECONDS: u64 = 30;
 /// Refunds tried per sweep; the rest wait for the next.
@@ -81,6 +84,19 @@ fn owed(due: &RefundDue, booking: Option<&Booking>) -> Owed {
     }
 }
 
+/// The audit event of an attempt at a refund owed: the server's own (`system`), on the
+/// booking, seen by its venue's managers.
+fn refund_event(due: &RefundDue, booking: Option<&Booking>, amount: i64, now: Timestamp) -> AuditEvent {
+    let mut event = AuditEvent::new(REFUND_ACTION, audit::SYSTEM_ROLE, now);
+    event.target_id = Some(due.booking_id.to_string());
+    event.venue_id = booking.map(|b| b.venue_id);
+    event.add_detail("kind", due.kind.as_str());
+    event.add_detail("payment", &due.payment_reference);
+    event.add_detail("amount", &amount.to_string());
+    event.add_detail("attempt", &due.attempts.saturating_add(1).to_string());
+    event
+}
+
 /// How long after `attempts` failed attempts the next one waits: doubling from the grace,
 /// at most [`REFUND_BACKOFF_SECONDS_MAX`].
 fn backoff_seconds(attempts: u32) -> i64 {
@@ -126,27 +142,45 @@ impl App {
                 self.store.reschedule_refund(due.kind, &due.payment_reference, due.attempts, later).await?;
             }
             Owed::Now(amount) => {
-                let refunded = self.payments.refund(&RefundRequest::of(&due.payment_reference, amount)).await;
-                telemetry::count_refund(&refunded);
-                let reference = refunded.map_err(|e| AppError::Internal(format!("refund: {e}")))?;
-                match due.kind {
-                    // Recording the reference drops the queued refund in the same write.
-                    RefundKind::Cancellation => {
-                        if self.record_refund(due.booking_id, reference).await.is_none() {
-                            // Another node may have recorded the same refund first: the
-                            // booking as stored decides whether it is still owed.
-                            let stored = self.store.booking(due.booking_id).await?;
-                            if owed(due, stored.as_ref()) != Owed::No {
-                                return Err(AppError::Internal("the refund's reference was not recorded".into()));
-                            }
-                        }
-                    }
-                    RefundKind::Unrecorded => self.store.drop_refund(due.kind, &due.payment_reference).await?,
+                // Money moves: recorded in the audit trail (I6) as the server's own attempt, in
+                // the transaction that records the refund, or on its own when none does.
+                let scope = AuditScope::new(refund_event(due, booking.as_ref(), amount, now));
+                let made = scope.clone().run(self.make_refund(due, amount)).await;
+                if let Some(event) = scope.finish(made.is_ok(), Some("internal"), self.clock.now()) {
+                    self.append_audit(event).await;
                 }
+                made?;
                 tracing::info!(booking_id = %due.booking_id, kind = due.kind.as_str(), amount, "a refund owed was made");
             }
         }
         Ok(decided)
+    }
+
+    /// Makes the refund `due` owes (`amount`) at the provider and records it: a cancellation's
+    /// reference on its booking, an unrecorded charge's queue row dropped.
+    async fn make_refund(&self, due: &RefundDue, amount: i64) -> AppResult<()> {
+        let refunded = self.payments.refund(&RefundRequest::of(&due.payment_reference, amount)).await;
+        telemetry::count_refund(&refunded);
+        let reference = refunded.map_err(|e| {
+            audit::fail("payment_provider_unavailable");
+            AppError::Internal(format!("refund: {e}"))
+        })?;
+        audit::detail("refund", &reference);
+        match due.kind {
+            // Recording the reference drops the queued refund in the same write.
+            RefundKind::Cancellation => {
+                if self.record_refund(due.booking_id, reference).await.is_none() {
+                    // Another node may have recorded the same refund first: the booking as
+                    // stored decides whether it is still owed.
+                    let stored = self.store.booking(due.booking_id).await?;
+                    if owed(due, stored.as_ref()) != Owed::No {
+                        return Err(AppError::Internal("the refund's reference was not recorded".into()));
+                    }
+                }
+            }
+            RefundKind::Unrecorded => self.store.drop_refund(due.kind, &due.payment_reference).await?,
+        }
+        Ok(())
     }
 
     async fn retry_refund_later(&self, due: &RefundDue, now: Timestamp, error: &AppError) {

@@ -10,6 +10,9 @@ use crate::inventory::Currency;
 pub const PAYMENT_ATTEMPTS_MAX: u32 = 3;
 /// Items one booking may hold.
 pub const ITEMS_MAX: usize = 20;
+/// The domain event announcing that a cancelled booking's refund was made
+/// ([`Booking::event_topic`]).
+pub const REFUNDED_TOPIC: &str = "booking.refunded";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -51,6 +54,20 @@ impl BookingStatus {
 
     pub fn parse(s: &str) -> Option<Self> {
         Self::ALL.into_iter().find(|st| st.as_str() == s)
+    }
+
+    /// The domain event announcing that a booking entered this status.
+    pub fn event_topic(self) -> &'static str {
+        match self {
+            BookingStatus::Held => "booking.held",
+            BookingStatus::PendingPayment => "booking.pending_payment",
+            BookingStatus::Confirmed => "booking.confirmed",
+            BookingStatus::Cancelled => "booking.cancelled",
+            BookingStatus::Expired => "booking.expired",
+            BookingStatus::PaymentFailed => "booking.payment_failed",
+            BookingStatus::Completed => "booking.completed",
+            BookingStatus::NoShow => "booking.no_show",
+        }
     }
 
     /// Whether the booking's items count against capacity (I1). A hold past its expiry stops
@@ -238,6 +255,19 @@ impl Booking {
         expected == *after
     }
 
+    /// The domain event a change from this booking to `after` announces, if any: the status it
+    /// enters, or [`REFUNDED_TOPIC`] when the change records its refund made (money moved, but
+    /// no status changed: a partner or a ledger following the feed learns of it only so).
+    pub fn event_topic(&self, after: &Booking) -> Option<&'static str> {
+        if self.status != after.status {
+            Some(after.status.event_topic())
+        } else if self.settles_refund(after) {
+            Some(REFUNDED_TOPIC)
+        } else {
+            None
+        }
+    }
+
     /// The state machine of SPEC §3: the status after `t` at `now`, or why not.
     pub fn next_status(&self, t: Transition, now: Timestamp) -> Result<BookingStatus, TransitionError> {
         use BookingStatus as S;
@@ -325,6 +355,22 @@ mod tests {
         other.cancel_reason = Some("changed".into());
         assert!(!cancelled.settles_refund(&other), "nothing else changes");
         assert!(!booking(BookingStatus::Cancelled, 100).settles_refund(&settled), "no refund to settle");
+    }
+
+    #[test]
+    fn a_change_announces_the_status_it_enters_or_the_refund_it_records() {
+        for status in BookingStatus::ALL {
+            assert_eq!(status.event_topic(), format!("booking.{}", status.as_str()), "the feed's names");
+        }
+        let held = booking(BookingStatus::Held, 100);
+        let mut cancelled = booking(BookingStatus::Cancelled, 100);
+        cancelled.refund = Some(Refund { amount: 600, reference: None });
+        assert_eq!(held.event_topic(&cancelled), Some("booking.cancelled"));
+        assert_eq!(held.event_topic(&held), None, "nothing announced");
+        let mut settled = cancelled.clone();
+        settled.refund = Some(Refund { amount: 600, reference: Some("re_1".into()) });
+        assert_eq!(cancelled.event_topic(&settled), Some(REFUNDED_TOPIC));
+        assert_eq!(settled.event_topic(&settled), None, "announced once");
     }
 
     #[test]

@@ -134,7 +134,7 @@ async fn run_in(
     let response = scope.clone().run(request).await;
     unfinished.scope = None;
     if !deferred && let Some(event) = finish(app, &scope, &response) {
-        append(app, event).await;
+        app.append_audit(event).await;
     }
     response
 }
@@ -165,30 +165,6 @@ async fn draft(app: &App, parts: &Parts, action: String, target: Option<String>)
     (event, principal)
 }
 
-/// Attempts at appending an event on its own before giving up on the database.
-pub const APPEND_ATTEMPTS_MAX: u32 = 3;
-pub const APPEND_BACKOFF_MS: u64 = 100;
-
-/// Appends an event of an attempt that changed nothing. A full write queue or a busy database
-/// is retried with backoff; if the event still cannot be stored it is logged whole at error
-/// level, so that it is not lost without a trace.
-pub(crate) async fn append(app: &App, event: AuditEvent) {
-    let mut attempt = 0;
-    loop {
-        attempt += 1;
-        let error = match app.store.append_audit(event.clone()).await {
-            Ok(()) => return,
-            Err(e) => e,
-        };
-        let transient = matches!(error, allot_app::StoreError::Overloaded | allot_app::StoreError::Busy(_));
-        if !transient || attempt >= APPEND_ATTEMPTS_MAX {
-            tracing::error!(error = %error, event = ?event, "an audit event could not be stored");
-            return;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(APPEND_BACKOFF_MS << attempt)).await;
-    }
-}
-
 /// Records a state-changing request refused before routing (rate limits, the
 /// `Idempotency-Key` layer): the action and target come from matching its path against the
 /// audited routes; a path of no route is not an attempt at anything and is not recorded. The
@@ -214,7 +190,7 @@ pub async fn record_refused(app: &App, parts: &Parts, reason: &str, details: &[(
     for (key, value) in details {
         event.details.insert((*key).to_owned(), value.clone());
     }
-    append(app, event).await;
+    app.append_audit(event).await;
 }
 
 /// The action of the audited route `path` matches, and the value of its first parameter.
@@ -260,7 +236,7 @@ impl Drop for Unfinished {
         let Some(event) = scope.finish(false, Some(reason), self.app.clock.now()) else { return };
         let app = self.app.clone();
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-            runtime.spawn(async move { append(&app, event).await });
+            runtime.spawn(async move { app.append_audit(event).await });
         }
     }
 }

@@ -211,7 +211,7 @@ async fn settle_after(
         return answer;
     }
     if let Some(crate::audit::DeferredAudit(event)) = deferred {
-        crate::audit::append(app, event).await;
+        app.append_audit(event).await;
     }
     run_and_store(app, id, response, false).await
 }

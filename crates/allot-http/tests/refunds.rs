@@ -10,6 +10,7 @@ mod common;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
+use allot_app::audit::Verdict;
 use allot_app::payments::{ChargeOutcome, ChargeRequest, PaymentProvider, ProviderError, RefundRequest, TestProvider};
 use allot_app::refunds::{REFUND_ATTEMPTS_MAX, RefundSweep};
 use allot_app::store::{REFUND_GRACE_SECONDS, Role};
@@ -81,6 +82,9 @@ impl PaymentProvider for Provider {
     }
 }
 
+/// The manager of the booking's venue.
+const MANAGER: &str = "manager@test.allot";
+
 struct Setup {
     t: TestApp,
     provider: Arc<Provider>,
@@ -101,7 +105,7 @@ async fn setup() -> Setup {
         provider.clone(),
     )
     .await;
-    let manager = t.user_with_role("manager@test.allot", Role::Manager).await;
+    let manager = t.user_with_role(MANAGER, Role::Manager).await;
     let venue = t.venue(&manager, "cinema").await;
     let (seats, event) = t.seats_and_event(&manager, &venue, 1, 48).await;
     let customer = t.customer("refunds@test.allot").await;
@@ -156,6 +160,27 @@ impl Setup {
         body
     }
 
+    /// The reconciler's refund attempts in the audit trail as the venue's manager reads them,
+    /// oldest first: `(outcome, reason, details)`, each checked to be the server's own attempt
+    /// on the booking. The chain is checked intact too.
+    async fn refund_attempts(&self) -> Vec<(String, Option<String>, Value)> {
+        // Logged in afresh: the clock may have moved past any earlier token's life.
+        let manager = self.t.login(MANAGER).await;
+        let (status, page) = self.t.get(Some(&manager), "/audit?action=booking.refund&limit=100").await;
+        assert_eq!(status, StatusCode::OK, "{page}");
+        let mut events = page["data"].as_array().unwrap().clone();
+        events.reverse();
+        let attempts = events.iter().map(|e| {
+            assert_eq!((e["actor_role"].as_str(), e["actor_id"].as_str()), (Some("system"), None), "{e}");
+            assert_eq!(e["target_id"].as_str(), Some(self.booking.as_str()), "{e}");
+            let reason = e["reason"].as_str().map(str::to_owned);
+            (e["outcome"].as_str().unwrap().to_owned(), reason, e["details"].clone())
+        });
+        let attempts = attempts.collect();
+        assert!(matches!(self.t.app.audit_verify().await.unwrap(), Verdict::Intact { .. }));
+        attempts
+    }
+
     async fn settle_after(&self, seconds: i64) -> RefundSweep {
         self.t.clock.advance(SignedDuration::from_secs(seconds));
         self.t.app.settle_refunds().await.unwrap()
@@ -181,6 +206,17 @@ async fn a_cancellations_refund_the_provider_failed_to_make_is_made_later_once()
     assert_eq!(s.t.store.count("refunds_due", "1=1").await.unwrap(), 0, "dropped with the record");
     assert_eq!(s.settle_after(24 * 3600).await, RefundSweep::default(), "made once");
 
+    let failed = json!({"kind": "cancellation", "payment": payment, "amount": "1200", "attempt": "1"});
+    let made = json!({"kind": "cancellation", "payment": payment, "amount": "1200", "attempt": "2",
+        "refund": format!("re_{payment}")});
+    assert_eq!(
+        s.refund_attempts().await,
+        vec![
+            ("failure".to_owned(), Some("payment_provider_unavailable".to_owned()), failed),
+            ("success".to_owned(), None, made)
+        ],
+        "each attempt audited (I6), the money moved with the refund's reference"
+    );
     let asked = s.provider.asked();
     assert_eq!(asked.len(), 3, "the cancel's, the failed retry, the one made: {asked:?}");
     for request in &asked {
@@ -247,6 +283,28 @@ async fn a_charge_whose_record_failed_and_no_retry_recorded_is_refunded_once_its
     assert_eq!(asked[0].idempotency_key, format!("refund_{charge}"));
     assert_eq!(s.t.store.count("refunds_due", "1=1").await.unwrap(), 0);
     assert_eq!(s.settle_after(24 * 3600).await, RefundSweep::default(), "refunded once");
+    let made = json!({"kind": "unrecorded", "payment": charge, "amount": "1200", "attempt": "1",
+        "refund": format!("re_{charge}")});
+    assert_eq!(s.refund_attempts().await, vec![("success".to_owned(), None, made)], "audited, once");
+}
+
+/// The refund is made but the write recording it fails: the attempt is audited as failed (the
+/// booking does not say it was made), and the next one, by the same idempotency key, records it.
+#[tokio::test]
+async fn a_refund_made_whose_record_failed_is_audited_as_failed_and_recorded_by_the_next_attempt() {
+    let s = setup().await;
+    s.cancel_confirmed_while_refunds_fail().await;
+    s.provider.refunds_fail.store(false, Ordering::SeqCst);
+    s.faults.fail_booking_updates(1);
+    assert_eq!(s.settle_after(REFUND_GRACE_SECONDS).await, RefundSweep { failed: 1, ..RefundSweep::default() });
+    assert_eq!(s.stored().await["refund"]["reference"], Value::Null);
+    assert_eq!(s.settle_after(2 * REFUND_GRACE_SECONDS).await, RefundSweep { refunded: 1, ..RefundSweep::default() });
+    assert!(s.stored().await["refund"]["reference"].is_string());
+    let outcomes: Vec<_> =
+        s.refund_attempts().await.into_iter().map(|(outcome, reason, _)| (outcome, reason)).collect();
+    assert_eq!(outcomes, vec![("failure".into(), Some("internal".into())), ("success".into(), None)]);
+    let asked = s.provider.asked();
+    assert!(asked.iter().all(|r| r.idempotency_key == asked[0].idempotency_key), "one refund: {asked:?}");
 }
 
 #[tokio::test]

@@ -66,7 +66,8 @@ pub struct AuditEventView {
     pub at: String,
     #[schema(required = true)]
     pub actor_id: Option<String>,
-    /// `anonymous`, `customer`, `manager`, `admin`, `partner` or `none`.
+    /// `anonymous`, `customer`, `manager`, `admin`, `partner`, `none`, or `system` (the
+    /// server's own work: a refund owed, made later).
     pub actor_role: String,
     #[schema(required = true)]
     pub ip: Option<String>,

@@ -756,7 +756,8 @@ where
     Ok(claims_from_rows(rows))
 }
 
-/// Writes a status change and keeps the claims table in step with it.
+/// Writes a status change and keeps the claims table in step with it, with an outbox row for
+/// the event it announces (`Booking::event_topic`).
 async fn apply_change(
     conn: &mut PgConnection,
     before: &Booking,
@@ -780,9 +781,8 @@ async fn apply_change(
             .execute(&mut *conn)
             .await?;
     }
-    if before.status != after.status {
-        let topic = format!("booking.{}", after.status.as_str());
-        outbox(conn, &topic, &id, &to_json(after)?, now).await?;
+    if let Some(topic) = before.event_topic(after) {
+        outbox(conn, topic, &id, &to_json(after)?, now).await?;
     }
     queue_refund_owed(conn, before, after, now).await
 }

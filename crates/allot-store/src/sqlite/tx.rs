@@ -798,7 +798,8 @@ fn stored_error(e: impl std::fmt::Display) -> rusqlite::Error {
 }
 
 /// Writes one booking's status change and keeps the claims table in step: the booking row,
-/// its claims deleted (released) or re-stamped (kept), an outbox row if the status changed.
+/// its claims deleted (released) or re-stamped (kept), an outbox row for the event it
+/// announces (`Booking::event_topic`).
 fn apply_change(conn: &Connection, before: &Booking, after: &Booking, now: Timestamp) -> Result<()> {
     // A `booking.expired` event's payload is the booking as stored (`release`).
     assert!(
@@ -820,8 +821,7 @@ fn apply_change(conn: &Connection, before: &Booking, after: &Booking, now: Times
     } else if before.status.claims_capacity() {
         conn.prepare_cached("DELETE FROM claims WHERE booking_id = ?")?.execute([&id])?;
     }
-    if before.status != after.status {
-        let topic = format!("booking.{}", after.status.as_str());
+    if let Some(topic) = before.event_topic(after) {
         conn.prepare_cached("INSERT INTO outbox (topic, aggregate_id, doc_seq, created_at) VALUES (?, ?, ?, ?)")?
             .execute(params![topic, id, doc_seq, now.as_second()])?;
     }

@@ -1,5 +1,5 @@
 //! `update_booking` (decisions inside the transaction, claims kept in step, one outbox row per
-//! status change, a cancellation's refund queued while owed), the booking list, and the queue
+//! status change or refund made, a cancellation's refund queued while owed), the booking list, and the queue
 //! of refunds owed.
 
 use std::collections::BTreeSet;
@@ -298,9 +298,18 @@ pub async fn a_cancellations_refund_is_queued_until_its_reference_is_recorded(b:
     };
     assert_eq!(w.store.refunds_due(at(10_000), 10, 10).await.unwrap(), vec![queued], "a refund of nothing is not owed");
 
+    assert_eq!(outbox_of(b, owing.id, "booking.refunded").await, 0, "owed, not made");
     w.store.update_booking(owing.id, at(6), refunded("re_owing")).await.unwrap();
     assert_eq!(w.store.refunds_due(at(10_000), 10, 10).await.unwrap(), vec![], "recorded made, dropped with it");
     assert_eq!(b.count("refunds_due", "1=1").await, 0);
+    let reference = match b.name() {
+        "sqlite" => "json_extract(payload, '$.refund.reference')",
+        _ => "payload->'refund'->>'reference'",
+    };
+    let announced =
+        format!("aggregate_id = '{}' AND topic = 'booking.refunded' AND {reference} = 're_owing'", owing.id);
+    assert_eq!(b.count("outbox_events", &announced).await, 1, "the refund made is announced, with its reference");
+    assert_eq!(outbox_of(b, free.id, "booking.refunded").await, 0, "a refund of nothing is not made");
 }
 
 pub async fn queued_refunds_are_listed_when_due_rescheduled_and_dropped(b: &Backend) {
