@@ -22,6 +22,9 @@ use crate::{App, AppError, AppResult, telemetry};
 pub const REFUND_ACTION: &str = "booking.refund";
 /// How often the reconciler looks for refunds whose time has come.
 pub const REFUND_SWEEP_INTERVAL_SECONDS: u64 = 30;
+/// How long a sweep holds the refunds it took before another node's sweep may take them (if
+/// this one died): far longer than a sweep of [`REFUND_BATCH_MAX`] takes.
+pub const REFUND_LEASE_SECONDS: i64 = 600;
 /// Refunds tried per sweep; the rest wait for the next.
 pub const REFUND_BATCH_MAX: u32 = 100;
 /// Failed attempts after which a refund is left to an operator (logged at error level and
@@ -111,10 +114,13 @@ fn next_attempt_at(now: Timestamp, attempts: u32) -> Timestamp {
 
 impl App {
     /// Makes, or drops as not owed, every queued refund whose time has come (at most
-    /// [`REFUND_BATCH_MAX`]). Safe to run on several nodes at once.
+    /// [`REFUND_BATCH_MAX`]). Safe to run on several nodes at once: each refund is leased to
+    /// one sweep ([`REFUND_LEASE_SECONDS`]), so one node decides it and counts its attempt, and
+    /// one refund per payment at the provider holds even if a lease runs out mid-sweep.
     pub async fn settle_refunds(&self) -> AppResult<RefundSweep> {
         let now = self.clock.now();
-        let due = self.store.refunds_due(now, REFUND_ATTEMPTS_MAX, REFUND_BATCH_MAX).await?;
+        let lease_until = now.saturating_add(SignedDuration::from_secs(REFUND_LEASE_SECONDS)).unwrap_or(now);
+        let due = self.store.claim_refunds_due(now, lease_until, REFUND_ATTEMPTS_MAX, REFUND_BATCH_MAX).await?;
         let mut sweep = RefundSweep::default();
         for refund in &due {
             let tally = match self.settle_refund(refund, now).await {

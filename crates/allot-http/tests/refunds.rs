@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 
 use allot_app::audit::Verdict;
 use allot_app::payments::{ChargeOutcome, ChargeRequest, PaymentProvider, ProviderError, RefundRequest, TestProvider};
-use allot_app::refunds::{REFUND_ATTEMPTS_MAX, RefundSweep};
+use allot_app::refunds::{REFUND_ATTEMPTS_MAX, REFUND_LEASE_SECONDS, RefundSweep};
 use allot_app::store::{REFUND_GRACE_SECONDS, Role};
 use allot_core::booking::BookingStatus;
 use common::TestApp;
@@ -229,11 +229,13 @@ async fn a_cancellations_refund_the_provider_failed_to_make_is_made_later_once()
     }
 }
 
-/// Two reconcilers (two nodes) make the same refund at once: the provider is asked twice with
-/// one idempotency key (one refund), the first to record it wins, and the second finds it
-/// recorded and neither fails nor retries it.
+/// Two reconcilers (two nodes) sweep at once: the refund is leased to the first, and the
+/// second finds nothing to do. If the lease runs out while the first is still waiting on the
+/// provider, a later sweep takes the refund too: the provider is asked with one idempotency key
+/// (one refund), the first to record it wins, and the other finds it recorded and neither fails
+/// nor retries it.
 #[tokio::test]
-async fn two_reconcilers_making_one_refund_at_once_record_it_once_and_neither_fails() {
+async fn reconcilers_sweeping_at_once_make_one_refund_and_neither_fails() {
     let s = setup().await;
     s.cancel_confirmed_while_refunds_fail().await;
     s.provider.refunds_fail.store(false, Ordering::SeqCst);
@@ -245,13 +247,16 @@ async fn two_reconcilers_making_one_refund_at_once_record_it_once_and_neither_fa
         async move { app.settle_refunds().await.unwrap() }
     });
     s.provider.refunding.notified().await;
-    let second = s.t.app.settle_refunds().await.unwrap();
-    assert_eq!(second, RefundSweep { refunded: 1, ..RefundSweep::default() }, "recorded first");
+    assert_eq!(s.t.app.settle_refunds().await.unwrap(), RefundSweep::default(), "leased to the first sweep");
+    assert_eq!(s.provider.asked().len(), 2, "the cancel's and the first sweep's");
+
+    let late = s.settle_after(REFUND_LEASE_SECONDS).await;
+    assert_eq!(late, RefundSweep { refunded: 1, ..RefundSweep::default() }, "taken once the lease ran out");
     s.provider.gate.add_permits(1);
     assert_eq!(first.await.unwrap(), RefundSweep { refunded: 1, ..RefundSweep::default() }, "found it recorded");
 
     let asked = s.provider.asked();
-    assert_eq!(asked.len(), 3, "the cancel's, then one per reconciler: {asked:?}");
+    assert_eq!(asked.len(), 3, "the cancel's, then one per sweep that held the lease: {asked:?}");
     assert!(asked.iter().all(|r| *r == asked[0]), "one idempotency key: one refund at the provider");
     assert!(s.stored().await["refund"]["reference"].is_string());
     assert_eq!(s.t.store.count("refunds_due", "1=1").await.unwrap(), 0);

@@ -250,6 +250,7 @@ conformance! {
     bookings::bookings_filter_and_paging,
     bookings::a_cancellations_refund_is_queued_until_its_reference_is_recorded,
     bookings::queued_refunds_are_listed_when_due_rescheduled_and_dropped,
+    bookings::due_refunds_are_leased_to_one_sweep_at_a_time,
     expiry::expired_hold_stops_counting_before_the_sweep,
     expiry::a_swept_hold_is_stored_and_announced_as_the_transition_makes_it,
     expiry::expire_due_flips_only_due_holds_in_order_and_respects_limit,

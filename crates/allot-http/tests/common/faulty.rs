@@ -258,6 +258,16 @@ impl Store for FaultyStore {
         self.inner.refunds_due(now, attempts_max, limit).await
     }
 
+    async fn claim_refunds_due(
+        &self,
+        now: Timestamp,
+        lease_until: Timestamp,
+        attempts_max: u32,
+        limit: u32,
+    ) -> Result<Vec<RefundDue>, StoreError> {
+        self.inner.claim_refunds_due(now, lease_until, attempts_max, limit).await
+    }
+
     async fn reschedule_refund(
         &self,
         kind: RefundKind,

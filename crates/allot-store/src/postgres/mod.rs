@@ -1768,6 +1768,45 @@ impl Store for PgStore {
         rows.into_iter().map(refund_due_of).collect()
     }
 
+    async fn claim_refunds_due(
+        &self,
+        now: Timestamp,
+        lease_until: Timestamp,
+        attempts_max: u32,
+        limit: u32,
+    ) -> Result<Vec<RefundDue>, StoreError> {
+        let claimed = self
+            .writer
+            .exec(move |ctx: &mut Ctx| -> BoxFuture<'_, Outcome<Vec<RefundRow>, StoreError>> {
+                Box::pin(async move {
+                    // `SKIP LOCKED`: rows another node is leasing in a batch not yet committed
+                    // are left to it, not waited for.
+                    let mut rows: Vec<RefundRow> = sqlx::query_as(
+                        "WITH due AS (
+                             SELECT payment_reference, kind, next_at FROM refunds_due
+                             WHERE next_at <= $1 AND attempts < $2 ORDER BY next_at LIMIT $3
+                             FOR UPDATE SKIP LOCKED)
+                         UPDATE refunds_due AS r SET next_at = $4 FROM due
+                         WHERE r.payment_reference = due.payment_reference AND r.kind = due.kind
+                         RETURNING r.kind, r.payment_reference, r.booking_id, r.amount, r.attempts, due.next_at",
+                    )
+                    .bind(now.as_second())
+                    .bind(i64::from(attempts_max))
+                    .bind(i64::from(limit))
+                    .bind(lease_until.as_second())
+                    .fetch_all(&mut ctx.conn)
+                    .await?;
+                    rows.sort_by_key(|row| row.5);
+                    for row in &mut rows {
+                        row.5 = lease_until.as_second();
+                    }
+                    Ok(Ok(rows))
+                })
+            })
+            .await?;
+        claimed.into_iter().map(refund_due_of).collect()
+    }
+
     async fn reschedule_refund(
         &self,
         kind: RefundKind,

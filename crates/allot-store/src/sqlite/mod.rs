@@ -711,6 +711,20 @@ impl Store for SqliteStore {
         rows.into_iter().map(refund_due_of).collect()
     }
 
+    async fn claim_refunds_due(
+        &self,
+        now: Timestamp,
+        lease_until: Timestamp,
+        attempts_max: u32,
+        limit: u32,
+    ) -> Result<Vec<RefundDue>, StoreError> {
+        let rows = self
+            .writer
+            .exec_now(move |ctx: &mut Ctx| tx::claim_refunds_due(ctx, now, lease_until, attempts_max, limit))
+            .await?;
+        rows.into_iter().map(refund_due_of).collect()
+    }
+
     async fn reschedule_refund(
         &self,
         kind: RefundKind,

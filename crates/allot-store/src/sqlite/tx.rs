@@ -33,7 +33,7 @@ use crate::access::{
 };
 use crate::cache::{self, INVALIDATE_ALL};
 use crate::common::{
-    ABANDON_CHANGED_SQL, ABANDON_UNCHANGED_SQL, AUDIT_COLUMNS, AUDIT_HEAD_SQL, DocTable, KeyFound, Rotation,
+    ABANDON_CHANGED_SQL, ABANDON_UNCHANGED_SQL, AUDIT_COLUMNS, AUDIT_HEAD_SQL, DocTable, KeyFound, RefundRow, Rotation,
     Succession, VENUE_IN_USE, chain, claims_from_rows, decided, existing_key, hold_expiry, rotation,
 };
 use crate::writer::{Backend, HoldResults, KeyBegin, KeyBegun, KeyCompletion, TxnRef, WriteCtx, marks_fenced};
@@ -853,6 +853,34 @@ fn queue_refund_owed(conn: &Connection, before: &Booking, after: &Booking, now: 
         _ => {}
     }
     Ok(())
+}
+
+/// `Store::claim_refunds_due`: the due rows, read and leased in one transaction of the one
+/// writer, so no other sweep can take them in between.
+pub(crate) fn claim_refunds_due(
+    ctx: &mut Ctx,
+    now: Timestamp,
+    lease_until: Timestamp,
+    attempts_max: u32,
+    limit: u32,
+) -> Outcome<Vec<RefundRow>, StoreError> {
+    let mut rows: Vec<RefundRow> = ctx
+        .conn
+        .prepare_cached(
+            "SELECT kind, payment_reference, booking_id, amount, attempts, next_at FROM refunds_due
+             WHERE next_at <= ? AND attempts < ? ORDER BY next_at LIMIT ?",
+        )?
+        .query_map(params![now.as_second(), attempts_max, limit], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?))
+        })?
+        .collect::<rusqlite::Result<_>>()?;
+    let mut lease =
+        ctx.conn.prepare_cached("UPDATE refunds_due SET next_at = ? WHERE payment_reference = ? AND kind = ?")?;
+    for (kind, reference, _, _, _, next_at) in &mut rows {
+        lease.execute(params![lease_until.as_second(), &*reference, &*kind])?;
+        *next_at = lease_until.as_second();
+    }
+    Ok(Ok(rows))
 }
 
 /// Whether a statement of `rows` rows repeats often enough to keep prepared: one booking's, and

@@ -345,3 +345,41 @@ pub async fn queued_refunds_are_listed_when_due_rescheduled_and_dropped(b: &Back
     w.store.drop_refund(RefundKind::Unrecorded, "pi_soon").await.unwrap();
     assert_eq!(b.count("refunds_due", "1=1").await, 0);
 }
+
+/// `claim_refunds_due`: two sweeps at once take disjoint refunds, each leased (its `next_at`
+/// moved to the lease's end) until the lease runs out, then due again for any sweep.
+pub async fn due_refunds_are_leased_to_one_sweep_at_a_time(b: &Backend) {
+    let w = World::new(b).await;
+    let due = |reference: &str, next_at: i64, attempts: u32| RefundDue {
+        kind: RefundKind::Unrecorded,
+        payment_reference: reference.into(),
+        booking_id: BookingId::new(),
+        amount: 1200,
+        attempts,
+        next_at: at(next_at),
+    };
+    let queued = [due("pi_a", 100, 0), due("pi_b", 100, 2), due("pi_c", 200, 0), due("pi_spent", 100, 5)];
+    for refund in &queued {
+        w.store.queue_refund(refund).await.unwrap();
+    }
+    let lease_until = at(900);
+    let (first, second) = tokio::join!(
+        w.store.claim_refunds_due(at(300), lease_until, 5, 2),
+        w.store.claim_refunds_due(at(300), lease_until, 5, 2)
+    );
+    let (first, second) = (first.unwrap(), second.unwrap());
+    let mut taken: Vec<RefundDue> = first.iter().chain(&second).cloned().collect();
+    taken.sort_by(|x, y| x.payment_reference.cmp(&y.payment_reference));
+    let leased: Vec<RefundDue> = queued[..3].iter().map(|r| RefundDue { next_at: lease_until, ..r.clone() }).collect();
+    assert_eq!(taken, leased, "each due refund taken once, leased, the one out of attempts left: {first:?} {second:?}");
+    assert!(first.len() <= 2 && second.len() <= 2, "at most `limit` each");
+    assert_eq!(w.store.refunds_due(at(899), 10, 10).await.unwrap(), vec![queued[3].clone()], "the lease, stored");
+    assert_eq!(w.store.claim_refunds_due(at(899), at(2000), 5, 10).await.unwrap(), vec![], "none while leased");
+
+    w.store.reschedule_refund(RefundKind::Unrecorded, "pi_b", 3, at(950)).await.unwrap();
+    let again = w.store.claim_refunds_due(at(900), at(1500), 5, 10).await.unwrap();
+    let mut refs: Vec<&str> = again.iter().map(|r| r.payment_reference.as_str()).collect();
+    refs.sort_unstable();
+    assert_eq!(refs, ["pi_a", "pi_c"], "due again once the lease ran out (a sweep that died)");
+    assert!(again.iter().all(|r| r.next_at == at(1500)));
+}
