@@ -17,7 +17,7 @@ use crate::audit;
 use crate::auth::Principal;
 use crate::error::{AppError, AppResult, StoreError};
 use crate::idempotency::{Admission, LOCK_SECONDS, check_key};
-use crate::payments::{ChargeOutcome, ChargeRequest, ProviderError, RefundRequest};
+use crate::payments::{ChargeOutcome, ChargeRequest, PAYMENT_PENDING, PAYMENT_SUCCEEDED, ProviderError, RefundRequest};
 use crate::store::{
     BookingFilter, HoldAnswer, HoldCommand, HoldKey, HoldRefused, IdempotencyKey, KeyedHoldOutcome, Page, PageRequest,
     Role, StoredAnswer, UpdateRefused,
@@ -259,7 +259,7 @@ impl App {
             provider: self.payments.name().to_owned(),
             reference: reference.clone(),
             amount: booking.total,
-            status: if transition == Transition::Confirm { "succeeded" } else { "pending" }.to_owned(),
+            status: if transition == Transition::Confirm { PAYMENT_SUCCEEDED } else { PAYMENT_PENDING }.to_owned(),
         };
         let decide = Box::new(move |b: &Booking, now| {
             let mut next = b.clone();
@@ -526,14 +526,14 @@ fn unavailable(item_index: usize, resource: &Resource, remaining: u32) -> AppErr
     AppError::Unavailable { item_index, message }
 }
 
-fn transition_error(e: TransitionError) -> AppError {
+pub(crate) fn transition_error(e: TransitionError) -> AppError {
     match e {
         TransitionError::HoldExpired => AppError::HoldExpired,
         other => AppError::Conflict(other.to_string()),
     }
 }
 
-fn update_error(e: UpdateRefused) -> AppError {
+pub(crate) fn update_error(e: UpdateRefused) -> AppError {
     match e {
         UpdateRefused::NotFound => AppError::NotFound("booking"),
         UpdateRefused::Rejected(e) => e,

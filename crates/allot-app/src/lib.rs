@@ -1,6 +1,7 @@
 //! Allot's use cases. [`App`] is the one entry point the HTTP layer and the binary call: it
 //! owns the store (a [`store::Store`]), the injected [`clock::Clock`], the payment provider
-//! and the background jobs (hold expiry, idempotency clean-up, refunds owed).
+//! and the background jobs (hold expiry, idempotency clean-up, refunds owed), and applies the
+//! provider's payment events (`webhooks`).
 
 pub mod access;
 pub mod audit;
@@ -17,6 +18,7 @@ pub mod refunds;
 pub mod seat_maps;
 pub mod store;
 pub mod telemetry;
+pub mod webhooks;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -42,6 +44,7 @@ pub struct App {
     dummy_hash: String,
     expiry: ExpiryHandle,
     seat_maps: seat_maps::SeatMapCache,
+    webhook_secret: String,
 }
 
 impl App {
@@ -56,10 +59,14 @@ impl App {
         let secret = store.setting_or_insert("token_secret", &auth::random_token()).await?;
         let keys = TokenKeys::from_secret(secret.as_bytes());
         let replay_seal = idempotency::ReplaySeal::from_secret(secret.as_bytes());
+        let webhook_secret = store
+            .setting_or_insert(webhooks::WEBHOOK_SECRET_SETTING, &format!("whsec_{}", auth::random_token()))
+            .await?;
         let dummy_hash = auth::hash_password(auth::random_token()).await?;
         let (expiry, expiry_rx) = ExpiryHandle::channel();
         let seat_maps = seat_maps::SeatMapCache::default();
-        let app = Arc::new(App { store, clock, payments, keys, replay_seal, dummy_hash, expiry, seat_maps });
+        let app =
+            Arc::new(App { store, clock, payments, keys, replay_seal, dummy_hash, expiry, seat_maps, webhook_secret });
         tokio::spawn(expiry::run(app.clone(), expiry_rx));
         tokio::spawn(cleanup_loop(Arc::downgrade(&app)));
         tokio::spawn(refunds::run(Arc::downgrade(&app)));

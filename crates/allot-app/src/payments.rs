@@ -5,6 +5,11 @@ use allot_core::ids::BookingId;
 use allot_core::inventory::Currency;
 use async_trait::async_trait;
 
+/// A payment's status as its booking records it: charged, or waiting for the provider's event
+/// (`webhooks`).
+pub const PAYMENT_SUCCEEDED: &str = "succeeded";
+pub const PAYMENT_PENDING: &str = "pending";
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ChargeRequest {
     pub booking_id: BookingId,
@@ -45,7 +50,7 @@ pub enum ChargeOutcome {
     Declined {
         reason: String,
     },
-    /// The provider will report the result later (webhook).
+    /// The provider will report the result later, by an event (`webhooks`).
     Pending {
         reference: String,
     },
@@ -68,7 +73,8 @@ pub trait PaymentProvider: Send + Sync + 'static {
 }
 
 /// The default provider: `tok_visa` succeeds, `tok_chargeDeclined` is declined,
-/// `tok_processing_error` fails at the provider, `tok_async` completes later.
+/// `tok_processing_error` fails at the provider, `tok_async` is pending until the provider's
+/// event reports it (signed with the app's webhook secret, sent to `/payments/webhooks/test`).
 #[derive(Debug, Default, Clone, Copy)]
 pub struct TestProvider;
 

@@ -73,15 +73,19 @@ fn owed(due: &RefundDue, booking: Option<&Booking>) -> Owed {
         },
         RefundKind::Unrecorded => {
             let Some(booking) = booking else { return Owed::Now(due.amount) };
-            if booking.payment.as_ref().is_some_and(|p| p.reference == due.payment_reference) {
-                // Recorded: a confirmed booking keeps it, and its cancellation owes a refund of
-                // its own. (A pending one, `tok_async`, waits for the payment webhooks that
-                // would settle it, not built: its charge is left as it is.)
-                Owed::No
-            } else if booking.status == BookingStatus::Held {
-                Owed::NotYet
-            } else {
-                Owed::Now(due.amount)
+            let records = booking.payment.as_ref().is_some_and(|p| p.reference == due.payment_reference);
+            match booking.status {
+                // A retried confirm may still record it.
+                BookingStatus::Held => Owed::NotYet,
+                // Its provider's event may still confirm the booking with it (`webhooks`).
+                BookingStatus::PendingPayment if records => Owed::NotYet,
+                // Kept: the booking was confirmed with it (a cancellation owes a refund of its
+                // own, and decides it: a cancelled one records that refund, of nothing or more).
+                BookingStatus::Confirmed | BookingStatus::Completed | BookingStatus::NoShow if records => Owed::No,
+                BookingStatus::Cancelled if records && booking.refund.is_some() => Owed::No,
+                // Not recorded, or recorded pending by a booking that ended before its provider
+                // reported it paid: the booking cannot keep it.
+                _ => Owed::Now(due.amount),
             }
         }
     }
@@ -205,8 +209,9 @@ impl App {
     }
 
     /// Queues the refund of `reference`, a charge for `booking` that its booking may not
-    /// record ([`RefundKind::Unrecorded`]); logged when even that fails.
-    pub(crate) async fn queue_unrecorded(&self, booking: &Booking, reference: &str) {
+    /// record ([`RefundKind::Unrecorded`]): whether the first try did (the others go on from a
+    /// task of their own, then an error log when all failed).
+    pub(crate) async fn queue_unrecorded(&self, booking: &Booking, reference: &str) -> bool {
         let due = RefundDue {
             kind: RefundKind::Unrecorded,
             payment_reference: reference.to_owned(),
@@ -221,9 +226,11 @@ impl App {
         // The request waits for the first try only; the others run after it has answered.
         let store = self.store.clone();
         let first = tokio::spawn(queue_once(store.clone(), due.clone()).in_current_span()).await;
-        if !matches!(first, Ok(true)) {
+        let queued = matches!(first, Ok(true));
+        if !queued {
             tokio::spawn(queue_retrying(store, due).in_current_span());
         }
+        queued
     }
 }
 
@@ -349,11 +356,23 @@ mod tests {
         let due = due(RefundKind::Unrecorded, &held);
         assert_eq!(owed(&due, Some(&held)), Owed::NotYet, "a retried confirm may still record it");
         assert_eq!(owed(&due, Some(&booking(BookingStatus::Confirmed, Some("pi_1")))), Owed::No);
-        assert_eq!(owed(&due, Some(&booking(BookingStatus::Cancelled, Some("pi_1")))), Owed::No, "the cancel's");
+        let mut cancelled = booking(BookingStatus::Cancelled, Some("pi_1"));
+        cancelled.refund = Some(Refund { amount: 0, reference: None });
+        assert_eq!(owed(&due, Some(&cancelled)), Owed::No, "the cancellation's refund decides, even of nothing");
         assert_eq!(owed(&due, Some(&booking(BookingStatus::Expired, None))), Owed::Now(1200));
         assert_eq!(owed(&due, Some(&booking(BookingStatus::Confirmed, Some("pi_2")))), Owed::Now(1200), "another paid");
         assert_eq!(owed(&due, Some(&booking(BookingStatus::PendingPayment, Some("pi_2")))), Owed::Now(1200));
         assert_eq!(owed(&due, None), Owed::Now(1200));
+    }
+
+    #[test]
+    fn a_pending_charge_reported_paid_is_owed_whole_once_its_booking_ended_without_it() {
+        let pending = booking(BookingStatus::PendingPayment, Some("pi_1"));
+        let due = due(RefundKind::Unrecorded, &pending);
+        assert_eq!(owed(&due, Some(&pending)), Owed::NotYet, "its provider's event may still confirm it");
+        for ended in [BookingStatus::Expired, BookingStatus::Cancelled, BookingStatus::PaymentFailed] {
+            assert_eq!(owed(&due, Some(&booking(ended, Some("pi_1")))), Owed::Now(1200), "{ended:?}");
+        }
     }
 
     #[test]

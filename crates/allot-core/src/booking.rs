@@ -282,8 +282,12 @@ impl Booking {
             (_, T::Expire) => self.status.on_expiry(self.expires_at, now).map_or(not_allowed, Ok),
             (S::Held | S::PendingPayment, T::Confirm) => Ok(S::Confirmed),
             (S::Held, T::AwaitPayment) => Ok(S::PendingPayment),
-            (S::Held, T::PaymentDeclined) if self.payment_attempts + 1 >= PAYMENT_ATTEMPTS_MAX => Ok(S::PaymentFailed),
-            (S::Held, T::PaymentDeclined) => Ok(S::Held),
+            // A card declined at once, or an asynchronous payment reported failed later (the
+            // provider's event): the customer may try again while attempts and the hold last.
+            (S::Held | S::PendingPayment, T::PaymentDeclined) if self.payment_attempts + 1 >= PAYMENT_ATTEMPTS_MAX => {
+                Ok(S::PaymentFailed)
+            }
+            (S::Held | S::PendingPayment, T::PaymentDeclined) => Ok(S::Held),
             (S::Held | S::PendingPayment | S::Confirmed, T::Cancel) => Ok(S::Cancelled),
             (S::Confirmed, T::Complete) => Ok(S::Completed),
             (S::Confirmed, T::NoShow) => Ok(S::NoShow),
@@ -328,6 +332,16 @@ mod tests {
         assert_eq!(b.next_status(Transition::Confirm, at(100)), Err(TransitionError::HoldExpired));
         assert!(b.next_status(Transition::Expire, at(99)).is_err());
         assert_eq!(b.next_status(Transition::Expire, at(100)), Ok(BookingStatus::Expired));
+    }
+
+    #[test]
+    fn a_pending_payment_reported_failed_is_held_again_until_the_last_attempt() {
+        let at = |s| Timestamp::from_second(s).expect("ts");
+        let mut b = booking(BookingStatus::PendingPayment, 100);
+        assert_eq!(b.next_status(Transition::PaymentDeclined, at(99)), Ok(BookingStatus::Held));
+        b.payment_attempts = PAYMENT_ATTEMPTS_MAX - 1;
+        assert_eq!(b.next_status(Transition::PaymentDeclined, at(99)), Ok(BookingStatus::PaymentFailed));
+        assert_eq!(b.next_status(Transition::PaymentDeclined, at(100)), Err(TransitionError::HoldExpired));
     }
 
     #[test]

@@ -52,6 +52,7 @@ const ACTIONS: &[(&str, &str, &str)] = &[
     ("POST", "/api/v1/bookings", "booking.hold"),
     ("POST", "/api/v1/bookings/{id}/confirm", "booking.confirm"),
     ("POST", "/api/v1/bookings/{id}/cancel", "booking.cancel"),
+    ("POST", "/api/v1/payments/webhooks/{provider}", "payment.event"),
     ("POST", "/api/v1/users/{id}/roles", "user.role_grant"),
     ("DELETE", "/api/v1/users/{id}/roles/{role}", "user.role_revoke"),
     ("POST", "/api/v1/api-keys", "api_key.create"),

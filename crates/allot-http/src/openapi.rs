@@ -30,6 +30,7 @@ pub const BEARER: &str = "bearer";
         (name = "auth", description = "Accounts, sessions and tokens"),
         (name = "catalogue", description = "Venues, resources, events, seat maps, availability"),
         (name = "bookings", description = "Hold, confirm, cancel, history"),
+        (name = "payments", description = "The payment provider's signed events"),
         (name = "access", description = "Roles and partner API keys (admins)"),
         (name = "audit", description = "The audit trail of every state-changing attempt"),
         (name = "operations", description = "Health, readiness and metrics"),

@@ -91,6 +91,9 @@ const MATRIX: &[Row] = &[
     row("GET",    "/api/v1/bookings/{id}",                    READ,  [401, 200, 404, 200, 404, 404, 403, 200]),
     row("POST",   "/api/v1/bookings/{id}/confirm",            WRITE, [401, 200, 404, 403, 404, 404, 403, 403]),
     row("POST",   "/api/v1/bookings/{id}/cancel",             WRITE, [401, 200, 404, 200, 404, 404, 403, 200]),
+    // The provider's events are authenticated by its signature alone, which no caller's token
+    // replaces (signed events: tests/payment_webhooks.rs).
+    row("POST",   "/api/v1/payments/webhooks/{provider}",     ANY,   [401, 401, 401, 401, 401, 401, 401, 401]),
     row("GET",    "/api/v1/users/{id}",                       ANY,   [401, 403, 403, 403, 403, 403, 403, 200]),
     row("POST",   "/api/v1/users/{id}/roles",                 ANY,   [401, 403, 403, 403, 403, 403, 403, 200]),
     row("DELETE", "/api/v1/users/{id}/roles/{role}",          ANY,   [401, 403, 403, 403, 403, 403, 403, 200]),
@@ -284,6 +287,11 @@ impl World {
             ),
             ("POST", "/api/v1/bookings/{id}/cancel") => {
                 (format!("/api/v1/bookings/{}/cancel", self.fresh_hold().await), Some(json!({"reason": "matrix"})))
+            }
+            ("POST", "/api/v1/payments/webhooks/{provider}") => {
+                let object = json!({"id": "pi_matrix", "metadata": {"booking_id": b}});
+                let event = json!({"id": "evt_matrix", "type": "payment_intent.succeeded", "data": {"object": object}});
+                ("/api/v1/payments/webhooks/test".into(), Some(event))
             }
             ("GET", "/api/v1/users/{id}") => (format!("/api/v1/users/{}", self.bystander), None),
             ("POST", "/api/v1/users/{id}/roles") => {

@@ -112,6 +112,8 @@ async fn serve(settings: config::Settings) -> anyhow::Result<()> {
     if settings.demo {
         let summary = allot_app::demo::load(&app).await?;
         println!("{summary}");
+        // `tok_async` payments wait for the provider's event: signed with this (README, Payments).
+        println!("payment events (POST /api/v1/payments/webhooks/test) are signed with {}", app.webhook_secret());
     }
     let listener = allot_http::listen(&settings.listen).await?;
     let addr = listener.local_addr()?;

@@ -5,6 +5,7 @@ pub mod audit;
 pub mod auth;
 pub mod bookings;
 pub mod catalog;
+pub mod payments;
 
 use std::sync::Arc;
 
@@ -36,6 +37,7 @@ pub fn api() -> OpenApiRouter<Arc<App>> {
         .routes(routes!(bookings::get))
         .routes(routes!(bookings::confirm))
         .routes(routes!(bookings::cancel))
+        .routes(routes!(payments::webhook))
         .routes(routes!(access::get_user))
         .routes(routes!(access::grant_role))
         .routes(routes!(access::revoke_role))

@@ -1,0 +1,255 @@
+//! The payment provider's events (its webhooks). A payment the provider reports after the
+//! confirm that started it (`tok_async`: the booking `pending_payment`) settles its booking:
+//! paid confirms it, failed holds it again for another attempt (or ends it as
+//! `payment_failed` at the last). Money reported taken for a booking that can no longer keep
+//! it (it expired or was cancelled while the payment was pending) is queued to be refunded
+//! whole (`refunds`). An event is authenticated by the provider's signature, Stripe's scheme
+//! ([`verify_signature`]); the HTTP layer reads the event's JSON into a [`PaymentEvent`].
+//!
+//! Providers send an event again until it is answered 2xx, and may send it late or twice:
+//! every event is applied once, a repeat answers what the first did, and one arriving after
+//! its booking ended changes nothing but the money owed back.
+
+use allot_core::booking::{Booking, BookingStatus, Transition};
+use allot_core::ids::BookingId;
+use hmac::{Hmac, Mac};
+use jiff::Timestamp;
+use sha2::Sha256;
+
+use crate::bookings::{transition_error, update_error};
+use crate::payments::{PAYMENT_PENDING, PAYMENT_SUCCEEDED};
+use crate::store::UpdateRefused;
+use crate::{App, AppError, AppResult, audit};
+
+/// How far an event's signed time may lie from now, either way (Stripe's default): an event
+/// captured and sent again later is refused.
+pub const SIGNATURE_TOLERANCE_SECONDS: i64 = 300;
+/// Signatures (`v1=`) read from one header: a provider rolling its secret sends two.
+pub const SIGNATURES_MAX: usize = 8;
+/// The settings key of the secret the provider signs its events with (made at first start,
+/// shared by every node through the database).
+pub const WEBHOOK_SECRET_SETTING: &str = "payment_webhook_secret";
+
+/// What the provider reports of a payment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PaymentReport {
+    Succeeded,
+    Failed,
+}
+
+impl PaymentReport {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PaymentReport::Succeeded => "succeeded",
+            PaymentReport::Failed => "failed",
+        }
+    }
+}
+
+/// One provider event about one payment of one booking.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PaymentEvent {
+    pub booking_id: BookingId,
+    pub payment_reference: String,
+    pub report: PaymentReport,
+}
+
+/// What an event did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Settled {
+    /// The booking as the event left it (confirmed, held again, `payment_failed`), or as an
+    /// earlier delivery of the same event left it.
+    Booking(Booking),
+    /// Money taken for a booking that can no longer keep it: queued to be refunded whole.
+    Refunding(Booking),
+    /// Nothing to do: a booking this server does not know, or a failure reported once its
+    /// booking no longer waited for the payment.
+    Ignored,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum SignatureError {
+    #[error("the signature header is not `t=<unix seconds>,v1=<hex>`")]
+    Malformed,
+    #[error("the event was signed more than {SIGNATURE_TOLERANCE_SECONDS} s from now")]
+    Stale,
+    #[error("no signature matches the event")]
+    Mismatch,
+}
+
+/// Checks `header` (`t=<unix seconds>,v1=<hex>[,v1=<hex>…]`, Stripe's `Stripe-Signature`)
+/// over `body`: one `v1` must be the HMAC-SHA256, with `secret`, of `"<t>.<body>"`, and `t`
+/// within [`SIGNATURE_TOLERANCE_SECONDS`] of `now`. Compared in constant time.
+pub fn verify_signature(secret: &[u8], header: &str, body: &[u8], now: Timestamp) -> Result<(), SignatureError> {
+    let mut signed_at = None;
+    let mut signatures = Vec::new();
+    for part in header.split(',') {
+        match part.trim().split_once('=') {
+            Some(("t", t)) => signed_at = Some(t.parse::<i64>().map_err(|_| SignatureError::Malformed)?),
+            Some(("v1", tag)) if signatures.len() < SIGNATURES_MAX => {
+                signatures.push(hex::decode(tag).map_err(|_| SignatureError::Malformed)?);
+            }
+            // Other schemes (`v0`), and signatures past the limit.
+            Some(_) => {}
+            None => return Err(SignatureError::Malformed),
+        }
+    }
+    let signed_at = signed_at.ok_or(SignatureError::Malformed)?;
+    if signatures.is_empty() {
+        return Err(SignatureError::Malformed);
+    }
+    if now.as_second().abs_diff(signed_at) > SIGNATURE_TOLERANCE_SECONDS.unsigned_abs() {
+        return Err(SignatureError::Stale);
+    }
+    let mac = signer(secret, signed_at, body);
+    if signatures.iter().any(|tag| mac.clone().verify_slice(tag).is_ok()) {
+        Ok(())
+    } else {
+        Err(SignatureError::Mismatch)
+    }
+}
+
+/// The signature header a provider sends with `body` signed at `at` (for tests and for
+/// sending the built-in test provider's events by hand).
+pub fn sign(secret: &[u8], body: &[u8], at: Timestamp) -> String {
+    let tag = signer(secret, at.as_second(), body).finalize().into_bytes();
+    format!("t={},v1={}", at.as_second(), hex::encode(tag))
+}
+
+fn signer(secret: &[u8], signed_at: i64, body: &[u8]) -> Hmac<Sha256> {
+    let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(secret).expect("HMAC takes a key of any length");
+    mac.update(signed_at.to_string().as_bytes());
+    mac.update(b".");
+    mac.update(body);
+    mac
+}
+
+/// Whether `booking` records payment `reference` with `status`.
+fn records(booking: &Booking, reference: &str, status: &str) -> bool {
+    booking.payment.as_ref().is_some_and(|p| p.reference == reference && p.status == status)
+}
+
+impl App {
+    /// The secret the payment provider signs its events with.
+    pub fn webhook_secret(&self) -> &str {
+        &self.webhook_secret
+    }
+
+    /// Applies the provider's event (its signature checked by the caller) to its booking.
+    pub async fn payment_event(&self, provider: &str, event: PaymentEvent) -> AppResult<Settled> {
+        if provider != self.payments.name() {
+            return Err(AppError::NotFound("payment provider"));
+        }
+        audit::set_target(event.booking_id);
+        audit::detail("payment", &event.payment_reference);
+        audit::detail("report", event.report.as_str());
+        let Some(booking) = self.store.booking(event.booking_id).await? else { return Ok(Settled::Ignored) };
+        audit::set_venue(booking.venue_id);
+        match event.report {
+            PaymentReport::Succeeded => self.payment_succeeded(booking, event.payment_reference).await,
+            PaymentReport::Failed => self.payment_failed(booking, event.payment_reference).await,
+        }
+    }
+
+    /// Confirms the booking waiting for this payment; a booking that no longer can keep it
+    /// (ended, or never recorded it) has it queued to be refunded whole.
+    async fn payment_succeeded(&self, booking: Booking, reference: String) -> AppResult<Settled> {
+        if records(&booking, &reference, PAYMENT_SUCCEEDED) {
+            return Ok(Settled::Booking(booking));
+        }
+        let expected = reference.clone();
+        let decide = Box::new(move |b: &Booking, now| {
+            if !records(b, &expected, PAYMENT_PENDING) {
+                return Err(AppError::Conflict("the booking does not wait for this payment".into()));
+            }
+            let mut next = b.clone();
+            next.status = b.next_status(Transition::Confirm, now).map_err(transition_error)?;
+            next.expires_at = None;
+            if let Some(payment) = next.payment.as_mut() {
+                PAYMENT_SUCCEEDED.clone_into(&mut payment.status);
+            }
+            Ok(next)
+        });
+        match self.store.update_booking(booking.id, self.clock.now(), decide).await {
+            Ok(confirmed) => Ok(Settled::Booking(confirmed)),
+            Err(UpdateRefused::Rejected(_)) => {
+                // Applied meanwhile by a delivery of the same event, or the booking cannot keep
+                // the money: it lapsed or was cancelled while the payment was pending.
+                let current = self.store.booking(booking.id).await?.unwrap_or(booking);
+                if records(&current, &reference, PAYMENT_SUCCEEDED) {
+                    return Ok(Settled::Booking(current));
+                }
+                audit::detail("refund", "queued");
+                if !self.queue_unrecorded(&current, &reference).await {
+                    // Not answered 2xx: the provider sends the event again.
+                    return Err(AppError::Overloaded);
+                }
+                Ok(Settled::Refunding(current))
+            }
+            Err(e) => Err(update_error(e)),
+        }
+    }
+
+    /// Holds the booking again for another attempt (or ends it as `payment_failed` at the
+    /// last), if it still waits for this payment.
+    async fn payment_failed(&self, booking: Booking, reference: String) -> AppResult<Settled> {
+        if booking.status != BookingStatus::PendingPayment {
+            return Ok(Settled::Ignored);
+        }
+        let decide = Box::new(move |b: &Booking, now| {
+            if b.status != BookingStatus::PendingPayment || !records(b, &reference, PAYMENT_PENDING) {
+                return Err(AppError::Conflict("the booking does not wait for this payment".into()));
+            }
+            let mut next = b.clone();
+            next.status = b.next_status(Transition::PaymentDeclined, now).map_err(transition_error)?;
+            next.payment_attempts += 1;
+            next.payment = None;
+            Ok(next)
+        });
+        match self.store.update_booking(booking.id, self.clock.now(), decide).await {
+            Ok(held) => Ok(Settled::Booking(held)),
+            // Reported again, or after the hold lapsed: nothing was taken, nothing to undo.
+            Err(UpdateRefused::Rejected(_)) => Ok(Settled::Ignored),
+            Err(e) => Err(update_error(e)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(second: i64) -> Timestamp {
+        Timestamp::from_second(second).expect("ts")
+    }
+
+    #[test]
+    fn a_signature_made_with_the_secret_over_the_body_verifies() {
+        let (secret, body) = (b"whsec_1".as_slice(), br#"{"id":"evt_1"}"#.as_slice());
+        let header = sign(secret, body, at(1_000));
+        assert_eq!(verify_signature(secret, &header, body, at(1_000)), Ok(()));
+        assert_eq!(verify_signature(secret, &header, body, at(1_300)), Ok(()), "within the tolerance");
+        assert_eq!(verify_signature(secret, &header, body, at(1_301)), Err(SignatureError::Stale));
+        assert_eq!(verify_signature(secret, &header, body, at(699)), Err(SignatureError::Stale), "ahead, too");
+        assert_eq!(verify_signature(b"whsec_2", &header, body, at(1_000)), Err(SignatureError::Mismatch));
+        assert_eq!(verify_signature(secret, &header, b"{}", at(1_000)), Err(SignatureError::Mismatch));
+        let moved = header.replace("t=1000", "t=1001");
+        assert_eq!(verify_signature(secret, &moved, body, at(1_000)), Err(SignatureError::Mismatch), "time signed");
+    }
+
+    #[test]
+    fn a_header_may_carry_several_signatures_and_other_schemes() {
+        let (secret, body) = (b"whsec_1".as_slice(), b"{}".as_slice());
+        let good = sign(secret, body, at(50));
+        let tag = good.split_once(",v1=").expect("v1").1;
+        let rolled = format!("t=50,v1={},v0=abc,v1={tag}", "00".repeat(32));
+        assert_eq!(verify_signature(secret, &rolled, body, at(50)), Ok(()));
+        for malformed in ["", "t=50", "v1=00", "t=x,v1=00", "t=50,v1=zz", "t=50,v1"] {
+            assert_eq!(
+                verify_signature(secret, malformed, body, at(50)),
+                Err(SignatureError::Malformed),
+                "{malformed}"
+            );
+        }
+    }
+}

@@ -1,0 +1,125 @@
+//! `/payments/webhooks/{provider}`: the payment provider's signed events (Stripe's shape and
+//! `Stripe-Signature` scheme). The signature is checked over the raw body before anything is
+//! read from it; then the event is read into an `allot_app::webhooks::PaymentEvent`.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use allot_app::App;
+use allot_app::webhooks::{PaymentEvent, PaymentReport, Settled, verify_signature};
+use allot_core::FieldErrors;
+use axum::body::Bytes;
+use axum::extract::{Path, State};
+use axum::http::HeaderMap;
+use axum::response::IntoResponse;
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+use crate::dto::{BookingView, booking_json};
+use crate::error::{ApiError, ApiResult};
+use crate::extract::parse_json;
+use crate::openapi::{BadRequest, NotFound, ProviderUnavailable, Unauthenticated};
+
+/// The header carrying the provider's signature.
+pub const SIGNATURE_HEADER: &str = "stripe-signature";
+
+/// A provider event: a `payment_intent.succeeded` or `payment_intent.payment_failed` about a
+/// payment the confirm of a booking started. Other types are acknowledged and ignored; fields
+/// not named here are ignored.
+#[derive(Debug, Deserialize, ToSchema)]
+pub struct ProviderEventBody {
+    /// The event's id at the provider.
+    #[schema(example = "evt_1")]
+    pub id: String,
+    #[serde(rename = "type")]
+    #[schema(example = "payment_intent.succeeded")]
+    pub kind: String,
+    pub data: ProviderEventData,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+pub struct ProviderEventData {
+    pub object: ProviderPayment,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+pub struct ProviderPayment {
+    /// The payment's reference, as the confirm recorded it (`payment.reference`).
+    pub id: String,
+    /// What the confirm sent with the payment: `booking_id`, the booking it pays for.
+    #[serde(default)]
+    pub metadata: BTreeMap<String, String>,
+}
+
+/// The answer to an event: any 2xx tells the provider to stop sending it.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct WebhookAck {
+    pub received: bool,
+    /// `applied` (the booking as the event left it, or as an earlier delivery of it did),
+    /// `refund_queued` (money taken for a booking that can no longer keep it, refunded whole),
+    /// or `ignored`.
+    #[schema(value_type = String, example = "applied")]
+    pub outcome: &'static str,
+    #[schema(required = true)]
+    pub booking: Option<BookingView>,
+}
+
+/// Receives a payment provider's event (`tok_async` payments are settled so).
+#[utoipa::path(post, path = "/api/v1/payments/webhooks/{provider}", tag = "payments",
+    request_body = ProviderEventBody,
+    params(
+        ("provider" = String, Path, description = "The payment provider, e.g. `test`"),
+        ("Stripe-Signature" = String, Header,
+            description = "`t=<unix seconds>,v1=<hex HMAC-SHA256(secret, \"<t>.<body>\")>`"),
+    ),
+    responses((status = 200, description = "Read; what it did", body = WebhookAck),
+        BadRequest, Unauthenticated, NotFound, ProviderUnavailable))]
+pub async fn webhook(
+    State(app): State<Arc<App>>,
+    Path(provider): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> ApiResult<impl IntoResponse> {
+    if provider != app.payments.name() {
+        return Err(ApiError::not_found("payment provider"));
+    }
+    let signature = headers.get(SIGNATURE_HEADER).and_then(|v| v.to_str().ok()).unwrap_or_default();
+    verify_signature(app.webhook_secret().as_bytes(), signature, &body, app.clock.now())
+        .map_err(|e| ApiError { message: format!("the event's signature: {e}"), ..ApiError::unauthenticated() })?;
+    allot_app::audit::set_actor(&provider, "provider");
+    let event: ProviderEventBody = parse_json(&body)?;
+    let Some(event) = payment_event(&event)? else {
+        return Ok(axum::Json(WebhookAck { received: true, outcome: "ignored", booking: None }));
+    };
+    let ack = match app.payment_event(&provider, event).await? {
+        Settled::Booking(b) => WebhookAck { received: true, outcome: "applied", booking: Some(booking_json(&b)) },
+        Settled::Refunding(b) => {
+            WebhookAck { received: true, outcome: "refund_queued", booking: Some(booking_json(&b)) }
+        }
+        Settled::Ignored => WebhookAck { received: true, outcome: "ignored", booking: None },
+    };
+    Ok(axum::Json(ack))
+}
+
+/// The payment event an event body reports, `None` for a type this server does not act on.
+fn payment_event(event: &ProviderEventBody) -> Result<Option<PaymentEvent>, ApiError> {
+    let report = match event.kind.as_str() {
+        "payment_intent.succeeded" => PaymentReport::Succeeded,
+        "payment_intent.payment_failed" => PaymentReport::Failed,
+        _ => return Ok(None),
+    };
+    let field = "data.object.metadata.booking_id";
+    let booking_id = match event.data.object.metadata.get("booking_id") {
+        Some(id) => id.parse().map_err(|_| ApiError::bad_request(FieldErrors::single(field, "not a booking id")))?,
+        None => return Err(ApiError::bad_request(FieldErrors::single(field, "required"))),
+    };
+    let payment_reference = event.data.object.id.clone();
+    if payment_reference.is_empty() || payment_reference.len() > PAYMENT_REFERENCE_BYTES_MAX {
+        let message = format!("1 to {PAYMENT_REFERENCE_BYTES_MAX} bytes");
+        return Err(ApiError::bad_request(FieldErrors::single("data.object.id", message)));
+    }
+    Ok(Some(PaymentEvent { booking_id, payment_reference, report }))
+}
+
+/// Longest payment reference read from an event.
+pub const PAYMENT_REFERENCE_BYTES_MAX: usize = 255;
