@@ -260,3 +260,48 @@ async fn a_payment_reported_paid_after_its_booking_ended_is_refunded_whole() {
         assert_eq!(refund["details"]["payment"], p.payment.as_str(), "{end}: the whole payment");
     }
 }
+
+/// A card charged whose confirm never recorded it (the process died between the charge and its
+/// record): the provider's event for it is the only trace. It is queued, kept while a retried
+/// confirm may still record it, and refunded whole once the hold lapsed unrecorded.
+#[tokio::test]
+async fn a_charge_reported_paid_that_its_booking_never_recorded_is_refunded_once_the_hold_lapses() {
+    for retried in [false, true] {
+        let t = TestApp::spawn().await;
+        let manager = t.user_with_role("manager@test.allot", Role::Manager).await;
+        let venue = t.venue(&manager, "cinema").await;
+        let (seats, event) = t.seats_and_event(&manager, &venue, 1, 48).await;
+        let customer = t.customer("crash@test.allot").await;
+        let body = json!({"items": [{"resource_id": seats[0], "event_id": event}]});
+        let (_, held) = t.post(Some(&customer), "/bookings", body).await;
+        let booking = held["id"].as_str().unwrap().to_owned();
+        // The test provider's reference for the confirm's first charge (`pi_test_<key>`).
+        let charge = format!("pi_test_{booking}_0");
+        let p = Pending { t, customer, booking, payment: charge.clone() };
+        let (status, ack) = p.deliver(PAID).await;
+        assert_eq!((status, ack["outcome"].as_str()), (StatusCode::OK, Some("refund_queued")), "{ack}");
+        assert_eq!(ack["booking"]["status"], "held", "unchanged: a retried confirm may still record it");
+
+        p.t.clock.advance(SignedDuration::from_secs(REFUND_GRACE_SECONDS));
+        let sweep = p.t.app.settle_refunds().await.unwrap();
+        assert_eq!(sweep, RefundSweep { waiting: 1, ..RefundSweep::default() }, "not while held");
+        if retried {
+            // The retry sends the same idempotency key: the provider replays the same charge.
+            let body = json!({"payment": {"method": "card", "token": "tok_visa"}});
+            let (status, paid) = p.t.post(Some(&p.customer), &format!("/bookings/{}/confirm", p.booking), body).await;
+            assert_eq!((status, paid["payment"]["reference"].as_str()), (StatusCode::OK, Some(charge.as_str())));
+        } else {
+            p.t.clock.advance(SignedDuration::from_secs(600));
+            p.t.app.expire_due().await.unwrap();
+        }
+        p.t.clock.advance(SignedDuration::from_secs(REFUND_GRACE_SECONDS));
+        let sweep = p.t.app.settle_refunds().await.unwrap();
+        let want = if retried {
+            RefundSweep { not_owed: 1, ..RefundSweep::default() }
+        } else {
+            RefundSweep { refunded: 1, ..RefundSweep::default() }
+        };
+        assert_eq!(sweep, want, "retried: {retried}");
+        assert_eq!(p.t.store.count("refunds_due", "1=1").await.unwrap(), 0);
+    }
+}
