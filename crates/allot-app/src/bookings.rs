@@ -262,6 +262,11 @@ impl App {
             status: if transition == Transition::Confirm { PAYMENT_SUCCEEDED } else { PAYMENT_PENDING }.to_owned(),
         };
         let decide = Box::new(move |b: &Booking, now| {
+            // Not a booking another confirm's payment is pending for: that one is settled by
+            // its payment's event (`webhooks`), and this charge is given back (below).
+            if b.status == BookingStatus::PendingPayment {
+                return Err(AppError::Conflict("a payment for this booking is already in progress".into()));
+            }
             let mut next = b.clone();
             next.status = b.next_status(transition, now).map_err(transition_error)?;
             next.payment = Some(payment);
@@ -314,6 +319,11 @@ impl App {
 
     async fn record_decline(&self, id: BookingId) -> AppResult<Booking> {
         let decide = Box::new(|b: &Booking, now| {
+            // Declined at once: the booking must still be held, not waiting for another
+            // confirm's pending payment (whose failure its provider's event reports).
+            if b.status == BookingStatus::PendingPayment {
+                return Err(AppError::Conflict("a payment for this booking is already in progress".into()));
+            }
             let mut next = b.clone();
             next.status = b.next_status(Transition::PaymentDeclined, now).map_err(transition_error)?;
             next.payment_attempts += 1;
@@ -408,14 +418,11 @@ impl App {
     /// The booking if the principal may see it; 404 otherwise, so ids do not leak.
     async fn visible_booking(&self, principal: &Principal, id: BookingId) -> AppResult<Booking> {
         let booking = self.store.booking(id).await?.ok_or(AppError::NotFound("booking"))?;
-        if booking.customer_id == principal.user_id || principal.manages(booking.venue_id) {
-            audit::set_venue(booking.venue_id);
+        if booking.customer_id != principal.user_id && !principal.manages(booking.venue_id) {
+            return Err(AppError::NotFound("booking"));
         }
-        if booking.customer_id == principal.user_id || principal.manages(booking.venue_id) {
-            Ok(booking)
-        } else {
-            Err(AppError::NotFound("booking"))
-        }
+        audit::set_venue(booking.venue_id);
+        Ok(booking)
     }
 
     async fn booking_for_owner(&self, principal: &Principal, id: BookingId) -> AppResult<Booking> {

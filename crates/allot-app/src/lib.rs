@@ -59,9 +59,8 @@ impl App {
         let secret = store.setting_or_insert("token_secret", &auth::random_token()).await?;
         let keys = TokenKeys::from_secret(secret.as_bytes());
         let replay_seal = idempotency::ReplaySeal::from_secret(secret.as_bytes());
-        let webhook_secret = store
-            .setting_or_insert(webhooks::WEBHOOK_SECRET_SETTING, &format!("whsec_{}", auth::random_token()))
-            .await?;
+        let webhook_secret =
+            store.setting_or_insert(webhooks::WEBHOOK_SECRET_SETTING, &webhooks::new_webhook_secret()).await?;
         let dummy_hash = auth::hash_password(auth::random_token()).await?;
         let (expiry, expiry_rx) = ExpiryHandle::channel();
         let seat_maps = seat_maps::SeatMapCache::default();

@@ -14,7 +14,7 @@ use jiff::{SignedDuration, Timestamp};
 use tracing::Instrument;
 
 use crate::audit::{self, AuditEvent, AuditScope};
-use crate::payments::RefundRequest;
+use crate::payments::{ProviderError, RefundRequest};
 use crate::store::{REFUND_GRACE_SECONDS, RefundDue, RefundKind};
 use crate::{App, AppError, AppResult, telemetry};
 
@@ -23,8 +23,14 @@ pub const REFUND_ACTION: &str = "booking.refund";
 /// How often the reconciler looks for refunds whose time has come.
 pub const REFUND_SWEEP_INTERVAL_SECONDS: u64 = 30;
 /// How long a sweep holds the refunds it took before another node's sweep may take them (if
-/// this one died): far longer than a sweep of [`REFUND_BATCH_MAX`] takes.
+/// this one died).
 pub const REFUND_LEASE_SECONDS: i64 = 600;
+/// How long one refund asked of the provider may take before it counts as failed.
+pub const REFUND_CALL_TIMEOUT_SECONDS: u64 = 20;
+/// How long a sweep goes on taking up refunds: those left when it runs out go back to the
+/// queue. A refund begun just before it ends is done, one provider call and a few writes
+/// later, well inside [`REFUND_LEASE_SECONDS`].
+pub const REFUND_SWEEP_BUDGET_SECONDS: u64 = 300;
 /// Refunds tried per sweep; the rest wait for the next.
 pub const REFUND_BATCH_MAX: u32 = 100;
 /// Failed attempts after which a refund is left to an operator (logged at error level and
@@ -126,7 +132,18 @@ impl App {
         let lease_until = now.saturating_add(SignedDuration::from_secs(REFUND_LEASE_SECONDS)).unwrap_or(now);
         let due = self.store.claim_refunds_due(now, lease_until, REFUND_ATTEMPTS_MAX, REFUND_BATCH_MAX).await?;
         let mut sweep = RefundSweep::default();
+        let started = std::time::Instant::now();
         for refund in &due {
+            if started.elapsed() > Duration::from_secs(REFUND_SWEEP_BUDGET_SECONDS) {
+                // The rest back to the queue, due now, well before this sweep's lease ends.
+                let lease = Some(refund.next_at);
+                let released =
+                    self.store.reschedule_refund(refund.kind, &refund.payment_reference, refund.attempts, now, lease);
+                if let Err(e) = released.await {
+                    tracing::warn!(booking_id = %refund.booking_id, error = %e, "a leased refund could not be released; taken again when its lease ends");
+                }
+                continue;
+            }
             let tally = match self.settle_refund(refund, now).await {
                 Ok(Owed::Now(_)) => &mut sweep.refunded,
                 Ok(Owed::NotYet) => &mut sweep.waiting,
@@ -149,7 +166,8 @@ impl App {
             Owed::No => self.store.drop_refund(due.kind, &due.payment_reference).await?,
             Owed::NotYet => {
                 let later = now.saturating_add(SignedDuration::from_secs(REFUND_GRACE_SECONDS)).unwrap_or(now);
-                self.store.reschedule_refund(due.kind, &due.payment_reference, due.attempts, later).await?;
+                let lease = Some(due.next_at);
+                self.store.reschedule_refund(due.kind, &due.payment_reference, due.attempts, later, lease).await?;
             }
             Owed::Now(amount) => {
                 // Money moves: recorded in the audit trail (I6) as the server's own attempt, in
@@ -169,7 +187,12 @@ impl App {
     /// Makes the refund `due` owes (`amount`) at the provider and records it: a cancellation's
     /// reference on its booking, an unrecorded charge's queue row dropped.
     async fn make_refund(&self, due: &RefundDue, amount: i64) -> AppResult<()> {
-        let refunded = self.payments.refund(&RefundRequest::of(&due.payment_reference, amount)).await;
+        let request = RefundRequest::of(&due.payment_reference, amount);
+        let timeout = Duration::from_secs(REFUND_CALL_TIMEOUT_SECONDS);
+        let refunded = match tokio::time::timeout(timeout, self.payments.refund(&request)).await {
+            Ok(refunded) => refunded,
+            Err(_) => Err(ProviderError::Unavailable(format!("no answer in {REFUND_CALL_TIMEOUT_SECONDS} s"))),
+        };
         telemetry::count_refund(&refunded);
         let reference = refunded.map_err(|e| {
             audit::fail("payment_provider_unavailable");
@@ -203,7 +226,9 @@ impl App {
             tracing::warn!(booking_id = %due.booking_id, kind, attempts, %error, "a refund owed failed; tried again later");
         }
         let next = next_attempt_at(now, attempts);
-        if let Err(e) = self.store.reschedule_refund(due.kind, &due.payment_reference, attempts, next).await {
+        let rescheduled =
+            self.store.reschedule_refund(due.kind, &due.payment_reference, attempts, next, Some(due.next_at));
+        if let Err(e) = rescheduled.await {
             tracing::error!(booking_id = %due.booking_id, error = %e, "a failed refund could not be rescheduled");
         }
     }
@@ -253,7 +278,7 @@ pub async fn rearm(store: &dyn crate::store::Store, payment_reference: &str, now
     let found: Vec<RefundDue> =
         queued(store).await?.into_iter().filter(|due| due.payment_reference == payment_reference).collect();
     for due in &found {
-        store.reschedule_refund(due.kind, &due.payment_reference, 0, now).await?;
+        store.reschedule_refund(due.kind, &due.payment_reference, 0, now, None).await?;
     }
     Ok(found.len())
 }

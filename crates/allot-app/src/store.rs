@@ -446,13 +446,16 @@ pub trait Store: Send + Sync + 'static {
         attempts_max: u32,
         limit: u32,
     ) -> Result<Vec<RefundDue>, StoreError>;
-    /// Sets the attempts and the next time of a queued refund.
+    /// Sets the attempts and the next time of a queued refund; with `leased_until`, only while
+    /// its lease is still that one ([`Store::claim_refunds_due`]): a sweep that outlived its
+    /// lease leaves the refund to the sweep that took it over.
     async fn reschedule_refund(
         &self,
         kind: RefundKind,
         payment_reference: &str,
         attempts: u32,
         next_at: Timestamp,
+        leased_until: Option<Timestamp>,
     ) -> Result<(), StoreError>;
     /// Drops a queued refund (made, or found not owed).
     async fn drop_refund(&self, kind: RefundKind, payment_reference: &str) -> Result<(), StoreError>;

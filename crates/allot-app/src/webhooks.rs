@@ -30,6 +30,11 @@ pub const SIGNATURES_MAX: usize = 8;
 /// shared by every node through the database).
 pub const WEBHOOK_SECRET_SETTING: &str = "payment_webhook_secret";
 
+/// A fresh signing secret, in Stripe's form (`whsec_…`).
+pub fn new_webhook_secret() -> String {
+    format!("whsec_{}", crate::auth::random_token())
+}
+
 /// What the provider reports of a payment.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PaymentReport {
@@ -193,7 +198,7 @@ impl App {
     /// Holds the booking again for another attempt (or ends it as `payment_failed` at the
     /// last), if it still waits for this payment.
     async fn payment_failed(&self, booking: Booking, reference: String) -> AppResult<Settled> {
-        if booking.status != BookingStatus::PendingPayment {
+        if !records(&booking, &reference, PAYMENT_PENDING) {
             return Ok(Settled::Ignored);
         }
         let decide = Box::new(move |b: &Booking, now| {

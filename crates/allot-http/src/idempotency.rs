@@ -24,15 +24,12 @@ use tracing::Instrument;
 use crate::BODY_BYTES_MAX;
 use crate::error::ApiError;
 use crate::extract::bearer;
+use crate::routes::payments::EVENTS_PATH_PREFIX;
 
 pub const HEADER: &str = "idempotency-key";
 /// The hold's path: an unkeyed hold runs inline ([`detached_if_writing`]), a keyed one as one
 /// write ([`keyed_hold`]).
 const HOLD_PATH: &str = "/api/v1/bookings";
-/// The payment provider's events: idempotent by themselves (an event is applied once, by its
-/// payment and booking, and the provider sends it again until answered), so a key sent with
-/// one is accepted and not used: its answer is not stored, nor its change marked.
-const PROVIDER_EVENTS_PREFIX: &str = "/api/v1/payments/webhooks/";
 /// Largest response body stored for replay.
 const RESPONSE_BYTES_MAX: usize = 4 * 1024 * 1024;
 /// How often a running keyed request checks whether its lease is due for renewal.
@@ -56,7 +53,10 @@ const SESSION_PATHS: [&str; 2] = ["/api/v1/auth/login", "/api/v1/auth/refresh"];
 /// an unkeyed hold ([`detached_if_writing`]).
 /// `detached` tracks those tasks, so that shutdown can wait for them ([`crate::serve`]).
 pub async fn keyed(app: Arc<App>, request: Request, next: Next, detached: TaskTracker) -> Response {
-    if request.method() != Method::POST || request.uri().path().starts_with(PROVIDER_EVENTS_PREFIX) {
+    // The payment provider's events are idempotent by themselves (an event is applied once, by
+    // its payment and booking, and the provider sends it again until answered): a key sent
+    // with one is accepted and not used, its answer not stored nor its change marked.
+    if request.method() != Method::POST || request.uri().path().starts_with(EVENTS_PATH_PREFIX) {
         return detached_if_writing(&detached, next, request).await;
     }
     let Some(key) = request.headers().get(HEADER).map(|v| v.to_str().map(str::to_owned)) else {
@@ -566,7 +566,7 @@ mod tests {
         let document = crate::openapi_document();
         for (path, item) in &document.paths.paths {
             let Some(post) = &item.post else { continue };
-            if UNMARKED_PATHS.contains(&path.as_str()) || path.starts_with(PROVIDER_EVENTS_PREFIX) {
+            if UNMARKED_PATHS.contains(&path.as_str()) || path.starts_with(EVENTS_PATH_PREFIX) {
                 continue;
             }
             let concrete = path.replace("{id}", "0190a5e0-0000-7000-8000-000000000000");

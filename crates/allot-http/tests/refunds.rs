@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 
 use allot_app::audit::Verdict;
 use allot_app::payments::{ChargeOutcome, ChargeRequest, PaymentProvider, ProviderError, RefundRequest, TestProvider};
-use allot_app::refunds::{REFUND_ATTEMPTS_MAX, REFUND_LEASE_SECONDS, RefundSweep};
+use allot_app::refunds::{REFUND_ATTEMPTS_MAX, REFUND_CALL_TIMEOUT_SECONDS, REFUND_LEASE_SECONDS, RefundSweep};
 use allot_app::store::{REFUND_GRACE_SECONDS, Role};
 use allot_core::booking::BookingStatus;
 use common::TestApp;
@@ -402,4 +402,57 @@ async fn a_refund_that_fails_every_attempt_is_left_to_an_operator() {
     assert!(abandoned.and_then(|n| n.parse::<f64>().ok()) >= Some(1.0), "counted for an alert: {metrics}");
     let stored = s.t.store.booking(s.booking.parse().unwrap()).await.unwrap().unwrap();
     assert_eq!((stored.status, stored.refund.unwrap().reference), (BookingStatus::Cancelled, None));
+}
+
+/// Two confirms of one booking race at the provider; the `tok_async` one records its pending
+/// payment first. The other's outcome lands on a booking that waits for that payment: refused
+/// (409), whether its card was charged or declined, the booking unchanged (no attempt counted,
+/// the pending payment kept for its provider's event to settle).
+#[tokio::test]
+async fn a_card_confirm_landing_after_an_async_payment_was_recorded_changes_nothing() {
+    for token in ["tok_visa", "tok_chargeDeclined"] {
+        let s = setup().await;
+        s.provider.charges_gated.store(true, Ordering::SeqCst);
+        let confirm = |token: &str| {
+            let body = json!({"payment": {"method": "card", "token": token}});
+            let url = s.t.url(&format!("/bookings/{}/confirm", s.booking));
+            s.t.client.post(url).bearer_auth(&s.customer).json(&body).send()
+        };
+        let asynchronous = tokio::spawn(confirm("tok_async"));
+        s.provider.charging.notified().await;
+        let card = tokio::spawn(confirm(token));
+        s.provider.charging.notified().await;
+        s.provider.gate.add_permits(1);
+        let (status, pending) = common::read(asynchronous.await.unwrap().unwrap()).await;
+        assert_eq!((status, pending["status"].as_str()), (StatusCode::OK, Some("pending_payment")), "{pending}");
+        s.provider.gate.add_permits(1);
+        let (status, refused) = common::read(card.await.unwrap().unwrap()).await;
+        assert_eq!(status, StatusCode::CONFLICT, "{token}: {refused}");
+        let stored = s.stored().await;
+        assert_eq!(stored["status"], "pending_payment", "{token}");
+        assert_eq!(stored["payment"], pending["payment"], "{token}: the pending payment kept");
+        assert_eq!(stored["payment_attempts"], pending["payment_attempts"], "{token}: no attempt counted");
+        // Both confirms asked with the attempt's one idempotency key: at the provider they are
+        // one payment (the pending one), so nothing is given back.
+        assert_eq!(stored["payment"]["reference"], format!("pi_test_{}_0", s.booking));
+        assert!(s.provider.asked().is_empty(), "{token}: {:?}", s.provider.asked());
+    }
+}
+
+/// A provider that never answers a refund: the attempt fails after
+/// `REFUND_CALL_TIMEOUT_SECONDS` (real time: this test waits that long), is rescheduled under
+/// its lease, and the next attempt, answered, makes it.
+#[tokio::test]
+async fn a_refund_the_provider_never_answers_fails_after_the_timeout_and_is_made_later() {
+    let s = setup().await;
+    s.cancel_confirmed_while_refunds_fail().await;
+    s.provider.refunds_fail.store(false, Ordering::SeqCst);
+    s.provider.next_refund_gated.store(true, Ordering::SeqCst);
+    let started = std::time::Instant::now();
+    assert_eq!(s.settle_after(REFUND_GRACE_SECONDS).await, RefundSweep { failed: 1, ..RefundSweep::default() });
+    assert!(started.elapsed() >= std::time::Duration::from_secs(REFUND_CALL_TIMEOUT_SECONDS), "waited for it");
+    assert_eq!(s.settle_after(2 * REFUND_GRACE_SECONDS).await, RefundSweep { refunded: 1, ..RefundSweep::default() });
+    let outcomes: Vec<_> =
+        s.refund_attempts().await.into_iter().map(|(outcome, reason, _)| (outcome, reason)).collect();
+    assert_eq!(outcomes, [("failure".into(), Some("payment_provider_unavailable".into())), ("success".into(), None)]);
 }

@@ -27,6 +27,20 @@ pub enum Command {
     /// Work with the refunds owed that the reconciler keeps (`refunds_due`).
     #[command(subcommand)]
     Refunds(RefundsCommand),
+    /// Work with the payment provider's settings.
+    #[command(subcommand)]
+    Payments(PaymentsCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum PaymentsCommand {
+    /// Print the secret the provider signs its events with (`Stripe-Signature`), made at the
+    /// first start unless `serve --payment-webhook-secret` set it.
+    WebhookSecret {
+        /// `sqlite://PATH` (default) or `postgres://…`.
+        #[arg(long, env = "ALLOT_DATABASE_URL", default_value = DEFAULT_DATABASE_URL)]
+        database_url: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -97,6 +111,11 @@ pub struct ServeArgs {
     /// Send `Strict-Transport-Security` with this max-age (only behind TLS); default: not sent.
     #[arg(long, env = "ALLOT_HSTS_MAX_AGE_SECONDS")]
     pub hsts_max_age_seconds: Option<u64>,
+    /// The secret the payment provider signs its events with (Stripe's `whsec_…`), stored for
+    /// every node; by default one is made at the first start (`allot payments webhook-secret`
+    /// prints it). Not read from the config file: a secret belongs in the environment.
+    #[arg(long, env = "ALLOT_PAYMENT_WEBHOOK_SECRET", hide_env_values = true)]
+    pub payment_webhook_secret: Option<String>,
     /// TOML file with any of: listen, database_url, demo, redis_url, nats_url,
     /// request_timeout_seconds, cors_origins (a list), hsts_max_age_seconds, [rate_limits].
     #[arg(long, env = "ALLOT_CONFIG")]

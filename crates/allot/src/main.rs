@@ -1,6 +1,7 @@
 //! The `allot` binary: `allot serve [--demo]` runs the booking engine over SQLite (one
 //! process) or PostgreSQL (any number of stateless nodes sharing one database); `allot audit
-//! verify` and `allot refunds list|retry` are an operator's tools over the same database.
+//! verify`, `allot refunds list|retry` and `allot payments webhook-secret` are an operator's
+//! tools over the same database.
 
 mod config;
 
@@ -13,7 +14,7 @@ use allot_app::store::Store;
 use allot_store::{PgStore, SqliteStore};
 use clap::Parser;
 
-use crate::config::{AuditCommand, Cli, Command, RefundsCommand};
+use crate::config::{AuditCommand, Cli, Command, PaymentsCommand, RefundsCommand};
 use allot_app::audit::Verdict;
 
 /// mimalloc: the request path allocates small short-lived buffers on every thread, where
@@ -34,13 +35,41 @@ async fn main() -> anyhow::Result<()> {
         .init();
     let cli = Cli::parse();
     match cli.command {
-        Command::Serve(args) => serve(args.resolve()?).await,
+        Command::Serve(args) => {
+            let webhook_secret = args.payment_webhook_secret.clone();
+            serve(args.resolve()?, webhook_secret).await
+        }
         Command::Audit(AuditCommand::Verify { database_url }) => audit_verify(&database_url).await,
         Command::Refunds(RefundsCommand::List { database_url }) => refunds_list(&database_url).await,
         Command::Refunds(RefundsCommand::Retry { payment_reference, database_url }) => {
             refunds_retry(&database_url, &payment_reference).await
         }
+        Command::Payments(PaymentsCommand::WebhookSecret { database_url }) => {
+            let store = open_store(&database_url).await?;
+            println!("{}", webhook_secret(store.as_ref(), None).await?);
+            Ok(())
+        }
     }
+}
+
+/// Shortest and longest payment webhook secret accepted (Stripe's are ~38 bytes).
+const WEBHOOK_SECRET_BYTES: std::ops::RangeInclusive<usize> = 16..=256;
+
+/// The secret the payment provider signs its events with: `configured` stored for every node
+/// when given, else the stored one, made now if there is none.
+async fn webhook_secret(store: &dyn Store, configured: Option<&str>) -> anyhow::Result<String> {
+    let key = allot_app::webhooks::WEBHOOK_SECRET_SETTING;
+    if let Some(secret) = configured {
+        anyhow::ensure!(
+            WEBHOOK_SECRET_BYTES.contains(&secret.len()),
+            "--payment-webhook-secret must be {} to {} bytes",
+            WEBHOOK_SECRET_BYTES.start(),
+            WEBHOOK_SECRET_BYTES.end()
+        );
+        store.set_setting(key, secret).await?;
+        return Ok(secret.to_owned());
+    }
+    Ok(store.setting_or_insert(key, &allot_app::webhooks::new_webhook_secret()).await?)
 }
 
 async fn open_store(database_url: &str) -> anyhow::Result<Arc<dyn Store>> {
@@ -101,11 +130,13 @@ async fn refunds_retry(database_url: &str, payment_reference: &str) -> anyhow::R
     Ok(())
 }
 
-async fn serve(settings: config::Settings) -> anyhow::Result<()> {
+async fn serve(settings: config::Settings, webhook_secret_configured: Option<String>) -> anyhow::Result<()> {
     if settings.nats_url.is_some() {
         tracing::warn!(flag = "--nats-url", "accepted but not used yet by this version");
     }
     let store = open_store(&settings.database_url).await?;
+    // Before the app starts, which reads it.
+    webhook_secret(store.as_ref(), webhook_secret_configured.as_deref()).await?;
     // Before the app starts, so that start-up work (expiring holds) is counted too.
     allot_http::ops::metrics_handle();
     let app = App::start(store, Arc::new(SystemClock), Arc::new(TestProvider)).await?;

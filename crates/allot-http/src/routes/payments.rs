@@ -23,32 +23,39 @@ use crate::openapi::{BadRequest, NotFound, ProviderUnavailable, Unauthenticated}
 /// The header carrying the provider's signature.
 pub const SIGNATURE_HEADER: &str = "stripe-signature";
 
+/// Where the provider's events arrive, one path per provider.
+pub const EVENTS_PATH_PREFIX: &str = "/api/v1/payments/webhooks/";
+
 /// A provider event: a `payment_intent.succeeded` or `payment_intent.payment_failed` about a
-/// payment the confirm of a booking started. Other types are acknowledged and ignored; fields
-/// not named here are ignored.
+/// payment the confirm of a booking started. Other types, and payments no confirm of this
+/// server started (no `metadata.booking_id`), are acknowledged and ignored, so the provider
+/// stops sending them; fields not named here are ignored.
 #[derive(Debug, Deserialize, ToSchema)]
 pub struct ProviderEventBody {
     /// The event's id at the provider.
     #[schema(example = "evt_1")]
-    pub id: String,
+    pub id: Option<String>,
     #[serde(rename = "type")]
     #[schema(example = "payment_intent.succeeded")]
     pub kind: String,
+    #[serde(default)]
     pub data: ProviderEventData,
 }
 
-#[derive(Debug, Deserialize, ToSchema)]
+#[derive(Debug, Default, Deserialize, ToSchema)]
 pub struct ProviderEventData {
-    pub object: ProviderPayment,
+    #[serde(default)]
+    pub object: ProviderObject,
 }
 
-#[derive(Debug, Deserialize, ToSchema)]
-pub struct ProviderPayment {
+#[derive(Debug, Default, Deserialize, ToSchema)]
+pub struct ProviderObject {
     /// The payment's reference, as the confirm recorded it (`payment.reference`).
-    pub id: String,
+    pub id: Option<String>,
     /// What the confirm sent with the payment: `booking_id`, the booking it pays for.
     #[serde(default)]
-    pub metadata: BTreeMap<String, String>,
+    #[schema(value_type = Object)]
+    pub metadata: BTreeMap<String, serde_json::Value>,
 }
 
 /// The answer to an event: any 2xx tells the provider to stop sending it.
@@ -101,23 +108,25 @@ pub async fn webhook(
     Ok(axum::Json(ack))
 }
 
-/// The payment event an event body reports, `None` for a type this server does not act on.
+/// The payment event an event body reports; `None` for one this server does not act on: a
+/// type it does not handle, or a payment no confirm of its own started (logged).
 fn payment_event(event: &ProviderEventBody) -> Result<Option<PaymentEvent>, ApiError> {
     let report = match event.kind.as_str() {
         "payment_intent.succeeded" => PaymentReport::Succeeded,
         "payment_intent.payment_failed" => PaymentReport::Failed,
         _ => return Ok(None),
     };
-    let field = "data.object.metadata.booking_id";
-    let booking_id = match event.data.object.metadata.get("booking_id") {
-        Some(id) => id.parse().map_err(|_| ApiError::bad_request(FieldErrors::single(field, "not a booking id")))?,
-        None => return Err(ApiError::bad_request(FieldErrors::single(field, "required"))),
-    };
-    let payment_reference = event.data.object.id.clone();
+    let object = &event.data.object;
+    let payment_reference = object.id.clone().unwrap_or_default();
     if payment_reference.is_empty() || payment_reference.len() > PAYMENT_REFERENCE_BYTES_MAX {
         let message = format!("1 to {PAYMENT_REFERENCE_BYTES_MAX} bytes");
         return Err(ApiError::bad_request(FieldErrors::single("data.object.id", message)));
     }
+    let booking = object.metadata.get("booking_id").and_then(serde_json::Value::as_str);
+    let Some(booking_id) = booking.and_then(|id| id.parse().ok()) else {
+        tracing::warn!(event = ?event.id, payment = payment_reference, "a payment event names no booking of ours; ignored");
+        return Ok(None);
+    };
     Ok(Some(PaymentEvent { booking_id, payment_reference, report }))
 }
 

@@ -274,8 +274,9 @@ impl Store for FaultyStore {
         payment_reference: &str,
         attempts: u32,
         next_at: Timestamp,
+        leased_until: Option<Timestamp>,
     ) -> Result<(), StoreError> {
-        self.inner.reschedule_refund(kind, payment_reference, attempts, next_at).await
+        self.inner.reschedule_refund(kind, payment_reference, attempts, next_at, leased_until).await
     }
 
     async fn drop_refund(&self, kind: RefundKind, payment_reference: &str) -> Result<(), StoreError> {

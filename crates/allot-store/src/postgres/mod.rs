@@ -448,6 +448,8 @@ impl Drop for PgStore {
 enum Arg {
     Text(String),
     Int(i64),
+    /// `NULL` when `None`.
+    OptInt(Option<i64>),
 }
 
 impl PgStore {
@@ -693,6 +695,7 @@ async fn statement(
         q = match arg {
             Arg::Text(s) => q.bind(s),
             Arg::Int(i) => q.bind(i),
+            Arg::OptInt(i) => q.bind(i),
         };
     }
     match q.execute(conn).await {
@@ -1813,14 +1816,17 @@ impl Store for PgStore {
         payment_reference: &str,
         attempts: u32,
         next_at: Timestamp,
+        leased_until: Option<Timestamp>,
     ) -> Result<(), StoreError> {
         self.exec_one(
-            "UPDATE refunds_due SET attempts = $1, next_at = $2 WHERE payment_reference = $3 AND kind = $4",
+            "UPDATE refunds_due SET attempts = $1, next_at = $2
+             WHERE payment_reference = $3 AND kind = $4 AND next_at = COALESCE($5, next_at)",
             vec![
                 Arg::Int(i64::from(attempts)),
                 Arg::Int(next_at.as_second()),
                 Arg::Text(payment_reference.to_owned()),
                 Arg::Text(kind.as_str().to_owned()),
+                Arg::OptInt(leased_until.map(|t| t.as_second())),
             ],
             "",
         )

@@ -731,15 +731,17 @@ impl Store for SqliteStore {
         payment_reference: &str,
         attempts: u32,
         next_at: Timestamp,
+        leased_until: Option<Timestamp>,
     ) -> Result<(), StoreError> {
         self.exec_one(
             "UPDATE refunds_due SET attempts = CAST(? AS INTEGER), next_at = CAST(? AS INTEGER)
-             WHERE payment_reference = ? AND kind = ?",
+             WHERE payment_reference = ? AND kind = ? AND next_at = COALESCE(CAST(? AS INTEGER), next_at)",
             vec![
                 Some(attempts.to_string()),
                 Some(next_at.as_second().to_string()),
                 Some(payment_reference.to_owned()),
                 Some(kind.as_str().to_owned()),
+                leased_until.map(|t| t.as_second().to_string()),
             ],
             "",
         )

@@ -333,7 +333,7 @@ pub async fn queued_refunds_are_listed_when_due_rescheduled_and_dropped(b: &Back
     assert_eq!(w.store.refunds_due(at(300), 10, 10).await.unwrap(), vec![soon.clone(), late.clone()], "soonest first");
     assert_eq!(w.store.refunds_due(at(300), 10, 1).await.unwrap(), vec![soon.clone()], "at most `limit`");
 
-    w.store.reschedule_refund(RefundKind::Unrecorded, "pi_soon", 3, at(400)).await.unwrap();
+    w.store.reschedule_refund(RefundKind::Unrecorded, "pi_soon", 3, at(400), None).await.unwrap();
     let rescheduled = RefundDue { attempts: 3, next_at: at(400), ..soon.clone() };
     assert_eq!(w.store.refunds_due(at(300), 10, 10).await.unwrap(), vec![late.clone()]);
     assert_eq!(w.store.refunds_due(at(400), 10, 10).await.unwrap(), vec![late.clone(), rescheduled]);
@@ -376,7 +376,12 @@ pub async fn due_refunds_are_leased_to_one_sweep_at_a_time(b: &Backend) {
     assert_eq!(w.store.refunds_due(at(899), 10, 10).await.unwrap(), vec![queued[3].clone()], "the lease, stored");
     assert_eq!(w.store.claim_refunds_due(at(899), at(2000), 5, 10).await.unwrap(), vec![], "none while leased");
 
-    w.store.reschedule_refund(RefundKind::Unrecorded, "pi_b", 3, at(950)).await.unwrap();
+    // A sweep reschedules under its lease; one that outlived it (another took the refund since,
+    // with a lease of its own) changes nothing.
+    w.store.reschedule_refund(RefundKind::Unrecorded, "pi_b", 3, at(950), Some(lease_until)).await.unwrap();
+    w.store.reschedule_refund(RefundKind::Unrecorded, "pi_b", 9, at(100), Some(at(899))).await.unwrap();
+    let b = w.store.refunds_due(at(10_000), 10, 10).await.unwrap().into_iter().find(|r| r.payment_reference == "pi_b");
+    assert_eq!(b.map(|r| (r.attempts, r.next_at)), Some((3, at(950))), "only under the lease");
     let again = w.store.claim_refunds_due(at(900), at(1500), 5, 10).await.unwrap();
     let mut refs: Vec<&str> = again.iter().map(|r| r.payment_reference.as_str()).collect();
     refs.sort_unstable();

@@ -39,13 +39,17 @@ impl Node {
     /// stderr written to `stderr_path`, and waits up to `STARTUP_TIMEOUT` for it to print
     /// "allot listening on http://ADDR". Blocks the calling thread while it waits.
     pub fn start(name: &str, db_url: &str, demo: bool, stderr_path: PathBuf, tail_bytes: usize) -> Node {
+        let demo: &[&str] = if demo { &["--demo"] } else { &[] };
+        Node::start_with(name, db_url, demo, stderr_path, tail_bytes)
+    }
+
+    /// [`Node::start`] with `flags` added to `allot serve`'s.
+    pub fn start_with(name: &str, db_url: &str, flags: &[&str], stderr_path: PathBuf, tail_bytes: usize) -> Node {
         let stderr = std::fs::File::create(&stderr_path).unwrap();
         let mut command = Command::new(env!("CARGO_BIN_EXE_allot"));
         // Load from one address: the documented switch for load tests.
         command.args(["serve", "--listen", "127.0.0.1:0", "--database-url", db_url, "--rate-limits", "off"]);
-        if demo {
-            command.arg("--demo");
-        }
+        command.args(flags);
         command.env("ALLOT_LOG", "warn").stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::from(stderr));
         for var in [
             "ALLOT_LISTEN",
@@ -56,6 +60,7 @@ impl Node {
             "ALLOT_CONFIG",
             "ALLOT_RATE_LIMITS",
             "ALLOT_RATE_LIMIT_SCALE",
+            "ALLOT_PAYMENT_WEBHOOK_SECRET",
         ] {
             command.env_remove(var);
         }
