@@ -26,6 +26,9 @@ pub const PAYMENTS: &str = "allot_payments_total";
 pub const REFUNDS: &str = "allot_refunds_total";
 /// Refunds owed that failed their last attempt and are left to an operator (`refunds`).
 pub const REFUNDS_ABANDONED: &str = "allot_refunds_abandoned_total";
+/// Label `outcome`: `applied`, `refund_queued`, `ignored`, or the error code (the provider's
+/// events about a booking, `webhooks`).
+pub const PAYMENT_EVENTS: &str = "allot_payment_events_total";
 /// Requests answered 429 by the rate limiter.
 pub const RATE_LIMITED_REQUESTS: &str = "allot_rate_limited_requests_total";
 /// Requests per group-commit transaction.
@@ -45,6 +48,7 @@ pub fn describe() {
     describe_counter!(PAYMENTS, Unit::Count, "Charges at the payment provider, by outcome");
     describe_counter!(REFUNDS, Unit::Count, "Refunds at the payment provider, by outcome");
     describe_counter!(REFUNDS_ABANDONED, Unit::Count, "Refunds owed left to an operator after their last attempt");
+    describe_counter!(PAYMENT_EVENTS, Unit::Count, "Payment provider events about a booking, by what they did");
     describe_counter!(RATE_LIMITED_REQUESTS, Unit::Count, "Requests refused with 429 by the rate limiter");
     describe_histogram!(STORE_BATCH_SIZE, Unit::Count, "Write requests per group-commit transaction");
     describe_histogram!(STORE_COMMIT_DURATION, Unit::Seconds, "Time to commit one group-commit transaction");

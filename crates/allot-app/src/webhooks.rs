@@ -19,7 +19,7 @@ use sha2::Sha256;
 use crate::bookings::{transition_error, update_error};
 use crate::payments::{PAYMENT_PENDING, PAYMENT_SUCCEEDED};
 use crate::store::UpdateRefused;
-use crate::{App, AppError, AppResult, audit};
+use crate::{App, AppError, AppResult, audit, telemetry};
 
 /// How far an event's signed time may lie from now, either way (Stripe's default): an event
 /// captured and sent again later is refused.
@@ -142,6 +142,18 @@ impl App {
 
     /// Applies the provider's event (its signature checked by the caller) to its booking.
     pub async fn payment_event(&self, provider: &str, event: PaymentEvent) -> AppResult<Settled> {
+        let settled = self.apply_payment_event(provider, event).await;
+        let outcome = match &settled {
+            Ok(Settled::Booking(_)) => "applied",
+            Ok(Settled::Refunding(_)) => "refund_queued",
+            Ok(Settled::Ignored) => "ignored",
+            Err(e) => telemetry::failure(e),
+        };
+        telemetry::count_outcome(telemetry::PAYMENT_EVENTS, outcome);
+        settled
+    }
+
+    async fn apply_payment_event(&self, provider: &str, event: PaymentEvent) -> AppResult<Settled> {
         if provider != self.payments.name() {
             return Err(AppError::NotFound("payment provider"));
         }

@@ -127,6 +127,10 @@ async fn a_pending_payment_reported_paid_confirms_its_booking_once() {
     assert_eq!(p.t.store.count("idempotency_keys", "1=1").await.unwrap(), 0, "no answer stored");
     assert_eq!(p.stored().await, confirmed, "a failure reported after the payment succeeded changes nothing");
 
+    let metrics = p.t.client.get(format!("http://{}/metrics", p.t.addr)).send().await.unwrap().text().await.unwrap();
+    let applied = metrics.lines().find_map(|l| l.strip_prefix(r#"allot_payment_events_total{outcome="applied"} "#));
+    assert!(applied.and_then(|n| n.parse::<f64>().ok()) >= Some(2.0), "counted: {metrics}");
+
     // The seat stays sold past the hold's old expiry.
     p.t.clock.advance(SignedDuration::from_secs(3600));
     p.t.app.expire_due().await.unwrap();
