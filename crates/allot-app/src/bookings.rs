@@ -243,6 +243,10 @@ impl App {
                     )
                     .into());
                 }
+                Err(ProviderError::CircuitOpen) => {
+                    tracing::warn!(booking_id = %request.booking_id, "payment provider left alone: circuit open");
+                    return Err(AppError::PaymentProviderUnavailable);
+                }
                 Err(ProviderError::Unavailable(why)) if attempt >= PROVIDER_ATTEMPTS_MAX => {
                     tracing::warn!(booking_id = %request.booking_id, %why, "payment provider unavailable");
                     return Err(AppError::PaymentProviderUnavailable);

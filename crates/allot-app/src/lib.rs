@@ -7,6 +7,7 @@ pub mod access;
 pub mod audit;
 pub mod auth;
 pub mod bookings;
+pub mod breaker;
 pub mod catalog;
 pub mod clock;
 pub mod demo;
@@ -59,6 +60,8 @@ impl App {
         let secret = store.setting_or_insert("token_secret", &auth::random_token()).await?;
         let keys = TokenKeys::from_secret(secret.as_bytes());
         let replay_seal = idempotency::ReplaySeal::from_secret(secret.as_bytes());
+        // Every use case calls the provider through its circuit breaker and call timeout.
+        let payments: Arc<dyn PaymentProvider> = Arc::new(breaker::Guarded::new(payments, clock.clone()));
         let webhook_secret =
             store.setting_or_insert(webhooks::WEBHOOK_SECRET_SETTING, &webhooks::new_webhook_secret()).await?;
         let dummy_hash = auth::hash_password(auth::random_token()).await?;

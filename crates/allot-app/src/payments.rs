@@ -62,6 +62,9 @@ pub enum ProviderError {
     InvalidToken,
     #[error("the provider is unavailable: {0}")]
     Unavailable(String),
+    /// Not asked: the provider failed too often in a row just now (`breaker`).
+    #[error("the provider is not asked: it kept failing (circuit open)")]
+    CircuitOpen,
 }
 
 #[async_trait]

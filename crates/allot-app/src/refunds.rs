@@ -14,7 +14,7 @@ use jiff::{SignedDuration, Timestamp};
 use tracing::Instrument;
 
 use crate::audit::{self, AuditEvent, AuditScope};
-use crate::payments::{ProviderError, RefundRequest};
+use crate::payments::RefundRequest;
 use crate::store::{REFUND_GRACE_SECONDS, RefundDue, RefundKind};
 use crate::{App, AppError, AppResult, telemetry};
 
@@ -25,11 +25,10 @@ pub const REFUND_SWEEP_INTERVAL_SECONDS: u64 = 30;
 /// How long a sweep holds the refunds it took before another node's sweep may take them (if
 /// this one died).
 pub const REFUND_LEASE_SECONDS: i64 = 600;
-/// How long one refund asked of the provider may take before it counts as failed.
-pub const REFUND_CALL_TIMEOUT_SECONDS: u64 = 20;
 /// How long a sweep goes on taking up refunds: those left when it runs out go back to the
-/// queue. A refund begun just before it ends is done, one provider call and a few writes
-/// later, well inside [`REFUND_LEASE_SECONDS`].
+/// queue. A refund begun just before it ends is done, one provider call (at most
+/// `breaker::PROVIDER_CALL_TIMEOUT_SECONDS`) and a few writes later, well inside
+/// [`REFUND_LEASE_SECONDS`].
 pub const REFUND_SWEEP_BUDGET_SECONDS: u64 = 300;
 /// Refunds tried per sweep; the rest wait for the next.
 pub const REFUND_BATCH_MAX: u32 = 100;
@@ -187,12 +186,8 @@ impl App {
     /// Makes the refund `due` owes (`amount`) at the provider and records it: a cancellation's
     /// reference on its booking, an unrecorded charge's queue row dropped.
     async fn make_refund(&self, due: &RefundDue, amount: i64) -> AppResult<()> {
-        let request = RefundRequest::of(&due.payment_reference, amount);
-        let timeout = Duration::from_secs(REFUND_CALL_TIMEOUT_SECONDS);
-        let refunded = match tokio::time::timeout(timeout, self.payments.refund(&request)).await {
-            Ok(refunded) => refunded,
-            Err(_) => Err(ProviderError::Unavailable(format!("no answer in {REFUND_CALL_TIMEOUT_SECONDS} s"))),
-        };
+        // Bounded by the provider's call timeout (`breaker`).
+        let refunded = self.payments.refund(&RefundRequest::of(&due.payment_reference, amount)).await;
         telemetry::count_refund(&refunded);
         let reference = refunded.map_err(|e| {
             audit::fail("payment_provider_unavailable");

@@ -29,6 +29,8 @@ pub const REFUNDS_ABANDONED: &str = "allot_refunds_abandoned_total";
 /// Label `outcome`: `applied`, `refund_queued`, `ignored`, or the error code (the provider's
 /// events about a booking, `webhooks`).
 pub const PAYMENT_EVENTS: &str = "allot_payment_events_total";
+/// Times the circuit breaker around the payment provider opened (`breaker`).
+pub const PAYMENT_CIRCUIT_OPENED: &str = "allot_payment_circuit_opened_total";
 /// Requests answered 429 by the rate limiter.
 pub const RATE_LIMITED_REQUESTS: &str = "allot_rate_limited_requests_total";
 /// Requests per group-commit transaction.
@@ -49,6 +51,11 @@ pub fn describe() {
     describe_counter!(REFUNDS, Unit::Count, "Refunds at the payment provider, by outcome");
     describe_counter!(REFUNDS_ABANDONED, Unit::Count, "Refunds owed left to an operator after their last attempt");
     describe_counter!(PAYMENT_EVENTS, Unit::Count, "Payment provider events about a booking, by what they did");
+    describe_counter!(
+        PAYMENT_CIRCUIT_OPENED,
+        Unit::Count,
+        "Times the payment provider failed enough in a row to be left alone"
+    );
     describe_counter!(RATE_LIMITED_REQUESTS, Unit::Count, "Requests refused with 429 by the rate limiter");
     describe_histogram!(STORE_BATCH_SIZE, Unit::Count, "Write requests per group-commit transaction");
     describe_histogram!(STORE_COMMIT_DURATION, Unit::Seconds, "Time to commit one group-commit transaction");

@@ -11,8 +11,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use allot_app::audit::Verdict;
+use allot_app::breaker::PROVIDER_CALL_TIMEOUT_SECONDS;
 use allot_app::payments::{ChargeOutcome, ChargeRequest, PaymentProvider, ProviderError, RefundRequest, TestProvider};
-use allot_app::refunds::{REFUND_ATTEMPTS_MAX, REFUND_CALL_TIMEOUT_SECONDS, REFUND_LEASE_SECONDS, RefundSweep};
+use allot_app::refunds::{REFUND_ATTEMPTS_MAX, REFUND_LEASE_SECONDS, RefundSweep};
 use allot_app::store::{REFUND_GRACE_SECONDS, Role};
 use allot_core::booking::BookingStatus;
 use common::TestApp;
@@ -440,7 +441,7 @@ async fn a_card_confirm_landing_after_an_async_payment_was_recorded_changes_noth
 }
 
 /// A provider that never answers a refund: the attempt fails after
-/// `REFUND_CALL_TIMEOUT_SECONDS` (real time: this test waits that long), is rescheduled under
+/// `PROVIDER_CALL_TIMEOUT_SECONDS` (real time: this test waits that long), is rescheduled under
 /// its lease, and the next attempt, answered, makes it.
 #[tokio::test]
 async fn a_refund_the_provider_never_answers_fails_after_the_timeout_and_is_made_later() {
@@ -450,7 +451,7 @@ async fn a_refund_the_provider_never_answers_fails_after_the_timeout_and_is_made
     s.provider.next_refund_gated.store(true, Ordering::SeqCst);
     let started = std::time::Instant::now();
     assert_eq!(s.settle_after(REFUND_GRACE_SECONDS).await, RefundSweep { failed: 1, ..RefundSweep::default() });
-    assert!(started.elapsed() >= std::time::Duration::from_secs(REFUND_CALL_TIMEOUT_SECONDS), "waited for it");
+    assert!(started.elapsed() >= std::time::Duration::from_secs(PROVIDER_CALL_TIMEOUT_SECONDS), "waited for it");
     assert_eq!(s.settle_after(2 * REFUND_GRACE_SECONDS).await, RefundSweep { refunded: 1, ..RefundSweep::default() });
     let outcomes: Vec<_> =
         s.refund_attempts().await.into_iter().map(|(outcome, reason, _)| (outcome, reason)).collect();
