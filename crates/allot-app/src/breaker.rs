@@ -6,7 +6,9 @@
 //! answers 503 at once; a refund is left to the reconciler). Then one call is let through as a
 //! trial: its success closes the circuit, its failure opens it again.
 //!
-//! A declined card or a refused token is the provider answering: it counts as a success. Each
+//! Failures count per operation, by its idempotency key: the retries of one charge or one
+//! refund are one failure, so one customer retrying one card cannot open the circuit for
+//! everyone. A declined card or a refused token is the provider answering: a success. Each
 //! node has its own breaker, on the app's clock.
 
 use std::sync::{Arc, Mutex, PoisonError};
@@ -58,6 +60,8 @@ impl Circuit {
     /// Records how an admitted call ended; whether that opened the circuit.
     fn record(&mut self, failed: bool, now: Timestamp) -> bool {
         let next = match (*self, failed) {
+            // A call admitted before the circuit opened, ending well late: only a trial closes it.
+            (Circuit::Open { until }, false) => Circuit::Open { until },
             (_, false) => Circuit::Closed { failures: 0 },
             (Circuit::Closed { failures }, true) if failures + 1 < BREAKER_FAILURES_MAX => {
                 Circuit::Closed { failures: failures + 1 }
@@ -79,23 +83,31 @@ impl Circuit {
 pub struct Guarded {
     inner: Arc<dyn PaymentProvider>,
     clock: Arc<dyn Clock>,
-    circuit: Mutex<Circuit>,
+    state: Mutex<State>,
+}
+
+struct State {
+    circuit: Circuit,
+    /// The idempotency key of the last failed call: its retries are not failures of their own.
+    last_failed: Option<String>,
 }
 
 impl Guarded {
     pub fn new(inner: Arc<dyn PaymentProvider>, clock: Arc<dyn Clock>) -> Guarded {
-        Guarded { inner, clock, circuit: Mutex::new(Circuit::Closed { failures: 0 }) }
+        let state = State { circuit: Circuit::Closed { failures: 0 }, last_failed: None };
+        Guarded { inner, clock, state: Mutex::new(state) }
     }
 
-    fn circuit(&self) -> std::sync::MutexGuard<'_, Circuit> {
-        self.circuit.lock().unwrap_or_else(PoisonError::into_inner)
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    async fn call<T, F>(&self, call: F) -> Result<T, ProviderError>
+    /// Runs `call`, the operation of idempotency key `key`, through the circuit and timeout.
+    async fn call<T, F>(&self, key: &str, call: F) -> Result<T, ProviderError>
     where
         F: std::future::Future<Output = Result<T, ProviderError>>,
     {
-        if !self.circuit().admit(self.clock.now()) {
+        if !self.state().circuit.admit(self.clock.now()) {
             return Err(ProviderError::CircuitOpen);
         }
         let timeout = Duration::from_secs(PROVIDER_CALL_TIMEOUT_SECONDS);
@@ -104,7 +116,15 @@ impl Guarded {
             Err(_) => Err(ProviderError::Unavailable(format!("no answer in {PROVIDER_CALL_TIMEOUT_SECONDS} s"))),
         };
         let failed = matches!(result, Err(ProviderError::Unavailable(_)));
-        if self.circuit().record(failed, self.clock.now()) {
+        let opened = {
+            let mut state = self.state();
+            let retry = failed && state.last_failed.as_deref() == Some(key);
+            state.last_failed = failed.then(|| key.to_owned());
+            // A retry that failed again leaves the count as it was (unless it was the trial).
+            !(retry && matches!(state.circuit, Circuit::Closed { .. }))
+                && state.circuit.record(failed, self.clock.now())
+        };
+        if opened {
             metrics::counter!(telemetry::PAYMENT_CIRCUIT_OPENED).increment(1);
             tracing::error!(
                 failures = BREAKER_FAILURES_MAX,
@@ -123,11 +143,11 @@ impl PaymentProvider for Guarded {
     }
 
     async fn charge(&self, request: &ChargeRequest) -> Result<ChargeOutcome, ProviderError> {
-        self.call(self.inner.charge(request)).await
+        self.call(&request.idempotency_key, self.inner.charge(request)).await
     }
 
     async fn refund(&self, request: &RefundRequest) -> Result<String, ProviderError> {
-        self.call(self.inner.refund(request)).await
+        self.call(&request.idempotency_key, self.inner.refund(request)).await
     }
 }
 
@@ -164,6 +184,13 @@ mod tests {
         assert!(c.admit(at(30)));
         assert!(c.record(true, at(31)), "opened again");
         assert_eq!(c, Circuit::Open { until: at(31 + BREAKER_OPEN_SECONDS) });
+    }
+
+    #[test]
+    fn a_late_success_of_a_call_admitted_before_it_opened_does_not_close_it() {
+        let mut c = Circuit::Open { until: at(30) };
+        assert!(!c.record(false, at(5)));
+        assert_eq!(c, Circuit::Open { until: at(30) }, "only the trial closes it");
     }
 
     #[test]

@@ -45,7 +45,8 @@ pub struct App {
     dummy_hash: String,
     expiry: ExpiryHandle,
     seat_maps: seat_maps::SeatMapCache,
-    webhook_secret: String,
+    /// The payment provider's signing secret as last read (`webhooks`).
+    webhook_secret: std::sync::Mutex<String>,
 }
 
 impl App {
@@ -67,6 +68,7 @@ impl App {
         let dummy_hash = auth::hash_password(auth::random_token()).await?;
         let (expiry, expiry_rx) = ExpiryHandle::channel();
         let seat_maps = seat_maps::SeatMapCache::default();
+        let webhook_secret = std::sync::Mutex::new(webhook_secret);
         let app =
             Arc::new(App { store, clock, payments, keys, replay_seal, dummy_hash, expiry, seat_maps, webhook_secret });
         tokio::spawn(expiry::run(app.clone(), expiry_rx));

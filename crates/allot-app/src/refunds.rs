@@ -14,7 +14,8 @@ use jiff::{SignedDuration, Timestamp};
 use tracing::Instrument;
 
 use crate::audit::{self, AuditEvent, AuditScope};
-use crate::payments::RefundRequest;
+use crate::breaker::BREAKER_OPEN_SECONDS;
+use crate::payments::{ProviderError, RefundRequest};
 use crate::store::{REFUND_GRACE_SECONDS, RefundDue, RefundKind};
 use crate::{App, AppError, AppResult, telemetry};
 
@@ -132,21 +133,31 @@ impl App {
         let due = self.store.claim_refunds_due(now, lease_until, REFUND_ATTEMPTS_MAX, REFUND_BATCH_MAX).await?;
         let mut sweep = RefundSweep::default();
         let started = std::time::Instant::now();
+        // When the provider's circuit is open (`breaker`): the refunds left wait for it, and
+        // no attempt of theirs is counted, since none was made.
+        let mut provider_left_alone = false;
         for refund in &due {
+            if provider_left_alone {
+                let later = now.saturating_add(SignedDuration::from_secs(BREAKER_OPEN_SECONDS)).unwrap_or(now);
+                self.release_refund(refund, later).await;
+                sweep.waiting += 1;
+                continue;
+            }
             if started.elapsed() > Duration::from_secs(REFUND_SWEEP_BUDGET_SECONDS) {
                 // The rest back to the queue, due now, well before this sweep's lease ends.
-                let lease = Some(refund.next_at);
-                let released =
-                    self.store.reschedule_refund(refund.kind, &refund.payment_reference, refund.attempts, now, lease);
-                if let Err(e) = released.await {
-                    tracing::warn!(booking_id = %refund.booking_id, error = %e, "a leased refund could not be released; taken again when its lease ends");
-                }
+                self.release_refund(refund, now).await;
                 continue;
             }
             let tally = match self.settle_refund(refund, now).await {
                 Ok(Owed::Now(_)) => &mut sweep.refunded,
                 Ok(Owed::NotYet) => &mut sweep.waiting,
                 Ok(Owed::No) => &mut sweep.not_owed,
+                Err(AppError::PaymentProviderUnavailable) => {
+                    provider_left_alone = true;
+                    let later = now.saturating_add(SignedDuration::from_secs(BREAKER_OPEN_SECONDS)).unwrap_or(now);
+                    self.release_refund(refund, later).await;
+                    &mut sweep.waiting
+                }
                 Err(e) => {
                     self.retry_refund_later(refund, now, &e).await;
                     &mut sweep.failed
@@ -157,7 +168,18 @@ impl App {
         Ok(sweep)
     }
 
-    /// Decides `due` on its booking and acts on it: what was owed, once done.
+    /// Gives `due` back to the queue, due at `at`, its attempts as they were (no attempt made).
+    async fn release_refund(&self, due: &RefundDue, at: Timestamp) {
+        let lease = Some(due.next_at);
+        let released = self.store.reschedule_refund(due.kind, &due.payment_reference, due.attempts, at, lease);
+        if let Err(e) = released.await {
+            tracing::warn!(booking_id = %due.booking_id, error = %e, "a leased refund could not be released; taken again when its lease ends");
+        }
+    }
+
+    /// Decides `due` on its booking and acts on it: what was owed, once done. The provider left
+    /// alone (its circuit open) is `AppError::PaymentProviderUnavailable`, with nothing audited:
+    /// no attempt was made.
     async fn settle_refund(&self, due: &RefundDue, now: Timestamp) -> AppResult<Owed> {
         let booking = self.store.booking(due.booking_id).await?;
         let decided = owed(due, booking.as_ref());
@@ -173,6 +195,9 @@ impl App {
                 // the transaction that records the refund, or on its own when none does.
                 let scope = AuditScope::new(refund_event(due, booking.as_ref(), amount, now));
                 let made = scope.clone().run(self.make_refund(due, amount)).await;
+                if matches!(made, Err(AppError::PaymentProviderUnavailable)) {
+                    scope.discard();
+                }
                 if let Some(event) = scope.finish(made.is_ok(), Some("internal"), self.clock.now()) {
                     self.append_audit(event).await;
                 }
@@ -188,6 +213,9 @@ impl App {
     async fn make_refund(&self, due: &RefundDue, amount: i64) -> AppResult<()> {
         // Bounded by the provider's call timeout (`breaker`).
         let refunded = self.payments.refund(&RefundRequest::of(&due.payment_reference, amount)).await;
+        if matches!(refunded, Err(ProviderError::CircuitOpen)) {
+            return Err(AppError::PaymentProviderUnavailable);
+        }
         telemetry::count_refund(&refunded);
         let reference = refunded.map_err(|e| {
             audit::fail("payment_provider_unavailable");

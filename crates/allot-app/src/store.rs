@@ -359,6 +359,8 @@ pub trait Store: Send + Sync + 'static {
     /// Returns the stored value of `key`, storing `value` first if there was none.
     async fn setting_or_insert(&self, key: &str, value: &str) -> Result<String, StoreError>;
     async fn set_setting(&self, key: &str, value: &str) -> Result<(), StoreError>;
+    /// The value of setting `key`, if it is set (a read only).
+    async fn setting(&self, key: &str) -> Result<Option<String>, StoreError>;
 
     // Catalogue.
     async fn insert_venue(&self, venue: &Venue) -> Result<(), StoreError>;

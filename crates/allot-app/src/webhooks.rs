@@ -135,9 +135,33 @@ fn records(booking: &Booking, reference: &str, status: &str) -> bool {
 }
 
 impl App {
-    /// The secret the payment provider signs its events with.
-    pub fn webhook_secret(&self) -> &str {
-        &self.webhook_secret
+    /// The secret the payment provider signs its events with, as this node last read it.
+    pub fn webhook_secret(&self) -> String {
+        self.webhook_secret.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
+    }
+
+    /// Checks an event's signature ([`verify_signature`]) with the provider's secret. One that
+    /// does not match re-reads the stored secret once: another node may have replaced it since
+    /// this one started (`allot serve --payment-webhook-secret`).
+    pub async fn verify_payment_event(&self, header: &str, body: &[u8]) -> Result<(), SignatureError> {
+        let now = self.clock.now();
+        let known = self.webhook_secret();
+        match verify_signature(known.as_bytes(), header, body, now) {
+            Err(SignatureError::Mismatch) => {}
+            verdict => return verdict,
+        }
+        let stored = match self.store.setting(WEBHOOK_SECRET_SETTING).await {
+            Ok(Some(stored)) if stored != known => stored,
+            Ok(_) => return Err(SignatureError::Mismatch),
+            Err(e) => {
+                tracing::warn!(error = %e, "the stored payment webhook secret could not be read");
+                return Err(SignatureError::Mismatch);
+            }
+        };
+        verify_signature(stored.as_bytes(), header, body, now)?;
+        tracing::info!("the payment webhook secret was replaced; this node now verifies with the new one");
+        *self.webhook_secret.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = stored;
+        Ok(())
     }
 
     /// Applies the provider's event (its signature checked by the caller) to its booking.

@@ -584,15 +584,8 @@ impl Limiter {
     async fn probes(&self, request: Request) -> Result<(Request, Vec<Probe>), Response> {
         let (parts, body) = request.into_parts();
         let ip = client_key(client_ip(&parts, &self.trusted_proxies));
+        let mut probes = vec![self.probe(TierName::Ip, &ip)];
         let path = parts.uri.path();
-        // A payment provider sends its events from a few addresses, in bursts, and an event
-        // held back past a hold's end turns a payment into a refund: an address gets the
-        // partner budget for them.
-        let mut probes = if path.starts_with(crate::routes::payments::EVENTS_PATH_PREFIX) {
-            vec![self.probe(TierName::Partner, &format!("provider:{ip}"))]
-        } else {
-            vec![self.probe(TierName::Ip, &ip)]
-        };
         let is_post = parts.method == Method::POST;
         match bearer(&parts) {
             Some(token) if token.starts_with(PARTNER_KEY_PREFIX) => {

@@ -152,7 +152,7 @@ async fn a_pending_payment_reported_paid_confirms_its_booking_once() {
 }
 
 #[tokio::test]
-async fn an_event_without_a_valid_signature_is_refused_and_changes_nothing() {
+async fn only_events_signed_with_the_current_secret_are_applied() {
     let p = pending().await;
     let body = p.event(PAID);
     let signed_earlier = sign(
@@ -175,9 +175,21 @@ async fn an_event_without_a_valid_signature_is_refused_and_changes_nothing() {
         assert_eq!(status, StatusCode::UNAUTHORIZED, "{why}: {error}");
         assert_eq!(error["error"]["code"], "unauthenticated", "{why}");
     }
+    // The secret replaced by another node (its start with `--payment-webhook-secret`): this
+    // node takes the new one up at the first event signed with it, and the old one is refused.
+    let old_secret = p.t.app.webhook_secret();
+    let rotated = "whsec_rotated_on_another_node";
+    p.t.app.store.set_setting(allot_app::webhooks::WEBHOOK_SECRET_SETTING, rotated).await.unwrap();
+    let (status, ack) =
+        p.send("test", p.event(FAILED), Some(sign(rotated.as_bytes(), &p.event(FAILED), p.t.clock.now()))).await;
+    assert_eq!(status, StatusCode::OK, "signed with the new secret: {ack}");
+    let (status, _) = p.send("test", body.clone(), Some(sign(old_secret.as_bytes(), &body, p.t.clock.now()))).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED, "signed with the old one");
+    assert_eq!(p.t.app.webhook_secret(), rotated);
+
     let (status, error) = p.send("stripe", body.clone(), Some(p.signed(&body))).await;
     assert_eq!((status, error["error"]["code"].as_str()), (StatusCode::NOT_FOUND, Some("not_found")), "{error}");
-    assert_eq!(p.stored().await["status"], "pending_payment", "nothing changed");
+    assert_eq!(p.stored().await["status"], "held", "only the event signed with the new secret was applied");
     assert_eq!(p.events("booking.confirmed").await, 0);
 }
 

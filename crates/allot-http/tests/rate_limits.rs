@@ -293,25 +293,3 @@ async fn with_redis_down_requests_are_allowed_and_limited_per_node() {
     login(&app, "mallory@test.allot").await.assert_refused("login");
     assert_eq!(get(&app, None, "/venues").await.status, StatusCode::OK);
 }
-
-/// A payment provider's events count against the partner budget of their address, not the IP
-/// tier of ordinary requests: an event held back past a hold's end would turn a payment into a
-/// refund. They are still limited.
-#[tokio::test]
-async fn payment_provider_events_have_the_partner_budget_per_address() {
-    let app = spawn(RateLimits { ip: Tier::new(2, 60), partner: Tier::new(4, 60), ..RateLimits::default() }).await;
-    let event = |n: u32| {
-        let body = json!({"id": format!("evt_{n}"), "type": "balance.available"}).to_string();
-        let signature =
-            allot_app::webhooks::sign(app.app.webhook_secret().as_bytes(), body.as_bytes(), app.clock_now());
-        app.client.post(app.url("/payments/webhooks/test")).header("Stripe-Signature", signature).body(body)
-    };
-    get(&app, None, "/venues").await;
-    get(&app, None, "/venues").await;
-    get(&app, None, "/venues").await.assert_refused("ip");
-    for n in 0..4 {
-        let accepted = answer(event(n)).await;
-        assert_eq!((accepted.status, accepted.body["outcome"].as_str()), (StatusCode::OK, Some("ignored")), "{n}");
-    }
-    answer(event(4)).await.assert_refused("partner");
-}

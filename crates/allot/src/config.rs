@@ -35,7 +35,8 @@ pub enum Command {
 #[derive(Debug, Subcommand)]
 pub enum PaymentsCommand {
     /// Print the secret the provider signs its events with (`Stripe-Signature`), made at the
-    /// first start unless `serve --payment-webhook-secret` set it.
+    /// server's first start unless `serve --payment-webhook-secret` set it; exits 1 when there
+    /// is none yet.
     WebhookSecret {
         /// `sqlite://PATH` (default) or `postgres://…`.
         #[arg(long, env = "ALLOT_DATABASE_URL", default_value = DEFAULT_DATABASE_URL)]
@@ -115,11 +116,29 @@ pub struct ServeArgs {
     /// every node; by default one is made at the first start (`allot payments webhook-secret`
     /// prints it). Not read from the config file: a secret belongs in the environment.
     #[arg(long, env = "ALLOT_PAYMENT_WEBHOOK_SECRET", hide_env_values = true)]
-    pub payment_webhook_secret: Option<String>,
+    pub payment_webhook_secret: Option<Secret>,
     /// TOML file with any of: listen, database_url, demo, redis_url, nats_url,
     /// request_timeout_seconds, cors_origins (a list), hsts_max_age_seconds, [rate_limits].
     #[arg(long, env = "ALLOT_CONFIG")]
     pub config: Option<PathBuf>,
+}
+
+/// A secret given on the command line or in the environment: its `Debug` never shows it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(pub String);
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(…)")
+    }
+}
+
+impl std::str::FromStr for Secret {
+    type Err = std::convert::Infallible;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(Secret(s.to_owned()))
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]

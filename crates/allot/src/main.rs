@@ -36,7 +36,7 @@ async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Serve(args) => {
-            let webhook_secret = args.payment_webhook_secret.clone();
+            let webhook_secret = args.payment_webhook_secret.clone().map(|s| s.0);
             serve(args.resolve()?, webhook_secret).await
         }
         Command::Audit(AuditCommand::Verify { database_url }) => audit_verify(&database_url).await,
@@ -44,32 +44,41 @@ async fn main() -> anyhow::Result<()> {
         Command::Refunds(RefundsCommand::Retry { payment_reference, database_url }) => {
             refunds_retry(&database_url, &payment_reference).await
         }
-        Command::Payments(PaymentsCommand::WebhookSecret { database_url }) => {
-            let store = open_store(&database_url).await?;
-            println!("{}", webhook_secret(store.as_ref(), None).await?);
-            Ok(())
-        }
+        Command::Payments(PaymentsCommand::WebhookSecret { database_url }) => print_webhook_secret(&database_url).await,
     }
 }
 
 /// Shortest and longest payment webhook secret accepted (Stripe's are ~38 bytes).
 const WEBHOOK_SECRET_BYTES: std::ops::RangeInclusive<usize> = 16..=256;
 
-/// The secret the payment provider signs its events with: `configured` stored for every node
-/// when given, else the stored one, made now if there is none.
-async fn webhook_secret(store: &dyn Store, configured: Option<&str>) -> anyhow::Result<String> {
+/// Stores `secret`, the payment provider's signing secret given at start, for every node
+/// (the others take it up at the first event they cannot verify with the one they had).
+async fn configure_webhook_secret(store: &dyn Store, secret: &str) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        WEBHOOK_SECRET_BYTES.contains(&secret.len()),
+        "--payment-webhook-secret must be {} to {} bytes",
+        WEBHOOK_SECRET_BYTES.start(),
+        WEBHOOK_SECRET_BYTES.end()
+    );
     let key = allot_app::webhooks::WEBHOOK_SECRET_SETTING;
-    if let Some(secret) = configured {
-        anyhow::ensure!(
-            WEBHOOK_SECRET_BYTES.contains(&secret.len()),
-            "--payment-webhook-secret must be {} to {} bytes",
-            WEBHOOK_SECRET_BYTES.start(),
-            WEBHOOK_SECRET_BYTES.end()
-        );
-        store.set_setting(key, secret).await?;
-        return Ok(secret.to_owned());
+    if store.setting(key).await?.is_some_and(|stored| stored != secret) {
+        tracing::warn!("--payment-webhook-secret replaces the stored payment webhook secret");
     }
-    Ok(store.setting_or_insert(key, &allot_app::webhooks::new_webhook_secret()).await?)
+    store.set_setting(key, secret).await?;
+    Ok(())
+}
+
+/// `allot payments webhook-secret`: prints the stored secret; none yet is status 1.
+async fn print_webhook_secret(database_url: &str) -> anyhow::Result<()> {
+    let store = open_store(database_url).await?;
+    match store.setting(allot_app::webhooks::WEBHOOK_SECRET_SETTING).await? {
+        Some(secret) => println!("{secret}"),
+        None => {
+            println!("no payment webhook secret yet: one is made at the server's first start");
+            std::process::exit(1);
+        }
+    }
+    Ok(())
 }
 
 async fn open_store(database_url: &str) -> anyhow::Result<Arc<dyn Store>> {
@@ -136,7 +145,9 @@ async fn serve(settings: config::Settings, webhook_secret_configured: Option<Str
     }
     let store = open_store(&settings.database_url).await?;
     // Before the app starts, which reads it.
-    webhook_secret(store.as_ref(), webhook_secret_configured.as_deref()).await?;
+    if let Some(secret) = &webhook_secret_configured {
+        configure_webhook_secret(store.as_ref(), secret).await?;
+    }
     // Before the app starts, so that start-up work (expiring holds) is counted too.
     allot_http::ops::metrics_handle();
     let app = App::start(store, Arc::new(SystemClock), Arc::new(TestProvider)).await?;
@@ -144,7 +155,9 @@ async fn serve(settings: config::Settings, webhook_secret_configured: Option<Str
         let summary = allot_app::demo::load(&app).await?;
         println!("{summary}");
         // `tok_async` payments wait for the provider's event: signed with this (README, Payments).
-        println!("payment events (POST /api/v1/payments/webhooks/test) are signed with {}", app.webhook_secret());
+        if webhook_secret_configured.is_none() {
+            println!("payment events (POST /api/v1/payments/webhooks/test) are signed with {}", app.webhook_secret());
+        }
     }
     let listener = allot_http::listen(&settings.listen).await?;
     let addr = listener.local_addr()?;

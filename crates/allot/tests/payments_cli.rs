@@ -1,6 +1,6 @@
-//! The payment provider's signing secret: made once and printed by `allot payments
-//! webhook-secret`, or set by `allot serve --payment-webhook-secret` for every node; a secret
-//! too short to be one is refused at start.
+//! The payment provider's signing secret: made at the first start and printed by `allot
+//! payments webhook-secret` (which makes none), or set by `allot serve --payment-webhook-secret`
+//! for every node; a secret too short to be one is refused at start.
 #![allow(clippy::unwrap_used)]
 
 mod common;
@@ -15,10 +15,17 @@ fn secret(db_url: &str) -> (i32, String) {
 fn the_webhook_secret_is_made_once_and_can_be_set_at_start() {
     let dir = scratch_dir("payments-cli", now_nanos());
     let db_url = format!("sqlite://{}/allot.db", dir.display());
+    let (code, none) = secret(&db_url);
+    assert_eq!(code, 1, "none before the first start: {none}");
+    assert!(none.contains("no payment webhook secret yet"), "{none}");
+    let mut node = Node::start_with("first", &db_url, &[], dir.join("first.log"), 4096);
+    node.kill();
     let (code, made) = secret(&db_url);
     assert_eq!(code, 0, "{made}");
     assert!(made.starts_with("whsec_") && made.trim().len() > 20, "{made}");
-    assert_eq!(secret(&db_url), (0, made.clone()), "made once, then the same");
+    let mut node = Node::start_with("second", &db_url, &[], dir.join("second.log"), 4096);
+    node.kill();
+    assert_eq!(secret(&db_url), (0, made.clone()), "made once, kept");
 
     let configured = "whsec_configured_by_the_operator";
     let flags = ["--payment-webhook-secret", configured];

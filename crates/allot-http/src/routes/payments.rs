@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use allot_app::App;
-use allot_app::webhooks::{PaymentEvent, PaymentReport, Settled, verify_signature};
+use allot_app::webhooks::{PaymentEvent, PaymentReport, Settled};
 use allot_core::FieldErrors;
 use axum::body::Bytes;
 use axum::extract::{Path, State};
@@ -91,7 +91,8 @@ pub async fn webhook(
         return Err(ApiError::not_found("payment provider"));
     }
     let signature = headers.get(SIGNATURE_HEADER).and_then(|v| v.to_str().ok()).unwrap_or_default();
-    verify_signature(app.webhook_secret().as_bytes(), signature, &body, app.clock.now())
+    app.verify_payment_event(signature, &body)
+        .await
         .map_err(|e| ApiError { message: format!("the event's signature: {e}"), ..ApiError::unauthenticated() })?;
     allot_app::audit::set_actor(&provider, "provider");
     let event: ProviderEventBody = parse_json(&body)?;

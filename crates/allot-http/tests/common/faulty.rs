@@ -119,6 +119,10 @@ impl Store for FaultyStore {
         self.inner.set_setting(key, value).await
     }
 
+    async fn setting(&self, key: &str) -> Result<Option<String>, StoreError> {
+        self.inner.setting(key).await
+    }
+
     async fn insert_venue(&self, venue: &Venue) -> Result<(), StoreError> {
         self.inner.insert_venue(venue).await
     }

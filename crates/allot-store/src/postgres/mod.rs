@@ -1276,6 +1276,14 @@ impl Store for PgStore {
         .map(|_| ())
     }
 
+    async fn setting(&self, key: &str) -> Result<Option<String>, StoreError> {
+        sqlx::query_scalar("SELECT value FROM settings WHERE key = $1")
+            .bind(key)
+            .fetch_optional(&self.read)
+            .await
+            .map_err(db_error)
+    }
+
     async fn insert_venue(&self, venue: &Venue) -> Result<(), StoreError> {
         let doc = venue_doc(venue)?;
         let (id, managers) = (venue.id.to_string(), venue.managers.iter().map(ToString::to_string).collect::<Vec<_>>());

@@ -388,6 +388,14 @@ impl Store for SqliteStore {
         .map(|_| ())
     }
 
+    async fn setting(&self, key: &str) -> Result<Option<String>, StoreError> {
+        sqlx::query_scalar("SELECT value FROM settings WHERE key = ?")
+            .bind(key)
+            .fetch_optional(&self.read)
+            .await
+            .map_err(db_error)
+    }
+
     async fn insert_venue(&self, venue: &Venue) -> Result<(), StoreError> {
         let doc = serde_json::to_string(venue).map_err(|e| StoreError::Corrupt(e.to_string()))?;
         let (id, managers) = (venue.id.to_string(), venue.managers.iter().map(ToString::to_string).collect::<Vec<_>>());
