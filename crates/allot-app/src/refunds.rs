@@ -128,6 +128,12 @@ impl App {
     /// one sweep ([`REFUND_LEASE_SECONDS`]), so one node decides it and counts its attempt, and
     /// one refund per payment at the provider holds even if a lease runs out mid-sweep.
     pub async fn settle_refunds(&self) -> AppResult<RefundSweep> {
+        self.settle_refunds_within(Duration::from_secs(REFUND_SWEEP_BUDGET_SECONDS)).await
+    }
+
+    /// [`App::settle_refunds`] taking up refunds for `budget`: those left when it runs out go
+    /// back to the queue, due at once, their attempts as they were.
+    pub async fn settle_refunds_within(&self, budget: Duration) -> AppResult<RefundSweep> {
         let now = self.clock.now();
         let lease_until = now.saturating_add(SignedDuration::from_secs(REFUND_LEASE_SECONDS)).unwrap_or(now);
         let due = self.store.claim_refunds_due(now, lease_until, REFUND_ATTEMPTS_MAX, REFUND_BATCH_MAX).await?;
@@ -143,7 +149,7 @@ impl App {
                 sweep.waiting += 1;
                 continue;
             }
-            if started.elapsed() > Duration::from_secs(REFUND_SWEEP_BUDGET_SECONDS) {
+            if started.elapsed() >= budget {
                 // The rest back to the queue, due now, well before this sweep's lease ends.
                 self.release_refund(refund, now).await;
                 continue;

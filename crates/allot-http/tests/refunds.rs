@@ -457,3 +457,21 @@ async fn a_refund_the_provider_never_answers_fails_after_the_timeout_and_is_made
         s.refund_attempts().await.into_iter().map(|(outcome, reason, _)| (outcome, reason)).collect();
     assert_eq!(outcomes, [("failure".into(), Some("payment_provider_unavailable".into())), ("success".into(), None)]);
 }
+
+/// A sweep out of time gives the refunds it took and did not reach back to the queue: due at
+/// once (not when its lease would end), their attempts as they were, nothing audited; the next
+/// sweep makes them.
+#[tokio::test]
+async fn a_sweep_out_of_time_gives_back_what_it_did_not_reach() {
+    let s = setup().await;
+    s.cancel_confirmed_while_refunds_fail().await;
+    s.provider.refunds_fail.store(false, Ordering::SeqCst);
+    s.t.clock.advance(SignedDuration::from_secs(REFUND_GRACE_SECONDS));
+    let sweep = s.t.app.settle_refunds_within(std::time::Duration::ZERO).await.unwrap();
+    assert_eq!(sweep, RefundSweep::default(), "none reached");
+    let queued = s.t.store.refunds_due(s.t.clock_now(), REFUND_ATTEMPTS_MAX, 10).await.unwrap();
+    assert_eq!(queued.iter().map(|r| (r.attempts, r.next_at)).collect::<Vec<_>>(), [(0, s.t.clock_now())]);
+    assert_eq!(s.provider.asked().len(), 1, "only the cancel's own attempt");
+    assert!(s.refund_attempts().await.is_empty(), "nothing audited");
+    assert_eq!(s.t.app.settle_refunds().await.unwrap(), RefundSweep { refunded: 1, ..RefundSweep::default() });
+}
