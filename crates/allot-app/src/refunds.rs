@@ -17,7 +17,7 @@ use crate::audit::{self, AuditEvent, AuditScope};
 use crate::breaker::BREAKER_OPEN_SECONDS;
 use crate::payments::{ProviderError, RefundRequest};
 use crate::store::{REFUND_GRACE_SECONDS, RefundDue, RefundKind};
-use crate::{App, AppError, AppResult, telemetry};
+use crate::{App, AppError, AppResult, StoreError, telemetry};
 
 /// The audit action of a refund owed, made later.
 pub const REFUND_ACTION: &str = "booking.refund";
@@ -119,7 +119,12 @@ fn backoff_seconds(attempts: u32) -> i64 {
 
 /// When attempt `attempts + 1` is made, after `attempts` failed ones.
 fn next_attempt_at(now: Timestamp, attempts: u32) -> Timestamp {
-    now.saturating_add(SignedDuration::from_secs(backoff_seconds(attempts))).unwrap_or(now)
+    seconds_after(now, backoff_seconds(attempts))
+}
+
+/// `seconds` after `now` (`now` itself past the end of time).
+fn seconds_after(now: Timestamp, seconds: i64) -> Timestamp {
+    now.saturating_add(SignedDuration::from_secs(seconds)).unwrap_or(now)
 }
 
 impl App {
@@ -135,17 +140,17 @@ impl App {
     /// back to the queue, due at once, their attempts as they were.
     pub async fn settle_refunds_within(&self, budget: Duration) -> AppResult<RefundSweep> {
         let now = self.clock.now();
-        let lease_until = now.saturating_add(SignedDuration::from_secs(REFUND_LEASE_SECONDS)).unwrap_or(now);
+        let lease_until = seconds_after(now, REFUND_LEASE_SECONDS);
         let due = self.store.claim_refunds_due(now, lease_until, REFUND_ATTEMPTS_MAX, REFUND_BATCH_MAX).await?;
         let mut sweep = RefundSweep::default();
         let started = std::time::Instant::now();
         // When the provider's circuit is open (`breaker`): the refunds left wait for it, and
         // no attempt of theirs is counted, since none was made.
         let mut provider_left_alone = false;
+        let circuit_tried_again_at = seconds_after(now, BREAKER_OPEN_SECONDS);
         for refund in &due {
             if provider_left_alone {
-                let later = now.saturating_add(SignedDuration::from_secs(BREAKER_OPEN_SECONDS)).unwrap_or(now);
-                self.release_refund(refund, later).await;
+                self.release_refund(refund, circuit_tried_again_at).await;
                 sweep.waiting += 1;
                 continue;
             }
@@ -160,8 +165,7 @@ impl App {
                 Ok(Owed::No) => &mut sweep.not_owed,
                 Err(AppError::PaymentProviderUnavailable) => {
                     provider_left_alone = true;
-                    let later = now.saturating_add(SignedDuration::from_secs(BREAKER_OPEN_SECONDS)).unwrap_or(now);
-                    self.release_refund(refund, later).await;
+                    self.release_refund(refund, circuit_tried_again_at).await;
                     &mut sweep.waiting
                 }
                 Err(e) => {
@@ -176,11 +180,15 @@ impl App {
 
     /// Gives `due` back to the queue, due at `at`, its attempts as they were (no attempt made).
     async fn release_refund(&self, due: &RefundDue, at: Timestamp) {
-        let lease = Some(due.next_at);
-        let released = self.store.reschedule_refund(due.kind, &due.payment_reference, due.attempts, at, lease);
-        if let Err(e) = released.await {
+        if let Err(e) = self.reschedule_leased(due, due.attempts, at).await {
             tracing::warn!(booking_id = %due.booking_id, error = %e, "a leased refund could not be released; taken again when its lease ends");
         }
+    }
+
+    /// Sets `due`'s attempts and next time while this sweep's lease on it stands (`due.next_at`
+    /// is the lease's end, as claimed).
+    async fn reschedule_leased(&self, due: &RefundDue, attempts: u32, at: Timestamp) -> Result<(), StoreError> {
+        self.store.reschedule_refund(due.kind, &due.payment_reference, attempts, at, Some(due.next_at)).await
     }
 
     /// Decides `due` on its booking and acts on it: what was owed, once done. The provider left
@@ -192,9 +200,7 @@ impl App {
         match decided {
             Owed::No => self.store.drop_refund(due.kind, &due.payment_reference).await?,
             Owed::NotYet => {
-                let later = now.saturating_add(SignedDuration::from_secs(REFUND_GRACE_SECONDS)).unwrap_or(now);
-                let lease = Some(due.next_at);
-                self.store.reschedule_refund(due.kind, &due.payment_reference, due.attempts, later, lease).await?;
+                self.reschedule_leased(due, due.attempts, seconds_after(now, REFUND_GRACE_SECONDS)).await?;
             }
             Owed::Now(amount) => {
                 // Money moves: recorded in the audit trail (I6) as the server's own attempt, in
@@ -254,10 +260,7 @@ impl App {
         } else {
             tracing::warn!(booking_id = %due.booking_id, kind, attempts, %error, "a refund owed failed; tried again later");
         }
-        let next = next_attempt_at(now, attempts);
-        let rescheduled =
-            self.store.reschedule_refund(due.kind, &due.payment_reference, attempts, next, Some(due.next_at));
-        if let Err(e) = rescheduled.await {
+        if let Err(e) = self.reschedule_leased(due, attempts, next_attempt_at(now, attempts)).await {
             tracing::error!(booking_id = %due.booking_id, error = %e, "a failed refund could not be rescheduled");
         }
     }
