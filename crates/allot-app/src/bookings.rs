@@ -290,7 +290,7 @@ impl App {
                 // Queued all the same: if no retry records it before the hold ends, the
                 // reconciler refunds it then (`refunds`).
                 tracing::warn!(booking_id = %booking.id, error = %e, "a charged payment could not be recorded yet");
-                self.queue_unrecorded(booking, &reference).await;
+                self.queue_unrecorded(booking.id, &reference, booking.total).await;
                 Err(update_error(UpdateRefused::Store(e)))
             }
             Err(refused) => {
@@ -304,7 +304,7 @@ impl App {
                     Ok(current) => current.and_then(|b| b.payment).is_some_and(|p| p.reference == reference),
                     Err(e) => {
                         tracing::warn!(booking_id = %booking.id, error = %e, "a charge's booking could not be read; queued");
-                        self.queue_unrecorded(booking, &reference).await;
+                        self.queue_unrecorded(booking.id, &reference, booking.total).await;
                         true
                     }
                 };
@@ -313,7 +313,7 @@ impl App {
                     telemetry::count_refund(&refunded);
                     if let Err(e) = refunded {
                         tracing::warn!(booking_id = %booking.id, error = %e, "refund after failed confirm failed; queued");
-                        self.queue_unrecorded(booking, &reference).await;
+                        self.queue_unrecorded(booking.id, &reference, booking.total).await;
                     }
                 }
                 Err(update_error(refused))

@@ -10,6 +10,7 @@ use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use allot_core::booking::{Booking, BookingStatus};
+use allot_core::ids::BookingId;
 use jiff::{SignedDuration, Timestamp};
 use tracing::Instrument;
 
@@ -265,15 +266,15 @@ impl App {
         }
     }
 
-    /// Queues the refund of `reference`, a charge for `booking` that its booking may not
-    /// record ([`RefundKind::Unrecorded`]): whether the first try did (the others go on from a
-    /// task of their own, then an error log when all failed).
-    pub(crate) async fn queue_unrecorded(&self, booking: &Booking, reference: &str) -> bool {
+    /// Queues the refund of `reference`, a charge of `amount` for booking `booking_id` that
+    /// its booking may not record ([`RefundKind::Unrecorded`]): whether the first try did (the
+    /// others go on from a task of their own, then an error log when all failed).
+    pub(crate) async fn queue_unrecorded(&self, booking_id: BookingId, reference: &str, amount: i64) -> bool {
         let due = RefundDue {
             kind: RefundKind::Unrecorded,
             payment_reference: reference.to_owned(),
-            booking_id: booking.id,
-            amount: booking.total,
+            booking_id,
+            amount,
             attempts: 0,
             next_at: next_attempt_at(self.clock.now(), 0),
         };

@@ -9,9 +9,14 @@
 //! Providers send an event again until it is answered 2xx, and may send it late or twice:
 //! every event is applied once, a repeat answers what the first did, and one arriving after
 //! its booking ended changes nothing but the money owed back.
+//!
+//! A payment is kept only for the sum its booking asked, in the booking's currency: one the
+//! provider reports for another sum is refunded whole (what it reports taken), and the booking
+//! held again as if the payment had failed.
 
 use allot_core::booking::{Booking, BookingStatus, Transition};
 use allot_core::ids::BookingId;
+use allot_core::inventory::Currency;
 use hmac::{Hmac, Mac};
 use jiff::Timestamp;
 use sha2::Sha256;
@@ -35,17 +40,24 @@ pub fn new_webhook_secret() -> String {
     format!("whsec_{}", crate::auth::random_token())
 }
 
+/// Money the provider reports a payment took, in the currency's smallest unit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Received {
+    pub amount: i64,
+    pub currency: Currency,
+}
+
 /// What the provider reports of a payment.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PaymentReport {
-    Succeeded,
+    Succeeded(Received),
     Failed,
 }
 
 impl PaymentReport {
     pub fn as_str(self) -> &'static str {
         match self {
-            PaymentReport::Succeeded => "succeeded",
+            PaymentReport::Succeeded(_) => "succeeded",
             PaymentReport::Failed => "failed",
         }
     }
@@ -65,7 +77,8 @@ pub enum Settled {
     /// The booking as the event left it (confirmed, held again, `payment_failed`), or as an
     /// earlier delivery of the same event left it.
     Booking(Booking),
-    /// Money taken for a booking that can no longer keep it: queued to be refunded whole.
+    /// Money taken for a booking that can no longer keep it, or for another sum than it asked:
+    /// queued to be refunded whole.
     Refunding(Booking),
     /// Nothing to do: a booking this server does not know, or a failure reported once its
     /// booking no longer waited for the payment.
@@ -134,6 +147,11 @@ fn records(booking: &Booking, reference: &str, status: &str) -> bool {
     booking.payment.as_ref().is_some_and(|p| p.reference == reference && p.status == status)
 }
 
+/// Whether `received` is the sum `booking`'s payment asked for, in its currency.
+fn as_asked(booking: &Booking, received: Received) -> bool {
+    booking.currency == received.currency && booking.payment.as_ref().is_some_and(|p| p.amount == received.amount)
+}
+
 impl App {
     /// The secret the payment provider signs its events with, as this node last read it.
     pub fn webhook_secret(&self) -> String {
@@ -187,16 +205,21 @@ impl App {
         let Some(booking) = self.store.booking(event.booking_id).await? else { return Ok(Settled::Ignored) };
         audit::set_venue(booking.venue_id);
         match event.report {
-            PaymentReport::Succeeded => self.payment_succeeded(booking, event.payment_reference).await,
+            PaymentReport::Succeeded(received) => {
+                self.payment_succeeded(booking, event.payment_reference, received).await
+            }
             PaymentReport::Failed => self.payment_failed(booking, event.payment_reference).await,
         }
     }
 
     /// Confirms the booking waiting for this payment; a booking that no longer can keep it
     /// (ended, or never recorded it) has it queued to be refunded whole.
-    async fn payment_succeeded(&self, booking: Booking, reference: String) -> AppResult<Settled> {
+    async fn payment_succeeded(&self, booking: Booking, reference: String, received: Received) -> AppResult<Settled> {
         if records(&booking, &reference, PAYMENT_SUCCEEDED) {
             return Ok(Settled::Booking(booking));
+        }
+        if records(&booking, &reference, PAYMENT_PENDING) && !as_asked(&booking, received) {
+            return self.another_sum(booking, reference, received).await;
         }
         let expected = reference.clone();
         let decide = Box::new(move |b: &Booking, now| {
@@ -220,14 +243,39 @@ impl App {
                 if records(&current, &reference, PAYMENT_SUCCEEDED) {
                     return Ok(Settled::Booking(current));
                 }
-                audit::detail("refund", "queued");
-                if !self.queue_unrecorded(&current, &reference).await {
-                    // Not answered 2xx: the provider sends the event again.
-                    return Err(AppError::Overloaded);
-                }
+                self.refund_received(&current, &reference, received).await?;
                 Ok(Settled::Refunding(current))
             }
             Err(e) => Err(update_error(e)),
+        }
+    }
+
+    /// A payment for another sum than its booking asked, or in another currency (the price
+    /// cannot change while it is pending, so the provider and this server disagree): not kept.
+    /// What it took is refunded whole, and the booking held again as if it had failed.
+    async fn another_sum(&self, booking: Booking, reference: String, received: Received) -> AppResult<Settled> {
+        let asked = booking.payment.as_ref().map_or(0, |p| p.amount);
+        tracing::error!(booking_id = %booking.id, payment = reference, asked, currency = booking.currency.as_str(),
+            received = received.amount, received_currency = received.currency.as_str(),
+            "a payment reported for another sum than its booking asked; refunded whole");
+        audit::detail("asked", &format!("{asked} {}", booking.currency.as_str()));
+        self.refund_received(&booking, &reference, received).await?;
+        let id = booking.id;
+        match self.payment_failed(booking, reference).await? {
+            Settled::Booking(held) => Ok(Settled::Refunding(held)),
+            _ => Ok(Settled::Refunding(self.store.booking(id).await?.ok_or(AppError::NotFound("booking"))?)),
+        }
+    }
+
+    /// Queues the refund of everything `received` by payment `reference` of `booking`.
+    async fn refund_received(&self, booking: &Booking, reference: &str, received: Received) -> AppResult<()> {
+        audit::detail("received", &format!("{} {}", received.amount, received.currency.as_str()));
+        audit::detail("refund", "queued");
+        if self.queue_unrecorded(booking.id, reference, received.amount).await {
+            Ok(())
+        } else {
+            // Not answered 2xx: the provider sends the event again.
+            Err(AppError::Overloaded)
         }
     }
 

@@ -13,6 +13,10 @@ pub const ITEMS_MAX: usize = 20;
 /// The domain event announcing that a cancelled booking's refund was made
 /// ([`Booking::event_topic`]).
 pub const REFUNDED_TOPIC: &str = "booking.refunded";
+/// The domain event of a payment that failed while the booking stays held for another attempt
+/// (a card declined at once, or an asynchronous payment reported failed): no final status is
+/// entered, and a `booking.held` again would read as a new hold.
+pub const PAYMENT_DECLINED_TOPIC: &str = "booking.payment_declined";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -256,10 +260,13 @@ impl Booking {
     }
 
     /// The domain event a change from this booking to `after` announces, if any: the status it
-    /// enters, or [`REFUNDED_TOPIC`] when the change records its refund made (money moved, but
-    /// no status changed: a partner or a ledger following the feed learns of it only so).
+    /// enters, [`PAYMENT_DECLINED_TOPIC`] when a failed payment leaves it held, or
+    /// [`REFUNDED_TOPIC`] when the change records its refund made (money moved, but no status
+    /// changed: a partner or a ledger following the feed learns of it only so).
     pub fn event_topic(&self, after: &Booking) -> Option<&'static str> {
-        if self.status != after.status {
+        if after.status == BookingStatus::Held && after.payment_attempts > self.payment_attempts {
+            Some(PAYMENT_DECLINED_TOPIC)
+        } else if self.status != after.status {
             Some(after.status.event_topic())
         } else if self.settles_refund(after) {
             Some(REFUNDED_TOPIC)
@@ -385,6 +392,17 @@ mod tests {
         settled.refund = Some(Refund { amount: 600, reference: Some("re_1".into()) });
         assert_eq!(cancelled.event_topic(&settled), Some(REFUNDED_TOPIC));
         assert_eq!(settled.event_topic(&settled), None, "announced once");
+
+        let mut declined = held.clone();
+        declined.payment_attempts += 1;
+        assert_eq!(held.event_topic(&declined), Some(PAYMENT_DECLINED_TOPIC), "a card declined at once");
+        let pending = booking(BookingStatus::PendingPayment, 100);
+        let mut held_again = held.clone();
+        held_again.payment_attempts = pending.payment_attempts + 1;
+        assert_eq!(pending.event_topic(&held_again), Some(PAYMENT_DECLINED_TOPIC), "not a second hold");
+        let mut failed = booking(BookingStatus::PaymentFailed, 100);
+        failed.payment_attempts = PAYMENT_ATTEMPTS_MAX;
+        assert_eq!(declined.event_topic(&failed), Some("booking.payment_failed"), "the last attempt");
     }
 
     #[test]

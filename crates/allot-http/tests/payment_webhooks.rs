@@ -1,7 +1,8 @@
 //! The payment provider's events (`POST /payments/webhooks/{provider}`) over real HTTP and the
 //! real store: a `tok_async` payment settled by a signed event, paid or failed; what an
 //! unsigned, stale or malformed event gets; an event delivered twice, or after its booking
-//! ended (the money it reports taken is refunded whole).
+//! ended, or for another sum than its booking asked (the money it reports taken is refunded
+//! whole).
 #![allow(clippy::unwrap_used)]
 
 mod common;
@@ -25,6 +26,9 @@ struct Pending {
     customer: String,
     booking: String,
     payment: String,
+    /// What the booking asks: its total, and its currency as Stripe writes it (lower-case).
+    total: i64,
+    currency: String,
 }
 
 async fn pending() -> Pending {
@@ -37,9 +41,15 @@ async fn pending() -> Pending {
         t.post(Some(&customer), "/bookings", json!({"items": [{"resource_id": seats[0], "event_id": event}]})).await;
     assert_eq!(status, StatusCode::CREATED, "{held}");
     let booking = held["id"].as_str().unwrap().to_owned();
-    let mut p = Pending { t, customer, booking, payment: String::new() };
+    let (total, currency) = asked(&held);
+    let mut p = Pending { t, customer, booking, payment: String::new(), total, currency };
     p.payment = p.confirm_async().await;
     p
+}
+
+/// A booking's total and currency, as a provider's event reports them.
+fn asked(booking: &Value) -> (i64, String) {
+    (booking["total"].as_i64().unwrap(), booking["currency"].as_str().unwrap().to_ascii_lowercase())
 }
 
 impl Pending {
@@ -55,7 +65,13 @@ impl Pending {
     }
 
     fn event(&self, kind: &str) -> Vec<u8> {
-        let object = json!({"id": self.payment, "object": "payment_intent", "metadata": {"booking_id": self.booking}});
+        self.event_of(kind, self.total, &self.currency)
+    }
+
+    /// An event reporting the payment took `amount` of `currency`.
+    fn event_of(&self, kind: &str, amount: i64, currency: &str) -> Vec<u8> {
+        let object = json!({"id": self.payment, "object": "payment_intent", "metadata": {"booking_id": self.booking},
+            "amount": self.total, "amount_received": amount, "currency": currency, "status": "succeeded"});
         json!({"id": "evt_1", "type": kind, "data": {"object": object}}).to_string().into_bytes()
     }
 
@@ -208,6 +224,21 @@ async fn a_malformed_event_is_refused_with_its_fields_and_other_events_are_ignor
     let (status, error) = p.deliver_body(no_payment.to_string().into_bytes()).await;
     assert_eq!(status, StatusCode::BAD_REQUEST, "{error}");
     assert!(error["error"]["details"]["fields"]["data.object.id"].is_string(), "{error}");
+    // A succeeded payment says what it took, in what currency.
+    let object = json!({"id": p.payment, "metadata": {"booking_id": p.booking}, "amount_received": -1,
+        "currency": "euro", "status": "processing"});
+    let unpriced = json!({"id": "evt_8", "type": PAID, "data": {"object": object}});
+    let (status, error) = p.deliver_body(unpriced.to_string().into_bytes()).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{error}");
+    let fields = &error["error"]["details"]["fields"];
+    for field in ["data.object.amount_received", "data.object.currency", "data.object.status"] {
+        assert!(fields[field].is_string(), "{field}: {error}");
+    }
+    let bare = json!({"id": "evt_9", "type": PAID, "data": {"object": {"id": p.payment, "metadata": {"booking_id": p.booking}}}});
+    let (status, error) = p.deliver_body(bare.to_string().into_bytes()).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{error}");
+    assert!(error["error"]["details"]["fields"]["data.object.amount_received"].is_string(), "{error}");
+    assert_eq!(p.stored().await["status"], "pending_payment", "nothing changed");
 
     // Acknowledged, so that the provider stops sending them: payments no confirm of ours
     // started (no booking named, or not one of our ids), and types not acted on, whatever
@@ -225,7 +256,8 @@ async fn a_malformed_event_is_refused_with_its_fields_and_other_events_are_ignor
     let (status, ack) = p.deliver("charge.dispute.created").await;
     assert_eq!((status, ack["outcome"].as_str()), (StatusCode::OK, Some("ignored")), "a type not acted on: {ack}");
     let unknown = json!({"id": "evt_5", "type": PAID,
-        "data": {"object": {"id": "pi_elsewhere", "metadata": {"booking_id": allot_core::ids::BookingId::new().to_string()}}}});
+        "data": {"object": {"id": "pi_elsewhere", "amount_received": 100, "currency": "eur",
+            "metadata": {"booking_id": allot_core::ids::BookingId::new().to_string()}}}});
     let (status, ack) = p.deliver_body(unknown.to_string().into_bytes()).await;
     assert_eq!((status, ack["outcome"].as_str()), (StatusCode::OK, Some("ignored")), "not a booking of ours: {ack}");
     assert_eq!(p.stored().await["status"], "pending_payment", "nothing changed");
@@ -238,7 +270,8 @@ async fn a_pending_payment_reported_failed_is_held_again_until_the_last_attempt(
     assert_eq!((status, ack["outcome"].as_str()), (StatusCode::OK, Some("applied")), "{ack}");
     assert_eq!(ack["booking"]["status"], "held", "the customer may try again");
     assert_eq!(ack["booking"]["payment"], Value::Null);
-    assert_eq!(p.events("booking.held").await, 2, "held, then held again");
+    assert_eq!(p.events("booking.held").await, 1, "held once");
+    assert_eq!(p.events("booking.payment_declined").await, 1, "then its payment declined, held again");
     let (status, again) = p.deliver(FAILED).await;
     assert_eq!((status, again["outcome"].as_str()), (StatusCode::OK, Some("ignored")), "reported twice: {again}");
 
@@ -314,7 +347,8 @@ async fn a_charge_reported_paid_that_its_booking_never_recorded_is_refunded_once
         let booking = held["id"].as_str().unwrap().to_owned();
         // The test provider's reference for the confirm's first charge (`pi_test_<key>`).
         let charge = format!("pi_test_{booking}_0");
-        let p = Pending { t, customer, booking, payment: charge.clone() };
+        let (total, currency) = asked(&held);
+        let p = Pending { t, customer, booking, payment: charge.clone(), total, currency };
         let (status, ack) = p.deliver(PAID).await;
         assert_eq!((status, ack["outcome"].as_str()), (StatusCode::OK, Some("refund_queued")), "{ack}");
         assert_eq!(ack["booking"]["status"], "held", "unchanged: a retried confirm may still record it");
@@ -340,5 +374,47 @@ async fn a_charge_reported_paid_that_its_booking_never_recorded_is_refunded_once
         };
         assert_eq!(sweep, want, "retried: {retried}");
         assert_eq!(p.t.store.count("refunds_due", "1=1").await.unwrap(), 0);
+    }
+}
+
+/// The provider reports the payment took another sum than the booking asked, or the same sum in
+/// another currency: it is not kept. What it took is refunded whole, and the booking is held
+/// again for another attempt, as after a failed payment.
+#[tokio::test]
+async fn a_payment_of_another_sum_is_refunded_whole_and_its_booking_held_again() {
+    for (name, extra, currency) in [("more", 500, None), ("less", -700, None), ("another currency", 0, Some("usd"))] {
+        let p = pending().await;
+        let received = p.total + extra;
+        let body = p.event_of(PAID, received, currency.unwrap_or(&p.currency));
+        let (status, ack) = p.deliver_body(body.clone()).await;
+        assert_eq!((status, ack["outcome"].as_str()), (StatusCode::OK, Some("refund_queued")), "{name}: {ack}");
+        assert_eq!(
+            (ack["booking"]["status"].as_str(), &ack["booking"]["payment"]),
+            (Some("held"), &Value::Null),
+            "{name}"
+        );
+        assert_eq!(p.events("booking.confirmed").await, 0, "{name}");
+        assert_eq!(p.events("booking.payment_declined").await, 1, "{name}");
+        let (status, again) = p.deliver_body(body).await;
+        assert_eq!((status, again["outcome"].as_str()), (StatusCode::OK, Some("refund_queued")), "{name}: {again}");
+        let queued = format!("kind = 'unrecorded' AND payment_reference = '{}' AND amount = {received}", p.payment);
+        assert_eq!(p.t.store.count("refunds_due", &queued).await.unwrap(), 1, "{name}: what it took, once");
+
+        // Refunded once the booking can no longer record it: here, paid by card instead.
+        let card = json!({"payment": {"method": "card", "token": "tok_visa"}});
+        let (status, paid) = p.t.post(Some(&p.customer), &format!("/bookings/{}/confirm", p.booking), card).await;
+        assert_eq!((status, paid["status"].as_str()), (StatusCode::OK, Some("confirmed")), "{name}: {paid}");
+        p.t.clock.advance(SignedDuration::from_secs(REFUND_GRACE_SECONDS));
+        let sweep = p.t.app.settle_refunds().await.unwrap();
+        assert_eq!(sweep, RefundSweep { refunded: 1, ..RefundSweep::default() }, "{name}");
+        let admin = p.t.admin().await;
+        let (_, audit) = p.t.get(Some(&admin), "/audit?action=booking.refund").await;
+        let refund = &audit["data"][0];
+        assert_eq!(refund["details"]["amount"].as_str(), Some(received.to_string().as_str()), "{name}: {refund}");
+        assert_eq!(refund["details"]["payment"], p.payment.as_str(), "{name}");
+        let (_, events) = p.t.get(Some(&admin), "/audit?action=payment.event").await;
+        let asked = format!("{} {}", p.total, p.currency.to_ascii_uppercase());
+        let first = events["data"].as_array().unwrap().last().unwrap();
+        assert_eq!(first["details"]["asked"].as_str(), Some(asked.as_str()), "{name}: {events}");
     }
 }

@@ -245,7 +245,7 @@ conformance! {
     bookings::cancel_releases_capacity,
     bookings::rejected_decision_changes_nothing,
     bookings::update_of_unknown_booking_is_not_found,
-    bookings::update_without_status_change_writes_no_event,
+    bookings::a_decline_announces_itself_and_other_updates_nothing,
     bookings::confirm_at_or_after_expiry_is_rejected,
     bookings::bookings_filter_and_paging,
     bookings::a_cancellations_refund_is_queued_until_its_reference_is_recorded,

@@ -6,8 +6,9 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use allot_app::App;
-use allot_app::webhooks::{PaymentEvent, PaymentReport, Settled};
+use allot_app::webhooks::{PaymentEvent, PaymentReport, Received, Settled};
 use allot_core::FieldErrors;
+use allot_core::inventory::Currency;
 use axum::body::Bytes;
 use axum::extract::{Path, State};
 use axum::http::HeaderMap;
@@ -56,6 +57,19 @@ pub struct ProviderObject {
     #[serde(default)]
     #[schema(value_type = Object)]
     pub metadata: BTreeMap<String, serde_json::Value>,
+    /// What the payment took, in the currency's smallest unit; required by a succeeded event
+    /// (`amount` is read when it is absent). A payment is kept only for the sum its booking
+    /// asked: another is refunded whole.
+    #[schema(example = 1200)]
+    pub amount_received: Option<i64>,
+    #[schema(example = 1200)]
+    pub amount: Option<i64>,
+    /// ISO 4217, any case (Stripe's are lower-case); required by a succeeded event.
+    #[schema(example = "eur")]
+    pub currency: Option<String>,
+    /// The payment's status at the provider; a succeeded event's, when given, is `succeeded`.
+    #[schema(example = "succeeded")]
+    pub status: Option<String>,
 }
 
 /// The answer to an event: any 2xx tells the provider to stop sending it.
@@ -112,9 +126,9 @@ pub async fn webhook(
 /// The payment event an event body reports; `None` for one this server does not act on: a
 /// type it does not handle, or a payment no confirm of its own started (logged).
 fn payment_event(event: &ProviderEventBody) -> Result<Option<PaymentEvent>, ApiError> {
-    let report = match event.kind.as_str() {
-        "payment_intent.succeeded" => PaymentReport::Succeeded,
-        "payment_intent.payment_failed" => PaymentReport::Failed,
+    let succeeded = match event.kind.as_str() {
+        "payment_intent.succeeded" => true,
+        "payment_intent.payment_failed" => false,
         _ => return Ok(None),
     };
     let object = &event.data.object;
@@ -128,7 +142,28 @@ fn payment_event(event: &ProviderEventBody) -> Result<Option<PaymentEvent>, ApiE
         tracing::warn!(event = ?event.id, payment = payment_reference, "a payment event names no booking of ours; ignored");
         return Ok(None);
     };
+    let report = if succeeded { PaymentReport::Succeeded(received(object)?) } else { PaymentReport::Failed };
     Ok(Some(PaymentEvent { booking_id, payment_reference, report }))
+}
+
+/// The money a succeeded payment took, as its event reports it.
+fn received(object: &ProviderObject) -> Result<Received, ApiError> {
+    let mut errors = FieldErrors::new();
+    let amount = object.amount_received.or(object.amount);
+    if !amount.is_some_and(|a| a >= 0) {
+        errors.add("data.object.amount_received", "required: the sum the payment took, 0 or more");
+    }
+    let currency = object.currency.as_deref().map(str::to_ascii_uppercase).map(Currency::try_from);
+    if !matches!(currency, Some(Ok(_))) {
+        errors.add("data.object.currency", "required: an ISO 4217 code");
+    }
+    if object.status.as_deref().is_some_and(|s| s != "succeeded") {
+        errors.add("data.object.status", "a succeeded payment's status is `succeeded`");
+    }
+    match (amount, currency) {
+        (Some(amount), Some(Ok(currency))) if errors.is_empty() => Ok(Received { amount, currency }),
+        _ => Err(ApiError::bad_request(errors)),
+    }
 }
 
 /// Longest payment reference read from an event.

@@ -1,5 +1,5 @@
 //! `update_booking` (decisions inside the transaction, claims kept in step, one outbox row per
-//! status change or refund made, a cancellation's refund queued while owed), the booking list, and the queue
+//! status change, decline or refund made, a cancellation's refund queued while owed), the booking list, and the queue
 //! of refunds owed.
 
 use std::collections::BTreeSet;
@@ -8,7 +8,7 @@ use allot_app::AppError;
 use allot_app::store::{
     BookingFilter, Decide, HoldRefused, REFUND_GRACE_SECONDS, RefundDue, RefundKind, UpdateRefused,
 };
-use allot_core::booking::{Booking, BookingStatus, Payment, Refund, Transition};
+use allot_core::booking::{Booking, BookingStatus, PAYMENT_DECLINED_TOPIC, Payment, Refund, Transition};
 use allot_core::ids::{BookingId, UserId, VenueId};
 
 use crate::{Backend, HOUR, World, all_pages, at, span, user};
@@ -100,7 +100,7 @@ pub async fn update_of_unknown_booking_is_not_found(b: &Backend) {
     assert_eq!(b.count("outbox", "1=1").await, 0);
 }
 
-pub async fn update_without_status_change_writes_no_event(b: &Backend) {
+pub async fn a_decline_announces_itself_and_other_updates_nothing(b: &Backend) {
     let w = World::new(b).await;
     let r = w.resource(1).await;
     let held = w.held(&[(r.id, span(HOUR, 2 * HOUR), 1)], at(0), 600).await;
@@ -116,14 +116,19 @@ pub async fn update_without_status_change_writes_no_event(b: &Backend) {
     let once = w.store.update_booking(held.id, at(5), decline()).await.unwrap();
     assert_eq!((once.status, once.payment_attempts, once.updated_at), (BookingStatus::Held, 1, at(5)));
     assert_eq!(w.store.booking(held.id).await.unwrap().as_ref(), Some(&once), "the new document is stored");
-    assert_eq!(b.count("outbox", "1=1").await, 1, "no status change, no event");
+    assert_eq!(outbox_of(b, held.id, PAYMENT_DECLINED_TOPIC).await, 1, "a decline is announced, not a new hold");
+    assert_eq!(outbox_of(b, held.id, "booking.held").await, 1);
     assert_eq!(b.count("claims", &format!("booking_id = '{}' AND hold_expires_at IS NOT NULL", held.id)).await, 1);
+    let touch: Decide = Box::new(|b: &Booking, _| Ok(b.clone()));
+    w.store.update_booking(held.id, at(5), touch).await.unwrap();
+    assert_eq!(b.count("outbox", "1=1").await, 2, "no status change and no decline: no event");
 
     w.store.update_booking(held.id, at(6), decline()).await.unwrap();
     let failed = w.store.update_booking(held.id, at(7), decline()).await.unwrap();
     assert_eq!((failed.status, failed.payment_attempts), (BookingStatus::PaymentFailed, 3));
     assert_eq!(outbox_of(b, held.id, "booking.payment_failed").await, 1);
-    assert_eq!(b.count("outbox", "1=1").await, 2);
+    assert_eq!(outbox_of(b, held.id, PAYMENT_DECLINED_TOPIC).await, 2);
+    assert_eq!(b.count("outbox", "1=1").await, 4);
     assert_eq!(b.count("claims", "1=1").await, 0, "a failed payment releases the claims");
     assert!(w.store.upcoming_expiries(10).await.unwrap().is_empty());
 }
