@@ -150,7 +150,7 @@ fn payment_event(event: &ProviderEventBody) -> Result<Option<PaymentEvent>, ApiE
 fn received(object: &ProviderObject) -> Result<Received, ApiError> {
     let mut errors = FieldErrors::new();
     let amount = object.amount_received.or(object.amount);
-    if !amount.is_some_and(|a| a >= 0) {
+    if amount.is_none_or(|a| a < 0) {
         errors.add("data.object.amount_received", "required: the sum the payment took, 0 or more");
     }
     let currency = object.currency.as_deref().map(str::to_ascii_uppercase).map(Currency::try_from);
