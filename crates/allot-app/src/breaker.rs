@@ -9,13 +9,13 @@
 //! Failures count per operation, by its idempotency key: the retries of one charge or one
 //! refund are one failure, so one customer retrying one card cannot open the circuit for
 //! everyone. A declined card or a refused token is the provider answering: a success. Each
-//! node has its own breaker, on the app's clock.
+//! node has its own breaker, on the app's monotonic clock ([`Clock::elapsed`]): a wall clock
+//! stepped back cannot keep it open.
 
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use jiff::{SignedDuration, Timestamp};
 
 use crate::clock::Clock;
 use crate::payments::{ChargeOutcome, ChargeRequest, PaymentProvider, ProviderError, RefundRequest};
@@ -28,29 +28,32 @@ pub const BREAKER_OPEN_SECONDS: i64 = 30;
 /// How long one call to the provider may take before it counts as failed.
 pub const PROVIDER_CALL_TIMEOUT_SECONDS: u64 = 20;
 
+/// A reading of the monotonic clock ([`Clock::elapsed`]).
+type Tick = Duration;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Circuit {
     Closed {
         failures: u32,
     },
     Open {
-        until: Timestamp,
+        until: Tick,
     },
     /// One call let through; the others are refused until it ends, or until `until` if it
     /// never reports (its caller dropped it).
     Trial {
-        until: Timestamp,
+        until: Tick,
     },
 }
 
 impl Circuit {
     /// Whether a call may go to the provider at `now`.
-    fn admit(&mut self, now: Timestamp) -> bool {
+    fn admit(&mut self, now: Tick) -> bool {
         match *self {
             Circuit::Closed { .. } => true,
             Circuit::Open { until } | Circuit::Trial { until } if now >= until => {
-                let timeout = SignedDuration::from_secs(PROVIDER_CALL_TIMEOUT_SECONDS.cast_signed());
-                *self = Circuit::Trial { until: now.saturating_add(timeout).unwrap_or(now) };
+                *self =
+                    Circuit::Trial { until: now.saturating_add(Duration::from_secs(PROVIDER_CALL_TIMEOUT_SECONDS)) };
                 true
             }
             Circuit::Open { .. } | Circuit::Trial { .. } => false,
@@ -58,7 +61,7 @@ impl Circuit {
     }
 
     /// Records how an admitted call ended; whether that opened the circuit.
-    fn record(&mut self, failed: bool, now: Timestamp) -> bool {
+    fn record(&mut self, failed: bool, now: Tick) -> bool {
         let next = match (*self, failed) {
             // A call admitted before the circuit opened, ending well late: only a trial closes it.
             (Circuit::Open { until }, false) => Circuit::Open { until },
@@ -69,8 +72,7 @@ impl Circuit {
             // Already open: a call admitted before it opened ended late.
             (Circuit::Open { until }, true) => Circuit::Open { until },
             (Circuit::Closed { .. } | Circuit::Trial { .. }, true) => {
-                let open = SignedDuration::from_secs(BREAKER_OPEN_SECONDS);
-                Circuit::Open { until: now.saturating_add(open).unwrap_or(now) }
+                Circuit::Open { until: now.saturating_add(Duration::from_secs(BREAKER_OPEN_SECONDS.unsigned_abs())) }
             }
         };
         let opened = matches!(next, Circuit::Open { .. }) && !matches!(*self, Circuit::Open { .. });
@@ -107,7 +109,7 @@ impl Guarded {
     where
         F: std::future::Future<Output = Result<T, ProviderError>>,
     {
-        if !self.state().circuit.admit(self.clock.now()) {
+        if !self.state().circuit.admit(self.clock.elapsed()) {
             return Err(ProviderError::CircuitOpen);
         }
         let timeout = Duration::from_secs(PROVIDER_CALL_TIMEOUT_SECONDS);
@@ -122,7 +124,7 @@ impl Guarded {
             state.last_failed = failed.then(|| key.to_owned());
             // A retry that failed again leaves the count as it was (unless it was the trial).
             !(retry && matches!(state.circuit, Circuit::Closed { .. }))
-                && state.circuit.record(failed, self.clock.now())
+                && state.circuit.record(failed, self.clock.elapsed())
         };
         if opened {
             metrics::counter!(telemetry::PAYMENT_CIRCUIT_OPENED).increment(1);
@@ -155,8 +157,8 @@ impl PaymentProvider for Guarded {
 mod tests {
     use super::*;
 
-    fn at(second: i64) -> Timestamp {
-        Timestamp::from_second(second).expect("ts")
+    fn at(second: i64) -> Tick {
+        Duration::from_secs(second.unsigned_abs())
     }
 
     #[test]
@@ -191,6 +193,43 @@ mod tests {
         let mut c = Circuit::Open { until: at(30) };
         assert!(!c.record(false, at(5)));
         assert_eq!(c, Circuit::Open { until: at(30) }, "only the trial closes it");
+    }
+
+    /// A provider that is down.
+    struct Down;
+
+    #[async_trait]
+    impl PaymentProvider for Down {
+        fn name(&self) -> &'static str {
+            "down"
+        }
+        async fn charge(&self, _: &ChargeRequest) -> Result<ChargeOutcome, ProviderError> {
+            Err(ProviderError::Unavailable("down".into()))
+        }
+        async fn refund(&self, _: &RefundRequest) -> Result<String, ProviderError> {
+            Err(ProviderError::Unavailable("down".into()))
+        }
+    }
+
+    #[tokio::test]
+    async fn the_open_time_is_monotonic_whatever_the_wall_clock_does() {
+        let clock = Arc::new(crate::clock::ManualClock::new(jiff::Timestamp::UNIX_EPOCH));
+        let guarded = Guarded::new(Arc::new(Down), clock.clone());
+        for n in 0..BREAKER_FAILURES_MAX {
+            let refund = RefundRequest::of(&format!("pi_{n}"), 100);
+            assert!(matches!(guarded.refund(&refund).await, Err(ProviderError::Unavailable(_))));
+        }
+        let next = RefundRequest::of("pi_next", 100);
+        assert_eq!(guarded.refund(&next).await, Err(ProviderError::CircuitOpen));
+        clock.advance(jiff::SignedDuration::from_hours(-1));
+        clock.advance(jiff::SignedDuration::from_secs(BREAKER_OPEN_SECONDS - 1));
+        assert_eq!(guarded.refund(&next).await, Err(ProviderError::CircuitOpen), "not yet: one second short");
+        clock.advance(jiff::SignedDuration::from_secs(1));
+        let trial = guarded.refund(&next).await;
+        assert!(
+            matches!(trial, Err(ProviderError::Unavailable(_))),
+            "the trial went to the provider, an hour back or not"
+        );
     }
 
     #[test]
