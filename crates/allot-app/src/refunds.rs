@@ -38,6 +38,10 @@ pub const REFUND_BATCH_MAX: u32 = 100;
 /// counted in `allot_refunds_abandoned_total`; the row stays). The refunds owed before the
 /// reconciler existed are queued parked above it (the migrations' backfill, at 1 000).
 pub const REFUND_ATTEMPTS_MAX: u32 = 12;
+/// When a refund left to an operator is due: past every sweep's `now`, so the due index's scan
+/// never reads it again (an operator's retry, [`rearm`], makes it due at once). The migrations
+/// moved the rows parked before this existed here (`0014` on SQLite, `0013` on PostgreSQL).
+pub const PARKED_AT: Timestamp = Timestamp::MAX;
 /// The longest wait between two attempts (doubling from [`REFUND_GRACE_SECONDS`]).
 pub const REFUND_BACKOFF_SECONDS_MAX: i64 = 3600;
 /// How long a payment provider keeps an idempotency key (Stripe: 24 h). Every attempt at one
@@ -118,9 +122,10 @@ fn backoff_seconds(attempts: u32) -> i64 {
     doubled.filter(|wait| *wait > 0).map_or(REFUND_BACKOFF_SECONDS_MAX, |wait| wait.min(REFUND_BACKOFF_SECONDS_MAX))
 }
 
-/// When attempt `attempts + 1` is made, after `attempts` failed ones.
+/// When attempt `attempts + 1` is made, after `attempts` failed ones: never ([`PARKED_AT`]) for
+/// one left to an operator.
 fn next_attempt_at(now: Timestamp, attempts: u32) -> Timestamp {
-    seconds_after(now, backoff_seconds(attempts))
+    if left_to_operator(attempts) { PARKED_AT } else { seconds_after(now, backoff_seconds(attempts)) }
 }
 
 /// `seconds` after `now` (`now` itself past the end of time).
@@ -438,9 +443,19 @@ mod tests {
         assert_eq!(next_attempt_at(at(0), 0), at(REFUND_GRACE_SECONDS));
         assert_eq!(next_attempt_at(at(0), 1), at(2 * REFUND_GRACE_SECONDS));
         assert_eq!(next_attempt_at(at(0), 3), at(8 * REFUND_GRACE_SECONDS));
-        for attempts in [REFUND_ATTEMPTS_MAX, 62, 63, 64, u32::MAX] {
-            assert_eq!(next_attempt_at(at(0), attempts), at(REFUND_BACKOFF_SECONDS_MAX), "{attempts}");
+        for attempts in [REFUND_ATTEMPTS_MAX - 1, 62, 63, 64, u32::MAX] {
+            assert_eq!(backoff_seconds(attempts), REFUND_BACKOFF_SECONDS_MAX, "{attempts}");
         }
+        assert_eq!(next_attempt_at(at(0), REFUND_ATTEMPTS_MAX - 1), at(REFUND_BACKOFF_SECONDS_MAX));
+    }
+
+    #[test]
+    fn a_refund_left_to_an_operator_is_parked_where_the_migrations_put_them() {
+        for attempts in [REFUND_ATTEMPTS_MAX, 1_000, u32::MAX] {
+            assert_eq!(next_attempt_at(at(0), attempts), PARKED_AT, "{attempts}");
+        }
+        // `0014_refunds_parked.sql` (SQLite), `0013_refunds_parked.sql` (PostgreSQL).
+        assert_eq!((PARKED_AT.as_second(), REFUND_ATTEMPTS_MAX), (253_402_207_200, 12), "the migrations' values");
     }
 
     /// From the request's own attempt (when the refund is queued) to the last retry, each

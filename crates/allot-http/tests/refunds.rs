@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 use allot_app::audit::Verdict;
 use allot_app::breaker::PROVIDER_CALL_TIMEOUT_SECONDS;
 use allot_app::payments::{ChargeOutcome, ChargeRequest, PaymentProvider, ProviderError, RefundRequest, TestProvider};
-use allot_app::refunds::{REFUND_ATTEMPTS_MAX, REFUND_LEASE_SECONDS, RefundSweep};
+use allot_app::refunds::{PARKED_AT, REFUND_ATTEMPTS_MAX, REFUND_LEASE_SECONDS, RefundSweep};
 use allot_app::store::{REFUND_GRACE_SECONDS, Role};
 use allot_core::booking::BookingStatus;
 use common::TestApp;
@@ -398,6 +398,8 @@ async fn a_refund_that_fails_every_attempt_is_left_to_an_operator() {
     }
     assert_eq!(failed, REFUND_ATTEMPTS_MAX, "retried a bounded number of times");
     assert_eq!(s.t.store.count("refunds_due", "1=1").await.unwrap(), 1, "kept, for an operator to see");
+    let parked = format!("next_at = {}", PARKED_AT.as_second());
+    assert_eq!(s.t.store.count("refunds_due", &parked).await.unwrap(), 1, "parked past every sweep's scan");
     let metrics = s.t.client.get(format!("http://{}/metrics", s.t.addr)).send().await.unwrap().text().await.unwrap();
     let abandoned = metrics.lines().find_map(|l| l.strip_prefix("allot_refunds_abandoned_total "));
     assert!(abandoned.and_then(|n| n.parse::<f64>().ok()) >= Some(1.0), "counted for an alert: {metrics}");
