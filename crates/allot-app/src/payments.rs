@@ -1,9 +1,12 @@
 //! Payment providers behind one interface. The built-in `test` provider understands
-//! Stripe-style test tokens so the whole lifecycle can be exercised offline.
+//! Stripe-style test tokens so the whole lifecycle can be exercised offline; as
+//! [`ReportingTestProvider`] (what `allot serve` runs) it also reports its `tok_async` payments
+//! by itself a moment later, as Stripe's test mode sends its events.
 
 use allot_core::ids::BookingId;
 use allot_core::inventory::Currency;
 use async_trait::async_trait;
+use tokio::sync::mpsc;
 
 /// A payment's status as its booking records it: charged, or waiting for the provider's event
 /// (`webhooks`).
@@ -100,5 +103,95 @@ impl PaymentProvider for TestProvider {
 
     async fn refund(&self, request: &RefundRequest) -> Result<String, ProviderError> {
         Ok(format!("re_{}", request.payment_reference))
+    }
+}
+
+/// How long after its charge the test provider reports a `tok_async` payment paid.
+pub const TEST_REPORT_DELAY_MILLISECONDS: u64 = 2_000;
+/// Reports of the test provider waiting to be sent at most; past it a `tok_async` payment is
+/// not reported (it waits for an event sent by hand, or its hold lapses).
+pub const TEST_REPORTS_QUEUED_MAX: usize = 1_024;
+
+/// A `tok_async` payment the test provider will report paid: the money its charge asked for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TestReport {
+    pub booking_id: BookingId,
+    pub reference: String,
+    pub amount: i64,
+    pub currency: Currency,
+    /// When to send it ([`TEST_REPORT_DELAY_MILLISECONDS`] after the charge).
+    pub due: std::time::Instant,
+}
+
+/// The [`TestProvider`], reporting its `tok_async` payments as paid on a queue, from which
+/// the HTTP layer sends each one as the provider's signed event to this server's endpoint.
+#[derive(Debug, Clone)]
+pub struct ReportingTestProvider {
+    reports: mpsc::Sender<TestReport>,
+}
+
+impl ReportingTestProvider {
+    /// The provider, and the queue of its reports (at most [`TEST_REPORTS_QUEUED_MAX`]).
+    pub fn new() -> (ReportingTestProvider, mpsc::Receiver<TestReport>) {
+        let (reports, queue) = mpsc::channel(TEST_REPORTS_QUEUED_MAX);
+        (ReportingTestProvider { reports }, queue)
+    }
+}
+
+#[async_trait]
+impl PaymentProvider for ReportingTestProvider {
+    fn name(&self) -> &'static str {
+        TestProvider.name()
+    }
+
+    async fn charge(&self, request: &ChargeRequest) -> Result<ChargeOutcome, ProviderError> {
+        let outcome = TestProvider.charge(request).await;
+        if let Ok(ChargeOutcome::Pending { reference }) = &outcome {
+            let delay = std::time::Duration::from_millis(TEST_REPORT_DELAY_MILLISECONDS);
+            let report = TestReport {
+                booking_id: request.booking_id,
+                reference: reference.clone(),
+                amount: request.amount,
+                currency: request.currency,
+                due: std::time::Instant::now() + delay,
+            };
+            if self.reports.try_send(report).is_err() {
+                tracing::warn!(booking_id = %request.booking_id, "the test provider's report queue is full: this payment is not reported");
+            }
+        }
+        outcome
+    }
+
+    async fn refund(&self, request: &RefundRequest) -> Result<String, ProviderError> {
+        TestProvider.refund(request).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn charge(token: &str) -> ChargeRequest {
+        ChargeRequest {
+            booking_id: BookingId::new(),
+            amount: 1200,
+            currency: Currency::try_from("EUR".to_owned()).expect("currency"),
+            token: token.into(),
+            idempotency_key: "k_1".into(),
+        }
+    }
+
+    #[tokio::test]
+    async fn the_reporting_provider_reports_its_async_payments_only() {
+        let (provider, mut reports) = ReportingTestProvider::new();
+        for token in ["tok_visa", "tok_chargeDeclined", "tok_processing_error", "nope"] {
+            let _ = provider.charge(&charge(token)).await;
+        }
+        assert!(reports.try_recv().is_err(), "nothing to report");
+        let request = charge("tok_async");
+        let Ok(ChargeOutcome::Pending { reference }) = provider.charge(&request).await else { panic!("pending") };
+        let report = reports.try_recv().expect("reported");
+        assert_eq!((report.booking_id, report.reference, report.amount), (request.booking_id, reference, 1200));
+        assert!(report.due > std::time::Instant::now(), "a moment later");
     }
 }

@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use allot_app::App;
 use allot_app::clock::SystemClock;
-use allot_app::payments::TestProvider;
+use allot_app::payments::ReportingTestProvider;
 use allot_app::store::Store;
 use allot_store::{PgStore, SqliteStore};
 use clap::Parser;
@@ -150,11 +150,15 @@ async fn serve(settings: config::Settings, webhook_secret_configured: Option<Str
     }
     // Before the app starts, so that start-up work (expiring holds) is counted too.
     allot_http::ops::metrics_handle();
-    let app = App::start(store, Arc::new(SystemClock), Arc::new(TestProvider)).await?;
+    // The built-in test provider, reporting its `tok_async` payments by itself once the server
+    // listens (`send_test_reports`).
+    let (provider, test_reports) = ReportingTestProvider::new();
+    let app = App::start(store, Arc::new(SystemClock), Arc::new(provider)).await?;
     if settings.demo {
         let summary = allot_app::demo::load(&app).await?;
         println!("{summary}");
-        // `tok_async` payments wait for the provider's event: signed with this (README, Payments).
+        // `tok_async` payments are reported by the provider's events, signed with this (README,
+        // Payments), for anyone sending one by hand.
         if webhook_secret_configured.is_none() {
             println!("payment events (POST /api/v1/payments/webhooks/test) are signed with {}", app.webhook_secret());
         }
@@ -163,6 +167,7 @@ async fn serve(settings: config::Settings, webhook_secret_configured: Option<Str
     let addr = listener.local_addr()?;
     // Tests and scripts read this line to find the port when listening on port 0.
     println!("allot listening on http://{addr}");
+    tokio::spawn(allot_http::routes::payments::send_test_reports(app.clone(), addr, test_reports));
     let limits = &settings.rate_limits;
     let shared = limits.redis_url.is_some();
     tracing::info!(%addr, database_url = %settings.database_url, rate_limits = limits.enabled, rate_limits_shared = shared, "serving");

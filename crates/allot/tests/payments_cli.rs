@@ -1,11 +1,18 @@
 //! The payment provider's signing secret: made at the first start and printed by `allot
 //! payments webhook-secret` (which makes none), or set by `allot serve --payment-webhook-secret`
-//! for every node; a secret too short to be one is refused at start.
+//! for every node; a secret too short to be one is refused at start. And the built-in test
+//! provider of a real server reporting a `tok_async` payment by itself: a signed event to the
+//! server's own endpoint confirms the booking a moment later.
 #![allow(clippy::unwrap_used)]
 
 mod common;
 
-use common::{Node, now_nanos, run_command, scratch_dir};
+use std::time::Duration;
+
+use allot_app::demo::{ADMIN_EMAIL, CUSTOMER_EMAIL, DEMO_PASSWORD};
+use common::{Node, demo_catalogue, get, http_client, login, now_nanos, post, run_command, scratch_dir, start_node};
+use reqwest::StatusCode;
+use serde_json::json;
 
 fn secret(db_url: &str) -> (i32, String) {
     run_command(&["payments", "webhook-secret"], db_url)
@@ -41,4 +48,45 @@ fn the_webhook_secret_is_made_once_and_can_be_set_at_start() {
     assert!(!output.status.success(), "a secret of 5 bytes is refused");
     assert!(String::from_utf8_lossy(&output.stderr).contains("16 to 256 bytes"), "{output:?}");
     assert_eq!(secret(&db_url), (0, format!("{configured}\n")), "unchanged");
+}
+
+#[tokio::test]
+async fn the_test_provider_reports_an_async_payment_and_the_booking_is_confirmed() {
+    let dir = scratch_dir("test-provider", now_nanos());
+    let db_url = format!("sqlite://{}/allot.db", dir.display());
+    let mut node = start_node("demo", &db_url, true, dir.join("serve.log"), 8192).await;
+    let client = http_client(Duration::from_secs(10), None);
+    let demo = demo_catalogue(&client, &node, 1).await;
+    let token = login(&client, &node, CUSTOMER_EMAIL, DEMO_PASSWORD).await;
+    let show = &demo.shows[0];
+    let item = json!({"resource_id": show.seats[0], "event_id": show.id});
+    let (status, held) = post(&client, &node, Some(&token), "/bookings", json!({"items": [item]})).await;
+    assert_eq!(status, StatusCode::CREATED, "{held}");
+    let booking = held["id"].as_str().unwrap().to_owned();
+    let confirm = json!({"payment": {"method": "card", "token": "tok_async"}});
+    let (status, pending) = post(&client, &node, Some(&token), &format!("/bookings/{booking}/confirm"), confirm).await;
+    assert_eq!((status, pending["status"].as_str()), (StatusCode::OK, Some("pending_payment")), "{pending}");
+
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let confirmed = loop {
+        let (status, now) = get(&client, &node, Some(&token), &format!("/bookings/{booking}")).await;
+        assert_eq!(status, StatusCode::OK, "{now}");
+        if now["status"] != "pending_payment" {
+            break now;
+        }
+        assert!(std::time::Instant::now() < deadline, "not reported in 30 s: {}", node.stderr_tail());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(confirmed["status"], "confirmed", "{confirmed}");
+    assert_eq!(confirmed["payment"]["status"], "succeeded", "{confirmed}");
+    assert_eq!(confirmed["payment"]["reference"], pending["payment"]["reference"], "the same payment");
+    let admin = login(&client, &node, ADMIN_EMAIL, DEMO_PASSWORD).await;
+    let (_, events) = get(&client, &node, Some(&admin), "/audit?action=payment.event").await;
+    let event = &events["data"][0];
+    assert_eq!(
+        (event["actor_role"].as_str(), event["outcome"].as_str()),
+        (Some("provider"), Some("success")),
+        "{events}"
+    );
+    node.kill();
 }

@@ -168,3 +168,94 @@ fn received(object: &ProviderObject) -> Result<Received, ApiError> {
 
 /// Longest payment reference read from an event.
 pub const PAYMENT_REFERENCE_BYTES_MAX: usize = 255;
+
+/// How long the test provider waits for this server to answer one of its events.
+const TEST_REPORT_TIMEOUT_SECONDS: u64 = 10;
+/// Sends of one report at most, a second apart and doubling, as a provider retries.
+const TEST_REPORT_SENDS_MAX: u32 = 5;
+/// Bytes of an answer read at most (its status line is all that is used).
+const TEST_REPORT_ANSWER_BYTES_MAX: u64 = 64 * 1024;
+
+/// The built-in test provider's side of `tok_async` (`ReportingTestProvider`): each payment it
+/// reported is sent, once due, as a signed `payment_intent.succeeded` event to this server's own
+/// endpoint at `addr` over real HTTP, as Stripe's test mode sends its events, and sent again
+/// while it is not answered 2xx (at most [`TEST_REPORT_SENDS_MAX`] times). Runs until the
+/// provider is gone.
+pub async fn send_test_reports(
+    app: Arc<App>,
+    addr: std::net::SocketAddr,
+    mut reports: tokio::sync::mpsc::Receiver<allot_app::payments::TestReport>,
+) {
+    let addr = reachable(addr);
+    while let Some(report) = reports.recv().await {
+        tokio::time::sleep_until(report.due.into()).await;
+        let body = test_report_body(&report);
+        let mut wait = std::time::Duration::from_secs(1);
+        for send in 1..=TEST_REPORT_SENDS_MAX {
+            let signature = allot_app::webhooks::sign(app.webhook_secret().as_bytes(), &body, app.clock.now());
+            match post_event(addr, app.payments.name(), &body, &signature).await {
+                Ok(status) if (200..300).contains(&status) => break,
+                answer => {
+                    tracing::warn!(booking_id = %report.booking_id, send, ?answer, "the test provider's event was not taken");
+                }
+            }
+            if send < TEST_REPORT_SENDS_MAX {
+                tokio::time::sleep(wait).await;
+                wait *= 2;
+            }
+        }
+    }
+}
+
+/// Where to reach a server listening on `addr` (an unspecified address: over loopback).
+fn reachable(addr: std::net::SocketAddr) -> std::net::SocketAddr {
+    match addr.ip() {
+        std::net::IpAddr::V4(ip) if ip.is_unspecified() => (std::net::Ipv4Addr::LOCALHOST, addr.port()).into(),
+        std::net::IpAddr::V6(ip) if ip.is_unspecified() => (std::net::Ipv6Addr::LOCALHOST, addr.port()).into(),
+        _ => addr,
+    }
+}
+
+/// The event reporting `report`'s payment paid, in Stripe's shape.
+fn test_report_body(report: &allot_app::payments::TestReport) -> Vec<u8> {
+    let object = serde_json::json!({
+        "id": report.reference,
+        "object": "payment_intent",
+        "amount": report.amount,
+        "amount_received": report.amount,
+        "currency": report.currency.as_str().to_ascii_lowercase(),
+        "status": "succeeded",
+        "metadata": {"booking_id": report.booking_id.to_string()},
+    });
+    let event = serde_json::json!({
+        "id": format!("evt_{}", report.reference),
+        "object": "event",
+        "type": "payment_intent.succeeded",
+        "data": {"object": object},
+    });
+    event.to_string().into_bytes()
+}
+
+/// POSTs an event to the provider's endpoint at `addr` (HTTP/1.1, one connection): the
+/// answer's status code.
+async fn post_event(addr: std::net::SocketAddr, provider: &str, body: &[u8], signature: &str) -> std::io::Result<u16> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let exchange = async {
+        let mut stream = tokio::net::TcpStream::connect(addr).await?;
+        let head = format!(
+            "POST {EVENTS_PATH_PREFIX}{provider} HTTP/1.1\r\nhost: {addr}\r\ncontent-type: application/json\r\n\
+             {SIGNATURE_HEADER}: {signature}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+            body.len()
+        );
+        stream.write_all(head.as_bytes()).await?;
+        stream.write_all(body).await?;
+        let mut answer = Vec::new();
+        stream.take(TEST_REPORT_ANSWER_BYTES_MAX).read_to_end(&mut answer).await?;
+        Ok::<_, std::io::Error>(answer)
+    };
+    let timeout = std::time::Duration::from_secs(TEST_REPORT_TIMEOUT_SECONDS);
+    let answer = tokio::time::timeout(timeout, exchange).await.map_err(|_| std::io::ErrorKind::TimedOut)??;
+    // `HTTP/1.1 200 OK`
+    let status = answer.get(9..12).and_then(|code| std::str::from_utf8(code).ok()).and_then(|code| code.parse().ok());
+    status.ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidData, "no HTTP status line"))
+}
