@@ -11,6 +11,7 @@ pub mod openapi;
 pub mod ops;
 pub mod ratelimit;
 pub mod routes;
+pub mod stripe;
 
 use std::future::Future;
 use std::sync::Arc;

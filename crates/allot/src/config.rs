@@ -20,7 +20,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the HTTP server.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Work with the audit trail.
     #[command(subcommand)]
     Audit(AuditCommand),
@@ -117,6 +117,13 @@ pub struct ServeArgs {
     /// prints it). Not read from the config file: a secret belongs in the environment.
     #[arg(long, env = "ALLOT_PAYMENT_WEBHOOK_SECRET", hide_env_values = true)]
     pub payment_webhook_secret: Option<Secret>,
+    /// Take payments through Stripe with this secret key (`sk_…`, or a restricted `rk_…`)
+    /// instead of the built-in test provider. Not read from the config file.
+    #[arg(long, env = "ALLOT_STRIPE_SECRET_KEY", hide_env_values = true)]
+    pub stripe_secret_key: Option<Secret>,
+    /// Where Stripe's API is (a stand-in's address, for tests).
+    #[arg(long, env = "ALLOT_STRIPE_API_BASE", default_value = allot_http::stripe::STRIPE_API_BASE)]
+    pub stripe_api_base: String,
     /// TOML file with any of: listen, database_url, demo, redis_url, nats_url,
     /// request_timeout_seconds, cors_origins (a list), hsts_max_age_seconds, [rate_limits].
     #[arg(long, env = "ALLOT_CONFIG")]

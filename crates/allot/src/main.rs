@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use allot_app::App;
 use allot_app::clock::SystemClock;
-use allot_app::payments::ReportingTestProvider;
+use allot_app::payments::{PaymentProvider, ReportingTestProvider, TestReport};
 use allot_app::store::Store;
 use allot_store::{PgStore, SqliteStore};
 use clap::Parser;
@@ -36,8 +36,11 @@ async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Serve(args) => {
-            let webhook_secret = args.payment_webhook_secret.clone().map(|s| s.0);
-            serve(args.resolve()?, webhook_secret).await
+            let secrets = Secrets {
+                webhook: args.payment_webhook_secret.clone().map(|s| s.0),
+                stripe: args.stripe_secret_key.clone().map(|key| (args.stripe_api_base.clone(), key.0)),
+            };
+            serve(args.resolve()?, secrets).await
         }
         Command::Audit(AuditCommand::Verify { database_url }) => audit_verify(&database_url).await,
         Command::Refunds(RefundsCommand::List { database_url }) => refunds_list(&database_url).await,
@@ -139,7 +142,34 @@ async fn refunds_retry(database_url: &str, payment_reference: &str) -> anyhow::R
     Ok(())
 }
 
-async fn serve(settings: config::Settings, webhook_secret_configured: Option<String>) -> anyhow::Result<()> {
+/// What `serve` is given only by flags and the environment, never by the config file.
+struct Secrets {
+    /// The payment provider's signing secret for its events.
+    webhook: Option<String>,
+    /// Stripe's API base and secret key, when payments go through Stripe.
+    stripe: Option<(String, String)>,
+}
+
+/// The test provider's `tok_async` reports, to send once the server listens.
+type TestReports = tokio::sync::mpsc::Receiver<TestReport>;
+
+/// The payment provider `serve` runs: Stripe when it has a key, else the built-in test
+/// provider and its reports.
+fn payment_provider(
+    stripe: Option<(String, String)>,
+) -> anyhow::Result<(Arc<dyn PaymentProvider>, Option<TestReports>)> {
+    if let Some((base, key)) = stripe {
+        let provider = allot_http::stripe::StripeProvider::new(&base, &key)
+            .map_err(|e| anyhow::anyhow!("--stripe-secret-key / --stripe-api-base: {e}"))?;
+        tracing::info!(api = base, "payments go through Stripe");
+        return Ok((Arc::new(provider), None));
+    }
+    let (provider, reports) = ReportingTestProvider::new();
+    Ok((Arc::new(provider), Some(reports)))
+}
+
+async fn serve(settings: config::Settings, secrets: Secrets) -> anyhow::Result<()> {
+    let webhook_secret_configured = secrets.webhook;
     if settings.nats_url.is_some() {
         tracing::warn!(flag = "--nats-url", "accepted but not used yet by this version");
     }
@@ -150,24 +180,25 @@ async fn serve(settings: config::Settings, webhook_secret_configured: Option<Str
     }
     // Before the app starts, so that start-up work (expiring holds) is counted too.
     allot_http::ops::metrics_handle();
-    // The built-in test provider, reporting its `tok_async` payments by itself once the server
-    // listens (`send_test_reports`).
-    let (provider, test_reports) = ReportingTestProvider::new();
-    let app = App::start(store, Arc::new(SystemClock), Arc::new(provider)).await?;
+    let (provider, test_reports) = payment_provider(secrets.stripe)?;
+    let app = App::start(store, Arc::new(SystemClock), provider).await?;
     if settings.demo {
         let summary = allot_app::demo::load(&app).await?;
         println!("{summary}");
         // `tok_async` payments are reported by the provider's events, signed with this (README,
         // Payments), for anyone sending one by hand.
         if webhook_secret_configured.is_none() {
-            println!("payment events (POST /api/v1/payments/webhooks/test) are signed with {}", app.webhook_secret());
+            let path = format!("/api/v1/payments/webhooks/{}", app.payments.name());
+            println!("payment events (POST {path}) are signed with {}", app.webhook_secret());
         }
     }
     let listener = allot_http::listen(&settings.listen).await?;
     let addr = listener.local_addr()?;
     // Tests and scripts read this line to find the port when listening on port 0.
     println!("allot listening on http://{addr}");
-    tokio::spawn(allot_http::routes::payments::send_test_reports(app.clone(), addr, test_reports));
+    if let Some(reports) = test_reports {
+        tokio::spawn(allot_http::routes::payments::send_test_reports(app.clone(), addr, reports));
+    }
     let limits = &settings.rate_limits;
     let shared = limits.redis_url.is_some();
     tracing::info!(%addr, database_url = %settings.database_url, rate_limits = limits.enabled, rate_limits_shared = shared, "serving");

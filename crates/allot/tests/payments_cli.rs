@@ -2,7 +2,9 @@
 //! payments webhook-secret` (which makes none), or set by `allot serve --payment-webhook-secret`
 //! for every node; a secret too short to be one is refused at start. And the built-in test
 //! provider of a real server reporting a `tok_async` payment by itself: a signed event to the
-//! server's own endpoint confirms the booking a moment later.
+//! server's own endpoint confirms the booking a moment later. And `--stripe-secret-key`: payments
+//! go to Stripe's API (here an address where nothing listens) and its events are taken at
+//! `/payments/webhooks/stripe`.
 #![allow(clippy::unwrap_used)]
 
 mod common;
@@ -88,5 +90,36 @@ async fn the_test_provider_reports_an_async_payment_and_the_booking_is_confirmed
         (Some("provider"), Some("success")),
         "{events}"
     );
+    node.kill();
+}
+
+#[tokio::test]
+async fn with_a_stripe_key_payments_go_to_stripe() {
+    let dir = scratch_dir("stripe", now_nanos());
+    let db_url = format!("sqlite://{}/allot.db", dir.display());
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_allot"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--database-url", &db_url, "--stripe-secret-key", "pk_test_public"])
+        .env("ALLOT_LOG", "warn")
+        .output()
+        .unwrap();
+    assert!(!output.status.success(), "a publishable key is refused");
+    assert!(String::from_utf8_lossy(&output.stderr).contains("--stripe-secret-key"), "{output:?}");
+
+    let flags = ["--demo", "--stripe-secret-key", "sk_test_allot", "--stripe-api-base", "http://127.0.0.1:9"];
+    let mut node = Node::start_with("stripe", &db_url, &flags, dir.join("serve.log"), 8192);
+    let client = http_client(Duration::from_secs(30), None);
+    let demo = demo_catalogue(&client, &node, 1).await;
+    let token = login(&client, &node, CUSTOMER_EMAIL, DEMO_PASSWORD).await;
+    let item = json!({"resource_id": demo.shows[0].seats[0], "event_id": demo.shows[0].id});
+    let (_, held) = post(&client, &node, Some(&token), "/bookings", json!({"items": [item]})).await;
+    let booking = held["id"].as_str().unwrap();
+    let card = json!({"payment": {"method": "card", "token": "tok_visa"}});
+    let (status, error) = post(&client, &node, Some(&token), &format!("/bookings/{booking}/confirm"), card).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "Stripe cannot be reached: {error}");
+    assert_eq!(error["error"]["code"], "payment_provider_unavailable");
+    let (status, _) = post(&client, &node, None, "/payments/webhooks/stripe", json!({})).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED, "Stripe's events are taken, signed");
+    let (status, _) = post(&client, &node, None, "/payments/webhooks/test", json!({})).await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "the test provider is not in use");
     node.kill();
 }

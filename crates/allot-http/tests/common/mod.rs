@@ -5,6 +5,7 @@
 //! `ALLOT_TEST_BACKEND=postgres` (CI runs every suite both ways).
 #![allow(dead_code, clippy::unwrap_used)]
 
+pub mod fake_stripe;
 pub mod faulty;
 
 use std::net::SocketAddr;

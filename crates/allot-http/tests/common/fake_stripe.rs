@@ -1,0 +1,202 @@
+//! A local stand-in for Stripe's API (we cannot reach Stripe from tests): `POST
+//! /v1/payment_intents` (created and confirmed in one call) and `POST /v1/refunds`, form-encoded,
+//! with Stripe's bearer authentication, its `Idempotency-Key` replays (the same key answers the
+//! first answer again; with other parameters, 400 `idempotency_error`), and its error shapes.
+//!
+//! Cards: `tok_visa` succeeds; `tok_chargeDeclined` and `tok_chargeDeclinedInsufficientFunds`
+//! are card errors (402); `tok_threeDSecure2Required` needs authentication (`requires_action`);
+//! `tok_processing` stays `processing` (reported later by an event); any other token is
+//! unknown (400 `resource_missing`). `fail_next(n)` answers the next `n` calls 500.
+#![allow(dead_code, clippy::unwrap_used, clippy::result_large_err)]
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use serde_json::{Value, json};
+
+/// The only secret key the stand-in accepts.
+pub const FAKE_STRIPE_KEY: &str = "sk_test_allot_fake";
+
+/// One call as the stand-in received it.
+#[derive(Debug, Clone)]
+pub struct Call {
+    pub path: String,
+    pub idempotency_key: Option<String>,
+    pub form: HashMap<String, String>,
+}
+
+#[derive(Default)]
+struct Books {
+    calls: Vec<Call>,
+    /// Answers by idempotency key: the form they answered, and the answer.
+    replays: HashMap<String, (HashMap<String, String>, StatusCode, Value)>,
+    /// Payments: amount taken, amount refunded.
+    intents: HashMap<String, (i64, i64)>,
+    next_id: u32,
+}
+
+#[derive(Default)]
+pub struct FakeStripe {
+    books: Mutex<Books>,
+    failing: AtomicU32,
+}
+
+impl FakeStripe {
+    /// Starts the stand-in on a free loopback port: it and its API base URL.
+    pub async fn start() -> (Arc<FakeStripe>, String) {
+        let fake = Arc::new(FakeStripe::default());
+        let router = Router::new()
+            .route("/v1/payment_intents", post(payment_intents))
+            .route("/v1/refunds", post(refunds))
+            .with_state(fake.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr: SocketAddr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, router).await });
+        (fake, format!("http://{addr}"))
+    }
+
+    /// Answers the next `n` calls 500 (`api_error`).
+    pub fn fail_next(&self, n: u32) {
+        self.failing.store(n, Ordering::SeqCst);
+    }
+
+    pub fn calls(&self) -> Vec<Call> {
+        self.books.lock().unwrap().calls.clone()
+    }
+
+    /// How much of payment `id` was taken and refunded.
+    pub fn intent(&self, id: &str) -> Option<(i64, i64)> {
+        self.books.lock().unwrap().intents.get(id).copied()
+    }
+
+    pub fn intents(&self) -> usize {
+        self.books.lock().unwrap().intents.len()
+    }
+
+    /// Checks the key and the replay of a call; `Err` is the answer to send at once.
+    fn admit(&self, path: &str, headers: &HeaderMap, body: &Bytes) -> Result<Call, Response> {
+        let form: HashMap<String, String> = form_urlencoded::parse(body).into_owned().collect();
+        let key = headers.get("idempotency-key").and_then(|v| v.to_str().ok()).map(str::to_owned);
+        let call = Call { path: path.to_owned(), idempotency_key: key.clone(), form: form.clone() };
+        let mut books = self.books.lock().unwrap();
+        books.calls.push(call.clone());
+        let bearer = headers.get("authorization").and_then(|v| v.to_str().ok());
+        if bearer != Some(&format!("Bearer {FAKE_STRIPE_KEY}")) {
+            return Err(error(
+                StatusCode::UNAUTHORIZED,
+                json!({"type": "invalid_request_error", "message": "Invalid API Key provided"}),
+            ));
+        }
+        if let Some((first, status, answer)) = key.as_ref().and_then(|k| books.replays.get(k)) {
+            if *first != form {
+                let e = json!({"type": "idempotency_error", "message": "Keys for idempotent requests can only be used with the same parameters they were first used with."});
+                return Err(error(StatusCode::BAD_REQUEST, e));
+            }
+            return Err((*status, axum::Json(answer.clone())).into_response());
+        }
+        drop(books);
+        if self.failing.load(Ordering::SeqCst) > 0 {
+            self.failing.fetch_sub(1, Ordering::SeqCst);
+            return Err(error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                json!({"type": "api_error", "message": "An unknown error occurred"}),
+            ));
+        }
+        Ok(call)
+    }
+
+    /// Keeps `answer` for replays of `call`'s key, and sends it.
+    fn answer(&self, call: &Call, status: StatusCode, answer: Value) -> Response {
+        if let Some(key) = &call.idempotency_key {
+            self.books.lock().unwrap().replays.insert(key.clone(), (call.form.clone(), status, answer.clone()));
+        }
+        (status, axum::Json(answer)).into_response()
+    }
+
+    fn new_id(&self, prefix: &str) -> String {
+        let mut books = self.books.lock().unwrap();
+        books.next_id += 1;
+        format!("{prefix}_fake{}", books.next_id)
+    }
+}
+
+fn error(status: StatusCode, error: Value) -> Response {
+    (status, axum::Json(json!({ "error": error }))).into_response()
+}
+
+async fn payment_intents(State(fake): State<Arc<FakeStripe>>, headers: HeaderMap, body: Bytes) -> Response {
+    let call = match fake.admit("/v1/payment_intents", &headers, &body) {
+        Ok(call) => call,
+        Err(answer) => return answer,
+    };
+    let f = &call.form;
+    let amount: i64 = f.get("amount").and_then(|a| a.parse().ok()).unwrap_or(-1);
+    if amount < 0 || f.get("currency").is_none_or(|c| c.len() != 3 || c.to_lowercase() != *c) {
+        let e = json!({"type": "invalid_request_error", "code": "parameter_invalid_integer", "param": "amount", "message": "Invalid amount or currency"});
+        return fake.answer(&call, StatusCode::BAD_REQUEST, json!({ "error": e }));
+    }
+    let id = fake.new_id("pi");
+    let intent = |status: &str| {
+        json!({"id": id, "object": "payment_intent", "amount": amount, "currency": f["currency"],
+            "status": status, "metadata": {"booking_id": f.get("metadata[booking_id]")}})
+    };
+    let declined = |decline_code: &str| {
+        json!({"error": {"type": "card_error", "code": "card_declined", "decline_code": decline_code,
+            "message": "Your card was declined.", "payment_intent": intent("requires_payment_method")}})
+    };
+    let token = f.get("payment_method_data[card][token]").map_or("", String::as_str);
+    let (status, answer) = match token {
+        "tok_visa" => (StatusCode::OK, intent("succeeded")),
+        "tok_processing" => (StatusCode::OK, intent("processing")),
+        "tok_threeDSecure2Required" => (StatusCode::OK, intent("requires_action")),
+        "tok_chargeDeclined" => (StatusCode::PAYMENT_REQUIRED, declined("generic_decline")),
+        "tok_chargeDeclinedInsufficientFunds" => (StatusCode::PAYMENT_REQUIRED, declined("insufficient_funds")),
+        _ => {
+            let e = json!({"type": "invalid_request_error", "code": "resource_missing",
+                "param": "payment_method_data[card][token]", "message": format!("No such token: '{token}'")});
+            (StatusCode::BAD_REQUEST, json!({ "error": e }))
+        }
+    };
+    if matches!(token, "tok_visa" | "tok_processing") {
+        fake.books.lock().unwrap().intents.insert(id.clone(), (amount, 0));
+    }
+    fake.answer(&call, status, answer)
+}
+
+async fn refunds(State(fake): State<Arc<FakeStripe>>, headers: HeaderMap, body: Bytes) -> Response {
+    let call = match fake.admit("/v1/refunds", &headers, &body) {
+        Ok(call) => call,
+        Err(answer) => return answer,
+    };
+    let payment = call.form.get("payment_intent").cloned().unwrap_or_default();
+    let taken = fake.books.lock().unwrap().intents.get(&payment).copied();
+    let Some((amount, refunded)) = taken else {
+        let e = json!({"type": "invalid_request_error", "code": "resource_missing", "param": "payment_intent",
+            "message": format!("No such payment_intent: '{payment}'")});
+        return fake.answer(&call, StatusCode::BAD_REQUEST, json!({ "error": e }));
+    };
+    let asked: i64 = call.form.get("amount").and_then(|a| a.parse().ok()).unwrap_or(amount - refunded);
+    if refunded >= amount {
+        let e = json!({"type": "invalid_request_error", "code": "charge_already_refunded",
+            "message": format!("Charge for {payment} has already been refunded.")});
+        return fake.answer(&call, StatusCode::BAD_REQUEST, json!({ "error": e }));
+    }
+    if asked <= 0 || refunded + asked > amount {
+        let e = json!({"type": "invalid_request_error", "code": "amount_too_large", "param": "amount",
+            "message": "Refund amount is greater than unrefunded amount on charge"});
+        return fake.answer(&call, StatusCode::BAD_REQUEST, json!({ "error": e }));
+    }
+    fake.books.lock().unwrap().intents.insert(payment.clone(), (amount, refunded + asked));
+    let id = fake.new_id("re");
+    let answer =
+        json!({"id": id, "object": "refund", "amount": asked, "payment_intent": payment, "status": "succeeded"});
+    fake.answer(&call, StatusCode::OK, answer)
+}
