@@ -206,6 +206,11 @@ impl App {
             return Err(AppError::Conflict("a payment for this booking is already in progress".into()));
         }
         booking.next_status(Transition::Confirm, self.clock.now()).map_err(transition_error)?;
+        if booking.total == 0 {
+            // Nothing to pay (every item free, or discounted to nothing): no charge, which a
+            // provider would refuse as below its minimum.
+            return self.confirm_free(booking.id).await;
+        }
         let request = ChargeRequest {
             booking_id: booking.id,
             amount: booking.total,
@@ -242,6 +247,10 @@ impl App {
                         "not a token this provider accepts",
                     )
                     .into());
+                }
+                Err(ProviderError::Rejected(why)) => {
+                    tracing::warn!(booking_id = %request.booking_id, %why, "the payment provider refused the charge");
+                    return Err(allot_core::ValidationError::field("payment", format!("the payment provider refused it: {why}")).into());
                 }
                 Err(ProviderError::CircuitOpen) => {
                     tracing::warn!(booking_id = %request.booking_id, "payment provider left alone: circuit open");
@@ -319,6 +328,19 @@ impl App {
                 Err(update_error(refused))
             }
         }
+    }
+
+    async fn confirm_free(&self, id: BookingId) -> AppResult<Booking> {
+        let decide = Box::new(|b: &Booking, now| {
+            if b.total != 0 || b.status == BookingStatus::PendingPayment {
+                return Err(AppError::Conflict("the booking is not free to confirm".into()));
+            }
+            let mut next = b.clone();
+            next.status = b.next_status(Transition::Confirm, now).map_err(transition_error)?;
+            next.expires_at = None;
+            Ok(next)
+        });
+        self.store.update_booking(id, self.clock.now(), decide).await.map_err(update_error)
     }
 
     async fn record_decline(&self, id: BookingId) -> AppResult<Booking> {

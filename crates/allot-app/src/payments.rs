@@ -63,6 +63,11 @@ pub enum ChargeOutcome {
 pub enum ProviderError {
     #[error("the provider did not accept the token")]
     InvalidToken,
+    /// The provider answered, and will not make this payment or refund as asked (an amount
+    /// below its minimum, a currency it does not take, a token used already, a refund larger
+    /// than what is left): not an outage, so the breaker does not count it.
+    #[error("the provider refused: {0}")]
+    Rejected(String),
     #[error("the provider is unavailable: {0}")]
     Unavailable(String),
     /// Not asked: the provider failed too often in a row just now (`breaker`).

@@ -147,6 +147,17 @@ fn records(booking: &Booking, reference: &str, status: &str) -> bool {
     booking.payment.as_ref().is_some_and(|p| p.reference == reference && p.status == status)
 }
 
+/// Whether `booking` may still record a payment of `received` that its confirm made (the event
+/// came first): it is held, its hold has not lapsed, it records no payment yet, and `received`
+/// is what it would ask. A confirm whose process died after the charge never records it; its
+/// events are refused until the hold lapses, and then refunded.
+fn records_it_soon(booking: &Booking, received: Received, now: Timestamp) -> bool {
+    booking.status == BookingStatus::Held
+        && !booking.is_expired_at(now)
+        && booking.payment.is_none()
+        && (booking.total, booking.currency) == (received.amount, received.currency)
+}
+
 /// Whether `received` is the sum `booking`'s payment asked for, in its currency.
 fn as_asked(booking: &Booking, received: Received) -> bool {
     booking.currency == received.currency && booking.payment.as_ref().is_some_and(|p| p.amount == received.amount)
@@ -212,8 +223,10 @@ impl App {
         }
     }
 
-    /// Confirms the booking waiting for this payment; a booking that no longer can keep it
-    /// (ended, or never recorded it) has it queued to be refunded whole.
+    /// Confirms the booking waiting for this payment, if it took the sum asked; a booking that
+    /// no longer can keep it (ended, or waiting for another payment) has it queued to be
+    /// refunded whole. An event that arrives before the confirm that made its payment has
+    /// recorded it is refused (409), so the provider sends it again.
     async fn payment_succeeded(&self, booking: Booking, reference: String, received: Received) -> AppResult<Settled> {
         if records(&booking, &reference, PAYMENT_SUCCEEDED) {
             return Ok(Settled::Booking(booking));
@@ -223,7 +236,9 @@ impl App {
         }
         let expected = reference.clone();
         let decide = Box::new(move |b: &Booking, now| {
-            if !records(b, &expected, PAYMENT_PENDING) {
+            // Both checked on the booking as stored: the confirm's write may have landed since
+            // the read above.
+            if !records(b, &expected, PAYMENT_PENDING) || !as_asked(b, received) {
                 return Err(AppError::Conflict("the booking does not wait for this payment".into()));
             }
             let mut next = b.clone();
@@ -237,12 +252,21 @@ impl App {
         match self.store.update_booking(booking.id, self.clock.now(), decide).await {
             Ok(confirmed) => Ok(Settled::Booking(confirmed)),
             Err(UpdateRefused::Rejected(_)) => {
-                // Applied meanwhile by a delivery of the same event, or the booking cannot keep
-                // the money: it lapsed or was cancelled while the payment was pending.
                 let current = self.store.booking(booking.id).await?.unwrap_or(booking);
+                // Applied meanwhile by a delivery of the same event.
                 if records(&current, &reference, PAYMENT_SUCCEEDED) {
                     return Ok(Settled::Booking(current));
                 }
+                if records(&current, &reference, PAYMENT_PENDING) && !as_asked(&current, received) {
+                    return self.another_sum(current, reference, received).await;
+                }
+                if records_it_soon(&current, received, self.clock.now()) {
+                    return Err(AppError::Conflict(
+                        "the booking has not recorded this payment yet: send the event again".into(),
+                    ));
+                }
+                // It lapsed or was cancelled while the payment was pending, or waits for
+                // another payment: it cannot keep this money.
                 self.refund_received(&current, &reference, received).await?;
                 Ok(Settled::Refunding(current))
             }

@@ -248,6 +248,7 @@ async fn a_malformed_event_is_refused_with_its_fields_and_other_events_are_ignor
         json!({"id": "evt_3", "type": PAID, "data": {"object": {"id": p.payment, "metadata": {"booking_id": "x"}}}}),
         json!({"id": "evt_7", "type": "balance.available", "data": {"object": {"object": "balance"}}}),
         json!({"type": "account.updated"}),
+        json!({"id": "evt_10", "type": "charge.refunded", "data": {"object": {"amount": "x", "status": {"of": "its own"}}}}),
     ];
     for event in not_ours {
         let (status, ack) = p.deliver_body(event.to_string().into_bytes()).await;
@@ -332,10 +333,12 @@ async fn a_payment_reported_paid_after_its_booking_ended_is_refunded_whole() {
 }
 
 /// A card charged whose confirm never recorded it (the process died between the charge and its
-/// record): the provider's event for it is the only trace. It is queued, kept while a retried
-/// confirm may still record it, and refunded whole once the hold lapsed unrecorded.
+/// record), or whose event beat the confirm's write: the provider's event for it is refused
+/// (409, so the provider sends it again) while the booking is held and may still record it; a
+/// retried confirm records it (and the event then applies), or, once the hold lapsed unrecorded,
+/// the event has it refunded whole.
 #[tokio::test]
-async fn a_charge_reported_paid_that_its_booking_never_recorded_is_refunded_once_the_hold_lapses() {
+async fn a_charge_reported_paid_before_its_booking_recorded_it_waits_for_the_record_or_the_lapse() {
     for retried in [false, true] {
         let t = TestApp::spawn().await;
         let manager = t.user_with_role("manager@test.allot", Role::Manager).await;
@@ -349,30 +352,29 @@ async fn a_charge_reported_paid_that_its_booking_never_recorded_is_refunded_once
         let charge = format!("pi_test_{booking}_0");
         let (total, currency) = asked(&held);
         let p = Pending { t, customer, booking, payment: charge.clone(), total, currency };
-        let (status, ack) = p.deliver(PAID).await;
-        assert_eq!((status, ack["outcome"].as_str()), (StatusCode::OK, Some("refund_queued")), "{ack}");
-        assert_eq!(ack["booking"]["status"], "held", "unchanged: a retried confirm may still record it");
-
-        p.t.clock.advance(SignedDuration::from_secs(REFUND_GRACE_SECONDS));
-        let sweep = p.t.app.settle_refunds().await.unwrap();
-        assert_eq!(sweep, RefundSweep { waiting: 1, ..RefundSweep::default() }, "not while held");
+        let (status, refused) = p.deliver(PAID).await;
+        assert_eq!((status, refused["error"]["code"].as_str()), (StatusCode::CONFLICT, Some("conflict")), "{refused}");
+        let (_, stored) = p.t.get(Some(&p.customer), &format!("/bookings/{}", p.booking)).await;
+        assert_eq!(stored["status"], "held", "unchanged: a retried confirm may still record it");
+        assert_eq!(p.t.store.count("refunds_due", "1=1").await.unwrap(), 0, "nothing queued yet");
         if retried {
             // The retry sends the same idempotency key: the provider replays the same charge.
             let body = json!({"payment": {"method": "card", "token": "tok_visa"}});
             let (status, paid) = p.t.post(Some(&p.customer), &format!("/bookings/{}/confirm", p.booking), body).await;
             assert_eq!((status, paid["payment"]["reference"].as_str()), (StatusCode::OK, Some(charge.as_str())));
-        } else {
-            p.t.clock.advance(SignedDuration::from_secs(600));
-            p.t.app.expire_due().await.unwrap();
+            let (status, again) = p.deliver(PAID).await;
+            assert_eq!((status, again["outcome"].as_str()), (StatusCode::OK, Some("applied")), "{again}");
+            assert_eq!(again["booking"]["status"], "confirmed");
+            assert_eq!(p.t.store.count("refunds_due", "1=1").await.unwrap(), 0, "kept");
+            continue;
         }
+        p.t.clock.advance(SignedDuration::from_secs(600));
+        p.t.app.expire_due().await.unwrap();
+        let (status, again) = p.deliver(PAID).await;
+        assert_eq!((status, again["outcome"].as_str()), (StatusCode::OK, Some("refund_queued")), "{again}");
         p.t.clock.advance(SignedDuration::from_secs(REFUND_GRACE_SECONDS));
         let sweep = p.t.app.settle_refunds().await.unwrap();
-        let want = if retried {
-            RefundSweep { not_owed: 1, ..RefundSweep::default() }
-        } else {
-            RefundSweep { refunded: 1, ..RefundSweep::default() }
-        };
-        assert_eq!(sweep, want, "retried: {retried}");
+        assert_eq!(sweep, RefundSweep { refunded: 1, ..RefundSweep::default() });
         assert_eq!(p.t.store.count("refunds_due", "1=1").await.unwrap(), 0);
     }
 }

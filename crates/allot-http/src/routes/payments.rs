@@ -45,8 +45,11 @@ pub struct ProviderEventBody {
 
 #[derive(Debug, Default, Deserialize, ToSchema)]
 pub struct ProviderEventData {
+    /// Read as a [`ProviderObject`] only for the two types acted on: other types' objects have
+    /// shapes of their own, and are acknowledged whatever they are.
     #[serde(default)]
-    pub object: ProviderObject,
+    #[schema(value_type = ProviderObject)]
+    pub object: serde_json::Value,
 }
 
 #[derive(Debug, Default, Deserialize, ToSchema)]
@@ -57,13 +60,10 @@ pub struct ProviderObject {
     #[serde(default)]
     #[schema(value_type = Object)]
     pub metadata: BTreeMap<String, serde_json::Value>,
-    /// What the payment took, in the currency's smallest unit; required by a succeeded event
-    /// (`amount` is read when it is absent). A payment is kept only for the sum its booking
-    /// asked: another is refunded whole.
+    /// What the payment took, in the currency's smallest unit; required by a succeeded event.
+    /// A payment is kept only for the sum its booking asked: another is refunded whole.
     #[schema(example = 1200)]
     pub amount_received: Option<i64>,
-    #[schema(example = 1200)]
-    pub amount: Option<i64>,
     /// ISO 4217, any case (Stripe's are lower-case); required by a succeeded event.
     #[schema(example = "eur")]
     pub currency: Option<String>,
@@ -131,7 +131,10 @@ fn payment_event(event: &ProviderEventBody) -> Result<Option<PaymentEvent>, ApiE
         "payment_intent.payment_failed" => false,
         _ => return Ok(None),
     };
-    let object = &event.data.object;
+    let object: ProviderObject = serde_json::from_value(event.data.object.clone()).map_err(|e| {
+        ApiError::bad_request(FieldErrors::single("data.object", format!("not a payment intent: {e}")))
+    })?;
+    let object = &object;
     let payment_reference = object.id.clone().unwrap_or_default();
     if payment_reference.is_empty() || payment_reference.len() > PAYMENT_REFERENCE_BYTES_MAX {
         let message = format!("1 to {PAYMENT_REFERENCE_BYTES_MAX} bytes");
@@ -149,7 +152,7 @@ fn payment_event(event: &ProviderEventBody) -> Result<Option<PaymentEvent>, ApiE
 /// The money a succeeded payment took, as its event reports it.
 fn received(object: &ProviderObject) -> Result<Received, ApiError> {
     let mut errors = FieldErrors::new();
-    let amount = object.amount_received.or(object.amount);
+    let amount = object.amount_received;
     if amount.is_none_or(|a| a < 0) {
         errors.add("data.object.amount_received", "required: the sum the payment took, 0 or more");
     }
