@@ -250,7 +250,11 @@ impl App {
                 }
                 Err(ProviderError::Rejected(why)) => {
                     tracing::warn!(booking_id = %request.booking_id, %why, "the payment provider refused the charge");
-                    return Err(allot_core::ValidationError::field("payment", format!("the payment provider refused it: {why}")).into());
+                    return Err(allot_core::ValidationError::field(
+                        "payment",
+                        format!("the payment provider refused it: {why}"),
+                    )
+                    .into());
                 }
                 Err(ProviderError::CircuitOpen) => {
                     tracing::warn!(booking_id = %request.booking_id, "payment provider left alone: circuit open");

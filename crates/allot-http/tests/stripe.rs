@@ -41,12 +41,15 @@ async fn a_charge_is_one_confirmed_payment_intent_sent_with_its_idempotency_key(
     let Ok(ChargeOutcome::Succeeded { reference }) = stripe.charge(&request).await else { panic!("succeeded") };
     assert!(reference.starts_with("pi_"), "{reference}");
     let call = &fake.calls()[0];
-    assert_eq!((call.path.as_str(), call.idempotency_key.as_deref()), ("/v1/payment_intents", Some("booking_1_0")));
+    assert_eq!(call.path, "/v1/payment_intents");
+    let key = call.idempotency_key.clone().unwrap();
+    assert!(key.starts_with("booking_1_0_"), "the attempt's key, and its card's: {key}");
     let sent = |field: &str| call.form.get(field).map(String::as_str);
     assert_eq!((sent("amount"), sent("currency"), sent("confirm")), (Some("1250"), Some("eur"), Some("true")));
     assert_eq!(sent("payment_method_data[card][token]"), Some("tok_visa"));
     assert_eq!(sent("payment_method_types[]"), Some("card"), "cards only: no redirect is ever asked for");
     assert_eq!(sent("metadata[booking_id]"), Some(request.booking_id.to_string().as_str()), "for its events");
+    assert_eq!(sent("error_on_requires_action"), Some("true"), "no 3-D Secure page to show");
 
     let again = stripe.charge(&request).await;
     assert_eq!(again, Ok(ChargeOutcome::Succeeded { reference: reference.clone() }), "a retry replays the charge");
@@ -56,7 +59,7 @@ async fn a_charge_is_one_confirmed_payment_intent_sent_with_its_idempotency_key(
 
 #[tokio::test]
 async fn stripes_answers_read_as_declines_pending_payments_unknown_tokens_or_an_unavailable_provider() {
-    let (fake, stripe) = stripe().await;
+    let (_fake, stripe) = stripe().await;
     let outcome = |token: &'static str| {
         let stripe = &stripe;
         async move { stripe.charge(&charge(token, &format!("key_{token}"))).await }
@@ -65,15 +68,15 @@ async fn stripes_answers_read_as_declines_pending_payments_unknown_tokens_or_an_
     let poor = outcome("tok_chargeDeclinedInsufficientFunds").await;
     assert_eq!(poor, Ok(ChargeOutcome::Declined { reason: "insufficient_funds".into() }));
     let three_ds = outcome("tok_threeDSecure2Required").await;
+    // (With `error_on_requires_action`, Stripe answers a card that needs 3-D Secure as a card error.)
     assert_eq!(three_ds, Ok(ChargeOutcome::Declined { reason: "authentication_required".into() }));
     assert!(
         matches!(outcome("tok_processing").await, Ok(ChargeOutcome::Pending { reference }) if reference.starts_with("pi_"))
     );
     assert_eq!(outcome("tok_nonsense").await, Err(ProviderError::InvalidToken));
 
-    fake.fail_next(1);
-    assert!(matches!(outcome("tok_visa").await, Err(ProviderError::Unavailable(why)) if why.contains("500")));
-    assert!(matches!(outcome("tok_visa").await, Ok(ChargeOutcome::Succeeded { .. })), "the retry, once Stripe is back");
+    let small = ChargeRequest { amount: 10, ..charge("tok_visa", "small") };
+    assert_eq!(stripe.charge(&small).await, Err(ProviderError::Rejected("amount_too_small".into())), "not an outage");
     let (_, base) = FakeStripe::start().await;
     let wrong_key = StripeProvider::new(&base, "sk_test_not_this_one").unwrap();
     let refused = wrong_key.charge(&charge("tok_visa", "k")).await;
@@ -102,7 +105,65 @@ async fn a_refund_is_made_once_per_key_and_a_payment_refunded_already_owes_nothi
     let after = RefundRequest { idempotency_key: "later".into(), ..RefundRequest::of(&reference, 100) };
     assert_eq!(stripe.refund(&after).await.unwrap(), format!("already_refunded_{reference}"));
     let unknown = stripe.refund(&RefundRequest::of("pi_unknown", 100)).await;
-    assert!(matches!(unknown, Err(ProviderError::Unavailable(_))), "{unknown:?}");
+    assert_eq!(unknown, Err(ProviderError::Rejected("resource_missing".into())));
+}
+
+/// Stripe keeps a key's first answer for a day, a 500 included: a retry whose key answers a
+/// saved 500 goes on with the next key of its chain, as every later retry does, so retries
+/// neither stay stuck on the 500 nor make a third payment.
+#[tokio::test]
+async fn a_retry_after_a_stripe_failure_goes_on_with_the_next_key_of_its_chain() {
+    let (fake, stripe) = stripe().await;
+    let request = charge("tok_visa", "booking_2_0");
+    fake.fail_next(1);
+    assert!(matches!(stripe.charge(&request).await, Err(ProviderError::Unavailable(why)) if why.contains("500")));
+    let Ok(ChargeOutcome::Succeeded { reference }) = stripe.charge(&request).await else { panic!("the retry") };
+    let again = stripe.charge(&request).await;
+    assert_eq!(again, Ok(ChargeOutcome::Succeeded { reference: reference.clone() }), "a later retry finds it");
+    let keys: Vec<String> = fake.calls().iter().filter_map(|c| c.idempotency_key.clone()).collect();
+    let first = &keys[0];
+    assert_eq!(keys, [first.clone(), first.clone(), format!("{first}~1"), first.clone(), format!("{first}~1")]);
+    assert_eq!(fake.intents(), 1, "the failed call took nothing");
+
+    // A 500 whose call did charge: the retry charges again under the next key. The first
+    // payment names the booking (`metadata[booking_id]`), so Stripe's event for it reaches the
+    // webhook, which queues it to be refunded as a charge its booking does not record
+    // (`payment_webhooks.rs`).
+    let request = charge("tok_visa", "booking_3_0");
+    fake.fail_after_next(1);
+    assert!(stripe.charge(&request).await.is_err());
+    assert!(matches!(stripe.charge(&request).await, Ok(ChargeOutcome::Succeeded { .. })));
+    assert_eq!(fake.intents(), 3, "two payments for booking_3: one to be refunded by its event");
+
+    // A customer who mistyped the token retries with their card: a new key, not Stripe's
+    // refusal of a key reused with other parameters.
+    let typo = charge("tok_typo", "booking_4_0");
+    assert_eq!(stripe.charge(&typo).await, Err(ProviderError::InvalidToken));
+    let card = ChargeRequest { token: "tok_visa".into(), ..typo };
+    assert!(matches!(stripe.charge(&card).await, Ok(ChargeOutcome::Succeeded { .. })));
+}
+
+/// A refund whose answer was a 500 may have been made: before another key is tried, the
+/// payment's refunds are looked through for the one made under this operation's key.
+#[tokio::test]
+async fn a_refund_with_an_unknown_outcome_is_looked_for_before_another_is_asked_for() {
+    let (fake, stripe) = stripe().await;
+    let Ok(ChargeOutcome::Succeeded { reference }) = stripe.charge(&charge("tok_visa", "k_r")).await else {
+        panic!("charged")
+    };
+    let request = RefundRequest::of(&reference, 600);
+    fake.fail_after_next(1);
+    assert!(matches!(stripe.refund(&request).await, Err(ProviderError::Unavailable(_))), "made, answered 500");
+    let made = fake.refunds()[0]["id"].as_str().unwrap().to_owned();
+    assert_eq!(stripe.refund(&request).await, Ok(made), "found, not made again");
+    assert_eq!((fake.refunds().len(), fake.intent(&reference)), (1, Some((1250, 600))));
+
+    let other = RefundRequest::of(&reference, 100);
+    let other = RefundRequest { idempotency_key: "refund_other".into(), ..other };
+    fake.fail_next(1);
+    assert!(stripe.refund(&other).await.is_err(), "nothing made, answered 500");
+    let made = stripe.refund(&other).await.unwrap();
+    assert_eq!((fake.refunds().len(), fake.intent(&reference)), (2, Some((1250, 700))), "{made}: made once, now");
 }
 
 /// A customer books a seat and pays through Stripe; a second pays with a card that is still
@@ -147,6 +208,37 @@ async fn a_booking_paid_through_stripe_end_to_end() {
     assert_eq!((status, ack["booking"]["status"].as_str()), (StatusCode::OK, Some("confirmed")), "{ack}");
     let (status, _) = common::read(t.client.post(t.url("/payments/webhooks/test")).send().await.unwrap()).await;
     assert_eq!(status, StatusCode::NOT_FOUND, "only the provider in use has an endpoint");
+
+    // A free show: confirmed without a charge (Stripe would refuse an amount under its minimum).
+    let start = t.clock_now().checked_add(jiff::SignedDuration::from_hours(96)).unwrap();
+    let end = start.checked_add(jiff::SignedDuration::from_hours(2)).unwrap();
+    let free = json!({"name": "Preview", "start": start.to_string(), "end": end.to_string(), "seat_ids": [seats[0]],
+        "price_categories": {"standard": 0, "premium": 0}});
+    let (status, free) = t.post(Some(&manager), &format!("/venues/{venue}/events"), free).await;
+    assert_eq!(status, StatusCode::CREATED, "{free}");
+    let item = json!({"items": [{"resource_id": seats[0], "event_id": free["id"]}]});
+    let (_, held_free) = t.post(Some(&customer), "/bookings", item).await;
+    assert_eq!(held_free["total"], 0, "{held_free}");
+    let calls = fake.calls().len();
+    let card = json!({"payment": {"method": "card", "token": "tok_visa"}});
+    let url = format!("/bookings/{}/confirm", held_free["id"].as_str().unwrap());
+    let (status, confirmed_free) = t.post(Some(&customer), &url, card).await;
+    assert_eq!((status, confirmed_free["status"].as_str()), (StatusCode::OK, Some("confirmed")), "{confirmed_free}");
+    assert_eq!((&confirmed_free["payment"], fake.calls().len()), (&serde_json::Value::Null, calls), "no charge");
+
+    // A show priced under Stripe's minimum: refused by Stripe, answered 422, not an outage.
+    let cheap = json!({"name": "Cheap", "start": start.to_string(), "end": end.to_string(), "seat_ids": [seats[1]],
+        "price_categories": {"standard": 10, "premium": 10}});
+    let (_, cheap) = t.post(Some(&manager), &format!("/venues/{venue}/events"), cheap).await;
+    let item = json!({"items": [{"resource_id": seats[1], "event_id": cheap["id"]}]});
+    let (_, held_cheap) = t.post(Some(&customer), "/bookings", item).await;
+    let url = format!("/bookings/{}/confirm", held_cheap["id"].as_str().unwrap());
+    for _ in 0..allot_app::breaker::BREAKER_FAILURES_MAX {
+        let card = json!({"payment": {"method": "card", "token": "tok_visa"}});
+        let (status, refused) = t.post(Some(&customer), &url, card).await;
+        assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{refused}");
+        assert!(refused["error"]["details"]["fields"]["payment"].as_str().unwrap().contains("amount_too_small"));
+    }
 
     let (status, cancelled) = t.post(Some(&customer), &format!("/bookings/{id}/cancel"), json!({})).await;
     assert_eq!(status, StatusCode::OK, "{cancelled}");

@@ -116,14 +116,15 @@ async fn refunds_list(database_url: &str) -> anyhow::Result<()> {
     let queued = allot_app::refunds::queued(store.as_ref()).await?;
     for due in &queued {
         let state = if allot_app::refunds::left_to_operator(due.attempts) { "left to an operator" } else { "queued" };
+        let next =
+            if due.next_at == allot_app::refunds::PARKED_AT { "never (parked)".to_owned() } else { due.next_at.to_string() };
         println!(
-            "{} {} booking {} amount {} attempts {} next {}: {state}",
+            "{} {} booking {} amount {} attempts {} next {next}: {state}",
             due.kind.as_str(),
             due.payment_reference,
             due.booking_id,
             due.amount,
             due.attempts,
-            due.next_at
         );
     }
     println!("refunds owed: {}", queued.len());
@@ -197,7 +198,7 @@ async fn serve(settings: config::Settings, secrets: Secrets) -> anyhow::Result<(
     // Tests and scripts read this line to find the port when listening on port 0.
     println!("allot listening on http://{addr}");
     if let Some(reports) = test_reports {
-        tokio::spawn(allot_http::routes::payments::send_test_reports(app.clone(), addr, reports));
+        tokio::spawn(allot_http::routes::payments::send_test_reports(Arc::downgrade(&app), addr, reports));
     }
     let limits = &settings.rate_limits;
     let shared = limits.redis_url.is_some();

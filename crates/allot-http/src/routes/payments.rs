@@ -131,9 +131,8 @@ fn payment_event(event: &ProviderEventBody) -> Result<Option<PaymentEvent>, ApiE
         "payment_intent.payment_failed" => false,
         _ => return Ok(None),
     };
-    let object: ProviderObject = serde_json::from_value(event.data.object.clone()).map_err(|e| {
-        ApiError::bad_request(FieldErrors::single("data.object", format!("not a payment intent: {e}")))
-    })?;
+    let object: ProviderObject = serde_json::from_value(event.data.object.clone())
+        .map_err(|e| ApiError::bad_request(FieldErrors::single("data.object", format!("not a payment intent: {e}"))))?;
     let object = &object;
     let payment_reference = object.id.clone().unwrap_or_default();
     if payment_reference.is_empty() || payment_reference.len() > PAYMENT_REFERENCE_BYTES_MAX {
@@ -179,33 +178,53 @@ const TEST_REPORT_SENDS_MAX: u32 = 5;
 /// Bytes of an answer read at most (its status line is all that is used).
 const TEST_REPORT_ANSWER_BYTES_MAX: u64 = 64 * 1024;
 
+/// Reports being sent at once at most; the others wait in the provider's queue.
+const TEST_REPORT_SENDERS_MAX: usize = 16;
+
 /// The built-in test provider's side of `tok_async` (`ReportingTestProvider`): each payment it
 /// reported is sent, once due, as a signed `payment_intent.succeeded` event to this server's own
 /// endpoint at `addr` over real HTTP, as Stripe's test mode sends its events, and sent again
-/// while it is not answered 2xx (at most [`TEST_REPORT_SENDS_MAX`] times). Runs until the
-/// provider is gone.
+/// while it is not answered 2xx (at most [`TEST_REPORT_SENDS_MAX`] times); at most
+/// [`TEST_REPORT_SENDERS_MAX`] at once. Runs until the provider or the app is gone.
 pub async fn send_test_reports(
-    app: Arc<App>,
+    app: std::sync::Weak<App>,
     addr: std::net::SocketAddr,
     mut reports: tokio::sync::mpsc::Receiver<allot_app::payments::TestReport>,
 ) {
     let addr = reachable(addr);
+    let senders = Arc::new(tokio::sync::Semaphore::new(TEST_REPORT_SENDERS_MAX));
     while let Some(report) = reports.recv().await {
-        tokio::time::sleep_until(report.due.into()).await;
-        let body = test_report_body(&report);
-        let mut wait = std::time::Duration::from_secs(1);
-        for send in 1..=TEST_REPORT_SENDS_MAX {
-            let signature = allot_app::webhooks::sign(app.webhook_secret().as_bytes(), &body, app.clock.now());
-            match post_event(addr, app.payments.name(), &body, &signature).await {
-                Ok(status) if (200..300).contains(&status) => break,
-                answer => {
-                    tracing::warn!(booking_id = %report.booking_id, send, ?answer, "the test provider's event was not taken");
-                }
+        let Ok(sender) = senders.clone().acquire_owned().await else { return };
+        let app = app.clone();
+        tokio::spawn(async move {
+            send_test_report(&app, addr, &report).await;
+            drop(sender);
+        });
+    }
+}
+
+async fn send_test_report(
+    app: &std::sync::Weak<App>,
+    addr: std::net::SocketAddr,
+    report: &allot_app::payments::TestReport,
+) {
+    tokio::time::sleep_until(report.due.into()).await;
+    let body = test_report_body(report);
+    let mut wait = std::time::Duration::from_secs(1);
+    for send in 1..=TEST_REPORT_SENDS_MAX {
+        let Some(app) = app.upgrade() else { return };
+        let signature = allot_app::webhooks::sign(app.webhook_secret().as_bytes(), &body, app.clock.now());
+        let provider = app.payments.name();
+        drop(app);
+        match post_event(addr, provider, &body, &signature).await {
+            Ok(status) if (200..300).contains(&status) => return,
+            answer => {
+                tracing::warn!(booking_id = %report.booking_id, send, ?answer, "the test provider's event was not taken")
             }
-            if send < TEST_REPORT_SENDS_MAX {
-                tokio::time::sleep(wait).await;
-                wait *= 2;
-            }
+        }
+        if send < TEST_REPORT_SENDS_MAX {
+            tokio::time::sleep(wait).await;
+            wait *= 2;
         }
     }
 }

@@ -1,12 +1,17 @@
 //! A local stand-in for Stripe's API (we cannot reach Stripe from tests): `POST
-//! /v1/payment_intents` (created and confirmed in one call) and `POST /v1/refunds`, form-encoded,
-//! with Stripe's bearer authentication, its `Idempotency-Key` replays (the same key answers the
-//! first answer again; with other parameters, 400 `idempotency_error`), and its error shapes.
+//! /v1/payment_intents` (created and confirmed in one call), `POST /v1/refunds` and `GET
+//! /v1/refunds?payment_intent=`, form-encoded, with Stripe's bearer authentication, its
+//! `Idempotency-Key` replays (the first answer to a key, a 500 included, is answered again with
+//! `Idempotent-Replayed: true`; with other parameters, 400 `idempotency_error`), and its error
+//! shapes.
 //!
 //! Cards: `tok_visa` succeeds; `tok_chargeDeclined` and `tok_chargeDeclinedInsufficientFunds`
-//! are card errors (402); `tok_threeDSecure2Required` needs authentication (`requires_action`);
-//! `tok_processing` stays `processing` (reported later by an event); any other token is
-//! unknown (400 `resource_missing`). `fail_next(n)` answers the next `n` calls 500.
+//! are card errors (402); `tok_threeDSecure2Required` needs authentication (with
+//! `error_on_requires_action`, a 402 `authentication_required`); `tok_processing` stays
+//! `processing` (reported later by an event); any other token is unknown (400
+//! `resource_missing`). An amount under 50 is refused (400 `amount_too_small`).
+//! `fail_next(n)` answers the next `n` calls 500 without doing anything; `fail_after_next(n)`
+//! does what the next `n` ask and then answers 500 (an outcome the caller cannot know).
 #![allow(dead_code, clippy::unwrap_used, clippy::result_large_err)]
 
 use std::collections::HashMap;
@@ -16,7 +21,7 @@ use std::sync::{Arc, Mutex};
 
 use axum::Router;
 use axum::body::Bytes;
-use axum::extract::State;
+use axum::extract::{RawQuery, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
@@ -40,6 +45,8 @@ struct Books {
     replays: HashMap<String, (HashMap<String, String>, StatusCode, Value)>,
     /// Payments: amount taken, amount refunded.
     intents: HashMap<String, (i64, i64)>,
+    /// Refunds made, in order.
+    refunds: Vec<Value>,
     next_id: u32,
 }
 
@@ -47,6 +54,7 @@ struct Books {
 pub struct FakeStripe {
     books: Mutex<Books>,
     failing: AtomicU32,
+    failing_after: AtomicU32,
 }
 
 impl FakeStripe {
@@ -55,7 +63,7 @@ impl FakeStripe {
         let fake = Arc::new(FakeStripe::default());
         let router = Router::new()
             .route("/v1/payment_intents", post(payment_intents))
-            .route("/v1/refunds", post(refunds))
+            .route("/v1/refunds", post(refunds).get(list_refunds))
             .with_state(fake.clone());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr: SocketAddr = listener.local_addr().unwrap();
@@ -63,9 +71,14 @@ impl FakeStripe {
         (fake, format!("http://{addr}"))
     }
 
-    /// Answers the next `n` calls 500 (`api_error`).
+    /// Answers the next `n` calls 500 (`api_error`), doing nothing.
     pub fn fail_next(&self, n: u32) {
         self.failing.store(n, Ordering::SeqCst);
+    }
+
+    /// Does what the next `n` calls ask, then answers them 500 (`api_error`).
+    pub fn fail_after_next(&self, n: u32) {
+        self.failing_after.store(n, Ordering::SeqCst);
     }
 
     pub fn calls(&self) -> Vec<Call> {
@@ -81,6 +94,11 @@ impl FakeStripe {
         self.books.lock().unwrap().intents.len()
     }
 
+    /// The refunds made.
+    pub fn refunds(&self) -> Vec<Value> {
+        self.books.lock().unwrap().refunds.clone()
+    }
+
     /// Checks the key and the replay of a call; `Err` is the answer to send at once.
     fn admit(&self, path: &str, headers: &HeaderMap, body: &Bytes) -> Result<Call, Response> {
         let form: HashMap<String, String> = form_urlencoded::parse(body).into_owned().collect();
@@ -88,33 +106,30 @@ impl FakeStripe {
         let call = Call { path: path.to_owned(), idempotency_key: key.clone(), form: form.clone() };
         let mut books = self.books.lock().unwrap();
         books.calls.push(call.clone());
-        let bearer = headers.get("authorization").and_then(|v| v.to_str().ok());
-        if bearer != Some(&format!("Bearer {FAKE_STRIPE_KEY}")) {
-            return Err(error(
-                StatusCode::UNAUTHORIZED,
-                json!({"type": "invalid_request_error", "message": "Invalid API Key provided"}),
-            ));
-        }
+        authenticated(headers)?;
         if let Some((first, status, answer)) = key.as_ref().and_then(|k| books.replays.get(k)) {
             if *first != form {
-                let e = json!({"type": "idempotency_error", "message": "Keys for idempotent requests can only be used with the same parameters they were first used with."});
+                let e = json!({"type": "idempotency_error",
+                    "message": "Keys for idempotent requests can only be used with the same parameters they were first used with."});
                 return Err(error(StatusCode::BAD_REQUEST, e));
             }
-            return Err((*status, axum::Json(answer.clone())).into_response());
+            return Err((*status, [("idempotent-replayed", "true")], axum::Json(answer.clone())).into_response());
         }
         drop(books);
-        if self.failing.load(Ordering::SeqCst) > 0 {
-            self.failing.fetch_sub(1, Ordering::SeqCst);
-            return Err(error(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                json!({"type": "api_error", "message": "An unknown error occurred"}),
-            ));
+        if take_one(&self.failing) {
+            return Err(self.answer(&call, StatusCode::INTERNAL_SERVER_ERROR, server_error()));
         }
         Ok(call)
     }
 
-    /// Keeps `answer` for replays of `call`'s key, and sends it.
+    /// Keeps `answer` for replays of `call`'s key and sends it, or a 500 in its place after
+    /// [`FakeStripe::fail_after_next`].
     fn answer(&self, call: &Call, status: StatusCode, answer: Value) -> Response {
+        let (status, answer) = if take_one(&self.failing_after) {
+            (StatusCode::INTERNAL_SERVER_ERROR, server_error())
+        } else {
+            (status, answer)
+        };
         if let Some(key) = &call.idempotency_key {
             self.books.lock().unwrap().replays.insert(key.clone(), (call.form.clone(), status, answer.clone()));
         }
@@ -128,8 +143,32 @@ impl FakeStripe {
     }
 }
 
+fn authenticated(headers: &HeaderMap) -> Result<(), Response> {
+    let bearer = headers.get("authorization").and_then(|v| v.to_str().ok());
+    if bearer == Some(&format!("Bearer {FAKE_STRIPE_KEY}")) {
+        return Ok(());
+    }
+    Err(error(
+        StatusCode::UNAUTHORIZED,
+        json!({"type": "invalid_request_error", "message": "Invalid API Key provided"}),
+    ))
+}
+
+/// Takes one from `counter` if it is above 0.
+fn take_one(counter: &AtomicU32) -> bool {
+    counter.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1)).is_ok()
+}
+
+fn server_error() -> Value {
+    json!({"error": {"type": "api_error", "message": "An unknown error occurred"}})
+}
+
 fn error(status: StatusCode, error: Value) -> Response {
     (status, axum::Json(json!({ "error": error }))).into_response()
+}
+
+fn invalid(code: &str, param: &str, message: String) -> Value {
+    json!({"error": {"type": "invalid_request_error", "code": code, "param": param, "message": message}})
 }
 
 async fn payment_intents(State(fake): State<Arc<FakeStripe>>, headers: HeaderMap, body: Bytes) -> Response {
@@ -140,29 +179,39 @@ async fn payment_intents(State(fake): State<Arc<FakeStripe>>, headers: HeaderMap
     let f = &call.form;
     let amount: i64 = f.get("amount").and_then(|a| a.parse().ok()).unwrap_or(-1);
     if amount < 0 || f.get("currency").is_none_or(|c| c.len() != 3 || c.to_lowercase() != *c) {
-        let e = json!({"type": "invalid_request_error", "code": "parameter_invalid_integer", "param": "amount", "message": "Invalid amount or currency"});
-        return fake.answer(&call, StatusCode::BAD_REQUEST, json!({ "error": e }));
+        let e = invalid("parameter_invalid_integer", "amount", "Invalid amount or currency".into());
+        return fake.answer(&call, StatusCode::BAD_REQUEST, e);
+    }
+    if amount < 50 {
+        let e = invalid("amount_too_small", "amount", "Amount must be at least 0.50 eur".into());
+        return fake.answer(&call, StatusCode::BAD_REQUEST, e);
     }
     let id = fake.new_id("pi");
     let intent = |status: &str| {
         json!({"id": id, "object": "payment_intent", "amount": amount, "currency": f["currency"],
             "status": status, "metadata": {"booking_id": f.get("metadata[booking_id]")}})
     };
-    let declined = |decline_code: &str| {
-        json!({"error": {"type": "card_error", "code": "card_declined", "decline_code": decline_code,
+    let card_error = |code: &str, decline_code: Option<&str>| {
+        json!({"error": {"type": "card_error", "code": code, "decline_code": decline_code,
             "message": "Your card was declined.", "payment_intent": intent("requires_payment_method")}})
     };
     let token = f.get("payment_method_data[card][token]").map_or("", String::as_str);
+    let no_action = f.get("error_on_requires_action").is_some_and(|v| v == "true");
     let (status, answer) = match token {
         "tok_visa" => (StatusCode::OK, intent("succeeded")),
         "tok_processing" => (StatusCode::OK, intent("processing")),
+        "tok_threeDSecure2Required" if no_action => {
+            (StatusCode::PAYMENT_REQUIRED, card_error("authentication_required", None))
+        }
         "tok_threeDSecure2Required" => (StatusCode::OK, intent("requires_action")),
-        "tok_chargeDeclined" => (StatusCode::PAYMENT_REQUIRED, declined("generic_decline")),
-        "tok_chargeDeclinedInsufficientFunds" => (StatusCode::PAYMENT_REQUIRED, declined("insufficient_funds")),
+        "tok_chargeDeclined" => (StatusCode::PAYMENT_REQUIRED, card_error("card_declined", Some("generic_decline"))),
+        "tok_chargeDeclinedInsufficientFunds" => {
+            (StatusCode::PAYMENT_REQUIRED, card_error("card_declined", Some("insufficient_funds")))
+        }
         _ => {
-            let e = json!({"type": "invalid_request_error", "code": "resource_missing",
-                "param": "payment_method_data[card][token]", "message": format!("No such token: '{token}'")});
-            (StatusCode::BAD_REQUEST, json!({ "error": e }))
+            let e =
+                invalid("resource_missing", "payment_method_data[card][token]", format!("No such token: '{token}'"));
+            (StatusCode::BAD_REQUEST, e)
         }
     };
     if matches!(token, "tok_visa" | "tok_processing") {
@@ -179,24 +228,43 @@ async fn refunds(State(fake): State<Arc<FakeStripe>>, headers: HeaderMap, body: 
     let payment = call.form.get("payment_intent").cloned().unwrap_or_default();
     let taken = fake.books.lock().unwrap().intents.get(&payment).copied();
     let Some((amount, refunded)) = taken else {
-        let e = json!({"type": "invalid_request_error", "code": "resource_missing", "param": "payment_intent",
-            "message": format!("No such payment_intent: '{payment}'")});
-        return fake.answer(&call, StatusCode::BAD_REQUEST, json!({ "error": e }));
+        let e = invalid("resource_missing", "payment_intent", format!("No such payment_intent: '{payment}'"));
+        return fake.answer(&call, StatusCode::BAD_REQUEST, e);
     };
     let asked: i64 = call.form.get("amount").and_then(|a| a.parse().ok()).unwrap_or(amount - refunded);
     if refunded >= amount {
-        let e = json!({"type": "invalid_request_error", "code": "charge_already_refunded",
-            "message": format!("Charge for {payment} has already been refunded.")});
-        return fake.answer(&call, StatusCode::BAD_REQUEST, json!({ "error": e }));
+        let e = invalid(
+            "charge_already_refunded",
+            "payment_intent",
+            format!("Charge for {payment} has already been refunded."),
+        );
+        return fake.answer(&call, StatusCode::BAD_REQUEST, e);
     }
     if asked <= 0 || refunded + asked > amount {
-        let e = json!({"type": "invalid_request_error", "code": "amount_too_large", "param": "amount",
-            "message": "Refund amount is greater than unrefunded amount on charge"});
-        return fake.answer(&call, StatusCode::BAD_REQUEST, json!({ "error": e }));
+        let e =
+            invalid("amount_too_large", "amount", "Refund amount is greater than unrefunded amount on charge".into());
+        return fake.answer(&call, StatusCode::BAD_REQUEST, e);
     }
-    fake.books.lock().unwrap().intents.insert(payment.clone(), (amount, refunded + asked));
     let id = fake.new_id("re");
-    let answer =
-        json!({"id": id, "object": "refund", "amount": asked, "payment_intent": payment, "status": "succeeded"});
+    let metadata = json!({"allot_key": call.form.get("metadata[allot_key]")});
+    let answer = json!({"id": id, "object": "refund", "amount": asked, "payment_intent": payment,
+        "status": "succeeded", "metadata": metadata});
+    let mut books = fake.books.lock().unwrap();
+    books.intents.insert(payment.clone(), (amount, refunded + asked));
+    books.refunds.push(answer.clone());
+    drop(books);
     fake.answer(&call, StatusCode::OK, answer)
+}
+
+/// `GET /v1/refunds?payment_intent=…`: the payment's refunds, newest first.
+async fn list_refunds(State(fake): State<Arc<FakeStripe>>, headers: HeaderMap, RawQuery(query): RawQuery) -> Response {
+    if let Err(refused) = authenticated(&headers) {
+        return refused;
+    }
+    let query: HashMap<String, String> =
+        form_urlencoded::parse(query.unwrap_or_default().as_bytes()).into_owned().collect();
+    let payment = query.get("payment_intent").cloned().unwrap_or_default();
+    let data: Vec<Value> =
+        fake.refunds().into_iter().filter(|r| r["payment_intent"] == payment.as_str()).rev().collect();
+    axum::Json(json!({"object": "list", "data": data, "has_more": false})).into_response()
 }
