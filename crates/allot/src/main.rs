@@ -116,8 +116,11 @@ async fn refunds_list(database_url: &str) -> anyhow::Result<()> {
     let queued = allot_app::refunds::queued(store.as_ref()).await?;
     for due in &queued {
         let state = if allot_app::refunds::left_to_operator(due.attempts) { "left to an operator" } else { "queued" };
-        let next =
-            if due.next_at == allot_app::refunds::PARKED_AT { "never (parked)".to_owned() } else { due.next_at.to_string() };
+        let next = if due.next_at == allot_app::refunds::PARKED_AT {
+            "never (parked)".to_owned()
+        } else {
+            due.next_at.to_string()
+        };
         println!(
             "{} {} booking {} amount {} attempts {} next {next}: {state}",
             due.kind.as_str(),
