@@ -232,6 +232,32 @@ mod tests {
         );
     }
 
+    /// A provider that refuses every request as asked (an amount under its minimum, say).
+    struct Refusing;
+
+    #[async_trait]
+    impl PaymentProvider for Refusing {
+        fn name(&self) -> &'static str {
+            "refusing"
+        }
+        async fn charge(&self, _: &ChargeRequest) -> Result<ChargeOutcome, ProviderError> {
+            Err(ProviderError::Rejected("amount_too_small".into()))
+        }
+        async fn refund(&self, _: &RefundRequest) -> Result<String, ProviderError> {
+            Err(ProviderError::Rejected("amount_too_large".into()))
+        }
+    }
+
+    #[tokio::test]
+    async fn requests_the_provider_refuses_are_answers_and_never_open_the_circuit() {
+        let clock = Arc::new(crate::clock::ManualClock::new(jiff::Timestamp::UNIX_EPOCH));
+        let guarded = Guarded::new(Arc::new(Refusing), clock);
+        for n in 0..BREAKER_FAILURES_MAX * 2 {
+            let refund = RefundRequest::of(&format!("pi_{n}"), 100);
+            assert_eq!(guarded.refund(&refund).await, Err(ProviderError::Rejected("amount_too_large".into())), "{n}");
+        }
+    }
+
     #[test]
     fn a_trial_whose_caller_went_away_is_not_waited_for_forever() {
         let mut c = Circuit::Open { until: at(30) };

@@ -260,7 +260,13 @@ impl App {
                 if records(&current, &reference, PAYMENT_PENDING) && !as_asked(&current, received) {
                     return self.another_sum(current, reference, received).await;
                 }
-                if records_it_soon(&current, received, self.clock.now()) {
+                let now = self.clock.now();
+                // The confirm recorded it between this update's decision and the read: the
+                // next delivery confirms it.
+                let recorded_meanwhile = current.status == BookingStatus::PendingPayment
+                    && records(&current, &reference, PAYMENT_PENDING)
+                    && !current.is_expired_at(now);
+                if recorded_meanwhile || records_it_soon(&current, received, now) {
                     return Err(AppError::Conflict(
                         "the booking has not recorded this payment yet: send the event again".into(),
                     ));

@@ -1,23 +1,24 @@
 //! The Stripe payment provider: Stripe's PaymentIntents and Refunds API behind the same
 //! `PaymentProvider` port as the built-in test provider (`allot serve --stripe-secret-key`).
 //!
-//! A charge is one `POST /v1/payment_intents` that creates and confirms the payment with the
-//! card token (`confirm=true`, cards only and `error_on_requires_action`, so no redirect or
-//! 3-D Secure page is ever asked for), carrying the booking's id in `metadata[booking_id]`,
-//! which Stripe's events send back (`routes::payments`). A refund is one `POST /v1/refunds` on
-//! the payment.
+//! A charge is two calls: `POST /v1/payment_intents` creates the booking attempt's payment
+//! (no money moves; the booking's id in `metadata[booking_id]`, which Stripe's events send back
+//! to `routes::payments`), then `POST /v1/payment_intents/{id}/confirm` pays it with the card
+//! token (cards only and `error_on_requires_action`, so no redirect or 3-D Secure page is ever
+//! asked for). A PaymentIntent succeeds at most once, so confirming it again can never charge
+//! twice; a confirm whose outcome is unknown is settled by reading the PaymentIntent. A refund
+//! is one `POST /v1/refunds` on the payment, marked `metadata[allot_key]`.
 //!
 //! Idempotency: every call sends a key derived from its operation's (`Idempotency-Key`), so a
-//! retried call, by this node or another, is answered with the first one's result. A charge's
-//! key also names a digest of the card token: a customer who retries with another card after a
-//! refused token gets a new payment, not Stripe's refusal of changed parameters. Stripe keeps
-//! the first answer to a key for a day, a 500 included, so a key whose saved answer is a 5xx
-//! (`Idempotent-Replayed`) is followed by the next key of the operation's chain ([`chain_key`],
-//! at most [`STRIPE_KEY_CHAIN_MAX`]), walked in the same order by every retry, so a retry
-//! always finds the answer a previous one got. The 5xx left its outcome unknown: a charge made
-//! under it anyway is reported by Stripe's event and refunded as a charge its booking does not
-//! record (`allot_app::refunds`); a refund is looked for among the payment's refunds (by its
-//! `metadata[allot_key]`) before another is asked for.
+//! retried call, by this node or another, is answered with the first one's result; a confirm's
+//! key also names a digest of the card token, so a customer who retries with another card is
+//! not refused for reusing a key with other parameters. Stripe keeps the first answer to a key
+//! for a day, a 500 included, so a key whose saved answer is a 5xx (`Idempotent-Replayed`) is
+//! followed by the next key of the operation's chain ([`chain_key`], at most
+//! [`STRIPE_KEY_CHAIN_MAX`]), walked in the same order by every retry. Before that: a confirm
+//! reads the PaymentIntent (paid already: that is the answer), and a refund looks through the
+//! payment's refunds for its own before its first call, so a refund made under an unknown
+//! outcome is found instead of made again.
 //!
 //! Stripe's answers map onto the port: a payment `succeeded` or `processing` (reported later by
 //! its event: pending), a card error (402) declined with Stripe's decline code, a token Stripe
@@ -79,23 +80,31 @@ pub fn chain_key(key: &str, n: u32) -> String {
     if n == 0 { key.to_owned() } else { format!("{key}~{n}") }
 }
 
-/// The operation key of a charge: the booking's attempt, and a digest of its card token.
-fn charge_key(request: &ChargeRequest) -> String {
+/// The operation key of a charge's confirm: the booking's attempt, and a digest of its token.
+fn confirm_key(request: &ChargeRequest) -> String {
     let digest = Sha256::digest(request.token.as_bytes());
     format!("{}_{}", request.idempotency_key, hex::encode(&digest[..6]))
 }
 
 /// Whether `base` is an API root this provider may send its secret key to: https, or http to
-/// a loopback host (a stand-in for tests); no path.
+/// a loopback address (a stand-in for tests); no user, path, query or fragment.
 fn is_api_root(base: &str) -> bool {
-    let (host, plain) = match (base.strip_prefix("https://"), base.strip_prefix("http://")) {
-        (Some(host), _) => (host, false),
-        (None, Some(host)) => (host, true),
-        (None, None) => return false,
+    let Ok(url) = reqwest::Url::parse(base) else { return false };
+    let bare = url.username().is_empty()
+        && url.password().is_none()
+        && url.path() == "/"
+        && url.query().is_none()
+        && url.fragment().is_none()
+        && !base.ends_with('/');
+    let loopback = match url.host_str() {
+        Some("localhost") => true,
+        Some(host) => {
+            let ip = host.trim_start_matches('[').trim_end_matches(']');
+            ip.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
+        }
+        None => false,
     };
-    let name = host.rsplit_once(':').map_or(host, |(name, _)| name);
-    let loopback = name == "localhost" || name.starts_with("127.") || name == "[::1]";
-    !host.is_empty() && !host.contains('/') && (!plain || loopback)
+    bare && url.host_str().is_some() && (url.scheme() == "https" || (url.scheme() == "http" && loopback))
 }
 
 /// One answer from Stripe.
@@ -157,32 +166,92 @@ impl StripeProvider {
         Ok(Answer { status, replayed, body: body.to_vec() })
     }
 
-    /// POSTs `form` under each key of `key`'s chain until one answers anything but a saved 5xx
-    /// (`before_next` may settle the operation first, from what Stripe has).
-    async fn post_chained<F, Fut>(
-        &self,
-        path: &str,
-        key: &str,
-        form: &[(&str, String)],
-        before_next: F,
-    ) -> Result<Chained, ProviderError>
-    where
-        F: Fn() -> Fut,
-        Fut: std::future::Future<Output = Result<Option<String>, ProviderError>>,
-    {
+    /// POSTs `form` under each key of `key`'s chain until one answers anything but a saved 5xx.
+    async fn post_chained(&self, path: &str, key: &str, form: &[(&str, String)]) -> Result<Answer, ProviderError> {
         for n in 0..STRIPE_KEY_CHAIN_MAX {
-            if n > 0
-                && let Some(settled) = before_next().await?
-            {
-                return Ok(Chained::Settled(settled));
-            }
             let answer = self.post(path, &chain_key(key, n), form).await?;
             if !answer.stale_failure() {
-                return Ok(Chained::Answer(answer));
+                return Ok(answer);
             }
             tracing::warn!(path, key, n, "stripe replays a 5xx for this key: trying the next key of its chain");
         }
         Err(ProviderError::Unavailable(format!("stripe: all {STRIPE_KEY_CHAIN_MAX} keys of this operation failed")))
+    }
+
+    /// Creates the PaymentIntent of a booking's attempt (no money moves): its id.
+    async fn create_intent(&self, request: &ChargeRequest) -> Result<String, ProviderError> {
+        let form = [
+            ("amount", request.amount.to_string()),
+            ("currency", request.currency.as_str().to_ascii_lowercase()),
+            ("payment_method_types[]", "card".into()),
+            ("metadata[booking_id]", request.booking_id.to_string()),
+        ];
+        let answer = self.post_chained("/v1/payment_intents", &request.idempotency_key, &form).await?;
+        if answer.status == 200 {
+            return Ok(read::<Intent>(&answer.body, "PaymentIntent")?.id);
+        }
+        let error = StripeError::read(&answer.body);
+        match error.rejected(answer.status) {
+            Some(reason) => Err(ProviderError::Rejected(reason)),
+            None => Err(unavailable("payment", answer.status, &error)),
+        }
+    }
+
+    /// The PaymentIntent `id` as Stripe has it now.
+    async fn intent(&self, id: &str) -> Result<Intent, ProviderError> {
+        let answer = self.send(self.client.get(format!("{}/v1/payment_intents/{id}", self.base))).await?;
+        if answer.status != 200 {
+            return Err(unavailable("payment lookup", answer.status, &StripeError::read(&answer.body)));
+        }
+        read::<Intent>(&answer.body, "PaymentIntent")
+    }
+
+    /// Pays PaymentIntent `id` with `request`'s token.
+    async fn confirm_intent(&self, id: &str, request: &ChargeRequest) -> Result<ChargeOutcome, ProviderError> {
+        let form = [
+            ("payment_method_data[type]", "card".into()),
+            ("payment_method_data[card][token]", request.token.clone()),
+            ("error_on_requires_action", "true".into()),
+        ];
+        let path = format!("/v1/payment_intents/{id}/confirm");
+        let key = confirm_key(request);
+        for n in 0..STRIPE_KEY_CHAIN_MAX {
+            let answer = self.post(&path, &chain_key(&key, n), &form).await?;
+            if !answer.stale_failure() {
+                return self.confirmed(id, &answer).await;
+            }
+            // A confirm with an unknown outcome: paid then, or to be confirmed again (a
+            // PaymentIntent succeeds at most once).
+            if let Some(paid) = paid(self.intent(id).await?) {
+                return Ok(paid);
+            }
+            tracing::warn!(payment = id, n, "stripe replays a 5xx for this confirm: trying the next key of its chain");
+        }
+        Err(ProviderError::Unavailable(format!("stripe: all {STRIPE_KEY_CHAIN_MAX} keys of this confirm failed")))
+    }
+
+    /// What a confirm's answer means.
+    async fn confirmed(&self, id: &str, answer: &Answer) -> Result<ChargeOutcome, ProviderError> {
+        if answer.status == 200 {
+            return charge_outcome(read::<Intent>(&answer.body, "PaymentIntent")?);
+        }
+        let error = StripeError::read(&answer.body);
+        if let Some(reason) = error.decline_reason() {
+            return Ok(ChargeOutcome::Declined { reason });
+        }
+        if error.unknown_token() {
+            return Err(ProviderError::InvalidToken);
+        }
+        // Paid already: by an earlier confirm whose answer was lost (another card, perhaps).
+        if error.code.as_deref() == Some("payment_intent_unexpected_state")
+            && let Some(paid) = paid(self.intent(id).await?)
+        {
+            return Ok(paid);
+        }
+        match error.rejected(answer.status) {
+            Some(reason) => Err(ProviderError::Rejected(reason)),
+            None => Err(unavailable("charge", answer.status, &error)),
+        }
     }
 
     /// The refund of `payment` made under operation key `key` earlier, if Stripe has one.
@@ -194,18 +263,24 @@ impl StripeProvider {
         if answer.status != 200 {
             return Err(unavailable("refund lookup", answer.status, &StripeError::read(&answer.body)));
         }
-        let list = serde_json::from_slice::<RefundList>(&answer.body)
-            .map_err(|e| ProviderError::Unavailable(format!("stripe: a refund list unread: {e}")))?;
+        let list = read::<RefundList>(&answer.body, "refund list")?;
         let made = list.data.into_iter().find(|r| r.metadata.allot_key.as_deref() == Some(key));
         Ok(made.map(|r| r.id))
     }
 }
 
-/// What a chain of keys came to.
-enum Chained {
-    Answer(Answer),
-    /// Found made already (a refund under an unknown outcome): its reference.
-    Settled(String),
+/// Reads Stripe's answer as a `what`.
+fn read<T: serde::de::DeserializeOwned>(body: &[u8], what: &str) -> Result<T, ProviderError> {
+    serde_json::from_slice(body).map_err(|e| ProviderError::Unavailable(format!("stripe: a {what} unread: {e}")))
+}
+
+/// A PaymentIntent paid (or being paid): the charge's outcome.
+fn paid(intent: Intent) -> Option<ChargeOutcome> {
+    match intent.status.as_str() {
+        "succeeded" => Some(ChargeOutcome::Succeeded { reference: intent.id }),
+        "processing" => Some(ChargeOutcome::Pending { reference: intent.id }),
+        _ => None,
+    }
 }
 
 /// A PaymentIntent, as far as it is read.
@@ -303,56 +378,26 @@ impl PaymentProvider for StripeProvider {
     }
 
     async fn charge(&self, request: &ChargeRequest) -> Result<ChargeOutcome, ProviderError> {
-        let form = [
-            ("amount", request.amount.to_string()),
-            ("currency", request.currency.as_str().to_ascii_lowercase()),
-            ("confirm", "true".into()),
-            ("error_on_requires_action", "true".into()),
-            ("payment_method_types[]", "card".into()),
-            ("payment_method_data[type]", "card".into()),
-            ("payment_method_data[card][token]", request.token.clone()),
-            ("metadata[booking_id]", request.booking_id.to_string()),
-        ];
-        let no_lookup = || async { Ok(None) };
-        let chained = self.post_chained("/v1/payment_intents", &charge_key(request), &form, no_lookup).await?;
-        let Chained::Answer(answer) = chained else {
-            return Err(ProviderError::Unavailable("stripe: a charge settled without an answer".into()));
-        };
-        if answer.status == 200 {
-            let intent = serde_json::from_slice::<Intent>(&answer.body)
-                .map_err(|e| ProviderError::Unavailable(format!("stripe: a PaymentIntent unread: {e}")))?;
-            return charge_outcome(intent);
-        }
-        let error = StripeError::read(&answer.body);
-        if let Some(reason) = error.decline_reason() {
-            return Ok(ChargeOutcome::Declined { reason });
-        }
-        if error.unknown_token() {
-            return Err(ProviderError::InvalidToken);
-        }
-        if let Some(reason) = error.rejected(answer.status) {
-            return Err(ProviderError::Rejected(reason));
-        }
-        Err(unavailable("charge", answer.status, &error))
+        let intent = self.create_intent(request).await?;
+        self.confirm_intent(&intent, request).await
     }
 
     async fn refund(&self, request: &RefundRequest) -> Result<String, ProviderError> {
         let key = &request.idempotency_key;
         let payment = &request.payment_reference;
+        // Made already, perhaps by a call whose outcome was unknown, or under a key Stripe has
+        // forgotten since: found, not made again.
+        if let Some(made) = self.refund_made(payment, key).await? {
+            return Ok(made);
+        }
         let form = [
             ("payment_intent", payment.clone()),
             ("amount", request.amount.to_string()),
             ("metadata[allot_key]", key.clone()),
         ];
-        let lookup = || self.refund_made(payment, key);
-        let answer = match self.post_chained("/v1/refunds", key, &form, lookup).await? {
-            Chained::Settled(reference) => return Ok(reference),
-            Chained::Answer(answer) => answer,
-        };
+        let answer = self.post_chained("/v1/refunds", key, &form).await?;
         if answer.status == 200 {
-            let refund = serde_json::from_slice::<Refund>(&answer.body)
-                .map_err(|e| ProviderError::Unavailable(format!("stripe: a Refund unread: {e}")))?;
-            return Ok(refund.id);
+            return Ok(read::<Refund>(&answer.body, "Refund")?.id);
         }
         let error = StripeError::read(&answer.body);
         // Given back already, by hand in Stripe's dashboard: nothing is owed any more.
@@ -360,10 +405,10 @@ impl PaymentProvider for StripeProvider {
             tracing::warn!(payment = request.payment_reference, "stripe says this payment was refunded already");
             return Ok(format!("already_refunded_{}", request.payment_reference));
         }
-        if let Some(reason) = error.rejected(answer.status) {
-            return Err(ProviderError::Rejected(reason));
+        match error.rejected(answer.status) {
+            Some(reason) => Err(ProviderError::Rejected(reason)),
+            None => Err(unavailable("refund", answer.status, &error)),
         }
-        Err(unavailable("refund", answer.status, &error))
     }
 }
 
@@ -381,7 +426,16 @@ mod tests {
         );
         assert_eq!(StripeProvider::new(STRIPE_API_BASE, "sk_").err(), Some(StripeConfigError::NotASecretKey));
         assert!(StripeProvider::new("http://localhost:12111", "sk_test_123456").is_ok());
-        for base in ["api.stripe.com", "https://", "https://api.stripe.com/v1", "ftp://x", "http://api.stripe.com"] {
+        assert!(StripeProvider::new("http://[::1]:12111", "sk_test_123456").is_ok());
+        let remote = [
+            "http://api.stripe.com",
+            "http://127.0.0.1.evil.example",
+            "http://127.0.0.1@evil.example",
+            "http://localhost:1@evil.example",
+            "https://user:pw@api.stripe.com",
+            "https://api.stripe.com?x=1",
+        ];
+        for base in ["api.stripe.com", "https://", "https://api.stripe.com/v1", "ftp://x"].into_iter().chain(remote) {
             assert_eq!(StripeProvider::new(base, "sk_test_123456").err(), Some(StripeConfigError::Base), "{base}");
         }
     }
@@ -411,8 +465,8 @@ mod tests {
             token: token.into(),
             idempotency_key: "b_0".into(),
         };
-        assert_eq!(charge_key(&request("tok_visa")), charge_key(&request("tok_visa")), "a retry: the same key");
-        assert_ne!(charge_key(&request("tok_visa")), charge_key(&request("tok_mastercard")), "another card");
-        assert!(charge_key(&request("tok_visa")).starts_with("b_0_"));
+        assert_eq!(confirm_key(&request("tok_visa")), confirm_key(&request("tok_visa")), "a retry: the same key");
+        assert_ne!(confirm_key(&request("tok_visa")), confirm_key(&request("tok_mastercard")), "another card");
+        assert!(confirm_key(&request("tok_visa")).starts_with("b_0_"));
     }
 }

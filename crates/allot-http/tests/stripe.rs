@@ -35,25 +35,35 @@ async fn stripe() -> (Arc<FakeStripe>, StripeProvider) {
 }
 
 #[tokio::test]
-async fn a_charge_is_one_confirmed_payment_intent_sent_with_its_idempotency_key() {
+async fn a_charge_creates_the_attempt_s_payment_intent_and_confirms_it_with_the_card() {
     let (fake, stripe) = stripe().await;
     let request = charge("tok_visa", "booking_1_0");
     let Ok(ChargeOutcome::Succeeded { reference }) = stripe.charge(&request).await else { panic!("succeeded") };
     assert!(reference.starts_with("pi_"), "{reference}");
-    let call = &fake.calls()[0];
-    assert_eq!(call.path, "/v1/payment_intents");
-    let key = call.idempotency_key.clone().unwrap();
-    assert!(key.starts_with("booking_1_0_"), "the attempt's key, and its card's: {key}");
-    let sent = |field: &str| call.form.get(field).map(String::as_str);
-    assert_eq!((sent("amount"), sent("currency"), sent("confirm")), (Some("1250"), Some("eur"), Some("true")));
-    assert_eq!(sent("payment_method_data[card][token]"), Some("tok_visa"));
+    let calls = fake.calls();
+    let (create, confirm) = (&calls[0], &calls[1]);
+    assert_eq!((create.path.as_str(), create.idempotency_key.as_deref()), ("/v1/payment_intents", Some("booking_1_0")));
+    let sent = |field: &str| create.form.get(field).map(String::as_str);
+    assert_eq!((sent("amount"), sent("currency")), (Some("1250"), Some("eur")));
     assert_eq!(sent("payment_method_types[]"), Some("card"), "cards only: no redirect is ever asked for");
     assert_eq!(sent("metadata[booking_id]"), Some(request.booking_id.to_string().as_str()), "for its events");
+    assert_eq!(create.form.get("payment_method_data[card][token]"), None, "no money moves at creation");
+    assert_eq!(confirm.path, format!("/v1/payment_intents/{reference}/confirm"));
+    let key = confirm.idempotency_key.clone().unwrap();
+    assert!(
+        key.starts_with("booking_1_0_") && key.len() > "booking_1_0_".len(),
+        "the attempt's key and its card's: {key}"
+    );
+    let sent = |field: &str| confirm.form.get(field).map(String::as_str);
+    assert_eq!(sent("payment_method_data[card][token]"), Some("tok_visa"));
     assert_eq!(sent("error_on_requires_action"), Some("true"), "no 3-D Secure page to show");
 
     let again = stripe.charge(&request).await;
     assert_eq!(again, Ok(ChargeOutcome::Succeeded { reference: reference.clone() }), "a retry replays the charge");
-    assert_eq!(fake.intents(), 1, "charged once");
+    let other_card = ChargeRequest { token: "tok_mastercard".into(), ..request };
+    let paid = stripe.charge(&other_card).await;
+    assert_eq!(paid, Ok(ChargeOutcome::Succeeded { reference: reference.clone() }), "paid already: not again");
+    assert_eq!((fake.created(), fake.intents()), (1, 1), "one payment, charged once");
     assert_eq!(fake.intent(&reference), Some((1250, 0)));
 }
 
@@ -109,10 +119,11 @@ async fn a_refund_is_made_once_per_key_and_a_payment_refunded_already_owes_nothi
 }
 
 /// Stripe keeps a key's first answer for a day, a 500 included: a retry whose key answers a
-/// saved 500 goes on with the next key of its chain, as every later retry does, so retries
-/// neither stay stuck on the 500 nor make a third payment.
+/// saved 500 goes on with the next key of its chain, as every later retry does, so retries do
+/// not stay stuck on the 500; a confirm whose outcome is unknown is settled by reading the
+/// PaymentIntent, which succeeds at most once, so nothing is charged twice.
 #[tokio::test]
-async fn a_retry_after_a_stripe_failure_goes_on_with_the_next_key_of_its_chain() {
+async fn a_retry_after_a_stripe_failure_goes_on_with_the_next_key_and_never_charges_twice() {
     let (fake, stripe) = stripe().await;
     let request = charge("tok_visa", "booking_2_0");
     fake.fail_next(1);
@@ -121,30 +132,34 @@ async fn a_retry_after_a_stripe_failure_goes_on_with_the_next_key_of_its_chain()
     let again = stripe.charge(&request).await;
     assert_eq!(again, Ok(ChargeOutcome::Succeeded { reference: reference.clone() }), "a later retry finds it");
     let keys: Vec<String> = fake.calls().iter().filter_map(|c| c.idempotency_key.clone()).collect();
-    let first = &keys[0];
-    assert_eq!(keys, [first.clone(), first.clone(), format!("{first}~1"), first.clone(), format!("{first}~1")]);
-    assert_eq!(fake.intents(), 1, "the failed call took nothing");
+    let (create, confirm) = (&keys[0], &keys[3]);
+    let chained = format!("{create}~1");
+    assert_eq!(keys, [create, create, &chained, confirm, create, &chained, confirm].map(String::clone));
+    assert_eq!((fake.created(), fake.intents()), (1, 1));
 
-    // A 500 whose call did charge: the retry charges again under the next key. The first
-    // payment names the booking (`metadata[booking_id]`), so Stripe's event for it reaches the
-    // webhook, which queues it to be refunded as a charge its booking does not record
-    // (`payment_webhooks.rs`).
+    // The confirm charged, and answered 500: the retry reads the PaymentIntent, paid.
     let request = charge("tok_visa", "booking_3_0");
-    fake.fail_after_next(1);
+    fake.fail_after_next_confirm(1);
+    assert!(stripe.charge(&request).await.is_err());
+    let Ok(ChargeOutcome::Succeeded { reference }) = stripe.charge(&request).await else { panic!("found paid") };
+    assert_eq!(fake.intent(&reference), Some((1250, 0)));
+    // The confirm did nothing, and answered 500: the retry confirms again, under the next key.
+    let request = charge("tok_visa", "booking_4_0");
+    fake.fail_next_confirm(1);
     assert!(stripe.charge(&request).await.is_err());
     assert!(matches!(stripe.charge(&request).await, Ok(ChargeOutcome::Succeeded { .. })));
-    assert_eq!(fake.intents(), 3, "two payments for booking_3: one to be refunded by its event");
+    assert_eq!((fake.created(), fake.intents()), (3, 3), "each booking charged once");
 
-    // A customer who mistyped the token retries with their card: a new key, not Stripe's
-    // refusal of a key reused with other parameters.
-    let typo = charge("tok_typo", "booking_4_0");
+    // A customer who mistyped the token retries with their card: the same payment, paid.
+    let typo = charge("tok_typo", "booking_5_0");
     assert_eq!(stripe.charge(&typo).await, Err(ProviderError::InvalidToken));
     let card = ChargeRequest { token: "tok_visa".into(), ..typo };
     assert!(matches!(stripe.charge(&card).await, Ok(ChargeOutcome::Succeeded { .. })));
+    assert_eq!((fake.created(), fake.intents()), (4, 4));
 }
 
-/// A refund whose answer was a 500 may have been made: before another key is tried, the
-/// payment's refunds are looked through for the one made under this operation's key.
+/// A refund whose answer was a 500 may have been made: before each try, the payment's refunds
+/// are looked through for the one made under this operation's key.
 #[tokio::test]
 async fn a_refund_with_an_unknown_outcome_is_looked_for_before_another_is_asked_for() {
     let (fake, stripe) = stripe().await;

@@ -1,6 +1,7 @@
 //! A local stand-in for Stripe's API (we cannot reach Stripe from tests): `POST
-//! /v1/payment_intents` (created and confirmed in one call), `POST /v1/refunds` and `GET
-//! /v1/refunds?payment_intent=`, form-encoded, with Stripe's bearer authentication, its
+//! /v1/payment_intents`, `POST /v1/payment_intents/{id}/confirm` (a PaymentIntent succeeds at
+//! most once: confirming one that did is 400 `payment_intent_unexpected_state`), `GET
+//! /v1/payment_intents/{id}`, `POST /v1/refunds` and `GET /v1/refunds?payment_intent=`, form-encoded, with Stripe's bearer authentication, its
 //! `Idempotency-Key` replays (the first answer to a key, a 500 included, is answered again with
 //! `Idempotent-Replayed: true`; with other parameters, 400 `idempotency_error`), and its error
 //! shapes.
@@ -11,7 +12,8 @@
 //! `processing` (reported later by an event); any other token is unknown (400
 //! `resource_missing`). An amount under 50 is refused (400 `amount_too_small`).
 //! `fail_next(n)` answers the next `n` calls 500 without doing anything; `fail_after_next(n)`
-//! does what the next `n` ask and then answers 500 (an outcome the caller cannot know).
+//! does what the next `n` ask and then answers 500 (an outcome the caller cannot know);
+//! `fail_next_confirm` and `fail_after_next_confirm` do the same to confirms only.
 #![allow(dead_code, clippy::unwrap_used, clippy::result_large_err)]
 
 use std::collections::HashMap;
@@ -21,10 +23,10 @@ use std::sync::{Arc, Mutex};
 
 use axum::Router;
 use axum::body::Bytes;
-use axum::extract::{RawQuery, State};
+use axum::extract::{Path, RawQuery, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::post;
+use axum::routing::{get, post};
 use serde_json::{Value, json};
 
 /// The only secret key the stand-in accepts.
@@ -43,7 +45,9 @@ struct Books {
     calls: Vec<Call>,
     /// Answers by idempotency key: the form they answered, and the answer.
     replays: HashMap<String, (HashMap<String, String>, StatusCode, Value)>,
-    /// Payments: amount taken, amount refunded.
+    /// Every PaymentIntent created, as it is now.
+    created: HashMap<String, Value>,
+    /// Payments that took money: amount taken, amount refunded.
     intents: HashMap<String, (i64, i64)>,
     /// Refunds made, in order.
     refunds: Vec<Value>,
@@ -55,6 +59,8 @@ pub struct FakeStripe {
     books: Mutex<Books>,
     failing: AtomicU32,
     failing_after: AtomicU32,
+    confirms_failing: AtomicU32,
+    confirms_failing_after: AtomicU32,
 }
 
 impl FakeStripe {
@@ -63,6 +69,8 @@ impl FakeStripe {
         let fake = Arc::new(FakeStripe::default());
         let router = Router::new()
             .route("/v1/payment_intents", post(payment_intents))
+            .route("/v1/payment_intents/{id}", get(payment_intent))
+            .route("/v1/payment_intents/{id}/confirm", post(confirm))
             .route("/v1/refunds", post(refunds).get(list_refunds))
             .with_state(fake.clone());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -85,13 +93,29 @@ impl FakeStripe {
         self.books.lock().unwrap().calls.clone()
     }
 
+    /// PaymentIntents created (whether paid or not).
+    pub fn created(&self) -> usize {
+        self.books.lock().unwrap().created.len()
+    }
+
     /// How much of payment `id` was taken and refunded.
     pub fn intent(&self, id: &str) -> Option<(i64, i64)> {
         self.books.lock().unwrap().intents.get(id).copied()
     }
 
+    /// Payments that took money.
     pub fn intents(&self) -> usize {
         self.books.lock().unwrap().intents.len()
+    }
+
+    /// Answers the next `n` confirms 500, doing nothing.
+    pub fn fail_next_confirm(&self, n: u32) {
+        self.confirms_failing.store(n, Ordering::SeqCst);
+    }
+
+    /// Does what the next `n` confirms ask, then answers them 500.
+    pub fn fail_after_next_confirm(&self, n: u32) {
+        self.confirms_failing_after.store(n, Ordering::SeqCst);
     }
 
     /// The refunds made.
@@ -187,23 +211,72 @@ async fn payment_intents(State(fake): State<Arc<FakeStripe>>, headers: HeaderMap
         return fake.answer(&call, StatusCode::BAD_REQUEST, e);
     }
     let id = fake.new_id("pi");
-    let intent = |status: &str| {
-        json!({"id": id, "object": "payment_intent", "amount": amount, "currency": f["currency"],
-            "status": status, "metadata": {"booking_id": f.get("metadata[booking_id]")}})
+    let intent = json!({"id": id, "object": "payment_intent", "amount": amount, "currency": f["currency"],
+        "status": "requires_payment_method", "metadata": {"booking_id": f.get("metadata[booking_id]")}});
+    fake.books.lock().unwrap().created.insert(id, intent.clone());
+    fake.answer(&call, StatusCode::OK, intent)
+}
+
+/// `GET /v1/payment_intents/{id}`: the PaymentIntent as it is now.
+async fn payment_intent(State(fake): State<Arc<FakeStripe>>, headers: HeaderMap, Path(id): Path<String>) -> Response {
+    if let Err(refused) = authenticated(&headers) {
+        return refused;
+    }
+    match fake.books.lock().unwrap().created.get(&id) {
+        Some(intent) => axum::Json(intent.clone()).into_response(),
+        None => error(
+            StatusCode::NOT_FOUND,
+            invalid("resource_missing", "intent", format!("No such payment_intent: '{id}'"))["error"].clone(),
+        ),
+    }
+}
+
+/// `POST /v1/payment_intents/{id}/confirm`: pays it with the card token; a PaymentIntent
+/// succeeds at most once.
+async fn confirm(
+    State(fake): State<Arc<FakeStripe>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> Response {
+    let call = match fake.admit(&format!("/v1/payment_intents/{id}/confirm"), &headers, &body) {
+        Ok(call) => call,
+        Err(answer) => return answer,
+    };
+    if take_one(&fake.confirms_failing) {
+        return fake.answer(&call, StatusCode::INTERNAL_SERVER_ERROR, server_error());
+    }
+    let Some(intent) = fake.books.lock().unwrap().created.get(&id).cloned() else {
+        let e = invalid("resource_missing", "intent", format!("No such payment_intent: '{id}'"));
+        return fake.answer(&call, StatusCode::NOT_FOUND, e);
+    };
+    if intent["status"] != "requires_payment_method" {
+        let e = invalid(
+            "payment_intent_unexpected_state",
+            "intent",
+            format!("This PaymentIntent's status is {}", intent["status"]),
+        );
+        return fake.answer(&call, StatusCode::BAD_REQUEST, e);
+    }
+    let f = &call.form;
+    let with_status = |status: &str| {
+        let mut next = intent.clone();
+        next["status"] = json!(status);
+        next
     };
     let card_error = |code: &str, decline_code: Option<&str>| {
         json!({"error": {"type": "card_error", "code": code, "decline_code": decline_code,
-            "message": "Your card was declined.", "payment_intent": intent("requires_payment_method")}})
+            "message": "Your card was declined.", "payment_intent": intent}})
     };
     let token = f.get("payment_method_data[card][token]").map_or("", String::as_str);
     let no_action = f.get("error_on_requires_action").is_some_and(|v| v == "true");
     let (status, answer) = match token {
-        "tok_visa" => (StatusCode::OK, intent("succeeded")),
-        "tok_processing" => (StatusCode::OK, intent("processing")),
+        "tok_visa" => (StatusCode::OK, with_status("succeeded")),
+        "tok_processing" => (StatusCode::OK, with_status("processing")),
         "tok_threeDSecure2Required" if no_action => {
             (StatusCode::PAYMENT_REQUIRED, card_error("authentication_required", None))
         }
-        "tok_threeDSecure2Required" => (StatusCode::OK, intent("requires_action")),
+        "tok_threeDSecure2Required" => (StatusCode::OK, with_status("requires_action")),
         "tok_chargeDeclined" => (StatusCode::PAYMENT_REQUIRED, card_error("card_declined", Some("generic_decline"))),
         "tok_chargeDeclinedInsufficientFunds" => {
             (StatusCode::PAYMENT_REQUIRED, card_error("card_declined", Some("insufficient_funds")))
@@ -214,8 +287,16 @@ async fn payment_intents(State(fake): State<Arc<FakeStripe>>, headers: HeaderMap
             (StatusCode::BAD_REQUEST, e)
         }
     };
-    if matches!(token, "tok_visa" | "tok_processing") {
-        fake.books.lock().unwrap().intents.insert(id.clone(), (amount, 0));
+    if status == StatusCode::OK {
+        let mut books = fake.books.lock().unwrap();
+        books.created.insert(id.clone(), answer.clone());
+        if matches!(token, "tok_visa" | "tok_processing") {
+            let amount = answer["amount"].as_i64().unwrap();
+            books.intents.insert(id.clone(), (amount, 0));
+        }
+    }
+    if take_one(&fake.confirms_failing_after) {
+        return fake.answer(&call, StatusCode::INTERNAL_SERVER_ERROR, server_error());
     }
     fake.answer(&call, status, answer)
 }
