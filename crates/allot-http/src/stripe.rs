@@ -16,9 +16,11 @@
 //! for a day, a 500 included, so a key whose saved answer is a 5xx (`Idempotent-Replayed`) is
 //! followed by the next key of the operation's chain ([`chain_key`], at most
 //! [`STRIPE_KEY_CHAIN_MAX`]), walked in the same order by every retry. Before that: a confirm
-//! reads the PaymentIntent (paid already: that is the answer), and a refund looks through the
-//! payment's refunds for its own before its first call, so a refund made under an unknown
-//! outcome is found instead of made again.
+//! reads the PaymentIntent (paid already: that is the answer; so does a replayed refusal, which
+//! may be older than a payment another card made since), and a refund looks through the
+//! payment's refunds for its own, before its first call and after each replayed 5xx (a replay
+//! proves the earlier call has finished), so a refund made under an unknown outcome is found
+//! instead of made again.
 //!
 //! Stripe's answers map onto the port: a payment `succeeded` or `processing` (reported later by
 //! its event: pending), a card error (402) declined with Stripe's decline code, a token Stripe
@@ -38,14 +40,16 @@ use sha2::{Digest, Sha256};
 pub const STRIPE_API_BASE: &str = "https://api.stripe.com";
 /// How long a connection to Stripe may take.
 const STRIPE_CONNECT_TIMEOUT_SECONDS: u64 = 5;
-/// How long one call may take: below the breaker's bound on a provider call
-/// (`allot_app::breaker::PROVIDER_CALL_TIMEOUT_SECONDS`), so it fails as Stripe's, not as the
-/// breaker's.
-const STRIPE_REQUEST_TIMEOUT_SECONDS: u64 = 15;
+/// How long one request may take: a charge's two (create, confirm) fit within the breaker's
+/// bound on a provider call (`allot_app::breaker::PROVIDER_CALL_TIMEOUT_SECONDS`, 20 s), so
+/// they fail as Stripe's, not as the breaker's.
+const STRIPE_REQUEST_TIMEOUT_SECONDS: u64 = 9;
 /// Largest answer read from Stripe (a PaymentIntent is a few KB).
 const STRIPE_ANSWER_BYTES_MAX: usize = 1024 * 1024;
-/// Keys one operation may use, each after the previous one's saved answer was a 5xx.
-pub const STRIPE_KEY_CHAIN_MAX: u32 = 8;
+/// Keys one operation may use, each after the previous one's saved answer was a 5xx. A retry
+/// walks the keys its predecessors used (replays are quick) and uses at most one new one, so
+/// this is about how many failed calls an operation survives within Stripe's day.
+pub const STRIPE_KEY_CHAIN_MAX: u32 = 64;
 /// Refunds of one payment read when looking for one made under an unknown outcome.
 const STRIPE_REFUNDS_LISTED_MAX: u32 = 100;
 
@@ -235,6 +239,13 @@ impl StripeProvider {
         if answer.status == 200 {
             return charge_outcome(read::<Intent>(&answer.body, "PaymentIntent")?);
         }
+        // A saved refusal (this card declined, say) may be older than a payment another card
+        // made since: the PaymentIntent as it is now decides.
+        if answer.replayed
+            && let Some(paid) = paid(self.intent(id).await?)
+        {
+            return Ok(paid);
+        }
         let error = StripeError::read(&answer.body);
         if let Some(reason) = error.decline_reason() {
             return Ok(ChargeOutcome::Declined { reason });
@@ -254,7 +265,30 @@ impl StripeProvider {
         }
     }
 
-    /// The refund of `payment` made under operation key `key` earlier, if Stripe has one.
+    /// POSTs a refund under each key of `key`'s chain until one answers anything but a saved
+    /// 5xx; after each such replay, the refund that call may have made is looked for first (a
+    /// replay proves the earlier request has finished): `Err` with it when found.
+    async fn refund_chained(
+        &self,
+        payment: &str,
+        key: &str,
+        form: &[(&str, String)],
+    ) -> Result<Result<Answer, String>, ProviderError> {
+        for n in 0..STRIPE_KEY_CHAIN_MAX {
+            let answer = self.post("/v1/refunds", &chain_key(key, n), form).await?;
+            if !answer.stale_failure() {
+                return Ok(Ok(answer));
+            }
+            if let Some(made) = self.refund_made(payment, key).await? {
+                return Ok(Err(made));
+            }
+            tracing::warn!(payment, n, "stripe replays a 5xx for this refund: trying the next key of its chain");
+        }
+        Err(ProviderError::Unavailable(format!("stripe: all {STRIPE_KEY_CHAIN_MAX} keys of this refund failed")))
+    }
+
+    /// The refund of `payment` made under operation key `key` earlier (and not failed since), if
+    /// Stripe has one.
     async fn refund_made(&self, payment: &str, key: &str) -> Result<Option<String>, ProviderError> {
         let query = [("payment_intent", payment.to_owned()), ("limit", STRIPE_REFUNDS_LISTED_MAX.to_string())];
         let url = reqwest::Url::parse_with_params(&format!("{}/v1/refunds", self.base), &query)
@@ -264,7 +298,8 @@ impl StripeProvider {
             return Err(unavailable("refund lookup", answer.status, &StripeError::read(&answer.body)));
         }
         let list = read::<RefundList>(&answer.body, "refund list")?;
-        let made = list.data.into_iter().find(|r| r.metadata.allot_key.as_deref() == Some(key));
+        let standing = |r: &Refund| !matches!(r.status.as_deref(), Some("failed" | "canceled"));
+        let made = list.data.into_iter().find(|r| r.metadata.allot_key.as_deref() == Some(key) && standing(r));
         Ok(made.map(|r| r.id))
     }
 }
@@ -293,6 +328,7 @@ struct Intent {
 #[derive(Debug, Deserialize)]
 struct Refund {
     id: String,
+    status: Option<String>,
     #[serde(default)]
     metadata: RefundMetadata,
 }
@@ -395,7 +431,11 @@ impl PaymentProvider for StripeProvider {
             ("amount", request.amount.to_string()),
             ("metadata[allot_key]", key.clone()),
         ];
-        let answer = self.post_chained("/v1/refunds", key, &form).await?;
+        let answer = self.refund_chained(payment, key, &form).await?;
+        let answer = match answer {
+            Ok(answer) => answer,
+            Err(made) => return Ok(made),
+        };
         if answer.status == 200 {
             return Ok(read::<Refund>(&answer.body, "Refund")?.id);
         }

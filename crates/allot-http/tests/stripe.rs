@@ -156,6 +156,16 @@ async fn a_retry_after_a_stripe_failure_goes_on_with_the_next_key_and_never_char
     let card = ChargeRequest { token: "tok_visa".into(), ..typo };
     assert!(matches!(stripe.charge(&card).await, Ok(ChargeOutcome::Succeeded { .. })));
     assert_eq!((fake.created(), fake.intents()), (4, 4));
+
+    // A card declined, then another that paid but whose answer was lost; the customer retries
+    // with the first: its saved decline is older than the payment, which decides.
+    let declined = charge("tok_chargeDeclined", "booking_6_0");
+    assert!(matches!(stripe.charge(&declined).await, Ok(ChargeOutcome::Declined { .. })));
+    let paid = ChargeRequest { token: "tok_visa".into(), ..declined.clone() };
+    fake.fail_after_next_confirm(1);
+    assert!(stripe.charge(&paid).await.is_err());
+    let Ok(ChargeOutcome::Succeeded { reference }) = stripe.charge(&declined).await else { panic!("found paid") };
+    assert_eq!((fake.intent(&reference), fake.created(), fake.intents()), (Some((1250, 0)), 5, 5));
 }
 
 /// A refund whose answer was a 500 may have been made: before each try, the payment's refunds
@@ -173,12 +183,22 @@ async fn a_refund_with_an_unknown_outcome_is_looked_for_before_another_is_asked_
     assert_eq!(stripe.refund(&request).await, Ok(made), "found, not made again");
     assert_eq!((fake.refunds().len(), fake.intent(&reference)), (1, Some((1250, 600))));
 
+    // The lookup before the call missed a refund still being made (its call answered 500
+    // later): the replayed 500 proves that call finished, and the lookup after it finds it.
+    let late = RefundRequest { idempotency_key: "refund_late".into(), ..RefundRequest::of(&reference, 50) };
+    fake.fail_after_next(1);
+    assert!(stripe.refund(&late).await.is_err(), "made, answered 500");
+    fake.lag_next_list(1);
+    let made = fake.refunds()[1]["id"].as_str().unwrap().to_owned();
+    assert_eq!(stripe.refund(&late).await, Ok(made), "found after the replay, not made again");
+    assert_eq!((fake.refunds().len(), fake.intent(&reference)), (2, Some((1250, 650))));
+
     let other = RefundRequest::of(&reference, 100);
     let other = RefundRequest { idempotency_key: "refund_other".into(), ..other };
     fake.fail_next(1);
     assert!(stripe.refund(&other).await.is_err(), "nothing made, answered 500");
     let made = stripe.refund(&other).await.unwrap();
-    assert_eq!((fake.refunds().len(), fake.intent(&reference)), (2, Some((1250, 700))), "{made}: made once, now");
+    assert_eq!((fake.refunds().len(), fake.intent(&reference)), (3, Some((1250, 750))), "{made}: made once, now");
 }
 
 /// A customer books a seat and pays through Stripe; a second pays with a card that is still

@@ -13,7 +13,8 @@
 //! `resource_missing`). An amount under 50 is refused (400 `amount_too_small`).
 //! `fail_next(n)` answers the next `n` calls 500 without doing anything; `fail_after_next(n)`
 //! does what the next `n` ask and then answers 500 (an outcome the caller cannot know);
-//! `fail_next_confirm` and `fail_after_next_confirm` do the same to confirms only.
+//! `fail_next_confirm` and `fail_after_next_confirm` do the same to confirms only;
+//! `lag_next_list(n)` lists no refunds in the next `n` lookups.
 #![allow(dead_code, clippy::unwrap_used, clippy::result_large_err)]
 
 use std::collections::HashMap;
@@ -61,6 +62,7 @@ pub struct FakeStripe {
     failing_after: AtomicU32,
     confirms_failing: AtomicU32,
     confirms_failing_after: AtomicU32,
+    lists_lagging: AtomicU32,
 }
 
 impl FakeStripe {
@@ -116,6 +118,11 @@ impl FakeStripe {
     /// Does what the next `n` confirms ask, then answers them 500.
     pub fn fail_after_next_confirm(&self, n: u32) {
         self.confirms_failing_after.store(n, Ordering::SeqCst);
+    }
+
+    /// Lists no refunds in the next `n` lookups (a refund still being made when it looked).
+    pub fn lag_next_list(&self, n: u32) {
+        self.lists_lagging.store(n, Ordering::SeqCst);
     }
 
     /// The refunds made.
@@ -345,6 +352,9 @@ async fn list_refunds(State(fake): State<Arc<FakeStripe>>, headers: HeaderMap, R
     let query: HashMap<String, String> =
         form_urlencoded::parse(query.unwrap_or_default().as_bytes()).into_owned().collect();
     let payment = query.get("payment_intent").cloned().unwrap_or_default();
+    if take_one(&fake.lists_lagging) {
+        return axum::Json(json!({"object": "list", "data": [], "has_more": false})).into_response();
+    }
     let data: Vec<Value> =
         fake.refunds().into_iter().filter(|r| r["payment_intent"] == payment.as_str()).rev().collect();
     axum::Json(json!({"object": "list", "data": data, "has_more": false})).into_response()
