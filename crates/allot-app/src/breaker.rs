@@ -195,26 +195,26 @@ mod tests {
         assert_eq!(c, Circuit::Open { until: at(30) }, "only the trial closes it");
     }
 
-    /// A provider that is down.
-    struct Down;
+    /// A provider that answers every call with the same error.
+    struct Failing(ProviderError);
 
     #[async_trait]
-    impl PaymentProvider for Down {
+    impl PaymentProvider for Failing {
         fn name(&self) -> &'static str {
-            "down"
+            "failing"
         }
         async fn charge(&self, _: &ChargeRequest) -> Result<ChargeOutcome, ProviderError> {
-            Err(ProviderError::Unavailable("down".into()))
+            Err(self.0.clone())
         }
         async fn refund(&self, _: &RefundRequest) -> Result<String, ProviderError> {
-            Err(ProviderError::Unavailable("down".into()))
+            Err(self.0.clone())
         }
     }
 
     #[tokio::test]
     async fn the_open_time_is_monotonic_whatever_the_wall_clock_does() {
         let clock = Arc::new(crate::clock::ManualClock::new(jiff::Timestamp::UNIX_EPOCH));
-        let guarded = Guarded::new(Arc::new(Down), clock.clone());
+        let guarded = Guarded::new(Arc::new(Failing(ProviderError::Unavailable("down".into()))), clock.clone());
         for n in 0..BREAKER_FAILURES_MAX {
             let refund = RefundRequest::of(&format!("pi_{n}"), 100);
             assert!(matches!(guarded.refund(&refund).await, Err(ProviderError::Unavailable(_))));
@@ -232,26 +232,11 @@ mod tests {
         );
     }
 
-    /// A provider that refuses every request as asked (an amount under its minimum, say).
-    struct Refusing;
-
-    #[async_trait]
-    impl PaymentProvider for Refusing {
-        fn name(&self) -> &'static str {
-            "refusing"
-        }
-        async fn charge(&self, _: &ChargeRequest) -> Result<ChargeOutcome, ProviderError> {
-            Err(ProviderError::Rejected("amount_too_small".into()))
-        }
-        async fn refund(&self, _: &RefundRequest) -> Result<String, ProviderError> {
-            Err(ProviderError::Rejected("amount_too_large".into()))
-        }
-    }
-
     #[tokio::test]
     async fn requests_the_provider_refuses_are_answers_and_never_open_the_circuit() {
         let clock = Arc::new(crate::clock::ManualClock::new(jiff::Timestamp::UNIX_EPOCH));
-        let guarded = Guarded::new(Arc::new(Refusing), clock);
+        // Every request refused as asked (an amount under the provider's minimum, say).
+        let guarded = Guarded::new(Arc::new(Failing(ProviderError::Rejected("amount_too_large".into()))), clock);
         for n in 0..BREAKER_FAILURES_MAX * 2 {
             let refund = RefundRequest::of(&format!("pi_{n}"), 100);
             assert_eq!(guarded.refund(&refund).await, Err(ProviderError::Rejected("amount_too_large".into())), "{n}");
