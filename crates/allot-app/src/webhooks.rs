@@ -231,13 +231,10 @@ impl App {
         if records(&booking, &reference, PAYMENT_SUCCEEDED) {
             return Ok(Settled::Booking(booking));
         }
-        if records(&booking, &reference, PAYMENT_PENDING) && !as_asked(&booking, received) {
-            return self.another_sum(booking, reference, received).await;
-        }
         let expected = reference.clone();
         let decide = Box::new(move |b: &Booking, now| {
-            // Both checked on the booking as stored: the confirm's write may have landed since
-            // the read above.
+            // Both checked on the booking as stored (the confirm's write may have landed since
+            // the read above); another sum is refused here and handled on the re-read below.
             if !records(b, &expected, PAYMENT_PENDING) || !as_asked(b, received) {
                 return Err(AppError::Conflict("the booking does not wait for this payment".into()));
             }

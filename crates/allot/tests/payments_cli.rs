@@ -20,6 +20,18 @@ fn secret(db_url: &str) -> (i32, String) {
     run_command(&["payments", "webhook-secret"], db_url)
 }
 
+/// `allot serve` with `flags` exits with an error whose message names `expected`.
+fn serve_refused(db_url: &str, flags: &[&str], expected: &str) {
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_allot"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--database-url", db_url])
+        .args(flags)
+        .env("ALLOT_LOG", "warn")
+        .output()
+        .unwrap();
+    assert!(!output.status.success(), "{flags:?} refused");
+    assert!(String::from_utf8_lossy(&output.stderr).contains(expected), "{output:?}");
+}
+
 #[test]
 fn the_webhook_secret_is_made_once_and_can_be_set_at_start() {
     let dir = scratch_dir("payments-cli", now_nanos());
@@ -42,13 +54,7 @@ fn the_webhook_secret_is_made_once_and_can_be_set_at_start() {
     node.kill();
     assert_eq!(secret(&db_url), (0, format!("{configured}\n")), "stored for every node");
 
-    let output = std::process::Command::new(env!("CARGO_BIN_EXE_allot"))
-        .args(["serve", "--listen", "127.0.0.1:0", "--database-url", &db_url, "--payment-webhook-secret", "short"])
-        .env("ALLOT_LOG", "warn")
-        .output()
-        .unwrap();
-    assert!(!output.status.success(), "a secret of 5 bytes is refused");
-    assert!(String::from_utf8_lossy(&output.stderr).contains("16 to 256 bytes"), "{output:?}");
+    serve_refused(&db_url, &["--payment-webhook-secret", "short"], "16 to 256 bytes");
     assert_eq!(secret(&db_url), (0, format!("{configured}\n")), "unchanged");
 }
 
@@ -97,13 +103,7 @@ async fn the_test_provider_reports_an_async_payment_and_the_booking_is_confirmed
 async fn with_a_stripe_key_payments_go_to_stripe() {
     let dir = scratch_dir("stripe", now_nanos());
     let db_url = format!("sqlite://{}/allot.db", dir.display());
-    let output = std::process::Command::new(env!("CARGO_BIN_EXE_allot"))
-        .args(["serve", "--listen", "127.0.0.1:0", "--database-url", &db_url, "--stripe-secret-key", "pk_test_public"])
-        .env("ALLOT_LOG", "warn")
-        .output()
-        .unwrap();
-    assert!(!output.status.success(), "a publishable key is refused");
-    assert!(String::from_utf8_lossy(&output.stderr).contains("--stripe-secret-key"), "{output:?}");
+    serve_refused(&db_url, &["--stripe-secret-key", "pk_test_public"], "--stripe-secret-key");
 
     let flags = ["--demo", "--stripe-secret-key", "sk_test_allot", "--stripe-api-base", "http://127.0.0.1:9"];
     let mut node = Node::start_with("stripe", &db_url, &flags, dir.join("serve.log"), 8192);
