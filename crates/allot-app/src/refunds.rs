@@ -41,7 +41,8 @@ pub const REFUND_ATTEMPTS_MAX: u32 = 12;
 /// When a refund left to an operator is due: past every sweep's `now`, so the due index's scan
 /// never reads it again (an operator's retry, [`rearm`], makes it due at once). The migrations
 /// moved the rows parked before this existed here (`0014` on SQLite, `0013` on PostgreSQL).
-pub const PARKED_AT: Timestamp = Timestamp::MAX;
+/// A whole second (the stores keep seconds), so a refund read back parked equals it.
+pub const PARKED_AT: Timestamp = Timestamp::constant(253_402_207_200, 0);
 /// The longest wait between two attempts (doubling from [`REFUND_GRACE_SECONDS`]).
 pub const REFUND_BACKOFF_SECONDS_MAX: i64 = 3600;
 /// How long a payment provider keeps an idempotency key (Stripe: 24 h). Every attempt at one
@@ -300,9 +301,13 @@ impl App {
 /// Refunds an operator command lists at most.
 pub const QUEUED_LIST_MAX: u32 = 10_000;
 
-/// Every refund queued (at most [`QUEUED_LIST_MAX`]), soonest first, whatever its attempts.
-pub async fn queued(store: &dyn crate::store::Store) -> AppResult<Vec<RefundDue>> {
-    Ok(store.refunds_due(Timestamp::MAX, u32::MAX, QUEUED_LIST_MAX).await?)
+/// The refunds queued, soonest first (parked ones last), whatever their attempts: at most
+/// [`QUEUED_LIST_MAX`], and whether more are queued.
+pub async fn queued(store: &dyn crate::store::Store) -> AppResult<(Vec<RefundDue>, bool)> {
+    let mut queued = store.refunds_due(Timestamp::MAX, u32::MAX, QUEUED_LIST_MAX + 1).await?;
+    let more = queued.len() > QUEUED_LIST_MAX as usize;
+    queued.truncate(QUEUED_LIST_MAX as usize);
+    Ok((queued, more))
 }
 
 /// Whether a refund with `attempts` failed ones is left to an operator.
@@ -313,8 +318,8 @@ pub fn left_to_operator(attempts: u32) -> bool {
 /// Re-arms the refunds queued for `payment_reference` (an operator's retry): no attempts, due
 /// at `now`. How many there were.
 pub async fn rearm(store: &dyn crate::store::Store, payment_reference: &str, now: Timestamp) -> AppResult<usize> {
-    let found: Vec<RefundDue> =
-        queued(store).await?.into_iter().filter(|due| due.payment_reference == payment_reference).collect();
+    // Looked up by the payment, not among the first of the queue: parked refunds sort last.
+    let found = store.refunds_of_payment(payment_reference).await?;
     for due in &found {
         store.reschedule_refund(due.kind, &due.payment_reference, 0, now, None).await?;
     }
@@ -456,6 +461,8 @@ mod tests {
         }
         // `0014_refunds_parked.sql` (SQLite), `0013_refunds_parked.sql` (PostgreSQL).
         assert_eq!((PARKED_AT.as_second(), REFUND_ATTEMPTS_MAX), (253_402_207_200, 12), "the migrations' values");
+        assert_eq!(PARKED_AT.as_second(), Timestamp::MAX.as_second(), "past every time");
+        assert_eq!(PARKED_AT.subsec_nanosecond(), 0, "a whole second, as the stores keep it");
     }
 
     /// From the request's own attempt (when the refund is queued) to the last retry, each

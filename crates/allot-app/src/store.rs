@@ -437,6 +437,8 @@ pub trait Store: Send + Sync + 'static {
     /// Up to `limit` refunds whose `next_at` has come by `now`, with fewer than `attempts_max`
     /// attempts, soonest first.
     async fn refunds_due(&self, now: Timestamp, attempts_max: u32, limit: u32) -> Result<Vec<RefundDue>, StoreError>;
+    /// The refunds queued for `payment_reference` (one of each kind at most), parked or not.
+    async fn refunds_of_payment(&self, payment_reference: &str) -> Result<Vec<RefundDue>, StoreError>;
     /// [`Store::refunds_due`] for the reconciler: each refund returned is leased in the same
     /// write (its `next_at` moved to `lease_until`, as returned), so a sweep of another node
     /// skips it while this one settles it, and takes it again once the lease ends if this one

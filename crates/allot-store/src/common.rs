@@ -347,6 +347,19 @@ where
     qb
 }
 
+/// The refunds queued for one payment (one per kind at most), wherever they are in the queue:
+/// parked ones included, which [`refunds_due_query`] reads last.
+pub fn refunds_of_payment_query<DB: sqlx::Database>(payment_reference: &str) -> QueryBuilder<DB>
+where
+    String: for<'q> sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+{
+    let mut qb = QueryBuilder::new(
+        "SELECT kind, payment_reference, booking_id, amount, attempts, next_at FROM refunds_due WHERE payment_reference = ",
+    );
+    qb.push_bind(payment_reference.to_owned()).push(" ORDER BY kind");
+    qb
+}
+
 /// A row of [`refunds_due_query`]: kind, payment reference, booking, amount, attempts, next.
 pub type RefundRow = (String, String, String, i64, i64, i64);
 

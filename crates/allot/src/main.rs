@@ -113,7 +113,7 @@ async fn audit_verify(database_url: &str) -> anyhow::Result<()> {
 /// `allot refunds list`: one line per refund queued, then a count.
 async fn refunds_list(database_url: &str) -> anyhow::Result<()> {
     let store = open_store(database_url).await?;
-    let queued = allot_app::refunds::queued(store.as_ref()).await?;
+    let (queued, more) = allot_app::refunds::queued(store.as_ref()).await?;
     for due in &queued {
         let state = if allot_app::refunds::left_to_operator(due.attempts) { "left to an operator" } else { "queued" };
         let next = if due.next_at == allot_app::refunds::PARKED_AT {
@@ -130,7 +130,12 @@ async fn refunds_list(database_url: &str) -> anyhow::Result<()> {
             due.attempts,
         );
     }
-    println!("refunds owed: {}", queued.len());
+    if more {
+        // Parked refunds sort last: `refunds retry` finds any by its payment all the same.
+        println!("refunds owed: the first {} of more", queued.len());
+    } else {
+        println!("refunds owed: {}", queued.len());
+    }
     Ok(())
 }
 

@@ -262,6 +262,10 @@ impl Store for FaultyStore {
         self.inner.refunds_due(now, attempts_max, limit).await
     }
 
+    async fn refunds_of_payment(&self, payment_reference: &str) -> Result<Vec<RefundDue>, StoreError> {
+        self.inner.refunds_of_payment(payment_reference).await
+    }
+
     async fn claim_refunds_due(
         &self,
         now: Timestamp,

@@ -39,8 +39,8 @@ use crate::common::{
     AUDIT_COLUMNS, AUDIT_HEAD_SQL, AuditRow, KeyRow, RefundRow, Rotation, Succession, TokenRow, USER_COLUMNS,
     UserVenuesRow, VENUE_IN_USE, add_seat_states, after_key, audit_events_of, audit_head_of, audit_range_query,
     audit_rotation, audit_select, chain, claims_from_rows, decided, docs_to_page, existing_key, expired, from_json,
-    from_json_db, hold_expiry, is_unique_violation, refund_due_of, refunds_due_query, rotation, to_json, ts,
-    user_of_venues_row,
+    from_json_db, hold_expiry, is_unique_violation, refund_due_of, refunds_due_query, refunds_of_payment_query,
+    rotation, to_json, ts, user_of_venues_row,
 };
 use crate::writer::{
     Backend, HoldResults, KeyBegin, KeyBegun, KeyCompletion, Outcome, TxnRef, WriteCtx, Writer, db_error, marks_fenced,
@@ -1775,6 +1775,12 @@ impl Store for PgStore {
 
     async fn refunds_due(&self, now: Timestamp, attempts_max: u32, limit: u32) -> Result<Vec<RefundDue>, StoreError> {
         let mut query = refunds_due_query::<Postgres>(now, attempts_max, limit);
+        let rows: Vec<RefundRow> = query.build_query_as().fetch_all(&self.read).await.map_err(db_error)?;
+        rows.into_iter().map(refund_due_of).collect()
+    }
+
+    async fn refunds_of_payment(&self, payment_reference: &str) -> Result<Vec<RefundDue>, StoreError> {
+        let mut query = refunds_of_payment_query::<Postgres>(payment_reference);
         let rows: Vec<RefundRow> = query.build_query_as().fetch_all(&self.read).await.map_err(db_error)?;
         rows.into_iter().map(refund_due_of).collect()
     }

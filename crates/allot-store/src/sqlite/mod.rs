@@ -32,7 +32,7 @@ use crate::cache::{self, Cache, INVALIDATE_ALL, ResourceVersions};
 use crate::common::{
     AUDIT_HEAD_SQL, AuditRow, RefundRow, Succession, USER_COLUMNS, UserVenuesRow, after_key, audit_events_of,
     audit_head_of, audit_range_query, audit_rotation, audit_select, claims_from_rows, docs_to_page, from_json, page_of,
-    refund_due_of, refunds_due_query, ts, user_of_venues_row,
+    refund_due_of, refunds_due_query, refunds_of_payment_query, ts, user_of_venues_row,
 };
 use crate::writer::{Backend, KeyBegin, KeyCompletion, Writer, db_error};
 use tx::Ctx;
@@ -715,6 +715,12 @@ impl Store for SqliteStore {
 
     async fn refunds_due(&self, now: Timestamp, attempts_max: u32, limit: u32) -> Result<Vec<RefundDue>, StoreError> {
         let mut query = refunds_due_query::<Sqlite>(now, attempts_max, limit);
+        let rows: Vec<RefundRow> = query.build_query_as().fetch_all(&self.read).await.map_err(db_error)?;
+        rows.into_iter().map(refund_due_of).collect()
+    }
+
+    async fn refunds_of_payment(&self, payment_reference: &str) -> Result<Vec<RefundDue>, StoreError> {
+        let mut query = refunds_of_payment_query::<Sqlite>(payment_reference);
         let rows: Vec<RefundRow> = query.build_query_as().fetch_all(&self.read).await.map_err(db_error)?;
         rows.into_iter().map(refund_due_of).collect()
     }

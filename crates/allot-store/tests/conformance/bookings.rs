@@ -344,6 +344,17 @@ pub async fn queued_refunds_are_listed_when_due_rescheduled_and_dropped(b: &Back
     assert_eq!(w.store.refunds_due(at(400), 10, 10).await.unwrap(), vec![late.clone(), rescheduled]);
     assert_eq!(w.store.refunds_due(at(400), 3, 10).await.unwrap(), vec![late.clone()], "out of attempts");
 
+    // Found by its payment wherever it is in the queue: parked (due never) and of both kinds.
+    let parked = RefundDue { attempts: 12, next_at: allot_app::refunds::PARKED_AT, ..late.clone() };
+    w.store.reschedule_refund(RefundKind::Unrecorded, "pi_late", 12, parked.next_at, None).await.unwrap();
+    let cancellation = RefundDue { kind: RefundKind::Cancellation, ..soon.clone() };
+    w.store.queue_refund(&cancellation).await.unwrap();
+    assert_eq!(w.store.refunds_of_payment("pi_late").await.unwrap(), vec![parked.clone()]);
+    let both = w.store.refunds_of_payment("pi_soon").await.unwrap();
+    assert_eq!(both.iter().map(|r| r.kind).collect::<Vec<_>>(), [RefundKind::Cancellation, RefundKind::Unrecorded]);
+    assert_eq!(w.store.refunds_of_payment("pi_none").await.unwrap(), vec![]);
+    w.store.drop_refund(RefundKind::Cancellation, "pi_soon").await.unwrap();
+
     w.store.drop_refund(RefundKind::Cancellation, "pi_late").await.unwrap();
     assert_eq!(b.count("refunds_due", "1=1").await, 2, "another kind is another refund");
     w.store.drop_refund(RefundKind::Unrecorded, "pi_late").await.unwrap();
