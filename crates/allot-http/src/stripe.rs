@@ -22,12 +22,16 @@
 //! proves the earlier call has finished), so a refund made under an unknown outcome is found
 //! instead of made again.
 //!
+//! A call Stripe answers 409 `idempotency_key_in_use` (another request with its key still
+//! running: a double click) is sent again a little later, and gets that request's answer.
+//!
 //! Stripe's answers map onto the port: a payment `succeeded` or `processing` (reported later by
 //! its event: pending), a card error (402) declined with Stripe's decline code, a token Stripe
 //! does not know `InvalidToken`, a request Stripe will not carry out as asked (an amount under
 //! its minimum, a currency it does not take, a refund larger than what is left) `Rejected`, and
-//! everything else (no answer in time, 409, 429, 5xx, a key refused) `Unavailable`, which the
-//! circuit breaker counts.
+//! everything else (no answer in time, 409, 429, 5xx, a key refused, and a card's
+//! `processing_error`, which is no decline and is tried again as a 5xx is, along the chain)
+//! `Unavailable`, which the circuit breaker counts.
 
 use std::time::Duration;
 
@@ -50,6 +54,12 @@ const STRIPE_ANSWER_BYTES_MAX: usize = 1024 * 1024;
 /// walks the keys its predecessors used (replays are quick) and uses at most one new one, so
 /// this is about how many failed calls an operation survives within Stripe's day.
 pub const STRIPE_KEY_CHAIN_MAX: u32 = 64;
+/// Sends of one call while Stripe answers that another request with its key is still running
+/// (409 `idempotency_key_in_use`: a double click reaching Stripe twice at once), waiting
+/// [`STRIPE_KEY_IN_USE_WAIT_MS`] and doubling in between; the last answer is then read as
+/// any other 409.
+const STRIPE_KEY_IN_USE_SENDS_MAX: u32 = 5;
+const STRIPE_KEY_IN_USE_WAIT_MS: u64 = 100;
 /// Refunds of one payment read when looking for one made under an unknown outcome.
 const STRIPE_REFUNDS_LISTED_MAX: u32 = 100;
 
@@ -120,10 +130,15 @@ struct Answer {
 }
 
 impl Answer {
-    /// A 5xx saved for the key: its operation's outcome is unknown, and the key will answer it
-    /// for a day.
+    /// A failure saved for the key, which the key will answer for a day: a 5xx (the
+    /// operation's outcome unknown), or a card's processing error (try again).
     fn stale_failure(&self) -> bool {
-        self.replayed && self.status >= 500
+        self.replayed && (self.status >= 500 || StripeError::read(&self.body).processing_error())
+    }
+
+    /// Stripe's 409 to a key whose first request is still running; nothing is saved for it.
+    fn key_in_use(&self) -> bool {
+        self.status == 409 && StripeError::read(&self.body).code.as_deref() == Some("idempotency_key_in_use")
     }
 }
 
@@ -147,10 +162,20 @@ impl StripeProvider {
         Ok(StripeProvider { client, base: base.to_owned(), secret_key: secret_key.to_owned() })
     }
 
-    /// POSTs `form` to `path` under idempotency key `key`.
+    /// POSTs `form` to `path` under idempotency key `key`; again, a little later, while another
+    /// request with the key is still running (its answer is then replayed).
     async fn post(&self, path: &str, key: &str, form: &[(&str, String)]) -> Result<Answer, ProviderError> {
-        let request = self.client.post(format!("{}{path}", self.base)).header("Idempotency-Key", key).form(form);
-        self.send(request).await
+        let mut sends = 0;
+        loop {
+            sends += 1;
+            let request = self.client.post(format!("{}{path}", self.base)).header("Idempotency-Key", key).form(form);
+            let answer = self.send(request).await?;
+            if !answer.key_in_use() || sends >= STRIPE_KEY_IN_USE_SENDS_MAX {
+                return Ok(answer);
+            }
+            tracing::info!(path, key, sends, "stripe is still running a request with this key: sending it again soon");
+            tokio::time::sleep(Duration::from_millis(STRIPE_KEY_IN_USE_WAIT_MS << (sends - 1))).await;
+        }
     }
 
     async fn send(&self, request: reqwest::RequestBuilder) -> Result<Answer, ProviderError> {
@@ -229,7 +254,11 @@ impl StripeProvider {
             if let Some(paid) = paid(self.intent(id).await?) {
                 return Ok(paid);
             }
-            tracing::warn!(payment = id, n, "stripe replays a 5xx for this confirm: trying the next key of its chain");
+            tracing::warn!(
+                payment = id,
+                n,
+                "stripe replays a failure for this confirm: trying the next key of its chain"
+            );
         }
         Err(ProviderError::Unavailable(format!("stripe: all {STRIPE_KEY_CHAIN_MAX} keys of this confirm failed")))
     }
@@ -247,6 +276,11 @@ impl StripeProvider {
             return Ok(paid);
         }
         let error = StripeError::read(&answer.body);
+        // Not the card's holder's doing, and not one of their attempts: tried again (under the
+        // next key of the chain, which the saved error sends the retry on to), then 503.
+        if error.processing_error() {
+            return Err(ProviderError::Unavailable("stripe: the card could not be processed (try again)".into()));
+        }
         if let Some(reason) = error.decline_reason() {
             return Ok(ChargeOutcome::Declined { reason });
         }
@@ -368,6 +402,12 @@ impl StripeError {
     fn decline_reason(&self) -> Option<String> {
         (self.kind == "card_error")
             .then(|| self.decline_code.clone().or_else(|| self.code.clone()).unwrap_or_else(|| "card_declined".into()))
+    }
+
+    /// A card error that is no decline: Stripe failed to process the card, and asks for the
+    /// payment to be tried again.
+    fn processing_error(&self) -> bool {
+        self.kind == "card_error" && self.code.as_deref() == Some("processing_error")
     }
 
     /// A token or payment method Stripe does not know: the client's mistake.

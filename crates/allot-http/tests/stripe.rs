@@ -168,6 +168,40 @@ async fn a_retry_after_a_stripe_failure_goes_on_with_the_next_key_and_never_char
     assert_eq!((fake.intent(&reference), fake.created(), fake.intents()), (Some((1250, 0)), 5, 5));
 }
 
+/// A card Stripe could not process is no decline: the provider is unavailable for that try, and
+/// the retry (which the saved error would answer for a day) confirms again under the next key
+/// of the chain. A call whose key another request is still running under is sent again a
+/// little later, and gets that request's answer, not an outage.
+#[tokio::test]
+async fn a_card_stripe_could_not_process_is_tried_again_and_a_key_in_use_is_waited_for() {
+    let (fake, stripe) = stripe().await;
+    let request = charge("tok_visa", "booking_7_0");
+    fake.processing_error_next_confirm(1);
+    let first = stripe.charge(&request).await;
+    assert!(matches!(&first, Err(ProviderError::Unavailable(why)) if why.contains("processed")), "{first:?}");
+    let Ok(ChargeOutcome::Succeeded { reference }) = stripe.charge(&request).await else { panic!("the retry") };
+    let confirms: Vec<String> = fake
+        .calls()
+        .iter()
+        .filter(|c| c.path.ends_with("/confirm"))
+        .filter_map(|c| c.idempotency_key.clone())
+        .collect();
+    assert_eq!(confirms.len(), 3, "the first, its replay, the next key: {confirms:?}");
+    assert_eq!((&confirms[1], &confirms[2]), (&confirms[0], &format!("{}~1", confirms[0])));
+    assert_eq!(fake.intent(&reference), Some((1250, 0)), "charged once");
+    let never = stripe.charge(&charge("tok_chargeDeclinedProcessingError", "booking_8_0")).await;
+    assert!(matches!(never, Err(ProviderError::Unavailable(_))), "not a decline: {never:?}");
+
+    fake.key_in_use_next(2);
+    let busy = charge("tok_visa", "booking_9_0");
+    assert!(matches!(stripe.charge(&busy).await, Ok(ChargeOutcome::Succeeded { .. })), "waited for, then made");
+    let creates = fake.calls().iter().filter(|c| c.idempotency_key.as_deref() == Some("booking_9_0")).count();
+    assert_eq!(creates, 3, "two 409s, then the call itself");
+    fake.key_in_use_next(10);
+    let stuck = stripe.charge(&charge("tok_visa", "booking_10_0")).await;
+    assert!(matches!(stuck, Err(ProviderError::Unavailable(why)) if why.contains("409")), "a key in use too long");
+}
+
 /// A refund whose answer was a 500 may have been made: before each try, the payment's refunds
 /// are looked through for the one made under this operation's key.
 #[tokio::test]
@@ -230,6 +264,13 @@ async fn a_booking_paid_through_stripe_end_to_end() {
     let other = other["id"].as_str().unwrap().to_owned();
     let (status, error) = t.post(Some(&customer), &format!("/bookings/{other}/confirm"), declined).await;
     assert_eq!((status, error["error"]["code"].as_str()), (StatusCode::PAYMENT_REQUIRED, Some("payment_declined")));
+    // A card Stripe could not process: 503 after the retries, not one of the three attempts.
+    let unprocessed = json!({"payment": {"method": "card", "token": "tok_chargeDeclinedProcessingError"}});
+    let (status, error) = t.post(Some(&customer), &format!("/bookings/{other}/confirm"), unprocessed).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{error}");
+    assert_eq!(error["error"]["code"], "payment_provider_unavailable");
+    let (_, still) = t.get(Some(&customer), &format!("/bookings/{other}")).await;
+    assert_eq!((still["status"].as_str(), still["payment_attempts"].as_i64()), (Some("held"), Some(1)), "{still}");
     let processing = json!({"payment": {"method": "card", "token": "tok_processing"}});
     let (status, pending) = t.post(Some(&customer), &format!("/bookings/{other}/confirm"), processing).await;
     assert_eq!((status, pending["status"].as_str()), (StatusCode::OK, Some("pending_payment")), "{pending}");

@@ -14,7 +14,11 @@
 //! `fail_next(n)` answers the next `n` calls 500 without doing anything; `fail_after_next(n)`
 //! does what the next `n` ask and then answers 500 (an outcome the caller cannot know);
 //! `fail_next_confirm` and `fail_after_next_confirm` do the same to confirms only;
-//! `lag_next_list(n)` lists no refunds in the next `n` lookups.
+//! `lag_next_list(n)` lists no refunds in the next `n` lookups; `key_in_use_next(n)` answers the
+//! next `n` calls 409 `idempotency_key_in_use` (as Stripe answers a call whose key another
+//! request is still running under; nothing saved); `processing_error_next_confirm(n)` answers
+//! the next `n` confirms with a card's `processing_error` (402, saved), as
+//! `tok_chargeDeclinedProcessingError` always is.
 #![allow(dead_code, clippy::unwrap_used, clippy::result_large_err)]
 
 use std::collections::HashMap;
@@ -63,6 +67,8 @@ pub struct FakeStripe {
     confirms_failing: AtomicU32,
     confirms_failing_after: AtomicU32,
     lists_lagging: AtomicU32,
+    keys_in_use: AtomicU32,
+    confirms_processing_error: AtomicU32,
 }
 
 impl FakeStripe {
@@ -125,6 +131,16 @@ impl FakeStripe {
         self.lists_lagging.store(n, Ordering::SeqCst);
     }
 
+    /// Answers the next `n` calls 409 `idempotency_key_in_use`, saving nothing.
+    pub fn key_in_use_next(&self, n: u32) {
+        self.keys_in_use.store(n, Ordering::SeqCst);
+    }
+
+    /// Answers the next `n` confirms with a card's `processing_error` (saved for their keys).
+    pub fn processing_error_next_confirm(&self, n: u32) {
+        self.confirms_processing_error.store(n, Ordering::SeqCst);
+    }
+
     /// The refunds made.
     pub fn refunds(&self) -> Vec<Value> {
         self.books.lock().unwrap().refunds.clone()
@@ -138,6 +154,11 @@ impl FakeStripe {
         let mut books = self.books.lock().unwrap();
         books.calls.push(call.clone());
         authenticated(headers)?;
+        if take_one(&self.keys_in_use) {
+            let e = json!({"type": "idempotency_error", "code": "idempotency_key_in_use",
+                "message": "There is currently another in-progress request using this Stripe token."});
+            return Err(error(StatusCode::CONFLICT, e));
+        }
         if let Some((first, status, answer)) = key.as_ref().and_then(|k| books.replays.get(k)) {
             if *first != form {
                 let e = json!({"type": "idempotency_error",
@@ -276,6 +297,7 @@ async fn confirm(
             "message": "Your card was declined.", "payment_intent": intent}})
     };
     let token = f.get("payment_method_data[card][token]").map_or("", String::as_str);
+    let token = if take_one(&fake.confirms_processing_error) { "tok_chargeDeclinedProcessingError" } else { token };
     let no_action = f.get("error_on_requires_action").is_some_and(|v| v == "true");
     let (status, answer) = match token {
         "tok_visa" => (StatusCode::OK, with_status("succeeded")),
@@ -285,6 +307,7 @@ async fn confirm(
         }
         "tok_threeDSecure2Required" => (StatusCode::OK, with_status("requires_action")),
         "tok_chargeDeclined" => (StatusCode::PAYMENT_REQUIRED, card_error("card_declined", Some("generic_decline"))),
+        "tok_chargeDeclinedProcessingError" => (StatusCode::PAYMENT_REQUIRED, card_error("processing_error", None)),
         "tok_chargeDeclinedInsufficientFunds" => {
             (StatusCode::PAYMENT_REQUIRED, card_error("card_declined", Some("insufficient_funds")))
         }
