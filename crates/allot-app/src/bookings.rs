@@ -322,7 +322,8 @@ impl App {
                     }
                 };
                 if !recorded {
-                    let refunded = self.payments.refund(&RefundRequest::of(&reference, booking.total)).await;
+                    let refunded =
+                        self.payments.refund(&RefundRequest::of(booking.id, &reference, booking.total)).await;
                     telemetry::count_refund(&refunded);
                     if let Err(e) = refunded {
                         tracing::warn!(booking_id = %booking.id, error = %e, "refund after failed confirm failed; queued");
@@ -390,7 +391,7 @@ impl App {
             next.expires_at = None;
             if b.status == BookingStatus::Confirmed {
                 let start = b.first_start().unwrap_or(now);
-                next.refund = Some(Refund { amount: policy.refund(b.total, start, now), reference: None });
+                next.refund = Some(Refund::owed(policy.refund(b.total, start, now)));
             }
             Ok(next)
         });
@@ -402,7 +403,7 @@ impl App {
             // never a refund without a cancellation.
             // The cancellation's write queued the refund (`RefundKind::Cancellation`): if it
             // fails here, or its reference is not recorded, the reconciler makes it later.
-            let refunded = self.payments.refund(&RefundRequest::of(&payment.reference, refund.amount)).await;
+            let refunded = self.payments.refund(&RefundRequest::of(id, &payment.reference, refund.amount)).await;
             telemetry::count_refund(&refunded);
             match refunded {
                 Ok(reference) => {
@@ -420,8 +421,12 @@ impl App {
     pub(crate) async fn record_refund(&self, id: BookingId, reference: String) -> Option<Booking> {
         let decide = Box::new(move |b: &Booking, _now| {
             let mut next = b.clone();
+            // Not made yet, or made again in place of one reported failed.
             match next.refund.as_mut() {
-                Some(refund) if refund.reference.is_none() => refund.reference = Some(reference),
+                Some(refund) if b.refund_owed().is_some() && refund.reference.as_ref() != Some(&reference) => {
+                    refund.reference = Some(reference);
+                    refund.failure = None;
+                }
                 _ => return Err(AppError::Conflict("the refund is already settled".into())),
             }
             Ok(next)

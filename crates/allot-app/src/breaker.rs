@@ -156,6 +156,7 @@ impl PaymentProvider for Guarded {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use allot_core::ids::BookingId;
 
     fn at(second: i64) -> Tick {
         Duration::from_secs(second.unsigned_abs())
@@ -216,10 +217,10 @@ mod tests {
         let clock = Arc::new(crate::clock::ManualClock::new(jiff::Timestamp::UNIX_EPOCH));
         let guarded = Guarded::new(Arc::new(Failing(ProviderError::Unavailable("down".into()))), clock.clone());
         for n in 0..BREAKER_FAILURES_MAX {
-            let refund = RefundRequest::of(&format!("pi_{n}"), 100);
+            let refund = RefundRequest::of(BookingId::new(), &format!("pi_{n}"), 100);
             assert!(matches!(guarded.refund(&refund).await, Err(ProviderError::Unavailable(_))));
         }
-        let next = RefundRequest::of("pi_next", 100);
+        let next = RefundRequest::of(BookingId::new(), "pi_next", 100);
         assert_eq!(guarded.refund(&next).await, Err(ProviderError::CircuitOpen));
         clock.advance(jiff::SignedDuration::from_hours(-1));
         clock.advance(jiff::SignedDuration::from_secs(BREAKER_OPEN_SECONDS - 1));
@@ -238,7 +239,7 @@ mod tests {
         // Every request refused as asked (an amount under the provider's minimum, say).
         let guarded = Guarded::new(Arc::new(Failing(ProviderError::Rejected("amount_too_large".into()))), clock);
         for n in 0..BREAKER_FAILURES_MAX * 2 {
-            let refund = RefundRequest::of(&format!("pi_{n}"), 100);
+            let refund = RefundRequest::of(BookingId::new(), &format!("pi_{n}"), 100);
             assert_eq!(guarded.refund(&refund).await, Err(ProviderError::Rejected("amount_too_large".into())), "{n}");
         }
     }

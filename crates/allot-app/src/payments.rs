@@ -26,6 +26,8 @@ pub struct ChargeRequest {
 /// Money given back on a payment, in part or whole.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RefundRequest {
+    /// The booking the payment was for (the provider sends it back with the refund's events).
+    pub booking_id: BookingId,
     pub payment_reference: String,
     pub amount: i64,
     /// Stable per payment ([`RefundRequest::of`]), so the refund made when a booking is
@@ -34,14 +36,24 @@ pub struct RefundRequest {
 }
 
 impl RefundRequest {
-    /// The refund of `amount` on payment `payment_reference`. A payment is refunded at most
-    /// once (a cancellation's refund, or whole when its booking does not record it).
-    pub fn of(payment_reference: &str, amount: i64) -> RefundRequest {
+    /// The refund of `amount` on payment `payment_reference` of booking `booking_id`. A payment
+    /// is refunded at most once (a cancellation's refund, or whole when its booking does not
+    /// record it), but for a refund the provider reported failed ([`RefundRequest::replacing`]).
+    pub fn of(booking_id: BookingId, payment_reference: &str, amount: i64) -> RefundRequest {
         RefundRequest {
+            booking_id,
             payment_reference: payment_reference.to_owned(),
             amount,
             idempotency_key: format!("refund_{payment_reference}"),
         }
+    }
+
+    /// This refund made again in place of the provider's refund `failed`, which it reported
+    /// failed after it was made: under a key of its own, since the first refund's key would be
+    /// answered with that refund.
+    pub fn replacing(self, failed: &str) -> RefundRequest {
+        let idempotency_key = format!("refund_{}_after_{failed}", self.payment_reference);
+        RefundRequest { idempotency_key, ..self }
     }
 }
 
@@ -107,7 +119,9 @@ impl PaymentProvider for TestProvider {
     }
 
     async fn refund(&self, request: &RefundRequest) -> Result<String, ProviderError> {
-        Ok(format!("re_{}", request.payment_reference))
+        // One reference per refund (per key), as a provider's: `re_<payment>` for the first.
+        let key = &request.idempotency_key;
+        Ok(format!("re_{}", key.strip_prefix("refund_").unwrap_or(key)))
     }
 }
 

@@ -213,7 +213,8 @@ impl App {
                 // Money moves: recorded in the audit trail (I6) as the server's own attempt, in
                 // the transaction that records the refund, or on its own when none does.
                 let scope = AuditScope::new(refund_event(due, booking.as_ref(), amount, now));
-                let made = scope.clone().run(self.make_refund(due, amount)).await;
+                let failed = booking.as_ref().and_then(Booking::failed_refund).map(str::to_owned);
+                let made = scope.clone().run(self.make_refund(due, amount, failed)).await;
                 if matches!(made, Err(AppError::PaymentProviderUnavailable)) {
                     scope.discard();
                 }
@@ -227,11 +228,17 @@ impl App {
         Ok(decided)
     }
 
-    /// Makes the refund `due` owes (`amount`) at the provider and records it: a cancellation's
-    /// reference on its booking, an unrecorded charge's queue row dropped.
-    async fn make_refund(&self, due: &RefundDue, amount: i64) -> AppResult<()> {
+    /// Makes the refund `due` owes (`amount`) at the provider, in place of the refund `failed`
+    /// if the provider reported that one failed, and records it: a cancellation's reference on
+    /// its booking, an unrecorded charge's queue row dropped.
+    async fn make_refund(&self, due: &RefundDue, amount: i64, failed: Option<String>) -> AppResult<()> {
+        let request = RefundRequest::of(due.booking_id, &due.payment_reference, amount);
+        let request = match failed {
+            Some(failed) if due.kind == RefundKind::Cancellation => request.replacing(&failed),
+            _ => request,
+        };
         // Bounded by the provider's call timeout (`breaker`).
-        let refunded = self.payments.refund(&RefundRequest::of(&due.payment_reference, amount)).await;
+        let refunded = self.payments.refund(&request).await;
         if matches!(refunded, Err(ProviderError::CircuitOpen)) {
             return Err(AppError::PaymentProviderUnavailable);
         }
@@ -410,10 +417,10 @@ mod tests {
     #[test]
     fn a_cancellations_refund_is_owed_while_the_booking_owes_it() {
         let mut b = booking(BookingStatus::Cancelled, Some("pi_1"));
-        b.refund = Some(Refund { amount: 600, reference: None });
+        b.refund = Some(Refund::owed(600));
         let due = due(RefundKind::Cancellation, &b);
         assert_eq!(owed(&due, Some(&b)), Owed::Now(600), "the policy's amount, not the payment's");
-        b.refund = Some(Refund { amount: 600, reference: Some("re_pi_1".into()) });
+        b.refund = Some(Refund::made(600, "re_pi_1"));
         assert_eq!(owed(&due, Some(&b)), Owed::No, "made");
         assert_eq!(owed(&due, None), Owed::No, "no booking, nothing recorded to refund");
     }
@@ -425,7 +432,7 @@ mod tests {
         assert_eq!(owed(&due, Some(&held)), Owed::NotYet, "a retried confirm may still record it");
         assert_eq!(owed(&due, Some(&booking(BookingStatus::Confirmed, Some("pi_1")))), Owed::No);
         let mut cancelled = booking(BookingStatus::Cancelled, Some("pi_1"));
-        cancelled.refund = Some(Refund { amount: 0, reference: None });
+        cancelled.refund = Some(Refund::owed(0));
         assert_eq!(owed(&due, Some(&cancelled)), Owed::No, "the cancellation's refund decides, even of nothing");
         assert_eq!(owed(&due, Some(&booking(BookingStatus::Expired, None))), Owed::Now(1200));
         assert_eq!(owed(&due, Some(&booking(BookingStatus::Confirmed, Some("pi_2")))), Owed::Now(1200), "another paid");

@@ -10,6 +10,9 @@
 //! every event is applied once, a repeat answers what the first did, and one arriving after
 //! its booking ended changes nothing but the money owed back.
 //!
+//! A refund the provider reports failed after it made it (the card closed since) is recorded on
+//! its booking, owed again and left to an operator ([`App::refund_failed`]).
+//!
 //! A payment is kept only for the sum its booking asked, in the booking's currency: one the
 //! provider reports for another sum is refunded whole (what it reports taken), and the booking
 //! held again as if the payment had failed.
@@ -69,6 +72,18 @@ pub struct PaymentEvent {
     pub booking_id: BookingId,
     pub payment_reference: String,
     pub report: PaymentReport,
+}
+
+/// The provider's report that a refund it made failed afterwards (Stripe's `refund.failed`):
+/// the money did not go back (a card closed since, say).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RefundFailure {
+    pub booking_id: BookingId,
+    pub payment_reference: String,
+    /// The provider's refund that failed.
+    pub refund_reference: String,
+    /// Why, in the provider's words.
+    pub reason: String,
 }
 
 /// What an event did.
@@ -147,6 +162,22 @@ fn records(booking: &Booking, reference: &str, status: &str) -> bool {
     booking.payment.as_ref().is_some_and(|p| p.reference == reference && p.status == status)
 }
 
+/// Whether `booking` records the refund `failure` reports, made on its payment and not reported
+/// failed yet.
+fn refund_made(booking: &Booking, failure: &RefundFailure) -> bool {
+    let on_payment = booking.payment.as_ref().is_some_and(|p| p.reference == failure.payment_reference);
+    let made = booking
+        .refund
+        .as_ref()
+        .is_some_and(|r| r.failure.is_none() && r.reference.as_deref() == Some(failure.refund_reference.as_str()));
+    on_payment && made
+}
+
+/// Whether `booking` records the refund `failure` reports as failed already.
+fn refund_failed(booking: &Booking, failure: &RefundFailure) -> bool {
+    booking.failed_refund() == Some(failure.refund_reference.as_str())
+}
+
 /// Whether `booking` may still record a payment of `received` that its confirm made (the event
 /// came first): it is held, its hold has not lapsed, it records no payment yet, and `received`
 /// is what it would ask. A confirm whose process died after the charge never records it; its
@@ -220,6 +251,69 @@ impl App {
                 self.payment_succeeded(booking, event.payment_reference, received).await
             }
             PaymentReport::Failed => self.payment_failed(booking, event.payment_reference).await,
+        }
+    }
+
+    /// Records on its booking that the provider's refund failed: the refund is owed again, and
+    /// left to an operator (`allot refunds list`, `allot refunds retry`, which makes it anew in
+    /// place of the failed one), since the card it went to did not take it. A refund the booking
+    /// does not record (an unrecorded charge's, or one made in place since) is logged for an
+    /// operator to give back by other means, and changes nothing.
+    pub async fn refund_failed(&self, provider: &str, failure: RefundFailure) -> AppResult<Settled> {
+        let settled = self.apply_refund_failure(provider, failure).await;
+        let outcome = match &settled {
+            Ok(Settled::Booking(_) | Settled::Refunding(_)) => "refund_failed",
+            Ok(Settled::Ignored) => "ignored",
+            Err(e) => telemetry::failure(e),
+        };
+        telemetry::count_outcome(telemetry::PAYMENT_EVENTS, outcome);
+        settled
+    }
+
+    async fn apply_refund_failure(&self, provider: &str, failure: RefundFailure) -> AppResult<Settled> {
+        if provider != self.payments.name() {
+            return Err(AppError::NotFound("payment provider"));
+        }
+        audit::set_target(failure.booking_id);
+        audit::detail("payment", &failure.payment_reference);
+        audit::detail("report", "refund_failed");
+        audit::detail("refund", &failure.refund_reference);
+        audit::detail("reason", &failure.reason);
+        let Some(booking) = self.store.booking(failure.booking_id).await? else { return Ok(Settled::Ignored) };
+        audit::set_venue(booking.venue_id);
+        if refund_failed(&booking, &failure) {
+            return Ok(Settled::Booking(booking));
+        }
+        if !refund_made(&booking, &failure) {
+            tracing::error!(booking_id = %booking.id, payment = failure.payment_reference,
+                refund = failure.refund_reference, reason = failure.reason,
+                "the provider reports a refund failed that its booking does not record: give the money back by other means");
+            return Ok(Settled::Ignored);
+        }
+        let reported = failure.clone();
+        let decide = Box::new(move |b: &Booking, _now| {
+            if !refund_made(b, &reported) {
+                return Err(AppError::Conflict("the booking does not record this refund as made".into()));
+            }
+            let mut next = b.clone();
+            if let Some(refund) = next.refund.as_mut() {
+                refund.failure = Some(reported.reason);
+            }
+            Ok(next)
+        });
+        match self.store.update_booking(booking.id, self.clock.now(), decide).await {
+            Ok(failed) => {
+                tracing::error!(booking_id = %failed.id, payment = failure.payment_reference,
+                    refund = failure.refund_reference, reason = failure.reason,
+                    "a refund failed at the provider: left to an operator (allot refunds list / retry)");
+                Ok(Settled::Booking(failed))
+            }
+            Err(UpdateRefused::Rejected(_)) => {
+                // Recorded meanwhile by another delivery of the same event, or settled since.
+                let current = self.store.booking(booking.id).await?.unwrap_or(booking);
+                Ok(if refund_failed(&current, &failure) { Settled::Booking(current) } else { Settled::Ignored })
+            }
+            Err(e) => Err(update_error(e)),
         }
     }
 

@@ -13,6 +13,9 @@ pub const ITEMS_MAX: usize = 20;
 /// The domain event announcing that a cancelled booking's refund was made
 /// ([`Booking::event_topic`]).
 pub const REFUNDED_TOPIC: &str = "booking.refunded";
+/// The domain event announcing that the provider reported a booking's refund failed after it
+/// was made: the money did not go back, and an operator decides how it does.
+pub const REFUND_FAILED_TOPIC: &str = "booking.refund_failed";
 /// The domain event of a payment that failed while the booking stays held for another attempt
 /// (a card declined at once, or an asynchronous payment reported failed): no final status is
 /// entered, and a `booking.held` again would read as a new hold.
@@ -153,7 +156,29 @@ pub struct Payment {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Refund {
     pub amount: i64,
+    /// The provider's refund, once made.
     pub reference: Option<String>,
+    /// Why the provider reported the refund `reference` failed after it was made (the card
+    /// closed since, say): the money did not go back, and the refund is owed again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failure: Option<String>,
+}
+
+impl Refund {
+    /// A refund of `amount` owed and not made yet.
+    pub fn owed(amount: i64) -> Refund {
+        Refund { amount, reference: None, failure: None }
+    }
+
+    /// A refund of `amount` made as `reference`.
+    pub fn made(amount: i64, reference: &str) -> Refund {
+        Refund { amount, reference: Some(reference.to_owned()), failure: None }
+    }
+
+    /// Whether the money is still to go back: not made, or made and reported failed since.
+    fn unsettled(&self) -> bool {
+        self.reference.is_none() || self.failure.is_some()
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -238,31 +263,54 @@ impl Booking {
     }
 
     /// The refund this booking still owes: the payment it gives money back on and the amount,
-    /// while the refund has not been made (its reference not recorded). A refund of nothing is
-    /// not owed.
+    /// while the refund has not been made (its reference not recorded), or was reported failed
+    /// after it was made. A refund of nothing is not owed.
     pub fn refund_owed(&self) -> Option<(&str, i64)> {
         let (Some(payment), Some(refund)) = (&self.payment, &self.refund) else { return None };
-        (refund.amount > 0 && refund.reference.is_none()).then_some((payment.reference.as_str(), refund.amount))
+        (refund.amount > 0 && refund.unsettled()).then_some((payment.reference.as_str(), refund.amount))
     }
 
-    /// Whether `after` is this booking with only its refund's reference recorded (and its
-    /// `updated_at` moved): the one change a booking in a final status still takes, since the
-    /// money is refunded once the cancellation has committed.
+    /// The provider's refund this booking's refund was, until the provider reported it failed.
+    pub fn failed_refund(&self) -> Option<&str> {
+        self.refund.as_ref().filter(|r| r.failure.is_some()).and_then(|r| r.reference.as_deref())
+    }
+
+    /// Whether `after` is this booking with only its refund's reference recorded, made (a
+    /// failure reported of an earlier one cleared), and its `updated_at` moved: with
+    /// [`Booking::fails_refund`], the one change a booking in a final status still takes,
+    /// since the money is refunded once the cancellation has committed.
     pub fn settles_refund(&self, after: &Booking) -> bool {
         let (Some(refund), Some(settled)) = (&self.refund, &after.refund) else { return false };
-        if refund.reference.is_some() || settled.reference.is_none() {
+        let Some(reference) = settled.reference.as_deref() else { return false };
+        if !refund.unsettled() || self.failed_refund() == Some(reference) {
             return false;
         }
+        self.with_refund(after, Refund::made(refund.amount, reference)) == *after
+    }
+
+    /// Whether `after` is this booking with only its refund, made, reported failed (and its
+    /// `updated_at` moved).
+    pub fn fails_refund(&self, after: &Booking) -> bool {
+        let (Some(refund), Some(failed)) = (&self.refund, &after.refund) else { return false };
+        if refund.reference.is_none() || refund.failure.is_some() || failed.failure.is_none() {
+            return false;
+        }
+        self.with_refund(after, Refund { failure: failed.failure.clone(), ..refund.clone() }) == *after
+    }
+
+    /// This booking with `refund`, updated when `after` was.
+    fn with_refund(&self, after: &Booking, refund: Refund) -> Booking {
         let mut expected = self.clone();
         expected.updated_at = after.updated_at;
-        expected.refund = Some(Refund { reference: settled.reference.clone(), ..refund.clone() });
-        expected == *after
+        expected.refund = Some(refund);
+        expected
     }
 
     /// The domain event a change from this booking to `after` announces, if any: the status it
     /// enters, [`PAYMENT_DECLINED_TOPIC`] when a failed payment leaves it held, or
     /// [`REFUNDED_TOPIC`] when the change records its refund made (money moved, but no status
-    /// changed: a partner or a ledger following the feed learns of it only so).
+    /// changed: a partner or a ledger following the feed learns of it only so), or
+    /// [`REFUND_FAILED_TOPIC`] when the provider reported that refund failed.
     pub fn event_topic(&self, after: &Booking) -> Option<&'static str> {
         if after.status == BookingStatus::Held && after.payment_attempts > self.payment_attempts {
             Some(PAYMENT_DECLINED_TOPIC)
@@ -270,6 +318,8 @@ impl Booking {
             Some(after.status.event_topic())
         } else if self.settles_refund(after) {
             Some(REFUNDED_TOPIC)
+        } else if self.fails_refund(after) {
+            Some(REFUND_FAILED_TOPIC)
         } else {
             None
         }
@@ -363,19 +413,51 @@ mod tests {
     #[test]
     fn a_final_booking_settles_its_refund_and_nothing_else() {
         let mut cancelled = booking(BookingStatus::Cancelled, 100);
-        cancelled.refund = Some(Refund { amount: 600, reference: None });
+        cancelled.refund = Some(Refund::owed(600));
         let mut settled = cancelled.clone();
         settled.updated_at = Timestamp::from_second(50).expect("ts");
-        settled.refund = Some(Refund { amount: 600, reference: Some("re_1".into()) });
+        settled.refund = Some(Refund::made(600, "re_1"));
         assert!(cancelled.settles_refund(&settled));
         assert!(!settled.settles_refund(&settled), "settled once");
         let mut more = settled.clone();
-        more.refund = Some(Refund { amount: 1200, reference: Some("re_1".into()) });
+        more.refund = Some(Refund::made(1200, "re_1"));
         assert!(!cancelled.settles_refund(&more), "the amount stays");
         let mut other = settled.clone();
         other.cancel_reason = Some("changed".into());
         assert!(!cancelled.settles_refund(&other), "nothing else changes");
         assert!(!booking(BookingStatus::Cancelled, 100).settles_refund(&settled), "no refund to settle");
+    }
+
+    #[test]
+    fn a_refund_reported_failed_is_owed_again_and_settled_by_another() {
+        let mut made = booking(BookingStatus::Cancelled, 100);
+        made.payment =
+            Some(Payment { provider: "p".into(), reference: "pi_1".into(), amount: 600, status: "s".into() });
+        made.refund = Some(Refund::made(600, "re_1"));
+        assert_eq!((made.refund_owed(), made.failed_refund()), (None, None));
+        let mut failed = made.clone();
+        failed.updated_at = Timestamp::from_second(60).expect("ts");
+        failed.refund = Some(Refund { failure: Some("expired_or_canceled_card".into()), ..Refund::made(600, "re_1") });
+        assert!(made.fails_refund(&failed));
+        assert_eq!(made.event_topic(&failed), Some(REFUND_FAILED_TOPIC));
+        assert!(!failed.fails_refund(&failed), "reported once");
+        assert!(!booking(BookingStatus::Cancelled, 100).fails_refund(&failed), "none made");
+        let mut unmade = made.clone();
+        unmade.refund = Some(Refund::owed(600));
+        assert!(!unmade.fails_refund(&failed), "not made: nothing to fail");
+        let mut other = failed.clone();
+        other.refund = Some(Refund { failure: Some("x".into()), ..Refund::made(600, "re_2") });
+        assert!(!made.fails_refund(&other), "the same refund");
+        assert_eq!((failed.refund_owed(), failed.failed_refund()), (Some(("pi_1", 600)), Some("re_1")));
+
+        let mut again = failed.clone();
+        again.refund = Some(Refund::made(600, "re_2"));
+        assert!(failed.settles_refund(&again));
+        assert_eq!(failed.event_topic(&again), Some(REFUNDED_TOPIC));
+        assert_eq!(again.refund_owed(), None);
+        let mut same = failed.clone();
+        same.refund = Some(Refund::made(600, "re_1"));
+        assert!(!failed.settles_refund(&same), "not by the refund that failed");
     }
 
     #[test]
@@ -385,11 +467,11 @@ mod tests {
         }
         let held = booking(BookingStatus::Held, 100);
         let mut cancelled = booking(BookingStatus::Cancelled, 100);
-        cancelled.refund = Some(Refund { amount: 600, reference: None });
+        cancelled.refund = Some(Refund::owed(600));
         assert_eq!(held.event_topic(&cancelled), Some("booking.cancelled"));
         assert_eq!(held.event_topic(&held), None, "nothing announced");
         let mut settled = cancelled.clone();
-        settled.refund = Some(Refund { amount: 600, reference: Some("re_1".into()) });
+        settled.refund = Some(Refund::made(600, "re_1"));
         assert_eq!(cancelled.event_topic(&settled), Some(REFUNDED_TOPIC));
         assert_eq!(settled.event_topic(&settled), None, "announced once");
 
@@ -408,7 +490,7 @@ mod tests {
     #[test]
     fn a_refund_is_owed_until_made_and_only_of_money_paid() {
         let mut cancelled = booking(BookingStatus::Cancelled, 100);
-        cancelled.refund = Some(Refund { amount: 600, reference: None });
+        cancelled.refund = Some(Refund::owed(600));
         assert_eq!(cancelled.refund_owed(), None, "nothing was paid");
         cancelled.payment = Some(Payment {
             provider: "test".into(),
@@ -418,10 +500,10 @@ mod tests {
         });
         assert_eq!(cancelled.refund_owed(), Some(("pi_1", 600)));
         let mut settled = cancelled.clone();
-        settled.refund = Some(Refund { amount: 600, reference: Some("re_1".into()) });
+        settled.refund = Some(Refund::made(600, "re_1"));
         assert_eq!(settled.refund_owed(), None, "made");
         let mut nothing = cancelled.clone();
-        nothing.refund = Some(Refund { amount: 0, reference: None });
+        nothing.refund = Some(Refund::owed(0));
         assert_eq!(nothing.refund_owed(), None, "a refund of nothing");
     }
 

@@ -583,8 +583,14 @@ pub struct PaymentView {
 #[schema(as = Refund)]
 pub struct RefundView {
     pub amount: i64,
+    /// The provider's refund, once made (`null` while owed).
     #[schema(required = true)]
     pub reference: Option<String>,
+    /// Set when the provider reported the refund `reference` failed after it was made (the
+    /// card closed since, say): the money did not go back, and the refund is owed again, left
+    /// to an operator. `null` otherwise.
+    #[schema(required = true, example = json!(null))]
+    pub failure: Option<String>,
 }
 
 /// The states of SPEC §3 (schema only: the view sends `BookingStatus::as_str`).
@@ -666,7 +672,11 @@ pub fn booking_json(b: &Booking) -> BookingView {
             amount: p.amount,
             status: p.status.clone(),
         }),
-        refund: b.refund.as_ref().map(|r| RefundView { amount: r.amount, reference: r.reference.clone() }),
+        refund: b.refund.as_ref().map(|r| RefundView {
+            amount: r.amount,
+            reference: r.reference.clone(),
+            failure: r.failure.clone(),
+        }),
         cancel_reason: b.cancel_reason.clone(),
     }
 }

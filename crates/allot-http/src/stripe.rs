@@ -470,6 +470,8 @@ impl PaymentProvider for StripeProvider {
             ("payment_intent", payment.clone()),
             ("amount", request.amount.to_string()),
             ("metadata[allot_key]", key.clone()),
+            // For its events (a refund that fails later: `routes::payments`).
+            ("metadata[booking_id]", request.booking_id.to_string()),
         ];
         let answer = self.refund_chained(payment, key, &form).await?;
         let answer = match answer {

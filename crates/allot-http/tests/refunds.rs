@@ -182,6 +182,18 @@ impl Setup {
         attempts
     }
 
+    /// Sends the provider's signed event reporting `object` (a refund's) with type `kind`.
+    async fn refund_event(&self, kind: &str, object: Value) -> (StatusCode, Value) {
+        let body = json!({"id": "evt_refund", "type": kind, "data": {"object": object}}).to_string();
+        let signature = allot_app::webhooks::sign(self.t.app.webhook_secret().as_bytes(), body.as_bytes(), {
+            use allot_app::clock::Clock;
+            self.t.clock.now()
+        });
+        let url = self.t.url("/payments/webhooks/test");
+        let sent = self.t.client.post(url).header("Stripe-Signature", signature).body(body);
+        common::read(sent.send().await.unwrap()).await
+    }
+
     async fn settle_after(&self, seconds: i64) -> RefundSweep {
         self.t.clock.advance(SignedDuration::from_secs(seconds));
         self.t.app.settle_refunds().await.unwrap()
@@ -193,7 +205,7 @@ async fn a_cancellations_refund_the_provider_failed_to_make_is_made_later_once()
     let s = setup().await;
     let cancelled = s.cancel_confirmed_while_refunds_fail().await;
     let payment = cancelled["payment"]["reference"].as_str().unwrap().to_owned();
-    assert_eq!(cancelled["refund"], json!({"amount": 1200, "reference": null}), "owed, not made");
+    assert_eq!(cancelled["refund"], json!({"amount": 1200, "reference": null, "failure": null}), "owed, not made");
     assert_eq!(s.t.store.count("refunds_due", "kind = 'cancellation'").await.unwrap(), 1, "queued with the cancel");
 
     assert_eq!(s.settle_after(0).await, RefundSweep::default(), "the request's own attempt is given its time");
@@ -203,7 +215,7 @@ async fn a_cancellations_refund_the_provider_failed_to_make_is_made_later_once()
     s.provider.refunds_fail.store(false, Ordering::SeqCst);
     assert_eq!(s.settle_after(REFUND_GRACE_SECONDS).await, RefundSweep { refunded: 1, ..RefundSweep::default() });
     let refund = s.stored().await["refund"].clone();
-    assert_eq!(refund, json!({"amount": 1200, "reference": format!("re_{payment}")}), "recorded made");
+    assert_eq!(refund, json!({"amount": 1200, "reference": format!("re_{payment}"), "failure": null}), "recorded made");
     assert_eq!(s.t.store.count("refunds_due", "1=1").await.unwrap(), 0, "dropped with the record");
     assert_eq!(s.settle_after(24 * 3600).await, RefundSweep::default(), "made once");
 
@@ -476,4 +488,68 @@ async fn a_sweep_out_of_time_gives_back_what_it_did_not_reach() {
     assert_eq!(s.provider.asked().len(), 1, "only the cancel's own attempt");
     assert!(s.refund_attempts().await.is_empty(), "nothing audited");
     assert_eq!(s.t.app.settle_refunds().await.unwrap(), RefundSweep { refunded: 1, ..RefundSweep::default() });
+}
+
+/// A refund made, and reported failed by the provider afterwards (the card closed since): the
+/// booking records the failure, announces it, and owes the refund again, parked for an
+/// operator; an operator's retry makes it anew under a key of its own (the first refund's key
+/// would be answered with the failed refund) and records it made.
+#[tokio::test]
+async fn a_refund_the_provider_reports_failed_is_owed_again_and_made_anew_when_an_operator_retries() {
+    let s = setup().await;
+    let (status, _) = s.confirm().await;
+    assert_eq!(status, StatusCode::OK);
+    let (status, cancelled) = s.cancel().await;
+    assert_eq!(status, StatusCode::OK, "{cancelled}");
+    let payment = cancelled["payment"]["reference"].as_str().unwrap().to_owned();
+    let made = cancelled["refund"]["reference"].as_str().unwrap().to_owned();
+    let object = |refund: &str, status: &str| {
+        json!({"id": refund, "object": "refund", "payment_intent": payment, "status": status,
+            "failure_reason": "expired_or_canceled_card", "metadata": {"booking_id": s.booking}})
+    };
+
+    let (status, ack) = s.refund_event("refund.updated", object(&made, "pending")).await;
+    assert_eq!((status, ack["outcome"].as_str()), (StatusCode::OK, Some("ignored")), "not a failure: {ack}");
+    let (status, ack) = s.refund_event("refund.failed", object("re_other", "failed")).await;
+    assert_eq!((status, ack["outcome"].as_str()), (StatusCode::OK, Some("ignored")), "not its refund: {ack}");
+    let (status, ack) = s.refund_event("refund.failed", json!({"object": "refund", "status": "succeeded"})).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{ack}");
+    let fields = &ack["error"]["details"]["fields"];
+    for field in ["data.object.id", "data.object.payment_intent", "data.object.status"] {
+        assert!(fields[field].is_string(), "{field}: {ack}");
+    }
+    assert_eq!(s.stored().await["refund"]["failure"], Value::Null, "nothing changed");
+
+    for kind in ["refund.failed", "charge.refund.updated"] {
+        let (status, ack) = s.refund_event(kind, object(&made, "failed")).await;
+        assert_eq!((status, ack["outcome"].as_str()), (StatusCode::OK, Some("refund_failed")), "{kind}: {ack}");
+        let refund = &ack["booking"]["refund"];
+        assert_eq!(refund["failure"], "expired_or_canceled_card", "{ack}");
+        assert_eq!(refund["reference"].as_str(), Some(made.as_str()), "the refund that failed");
+    }
+    assert_eq!(s.t.store.count("outbox_events", "topic = 'booking.refund_failed'").await.unwrap(), 1, "once");
+    let queued = s.t.app.store.refunds_of_payment(&payment).await.unwrap();
+    assert_eq!(queued.iter().map(|r| (r.attempts, r.next_at)).collect::<Vec<_>>(), [(REFUND_ATTEMPTS_MAX, PARKED_AT)]);
+    assert_eq!(s.settle_after(REFUND_GRACE_SECONDS).await, RefundSweep::default(), "left to an operator");
+    assert_eq!(s.provider.asked().len(), 1, "not tried again on its own");
+
+    let now = {
+        use allot_app::clock::Clock;
+        s.t.clock.now()
+    };
+    assert_eq!(allot_app::refunds::rearm(s.t.app.store.as_ref(), &payment, now).await.unwrap(), 1);
+    assert_eq!(s.settle_after(0).await, RefundSweep { refunded: 1, ..RefundSweep::default() });
+    let asked = s.provider.asked();
+    let (first, again) = (&asked[0], &asked[1]);
+    assert_eq!((again.amount, again.payment_reference.as_str()), (first.amount, payment.as_str()));
+    assert_eq!(again.idempotency_key, format!("{}_after_{made}", first.idempotency_key), "a key of its own");
+    assert_eq!(again.booking_id.to_string(), s.booking, "named for its events");
+    let stored = s.stored().await;
+    let refund = &stored["refund"];
+    assert_eq!(refund["failure"], Value::Null, "{stored}");
+    assert!(refund["reference"].as_str().is_some_and(|r| r != made), "made anew: {stored}");
+    assert_eq!(s.t.store.count("refunds_due", "1=1").await.unwrap(), 0);
+    assert_eq!(s.t.store.count("outbox_events", "topic = 'booking.refunded'").await.unwrap(), 2);
+    let (status, ack) = s.refund_event("refund.failed", object(&made, "failed")).await;
+    assert_eq!((status, ack["outcome"].as_str()), (StatusCode::OK, Some("ignored")), "superseded: {ack}");
 }

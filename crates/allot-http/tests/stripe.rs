@@ -101,7 +101,7 @@ async fn a_refund_is_made_once_per_key_and_a_payment_refunded_already_owes_nothi
     let Ok(ChargeOutcome::Succeeded { reference }) = stripe.charge(&charge("tok_visa", "k_1")).await else {
         panic!("charged")
     };
-    let request = RefundRequest::of(&reference, 600);
+    let request = RefundRequest::of(BookingId::new(), &reference, 600);
     let refund = stripe.refund(&request).await.unwrap();
     assert!(refund.starts_with("re_"), "{refund}");
     let call = fake.calls().into_iter().find(|c| c.path == "/v1/refunds").unwrap();
@@ -110,11 +110,13 @@ async fn a_refund_is_made_once_per_key_and_a_payment_refunded_already_owes_nothi
     assert_eq!(stripe.refund(&request).await.unwrap(), refund, "a retry replays the refund");
     assert_eq!(fake.intent(&reference), Some((1250, 600)), "refunded once");
 
-    let rest = RefundRequest { idempotency_key: "by_hand".into(), ..RefundRequest::of(&reference, 650) };
+    let rest =
+        RefundRequest { idempotency_key: "by_hand".into(), ..RefundRequest::of(BookingId::new(), &reference, 650) };
     stripe.refund(&rest).await.unwrap();
-    let after = RefundRequest { idempotency_key: "later".into(), ..RefundRequest::of(&reference, 100) };
+    let after =
+        RefundRequest { idempotency_key: "later".into(), ..RefundRequest::of(BookingId::new(), &reference, 100) };
     assert_eq!(stripe.refund(&after).await.unwrap(), format!("already_refunded_{reference}"));
-    let unknown = stripe.refund(&RefundRequest::of("pi_unknown", 100)).await;
+    let unknown = stripe.refund(&RefundRequest::of(BookingId::new(), "pi_unknown", 100)).await;
     assert_eq!(unknown, Err(ProviderError::Rejected("resource_missing".into())));
 }
 
@@ -210,7 +212,7 @@ async fn a_refund_with_an_unknown_outcome_is_looked_for_before_another_is_asked_
     let Ok(ChargeOutcome::Succeeded { reference }) = stripe.charge(&charge("tok_visa", "k_r")).await else {
         panic!("charged")
     };
-    let request = RefundRequest::of(&reference, 600);
+    let request = RefundRequest::of(BookingId::new(), &reference, 600);
     fake.fail_after_next(1);
     assert!(matches!(stripe.refund(&request).await, Err(ProviderError::Unavailable(_))), "made, answered 500");
     let made = fake.refunds()[0]["id"].as_str().unwrap().to_owned();
@@ -219,7 +221,8 @@ async fn a_refund_with_an_unknown_outcome_is_looked_for_before_another_is_asked_
 
     // The lookup before the call missed a refund still being made (its call answered 500
     // later): the replayed 500 proves that call finished, and the lookup after it finds it.
-    let late = RefundRequest { idempotency_key: "refund_late".into(), ..RefundRequest::of(&reference, 50) };
+    let late =
+        RefundRequest { idempotency_key: "refund_late".into(), ..RefundRequest::of(BookingId::new(), &reference, 50) };
     fake.fail_after_next(1);
     assert!(stripe.refund(&late).await.is_err(), "made, answered 500");
     fake.lag_next_list(1);
@@ -227,7 +230,7 @@ async fn a_refund_with_an_unknown_outcome_is_looked_for_before_another_is_asked_
     assert_eq!(stripe.refund(&late).await, Ok(made), "found after the replay, not made again");
     assert_eq!((fake.refunds().len(), fake.intent(&reference)), (2, Some((1250, 650))));
 
-    let other = RefundRequest::of(&reference, 100);
+    let other = RefundRequest::of(BookingId::new(), &reference, 100);
     let other = RefundRequest { idempotency_key: "refund_other".into(), ..other };
     fake.fail_next(1);
     assert!(stripe.refund(&other).await.is_err(), "nothing made, answered 500");
@@ -322,4 +325,25 @@ async fn a_booking_paid_through_stripe_end_to_end() {
     assert!(refunded > 0, "{cancelled}");
     assert!(cancelled["refund"]["reference"].as_str().unwrap().starts_with("re_"), "{cancelled}");
     assert_eq!(fake.intent(&reference), Some((total, refunded)), "Stripe gave back what the policy owes");
+
+    // The card does not take the refund: Stripe turns it failed and says so; an operator's
+    // retry makes another refund, under a key of its own, and it is recorded.
+    let failed = cancelled["refund"]["reference"].as_str().unwrap().to_owned();
+    fake.fail_refund(&failed);
+    let made = fake.refunds().into_iter().find(|r| r["id"] == failed.as_str()).unwrap();
+    assert_eq!(made["metadata"]["booking_id"].as_str(), Some(id.as_str()), "the refund names its booking");
+    let body = json!({"id": "evt_2", "type": "refund.failed", "data": {"object": made}}).to_string();
+    let signature = allot_app::webhooks::sign(t.app.webhook_secret().as_bytes(), body.as_bytes(), t.clock.now());
+    let sent = t.client.post(t.url("/payments/webhooks/stripe")).header("Stripe-Signature", signature).body(body);
+    let (status, ack) = common::read(sent.send().await.unwrap()).await;
+    assert_eq!((status, ack["outcome"].as_str()), (StatusCode::OK, Some("refund_failed")), "{ack}");
+    assert_eq!(ack["booking"]["refund"]["failure"], "expired_or_canceled_card");
+    assert_eq!(allot_app::refunds::rearm(t.app.store.as_ref(), &reference, t.clock.now()).await.unwrap(), 1);
+    let sweep = t.app.settle_refunds().await.unwrap();
+    assert_eq!(sweep.refunded, 1, "{sweep:?}");
+    assert_eq!(fake.intent(&reference), Some((total, refunded)), "given back again, once");
+    let (_, stored) = t.get(Some(&customer), &format!("/bookings/{id}")).await;
+    let again = stored["refund"]["reference"].as_str().unwrap();
+    assert!(again.starts_with("re_") && again != failed, "{stored}");
+    assert_eq!(stored["refund"]["failure"], serde_json::Value::Null);
 }

@@ -347,6 +347,18 @@ where
     qb
 }
 
+/// When a cancellation's refund owed since `now` by `booking` is first tried, and with how many
+/// attempts counted: after the grace, or, for a refund the provider reported failed after it
+/// was made, never until an operator retries it (parked, `refunds::PARKED_AT`): a card the
+/// money could not go back to is not tried again on its own.
+pub fn refund_queued(booking: &Booking, now: Timestamp) -> (i64, i64) {
+    if booking.failed_refund().is_some() {
+        (i64::from(allot_app::refunds::REFUND_ATTEMPTS_MAX), allot_app::refunds::PARKED_AT.as_second())
+    } else {
+        (0, now.as_second() + allot_app::store::REFUND_GRACE_SECONDS)
+    }
+}
+
 /// The refunds queued for one payment (one per kind at most), wherever they are in the queue:
 /// parked ones included, which [`refunds_due_query`] reads last.
 pub fn refunds_of_payment_query<DB: sqlx::Database>(payment_reference: &str) -> QueryBuilder<DB>

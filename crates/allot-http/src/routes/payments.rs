@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use allot_app::App;
-use allot_app::webhooks::{PaymentEvent, PaymentReport, Received, Settled};
+use allot_app::webhooks::{PaymentEvent, PaymentReport, Received, RefundFailure, Settled};
 use allot_core::FieldErrors;
 use allot_core::inventory::Currency;
 use axum::body::Bytes;
@@ -28,7 +28,8 @@ pub const SIGNATURE_HEADER: &str = "stripe-signature";
 pub const EVENTS_PATH_PREFIX: &str = "/api/v1/payments/webhooks/";
 
 /// A provider event: a `payment_intent.succeeded` or `payment_intent.payment_failed` about a
-/// payment the confirm of a booking started. Other types, and payments no confirm of this
+/// payment the confirm of a booking started, or a `refund.failed` (or a `refund.updated` or
+/// `charge.refund.updated` to `failed`) about a refund of one. Other types, and payments no confirm of this
 /// server started (no `metadata.booking_id`), are acknowledged and ignored, so the provider
 /// stops sending them; fields not named here are ignored.
 #[derive(Debug, Deserialize, ToSchema)]
@@ -45,8 +46,9 @@ pub struct ProviderEventBody {
 
 #[derive(Debug, Default, Deserialize, ToSchema)]
 pub struct ProviderEventData {
-    /// Read as a [`ProviderObject`] only for the two types acted on: other types' objects have
-    /// shapes of their own, and are acknowledged whatever they are.
+    /// Read as a [`ProviderObject`] for a payment intent's events and as a
+    /// [`ProviderRefundObject`] for a refund's: other types' objects have shapes of their own,
+    /// and are acknowledged whatever they are.
     #[serde(default)]
     #[schema(value_type = ProviderObject)]
     pub object: serde_json::Value,
@@ -72,13 +74,36 @@ pub struct ProviderObject {
     pub status: Option<String>,
 }
 
+/// The object of a refund event (`refund.failed`, or `refund.updated` and
+/// `charge.refund.updated` with the status `failed`): a refund the provider made and reports
+/// failed afterwards.
+#[derive(Debug, Default, Deserialize, ToSchema)]
+pub struct ProviderRefundObject {
+    /// The refund's reference, as the booking records it (`refund.reference`).
+    #[schema(example = "re_1")]
+    pub id: Option<String>,
+    /// The payment refunded (`payment.reference`).
+    #[schema(example = "pi_1")]
+    pub payment_intent: Option<String>,
+    /// What the refund sent: `booking_id`, the booking of the payment.
+    #[serde(default)]
+    #[schema(value_type = Object)]
+    pub metadata: BTreeMap<String, serde_json::Value>,
+    #[schema(example = "failed")]
+    pub status: Option<String>,
+    /// Why it failed, in the provider's words.
+    #[schema(example = "expired_or_canceled_card")]
+    pub failure_reason: Option<String>,
+}
+
 /// The answer to an event: any 2xx tells the provider to stop sending it.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct WebhookAck {
     pub received: bool,
     /// `applied` (the booking as the event left it, or as an earlier delivery of it did),
     /// `refund_queued` (money taken for a booking that can no longer keep it, refunded whole),
-    /// or `ignored`.
+    /// `refund_failed` (a refund made and reported failed since: owed again, left to an
+    /// operator), or `ignored`.
     #[schema(value_type = String, example = "applied")]
     pub outcome: &'static str,
     #[schema(required = true)]
@@ -110,6 +135,14 @@ pub async fn webhook(
         .map_err(|e| ApiError { message: format!("the event's signature: {e}"), ..ApiError::unauthenticated() })?;
     allot_app::audit::set_actor(&provider, "provider");
     let event: ProviderEventBody = parse_json(&body)?;
+    if let Some(failure) = refund_failure(&event)? {
+        let booking = match app.refund_failed(&provider, failure).await? {
+            Settled::Booking(b) | Settled::Refunding(b) => Some(booking_json(&b)),
+            Settled::Ignored => None,
+        };
+        let outcome = if booking.is_some() { "refund_failed" } else { "ignored" };
+        return Ok(axum::Json(WebhookAck { received: true, outcome, booking }));
+    }
     let Some(event) = payment_event(&event)? else {
         return Ok(axum::Json(WebhookAck { received: true, outcome: "ignored", booking: None }));
     };
@@ -147,6 +180,52 @@ fn payment_event(event: &ProviderEventBody) -> Result<Option<PaymentEvent>, ApiE
     let report = if succeeded { PaymentReport::Succeeded(received(object)?) } else { PaymentReport::Failed };
     Ok(Some(PaymentEvent { booking_id, payment_reference, report }))
 }
+
+/// The refund failure an event body reports, if it reports one about a refund this server
+/// made (its `metadata.booking_id`): `refund.failed`, or an update of a refund to `failed`.
+fn refund_failure(event: &ProviderEventBody) -> Result<Option<RefundFailure>, ApiError> {
+    let failed_only = match event.kind.as_str() {
+        "refund.failed" => false,
+        "refund.updated" | "charge.refund.updated" => true,
+        _ => return Ok(None),
+    };
+    let object: ProviderRefundObject = serde_json::from_value(event.data.object.clone())
+        .map_err(|e| ApiError::bad_request(FieldErrors::single("data.object", format!("not a refund: {e}"))))?;
+    let status = object.status.as_deref();
+    if failed_only && status != Some("failed") {
+        return Ok(None);
+    }
+    let mut errors = FieldErrors::new();
+    let reference = |field: &str, value: &Option<String>, errors: &mut FieldErrors| {
+        let value = value.clone().unwrap_or_default();
+        if value.is_empty() || value.len() > PAYMENT_REFERENCE_BYTES_MAX {
+            errors.add(field, format!("1 to {PAYMENT_REFERENCE_BYTES_MAX} bytes"));
+        }
+        value
+    };
+    let refund_reference = reference("data.object.id", &object.id, &mut errors);
+    let payment_reference = reference("data.object.payment_intent", &object.payment_intent, &mut errors);
+    if status.is_some_and(|s| s != "failed") {
+        errors.add("data.object.status", "a failed refund's status is `failed`");
+    }
+    let reason = object.failure_reason.unwrap_or_else(|| "unknown".into());
+    if reason.len() > FAILURE_REASON_BYTES_MAX {
+        errors.add("data.object.failure_reason", format!("at most {FAILURE_REASON_BYTES_MAX} bytes"));
+    }
+    if !errors.is_empty() {
+        return Err(ApiError::bad_request(errors));
+    }
+    let booking = object.metadata.get("booking_id").and_then(serde_json::Value::as_str);
+    let Some(booking_id) = booking.and_then(|id| id.parse().ok()) else {
+        tracing::error!(event = ?event.id, refund = refund_reference, payment = payment_reference, reason,
+            "a refund reported failed names no booking of ours (made before refunds named theirs, or not by this server): give the money back by other means");
+        return Ok(None);
+    };
+    Ok(Some(RefundFailure { booking_id, payment_reference, refund_reference, reason }))
+}
+
+/// Longest reason for a failed refund read from an event.
+const FAILURE_REASON_BYTES_MAX: usize = 255;
 
 /// The money a succeeded payment took, as its event reports it.
 fn received(object: &ProviderObject) -> Result<Received, ApiError> {

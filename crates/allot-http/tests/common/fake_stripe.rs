@@ -141,6 +141,19 @@ impl FakeStripe {
         self.confirms_processing_error.store(n, Ordering::SeqCst);
     }
 
+    /// Turns refund `id` `failed`, as Stripe does when the card does not take it (the money
+    /// back on the account): its payment counts it refunded no more.
+    pub fn fail_refund(&self, id: &str) {
+        let mut books = self.books.lock().unwrap();
+        let refund = books.refunds.iter_mut().find(|r| r["id"] == id).expect("a refund made");
+        refund["status"] = json!("failed");
+        refund["failure_reason"] = json!("expired_or_canceled_card");
+        let (payment, amount) =
+            (refund["payment_intent"].as_str().unwrap().to_owned(), refund["amount"].as_i64().unwrap());
+        let taken = books.intents.get_mut(&payment).expect("its payment");
+        taken.1 -= amount;
+    }
+
     /// The refunds made.
     pub fn refunds(&self) -> Vec<Value> {
         self.books.lock().unwrap().refunds.clone()
@@ -357,7 +370,8 @@ async fn refunds(State(fake): State<Arc<FakeStripe>>, headers: HeaderMap, body: 
         return fake.answer(&call, StatusCode::BAD_REQUEST, e);
     }
     let id = fake.new_id("re");
-    let metadata = json!({"allot_key": call.form.get("metadata[allot_key]")});
+    let metadata =
+        json!({"allot_key": call.form.get("metadata[allot_key]"), "booking_id": call.form.get("metadata[booking_id]")});
     let answer = json!({"id": id, "object": "refund", "amount": asked, "payment_intent": payment,
         "status": "succeeded", "metadata": metadata});
     let mut books = fake.books.lock().unwrap();

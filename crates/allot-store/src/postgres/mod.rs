@@ -18,8 +18,8 @@ use allot_app::access::{ApiKey, RoleGrant, RoleRevoke};
 use allot_app::audit::{AuditEvent, AuditFilter, AuditPage};
 use allot_app::store::{
     BookingFilter, Decide, HoldCommand, HoldKey, HoldRefused, IdempotencyBegin, IdempotencyKey, IdempotencyMark,
-    KeyedHoldOutcome, Page, PageRequest, REFUND_GRACE_SECONDS, RefreshToken, RefundDue, RefundKind, Role,
-    RotateOutcome, SeatStates, Store, UpdateRefused, User,
+    KeyedHoldOutcome, Page, PageRequest, RefreshToken, RefundDue, RefundKind, Role, RotateOutcome, SeatStates, Store,
+    UpdateRefused, User,
 };
 use allot_core::booking::Booking;
 use allot_core::capacity::{Claim, Span};
@@ -39,8 +39,8 @@ use crate::common::{
     AUDIT_COLUMNS, AUDIT_HEAD_SQL, AuditRow, KeyRow, RefundRow, Rotation, Succession, TokenRow, USER_COLUMNS,
     UserVenuesRow, VENUE_IN_USE, add_seat_states, after_key, audit_events_of, audit_head_of, audit_range_query,
     audit_rotation, audit_select, chain, claims_from_rows, decided, docs_to_page, existing_key, expired, from_json,
-    from_json_db, hold_expiry, is_unique_violation, refund_due_of, refunds_due_query, refunds_of_payment_query,
-    rotation, to_json, ts, user_of_venues_row,
+    from_json_db, hold_expiry, is_unique_violation, refund_due_of, refund_queued, refunds_due_query,
+    refunds_of_payment_query, rotation, to_json, ts, user_of_venues_row,
 };
 use crate::writer::{
     Backend, HoldResults, KeyBegin, KeyBegun, KeyCompletion, Outcome, TxnRef, WriteCtx, Writer, db_error, marks_fenced,
@@ -801,15 +801,17 @@ async fn queue_refund_owed(
     let kind = RefundKind::Cancellation.as_str();
     match (before.refund_owed(), after.refund_owed()) {
         (None, Some((reference, amount))) => {
+            let (attempts, next_at) = refund_queued(after, now);
             sqlx::query(
-                "INSERT INTO refunds_due (payment_reference, kind, booking_id, amount, next_at) VALUES ($1, $2, $3, $4, $5)
-                 ON CONFLICT DO NOTHING",
+                "INSERT INTO refunds_due (payment_reference, kind, booking_id, amount, attempts, next_at)
+                 VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT DO NOTHING",
             )
             .bind(reference)
             .bind(kind)
             .bind(after.id.to_string())
             .bind(amount)
-            .bind(now.as_second() + REFUND_GRACE_SECONDS)
+            .bind(attempts)
+            .bind(next_at)
             .execute(&mut *conn)
             .await?;
         }

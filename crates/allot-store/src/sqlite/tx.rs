@@ -14,8 +14,8 @@ use allot_app::StoreError;
 use allot_app::access::{ApiKey, LAST_ADMIN, RoleGrant, RoleRevoke};
 use allot_app::audit::AuditEvent;
 use allot_app::store::{
-    Decide, HoldCommand, HoldRefused, IdempotencyBegin, IdempotencyKey, IdempotencyMark, REFUND_GRACE_SECONDS,
-    RefundKind, Role, RotateOutcome,
+    Decide, HoldCommand, HoldRefused, IdempotencyBegin, IdempotencyKey, IdempotencyMark, RefundKind, Role,
+    RotateOutcome,
 };
 use allot_core::booking::{Booking, BookingStatus};
 use allot_core::capacity::{self, Claim, Span};
@@ -34,7 +34,7 @@ use crate::access::{
 use crate::cache::{self, INVALIDATE_ALL};
 use crate::common::{
     ABANDON_CHANGED_SQL, ABANDON_UNCHANGED_SQL, AUDIT_COLUMNS, AUDIT_HEAD_SQL, DocTable, KeyFound, RefundRow, Rotation,
-    Succession, VENUE_IN_USE, chain, claims_from_rows, decided, existing_key, hold_expiry, rotation,
+    Succession, VENUE_IN_USE, chain, claims_from_rows, decided, existing_key, hold_expiry, refund_queued, rotation,
 };
 use crate::writer::{Backend, HoldResults, KeyBegin, KeyBegun, KeyCompletion, TxnRef, WriteCtx, marks_fenced};
 
@@ -803,8 +803,8 @@ fn stored_error(e: impl std::fmt::Display) -> rusqlite::Error {
 fn apply_change(conn: &Connection, before: &Booking, after: &Booking, now: Timestamp) -> Result<()> {
     // A `booking.expired` event's payload is the booking as stored (`release`).
     assert!(
-        !before.status.is_final() || after == before || before.settles_refund(after),
-        "a booking in a final status does not change but for its refund's reference"
+        !before.status.is_final() || after == before || before.settles_refund(after) || before.fails_refund(after),
+        "a booking in a final status does not change but for its refund's reference or failure"
     );
     let id = after.id.to_string();
     let expiry = hold_expiry(after);
@@ -834,17 +834,12 @@ fn queue_refund_owed(conn: &Connection, before: &Booking, after: &Booking, now: 
     let kind = RefundKind::Cancellation.as_str();
     match (before.refund_owed(), after.refund_owed()) {
         (None, Some((reference, amount))) => {
+            let (attempts, next_at) = refund_queued(after, now);
             conn.prepare_cached(
-                "INSERT INTO refunds_due (payment_reference, kind, booking_id, amount, next_at) VALUES (?, ?, ?, ?, ?)
-                 ON CONFLICT DO NOTHING",
+                "INSERT INTO refunds_due (payment_reference, kind, booking_id, amount, attempts, next_at)
+                 VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
             )?
-            .execute(params![
-                reference,
-                kind,
-                after.id.to_string(),
-                amount,
-                now.as_second() + REFUND_GRACE_SECONDS
-            ])?;
+            .execute(params![reference, kind, after.id.to_string(), amount, attempts, next_at])?;
         }
         (Some((reference, _)), None) => {
             conn.prepare_cached("DELETE FROM refunds_due WHERE payment_reference = ? AND kind = ?")?

@@ -8,7 +8,9 @@ use allot_app::AppError;
 use allot_app::store::{
     BookingFilter, Decide, HoldRefused, REFUND_GRACE_SECONDS, RefundDue, RefundKind, UpdateRefused,
 };
-use allot_core::booking::{Booking, BookingStatus, PAYMENT_DECLINED_TOPIC, Payment, Refund, Transition};
+use allot_core::booking::{
+    Booking, BookingStatus, PAYMENT_DECLINED_TOPIC, Payment, REFUND_FAILED_TOPIC, Refund, Transition,
+};
 use allot_core::ids::{BookingId, UserId, VenueId};
 
 use crate::{Backend, HOUR, World, all_pages, at, span, user};
@@ -266,7 +268,7 @@ fn cancelled_owing(amount: i64) -> Decide {
     Box::new(move |b: &Booking, now| {
         let mut next = b.clone();
         next.status = b.next_status(Transition::Cancel, now).map_err(|e| AppError::Conflict(e.to_string()))?;
-        next.refund = Some(Refund { amount, reference: None });
+        next.refund = Some(Refund::owed(amount));
         Ok(next)
     })
 }
@@ -315,6 +317,56 @@ pub async fn a_cancellations_refund_is_queued_until_its_reference_is_recorded(b:
         format!("aggregate_id = '{}' AND topic = 'booking.refunded' AND {reference} = 're_owing'", owing.id);
     assert_eq!(b.count("outbox_events", &announced).await, 1, "the refund made is announced, with its reference");
     assert_eq!(outbox_of(b, free.id, "booking.refunded").await, 0, "a refund of nothing is not made");
+}
+
+/// A decision that records the refund made as failed, for `reason`.
+fn refund_failed(reason: &'static str) -> Decide {
+    Box::new(move |b: &Booking, _now| {
+        let mut next = b.clone();
+        next.refund.as_mut().expect("a refund made").failure = Some(reason.into());
+        Ok(next)
+    })
+}
+
+/// A decision that records a refund made in place of one that failed.
+fn refunded_again(reference: &'static str) -> Decide {
+    Box::new(move |b: &Booking, _now| {
+        let mut next = b.clone();
+        let refund = next.refund.as_mut().expect("a refund owed");
+        (refund.reference, refund.failure) = (Some(reference.into()), None);
+        Ok(next)
+    })
+}
+
+/// A refund made and reported failed afterwards is announced, and queued again parked (left to
+/// an operator); one made in its place drops it and is announced as made.
+pub async fn a_refund_reported_failed_is_announced_and_parked_until_made_again(b: &Backend) {
+    let w = World::new(b).await;
+    let r = w.resource(1).await;
+    let owing = w.held(&[(r.id, span(HOUR, 2 * HOUR), 1)], at(0), 600).await;
+    w.store.update_booking(owing.id, at(1), paid("pi_failing")).await.unwrap();
+    w.store.update_booking(owing.id, at(2), cancelled_owing(600)).await.unwrap();
+    w.store.update_booking(owing.id, at(3), refunded("re_first")).await.unwrap();
+    assert_eq!(b.count("refunds_due", "1=1").await, 0);
+
+    let failed = w.store.update_booking(owing.id, at(4), refund_failed("expired_or_canceled_card")).await.unwrap();
+    assert_eq!(failed.failed_refund(), Some("re_first"));
+    assert_eq!(w.store.booking(owing.id).await.unwrap().unwrap(), failed, "stored");
+    assert_eq!(outbox_of(b, owing.id, REFUND_FAILED_TOPIC).await, 1);
+    let parked = RefundDue {
+        kind: RefundKind::Cancellation,
+        payment_reference: "pi_failing".into(),
+        booking_id: owing.id,
+        amount: 600,
+        attempts: allot_app::refunds::REFUND_ATTEMPTS_MAX,
+        next_at: allot_app::refunds::PARKED_AT,
+    };
+    assert_eq!(w.store.refunds_of_payment("pi_failing").await.unwrap(), vec![parked]);
+    assert_eq!(w.store.refunds_due(at(1_000_000_000), 100, 10).await.unwrap(), vec![], "not for the reconciler");
+
+    w.store.update_booking(owing.id, at(5), refunded_again("re_second")).await.unwrap();
+    assert_eq!(b.count("refunds_due", "1=1").await, 0, "made again: dropped");
+    assert_eq!(outbox_of(b, owing.id, "booking.refunded").await, 2, "each refund made announced");
 }
 
 pub async fn queued_refunds_are_listed_when_due_rescheduled_and_dropped(b: &Backend) {
