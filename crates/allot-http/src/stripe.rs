@@ -17,7 +17,9 @@
 //! followed by the next key of the operation's chain ([`chain_key`], at most
 //! [`STRIPE_KEY_CHAIN_MAX`]), walked in the same order by every retry. Before that: a confirm
 //! reads the PaymentIntent (paid already: that is the answer; so does a replayed refusal, which
-//! may be older than a payment another card made since), and a refund looks through the
+//! may be older than a payment another card made since; a payment method the failed confirm
+//! made of the card token and left attached is what the next key pays with, a token being
+//! usable once), and a refund looks through the
 //! payment's refunds for its own, before its first call and after each replayed 5xx (a replay
 //! proves the earlier call has finished), so a refund made under an unknown outcome is found
 //! instead of made again.
@@ -237,7 +239,7 @@ impl StripeProvider {
 
     /// Pays PaymentIntent `id` with `request`'s token.
     async fn confirm_intent(&self, id: &str, request: &ChargeRequest) -> Result<ChargeOutcome, ProviderError> {
-        let form = [
+        let mut form = vec![
             ("payment_method_data[type]", "card".into()),
             ("payment_method_data[card][token]", request.token.clone()),
             ("error_on_requires_action", "true".into()),
@@ -251,7 +253,14 @@ impl StripeProvider {
             }
             // A confirm with an unknown outcome: paid then, or to be confirmed again (a
             // PaymentIntent succeeds at most once).
-            if let Some(paid) = paid(self.intent(id).await?) {
+            let intent = self.intent(id).await?;
+            // A card token is used once: the payment method the failed confirm made of it,
+            // still on the PaymentIntent, is what the next confirm pays with (every retry
+            // reads the PaymentIntent here, and so sends what this one sends).
+            if let Some(method) = intent.confirmable_with() {
+                form = vec![("payment_method", method.to_owned()), ("error_on_requires_action", "true".into())];
+            }
+            if let Some(paid) = paid(intent) {
                 return Ok(paid);
             }
             tracing::warn!(
@@ -357,6 +366,17 @@ fn paid(intent: Intent) -> Option<ChargeOutcome> {
 struct Intent {
     id: String,
     status: String,
+    /// The payment method attached (its id), if any.
+    #[serde(default)]
+    payment_method: Option<String>,
+}
+
+impl Intent {
+    /// The payment method a confirm left attached and awaiting confirmation: the card's,
+    /// made of a token that cannot be used again.
+    fn confirmable_with(&self) -> Option<&str> {
+        (self.status == "requires_confirmation").then_some(self.payment_method.as_deref()).flatten()
+    }
 }
 
 #[derive(Debug, Deserialize)]

@@ -204,6 +204,25 @@ async fn a_card_stripe_could_not_process_is_tried_again_and_a_key_in_use_is_wait
     assert!(matches!(stuck, Err(ProviderError::Unavailable(why)) if why.contains("409")), "a key in use too long");
 }
 
+/// A card token is used once: a confirm that made the token into a payment method on the
+/// PaymentIntent and then failed (500) leaves it there, and the retry pays with that payment
+/// method instead of sending the used token again.
+#[tokio::test]
+async fn a_retry_pays_with_the_payment_method_a_failed_confirm_left_not_the_used_token() {
+    let (fake, stripe) = stripe().await;
+    let request = charge("tok_visa", "booking_11_0");
+    fake.attach_then_fail_next_confirm(1);
+    assert!(matches!(stripe.charge(&request).await, Err(ProviderError::Unavailable(why)) if why.contains("500")));
+    let Ok(ChargeOutcome::Succeeded { reference }) = stripe.charge(&request).await else { panic!("the retry") };
+    let confirms: Vec<_> = fake.calls().into_iter().filter(|c| c.path.ends_with("/confirm")).collect();
+    let last = confirms.last().unwrap();
+    assert!(last.form.get("payment_method").is_some_and(|m| m.starts_with("pm_")), "{last:?}");
+    assert_eq!(last.form.get("payment_method_data[card][token]"), None, "not the used token");
+    assert_eq!(fake.intent(&reference), Some((1250, 0)), "charged once");
+    let again = stripe.charge(&request).await;
+    assert_eq!(again, Ok(ChargeOutcome::Succeeded { reference }), "a later retry finds it paid");
+}
+
 /// A refund whose answer was a 500 may have been made: before each try, the payment's refunds
 /// are looked through for the one made under this operation's key.
 #[tokio::test]

@@ -18,7 +18,10 @@
 //! next `n` calls 409 `idempotency_key_in_use` (as Stripe answers a call whose key another
 //! request is still running under; nothing saved); `processing_error_next_confirm(n)` answers
 //! the next `n` confirms with a card's `processing_error` (402, saved), as
-//! `tok_chargeDeclinedProcessingError` always is.
+//! `tok_chargeDeclinedProcessingError` always is; `attach_then_fail_next_confirm(n)` makes the
+//! next `n` confirms' tokens into payment methods attached to their PaymentIntents
+//! (`requires_confirmation`), using the tokens up (`token_already_used` after), and answers them
+//! 500; a confirm may pay with such a `payment_method` instead of a token.
 #![allow(dead_code, clippy::unwrap_used, clippy::result_large_err)]
 
 use std::collections::HashMap;
@@ -56,6 +59,10 @@ struct Books {
     intents: HashMap<String, (i64, i64)>,
     /// Refunds made, in order.
     refunds: Vec<Value>,
+    /// Payment methods made of card tokens: the token each was made of.
+    methods: HashMap<String, String>,
+    /// Tokens used up (each made into a payment method; a token is used once).
+    used_tokens: std::collections::HashSet<String>,
     next_id: u32,
 }
 
@@ -68,6 +75,7 @@ pub struct FakeStripe {
     confirms_failing_after: AtomicU32,
     lists_lagging: AtomicU32,
     keys_in_use: AtomicU32,
+    confirms_attaching_then_failing: AtomicU32,
     confirms_processing_error: AtomicU32,
 }
 
@@ -129,6 +137,13 @@ impl FakeStripe {
     /// Lists no refunds in the next `n` lookups (a refund still being made when it looked).
     pub fn lag_next_list(&self, n: u32) {
         self.lists_lagging.store(n, Ordering::SeqCst);
+    }
+
+    /// Makes the next `n` confirms' tokens into payment methods, attached to their
+    /// PaymentIntents (`requires_confirmation`; the tokens used up), and answers them 500
+    /// without charging.
+    pub fn attach_then_fail_next_confirm(&self, n: u32) {
+        self.confirms_attaching_then_failing.store(n, Ordering::SeqCst);
     }
 
     /// Answers the next `n` calls 409 `idempotency_key_in_use`, saving nothing.
@@ -291,7 +306,7 @@ async fn confirm(
         let e = invalid("resource_missing", "intent", format!("No such payment_intent: '{id}'"));
         return fake.answer(&call, StatusCode::NOT_FOUND, e);
     };
-    if intent["status"] != "requires_payment_method" {
+    if !matches!(intent["status"].as_str(), Some("requires_payment_method" | "requires_confirmation")) {
         let e = invalid(
             "payment_intent_unexpected_state",
             "intent",
@@ -310,6 +325,35 @@ async fn confirm(
             "message": "Your card was declined.", "payment_intent": intent}})
     };
     let token = f.get("payment_method_data[card][token]").map_or("", String::as_str);
+    if fake.books.lock().unwrap().used_tokens.contains(token) {
+        let e = invalid(
+            "token_already_used",
+            "payment_method_data[card][token]",
+            "You cannot use a Stripe token more than once".into(),
+        );
+        return fake.answer(&call, StatusCode::BAD_REQUEST, e);
+    }
+    let method = f.get("payment_method").cloned();
+    let made_of = method.as_ref().and_then(|m| fake.books.lock().unwrap().methods.get(m).cloned());
+    let token = match (&method, &made_of) {
+        (Some(_), Some(made_of)) => made_of.as_str(),
+        (Some(m), None) => {
+            let e = invalid("resource_missing", "payment_method", format!("No such PaymentMethod: '{m}'"));
+            return fake.answer(&call, StatusCode::BAD_REQUEST, e);
+        }
+        (None, _) => token,
+    };
+    if take_one(&fake.confirms_attaching_then_failing) {
+        let method = fake.new_id("pm");
+        let mut books = fake.books.lock().unwrap();
+        books.methods.insert(method.clone(), token.to_owned());
+        books.used_tokens.insert(token.to_owned());
+        let mut attached = intent.clone();
+        (attached["status"], attached["payment_method"]) = (json!("requires_confirmation"), json!(method));
+        books.created.insert(id.clone(), attached);
+        drop(books);
+        return fake.answer(&call, StatusCode::INTERNAL_SERVER_ERROR, server_error());
+    }
     let token = if take_one(&fake.confirms_processing_error) { "tok_chargeDeclinedProcessingError" } else { token };
     let no_action = f.get("error_on_requires_action").is_some_and(|v| v == "true");
     let (status, answer) = match token {
