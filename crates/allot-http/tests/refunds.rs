@@ -520,6 +520,10 @@ async fn a_refund_the_provider_reports_failed_is_owed_again_and_made_anew_when_a
     }
     assert_eq!(s.stored().await["refund"]["failure"], Value::Null, "nothing changed");
 
+    // Recorded, but the record's answer lost: 503, so the provider sends it again (below).
+    s.faults.lose_booking_update_answers(1);
+    let (status, ack) = s.refund_event("refund.failed", object(&made, "failed")).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{ack}");
     for kind in ["refund.failed", "charge.refund.updated"] {
         let (status, ack) = s.refund_event(kind, object(&made, "failed")).await;
         assert_eq!((status, ack["outcome"].as_str()), (StatusCode::OK, Some("refund_failed")), "{kind}: {ack}");
@@ -552,4 +556,45 @@ async fn a_refund_the_provider_reports_failed_is_owed_again_and_made_anew_when_a
     assert_eq!(s.t.store.count("outbox_events", "topic = 'booking.refunded'").await.unwrap(), 2);
     let (status, ack) = s.refund_event("refund.failed", object(&made, "failed")).await;
     assert_eq!((status, ack["outcome"].as_str()), (StatusCode::OK, Some("ignored")), "superseded: {ack}");
+}
+
+/// The confirm's write records the charge and commits, but its answer is lost: the request
+/// answers 503 and queues the charge as possibly unrecorded; the booking as stored records it,
+/// so the reconciler drops it and the money is kept; the client's retry finds it confirmed.
+#[tokio::test]
+async fn a_charge_whose_record_committed_but_whose_answer_was_lost_is_kept() {
+    let s = setup().await;
+    s.faults.lose_booking_update_answers(1);
+    let (status, busy) = s.confirm().await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{busy}");
+    let stored = s.stored().await;
+    assert_eq!(
+        (stored["status"].as_str(), &stored["payment"]["reference"]),
+        (Some("confirmed"), &json!(format!("pi_test_{}_0", s.booking)))
+    );
+    assert_eq!(s.t.store.count("refunds_due", "kind = 'unrecorded'").await.unwrap(), 1, "queued all the same");
+    let sweep = s.settle_after(REFUND_GRACE_SECONDS).await;
+    assert_eq!(sweep, RefundSweep { not_owed: 1, ..RefundSweep::default() }, "recorded: not owed");
+    assert!(s.provider.asked().is_empty(), "the recorded charge is never refunded");
+    let (status, again) = s.confirm().await;
+    assert_eq!(status, StatusCode::CONFLICT, "confirmed already: {again}");
+    assert_eq!(s.stored().await["status"], "confirmed");
+}
+
+/// A cancellation's refund is made and its reference recorded, but the record's answer is
+/// lost: the cancel still answers the cancellation, the refund queued with it was dropped in
+/// the record's commit, and no sweep refunds again.
+#[tokio::test]
+async fn a_refund_whose_record_committed_but_whose_answer_was_lost_is_made_once() {
+    let s = setup().await;
+    assert_eq!(s.confirm().await.0, StatusCode::OK);
+    // The cancellation's own write answers; the refund's record, the next, does not.
+    s.faults.lose_booking_update_answers_after(1, 1);
+    let cancelled = s.cancel().await;
+    assert_eq!(cancelled.0, StatusCode::OK, "{}", cancelled.1);
+    let stored = s.stored().await;
+    assert!(stored["refund"]["reference"].is_string(), "recorded: {stored}");
+    assert_eq!(s.t.store.count("refunds_due", "1=1").await.unwrap(), 0, "dropped in the record's commit");
+    assert_eq!(s.settle_after(24 * 3600).await, RefundSweep::default());
+    assert_eq!(s.provider.asked().len(), 1, "refunded once");
 }

@@ -1,6 +1,7 @@
 //! A store that fails on demand: the app's real store (SQLite or PostgreSQL) behind a wrapper
 //! that makes chosen calls fail as the database would, for the paths that only a failing
-//! store reaches. Every other call goes through unchanged.
+//! store reaches, including a write that committed and answered an error (its answer lost).
+//! Every other call goes through unchanged.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -24,6 +25,10 @@ pub struct Faults {
     update_booking_failures: AtomicU32,
     /// `booking` reads still to fail as busy.
     booking_read_failures: AtomicU32,
+    /// `update_booking` calls still to commit and then answer busy (the commit's answer lost),
+    /// once `update_booking_answers_kept` more have answered as they should.
+    update_booking_answers_lost: AtomicU32,
+    update_booking_answers_kept: AtomicU32,
 }
 
 impl Faults {
@@ -35,6 +40,28 @@ impl Faults {
     /// The next `n` booking updates fail as busy, changing nothing.
     pub fn fail_booking_updates(&self, n: u32) {
         self.update_booking_failures.store(n, Ordering::SeqCst);
+    }
+
+    /// The next `n` booking updates commit, and then answer busy, as a write does whose
+    /// commit's answer was lost (a connection cut after `COMMIT` was sent).
+    pub fn lose_booking_update_answers(&self, n: u32) {
+        self.lose_booking_update_answers_after(0, n);
+    }
+
+    /// [`Faults::lose_booking_update_answers`] once the next `kept` updates have answered.
+    pub fn lose_booking_update_answers_after(&self, kept: u32, n: u32) {
+        self.update_booking_answers_kept.store(kept, Ordering::SeqCst);
+        self.update_booking_answers_lost.store(n, Ordering::SeqCst);
+    }
+
+    /// Whether a committed update's answer is lost (busy then).
+    fn booking_update_answer(&self) -> Result<(), StoreError> {
+        if self.update_booking_answers_lost.load(Ordering::SeqCst) == 0
+            || take_failure(&self.update_booking_answers_kept).is_err()
+        {
+            return Ok(());
+        }
+        take_failure(&self.update_booking_answers_lost)
     }
 
     /// The next `n` reads of a booking by id fail as busy.
@@ -205,7 +232,9 @@ impl Store for FaultyStore {
 
     async fn update_booking(&self, id: BookingId, now: Timestamp, decide: Decide) -> Result<Booking, UpdateRefused> {
         take_failure(&self.faults.update_booking_failures).map_err(UpdateRefused::Store)?;
-        self.inner.update_booking(id, now, decide).await
+        let updated = self.inner.update_booking(id, now, decide).await?;
+        self.faults.booking_update_answer().map_err(UpdateRefused::Store)?;
+        Ok(updated)
     }
 
     async fn booking(&self, id: BookingId) -> Result<Option<Booking>, StoreError> {
