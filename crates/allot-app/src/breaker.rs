@@ -18,7 +18,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 
 use crate::clock::Clock;
-use crate::payments::{ChargeOutcome, ChargeRequest, PaymentProvider, ProviderError, RefundRequest};
+use crate::payments::{ChargeOutcome, ChargeRequest, PaymentProvider, PaymentStatus, ProviderError, RefundRequest};
 use crate::telemetry;
 
 /// Failures in a row that open the circuit.
@@ -150,6 +150,10 @@ impl PaymentProvider for Guarded {
 
     async fn refund(&self, request: &RefundRequest) -> Result<String, ProviderError> {
         self.call(&request.idempotency_key, self.inner.refund(request)).await
+    }
+
+    async fn payment_status(&self, reference: &str) -> Result<PaymentStatus, ProviderError> {
+        self.call(&format!("status_{reference}"), self.inner.payment_status(reference)).await
     }
 }
 

@@ -15,6 +15,7 @@ pub mod error;
 pub mod expiry;
 pub mod idempotency;
 pub mod payments;
+pub mod pending;
 pub mod refunds;
 pub mod seat_maps;
 pub mod store;
@@ -74,6 +75,7 @@ impl App {
         tokio::spawn(expiry::run(app.clone(), expiry_rx));
         tokio::spawn(cleanup_loop(Arc::downgrade(&app)));
         tokio::spawn(refunds::run(Arc::downgrade(&app)));
+        tokio::spawn(pending::run(Arc::downgrade(&app)));
         Ok(app)
     }
 }

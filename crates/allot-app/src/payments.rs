@@ -87,12 +87,29 @@ pub enum ProviderError {
     CircuitOpen,
 }
 
+/// A payment as the provider has it when asked (`crate::pending`): what a payment's events
+/// would report, for a payment whose event is late, lost, or came before its confirm recorded it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PaymentStatus {
+    /// Paid: what it took.
+    Succeeded(crate::webhooks::Received),
+    /// It will not be paid (the card failed after all, or the payment was cancelled).
+    Failed,
+    /// Still being paid, or the provider cannot say.
+    Pending,
+}
+
 #[async_trait]
 pub trait PaymentProvider: Send + Sync + 'static {
     fn name(&self) -> &'static str;
     async fn charge(&self, request: &ChargeRequest) -> Result<ChargeOutcome, ProviderError>;
     /// Returns the refund's reference; the same for a request with the same idempotency key.
     async fn refund(&self, request: &RefundRequest) -> Result<String, ProviderError>;
+    /// Payment `reference` as the provider has it now. A provider that cannot say (the test
+    /// provider keeps nothing) answers pending: its events settle the payment.
+    async fn payment_status(&self, _reference: &str) -> Result<PaymentStatus, ProviderError> {
+        Ok(PaymentStatus::Pending)
+    }
 }
 
 /// The default provider: `tok_visa` succeeds, `tok_chargeDeclined` is declined,

@@ -428,6 +428,9 @@ pub trait Store: Send + Sync + 'static {
     async fn purge_released_claims(&self, _now: Timestamp, _limit: u32) -> Result<usize, StoreError> {
         Ok(0)
     }
+    /// Up to `limit` bookings waiting for an asynchronous payment (`pending_payment`), the
+    /// soonest to lapse first.
+    async fn pending_payments(&self, limit: u32) -> Result<Vec<BookingId>, StoreError>;
     /// The soonest `limit` hold expiries, for the expiry scheduler.
     async fn upcoming_expiries(&self, limit: u32) -> Result<Vec<(BookingId, Timestamp)>, StoreError>;
 

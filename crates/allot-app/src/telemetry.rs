@@ -29,6 +29,9 @@ pub const REFUNDS_ABANDONED: &str = "allot_refunds_abandoned_total";
 /// Label `outcome`: `applied`, `refund_queued`, `ignored`, or the error code (the provider's
 /// events about a booking, `webhooks`).
 pub const PAYMENT_EVENTS: &str = "allot_payment_events_total";
+/// Payments left pending that the provider was asked about and that changed their booking
+/// (`pending`), by what they did.
+pub const PENDING_CHECKS: &str = "allot_pending_payments_settled_total";
 /// Times the circuit breaker around the payment provider opened (`breaker`).
 pub const PAYMENT_CIRCUIT_OPENED: &str = "allot_payment_circuit_opened_total";
 /// Requests answered 429 by the rate limiter.
@@ -51,6 +54,11 @@ pub fn describe() {
     describe_counter!(REFUNDS, Unit::Count, "Refunds at the payment provider, by outcome");
     describe_counter!(REFUNDS_ABANDONED, Unit::Count, "Refunds owed left to an operator after their last attempt");
     describe_counter!(PAYMENT_EVENTS, Unit::Count, "Payment provider events about a booking, by what they did");
+    describe_counter!(
+        PENDING_CHECKS,
+        Unit::Count,
+        "Payments left pending settled by asking the provider, by what they did to their booking"
+    );
     describe_counter!(
         PAYMENT_CIRCUIT_OPENED,
         Unit::Count,

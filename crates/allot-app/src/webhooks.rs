@@ -321,7 +321,12 @@ impl App {
     /// no longer can keep it (ended, or waiting for another payment) has it queued to be
     /// refunded whole. An event that arrives before the confirm that made its payment has
     /// recorded it is refused (409), so the provider sends it again.
-    async fn payment_succeeded(&self, booking: Booking, reference: String, received: Received) -> AppResult<Settled> {
+    pub(crate) async fn payment_succeeded(
+        &self,
+        booking: Booking,
+        reference: String,
+        received: Received,
+    ) -> AppResult<Settled> {
         if records(&booking, &reference, PAYMENT_SUCCEEDED) {
             return Ok(Settled::Booking(booking));
         }
@@ -402,7 +407,7 @@ impl App {
 
     /// Holds the booking again for another attempt (or ends it as `payment_failed` at the
     /// last), if it still waits for this payment.
-    async fn payment_failed(&self, booking: Booking, reference: String) -> AppResult<Settled> {
+    pub(crate) async fn payment_failed(&self, booking: Booking, reference: String) -> AppResult<Settled> {
         if !records(&booking, &reference, PAYMENT_PENDING) {
             return Ok(Settled::Ignored);
         }

@@ -37,7 +37,9 @@
 
 use std::time::Duration;
 
-use allot_app::payments::{ChargeOutcome, ChargeRequest, PaymentProvider, ProviderError, RefundRequest};
+use allot_app::payments::{ChargeOutcome, ChargeRequest, PaymentProvider, PaymentStatus, ProviderError, RefundRequest};
+use allot_app::webhooks::Received;
+use allot_core::inventory::Currency;
 use async_trait::async_trait;
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
@@ -369,9 +371,31 @@ struct Intent {
     /// The payment method attached (its id), if any.
     #[serde(default)]
     payment_method: Option<String>,
+    /// What a succeeded one took, in the currency's smallest unit.
+    #[serde(default)]
+    amount_received: Option<i64>,
+    /// ISO 4217, lower-case.
+    #[serde(default)]
+    currency: Option<String>,
 }
 
 impl Intent {
+    /// What this PaymentIntent says of its payment, to a booking waiting for it.
+    fn payment_status(&self) -> Result<PaymentStatus, ProviderError> {
+        match self.status.as_str() {
+            "succeeded" => {
+                let currency = self.currency.as_deref().map(str::to_ascii_uppercase).map(Currency::try_from);
+                match (self.amount_received, currency) {
+                    (Some(amount), Some(Ok(currency))) => Ok(PaymentStatus::Succeeded(Received { amount, currency })),
+                    _ => Err(ProviderError::Unavailable(format!("stripe: payment {} paid, but not how much", self.id))),
+                }
+            }
+            // It failed and waits for another card, or it was cancelled: not paid.
+            "requires_payment_method" | "canceled" => Ok(PaymentStatus::Failed),
+            _ => Ok(PaymentStatus::Pending),
+        }
+    }
+
     /// The payment method a confirm left attached and awaiting confirmation: the card's,
     /// made of a token that cannot be used again.
     fn confirmable_with(&self) -> Option<&str> {
@@ -476,6 +500,14 @@ impl PaymentProvider for StripeProvider {
     async fn charge(&self, request: &ChargeRequest) -> Result<ChargeOutcome, ProviderError> {
         let intent = self.create_intent(request).await?;
         self.confirm_intent(&intent, request).await
+    }
+
+    async fn payment_status(&self, reference: &str) -> Result<PaymentStatus, ProviderError> {
+        let valid = !reference.is_empty() && reference.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
+        if !valid {
+            return Err(ProviderError::Rejected(format!("not a PaymentIntent id: {reference}")));
+        }
+        self.intent(reference).await?.payment_status()
     }
 
     async fn refund(&self, request: &RefundRequest) -> Result<String, ProviderError> {

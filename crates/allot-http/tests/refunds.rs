@@ -12,7 +12,9 @@ use std::sync::{Arc, Mutex};
 
 use allot_app::audit::Verdict;
 use allot_app::breaker::PROVIDER_CALL_TIMEOUT_SECONDS;
-use allot_app::payments::{ChargeOutcome, ChargeRequest, PaymentProvider, ProviderError, RefundRequest, TestProvider};
+use allot_app::payments::{
+    ChargeOutcome, ChargeRequest, PaymentProvider, PaymentStatus, ProviderError, RefundRequest, TestProvider,
+};
 use allot_app::refunds::{PARKED_AT, REFUND_ATTEMPTS_MAX, REFUND_LEASE_SECONDS, RefundSweep};
 use allot_app::store::{REFUND_GRACE_SECONDS, Role};
 use allot_core::booking::BookingStatus;
@@ -34,6 +36,8 @@ struct Provider {
     refunding: Notify,
     refunds_fail: AtomicBool,
     asked: Mutex<Vec<RefundRequest>>,
+    /// What `payment_status` answers, by payment (pending when not set).
+    statuses: Mutex<std::collections::HashMap<String, PaymentStatus>>,
 }
 
 impl Default for Provider {
@@ -46,6 +50,7 @@ impl Default for Provider {
             refunding: Notify::new(),
             refunds_fail: AtomicBool::new(false),
             asked: Mutex::default(),
+            statuses: Mutex::default(),
         }
     }
 }
@@ -80,6 +85,10 @@ impl PaymentProvider for Provider {
             return Err(ProviderError::Unavailable("processing_error".into()));
         }
         TestProvider.refund(request).await
+    }
+
+    async fn payment_status(&self, reference: &str) -> Result<PaymentStatus, ProviderError> {
+        Ok(self.statuses.lock().unwrap().get(reference).copied().unwrap_or(PaymentStatus::Pending))
     }
 }
 
@@ -611,4 +620,67 @@ async fn a_refund_whose_record_committed_but_whose_answer_was_lost_is_made_once(
     assert_eq!(s.t.store.count("refunds_due", "1=1").await.unwrap(), 0, "dropped in the record's commit");
     assert_eq!(s.settle_after(24 * 3600).await, RefundSweep::default());
     assert_eq!(s.provider.asked().len(), 1, "refunded once");
+}
+
+/// A payment left pending whose event never comes: once it has waited a minute, the provider is
+/// asked, and what it says settles the booking as its event would (paid: confirmed; failed:
+/// held again for another attempt), audited as the server's own; a payment still pending waits.
+#[tokio::test]
+async fn a_payment_left_pending_is_settled_by_asking_the_provider() {
+    use allot_app::pending::{PENDING_CHECK_AFTER_SECONDS, PendingSweep};
+    let s = setup().await;
+    let body = json!({"payment": {"method": "card", "token": "tok_async"}});
+    let (status, pending) = s.t.post(Some(&s.customer), &format!("/bookings/{}/confirm", s.booking), body).await;
+    assert_eq!((status, pending["status"].as_str()), (StatusCode::OK, Some("pending_payment")), "{pending}");
+    let payment = pending["payment"]["reference"].as_str().unwrap().to_owned();
+    let sweep = |seconds: i64| {
+        let t = &s.t;
+        async move {
+            t.clock.advance(SignedDuration::from_secs(seconds));
+            t.app.settle_pending_payments().await.unwrap()
+        }
+    };
+    assert_eq!(sweep(0).await, PendingSweep { waiting: 1, ..PendingSweep::default() }, "its event has time yet");
+    assert_eq!(sweep(PENDING_CHECK_AFTER_SECONDS).await, PendingSweep { waiting: 1, ..PendingSweep::default() });
+    assert_eq!(s.stored().await["status"], "pending_payment", "pending at the provider too");
+
+    // The provider's failure came before the confirm recorded the payment (ignored then), say:
+    // asked, the provider says failed, and the booking is held again for another attempt.
+    s.provider.statuses.lock().unwrap().insert(payment.clone(), PaymentStatus::Failed);
+    assert_eq!(sweep(0).await, PendingSweep { failed: 1, ..PendingSweep::default() });
+    let held = s.stored().await;
+    assert_eq!((held["status"].as_str(), held["payment_attempts"].as_i64()), (Some("held"), Some(1)), "{held}");
+    assert_eq!(sweep(0).await, PendingSweep::default(), "nothing pending any more");
+
+    let body = json!({"payment": {"method": "card", "token": "tok_async"}});
+    let (_, again) = s.t.post(Some(&s.customer), &format!("/bookings/{}/confirm", s.booking), body).await;
+    let second = again["payment"]["reference"].as_str().unwrap().to_owned();
+    assert_ne!(second, payment, "another attempt, another payment");
+    let received = allot_app::webhooks::Received {
+        amount: again["total"].as_i64().unwrap(),
+        currency: allot_core::inventory::Currency::try_from(again["currency"].as_str().unwrap().to_owned()).unwrap(),
+    };
+    s.provider.statuses.lock().unwrap().insert(second.clone(), PaymentStatus::Succeeded(received));
+    assert_eq!(sweep(PENDING_CHECK_AFTER_SECONDS).await, PendingSweep { paid: 1, ..PendingSweep::default() });
+    let confirmed = s.stored().await;
+    assert_eq!(
+        (confirmed["status"].as_str(), confirmed["payment"]["status"].as_str()),
+        (Some("confirmed"), Some("succeeded"))
+    );
+    assert_eq!(sweep(PENDING_CHECK_AFTER_SECONDS).await, PendingSweep::default(), "settled once");
+
+    let manager = s.t.login(MANAGER).await;
+    let (status, page) = s.t.get(Some(&manager), "/audit?action=payment.reconcile&limit=10").await;
+    assert_eq!(status, StatusCode::OK, "{page}");
+    let events = page["data"].as_array().unwrap();
+    assert_eq!(events.len(), 2, "{page}");
+    for event in events {
+        assert_eq!(
+            (event["actor_role"].as_str(), event["outcome"].as_str()),
+            (Some("system"), Some("success")),
+            "{event}"
+        );
+        assert_eq!(event["target_id"].as_str(), Some(s.booking.as_str()));
+    }
+    assert!(s.provider.asked().is_empty(), "nothing refunded");
 }

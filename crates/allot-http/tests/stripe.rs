@@ -9,7 +9,7 @@ mod common;
 use std::sync::Arc;
 
 use allot_app::clock::Clock;
-use allot_app::payments::{ChargeOutcome, ChargeRequest, PaymentProvider, ProviderError, RefundRequest};
+use allot_app::payments::{ChargeOutcome, ChargeRequest, PaymentProvider, PaymentStatus, ProviderError, RefundRequest};
 use allot_app::store::Role;
 use allot_core::ids::BookingId;
 use allot_core::inventory::Currency;
@@ -221,6 +221,31 @@ async fn a_retry_pays_with_the_payment_method_a_failed_confirm_left_not_the_used
     assert_eq!(fake.intent(&reference), Some((1250, 0)), "charged once");
     let again = stripe.charge(&request).await;
     assert_eq!(again, Ok(ChargeOutcome::Succeeded { reference }), "a later retry finds it paid");
+}
+
+/// A payment left pending is asked about by reading its PaymentIntent: processing is pending,
+/// succeeded is paid (what it took, in its currency), a PaymentIntent waiting for another card
+/// failed; an id that is no PaymentIntent's is refused before anything is sent.
+#[tokio::test]
+async fn a_payment_s_status_is_read_from_its_payment_intent() {
+    let (fake, stripe) = stripe().await;
+    let eur = Currency::try_from("EUR".to_owned()).unwrap();
+    for paid in [true, false] {
+        let request = charge("tok_processing", &format!("booking_status_{paid}"));
+        let Ok(ChargeOutcome::Pending { reference }) = stripe.charge(&request).await else { panic!("processing") };
+        assert_eq!(stripe.payment_status(&reference).await, Ok(PaymentStatus::Pending));
+        fake.settle_intent(&reference, paid);
+        let expected = if paid {
+            PaymentStatus::Succeeded(allot_app::webhooks::Received { amount: 1250, currency: eur })
+        } else {
+            PaymentStatus::Failed
+        };
+        assert_eq!(stripe.payment_status(&reference).await, Ok(expected));
+    }
+    assert!(matches!(stripe.payment_status("pi_../refunds").await, Err(ProviderError::Rejected(_))));
+    assert!(
+        matches!(stripe.payment_status("pi_unknown").await, Err(ProviderError::Unavailable(why)) if why.contains("404"))
+    );
 }
 
 /// A refund whose answer was a 500 may have been made: before each try, the payment's refunds

@@ -251,6 +251,7 @@ conformance! {
     bookings::a_cancellations_refund_is_queued_until_its_reference_is_recorded,
     bookings::a_refund_reported_failed_is_announced_and_parked_until_made_again,
     bookings::queued_refunds_are_listed_when_due_rescheduled_and_dropped,
+    bookings::pending_payments_are_listed_soonest_to_lapse_first,
     bookings::due_refunds_are_leased_to_one_sweep_at_a_time,
     expiry::expired_hold_stops_counting_before_the_sweep,
     expiry::a_swept_hold_is_stored_and_announced_as_the_transition_makes_it,

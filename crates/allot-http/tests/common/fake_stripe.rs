@@ -146,6 +146,24 @@ impl FakeStripe {
         self.confirms_attaching_then_failing.store(n, Ordering::SeqCst);
     }
 
+    /// Settles a `processing` PaymentIntent as Stripe does later: `succeeded` (taking its
+    /// amount) or `requires_payment_method` (failed).
+    pub fn settle_intent(&self, id: &str, paid: bool) {
+        let mut books = self.books.lock().unwrap();
+        let intent = books.created.get_mut(id).expect("a PaymentIntent");
+        let amount = intent["amount"].as_i64().unwrap();
+        if paid {
+            (intent["status"], intent["amount_received"]) = (json!("succeeded"), json!(amount));
+        } else {
+            intent["status"] = json!("requires_payment_method");
+        }
+        if paid {
+            books.intents.insert(id.to_owned(), (amount, 0));
+        } else {
+            books.intents.remove(id);
+        }
+    }
+
     /// Answers the next `n` calls 409 `idempotency_key_in_use`, saving nothing.
     pub fn key_in_use_next(&self, n: u32) {
         self.keys_in_use.store(n, Ordering::SeqCst);

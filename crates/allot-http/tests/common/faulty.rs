@@ -295,6 +295,10 @@ impl Store for FaultyStore {
         self.inner.refunds_of_payment(payment_reference).await
     }
 
+    async fn pending_payments(&self, limit: u32) -> Result<Vec<BookingId>, StoreError> {
+        self.inner.pending_payments(limit).await
+    }
+
     async fn claim_refunds_due(
         &self,
         now: Timestamp,

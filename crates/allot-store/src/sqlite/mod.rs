@@ -650,6 +650,18 @@ impl Store for SqliteStore {
         self.writer.exec_now(move |ctx: &mut Ctx| tx::purge_released_claims(ctx, now, limit, budget)).await
     }
 
+    async fn pending_payments(&self, limit: u32) -> Result<Vec<BookingId>, StoreError> {
+        let ids: Vec<String> = sqlx::query_scalar(
+            "SELECT id FROM bookings WHERE status = 'pending_payment' AND expires_at IS NOT NULL
+             ORDER BY expires_at LIMIT ?",
+        )
+        .bind(i64::from(limit))
+        .fetch_all(&self.read)
+        .await
+        .map_err(db_error)?;
+        ids.iter().map(|id| id.parse().map_err(|_| StoreError::Corrupt(format!("booking id {id}")))).collect()
+    }
+
     async fn upcoming_expiries(&self, limit: u32) -> Result<Vec<(BookingId, Timestamp)>, StoreError> {
         let rows: Vec<(String, i64)> = sqlx::query_as(
             "SELECT id, expires_at FROM bookings WHERE status IN ('held', 'pending_payment') AND expires_at IS NOT NULL

@@ -263,6 +263,27 @@ fn paid(reference: &'static str) -> Decide {
     })
 }
 
+/// Bookings waiting for an asynchronous payment are listed, soonest to lapse first; holds,
+/// confirmed and ended bookings are not.
+pub async fn pending_payments_are_listed_soonest_to_lapse_first(b: &Backend) {
+    let w = World::new(b).await;
+    let r = w.resource(10).await;
+    let s = span(HOUR, 2 * HOUR);
+    let late = w.held(&[(r.id, s, 1)], at(0), 900).await;
+    let soon = w.held(&[(r.id, s, 1)], at(0), 600).await;
+    let held = w.held(&[(r.id, s, 1)], at(0), 300).await;
+    let confirmed = w.held(&[(r.id, s, 1)], at(0), 300).await;
+    for booking in [&late, &soon] {
+        w.apply(booking.id, Transition::AwaitPayment, at(1)).await.unwrap();
+    }
+    w.confirm(confirmed.id, at(1)).await;
+    assert_eq!(w.store.pending_payments(10).await.unwrap(), vec![soon.id, late.id]);
+    assert_eq!(w.store.pending_payments(1).await.unwrap(), vec![soon.id], "at most `limit`");
+    w.apply(soon.id, Transition::Confirm, at(2)).await.unwrap();
+    assert_eq!(w.store.pending_payments(10).await.unwrap(), vec![late.id], "paid: no longer pending");
+    assert!(!w.store.pending_payments(10).await.unwrap().contains(&held.id));
+}
+
 /// A decision that cancels, owing `amount` back.
 fn cancelled_owing(amount: i64) -> Decide {
     Box::new(move |b: &Booking, now| {
