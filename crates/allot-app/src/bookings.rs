@@ -260,11 +260,13 @@ impl App {
                     tracing::warn!(booking_id = %request.booking_id, "payment provider left alone: circuit open");
                     return Err(AppError::PaymentProviderUnavailable);
                 }
-                Err(ProviderError::Unavailable(why)) if attempt >= PROVIDER_ATTEMPTS_MAX => {
+                Err(ProviderError::Unavailable(why) | ProviderError::Retryable(why))
+                    if attempt >= PROVIDER_ATTEMPTS_MAX =>
+                {
                     tracing::warn!(booking_id = %request.booking_id, %why, "payment provider unavailable");
                     return Err(AppError::PaymentProviderUnavailable);
                 }
-                Err(ProviderError::Unavailable(_)) => {
+                Err(ProviderError::Unavailable(_) | ProviderError::Retryable(_)) => {
                     tokio::time::sleep(std::time::Duration::from_millis(PROVIDER_BACKOFF_MS << attempt)).await;
                 }
             }

@@ -8,7 +8,8 @@
 //!
 //! Failures count per operation, by its idempotency key: the retries of one charge or one
 //! refund are one failure, so one customer retrying one card cannot open the circuit for
-//! everyone. A declined card or a refused token is the provider answering: a success. Each
+//! everyone. A declined card, a refused token or request, or a card the provider could not
+//! process (`ProviderError::Retryable`) is the provider answering: a success. Each
 //! node has its own breaker, on the app's monotonic clock ([`Clock::elapsed`]): a wall clock
 //! stepped back cannot keep it open.
 
@@ -238,13 +239,16 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn requests_the_provider_refuses_are_answers_and_never_open_the_circuit() {
-        let clock = Arc::new(crate::clock::ManualClock::new(jiff::Timestamp::UNIX_EPOCH));
-        // Every request refused as asked (an amount under the provider's minimum, say).
-        let guarded = Guarded::new(Arc::new(Failing(ProviderError::Rejected("amount_too_large".into()))), clock);
-        for n in 0..BREAKER_FAILURES_MAX * 2 {
-            let refund = RefundRequest::of(BookingId::new(), &format!("pi_{n}"), 100);
-            assert_eq!(guarded.refund(&refund).await, Err(ProviderError::Rejected("amount_too_large".into())), "{n}");
+    async fn requests_the_provider_refuses_or_could_not_process_are_answers_and_never_open_the_circuit() {
+        // Every request refused as asked (an amount under the provider's minimum, say), or one
+        // card the provider could not process, tried on several bookings in turn.
+        for answer in [ProviderError::Rejected("amount_too_large".into()), ProviderError::Retryable("card".into())] {
+            let clock = Arc::new(crate::clock::ManualClock::new(jiff::Timestamp::UNIX_EPOCH));
+            let guarded = Guarded::new(Arc::new(Failing(answer.clone())), clock);
+            for n in 0..BREAKER_FAILURES_MAX * 2 {
+                let refund = RefundRequest::of(BookingId::new(), &format!("pi_{n}"), 100);
+                assert_eq!(guarded.refund(&refund).await, Err(answer.clone()), "{n}");
+            }
         }
     }
 

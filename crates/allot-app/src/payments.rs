@@ -82,6 +82,12 @@ pub enum ProviderError {
     Rejected(String),
     #[error("the provider is unavailable: {0}")]
     Unavailable(String),
+    /// The provider answered that it could not process this payment just now, and asks for it
+    /// to be tried again (Stripe's card `processing_error`): retried, then 503, as when it is
+    /// unavailable, but no sign of an outage, so the breaker does not count it (one customer's
+    /// card cannot open the circuit for everyone).
+    #[error("the provider could not process it: {0}")]
+    Retryable(String),
     /// Not asked: the provider failed too often in a row just now (`breaker`).
     #[error("the provider is not asked: it kept failing (circuit open)")]
     CircuitOpen,

@@ -31,9 +31,9 @@
 //! its event: pending), a card error (402) declined with Stripe's decline code, a token Stripe
 //! does not know `InvalidToken`, a request Stripe will not carry out as asked (an amount under
 //! its minimum, a currency it does not take, a refund larger than what is left) `Rejected`, and
-//! everything else (no answer in time, 409, 429, 5xx, a key refused, and a card's
-//! `processing_error`, which is no decline and is tried again as a 5xx is, along the chain)
-//! `Unavailable`, which the circuit breaker counts.
+//! a card's `processing_error` `Retryable` (no decline: tried again, along the chain, but not
+//! counted by the circuit breaker, being one card's), and everything else (no answer in time,
+//! 409, 429, 5xx, a key refused) `Unavailable`, which the circuit breaker counts.
 
 use std::time::Duration;
 
@@ -138,6 +138,15 @@ impl Answer {
     /// operation's outcome unknown), or a card's processing error (try again).
     fn stale_failure(&self) -> bool {
         self.replayed && (self.status >= 500 || StripeError::read(&self.body).processing_error())
+    }
+
+    /// Stripe's 400 to a key first used with other parameters (a refund asked for by an older
+    /// version of this server, which sent fewer): that request's outcome is unknown here.
+    fn key_used_otherwise(&self) -> bool {
+        let error = StripeError::read(&self.body);
+        self.status == 400
+            && error.kind == "idempotency_error"
+            && error.code.as_deref() != Some("idempotency_key_in_use")
     }
 
     /// Stripe's 409 to a key whose first request is still running; nothing is saved for it.
@@ -290,7 +299,7 @@ impl StripeProvider {
         // Not the card's holder's doing, and not one of their attempts: tried again (under the
         // next key of the chain, which the saved error sends the retry on to), then 503.
         if error.processing_error() {
-            return Err(ProviderError::Unavailable("stripe: the card could not be processed (try again)".into()));
+            return Err(ProviderError::Retryable("stripe: the card could not be processed (try again)".into()));
         }
         if let Some(reason) = error.decline_reason() {
             return Ok(ChargeOutcome::Declined { reason });
@@ -321,7 +330,9 @@ impl StripeProvider {
     ) -> Result<Result<Answer, String>, ProviderError> {
         for n in 0..STRIPE_KEY_CHAIN_MAX {
             let answer = self.post("/v1/refunds", &chain_key(key, n), form).await?;
-            if !answer.stale_failure() {
+            // A key used otherwise is passed like a failure's: the refund its request may have
+            // made is looked for (below), then the next key asks.
+            if !answer.stale_failure() && !answer.key_used_otherwise() {
                 return Ok(Ok(answer));
             }
             if let Some(made) = self.refund_made(payment, key).await? {

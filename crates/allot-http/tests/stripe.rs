@@ -180,7 +180,7 @@ async fn a_card_stripe_could_not_process_is_tried_again_and_a_key_in_use_is_wait
     let request = charge("tok_visa", "booking_7_0");
     fake.processing_error_next_confirm(1);
     let first = stripe.charge(&request).await;
-    assert!(matches!(&first, Err(ProviderError::Unavailable(why)) if why.contains("processed")), "{first:?}");
+    assert!(matches!(&first, Err(ProviderError::Retryable(why)) if why.contains("processed")), "{first:?}");
     let Ok(ChargeOutcome::Succeeded { reference }) = stripe.charge(&request).await else { panic!("the retry") };
     let confirms: Vec<String> = fake
         .calls()
@@ -192,7 +192,7 @@ async fn a_card_stripe_could_not_process_is_tried_again_and_a_key_in_use_is_wait
     assert_eq!((&confirms[1], &confirms[2]), (&confirms[0], &format!("{}~1", confirms[0])));
     assert_eq!(fake.intent(&reference), Some((1250, 0)), "charged once");
     let never = stripe.charge(&charge("tok_chargeDeclinedProcessingError", "booking_8_0")).await;
-    assert!(matches!(never, Err(ProviderError::Unavailable(_))), "not a decline: {never:?}");
+    assert!(matches!(never, Err(ProviderError::Retryable(_))), "not a decline, nor an outage: {never:?}");
 
     fake.key_in_use_next(2);
     let busy = charge("tok_visa", "booking_9_0");
@@ -252,7 +252,8 @@ async fn a_payment_s_status_is_read_from_its_payment_intent() {
 /// are looked through for the one made under this operation's key.
 #[tokio::test]
 async fn a_refund_with_an_unknown_outcome_is_looked_for_before_another_is_asked_for() {
-    let (fake, stripe) = stripe().await;
+    let (fake, base) = FakeStripe::start().await;
+    let stripe = StripeProvider::new(&base, FAKE_STRIPE_KEY).unwrap();
     let Ok(ChargeOutcome::Succeeded { reference }) = stripe.charge(&charge("tok_visa", "k_r")).await else {
         panic!("charged")
     };
@@ -274,12 +275,38 @@ async fn a_refund_with_an_unknown_outcome_is_looked_for_before_another_is_asked_
     assert_eq!(stripe.refund(&late).await, Ok(made), "found after the replay, not made again");
     assert_eq!((fake.refunds().len(), fake.intent(&reference)), (2, Some((1250, 650))));
 
+    // A key an older version used with fewer parameters (its answer a 500): passed, once its
+    // refund is looked for, as a failed one is.
+    let older =
+        RefundRequest { idempotency_key: "refund_older".into(), ..RefundRequest::of(BookingId::new(), &reference, 20) };
+    let form = [
+        ("payment_intent", reference.clone()),
+        ("amount", "20".to_owned()),
+        ("metadata[allot_key]", "refund_older".to_owned()),
+    ];
+    fake.fail_next(1);
+    let sent = reqwest::Client::new()
+        .post(format!("{base}/v1/refunds"))
+        .bearer_auth(FAKE_STRIPE_KEY)
+        .header("Idempotency-Key", "refund_older")
+        .form(&form)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(sent.status(), 500);
+    let made = stripe.refund(&older).await.unwrap();
+    assert_eq!(
+        (fake.refunds().len(), fake.intent(&reference)),
+        (3, Some((1250, 670))),
+        "{made}: made once, under the next key"
+    );
+
     let other = RefundRequest::of(BookingId::new(), &reference, 100);
     let other = RefundRequest { idempotency_key: "refund_other".into(), ..other };
     fake.fail_next(1);
     assert!(stripe.refund(&other).await.is_err(), "nothing made, answered 500");
     let made = stripe.refund(&other).await.unwrap();
-    assert_eq!((fake.refunds().len(), fake.intent(&reference)), (3, Some((1250, 750))), "{made}: made once, now");
+    assert_eq!((fake.refunds().len(), fake.intent(&reference)), (4, Some((1250, 770))), "{made}: made once, now");
 }
 
 /// A customer books a seat and pays through Stripe; a second pays with a card that is still
