@@ -426,8 +426,7 @@ impl App {
             // Not made yet, or made again in place of one reported failed.
             match next.refund.as_mut() {
                 Some(refund) if b.refund_owed().is_some() && refund.reference.as_ref() != Some(&reference) => {
-                    refund.reference = Some(reference);
-                    refund.failure = None;
+                    *refund = refund.settled_as(&reference);
                 }
                 _ => return Err(AppError::Conflict("the refund is already settled".into())),
             }

@@ -256,9 +256,11 @@ impl App {
 
     /// Records on its booking that the provider's refund failed: the refund is owed again, and
     /// left to an operator (`allot refunds list`, `allot refunds retry`, which makes it anew in
-    /// place of the failed one), since the card it went to did not take it. A refund the booking
-    /// does not record (an unrecorded charge's, or one made in place since) is logged for an
-    /// operator to give back by other means, and changes nothing.
+    /// place of the failed one), since the card it went to did not take it. A failure of a
+    /// refund the booking owes and has not recorded yet is refused (409: sent again, it finds
+    /// the refund recorded); one of a refund made again since changes nothing; one the booking
+    /// does not record at all (an unrecorded charge's refund) is logged for an operator to give
+    /// back by other means, and changes nothing.
     pub async fn refund_failed(&self, provider: &str, failure: RefundFailure) -> AppResult<Settled> {
         let settled = self.apply_refund_failure(provider, failure).await;
         let outcome = match &settled {
@@ -284,10 +286,23 @@ impl App {
         if refund_failed(&booking, &failure) {
             return Ok(Settled::Booking(booking));
         }
+        if booking.refund.as_ref().is_some_and(|r| r.replaced.contains(&failure.refund_reference)) {
+            tracing::info!(booking_id = %booking.id, refund = failure.refund_reference,
+                "a refund reported failed was made again since: nothing owed");
+            return Ok(Settled::Ignored);
+        }
         if !refund_made(&booking, &failure) {
+            // The booking owes its refund on this payment and has not recorded this one yet (the
+            // record of a refund just made is on its way, or failed and is retried): sent again,
+            // the event finds it recorded, instead of the refund being recorded made after this.
+            if booking.refund_owed().is_some_and(|(payment, _)| payment == failure.payment_reference) {
+                return Err(AppError::Conflict(
+                    "the booking has not recorded this refund yet: send the event again".into(),
+                ));
+            }
             tracing::error!(booking_id = %booking.id, payment = failure.payment_reference,
                 refund = failure.refund_reference, reason = failure.reason,
-                "the provider reports a refund failed that its booking does not record: give the money back by other means");
+                "the provider reports a refund failed that its booking does not record (an unrecorded charge's): give the money back by other means");
             return Ok(Settled::Ignored);
         }
         let reported = failure.clone();

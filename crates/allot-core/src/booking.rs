@@ -162,17 +162,31 @@ pub struct Refund {
     /// closed since, say): the money did not go back, and the refund is owed again.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub failure: Option<String>,
+    /// The provider's refunds that failed and were made again since, oldest first (a late
+    /// report of one of them is no news).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub replaced: Vec<String>,
 }
 
 impl Refund {
     /// A refund of `amount` owed and not made yet.
     pub fn owed(amount: i64) -> Refund {
-        Refund { amount, reference: None, failure: None }
+        Refund { amount, reference: None, failure: None, replaced: Vec::new() }
     }
 
     /// A refund of `amount` made as `reference`.
     pub fn made(amount: i64, reference: &str) -> Refund {
-        Refund { amount, reference: Some(reference.to_owned()), failure: None }
+        Refund { amount, reference: Some(reference.to_owned()), failure: None, replaced: Vec::new() }
+    }
+
+    /// This refund, owed, made as `reference`: a failed one it is made in place of moves to
+    /// `replaced`.
+    pub fn settled_as(&self, reference: &str) -> Refund {
+        let mut replaced = self.replaced.clone();
+        if self.failure.is_some() {
+            replaced.extend(self.reference.clone());
+        }
+        Refund { amount: self.amount, reference: Some(reference.to_owned()), failure: None, replaced }
     }
 
     /// Whether the money is still to go back: not made, or made and reported failed since.
@@ -285,7 +299,7 @@ impl Booking {
         if !refund.unsettled() || self.failed_refund() == Some(reference) {
             return false;
         }
-        self.with_refund(after, Refund::made(refund.amount, reference)) == *after
+        self.with_refund(after, refund.settled_as(reference)) == *after
     }
 
     /// Whether `after` is this booking with only its refund, made, reported failed (and its
@@ -438,6 +452,7 @@ mod tests {
         let mut failed = made.clone();
         failed.updated_at = Timestamp::from_second(60).expect("ts");
         failed.refund = Some(Refund { failure: Some("expired_or_canceled_card".into()), ..Refund::made(600, "re_1") });
+        assert_eq!(Refund::made(600, "re_1").settled_as("re_2"), Refund::made(600, "re_2"), "nothing replaced");
         assert!(made.fails_refund(&failed));
         assert_eq!(made.event_topic(&failed), Some(REFUND_FAILED_TOPIC));
         assert!(!failed.fails_refund(&failed), "reported once");
@@ -451,8 +466,12 @@ mod tests {
         assert_eq!((failed.refund_owed(), failed.failed_refund()), (Some(("pi_1", 600)), Some("re_1")));
 
         let mut again = failed.clone();
-        again.refund = Some(Refund::made(600, "re_2"));
+        again.refund = Some(Refund { replaced: vec!["re_1".into()], ..Refund::made(600, "re_2") });
+        assert_eq!(failed.refund.as_ref().map(|r| r.settled_as("re_2")), again.refund);
         assert!(failed.settles_refund(&again));
+        let mut forgetting = failed.clone();
+        forgetting.refund = Some(Refund::made(600, "re_2"));
+        assert!(!failed.settles_refund(&forgetting), "the failed one is kept as replaced");
         assert_eq!(failed.event_topic(&again), Some(REFUNDED_TOPIC));
         assert_eq!(again.refund_owed(), None);
         let mut same = failed.clone();

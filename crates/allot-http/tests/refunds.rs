@@ -535,7 +535,11 @@ async fn a_refund_the_provider_reports_failed_is_owed_again_and_made_anew_when_a
     assert_eq!((status, ack["outcome"].as_str()), (StatusCode::OK, Some("ignored")), "not a failure: {ack}");
     let (status, ack) = s.refund_event("refund.failed", object("re_other", "failed")).await;
     assert_eq!((status, ack["outcome"].as_str()), (StatusCode::OK, Some("ignored")), "not its refund: {ack}");
-    let (status, ack) = s.refund_event("refund.failed", json!({"object": "refund", "status": "succeeded"})).await;
+    let foreign = json!({"id": "re_theirs", "object": "refund", "payment_intent": null, "status": "failed"});
+    let (status, ack) = s.refund_event("charge.refund.updated", foreign).await;
+    assert_eq!((status, ack["outcome"].as_str()), (StatusCode::OK, Some("ignored")), "not ours: {ack}");
+    let malformed = json!({"object": "refund", "status": "succeeded", "metadata": {"booking_id": s.booking}});
+    let (status, ack) = s.refund_event("refund.failed", malformed).await;
     assert_eq!(status, StatusCode::BAD_REQUEST, "{ack}");
     let fields = &ack["error"]["details"]["fields"];
     for field in ["data.object.id", "data.object.payment_intent", "data.object.status"] {
@@ -683,4 +687,29 @@ async fn a_payment_left_pending_is_settled_by_asking_the_provider() {
         assert_eq!(event["target_id"].as_str(), Some(s.booking.as_str()));
     }
     assert!(s.provider.asked().is_empty(), "nothing refunded");
+}
+
+/// A refund's failure reported before the refund's reference is recorded (its record failed,
+/// and is retried): refused (409), so the provider sends it again; sent again once the refund
+/// is recorded, it is applied, instead of the refund being recorded made after it.
+#[tokio::test]
+async fn a_refund_failure_reported_before_the_refund_is_recorded_is_refused_until_it_is() {
+    let s = setup().await;
+    assert_eq!(s.confirm().await.0, StatusCode::OK);
+    // The cancel's write goes through; the refund is made, and its record fails.
+    s.faults.fail_booking_updates_after(1, 1);
+    let cancelled = s.cancel().await.1;
+    assert_eq!(s.stored().await["refund"]["reference"], Value::Null, "made, not recorded: {cancelled}");
+    let payment = cancelled["payment"]["reference"].as_str().unwrap().to_owned();
+    let made = format!("re_{payment}");
+    let object = json!({"id": made, "object": "refund", "payment_intent": payment, "status": "failed",
+        "failure_reason": "expired_or_canceled_card", "metadata": {"booking_id": s.booking}});
+    let (status, ack) = s.refund_event("refund.failed", object.clone()).await;
+    assert_eq!(status, StatusCode::CONFLICT, "{ack}");
+    assert_eq!(s.settle_after(REFUND_GRACE_SECONDS).await, RefundSweep { refunded: 1, ..RefundSweep::default() });
+    assert_eq!(s.stored().await["refund"]["reference"].as_str(), Some(made.as_str()), "recorded by the reconciler");
+    let (status, ack) = s.refund_event("refund.failed", object).await;
+    assert_eq!((status, ack["outcome"].as_str()), (StatusCode::OK, Some("refund_failed")), "{ack}");
+    let queued = s.t.app.store.refunds_of_payment(&payment).await.unwrap();
+    assert_eq!(queued.iter().map(|r| r.next_at).collect::<Vec<_>>(), [PARKED_AT], "owed again, left to an operator");
 }

@@ -195,6 +195,14 @@ fn refund_failure(event: &ProviderEventBody) -> Result<Option<RefundFailure>, Ap
     if failed_only && status != Some("failed") {
         return Ok(None);
     }
+    // Another integration's refund on the same account (no booking of ours): acknowledged,
+    // whatever else it lacks, so the provider stops sending it.
+    let booking = object.metadata.get("booking_id").and_then(serde_json::Value::as_str);
+    let Some(booking_id) = booking.and_then(|id| id.parse().ok()) else {
+        tracing::error!(event = ?event.id, refund = ?object.id, payment = ?object.payment_intent, reason = ?object.failure_reason,
+            "a refund reported failed names no booking of ours (made before refunds named theirs, or not by this server): give the money back by other means");
+        return Ok(None);
+    };
     let mut errors = FieldErrors::new();
     let reference = |field: &str, value: &Option<String>, errors: &mut FieldErrors| {
         let value = value.clone().unwrap_or_default();
@@ -215,12 +223,6 @@ fn refund_failure(event: &ProviderEventBody) -> Result<Option<RefundFailure>, Ap
     if !errors.is_empty() {
         return Err(ApiError::bad_request(errors));
     }
-    let booking = object.metadata.get("booking_id").and_then(serde_json::Value::as_str);
-    let Some(booking_id) = booking.and_then(|id| id.parse().ok()) else {
-        tracing::error!(event = ?event.id, refund = refund_reference, payment = payment_reference, reason,
-            "a refund reported failed names no booking of ours (made before refunds named theirs, or not by this server): give the money back by other means");
-        return Ok(None);
-    };
     Ok(Some(RefundFailure { booking_id, payment_reference, refund_reference, reason }))
 }
 

@@ -21,8 +21,10 @@ use jiff::Timestamp;
 pub struct Faults {
     /// `user_by_id` calls still to fail as busy (how a request's principal is loaded).
     user_by_id_failures: AtomicU32,
-    /// `update_booking` calls still to fail as busy (a payment's or a refund's record).
+    /// `update_booking` calls still to fail as busy (a payment's or a refund's record), once
+    /// `update_booking_passing` more have gone through.
     update_booking_failures: AtomicU32,
+    update_booking_passing: AtomicU32,
     /// `booking` reads still to fail as busy.
     booking_read_failures: AtomicU32,
     /// `update_booking` calls still to commit and then answer busy (the commit's answer lost),
@@ -39,7 +41,22 @@ impl Faults {
 
     /// The next `n` booking updates fail as busy, changing nothing.
     pub fn fail_booking_updates(&self, n: u32) {
+        self.fail_booking_updates_after(0, n);
+    }
+
+    /// [`Faults::fail_booking_updates`] once the next `passing` updates have gone through.
+    pub fn fail_booking_updates_after(&self, passing: u32, n: u32) {
+        self.update_booking_passing.store(passing, Ordering::SeqCst);
         self.update_booking_failures.store(n, Ordering::SeqCst);
+    }
+
+    fn booking_update(&self) -> Result<(), StoreError> {
+        if self.update_booking_failures.load(Ordering::SeqCst) == 0
+            || take_failure(&self.update_booking_passing).is_err()
+        {
+            return Ok(());
+        }
+        take_failure(&self.update_booking_failures)
     }
 
     /// The next `n` booking updates commit, and then answer busy, as a write does whose
@@ -231,7 +248,7 @@ impl Store for FaultyStore {
     }
 
     async fn update_booking(&self, id: BookingId, now: Timestamp, decide: Decide) -> Result<Booking, UpdateRefused> {
-        take_failure(&self.faults.update_booking_failures).map_err(UpdateRefused::Store)?;
+        self.faults.booking_update().map_err(UpdateRefused::Store)?;
         let updated = self.inner.update_booking(id, now, decide).await?;
         self.faults.booking_update_answer().map_err(UpdateRefused::Store)?;
         Ok(updated)

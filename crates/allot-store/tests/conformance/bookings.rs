@@ -354,7 +354,7 @@ fn refunded_again(reference: &'static str) -> Decide {
     Box::new(move |b: &Booking, _now| {
         let mut next = b.clone();
         let refund = next.refund.as_mut().expect("a refund owed");
-        (refund.reference, refund.failure) = (Some(reference.into()), None);
+        *refund = refund.settled_as(reference);
         Ok(next)
     })
 }
