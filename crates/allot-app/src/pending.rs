@@ -48,7 +48,7 @@ impl App {
         let mut sweep = PendingSweep::default();
         for id in self.store.pending_payments(PENDING_CHECKS_MAX).await? {
             let Some(booking) = self.store.booking(id).await? else { continue };
-            let Some(reference) = pending_reference(&booking, self.clock.now()) else {
+            let Some(reference) = pending_reference(&booking, self.payments.name(), self.clock.now()) else {
                 sweep.waiting += 1;
                 continue;
             };
@@ -114,10 +114,11 @@ impl App {
     }
 }
 
-/// The pending payment of `booking` to ask the provider about at `now`: one it has waited on
-/// for [`PENDING_CHECK_AFTER_SECONDS`].
-fn pending_reference(booking: &Booking, now: Timestamp) -> Option<String> {
-    let payment = booking.payment.as_ref().filter(|p| p.status == PAYMENT_PENDING)?;
+/// The pending payment of `booking` to ask `provider` about at `now`: one of its own (a payment
+/// another provider took, before the server changed providers, is left to that one's events)
+/// that has waited for [`PENDING_CHECK_AFTER_SECONDS`].
+fn pending_reference(booking: &Booking, provider: &str, now: Timestamp) -> Option<String> {
+    let payment = booking.payment.as_ref().filter(|p| p.status == PAYMENT_PENDING && p.provider == provider)?;
     let waited = now.duration_since(booking.updated_at) >= SignedDuration::from_secs(PENDING_CHECK_AFTER_SECONDS);
     (booking.status == BookingStatus::PendingPayment && waited).then(|| payment.reference.clone())
 }
@@ -158,13 +159,14 @@ mod tests {
         b.updated_at = at(10);
         b.payment =
             Some(Payment { provider: "test".into(), reference: "pi_1".into(), amount: 1200, status: "pending".into() });
-        assert_eq!(pending_reference(&b, at(69)), None, "its event has time yet");
-        assert_eq!(pending_reference(&b, at(70)).as_deref(), Some("pi_1"));
+        assert_eq!(pending_reference(&b, "test", at(69)), None, "its event has time yet");
+        assert_eq!(pending_reference(&b, "test", at(70)).as_deref(), Some("pi_1"));
+        assert_eq!(pending_reference(&b, "stripe", at(70)), None, "another provider's");
         let mut paid = b.clone();
         paid.payment.as_mut().expect("payment").status = "succeeded".into();
-        assert_eq!(pending_reference(&paid, at(70)), None);
+        assert_eq!(pending_reference(&paid, "test", at(70)), None);
         let mut held = b.clone();
         held.status = BookingStatus::Held;
-        assert_eq!(pending_reference(&held, at(70)), None);
+        assert_eq!(pending_reference(&held, "test", at(70)), None);
     }
 }

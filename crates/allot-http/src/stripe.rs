@@ -518,7 +518,15 @@ impl PaymentProvider for StripeProvider {
         if !valid {
             return Err(ProviderError::Rejected(format!("not a PaymentIntent id: {reference}")));
         }
-        self.intent(reference).await?.payment_status()
+        let answer = self.send(self.client.get(format!("{}/v1/payment_intents/{reference}", self.base))).await?;
+        if answer.status == 404 {
+            // Not Stripe's (or not this account's): no sign of an outage.
+            return Err(ProviderError::Rejected(format!("no such PaymentIntent: {reference}")));
+        }
+        if answer.status != 200 {
+            return Err(unavailable("payment lookup", answer.status, &StripeError::read(&answer.body)));
+        }
+        read::<Intent>(&answer.body, "PaymentIntent")?.payment_status()
     }
 
     async fn refund(&self, request: &RefundRequest) -> Result<String, ProviderError> {
