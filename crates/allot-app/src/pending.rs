@@ -43,7 +43,8 @@ pub struct PendingSweep {
 impl App {
     /// Asks the provider about the payments left pending and settles their bookings
     /// (module docs). Stops at the first sign of a provider unavailable: the rest wait for
-    /// the next sweep.
+    /// the next sweep. A payment it cannot say anything of, or whose booking's write fails,
+    /// is passed over until the next.
     pub async fn settle_pending_payments(&self) -> AppResult<PendingSweep> {
         let mut sweep = PendingSweep::default();
         for id in self.store.pending_payments(PENDING_CHECKS_MAX).await? {
@@ -68,8 +69,13 @@ impl App {
                 PaymentStatus::Succeeded(_) => &mut sweep.paid,
                 PaymentStatus::Failed => &mut sweep.failed,
             };
-            if status != PaymentStatus::Pending {
-                self.reconcile(booking, reference, status).await?;
+            if status != PaymentStatus::Pending
+                && let Err(e) = self.reconcile(booking, reference, status).await
+            {
+                // This booking's write failed (a store busy for a moment): the next sweep asks
+                // again; the others go on.
+                tracing::warn!(booking_id = %id, error = %e, "a payment left pending could not be settled");
+                continue;
             }
             *tally += 1;
         }

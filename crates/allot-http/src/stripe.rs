@@ -64,6 +64,8 @@ pub const STRIPE_KEY_CHAIN_MAX: u32 = 64;
 /// any other 409.
 const STRIPE_KEY_IN_USE_SENDS_MAX: u32 = 5;
 const STRIPE_KEY_IN_USE_WAIT_MS: u64 = 100;
+/// The refund field naming its booking, which the version before this one did not send.
+const REFUND_BOOKING_FIELD: &str = "metadata[booking_id]";
 /// Refunds of one payment read when looking for one made under an unknown outcome.
 const STRIPE_REFUNDS_LISTED_MAX: u32 = 100;
 
@@ -140,8 +142,8 @@ impl Answer {
         self.replayed && (self.status >= 500 || StripeError::read(&self.body).processing_error())
     }
 
-    /// Stripe's 400 to a key first used with other parameters (a refund asked for by an older
-    /// version of this server, which sent fewer): that request's outcome is unknown here.
+    /// Stripe's 400 to a key first used with other parameters (a refund asked for by the older
+    /// version of this server, which sent fewer).
     fn key_used_otherwise(&self) -> bool {
         let error = StripeError::read(&self.body);
         self.status == 400
@@ -329,10 +331,15 @@ impl StripeProvider {
         form: &[(&str, String)],
     ) -> Result<Result<Answer, String>, ProviderError> {
         for n in 0..STRIPE_KEY_CHAIN_MAX {
-            let answer = self.post("/v1/refunds", &chain_key(key, n), form).await?;
-            // A key used otherwise is passed like a failure's: the refund its request may have
-            // made is looked for (below), then the next key asks.
-            if !answer.stale_failure() && !answer.key_used_otherwise() {
+            let mut answer = self.post("/v1/refunds", &chain_key(key, n), form).await?;
+            if answer.key_used_otherwise() {
+                // First used by the version before refunds named their booking: asked again as
+                // it asked, so Stripe answers what it answered then (still refused otherwise:
+                // unavailable, retried, left to an operator at the last; never a second refund).
+                let older: Vec<_> = form.iter().filter(|(name, _)| *name != REFUND_BOOKING_FIELD).cloned().collect();
+                answer = self.post("/v1/refunds", &chain_key(key, n), &older).await?;
+            }
+            if !answer.stale_failure() {
                 return Ok(Ok(answer));
             }
             if let Some(made) = self.refund_made(payment, key).await? {
@@ -398,7 +405,7 @@ impl Intent {
                 let currency = self.currency.as_deref().map(str::to_ascii_uppercase).map(Currency::try_from);
                 match (self.amount_received, currency) {
                     (Some(amount), Some(Ok(currency))) => Ok(PaymentStatus::Succeeded(Received { amount, currency })),
-                    _ => Err(ProviderError::Unavailable(format!("stripe: payment {} paid, but not how much", self.id))),
+                    _ => Err(ProviderError::Rejected(format!("stripe: payment {} paid, but not how much", self.id))),
                 }
             }
             // It failed and waits for another card, or it was cancelled: not paid.
@@ -542,7 +549,7 @@ impl PaymentProvider for StripeProvider {
             ("amount", request.amount.to_string()),
             ("metadata[allot_key]", key.clone()),
             // For its events (a refund that fails later: `routes::payments`).
-            ("metadata[booking_id]", request.booking_id.to_string()),
+            (REFUND_BOOKING_FIELD, request.booking_id.to_string()),
         ];
         let answer = self.refund_chained(payment, key, &form).await?;
         let answer = match answer {

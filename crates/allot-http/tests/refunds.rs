@@ -38,6 +38,8 @@ struct Provider {
     asked: Mutex<Vec<RefundRequest>>,
     /// What `payment_status` answers, by payment (pending when not set).
     statuses: Mutex<std::collections::HashMap<String, PaymentStatus>>,
+    /// Payments `payment_status` cannot say anything of.
+    unknown: Mutex<Vec<String>>,
 }
 
 impl Default for Provider {
@@ -51,6 +53,7 @@ impl Default for Provider {
             refunds_fail: AtomicBool::new(false),
             asked: Mutex::default(),
             statuses: Mutex::default(),
+            unknown: Mutex::default(),
         }
     }
 }
@@ -88,6 +91,9 @@ impl PaymentProvider for Provider {
     }
 
     async fn payment_status(&self, reference: &str) -> Result<PaymentStatus, ProviderError> {
+        if self.unknown.lock().unwrap().iter().any(|r| r == reference) {
+            return Err(ProviderError::Rejected(format!("no such payment: {reference}")));
+        }
         Ok(self.statuses.lock().unwrap().get(reference).copied().unwrap_or(PaymentStatus::Pending))
     }
 }
@@ -712,4 +718,41 @@ async fn a_refund_failure_reported_before_the_refund_is_recorded_is_refused_unti
     assert_eq!((status, ack["outcome"].as_str()), (StatusCode::OK, Some("refund_failed")), "{ack}");
     let queued = s.t.app.store.refunds_of_payment(&payment).await.unwrap();
     assert_eq!(queued.iter().map(|r| r.next_at).collect::<Vec<_>>(), [PARKED_AT], "owed again, left to an operator");
+}
+
+/// A payment the provider cannot say anything of (not its own, say) is passed over: the
+/// payments behind it in the sweep are still settled.
+#[tokio::test]
+async fn a_payment_the_provider_cannot_say_anything_of_does_not_stop_the_others() {
+    use allot_app::pending::{PENDING_CHECK_AFTER_SECONDS, PendingSweep};
+    let s = setup().await;
+    let manager = s.t.login(MANAGER).await;
+    let venue = s.stored().await["venue_id"].as_str().unwrap().to_owned();
+    let (seats, event) = s.t.seats_and_event(&manager, &venue, 1, 48).await;
+    // Held a second later: its hold lapses later, so the sweep comes to it after the other.
+    s.t.clock.advance(SignedDuration::from_secs(1));
+    let (_, held) =
+        s.t.post(Some(&s.customer), "/bookings", json!({"items": [{"resource_id": seats[0], "event_id": event}]}))
+            .await;
+    let mut pending = Vec::new();
+    for booking in [s.booking.clone(), held["id"].as_str().unwrap().to_owned()] {
+        let body = json!({"payment": {"method": "card", "token": "tok_async"}});
+        let (status, answer) = s.t.post(Some(&s.customer), &format!("/bookings/{booking}/confirm"), body).await;
+        assert_eq!((status, answer["status"].as_str()), (StatusCode::OK, Some("pending_payment")), "{answer}");
+        pending.push(answer);
+    }
+    let reference = |b: &Value| b["payment"]["reference"].as_str().unwrap().to_owned();
+    s.provider.unknown.lock().unwrap().push(reference(&pending[0]));
+    let received = allot_app::webhooks::Received {
+        amount: pending[1]["total"].as_i64().unwrap(),
+        currency: allot_core::inventory::Currency::try_from(pending[1]["currency"].as_str().unwrap().to_owned())
+            .unwrap(),
+    };
+    s.provider.statuses.lock().unwrap().insert(reference(&pending[1]), PaymentStatus::Succeeded(received));
+    s.t.clock.advance(SignedDuration::from_secs(PENDING_CHECK_AFTER_SECONDS));
+    let sweep = s.t.app.settle_pending_payments().await.unwrap();
+    assert_eq!(sweep, PendingSweep { paid: 1, ..PendingSweep::default() }, "the unknown one passed over");
+    let (_, second) = s.t.get(Some(&s.customer), &format!("/bookings/{}", pending[1]["id"].as_str().unwrap())).await;
+    assert_eq!(second["status"], "confirmed", "{second}");
+    assert_eq!(s.stored().await["status"], "pending_payment", "left to its event");
 }

@@ -273,8 +273,8 @@ async fn a_refund_with_an_unknown_outcome_is_looked_for_before_another_is_asked_
     assert_eq!(stripe.refund(&late).await, Ok(made), "found after the replay, not made again");
     assert_eq!((fake.refunds().len(), fake.intent(&reference)), (2, Some((1250, 650))));
 
-    // A key an older version used with fewer parameters (its answer a 500): passed, once its
-    // refund is looked for, as a failed one is.
+    // A key the older version used with fewer parameters (its answer a 500): asked again as
+    // it asked, Stripe replays the 500, and the key is passed, once its refund is looked for.
     let older =
         RefundRequest { idempotency_key: "refund_older".into(), ..RefundRequest::of(BookingId::new(), &reference, 20) };
     let form = [
@@ -309,6 +309,45 @@ async fn a_refund_with_an_unknown_outcome_is_looked_for_before_another_is_asked_
 
 /// A customer books a seat and pays through Stripe; a second pays with a card that is still
 /// processing, which Stripe's signed event confirms; the first cancels and is refunded by Stripe.
+/// A refund the older version made (it did not name the booking) and whose reference was not
+/// recorded: retried by this version, its key is asked again as the older version asked, and
+/// Stripe's answer is that refund, not a second one.
+#[tokio::test]
+async fn a_refund_the_older_version_made_is_answered_not_made_again() {
+    let (fake, base) = FakeStripe::start().await;
+    let stripe = StripeProvider::new(&base, FAKE_STRIPE_KEY).unwrap();
+    let Ok(ChargeOutcome::Succeeded { reference }) = stripe.charge(&charge("tok_visa", "k_old")).await else {
+        panic!("charged")
+    };
+    let send = |key: String, form: Vec<(&'static str, String)>| {
+        let url = format!("{base}/v1/refunds");
+        async move {
+            let sent = reqwest::Client::new().post(url).bearer_auth(FAKE_STRIPE_KEY).header("Idempotency-Key", key);
+            sent.form(&form).send().await.unwrap().status()
+        }
+    };
+    // As the older version asked (no booking named), the lookup missing it (still being made).
+    let request = RefundRequest::of(BookingId::new(), &reference, 600);
+    let key = request.idempotency_key.clone();
+    let old_form =
+        vec![("payment_intent", reference.clone()), ("amount", "600".into()), ("metadata[allot_key]", key.clone())];
+    assert_eq!(send(key, old_form).await, 200);
+    let made = fake.refunds()[0]["id"].as_str().unwrap().to_owned();
+    fake.lag_next_list(1);
+    assert_eq!(stripe.refund(&request).await, Ok(made), "the older request's answer");
+    assert_eq!((fake.refunds().len(), fake.intent(&reference)), (1, Some((1250, 600))), "refunded once");
+
+    // A key used with parameters neither version sends: refused, never a second refund.
+    let odd =
+        RefundRequest { idempotency_key: "refund_odd".into(), ..RefundRequest::of(BookingId::new(), &reference, 100) };
+    assert_eq!(
+        send("refund_odd".into(), vec![("payment_intent", reference.clone()), ("amount", "100".into())]).await,
+        200
+    );
+    assert!(matches!(stripe.refund(&odd).await, Err(ProviderError::Unavailable(_))));
+    assert_eq!((fake.refunds().len(), fake.intent(&reference)), (2, Some((1250, 700))), "the odd one alone");
+}
+
 #[tokio::test]
 async fn a_booking_paid_through_stripe_end_to_end() {
     let (fake, base) = FakeStripe::start().await;

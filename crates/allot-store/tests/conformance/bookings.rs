@@ -281,7 +281,9 @@ pub async fn pending_payments_are_listed_soonest_to_lapse_first(b: &Backend) {
     assert_eq!(w.store.pending_payments(1).await.unwrap(), vec![soon.id], "at most `limit`");
     w.apply(soon.id, Transition::Confirm, at(2)).await.unwrap();
     assert_eq!(w.store.pending_payments(10).await.unwrap(), vec![late.id], "paid: no longer pending");
-    assert!(!w.store.pending_payments(10).await.unwrap().contains(&held.id));
+    w.apply(late.id, Transition::Expire, at(1_000)).await.unwrap();
+    assert_eq!(w.store.pending_payments(10).await.unwrap(), vec![], "lapsed: no longer pending");
+    assert_eq!(w.store.booking(held.id).await.unwrap().map(|b| b.status), Some(BookingStatus::Held), "never listed");
 }
 
 /// A decision that cancels, owing `amount` back.
