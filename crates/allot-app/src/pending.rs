@@ -38,6 +38,8 @@ pub struct PendingSweep {
     pub failed: u32,
     /// Still pending at the provider, or too recent to ask about.
     pub waiting: u32,
+    /// Settled meanwhile, by its event or another node's sweep: nothing left to do.
+    pub settled_meanwhile: u32,
 }
 
 impl App {
@@ -69,22 +71,25 @@ impl App {
                 PaymentStatus::Succeeded(_) => &mut sweep.paid,
                 PaymentStatus::Failed => &mut sweep.failed,
             };
-            if status != PaymentStatus::Pending
-                && let Err(e) = self.reconcile(booking, reference, status).await
-            {
-                // This booking's write failed (a store busy for a moment): the next sweep asks
-                // again; the others go on.
-                tracing::warn!(booking_id = %id, error = %e, "a payment left pending could not be settled");
+            if status == PaymentStatus::Pending {
+                *tally += 1;
                 continue;
             }
-            *tally += 1;
+            match self.reconcile(booking, reference, status).await {
+                Ok(true) => *tally += 1,
+                Ok(false) => sweep.settled_meanwhile += 1,
+                // This booking's write failed (a store busy for a moment): the next sweep asks
+                // again; the others go on.
+                Err(e) => tracing::warn!(booking_id = %id, error = %e, "a payment left pending could not be settled"),
+            }
         }
         Ok(sweep)
     }
 
     /// Applies `status` of payment `reference` to `booking`, as its event would, audited as
-    /// the server's own attempt.
-    async fn reconcile(&self, booking: Booking, reference: String, status: PaymentStatus) -> AppResult<()> {
+    /// the server's own attempt: whether this changed anything (not when its event or another
+    /// node settled the payment between the read and the write, which audited it already).
+    async fn reconcile(&self, booking: Booking, reference: String, status: PaymentStatus) -> AppResult<bool> {
         let mut event = AuditEvent::new(RECONCILE_ACTION, audit::SYSTEM_ROLE, self.clock.now());
         event.target_id = Some(booking.id.to_string());
         event.venue_id = Some(booking.venue_id);
@@ -105,18 +110,23 @@ impl App {
                 }
             })
             .await;
-        let label = match &applied {
-            Ok(Settled::Booking(_)) => "applied",
-            Ok(Settled::Refunding(_)) => "refund_queued",
-            Ok(Settled::Ignored) => "ignored",
-            Err(e) => telemetry::failure(e),
+        let reason = applied.as_ref().err().map(telemetry::failure);
+        // Still to append: no write of this sweep recorded it, so it changed no booking.
+        let unwritten = scope.finish(applied.is_ok(), reason, self.clock.now());
+        let (label, changed) = match (&applied, &unwritten) {
+            (Ok(Settled::Booking(_) | Settled::Ignored), Some(_)) => ("settled_meanwhile", false),
+            (Ok(Settled::Booking(_)), None) => ("applied", true),
+            (Ok(Settled::Refunding(_)), _) => ("refund_queued", true),
+            (Ok(Settled::Ignored), None) => ("ignored", true),
+            (Err(e), _) => (telemetry::failure(e), false),
         };
         telemetry::count_outcome(telemetry::PENDING_CHECKS, label);
-        let reason = applied.as_ref().err().map(telemetry::failure);
-        if let Some(event) = scope.finish(applied.is_ok(), reason, self.clock.now()) {
-            self.append_audit(event).await;
+        match unwritten {
+            Some(_) if label == "settled_meanwhile" => {}
+            Some(event) => self.append_audit(event).await,
+            None => {}
         }
-        applied.map(|_| ())
+        applied.map(|_| changed)
     }
 }
 

@@ -40,6 +40,9 @@ struct Provider {
     statuses: Mutex<std::collections::HashMap<String, PaymentStatus>>,
     /// Payments `payment_status` cannot say anything of.
     unknown: Mutex<Vec<String>>,
+    /// When set, each `payment_status` waits at it (two sweeps at once read before either
+    /// writes).
+    status_barrier: Mutex<Option<Arc<tokio::sync::Barrier>>>,
 }
 
 impl Default for Provider {
@@ -54,6 +57,7 @@ impl Default for Provider {
             asked: Mutex::default(),
             statuses: Mutex::default(),
             unknown: Mutex::default(),
+            status_barrier: Mutex::default(),
         }
     }
 }
@@ -91,6 +95,10 @@ impl PaymentProvider for Provider {
     }
 
     async fn payment_status(&self, reference: &str) -> Result<PaymentStatus, ProviderError> {
+        let barrier = self.status_barrier.lock().unwrap().clone();
+        if let Some(barrier) = barrier {
+            barrier.wait().await;
+        }
         if self.unknown.lock().unwrap().iter().any(|r| r == reference) {
             return Err(ProviderError::Rejected(format!("no such payment: {reference}")));
         }
@@ -755,4 +763,30 @@ async fn a_payment_the_provider_cannot_say_anything_of_does_not_stop_the_others(
     let (_, second) = s.t.get(Some(&s.customer), &format!("/bookings/{}", pending[1]["id"].as_str().unwrap())).await;
     assert_eq!(second["status"], "confirmed", "{second}");
     assert_eq!(s.stored().await["status"], "pending_payment", "left to its event");
+}
+
+/// Two nodes settle one pending payment at once: one confirms the booking and audits it; the
+/// other finds it settled meanwhile, and neither audits nor counts it again.
+#[tokio::test]
+async fn two_sweeps_settling_one_pending_payment_at_once_audit_it_once() {
+    use allot_app::pending::PENDING_CHECK_AFTER_SECONDS;
+    let s = setup().await;
+    let body = json!({"payment": {"method": "card", "token": "tok_async"}});
+    let (_, pending) = s.t.post(Some(&s.customer), &format!("/bookings/{}/confirm", s.booking), body).await;
+    let received = allot_app::webhooks::Received {
+        amount: pending["total"].as_i64().unwrap(),
+        currency: allot_core::inventory::Currency::try_from(pending["currency"].as_str().unwrap().to_owned()).unwrap(),
+    };
+    let payment = pending["payment"]["reference"].as_str().unwrap().to_owned();
+    s.provider.statuses.lock().unwrap().insert(payment, PaymentStatus::Succeeded(received));
+    s.t.clock.advance(SignedDuration::from_secs(PENDING_CHECK_AFTER_SECONDS));
+    *s.provider.status_barrier.lock().unwrap() = Some(Arc::new(tokio::sync::Barrier::new(2)));
+    let other = other_node(&s).await;
+    let (a, b) = tokio::join!(s.t.app.settle_pending_payments(), other.settle_pending_payments());
+    let (a, b) = (a.unwrap(), b.unwrap());
+    assert_eq!(s.stored().await["status"], "confirmed");
+    assert_eq!((a.paid + b.paid, a.settled_meanwhile + b.settled_meanwhile), (1, 1), "{a:?} {b:?}");
+    let manager = s.t.login(MANAGER).await;
+    let (_, page) = s.t.get(Some(&manager), "/audit?action=payment.reconcile&limit=10").await;
+    assert_eq!(page["data"].as_array().unwrap().len(), 1, "{page}");
 }
