@@ -51,12 +51,7 @@ impl Faults {
     }
 
     fn booking_update(&self) -> Result<(), StoreError> {
-        if self.update_booking_failures.load(Ordering::SeqCst) == 0
-            || take_failure(&self.update_booking_passing).is_err()
-        {
-            return Ok(());
-        }
-        take_failure(&self.update_booking_failures)
+        take_failure_after(&self.update_booking_passing, &self.update_booking_failures)
     }
 
     /// The next `n` booking updates commit, and then answer busy, as a write does whose
@@ -73,12 +68,7 @@ impl Faults {
 
     /// Whether a committed update's answer is lost (busy then).
     fn booking_update_answer(&self) -> Result<(), StoreError> {
-        if self.update_booking_answers_lost.load(Ordering::SeqCst) == 0
-            || take_failure(&self.update_booking_answers_kept).is_err()
-        {
-            return Ok(());
-        }
-        take_failure(&self.update_booking_answers_lost)
+        take_failure_after(&self.update_booking_answers_kept, &self.update_booking_answers_lost)
     }
 
     /// The next `n` reads of a booking by id fail as busy.
@@ -89,6 +79,14 @@ impl Faults {
     fn user_by_id(&self) -> Result<(), StoreError> {
         take_failure(&self.user_by_id_failures)
     }
+}
+
+/// [`take_failure`] once `passing` calls (counted down while failures are armed) went through.
+fn take_failure_after(passing: &AtomicU32, armed: &AtomicU32) -> Result<(), StoreError> {
+    if armed.load(Ordering::SeqCst) == 0 || take_failure(passing).is_err() {
+        return Ok(());
+    }
+    take_failure(armed)
 }
 
 /// Busy if `armed` counts a failure still to inject (one less then).
