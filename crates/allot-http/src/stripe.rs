@@ -241,13 +241,23 @@ impl StripeProvider {
         }
     }
 
-    /// The PaymentIntent `id` as Stripe has it now.
+    /// The PaymentIntent `id` as Stripe has it now (one it created: any failure to read it is
+    /// Stripe's).
     async fn intent(&self, id: &str) -> Result<Intent, ProviderError> {
+        self.lookup_intent(id)
+            .await?
+            .map_err(|missing| unavailable("payment lookup", missing.status, &StripeError::read(&missing.body)))
+    }
+
+    /// The PaymentIntent `id` as Stripe has it now; inside, Stripe's 404 when it has none of
+    /// that id.
+    async fn lookup_intent(&self, id: &str) -> Result<Result<Intent, Answer>, ProviderError> {
         let answer = self.send(self.client.get(format!("{}/v1/payment_intents/{id}", self.base))).await?;
-        if answer.status != 200 {
-            return Err(unavailable("payment lookup", answer.status, &StripeError::read(&answer.body)));
+        match answer.status {
+            200 => read::<Intent>(&answer.body, "PaymentIntent").map(Ok),
+            404 => Ok(Err(answer)),
+            status => Err(unavailable("payment lookup", status, &StripeError::read(&answer.body))),
         }
-        read::<Intent>(&answer.body, "PaymentIntent")
     }
 
     /// Pays PaymentIntent `id` with `request`'s token.
@@ -525,15 +535,11 @@ impl PaymentProvider for StripeProvider {
         if !valid {
             return Err(ProviderError::Rejected(format!("not a PaymentIntent id: {reference}")));
         }
-        let answer = self.send(self.client.get(format!("{}/v1/payment_intents/{reference}", self.base))).await?;
-        if answer.status == 404 {
+        match self.lookup_intent(reference).await? {
+            Ok(intent) => intent.payment_status(),
             // Not Stripe's (or not this account's): no sign of an outage.
-            return Err(ProviderError::Rejected(format!("no such PaymentIntent: {reference}")));
+            Err(_) => Err(ProviderError::Rejected(format!("no such PaymentIntent: {reference}"))),
         }
-        if answer.status != 200 {
-            return Err(unavailable("payment lookup", answer.status, &StripeError::read(&answer.body)));
-        }
-        read::<Intent>(&answer.body, "PaymentIntent")?.payment_status()
     }
 
     async fn refund(&self, request: &RefundRequest) -> Result<String, ProviderError> {

@@ -9,6 +9,7 @@ use allot_app::store::{
 };
 use allot_core::booking::{Booking, BookingStatus, Transition};
 use allot_core::capacity::{Claim, Span};
+use allot_core::ids::BookingId;
 use jiff::Timestamp;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -357,6 +358,24 @@ pub fn refund_queued(booking: &Booking, now: Timestamp) -> (i64, i64) {
     } else {
         (0, now.as_second() + allot_app::store::REFUND_GRACE_SECONDS)
     }
+}
+
+/// Up to `limit` bookings waiting for an asynchronous payment, the soonest to lapse first
+/// (`Store::pending_payments`, over the partial index `bookings_pending`).
+pub fn pending_payments_query<DB: sqlx::Database>(limit: u32) -> QueryBuilder<DB>
+where
+    i64: for<'q> sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+{
+    let mut qb = QueryBuilder::new(
+        "SELECT id FROM bookings WHERE status = 'pending_payment' AND expires_at IS NOT NULL ORDER BY expires_at LIMIT ",
+    );
+    qb.push_bind(i64::from(limit));
+    qb
+}
+
+/// Booking ids as stored.
+pub fn booking_ids(ids: &[String]) -> Result<Vec<BookingId>, StoreError> {
+    ids.iter().map(|id| id.parse().map_err(|_| StoreError::Corrupt(format!("booking id {id}")))).collect()
 }
 
 /// The refunds queued for one payment (one per kind at most), wherever they are in the queue:

@@ -167,10 +167,10 @@ fn payment_event(event: &ProviderEventBody) -> Result<Option<PaymentEvent>, ApiE
     let object: ProviderObject = serde_json::from_value(event.data.object.clone())
         .map_err(|e| ApiError::bad_request(FieldErrors::single("data.object", format!("not a payment intent: {e}"))))?;
     let object = &object;
-    let payment_reference = object.id.clone().unwrap_or_default();
-    if payment_reference.is_empty() || payment_reference.len() > PAYMENT_REFERENCE_BYTES_MAX {
-        let message = format!("1 to {PAYMENT_REFERENCE_BYTES_MAX} bytes");
-        return Err(ApiError::bad_request(FieldErrors::single("data.object.id", message)));
+    let mut errors = FieldErrors::new();
+    let payment_reference = reference_field("data.object.id", object.id.as_deref(), &mut errors);
+    if !errors.is_empty() {
+        return Err(ApiError::bad_request(errors));
     }
     let booking = object.metadata.get("booking_id").and_then(serde_json::Value::as_str);
     let Some(booking_id) = booking.and_then(|id| id.parse().ok()) else {
@@ -204,15 +204,9 @@ fn refund_failure(event: &ProviderEventBody) -> Result<Option<RefundFailure>, Ap
         return Ok(None);
     };
     let mut errors = FieldErrors::new();
-    let reference = |field: &str, value: &Option<String>, errors: &mut FieldErrors| {
-        let value = value.clone().unwrap_or_default();
-        if value.is_empty() || value.len() > PAYMENT_REFERENCE_BYTES_MAX {
-            errors.add(field, format!("1 to {PAYMENT_REFERENCE_BYTES_MAX} bytes"));
-        }
-        value
-    };
-    let refund_reference = reference("data.object.id", &object.id, &mut errors);
-    let payment_reference = reference("data.object.payment_intent", &object.payment_intent, &mut errors);
+    let refund_reference = reference_field("data.object.id", object.id.as_deref(), &mut errors);
+    let payment_reference =
+        reference_field("data.object.payment_intent", object.payment_intent.as_deref(), &mut errors);
     if status.is_some_and(|s| s != "failed") {
         errors.add("data.object.status", "a failed refund's status is `failed`");
     }
@@ -224,6 +218,16 @@ fn refund_failure(event: &ProviderEventBody) -> Result<Option<RefundFailure>, Ap
         return Err(ApiError::bad_request(errors));
     }
     Ok(Some(RefundFailure { booking_id, payment_reference, refund_reference, reason }))
+}
+
+/// A provider's reference read from `field` of an event (1 to [`PAYMENT_REFERENCE_BYTES_MAX`]
+/// bytes; what is wrong added to `errors`).
+fn reference_field(field: &str, value: Option<&str>, errors: &mut FieldErrors) -> String {
+    let value = value.unwrap_or_default();
+    if value.is_empty() || value.len() > PAYMENT_REFERENCE_BYTES_MAX {
+        errors.add(field, format!("1 to {PAYMENT_REFERENCE_BYTES_MAX} bytes"));
+    }
+    value.to_owned()
 }
 
 /// Longest reason for a failed refund read from an event.

@@ -38,9 +38,9 @@ use crate::common::{ABANDON_CHANGED_SQL, ABANDON_UNCHANGED_SQL, DocTable, KeyFou
 use crate::common::{
     AUDIT_COLUMNS, AUDIT_HEAD_SQL, AuditRow, KeyRow, RefundRow, Rotation, Succession, TokenRow, USER_COLUMNS,
     UserVenuesRow, VENUE_IN_USE, add_seat_states, after_key, audit_events_of, audit_head_of, audit_range_query,
-    audit_rotation, audit_select, chain, claims_from_rows, decided, docs_to_page, existing_key, expired, from_json,
-    from_json_db, hold_expiry, is_unique_violation, refund_due_of, refund_queued, refunds_due_query,
-    refunds_of_payment_query, rotation, to_json, ts, user_of_venues_row,
+    audit_rotation, audit_select, booking_ids, chain, claims_from_rows, decided, docs_to_page, existing_key, expired,
+    from_json, from_json_db, hold_expiry, is_unique_violation, pending_payments_query, refund_due_of, refund_queued,
+    refunds_due_query, refunds_of_payment_query, rotation, to_json, ts, user_of_venues_row,
 };
 use crate::writer::{
     Backend, HoldResults, KeyBegin, KeyBegun, KeyCompletion, Outcome, TxnRef, WriteCtx, Writer, db_error, marks_fenced,
@@ -1690,15 +1690,9 @@ impl Store for PgStore {
     }
 
     async fn pending_payments(&self, limit: u32) -> Result<Vec<BookingId>, StoreError> {
-        let ids: Vec<String> = sqlx::query_scalar(
-            "SELECT id FROM bookings WHERE status = 'pending_payment' AND expires_at IS NOT NULL
-             ORDER BY expires_at LIMIT $1",
-        )
-        .bind(i64::from(limit))
-        .fetch_all(&self.read)
-        .await
-        .map_err(db_error)?;
-        ids.iter().map(|id| id.parse().map_err(|_| StoreError::Corrupt(format!("booking id {id}")))).collect()
+        let mut query = pending_payments_query::<Postgres>(limit);
+        let ids: Vec<String> = query.build_query_scalar().fetch_all(&self.read).await.map_err(db_error)?;
+        booking_ids(&ids)
     }
 
     async fn upcoming_expiries(&self, limit: u32) -> Result<Vec<(BookingId, Timestamp)>, StoreError> {

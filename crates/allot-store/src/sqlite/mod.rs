@@ -31,8 +31,9 @@ use crate::access;
 use crate::cache::{self, Cache, INVALIDATE_ALL, ResourceVersions};
 use crate::common::{
     AUDIT_HEAD_SQL, AuditRow, RefundRow, Succession, USER_COLUMNS, UserVenuesRow, after_key, audit_events_of,
-    audit_head_of, audit_range_query, audit_rotation, audit_select, claims_from_rows, docs_to_page, from_json, page_of,
-    refund_due_of, refunds_due_query, refunds_of_payment_query, ts, user_of_venues_row,
+    audit_head_of, audit_range_query, audit_rotation, audit_select, booking_ids, claims_from_rows, docs_to_page,
+    from_json, page_of, pending_payments_query, refund_due_of, refunds_due_query, refunds_of_payment_query, ts,
+    user_of_venues_row,
 };
 use crate::writer::{Backend, KeyBegin, KeyCompletion, Writer, db_error};
 use tx::Ctx;
@@ -651,15 +652,9 @@ impl Store for SqliteStore {
     }
 
     async fn pending_payments(&self, limit: u32) -> Result<Vec<BookingId>, StoreError> {
-        let ids: Vec<String> = sqlx::query_scalar(
-            "SELECT id FROM bookings WHERE status = 'pending_payment' AND expires_at IS NOT NULL
-             ORDER BY expires_at LIMIT ?",
-        )
-        .bind(i64::from(limit))
-        .fetch_all(&self.read)
-        .await
-        .map_err(db_error)?;
-        ids.iter().map(|id| id.parse().map_err(|_| StoreError::Corrupt(format!("booking id {id}")))).collect()
+        let mut query = pending_payments_query::<Sqlite>(limit);
+        let ids: Vec<String> = query.build_query_scalar().fetch_all(&self.read).await.map_err(db_error)?;
+        booking_ids(&ids)
     }
 
     async fn upcoming_expiries(&self, limit: u32) -> Result<Vec<(BookingId, Timestamp)>, StoreError> {
