@@ -80,6 +80,20 @@ impl App {
     }
 }
 
+/// Runs `job` every `period`, the first time one period after start, until the app is dropped.
+pub(crate) async fn every<F, Fut>(app: std::sync::Weak<App>, period: Duration, job: F)
+where
+    F: Fn(Arc<App>) -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+    loop {
+        tick.tick().await;
+        let Some(app) = app.upgrade() else { return };
+        job(app).await;
+    }
+}
+
 async fn cleanup_loop(app: std::sync::Weak<App>) {
     let mut tick = tokio::time::interval(Duration::from_secs(IDEMPOTENCY_CLEANUP_INTERVAL_SECONDS));
     loop {

@@ -9,7 +9,7 @@
 //! Applying is idempotent, so two nodes asking at once, or an event arriving too, settle the
 //! booking once. Each change is audited as the server's own (`payment.reconcile`).
 
-use std::sync::Weak;
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use allot_core::booking::{Booking, BookingStatus};
@@ -67,14 +67,13 @@ impl App {
                 }
             };
             let tally = match status {
-                PaymentStatus::Pending => &mut sweep.waiting,
+                PaymentStatus::Pending => {
+                    sweep.waiting += 1;
+                    continue;
+                }
                 PaymentStatus::Succeeded(_) => &mut sweep.paid,
                 PaymentStatus::Failed => &mut sweep.failed,
             };
-            if status == PaymentStatus::Pending {
-                *tally += 1;
-                continue;
-            }
             match self.reconcile(booking, reference, status).await {
                 Ok(true) => *tally += 1,
                 Ok(false) => sweep.settled_meanwhile += 1,
@@ -113,20 +112,19 @@ impl App {
         let reason = applied.as_ref().err().map(telemetry::failure);
         // Still to append: no write of this sweep recorded it, so it changed no booking.
         let unwritten = scope.finish(applied.is_ok(), reason, self.clock.now());
-        let (label, changed) = match (&applied, &unwritten) {
-            (Ok(Settled::Booking(_) | Settled::Ignored), Some(_)) => ("settled_meanwhile", false),
-            (Ok(Settled::Booking(_)), None) => ("applied", true),
-            (Ok(Settled::Refunding(_)), _) => ("refund_queued", true),
-            (Ok(Settled::Ignored), None) => ("ignored", true),
-            (Err(e), _) => (telemetry::failure(e), false),
+        let meanwhile = matches!((&applied, &unwritten), (Ok(Settled::Booking(_) | Settled::Ignored), Some(_)));
+        let label = match &applied {
+            _ if meanwhile => "settled_meanwhile",
+            Ok(Settled::Booking(_)) => "applied",
+            Ok(Settled::Refunding(_)) => "refund_queued",
+            Ok(Settled::Ignored) => "ignored",
+            Err(e) => telemetry::failure(e),
         };
         telemetry::count_outcome(telemetry::PENDING_CHECKS, label);
-        match unwritten {
-            Some(_) if label == "settled_meanwhile" => {}
-            Some(event) => self.append_audit(event).await,
-            None => {}
+        if let Some(event) = unwritten.filter(|_| !meanwhile) {
+            self.append_audit(event).await;
         }
-        applied.map(|_| changed)
+        applied.map(|_| !meanwhile)
     }
 }
 
@@ -142,16 +140,14 @@ fn pending_reference(booking: &Booking, provider: &str, now: Timestamp) -> Optio
 /// Runs [`App::settle_pending_payments`] every [`PENDING_SWEEP_INTERVAL_SECONDS`] until the app
 /// is dropped.
 pub async fn run(app: Weak<App>) {
-    let period = Duration::from_secs(PENDING_SWEEP_INTERVAL_SECONDS);
-    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
-    loop {
-        tick.tick().await;
-        let Some(app) = app.upgrade() else { return };
-        match app.settle_pending_payments().await {
-            Ok(sweep) if sweep.paid + sweep.failed > 0 => tracing::info!(?sweep, "payments left pending settled"),
-            Ok(_) => {}
-            Err(e) => tracing::error!(error = %e, "settling payments left pending failed; the next sweep retries"),
-        }
+    crate::every(app, Duration::from_secs(PENDING_SWEEP_INTERVAL_SECONDS), sweep_once).await;
+}
+
+async fn sweep_once(app: Arc<App>) {
+    match app.settle_pending_payments().await {
+        Ok(sweep) if sweep.paid + sweep.failed > 0 => tracing::info!(?sweep, "payments left pending settled"),
+        Ok(_) => {}
+        Err(e) => tracing::error!(error = %e, "settling payments left pending failed; the next sweep retries"),
     }
 }
 

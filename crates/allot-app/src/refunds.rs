@@ -360,16 +360,10 @@ async fn queue_retrying(store: Arc<dyn crate::store::Store>, due: RefundDue) {
 pub async fn run(app: Weak<App>) {
     // The first sweep one interval after start, not at once: nothing queued is due sooner than
     // the grace, and a test that drives `settle_refunds` by hand has that long to itself.
-    let period = Duration::from_secs(REFUND_SWEEP_INTERVAL_SECONDS);
-    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
-    loop {
-        tick.tick().await;
-        let Some(app) = app.upgrade() else { return };
-        sweep_once(&app).await;
-    }
+    crate::every(app, Duration::from_secs(REFUND_SWEEP_INTERVAL_SECONDS), sweep_once).await;
 }
 
-async fn sweep_once(app: &Arc<App>) {
+async fn sweep_once(app: Arc<App>) {
     match app.settle_refunds().await {
         Ok(sweep) if sweep != RefundSweep::default() => tracing::info!(?sweep, "refunds owed reconciled"),
         Ok(_) => {}
